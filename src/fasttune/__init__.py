@@ -1,0 +1,39 @@
+"""fasttune: fast, memory-lean, exact fine-tuning of open LLMs.
+
+    model, tokenizer = fasttune.load(path, max_seq_length=4096, load_in_4bit=True)
+    model = fasttune.add_lora(model, r=16, alpha=16)
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .models import ArchSpec, CausalLM, generate, load_model, load_tokenizer, save_model  # noqa: E402
+
+
+def load(path, max_seq_length: int = 4096, dtype=None, device=None, load_in_4bit: bool = False,
+         allow_pickle: bool = False):
+    """Load a Hugging Face model folder and its tokenizer. `load_in_4bit` quantises every decoder linear to NF4
+    as it is read (QLoRA base); `device` defaults to CUDA when available."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantize = None
+    if load_in_4bit:
+        from .lora.nf4_linear import quantize_linear as quantize
+        if dtype is None:
+            dtype = "bfloat16"
+    model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle, quantize=quantize)
+    model.max_seq_length = max_seq_length
+    tokenizer = load_tokenizer(path)
+    return model, tokenizer
+
+
+def add_lora(model, r: int = 16, alpha: float = 16, **kwargs):
+    """Attach LoRA adapters (default targets: q, k, v, o, gate, up, down); see `fasttune.lora.add_lora`."""
+    from .lora import add_lora as _add_lora
+
+    return _add_lora(model, r=r, alpha=alpha, **kwargs)
+
+
+__all__ = ["ArchSpec", "CausalLM", "add_lora", "generate", "load", "load_model", "load_tokenizer", "save_model"]

@@ -1,0 +1,296 @@
+"""Cross-entropy fused with the LM head: the (tokens x vocab) logits tensor is never materialised.
+
+Forward, for token i with hidden row h_i, label y_i (rows with y_i == ignore_index are skipped):
+    z_i   = W h_i + b                     (V logits, computed in the weight dtype, read back as float32)
+    s_i   = c * tanh(z_i / c)             (Gemma 2 soft-capping; s_i = z_i when softcap is None)
+    lse_i = log sum_j exp(s_ij)           (online over vocab blocks: running max m and sum d,
+                                           d <- d * exp(m_old - m_new) + sum exp(s - m_new))
+    l_i   = lse_i - (1 - eps) * s_iy - (eps / V) * sum_j s_ij      (F.cross_entropy's label smoothing eps)
+    loss  = sum_i l_i / n,  n = number of non-ignored labels, or num_items_in_batch when given (so the sum
+            over micro-batches with the global count equals the full-batch loss: exact gradient accumulation).
+            n == 0 is treated as n = 1: an all-ignored batch gives loss 0 and zero gradients, never NaN.
+
+Gradient (p_ij = exp(s_ij - lse_i) is the softmax):
+    dl_i/ds_ij = p_ij - (1 - eps) [j == y_i] - eps / V
+    dl_i/dz_ij = dl_i/ds_ij * (1 - tanh^2(z_ij / c))          (d/dz c tanh(z/c) = 1 - tanh^2(z/c))
+    G = dloss/dZ = (dl/dz) / n,   dloss/dH = G W,   dloss/dW = G^T H,   dloss/db = sum_i G_i
+
+Because G depends only on the forward quantities, it is computed in the forward pass: for each chunk of
+tokens the logits are formed by one matmul, a Triton kernel computes the loss of each row and overwrites
+the logits *in place* with G (two passes over the row: online max/sum, then gradient), and G is immediately
+contracted with W and H. Only the chunk's logits, dH (N x H) and dW (V x H) are ever alive. The backward
+just multiplies the stored gradients by the incoming scalar grad_output.
+
+Precision: logits are rounded to the weight dtype exactly as ``F.linear(...).float()`` does; all softmax and
+loss arithmetic is float32; every matmul accumulates in float32. For a 16-bit trainable weight, dW is
+accumulated across chunks in the weight dtype (one rounding per chunk, like Liger-Kernel); chunks are large
+(CHUNK_LOGITS_BYTES), so there are few of them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs use the reference
+    triton = None
+
+# Budget for one chunk's logits. 512 MiB = 2048 tokens at a 128K vocabulary in bf16.
+CHUNK_LOGITS_BYTES = 512 * 2**20
+# Largest vocab block one kernel iteration loads (Liger-Kernel's choice; power of two).
+MAX_VOCAB_BLOCK = 32768
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        # exp formulation: available in every Triton version and in the interpreter; abs error ~1e-7
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x >= 0, t, -t)
+
+    @triton.jit
+    def _ce_loss_and_grad_kernel(
+        logits_ptr,  # (rows, V), row stride `stride_row`; overwritten with dloss/dlogits when COMPUTE_GRAD
+        stride_row,
+        labels_ptr,  # (rows,) int64
+        row_loss_ptr,  # (rows,) float32, unscaled per-row loss
+        grad_scale_ptr,  # () float32: 1 / n
+        V,
+        ignore_index,
+        label_smoothing,
+        softcap,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_SMOOTHING: tl.constexpr,
+        COMPUTE_GRAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * stride_row
+        label = tl.load(labels_ptr + row)
+
+        if label == ignore_index:
+            tl.store(row_loss_ptr + row, 0.0)
+            if COMPUTE_GRAD:
+                for start in range(0, V, BLOCK):
+                    offs = start + tl.arange(0, BLOCK)
+                    tl.store(row_ptr + offs, tl.zeros((BLOCK,), dtype=tl.float32).to(row_ptr.dtype.element_ty),
+                             mask=offs < V)
+            return
+
+        # pass 1: online log-sum-exp (and the sum of logits needed by label smoothing)
+        m = float("-inf")
+        d = 0.0
+        s_sum = 0.0
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < V
+            s = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            if HAS_SOFTCAP:
+                s = softcap * _tanh(s / softcap)
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+            if HAS_SMOOTHING:
+                s_sum += tl.sum(tl.where(mask, s, 0.0), axis=0)
+            m = m_new
+        lse = m + tl.log(d)
+
+        s_y = tl.load(row_ptr + label).to(tl.float32)
+        if HAS_SOFTCAP:
+            s_y = softcap * _tanh(s_y / softcap)
+        if HAS_SMOOTHING:
+            loss = lse - (1.0 - label_smoothing) * s_y - (label_smoothing / V) * s_sum
+        else:
+            loss = lse - s_y
+        tl.store(row_loss_ptr + row, loss)
+
+        # pass 2: gradient, written over the logits block by block (each block is read before it is written)
+        if COMPUTE_GRAD:
+            scale = tl.load(grad_scale_ptr)
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                mask = offs < V
+                z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    t = _tanh(z / softcap)
+                    s = softcap * t
+                else:
+                    s = z
+                g = tl.exp(s - lse)
+                if HAS_SMOOTHING:
+                    g = g - label_smoothing / V
+                    g = tl.where(offs == label, g - (1.0 - label_smoothing), g)
+                else:
+                    g = tl.where(offs == label, g - 1.0, g)
+                if HAS_SOFTCAP:
+                    g = g * (1.0 - t * t)
+                tl.store(row_ptr + offs, (g * scale).to(row_ptr.dtype.element_ty), mask=mask)
+
+
+def _divisor(labels: torch.Tensor, ignore_index: int, num_items_in_batch, device) -> torch.Tensor:
+    """n as a float32 device tensor (no host sync), with n == 0 replaced by 1 (0/0 := 0)."""
+    if num_items_in_batch is None:
+        n = (labels != ignore_index).sum()
+    else:
+        n = torch.as_tensor(num_items_in_batch)
+    n = n.to(device=device, dtype=torch.float32)
+    return torch.where(n > 0, n, torch.ones_like(n))
+
+
+def _chunk_rows(num_rows: int, vocab: int, element_size: int) -> int:
+    rows = max(1, CHUNK_LOGITS_BYTES // (vocab * element_size))
+    if rows >= 128:
+        rows -= rows % 128  # matmul-friendly
+    return min(num_rows, rows)
+
+
+def _launch_loss_and_grad(logits, labels, row_loss, grad_scale, ignore_index, label_smoothing, softcap, compute_grad):
+    vocab = logits.shape[1]
+    block = min(MAX_VOCAB_BLOCK, triton.next_power_of_2(vocab))
+    _ce_loss_and_grad_kernel[(logits.shape[0],)](
+        logits, logits.stride(0), labels, row_loss, grad_scale, vocab, ignore_index,
+        float(label_smoothing), float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0, COMPUTE_GRAD=compute_grad,
+        BLOCK=block, num_warps=32 if block >= 8192 else 8,
+    )
+
+
+def _forward_and_grads(hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, num_items_in_batch,
+                       need_hidden_grad, need_weight_grad, need_bias_grad):
+    num_rows = hidden.shape[0]
+    vocab = weight.shape[0]
+    device = hidden.device
+    compute_grad = need_hidden_grad or need_weight_grad or need_bias_grad
+    divisor = _divisor(labels, ignore_index, num_items_in_batch, device)
+    grad_scale = (1.0 / divisor).reshape(())
+
+    row_loss = torch.full((num_rows,), float("nan"), dtype=torch.float32, device=device)
+    grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+    grad_weight = torch.empty_like(weight) if need_weight_grad else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias_grad else None
+
+    rows = _chunk_rows(num_rows, vocab, weight.element_size())
+    for start in range(0, num_rows, rows):
+        end = min(start + rows, num_rows)
+        h = hidden[start:end]
+        logits = F.linear(h, weight, bias)  # (rows, V) in the weight dtype, as the reference
+        _launch_loss_and_grad(logits, labels[start:end], row_loss[start:end], grad_scale,
+                              ignore_index, label_smoothing, softcap, compute_grad)
+        # `logits` now holds dloss/dlogits for this chunk
+        if need_hidden_grad:
+            torch.mm(logits, weight, out=grad_hidden[start:end])
+        if need_weight_grad:
+            if start == 0:
+                torch.mm(logits.t(), h, out=grad_weight)
+            else:
+                grad_weight.addmm_(logits.t(), h)
+        if need_bias_grad:
+            grad_bias += logits.sum(0, dtype=torch.float32)
+    loss = row_loss.sum() / divisor
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, num_items_in_batch,
+                need_hidden_grad, need_weight_grad, need_bias_grad):
+        loss, grad_hidden, grad_weight, grad_bias = _forward_and_grads(
+            hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, num_items_in_batch,
+            need_hidden_grad, need_weight_grad, need_bias_grad)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.backward_done = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.backward_done:
+            raise RuntimeError("fused_linear_cross_entropy stores its gradients in the forward pass and scales them "
+                               "in place, so it cannot be back-propagated twice; recompute the loss instead.")
+        ctx.backward_done = True
+        grads = ctx.saved_tensors
+        scale = float(grad_loss)  # one host sync; a Python scalar keeps the multiply in float32 for 16-bit grads
+        if scale != 1.0:
+            for g in grads:
+                if g is not None:
+                    g.mul_(scale)
+        grad_hidden, grad_weight, grad_bias = grads
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def _check_inputs(hidden, weight, labels, bias):
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fused_linear_cross_entropy expects hidden (N, H) and weight (V, H); got hidden "
+                         f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
+    if hidden.shape[:-1].numel() != labels.numel():
+        raise ValueError(f"labels must have one entry per hidden row (already shifted): {labels.numel()} labels "
+                         f"for {hidden.shape[:-1].numel()} rows")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype; cast the "
+                        f"hidden states to the LM head dtype first")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton path of ``fused_linear_cross_entropy_reference`` (same arguments, same result).
+
+    hidden: (N, H) (or (..., H)); weight: (V, H); labels: (N,) already shifted, int64. Returns a float32 scalar."""
+    if triton is None:
+        raise RuntimeError("fused_linear_cross_entropy needs Triton; use fused_linear_cross_entropy_reference on CPU")
+    _check_inputs(hidden, weight, labels, bias)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive (or None), got {softcap}")
+    hidden_shape = hidden.shape
+    hidden2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    labels1d = labels.reshape(-1).to(torch.int64).contiguous()
+    bad = (labels1d != ignore_index) & ((labels1d < 0) | (labels1d >= weight.shape[0]))
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
+    grad_on = torch.is_grad_enabled()
+    loss = FusedLinearCrossEntropyFunction.apply(
+        hidden2d, weight.contiguous(), bias, labels1d, ignore_index, label_smoothing, softcap, num_items_in_batch,
+        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    if hidden.dim() != 2 and hidden.requires_grad:
+        # reshape above is a view, so autograd maps the (N, H) gradient back to hidden's shape by itself
+        assert hidden2d.shape[0] == hidden_shape[:-1].numel()
+    return loss
+
+
+def fused_linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum of token losses divided by the number of non-ignored targets (or ``num_items_in_batch``).
+
+    hidden: (N, H); weight: (V, H); labels: (N,) already shifted. Logits are computed in the weight dtype and
+    upcast to float32, as transformers does. A zero count is treated as 1, so an all-ignored batch gives 0."""
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+                           reduction="sum", label_smoothing=label_smoothing)
+    return loss / _divisor(labels, ignore_index, num_items_in_batch, loss.device).to(loss.dtype)

@@ -1,0 +1,136 @@
+"""Gated linear units y = act(gate) * up (SwiGLU, GeGLU exact and tanh), Triton forward and backward.
+
+Forward, elementwise in float32, one rounding to the input dtype:
+    silu:      a(g) = g * s,                      s = sigmoid(g)
+    gelu:      a(g) = g * P,                      P = (1 + erf(g / sqrt 2)) / 2
+    gelu_tanh: a(g) = g * (1 + t) / 2,            t = tanh(z), z = sqrt(2/pi) * (g + 0.044715 g^3)
+Backward (dy given):  d_up = dy * a(g),  d_gate = dy * up * a'(g), with
+    silu:      a' = s * (1 + g * (1 - s))
+    gelu:      a' = P + g * exp(-g^2 / 2) / sqrt(2 pi)
+    gelu_tanh: a' = (1 + t) / 2 + g / 2 * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 g^2)
+The backward recomputes a(g) from the saved gate instead of saving it (no extra activation memory).
+tanh is written as 2 * sigmoid(2z) - 1, which exists in every Triton version we support.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: only the reference below is usable
+    triton = None
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+_ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
+_BLOCK = 1024  # elements per program: 8 per thread at 4 warps, i.e. 16-byte accesses in bf16
+
+
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation, one place so tests can poison it (fill with NaN) to catch unwritten elements."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _act_and_grad(g, ACT: tl.constexpr):
+        """(a(g), a'(g)) in float32 for ACT 0 = silu, 1 = gelu (erf), 2 = gelu_tanh."""
+        if ACT == 0:
+            s = tl.sigmoid(g)
+            a = g * s
+            da = s * (1.0 + g * (1.0 - s))
+        elif ACT == 1:
+            p = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+            a = g * p
+            da = p + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+        else:
+            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+            a = 0.5 * g * (1.0 + t)
+            da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+        return a, da
+
+    @triton.jit
+    def _glu_kernel(
+        G, U, DY, OUT0, OUT1, g_row_stride, u_row_stride, dy_row_stride, o_row_stride, n_cols, n_col_blocks,
+        ACT: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Forward: OUT0 = a(G) * U.  Backward: OUT0 = dgate, OUT1 = dup.  One block of one row per program."""
+        pid = tl.program_id(0).to(tl.int64)
+        row = pid // n_col_blocks
+        cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(G + row * g_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + row * u_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        a, da = _act_and_grad(g, ACT)
+        out = OUT0 + row * o_row_stride + cols
+        if BACKWARD:
+            dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out, (dy * u * da).to(OUT0.dtype.element_ty), mask=mask)
+            tl.store(OUT1 + row * o_row_stride + cols, (dy * a).to(OUT1.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out, (a * u).to(OUT0.dtype.element_ty), mask=mask)
+
+
+def _as_rows(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Bring every tensor to (rows, cols) with unit column stride, as views where possible. All contiguous:
+    one long row (fewest masked lanes); otherwise (..., I) -> (rows, I), e.g. the gate/up halves of a fused
+    gate_up projection output stay views with a row stride of 2I."""
+    if all(t.is_contiguous() for t in tensors):
+        return [t.view(1, t.numel()) for t in tensors]
+    return [(t if t.stride(-1) == 1 else t.contiguous()).reshape(-1, t.shape[-1]) for t in tensors]
+
+
+def _glu_launch(gate, up, dy, act_id: int, backward: bool):
+    rows = _as_rows([gate, up] + ([dy] if backward else []))
+    n_rows, n_cols = rows[0].shape
+    out0 = _alloc((n_rows, n_cols), gate.dtype, gate.device)
+    out1 = _alloc((n_rows, n_cols), up.dtype, up.device) if backward else out0
+    dy_rows = rows[2] if backward else rows[0]
+    n_col_blocks = triton.cdiv(n_cols, _BLOCK)
+    if n_rows * n_cols > 0:
+        _glu_kernel[(n_rows * n_col_blocks,)](
+            rows[0], rows[1], dy_rows, out0, out1,
+            rows[0].stride(0), rows[1].stride(0), dy_rows.stride(0), out0.stride(0), n_cols, n_col_blocks,
+            ACT=act_id, BACKWARD=backward, BLOCK=_BLOCK, num_warps=4,
+        )
+    if backward:
+        return out0.view(gate.shape), out1.view(up.shape)
+    return out0.view(gate.shape)
+
+
+class GLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act_id: int) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.act_id = act_id
+        return _glu_launch(gate, up, None, act_id, backward=False)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        dgate, dup = _glu_launch(gate, up, dy, ctx.act_id, backward=True)
+        return dgate, dup, None
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up fused in one Triton kernel (and one for the backward); output in gate's dtype."""
+    if triton is None:
+        raise RuntimeError("glu: Triton is not installed; use glu_reference (or pip install triton)")
+    if activation not in _ACT_ID:
+        raise ValueError(f"unknown GLU activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    if gate.shape != up.shape:
+        raise ValueError(f"glu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    return GLUFunction.apply(gate, up, _ACT_ID[activation])
+
+
+def glu_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "gelu":
+        return F.gelu(gate) * up
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    raise ValueError(f"unknown GLU activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")

@@ -1,0 +1,249 @@
+"""Hugging Face checkpoints in and out: config.json, (sharded) safetensors with their index, tokenizer files.
+
+Loading builds the model on the meta device, then streams tensors one at a time from each shard straight
+into place in the requested dtype and device, so peak host memory stays near one copy of the model (plus one
+tensor). An optional `quantize` callable replaces each decoder linear as soon as its weights are in, so a 4-bit
+model never holds its 16-bit weights all at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .decoder import CausalLM
+from .spec import ArchSpec
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, spec: ArchSpec) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype or spec.torch_dtype or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---- Phi-3: fused checkpoint tensors <-> separate projections --------------------------------------------------
+
+def _unfuse(name: str, tensor: torch.Tensor, spec: ArchSpec) -> list[tuple[str, torch.Tensor]]:
+    if not spec.fused_checkpoint:
+        return [(name, tensor)]
+    if name.endswith("self_attn.qkv_proj.weight"):
+        q = spec.num_heads * spec.head_dim
+        kv = spec.num_kv_heads * spec.head_dim
+        base = name[: -len("qkv_proj.weight")]
+        qw, kw, vw = tensor.split([q, kv, kv], dim=0)
+        return [(base + "q_proj.weight", qw), (base + "k_proj.weight", kw), (base + "v_proj.weight", vw)]
+    if name.endswith("mlp.gate_up_proj.weight"):
+        base = name[: -len("gate_up_proj.weight")]
+        g, u = tensor.chunk(2, dim=0)  # transformers' Phi3MLP: gate first, then up
+        return [(base + "gate_proj.weight", g), (base + "up_proj.weight", u)]
+    return [(name, tensor)]
+
+
+def _fuse(state: dict[str, torch.Tensor], spec: ArchSpec) -> dict[str, torch.Tensor]:
+    if not spec.fused_checkpoint:
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if name.endswith("self_attn.q_proj.weight"):
+            base = name[: -len("q_proj.weight")]
+            out[base + "qkv_proj.weight"] = torch.cat(
+                [t, state[base + "k_proj.weight"], state[base + "v_proj.weight"]], dim=0)
+        elif name.endswith("mlp.gate_proj.weight"):
+            base = name[: -len("gate_proj.weight")]
+            out[base + "gate_up_proj.weight"] = torch.cat([t, state[base + "up_proj.weight"]], dim=0)
+        elif name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.up_proj.weight")):
+            continue
+        else:
+            out[name] = t
+    return out
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------
+
+def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are not in the folder: {', '.join(missing)}")
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    pickles = sorted(path.glob("pytorch_model*.bin"))
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} holds only pickle checkpoints ({pickles[0].name}); pickle files can run code when loaded. "
+                "Convert them to safetensors, or pass allow_pickle=True to load them with torch.load(weights_only=True)."
+            )
+        return pickles
+    raise CheckpointError(f"no model.safetensors, safetensors index or pytorch_model*.bin in {path}")
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+        else:
+            state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            for key in list(state):
+                yield key, state.pop(key)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    old = getattr(module, leaf)
+    if old.shape != value.shape:
+        raise CheckpointError(f"{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(old.shape)}; "
+                              "config.json and the weights disagree")
+    setattr(module, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
+
+
+def load_model(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+    quantize: Callable[[nn.Linear], nn.Module] | None = None,
+) -> CausalLM:
+    """Load a Hugging Face causal-LM folder into a fasttune `CausalLM` (eval mode, requires_grad left on)."""
+    path = Path(path)
+    spec = ArchSpec.from_pretrained(path)
+    torch_dtype = resolve_dtype(dtype, spec)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = CausalLM(spec)
+    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    if spec.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    loaded: set[str] = set()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
+    pending: dict[str, set[str]] = {n: {n + "." + p for p, _ in m.named_parameters()} for n, m in linears.items()}
+    for raw_name, tensor in _iter_tensors(_weight_files(path, allow_pickle)):
+        for name, t in _unfuse(raw_name, tensor, spec):
+            if name not in expected:
+                if spec.tie_word_embeddings and name == "lm_head.weight":
+                    continue
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise CheckpointError(f"unexpected tensor {name!r} in {path}: not part of a {spec.model_type} model")
+            _set_tensor(model, name, t.to(device=device, dtype=torch_dtype))
+            loaded.add(name)
+            if quantize is not None:
+                owner = name.rpartition(".")[0]
+                if owner in pending:
+                    pending[owner].discard(name)
+                    if not pending[owner]:
+                        parent, _, child = owner.rpartition(".")
+                        setattr(model.get_submodule(parent), child, quantize(linears[owner]))
+                        del pending[owner]
+        del tensor
+    missing = sorted(expected - loaded)
+    if missing:
+        raise CheckpointError(f"{path} is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
+    model.tie_weights()
+    return model.eval()
+
+
+# ---- saving ----------------------------------------------------------------------------------------------------
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    for u, mult in units.items():
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * mult)
+    return int(s)
+
+
+def save_model(model: CausalLM, path: str | os.PathLike, tokenizer=None, dtype: str | torch.dtype | None = None,
+               max_shard_size: int | str = "5GB", state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json, safetensors shards (+ index when more than one) and tokenizer files, in the layout
+    transformers' `from_pretrained` reads. `state_dict` overrides the model's tensors (used by merged export)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    spec = model.spec
+    state = state_dict if state_dict is not None else {n: p.detach() for n, p in model.state_dict().items()}
+    if spec.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    target = resolve_dtype(dtype, spec) if dtype is not None else None
+    state = {n: (t.to(target) if target is not None and t.is_floating_point() else t).contiguous().cpu()
+             for n, t in state.items()}
+    state = _fuse(state, spec)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        old.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        total = 0
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            for n, t in shard.items():
+                weight_map[n] = fname
+                total += t.numel() * t.element_size()
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg = dict(spec.raw_config)
+    saved_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[saved_dtype]
+    cfg["torch_dtype"] = dtype_name
+    if "dtype" in cfg:
+        cfg["dtype"] = dtype_name
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.exists():
+            shutil.copy2(f, Path(dst) / name)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved beside the model (tokenizer.json / tokenizer.model), through transformers."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - re-raised with the folder named
+        raise CheckpointError(f"could not load a tokenizer from {path}: {e}") from e

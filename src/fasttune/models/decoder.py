@@ -1,0 +1,274 @@
+"""One decoder for every supported family: Transformer++ (RMSNorm, RoPE, GQA attention, gated MLP), with the
+families' quirks switched on by `ArchSpec`.
+
+Module and parameter names follow the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj.weight`,
+...), so a state dict maps one-to-one to a checkpoint (Phi-3's fused tensors are split at load time).
+
+Two optional hooks let other parts of fasttune take over a block without monkeypatching:
+- `Attention.fused_qkv(x) -> (q, k, v)` and `GatedMLP.fused_forward(x) -> y` (set by `fasttune.lora` to use
+  the fused LoRA kernels);
+- `DecoderModel.layer_runner(layer, hidden, **kwargs) -> hidden` (set by the memory policy to checkpoint and
+  offload activations).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .. import kernels
+from .attention import attention, documents_from_positions
+from .rope import RotaryTables, rotary_dim
+from .spec import ArchSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.unit_offset = unit_offset  # Gemma: applied as (1 + w), so the identity is w = 0
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps, self.unit_offset)
+
+
+class KVCache:
+    """Keys and values of every layer, grown by concatenation; `length` tokens are cached."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[i] is not None:
+            k = torch.cat([self.keys[i], k], dim=2)
+            v = torch.cat([self.values[i], v], dim=2)
+        self.keys[i], self.values[i] = k, v
+        return k, v
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs besides its hidden states; built once per forward."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    key_padding_mask: torch.Tensor | None
+    document_ids: torch.Tensor | None
+    cache: KVCache | None
+    q_offset: int
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ArchSpec, layer_idx: int):
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        h, d = spec.hidden_size, spec.head_dim
+        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps)
+        self.scale = spec.attn_scale if spec.attn_scale is not None else d ** -0.5
+        self.sliding_window = spec.window_for_layer(layer_idx)
+        self.rot_dim = rotary_dim(spec)
+        self.fused_qkv: Callable | None = None
+
+    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+        B, T, _ = x.shape
+        d = self.spec.head_dim
+        q, k, v = self.fused_qkv(x) if self.fused_qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, -1, d)
+        k = k.view(B, T, -1, d)
+        v = v.view(B, T, -1, d)
+        if self.spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rot_dim == d:
+            q, k = kernels.apply_rope(q, k, a.cos, a.sin)
+        else:  # partial rotary: only the first rot_dim features of each head rotate
+            r = self.rot_dim
+            qr, kr = kernels.apply_rope(q[..., :r], k[..., :r], a.cos, a.sin)
+            q, k = torch.cat([qr, q[..., r:]], -1), torch.cat([kr, k[..., r:]], -1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if a.cache is not None:
+            k, v = a.cache.update(self.layer_idx, k, v)
+        out = attention(q, k, v, scale=self.scale, q_offset=a.q_offset, sliding_window=self.sliding_window,
+                        key_padding_mask=a.key_padding_mask, document_ids=a.document_ids,
+                        softcap=self.spec.attn_softcap)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        h, i = spec.hidden_size, spec.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=spec.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=spec.mlp_bias)
+        self.activation = spec.activation
+        self.fused_forward: Callable | None = None
+        # Long sequences: process this many tokens at a time so no (seq x intermediate) tensor of the whole
+        # sequence lives at once. None = all at once.
+        self.chunk_tokens: int | None = None
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_forward is not None:
+            return self.fused_forward(x)
+        return self.down_proj(kernels.glu(self.gate_proj(x), self.up_proj(x), self.activation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chunk_tokens is None or x.shape[-2] <= self.chunk_tokens:
+            return self._forward(x)
+        return torch.cat([self._forward(c) for c in x.split(self.chunk_tokens, dim=-2)], dim=-2)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ArchSpec, layer_idx: int):
+        super().__init__()
+        eps, off = spec.rms_norm_eps, spec.norm_unit_offset
+        self.sandwich = spec.sandwich_norm
+        self.input_layernorm = RMSNorm(spec.hidden_size, eps, off)
+        self.self_attn = Attention(spec, layer_idx)
+        # Llama-style names: post_attention_layernorm is the pre-MLP norm. Gemma 2 names: post_attention_layernorm
+        # normalises the attention output, pre_/post_feedforward_layernorm wrap the MLP.
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps, off)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, off)
+            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, off)
+        self.mlp = GatedMLP(spec)
+
+    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), a))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), a)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=None)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_unit_offset)
+        self.rotary = RotaryTables(spec)
+        self.layer_runner: Callable | None = None
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        if self.spec.embed_scale is not None:
+            # Gemma: the scale is rounded to the compute dtype first (sqrt(3072) in bf16 is 55.5, not 55.43)
+            h = h * torch.tensor(self.spec.embed_scale, dtype=torch.float32, device=h.device).to(h.dtype)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                output_hidden_states: bool = False, inputs_embeds: torch.Tensor | None = None):
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = h.shape[:2]
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: real tokens count from 0
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=h.device)[None].expand(B, T)
+        document_ids = documents_from_positions(position_ids) if attention_mask is None and cache is None else None
+        key_padding_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_padding_mask = attention_mask.bool()
+        cos, sin = self.rotary(position_ids)
+        a = AttentionInputs(cos, sin, key_padding_mask, document_ids, cache, past)
+        hidden_states = [h] if output_hidden_states else None
+        for layer in self.layers:
+            h = layer(h, a) if self.layer_runner is None else self.layer_runner(layer, h, a)
+            if output_hidden_states:
+                hidden_states.append(h)
+        h = self.norm(h)
+        return h, hidden_states, position_ids
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: list[torch.Tensor] | None = None  # embeddings, then each layer's output (before the final norm)
+    last_hidden_state: torch.Tensor | None = None  # after the final norm
+    cache: KVCache | None = None
+    num_target_tokens: int | None = None
+
+
+class CausalLM(nn.Module):
+    """The decoder with its LM head. `forward(input_ids, labels=...)` returns the loss without materialising the
+    (tokens x vocab) logits: the LM head and the cross-entropy run fused, chunk by chunk."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.spec = spec
+        self.model = DecoderModel(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def tie_weights(self) -> None:
+        if self.spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h).float()
+        if self.spec.final_softcap is not None:
+            logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_logits: bool | None = None,
+        output_hidden_states: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """labels: (B, T) aligned with input_ids (not shifted; -100 = no loss). The loss is the sum over target
+        tokens divided by their count, or by `num_items_in_batch` when given (exact gradient accumulation).
+        Logits are returned when `return_logits` is True, or by default when no labels are given."""
+        h, hidden_states, position_ids = self.model(input_ids, attention_mask, position_ids, cache,
+                                                    output_hidden_states, inputs_embeds)
+        out = CausalLMOutput(hidden_states=hidden_states, last_hidden_state=h, cache=cache)
+        if return_logits or (return_logits is None and labels is None):
+            out.logits = self.logits(h)
+        if labels is not None:
+            targets = labels[:, 1:]
+            if attention_mask is None and position_ids is not None:
+                # packed documents: the last token of one document does not predict the first of the next
+                targets = targets.masked_fill(position_ids[:, 1:] == 0, -100)
+            targets = targets.reshape(-1)
+            hid = h[:, :-1].reshape(-1, h.shape[-1])
+            out.num_target_tokens = int((targets != -100).sum())
+            out.loss = kernels.fused_linear_cross_entropy(
+                hid, self.lm_head.weight, targets, softcap=self.spec.final_softcap,
+                num_items_in_batch=num_items_in_batch)
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
