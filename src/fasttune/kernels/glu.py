@@ -9,7 +9,8 @@ Backward (dy given):  d_up = dy * a(g),  d_gate = dy * up * a'(g), with
     gelu:      a' = P + g * exp(-g^2 / 2) / sqrt(2 pi)
     gelu_tanh: a' = (1 + t) / 2 + g / 2 * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 g^2)
 The backward recomputes a(g) from the saved gate instead of saving it (no extra activation memory).
-tanh is written as 2 * sigmoid(2z) - 1, which exists in every Triton version we support.
+gelu_tanh is evaluated through (1 + tanh z) / 2 = sigmoid(2z): exact algebra, no tanh needed (not in every
+Triton version), and no cancellation in the negative tail where tanh z -> -1.
 """
 from __future__ import annotations
 
@@ -46,10 +47,10 @@ if triton is not None:
             a = g * p
             da = p + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
         else:
-            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
-            a = 0.5 * g * (1.0 + t)
-            da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+            # (1 + t) / 2 = sigmoid(2z) and (1 - t^2) / 2 = 2 sigmoid(2z) (1 - sigmoid(2z)): no cancellation near t = -1
+            q = tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+            a = g * q
+            da = q + 2.0 * g * q * (1.0 - q) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
         return a, da
 
     @triton.jit

@@ -1,0 +1,257 @@
+"""Readers: turn a file, folder or in-memory table into a lazy stream of (Location, row dict).
+
+Formats: JSONL (.jsonl/.ndjson), JSON array (.json), CSV (.csv), TSV (.tsv/.tab), Parquet (.parquet), Excel (.xlsx),
+plain text (.txt/.md/.text, or a folder of them: one row {"text": ...} per document), and in-memory data: a list
+of dicts, a pandas DataFrame, or a `datasets.Dataset` (used only if the user passes one; never imported here).
+
+Text formats are decoded line by line, so invalid UTF-8 is reported with its line, and everything except JSON
+arrays and whole-file text documents streams (a file larger than memory is never loaded at once).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+from .errors import DataError, Location
+
+Row = dict
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "xlsx", "text")
+_SUFFIX_TO_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+                     ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet", ".xlsx": "xlsx", ".xlsm": "xlsx",
+                     **{s: "text" for s in TEXT_SUFFIXES}}
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    path = Path(path)
+    if path.is_dir():
+        return "text"
+    fmt = _SUFFIX_TO_FORMAT.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"cannot tell the format of {path.name!r} from its extension", file=str(path),
+                        available=sorted(_SUFFIX_TO_FORMAT), hint="rename the file or pass format=... explicitly")
+    return fmt
+
+
+def _decoded_lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(1-based line number, decoded line with its newline), raising DataError on bytes that are not valid text."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                raise DataError(f"invalid {encoding.upper()} (byte 0x{raw[e.start]:02x} at byte {e.start} of the line)",
+                                file=path, line=number,
+                                hint=f"re-save the file as {encoding.upper()} or pass encoding=... to the reader") from None
+            if number == 1 and line.startswith("\ufeff"):
+                line = line[1:]  # byte-order mark written by some editors
+            yield number, line
+
+
+def read_jsonl(path: str, encoding: str = "utf-8") -> Iterator[tuple[Location, Row]]:
+    for number, line in _decoded_lines(path, encoding):
+        if not line.strip():
+            continue  # blank lines separate nothing and hold no data
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON: {e.msg} at character {e.colno}: {line.strip()[:80]!r}", file=path,
+                            line=number, hint="each line of a JSONL file must be one complete JSON object") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"expected a JSON object per line, got a JSON {type(obj).__name__}", file=path, line=number)
+        yield Location(path, line=number), obj
+
+
+def read_json(path: str, encoding: str = "utf-8") -> Iterator[tuple[Location, Row]]:
+    text = "".join(line for _, line in _decoded_lines(path, encoding))
+    if not text.strip():
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON: {e.msg} (character {e.colno})", file=path, line=e.lineno,
+                        hint="if the file holds one object per line, name it .jsonl") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: accept a single list of rows
+        lists = {k: v for k, v in data.items() if isinstance(v, list)}
+        if len(lists) != 1:
+            raise DataError("expected a JSON array of objects (or an object holding exactly one such array)",
+                            file=path, available=list(data.keys()))
+        data = next(iter(lists.values()))
+    if not isinstance(data, list):
+        raise DataError(f"expected a JSON array of objects, got a JSON {type(data).__name__}", file=path)
+    for i, obj in enumerate(data):
+        if not isinstance(obj, dict):
+            raise DataError(f"expected a JSON object, got a JSON {type(obj).__name__}", file=path, row=i)
+        yield Location(path, row=i), obj
+
+
+def read_csv(path: str, delimiter: str = ",", encoding: str = "utf-8") -> Iterator[tuple[Location, Row]]:
+    lines = _decoded_lines(path, encoding)
+    state = {"line": 0}
+
+    def text_lines() -> Iterator[str]:
+        for number, line in lines:
+            state["line"] = number
+            yield line
+
+    reader = csv.reader(text_lines(), delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+        return
+    if len(set(header)) != len(header):
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        raise DataError(f"duplicate column names {dupes} in the header", file=path, line=1)
+    start = state["line"] + 1
+    for fields in reader:
+        here = Location(path, line=start)
+        start = state["line"] + 1
+        if not fields:
+            continue  # blank line
+        if len(fields) > len(header):
+            raise DataError(f"row has {len(fields)} fields but the header has {len(header)}", location=here,
+                            available=header, hint="quote fields that contain the delimiter")
+        row = dict(zip(header, fields))
+        for name in header[len(fields):]:
+            row[name] = None  # short row: the trailing columns are missing
+        yield here, row
+
+
+def read_parquet(path: str, batch_size: int = 1024) -> Iterator[tuple[Location, Row]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading Parquet needs pyarrow", file=path, hint="pip install 'fasttune[data]'") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"not a readable Parquet file: {e}", file=path) from None
+    i = 0
+    for batch in pf.iter_batches(batch_size=batch_size):
+        for row in batch.to_pylist():
+            yield Location(path, row=i), row
+            i += 1
+
+
+def read_xlsx(path: str, sheet: str | None = None) -> Iterator[tuple[Location, Row]]:
+    """Rows of one sheet (the first unless `sheet` is named); the first row is the header. Locations use the
+    spreadsheet's own row numbers (header = row 1)."""
+    try:
+        import openpyxl
+    except ImportError:
+        raise DataError("reading Excel files needs openpyxl", file=path, hint="pip install 'fasttune[data]'") from None
+    try:
+        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as e:
+        raise DataError(f"not a readable .xlsx file: {e}", file=path) from None
+    try:
+        if sheet is not None and sheet not in wb.sheetnames:
+            raise DataError(f"no sheet named {sheet!r}", file=path, available=wb.sheetnames)
+        ws = wb[sheet] if sheet is not None else wb.worksheets[0]
+        rows = ws.iter_rows(values_only=True)
+        header = next(rows, None)
+        if header is None:
+            return
+        header = [str(h) if h is not None else f"column_{j + 1}" for j, h in enumerate(header)]
+        for number, values in enumerate(rows, start=2):
+            if all(v is None for v in values):
+                continue  # formatting-only empty rows
+            yield Location(f"{path} [sheet {ws.title!r}]", row=number), dict(zip(header, values))
+    finally:
+        wb.close()
+
+
+def _text_documents(path: str, split: str, encoding: str) -> Iterator[tuple[Location, Row]]:
+    if split == "file":
+        text = "".join(line for _, line in _decoded_lines(path, encoding))
+        if text.strip():
+            yield Location(path, line=1), {"text": text}
+        return
+    if split == "line":
+        for number, line in _decoded_lines(path, encoding):
+            if line.strip():
+                yield Location(path, line=number), {"text": line.rstrip("\r\n")}
+        return
+    # paragraphs: blocks separated by blank lines, streamed
+    buf: list[str] = []
+    first = 0
+    for number, line in _decoded_lines(path, encoding):
+        if line.strip():
+            if not buf:
+                first = number
+            buf.append(line)
+        elif buf:
+            yield Location(path, line=first), {"text": "".join(buf).rstrip("\r\n")}
+            buf = []
+    if buf:
+        yield Location(path, line=first), {"text": "".join(buf).rstrip("\r\n")}
+
+
+def read_text(path: str, split: str = "paragraph", encoding: str = "utf-8") -> Iterator[tuple[Location, Row]]:
+    """Plain text for continued pre-training: one {"text": ...} row per file, paragraph (blank-line separated,
+    the default) or line. A folder is read recursively: every .txt/.md/.text file, in sorted path order."""
+    if split not in ("file", "paragraph", "line"):
+        raise DataError(f"unknown text split {split!r}", file=path, available=["file", "paragraph", "line"])
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"folder has no text files ({', '.join(TEXT_SUFFIXES)})", file=path)
+        for f in files:
+            yield from _text_documents(f, split, encoding)
+    else:
+        yield from _text_documents(path, split, encoding)
+
+
+def read_records(data: Iterable[Mapping], name: str = "<in-memory data>") -> Iterator[tuple[Location, Row]]:
+    """In-memory rows: a list/iterable of dicts, a pandas DataFrame or a `datasets.Dataset`."""
+    if type(data).__name__ == "DataFrame" and hasattr(data, "to_dict"):
+        columns = [str(c) for c in data.columns]
+        for i, values in enumerate(data.itertuples(index=False, name=None)):
+            yield Location(name, row=i), dict(zip(columns, values))
+        return
+    for i, row in enumerate(data):
+        if not isinstance(row, Mapping):
+            raise DataError(f"expected each row to be a dict, got {type(row).__name__}", file=name, row=i)
+        yield Location(name, row=i), dict(row)
+
+
+def read_rows(source, *, format: str | None = None, text_split: str = "paragraph", sheet: str | None = None,
+              encoding: str = "utf-8") -> Iterator[tuple[Location, Row]]:
+    """Lazily read rows from `source` (a path to a file or folder, or in-memory rows). Raises DataError for an
+    empty source, naming it."""
+    if isinstance(source, (str, os.PathLike)):
+        path = str(source)
+        if not os.path.exists(path):
+            raise DataError("no such file or folder", file=path)
+        fmt = format or detect_format(path)
+        if fmt not in FORMATS:
+            raise DataError(f"unknown data format {fmt!r}", file=path, available=FORMATS)
+        if os.path.isdir(path) and fmt != "text":
+            raise DataError(f"{fmt} format needs a file, got a folder", file=path)
+        rows = {
+            "jsonl": lambda: read_jsonl(path, encoding),
+            "json": lambda: read_json(path, encoding),
+            "csv": lambda: read_csv(path, ",", encoding),
+            "tsv": lambda: read_csv(path, "\t", encoding),
+            "parquet": lambda: read_parquet(path),
+            "xlsx": lambda: read_xlsx(path, sheet),
+            "text": lambda: read_text(path, text_split, encoding),
+        }[fmt]()
+        name = path
+    elif isinstance(source, Mapping):
+        raise DataError("expected rows (a list of dicts, a DataFrame or a datasets.Dataset) or a path, got a single dict",
+                        hint="wrap it in a list")
+    else:
+        name = f"<{type(source).__name__}>" if type(source).__name__ in ("Dataset", "DataFrame", "IterableDataset") \
+            else "<in-memory data>"
+        rows = read_records(source, name)
+    count = 0
+    for item in rows:
+        count += 1
+        yield item
+    if count == 0:
+        raise DataError("empty: no rows or documents found", file=name,
+                        hint="check the path, the file's contents and (for text) that it is not only whitespace")

@@ -1,0 +1,247 @@
+"""The training configuration: nested dataclasses, read from YAML (or a dict) and validated field by field.
+
+    cfg = TrainConfig.from_yaml("configs/sft_tiny.yaml", overrides=["train.max_steps=20"])
+    cfg = TrainConfig.from_dict({"model": {"path": "tiny"}, "data": {"path": "bundled:instructions"}})
+
+Unknown keys and wrong types are `ConfigError`s naming the key path (`train.lr`) and what is allowed. Everything
+here is plain Python: build a `TrainConfig(...)` directly and pass it to `fasttune.train.train`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # a Hugging Face model folder, or "tiny" for the model shipped with fasttune
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    load_in_4bit: bool = False  # QLoRA: NF4 base weights (CUDA)
+    max_seq_length: int = 512
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = True  # false: train every parameter (full fine-tune; no DPO reference then)
+    r: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    use_rslora: bool = False
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    path: str = "bundled:instructions"  # a file/folder, or bundled:instructions | bundled:conversations | bundled:corpus | bundled:preferences
+    format: Optional[Literal["jsonl", "json", "csv", "tsv", "parquet", "xlsx", "text"]] = None  # None: from the extension
+    kind: Literal["auto", "instruction", "conversation", "text", "preference"] = "auto"
+    prompt_template: Optional[str] = None  # e.g. "{instruction}[[\nInput: {input}]]" (columns merged into one prompt)
+    response_column: str = "output"
+    chat_template: Optional[str] = None  # registry name (chatml, llama-3, ...) or None: the tokenizer's own
+    train_on: Literal["responses", "all"] = "responses"
+    packing: bool = True  # padding-free packing (SFT / pre-training); false: padded batches
+    eval_fraction: float = 0.05
+    max_examples: Optional[int] = None
+    shuffle: bool = True
+    too_long: Literal["truncate", "drop"] = "truncate"
+
+
+@dataclass
+class ObjectiveConfig:
+    type: Literal["sft", "pretrain", "reward", "dpo", "orpo"] = "sft"
+    beta: float = 0.1  # DPO temperature; ORPO: weight of the odds-ratio term (lambda in the paper)
+    train_embeddings: Optional[bool] = None  # None: true for pretrain, false otherwise
+    embedding_lr_ratio: float = 0.1  # learning rate of embeddings / LM head relative to train.lr
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/fasttune"
+    seed: int = 0
+    batch_size: int = 4  # micro-batch rows (packed: 1 row of max_seq_length tokens per micro-batch)
+    grad_accum: int = 1
+    max_steps: Optional[int] = None  # None: epochs x steps per epoch
+    epochs: float = 1.0
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    eval_every: Optional[int] = None  # steps; None: at the end only
+    eval_batches: Optional[int] = None  # cap eval micro-batches
+    save_every: Optional[int] = None  # steps; None: at the end only
+    keep_last: int = 2
+    log_every: int = 1
+    memory: Literal["auto", "none", "checkpoint", "offload"] = "auto"
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, overrides: list[str] | None = None) -> "TrainConfig":
+        raw = dict(raw or {})
+        for item in overrides or []:
+            _apply_override(raw, item)
+        cfg = _build(cls, raw, "")
+        cfg.check()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping with sections {_allowed(cls)}")
+        return cls.from_dict(raw, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def check(self) -> None:
+        """Value checks beyond types (ranges and combinations)."""
+        t, o = self.train, self.objective
+        positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.keep_last": t.keep_last,
+                    "train.log_every": t.log_every, "model.max_seq_length": self.model.max_seq_length,
+                    "lora.r": self.lora.r}
+        for key, v in positive.items():
+            if v < 1:
+                raise ConfigError(f"{key} must be >= 1, got {v}")
+        for key, v in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
+                       "train.save_every": t.save_every, "train.eval_batches": t.eval_batches}.items():
+            if v is not None and v < 1:
+                raise ConfigError(f"{key} must be >= 1 or null, got {v}")
+        if t.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+        if not 0.0 <= self.data.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
+        if not 0.0 <= t.warmup_ratio <= 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1], got {t.warmup_ratio}")
+        if len(t.betas) != 2:
+            raise ConfigError(f"train.betas must be two numbers [beta1, beta2], got {t.betas}")
+        if o.type == "dpo" and not self.lora.enabled:
+            raise ConfigError("objective.type dpo needs lora.enabled: true — the reference model is the same base "
+                              "with adapters switched off (fasttune never keeps a second copy of the model)")
+        if o.type in ("reward", "dpo", "orpo") and self.data.kind not in ("auto", "preference"):
+            raise ConfigError(f"objective.type {o.type} trains on chosen/rejected pairs: set data.kind to "
+                              f"'preference' or 'auto' (got {self.data.kind!r})")
+
+    @property
+    def train_embeddings(self) -> bool:
+        te = self.objective.train_embeddings
+        return self.objective.type == "pretrain" if te is None else te
+
+
+# ---- validation ------------------------------------------------------------------------------------------------
+
+def _allowed(cls) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}[tp](value)
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return float(value) if tp is float else value
+
+
+def _build(cls, raw, prefix: str):
+    where = prefix or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys {_allowed(cls)}, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown key {key!r}; allowed keys in {where}: {_allowed(cls)}")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name) for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """`train.lr=1e-4` -> raw["train"]["lr"] = 1e-4 (the value is parsed as YAML)."""
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=100")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)

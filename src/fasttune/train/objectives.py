@@ -1,0 +1,119 @@
+"""Training objectives. Every loss here is a *sum over the micro-batch divided by a step-wide count*, so summing
+the micro-batch losses of one optimizer step gives exactly the loss of the whole step as one batch (exact
+gradient accumulation; the count is the number of target tokens or pairs in the whole step).
+
+SFT / continued pre-training: token cross-entropy, sum / (target tokens of the step), through the model's fused
+    LM-head + cross-entropy (`num_items_in_batch`).
+Reward model (Bradley-Terry): r = w . h_last (a scalar head on the final hidden state of the last real token),
+    loss = -log sigmoid(r_chosen - r_rejected), summed / (pairs of the step).
+DPO: logp(y|x) = sum of the response tokens' log-probabilities; the reference is the same model with its adapters
+    switched off (never a second copy). With rho = beta * [(logp_c - ref_c) - (logp_r - ref_r)],
+    loss = -log sigmoid(rho). Rewards: beta * (logp - ref); margin = reward_c - reward_r; accuracy = [margin > 0].
+ORPO (reference-free by construction): with mean token log-probs a_c, a_r,
+    log odds(y) = a - log(1 - exp(a)),  loss = NLL(chosen) + beta * -log sigmoid(log odds_c - log odds_r),
+    NLL summed over chosen target tokens / (chosen target tokens of the step).
+
+Preference batches hold 2P rows: the P chosen sequences, then the P rejected ones, right-padded with an
+attention_mask; labels mark the response tokens (-100 elsewhere, not shifted).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _row_logprobs(model, h_row: torch.Tensor, targets_row: torch.Tensor) -> torch.Tensor:
+    logits = model.logits(h_row)  # (T-1, V) float32
+    logp = logits.log_softmax(-1).gather(-1, targets_row.clamp(min=0)[:, None]).squeeze(-1)
+    return logp.masked_fill(targets_row == IGNORE_INDEX, 0.0).sum()
+
+
+def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(label token) over each row's target tokens, and the number of targets per row.
+    The (T x vocab) logits are formed one row at a time under activation checkpointing, so only one row's logits
+    are ever alive, in the forward and in the backward."""
+    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), return_logits=False)
+    h = out.last_hidden_state[:, :-1]
+    targets = batch["labels"][:, 1:]
+    sums = []
+    for b in range(h.shape[0]):
+        if torch.is_grad_enabled() and h.requires_grad:
+            sums.append(checkpoint(_row_logprobs, model, h[b], targets[b], use_reentrant=False))
+        else:
+            sums.append(_row_logprobs(model, h[b], targets[b]))
+    return torch.stack(sums), (targets != IGNORE_INDEX).sum(-1)
+
+
+def lm_loss(model, batch: dict, num_items_in_batch: int) -> tuple[torch.Tensor, dict]:
+    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"), labels=batch["labels"],
+                num_items_in_batch=num_items_in_batch, return_logits=False)
+    return out.loss, {}
+
+
+class RewardHead(nn.Module):
+    """Scalar reward from the final hidden state of each sequence's last real token."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.normal_(self.score.weight, std=1.0 / (hidden_size + 1))
+
+    def forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        h = model(input_ids, attention_mask=attention_mask, return_logits=False).last_hidden_state
+        if attention_mask is None:
+            last = torch.full((h.shape[0],), h.shape[1] - 1, device=h.device)
+        else:
+            last = attention_mask.long().sum(-1) - 1  # right padding
+        h_last = h[torch.arange(h.shape[0], device=h.device), last]
+        return self.score(h_last.to(self.score.weight.dtype)).squeeze(-1).float()
+
+
+def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+def reward_loss(model, head: RewardHead, batch: dict, num_pairs: int) -> tuple[torch.Tensor, dict]:
+    rewards = head(model, batch["input_ids"], batch.get("attention_mask"))
+    rc, rr = _split(rewards)
+    margin = (rc - rr).detach()
+    loss = -F.logsigmoid(rc - rr).sum() / num_pairs
+    return loss, {"reward_margin": margin.sum().item(), "reward_accuracy": (margin > 0).sum().item(),
+                  "pairs": rc.shape[0]}
+
+
+def dpo_loss(model, batch: dict, num_pairs: int, beta: float, reference_context) -> tuple[torch.Tensor, dict]:
+    """`reference_context()` returns a context manager inside which the model is the reference (adapters off)."""
+    with torch.no_grad(), reference_context():
+        ref, _ = sequence_logprobs(model, batch)
+    logp, _ = sequence_logprobs(model, batch)
+    pc, pr = _split(logp)
+    rc, rr = _split(ref)
+    reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
+    loss = -F.logsigmoid(reward_c - reward_r).sum() / num_pairs
+    margin = (reward_c - reward_r).detach()
+    return loss, {"reward_chosen": reward_c.detach().sum().item(), "reward_rejected": reward_r.detach().sum().item(),
+                  "reward_margin": margin.sum().item(), "reward_accuracy": (margin > 0).sum().item(),
+                  "pairs": pc.shape[0]}
+
+
+def orpo_loss(model, batch: dict, num_pairs: int, num_chosen_tokens: int, beta: float) -> tuple[torch.Tensor, dict]:
+    logp, n = sequence_logprobs(model, batch)
+    pc, pr = _split(logp)
+    nc, nr = _split(n.clamp(min=1).to(logp.dtype))
+    mean_c, mean_r = pc / nc, pr / nr
+    # log(1 - exp(a)) for a < 0, computed stably; clamp keeps a == 0 (probability 1) finite
+    log_odds = lambda a: a - torch.log(-torch.expm1(a.clamp(max=-1e-6)))  # noqa: E731
+    ratio = log_odds(mean_c) - log_odds(mean_r)
+    or_term = -F.logsigmoid(ratio)
+    nll = -pc.sum() / max(num_chosen_tokens, 1)
+    loss = nll + beta * or_term.sum() / num_pairs
+    margin = (beta * (mean_c - mean_r)).detach()
+    return loss, {"nll": nll.item(), "log_odds_ratio": ratio.detach().sum().item(),
+                  "reward_margin": margin.sum().item(), "reward_accuracy": (margin > 0).sum().item(),
+                  "pairs": pc.shape[0]}

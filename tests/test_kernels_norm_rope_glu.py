@@ -1,0 +1,401 @@
+"""RMSNorm, LayerNorm, RoPE and GLU Triton kernels, forward and backward, against float64 oracles.
+
+Without a GPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set below before Triton is imported).
+Kernel outputs are poisoned (NaN-filled allocations) so an element a kernel forgets to write fails the comparison.
+Tolerances, relative to |expected| + max|expected| (so cancellation near zero is judged against the tensor's scale):
+float32 1e-5, bfloat16 1e-2, float16 2e-3.  GPU tests (-m gpu) repeat the checks at real model sizes.
+"""
+import importlib
+import os
+import zlib
+
+import pytest
+import torch
+
+_ON_GPU = torch.cuda.is_available()
+if not _ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit decorates the kernels, i.e. at module import
+triton = pytest.importorskip("triton")
+
+DEVICE = "cuda" if _ON_GPU else "cpu"
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _load(name: str):
+    mod = importlib.import_module(f"fasttune.kernels.{name}")
+    # A module imported earlier in this process without TRITON_INTERPRET holds compiled kernels that cannot run on
+    # CPU tensors; re-executing it re-decorates the kernels for the interpreter.
+    kernel = next(v for k, v in vars(mod).items() if k.endswith("_kernel"))
+    if not _ON_GPU and type(kernel).__name__ != "InterpretedFunction":
+        mod = importlib.reload(mod)
+    return mod
+
+
+rms_mod, ln_mod, rope_mod, glu_mod = (_load(n) for n in ("rms_norm", "layer_norm", "rope", "glu"))
+_MODULES = (rms_mod, ln_mod, rope_mod, glu_mod)
+
+
+def _poisoned_alloc(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    for mod in _MODULES:
+        monkeypatch.setattr(mod, "_alloc", _poisoned_alloc)
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str, min_scale: float = 0.0):
+    """|actual - expected| <= rtol * (|expected| + scale), scale = max(max|expected|, min_scale); min_scale is the
+    size of the terms that cancel when the exact result is ~0 (e.g. rms_norm's dx at width 1)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual = actual.detach().double()
+    expected = expected.detach().double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten poisoned output?)"
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, min_scale)
+    err = (actual - expected).abs()
+    bound = rtol * (expected.abs() + scale) + 1e-30
+    worst = (err / bound).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"{what}: max error {err.max().item():.3e} exceeds rtol {rtol} (worst ratio {worst:.2f})"
+
+
+def _grads(outputs, inputs, grad_outputs):
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    grad_outputs = grad_outputs if isinstance(grad_outputs, (tuple, list)) else (grad_outputs,)
+    return torch.autograd.grad(outputs, inputs, grad_outputs)
+
+
+def _seed(*key) -> None:
+    """Deterministic per-test seed (Python's hash() of strings changes from run to run)."""
+    torch.manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(requires_grad)
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().double().requires_grad_(t.requires_grad)
+
+
+def test_poison_is_active():
+    assert torch.isnan(rms_mod._alloc((2,), torch.float32, DEVICE)).all()
+
+
+# ----------------------------------------------------------------------------------------------------- RMSNorm
+
+
+def _rms_oracle(x64, w64, eps, unit_offset, x_dtype):
+    """rms_norm_reference's casts with float64 where it uses float32 (the cast of n rounds, its gradient is identity)."""
+    n = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return n * (1.0 + w64)
+    rounded = n + (n.detach().to(x_dtype).double() - n.detach())  # value rounded like .to(x.dtype), identity grad
+    return w64 * rounded
+
+
+def _check_rms(x, w, unit_offset, eps=1e-6, w_grad=True):
+    rtol = RTOL[x.dtype]
+    x, w = _leaf(x), _leaf(w, w_grad)
+    y = rms_mod.rms_norm(x, w, eps, unit_offset)
+    assert y.dtype == rms_mod.rms_norm_reference(x, w, eps, unit_offset).dtype
+    dy = torch.randn_like(y)
+    inputs = (x, w) if w_grad else (x,)
+    grads = _grads(y, inputs, dy)
+    x64, w64 = _f64(x), _f64(w)
+    y64 = _rms_oracle(x64, w64, eps, unit_offset, x.dtype)
+    ref = _grads(y64, (x64, w64) if w_grad else (x64,), dy.double())
+    _assert_close(y, y64, rtol, "rms_norm y")
+    rstd = torch.rsqrt(x64.detach().pow(2).mean(-1) + eps)
+    terms = dy.double().abs().max() * ((1.0 + w64) if unit_offset else w64).abs().max() * rstd.max()
+    _assert_close(grads[0], ref[0], rtol, "rms_norm dx", min_scale=terms.item())
+    if w_grad:
+        assert grads[1].dtype == w.dtype
+        _assert_close(grads[1], ref[1], rtol, "rms_norm dw")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 37), (6, 96), (2, 3, 1000), (9, 256)])
+def test_rms_norm(shape, unit_offset, dtype):
+    _seed((shape, unit_offset, str(dtype)))
+    x = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
+    w = (torch.rand(shape[-1], device=DEVICE) + 0.5).to(dtype)
+    _check_rms(x, w, unit_offset)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("width", [100, 1000])
+def test_rms_norm_rows_longer_than_one_block(monkeypatch, width, unit_offset, dtype):
+    monkeypatch.setattr(rms_mod, "_MAX_BLOCK", 32)  # forces the looped path: 4 and 32 column blocks per row
+    torch.manual_seed(width)
+    x = torch.randn(7, width, device=DEVICE).to(dtype)
+    w = torch.randn(width, device=DEVICE).to(dtype)
+    _check_rms(x, w, unit_offset)
+
+
+def test_rms_norm_mixed_dtypes_frozen_weight_and_strided_input():
+    torch.manual_seed(1)
+    # bf16 activations with a float32 weight: the Llama path promotes the output to float32, like the reference
+    x = torch.randn(4, 50, device=DEVICE).to(torch.bfloat16)
+    _check_rms(x, torch.randn(50, device=DEVICE), unit_offset=False)
+    # frozen weight (LoRA): no dw computed; a transposed (non-unit-stride) input
+    x = torch.randn(33, 5, device=DEVICE).t()
+    _check_rms(x, torch.randn(33, device=DEVICE), unit_offset=True, w_grad=False)
+
+
+# --------------------------------------------------------------------------------------------------- LayerNorm
+
+
+def _check_ln(x, w, b, eps=1e-5):
+    rtol = RTOL[x.dtype]
+    x, w = _leaf(x), _leaf(w)
+    b = _leaf(b) if b is not None else None
+    y = ln_mod.layer_norm(x, w, b, eps)
+    assert y.dtype == x.dtype
+    dy = torch.randn_like(y)
+    inputs = (x, w) + ((b,) if b is not None else ())
+    grads = _grads(y, inputs, dy)
+    ins64 = [_f64(t) for t in inputs]
+    y64 = torch.nn.functional.layer_norm(ins64[0], (x.shape[-1],), ins64[1], ins64[2] if b is not None else None, eps)
+    ref = _grads(y64, ins64, dy.double())
+    _assert_close(y, y64, rtol, "layer_norm y")
+    rstd = torch.rsqrt(ins64[0].detach().var(-1, unbiased=False) + eps)
+    terms = (dy.double().abs().max() * ins64[1].detach().abs().max() * rstd.max()).item()
+    for name, g, r in zip(("dx", "dw", "db"), grads, ref):
+        _assert_close(g, r, rtol, f"layer_norm {name}", min_scale=terms if name == "dx" else 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 37), (5, 96), (2, 3, 1000)])
+def test_layer_norm(shape, bias, dtype):
+    _seed((shape, bias, str(dtype)))
+    x = (torch.randn(shape, device=DEVICE) * 2 + 1.5).to(dtype)  # non-zero mean exercises the centring
+    w = torch.randn(shape[-1], device=DEVICE).to(dtype)
+    b = torch.randn(shape[-1], device=DEVICE).to(dtype) if bias else None
+    _check_ln(x, w, b)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_rows_longer_than_one_block(monkeypatch, bias):
+    monkeypatch.setattr(rms_mod, "_MAX_BLOCK", 32)  # layer_norm shares rms_norm's launch helpers
+    torch.manual_seed(3)
+    x = torch.randn(6, 200, device=DEVICE) + 4.0
+    _check_ln(x, torch.randn(200, device=DEVICE), torch.randn(200, device=DEVICE) if bias else None)
+
+
+def test_layer_norm_without_weight():
+    torch.manual_seed(4)
+    x = _leaf(torch.randn(3, 21, device=DEVICE))
+    y = ln_mod.layer_norm(x, None, None, 1e-5)
+    (dx,) = _grads(y, (x,), torch.ones_like(y) * torch.arange(21.0, device=DEVICE))
+    x64 = _f64(x)
+    y64 = torch.nn.functional.layer_norm(x64, (21,), None, None, 1e-5)
+    (ref,) = _grads(y64, (x64,), torch.arange(21.0, device=DEVICE, dtype=torch.float64).expand(3, 21))
+    _assert_close(y, y64, 1e-5, "layer_norm y")
+    _assert_close(dx, ref, 1e-5, "layer_norm dx")
+
+
+# -------------------------------------------------------------------------------------------------------- RoPE
+
+
+def _cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
+    """transformers' default rotary table for integer positions (batch, seq) -> cos, sin (batch, seq, head_dim)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device).double() / head_dim)
+    freqs = positions.double()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def _check_rope(q, k, cos, sin):
+    rtol = RTOL[q.dtype]
+    q, k = _leaf(q), _leaf(k)
+    qo, ko = rope_mod.apply_rope(q, k, cos, sin)
+    assert qo.dtype == q.dtype and ko.dtype == k.dtype
+    dqo, dko = torch.randn_like(qo), torch.randn_like(ko)
+    dq, dk = _grads((qo, ko), (q, k), (dqo, dko))
+    q64, k64 = _f64(q), _f64(k)
+    if cos.dim() == 2:  # the reference wants (batch, seq, head_dim)
+        cos, sin = cos[None], sin[None]
+    r = rope_mod.apply_rope_reference(q64, k64, cos.double(), sin.double())
+    rdq, rdk = _grads(r, (q64, k64), (dqo.double(), dko.double()))
+    _assert_close(qo, r[0], rtol, "rope q")
+    _assert_close(ko, r[1], rtol, "rope k")
+    _assert_close(dq, rdq, rtol, "rope dq")
+    _assert_close(dk, rdk, rtol, "rope dk")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cos_batch", ["broadcast", "per_batch"])
+@pytest.mark.parametrize("B,T,Hq,Hk,D", [(1, 1, 1, 1, 2), (2, 3, 4, 2, 10), (1, 5, 3, 1, 96), (2, 2, 32, 8, 128)])
+def test_rope(B, T, Hq, Hk, D, cos_batch, dtype):
+    _seed((B, T, Hq, Hk, D, cos_batch, str(dtype)))
+    q = torch.randn(B, T, Hq, D, device=DEVICE).to(dtype)
+    k = torch.randn(B, T, Hk, D, device=DEVICE).to(dtype)
+    if cos_batch == "broadcast":
+        positions = torch.arange(T, device=DEVICE)[None] + 1000
+    else:  # packed sequences: arbitrary per-token positions for each batch row
+        positions = torch.randint(0, 4096, (B, T), device=DEVICE)
+    cos, sin = _cos_sin(positions, D)
+    _check_rope(q, k, cos, sin)
+
+
+def test_rope_strided_views_and_general_tables():
+    torch.manual_seed(5)
+    B, T, Hq, Hk, D = 2, 3, 4, 2, 6
+    # q/k/v as views into one fused projection output, and k transposed from (B, H, T, D)
+    qkv = torch.randn(B, T, (Hq + 2 * Hk) * D, device=DEVICE)
+    q = qkv[..., : Hq * D].view(B, T, Hq, D)
+    k = torch.randn(B, Hk, T, D, device=DEVICE).transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    # arbitrary cos/sin (halves differ): checks the general formula and its exact transpose in the backward
+    cos, sin = torch.randn(B, T, D, device=DEVICE), torch.randn(B, T, D, device=DEVICE)
+    _check_rope(q, k, cos, sin)
+    _check_rope(q, k, cos[0], sin[0])  # a (seq, head_dim) table shared by the batch
+
+
+def test_rope_rejects_bad_shapes():
+    q = torch.randn(1, 2, 2, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="cos/sin"):
+        rope_mod.apply_rope(q, q, torch.randn(1, 3, 6, device=DEVICE), torch.randn(1, 3, 6, device=DEVICE))
+    with pytest.raises(ValueError, match="even"):
+        q = torch.randn(1, 2, 2, 5, device=DEVICE)
+        rope_mod.apply_rope(q, q, torch.randn(1, 2, 5, device=DEVICE), torch.randn(1, 2, 5, device=DEVICE))
+
+
+# --------------------------------------------------------------------------------------------------------- GLU
+
+
+def _check_glu(gate, up, activation):
+    rtol = RTOL[gate.dtype]
+    gate, up = _leaf(gate), _leaf(up)
+    y = glu_mod.glu(gate, up, activation)
+    assert y.dtype == gate.dtype and y.shape == gate.shape
+    dy = torch.randn_like(y)
+    dg, du = _grads(y, (gate, up), dy)
+    g64, u64 = _f64(gate), _f64(up)
+    y64 = glu_mod.glu_reference(g64, u64, activation)
+    rdg, rdu = _grads(y64, (g64, u64), dy.double())
+    # The activations are x * P(x) with P from 1 + erf(...) etc., so float32 loses absolute, not relative, accuracy
+    # in the tails (as torch's own float32 kernels do): the error scale is the size of the factors, |g|, |u|, |dy|.
+    g_, u_, dy_ = g64.detach().abs(), u64.detach().abs(), dy.double().abs()
+    _assert_close(y, y64, rtol, f"glu[{activation}] y", min_scale=(g_ * u_).max().item())
+    _assert_close(dg, rdg, rtol, f"glu[{activation}] dgate", min_scale=(dy_ * u_ * (1 + g_)).max().item())
+    _assert_close(du, rdu, rtol, f"glu[{activation}] dup", min_scale=(dy_ * g_).max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 3, 1000), (1, 2100)])
+def test_glu(shape, activation, dtype):
+    _seed((shape, activation, str(dtype)))
+    gate = (torch.randn(shape, device=DEVICE) * 4).to(dtype)  # wide range: saturated tails of the activations
+    up = torch.randn(shape, device=DEVICE).to(dtype)
+    _check_glu(gate, up, activation)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_glu_strided_halves_of_fused_projection(activation):
+    torch.manual_seed(6)
+    gate_up = torch.randn(2, 5, 2 * 70, device=DEVICE)
+    gate, up = gate_up.chunk(2, dim=-1)  # row stride 140, unit column stride: used as views, no copy
+    assert not gate.is_contiguous()
+    _check_glu(gate, up, activation)
+
+
+def test_glu_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="unknown GLU activation"):
+        glu_mod.glu(torch.randn(2, 3, device=DEVICE), torch.randn(2, 3, device=DEVICE), "relu")
+
+
+# ------------------------------------------------------------------------------------ GPU, real model sizes
+
+
+def _chunked_oracle_check(ours_out, ours_grads, oracle, inputs, dy, row_dims, rtol, what, reduced=()):
+    """Compare against a float64 oracle evaluated over chunks of rows (bounded memory at 32K tokens).
+    ``row_dims``: index of the row-split dim per input (None: shared, e.g. a weight, whose grad is summed)."""
+    n = inputs[0].shape[row_dims[0]]
+    step = 4096
+    grad_acc = [None] * len(inputs)
+    for start in range(0, n, step):
+        ins = [(t.narrow(d, start, min(step, n - start)) if d is not None else t).detach().double().requires_grad_()
+               for t, d in zip(inputs, row_dims)]
+        out = oracle(*ins)
+        dy_c = dy.narrow(row_dims[0], start, min(step, n - start)).double()
+        _assert_close(ours_out.narrow(row_dims[0], start, min(step, n - start)), out, rtol[0], f"{what} y")
+        grads = torch.autograd.grad(out, ins, dy_c)
+        for i, (g, d) in enumerate(zip(grads, row_dims)):
+            if d is None:
+                grad_acc[i] = g if grad_acc[i] is None else grad_acc[i] + g
+            else:
+                _assert_close(ours_grads[i].narrow(d, start, min(step, n - start)), g, rtol[1], f"{what} grad{i}")
+    for i, d in enumerate(row_dims):
+        if d is None:
+            _assert_close(ours_grads[i], grad_acc[i], rtol[2], f"{what} grad{i} (reduced over rows)")
+
+
+GPU_RTOL = {torch.float32: (1e-5, 1e-5, 3e-5), torch.bfloat16: (1e-2, 1e-2, 1e-2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["rms", "rms_gemma", "ln"])
+def test_gpu_norms_real_size(op, dtype):
+    torch.manual_seed(0)
+    N, H = 32768, 4096
+    x = _leaf(torch.randn(N, H, device="cuda").to(dtype))
+    w = _leaf((torch.rand(H, device="cuda") + 0.5).to(dtype))
+    b = _leaf(torch.randn(H, device="cuda").to(dtype))
+    if op == "ln":
+        y = ln_mod.layer_norm(x, w, b, 1e-5)
+        inputs, oracle = (x, w, b), lambda x_, w_, b_: torch.nn.functional.layer_norm(x_, (H,), w_, b_, 1e-5)
+    else:
+        uo = op == "rms_gemma"
+        y = rms_mod.rms_norm(x, w, 1e-6, uo)
+        inputs, oracle = (x, w), lambda x_, w_: _rms_oracle(x_, w_, 1e-6, uo, dtype)
+    dy = torch.randn_like(y)
+    grads = _grads(y, inputs, dy)
+    _chunked_oracle_check(y, grads, oracle, inputs, dy, (0,) + (None,) * (len(inputs) - 1), GPU_RTOL[dtype], op)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_gpu_glu_real_size(activation, dtype):
+    torch.manual_seed(0)
+    N, I = 32768, 14336
+    gate = _leaf((torch.randn(N, I, device="cuda") * 3).to(dtype))
+    up = _leaf(torch.randn(N, I, device="cuda").to(dtype))
+    y = glu_mod.glu(gate, up, activation)
+    dy = torch.randn_like(y)
+    grads = _grads(y, (gate, up), dy)
+    oracle = lambda g, u: glu_mod.glu_reference(g, u, activation)  # noqa: E731
+    _chunked_oracle_check(y, grads, oracle, (gate, up), dy, (0, 0), GPU_RTOL[dtype], f"glu[{activation}]")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_rope_real_size(dtype):
+    torch.manual_seed(0)
+    B, T, Hq, Hk, D = 4, 8192, 32, 8, 128
+    q = _leaf(torch.randn(B, T, Hq, D, device="cuda").to(dtype))
+    k = _leaf(torch.randn(B, T, Hk, D, device="cuda").to(dtype))
+    cos, sin = _cos_sin(torch.randint(0, 131072, (B, T), device="cuda"), D)
+    qo, ko = rope_mod.apply_rope(q, k, cos, sin)
+    dqo, dko = torch.randn_like(qo), torch.randn_like(ko)
+    dq, dk = _grads((qo, ko), (q, k), (dqo, dko))
+    rtol = GPU_RTOL[dtype][0]
+    for bi in range(B):  # float64 oracle one sequence at a time
+        q64, k64 = _f64(q[bi : bi + 1]), _f64(k[bi : bi + 1])
+        r = rope_mod.apply_rope_reference(q64, k64, cos[bi : bi + 1].double(), sin[bi : bi + 1].double())
+        rdq, rdk = _grads(r, (q64, k64), (dqo[bi : bi + 1].double(), dko[bi : bi + 1].double()))
+        _assert_close(qo[bi : bi + 1], r[0], rtol, "rope q")
+        _assert_close(ko[bi : bi + 1], r[1], rtol, "rope k")
+        _assert_close(dq[bi : bi + 1], rdq, rtol, "rope dq")
+        _assert_close(dk[bi : bi + 1], rdk, rtol, "rope dk")
