@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .. import kernels
-from .attention import attention, documents_from_positions
+from ..kernels.attention import attention, documents_from_positions
 from .rope import RotaryTables, rotary_dim
 from .spec import ArchSpec
 
