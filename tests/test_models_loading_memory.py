@@ -1,0 +1,41 @@
+"""Loading streams tensors: peak host memory stays near one copy of the model (issue 2)."""
+import subprocess
+import sys
+import textwrap
+
+import torch
+from safetensors.torch import save_file
+
+from fasttune.models.spec import ArchSpec
+
+
+def test_peak_rss_near_one_model_copy(tmp_path):
+    cfg = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 2048,
+           "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4, "tie_word_embeddings": False,
+           "torch_dtype": "float32"}
+    import json
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    from fasttune.models.decoder import CausalLM
+    torch.manual_seed(0)
+    model = CausalLM(ArchSpec.from_hf_config(cfg))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    # two shards, as real checkpoints come
+    names = list(state)
+    save_file({k: state[k] for k in names[: len(names) // 2]}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({k: state[k] for k in names[len(names) // 2:]}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    index = {"weight_map": {k: "model-00001-of-00002.safetensors" if i < len(names) // 2
+                            else "model-00002-of-00002.safetensors" for i, k in enumerate(names)}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    model_bytes = sum(v.numel() * v.element_size() for v in state.values())
+    del model, state
+    script = textwrap.dedent(f"""
+        import resource, torch, fasttune.models as m
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        model = m.load_model({str(tmp_path)!r})
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(base, peak)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    base, peak = int(out[0]), int(out[1])
+    grown = peak - base
+    assert grown < 1.35 * model_bytes, f"loading grew RSS by {grown / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model"
