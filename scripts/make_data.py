@@ -166,8 +166,12 @@ def fmt(x: float) -> str:
 
 def instructions(rng: random.Random) -> list[dict]:
     rows: list[dict] = []
+    seen: set[tuple[str, str]] = set()
 
     def add(instruction: str, output: str, input: str = "") -> None:
+        if (instruction, input) in seen:  # random draws can repeat a question: keep the first
+            return
+        seen.add((instruction, input))
         rows.append({"instruction": instruction, "input": input, "output": output})
 
     for _ in range(30):  # addition / subtraction with worked answers

@@ -6,8 +6,8 @@
     print(splits.stats.summary())
 
 Row kinds (kind="auto" decides from the first row): "chat" (a messages/conversations column, ShareGPT or OpenAI),
-"instruction" (instruction / optional input / output columns, or any columns through prompt_template and
-response_template), "text" (a text column, or plain-text files: continued pre-training, loss on all tokens).
+"instruction" (instruction / optional input / output / optional system columns; prompt with response, completion
+or answer; or any columns through prompt_template and response_template), "text" (a text column, or plain-text files: continued pre-training, loss on all tokens).
 Nothing is dropped silently: bad rows raise DataError unless on_error="skip", and every skipped, truncated or
 dropped example is counted in `stats`.
 """
@@ -70,7 +70,7 @@ def _kind_of(row: dict, kind: str, text_column: str, conversation_column: str | 
         return kind
     if conversation_column or find_conversation_column(row):
         return "chat"
-    if prompt_template or "instruction" in row:
+    if prompt_template or "instruction" in row or "prompt" in row:
         return "instruction"
     if text_column in row:
         return "text"
@@ -100,6 +100,19 @@ class _Pipeline:
         self.prompt = PromptTemplate(prompt_template or DEFAULT_PROMPT_TEMPLATE)
         self.response = PromptTemplate(response_template or DEFAULT_RESPONSE_TEMPLATE)
         self.prompt_template_given = prompt_template is not None
+        self.response_template_given = response_template is not None
+        self.defaults_checked = False
+
+    def _default_columns(self, row: dict) -> None:
+        """prompt/response and prompt/completion tables need no templates (decided once, from the first row)."""
+        self.defaults_checked = True
+        if not self.prompt_template_given and "instruction" not in row and "prompt" in row:
+            self.prompt = PromptTemplate("{prompt}")
+        if not self.response_template_given and "output" not in row:
+            for column in ("response", "completion", "answer"):
+                if column in row:
+                    self.response = PromptTemplate("{" + column + "}")
+                    break
 
     def _chat_template(self) -> ChatTemplate:
         if self.template is None:
@@ -132,8 +145,9 @@ class _Pipeline:
             if self.system_prompt and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.system_prompt}] + messages
         else:
-            if not self.prompt_template_given and "instruction" in row and "output" not in row \
-                    and self.response.source == DEFAULT_RESPONSE_TEMPLATE:
+            if not self.defaults_checked:
+                self._default_columns(row)
+            if self.response.source == DEFAULT_RESPONSE_TEMPLATE and "output" not in row:
                 raise DataError("missing column 'output'", location=location, column="output",
                                 available=list(row.keys()), hint="pass response_template='{your_column}'")
             messages = [{"role": "user", "content": self.prompt.format(row, location)},
@@ -203,13 +217,14 @@ class StreamingExamples:
 
     def __iter__(self) -> Iterator[dict]:
         want_eval = self.split == "eval"
+        if want_eval and not self.eval_fraction:
+            return
         rng = random.Random(self.seed + self.epoch)
         buffer: list[dict] = []
-        for index, ex in self._make_iter():
+        self.stats.__init__()  # counts describe the latest pass (all rows read, both splits' rows included)
+        for index, ex in self._make_iter(self.stats):
             if self.eval_fraction and _in_eval(index, self.seed, self.eval_fraction) != want_eval:
                 continue
-            if not self.eval_fraction and want_eval:
-                return
             if not self.shuffle or want_eval:
                 yield ex
                 continue
@@ -259,12 +274,19 @@ def build_dataset(source, tokenizer, *, kind: str = "auto", chat_template: str |
         if eval_size:
             raise DataError("eval_size needs the whole dataset in memory; with streaming=True use eval_fraction")
 
-        def make_iter():
-            return _examples(source, pipeline, stats, on_error, reader_kwargs, max_rows)
+        def make_iter(pass_stats: DataStats):
+            return _examples(source, pipeline, pass_stats, on_error, reader_kwargs, max_rows)
 
+        location, first = next(iter(read_rows(source, **reader_kwargs)))  # fail early on a missing/empty source
+        try:
+            pipeline.example(location, first)  # decides kind="auto" now, and fails early on a bad first row
+        except DataError:
+            if on_error != "skip":
+                raise
         train = StreamingExamples(make_iter, "train", eval_fraction, seed, shuffle, shuffle_buffer, stats)
-        evals = StreamingExamples(make_iter, "eval", eval_fraction, seed, False, shuffle_buffer, stats)
-        return DataSplits(train, evals, stats, pipeline.kind, None)
+        evals = StreamingExamples(make_iter, "eval", eval_fraction, seed, False, shuffle_buffer, DataStats())
+        template = pipeline._chat_template() if pipeline.kind != "text" else None
+        return DataSplits(train, evals, stats, pipeline.kind, template)  # stats fill in as train is iterated
 
     examples = [ex for _, ex in _examples(source, pipeline, stats, on_error, reader_kwargs, max_rows)]
     if not examples:

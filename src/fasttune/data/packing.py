@@ -156,19 +156,18 @@ def iter_batches(examples: Sequence[dict] | Iterable[dict], *, batch_size: int =
         for pack in pack_examples(stream, limit):
             yield collate_packed(pack, pad_to_multiple_of, pad_token_id)
         return
-    if not isinstance(examples, Sequence):  # streaming: fixed-size groups, sorted within a window
+    if not isinstance(examples, Sequence):  # streaming: length-group within windows of batch_size * 50 examples
         window: list[dict] = []
+        windows = 0
+        options = dict(batch_size=batch_size, max_tokens=max_tokens, pad_token_id=pad_token_id, shuffle=shuffle,
+                       group_by_length=group_by_length, drop_last=drop_last, pad_to_multiple_of=pad_to_multiple_of)
         for ex in examples:
             window.append(ex)
             if len(window) == batch_size * 50:
-                yield from iter_batches(window, batch_size=batch_size, max_tokens=max_tokens, pad_token_id=pad_token_id,
-                                        shuffle=shuffle, seed=seed, group_by_length=group_by_length,
-                                        drop_last=drop_last, pad_to_multiple_of=pad_to_multiple_of)
-                window = []
+                yield from iter_batches(window, seed=seed * 1_000_003 + windows, **options)
+                window, windows = [], windows + 1
         if window:
-            yield from iter_batches(window, batch_size=batch_size, max_tokens=max_tokens, pad_token_id=pad_token_id,
-                                    shuffle=shuffle, seed=seed, group_by_length=group_by_length,
-                                    drop_last=drop_last, pad_to_multiple_of=pad_to_multiple_of)
+            yield from iter_batches(window, seed=seed * 1_000_003 + windows, **options)
         return
     lengths = [len(ex["input_ids"]) for ex in examples]
     if shuffle:

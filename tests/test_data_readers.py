@@ -1,0 +1,184 @@
+"""Every reader (tiny files in tmp_path) and every bad-input error names file, line/row, column and what is available."""
+import json
+
+import pytest
+
+from fasttune.data import DataError, read_rows
+from fasttune.data.readers import detect_format
+
+ROWS = [{"instruction": "Add 1 and 2.", "input": "", "output": "3"}, {"instruction": "Capital of France?", "output": "Paris"}]
+
+
+def rows_of(source, **kw):
+    return [(loc, row) for loc, row in read_rows(source, **kw)]
+
+
+def test_jsonl(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n", encoding="utf-8")
+    got = rows_of(p)
+    assert [r for _, r in got] == ROWS
+    assert [loc.line for loc, _ in got] == [1, 2] and got[0][0].file == str(p)
+
+
+def test_json_array_and_wrapped(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps(ROWS), encoding="utf-8")
+    assert [r for _, r in rows_of(p)] == ROWS
+    p.write_text(json.dumps({"data": ROWS}), encoding="utf-8")
+    got = rows_of(p)
+    assert [r for _, r in got] == ROWS and got[1][0].row == 1
+
+
+def test_csv_and_tsv(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('instruction,output\n"Say ""hi"", then stop",hi\n"multi\nline",x\n', encoding="utf-8")
+    got = rows_of(p)
+    assert [r for _, r in got] == [{"instruction": 'Say "hi", then stop', "output": "hi"},
+                                   {"instruction": "multi\nline", "output": "x"}]
+    assert [loc.line for loc, _ in got] == [2, 3]
+    t = tmp_path / "d.tsv"
+    t.write_text("a\tb\n1\t2\n3\n", encoding="utf-8")
+    assert [r for _, r in rows_of(t)] == [{"a": "1", "b": "2"}, {"a": "3", "b": None}]
+
+
+def test_parquet(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    p = tmp_path / "d.parquet"
+    pd.DataFrame([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]).to_parquet(p)
+    got = rows_of(p)
+    assert [r for _, r in got] == [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
+    assert got[1][0].row == 1
+
+
+def test_xlsx(tmp_path):
+    openpyxl = pytest.importorskip("openpyxl")
+    p = tmp_path / "d.xlsx"
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.title = "train"
+    ws.append(["instruction", "output"])
+    ws.append(["What is 2+2?", 4])
+    ws.append([None, None])
+    ws.append(["Name a colour.", "blue"])
+    wb.save(p)
+    got = rows_of(p)
+    assert [r for _, r in got] == [{"instruction": "What is 2+2?", "output": 4}, {"instruction": "Name a colour.", "output": "blue"}]
+    assert [loc.row for loc, _ in got] == [2, 4] and "sheet 'train'" in got[0][0].file
+    with pytest.raises(DataError, match="no sheet named 'x'.*Available: 'train'"):
+        rows_of(p, sheet="x")
+
+
+def test_text_file_and_folder(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("First paragraph\nstill first.\n\n\nSecond.\n", encoding="utf-8")
+    got = rows_of(p)
+    assert [r["text"] for _, r in got] == ["First paragraph\nstill first.", "Second."]
+    assert [loc.line for loc, _ in got] == [1, 5]
+    assert [r["text"] for _, r in rows_of(p, text_split="line")] == ["First paragraph", "still first.", "Second."]
+    assert [r["text"] for _, r in rows_of(p, text_split="file")] == ["First paragraph\nstill first.\n\n\nSecond.\n"]
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "b.md").write_text("From markdown.", encoding="utf-8")
+    (sub / "skip.bin").write_bytes(b"\x00\xff")
+    got = rows_of(tmp_path, text_split="file")
+    assert [r["text"] for _, r in got] == ["First paragraph\nstill first.\n\n\nSecond.\n", "From markdown."]
+
+
+def test_in_memory_rows_dataframe_and_datasets():
+    assert [r for _, r in rows_of(ROWS)] == ROWS
+    pd = pytest.importorskip("pandas")
+    got = rows_of(pd.DataFrame(ROWS))
+    assert got[0][1]["instruction"] == "Add 1 and 2." and got[1][0].row == 1 and "DataFrame" in got[0][0].file
+
+
+def test_datasets_dataset_if_installed():
+    datasets = pytest.importorskip("datasets")  # optional: only tested where installed
+    ds = datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}])
+    assert [r for _, r in rows_of(ds)] == [{"text": "a"}, {"text": "b"}]
+
+
+def test_streams_lazily(tmp_path):
+    p = tmp_path / "big.jsonl"
+    p.write_text('{"text": "ok"}\n' * 3 + "not json\n", encoding="utf-8")
+    it = read_rows(p)
+    assert [next(it)[1] for _ in range(3)] == [{"text": "ok"}] * 3  # rows before the bad line are served first
+    with pytest.raises(DataError, match="line 4"):
+        next(it)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+def test_malformed_json_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": "unterminated}\n', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        rows_of(p)
+    assert str(p) in str(e.value) and "line 2" in str(e.value) and "malformed JSON" in str(e.value)
+    assert e.value.file == str(p) and e.value.line == 2
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2: expected a JSON object per line, got a JSON list"):
+        rows_of(p)
+
+
+def test_malformed_json_array(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('[\n{"a": 1},\n{"a": 2,}\n]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.json, line 3: malformed JSON"):
+        rows_of(p)
+    p.write_text('{"x": 1, "y": 2}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"Available: 'x', 'y'"):
+        rows_of(p)
+
+
+@pytest.mark.parametrize("name, content", [("e.jsonl", ""), ("e.jsonl", "\n\n"), ("e.csv", ""), ("e.csv", "a,b\n"),
+                                           ("e.txt", "  \n\n"), ("e.json", "[]")])
+def test_empty_file(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=r"e\.\w+: empty: no rows"):
+        rows_of(p)
+
+
+def test_empty_in_memory_dataset():
+    with pytest.raises(DataError, match="<in-memory data>: empty"):
+        rows_of([])
+
+
+@pytest.mark.parametrize("name", ["u.jsonl", "u.csv", "u.txt"])
+def test_invalid_utf8(tmp_path, name):
+    p = tmp_path / name
+    header = b"text\n" if name.endswith(".csv") else b""
+    good = b'{"text": "fine"}\n' if name.endswith(".jsonl") else b"fine\n"
+    p.write_bytes(header + good + b"\n" + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError) as e:
+        rows_of(p)
+    line = 4 if header else 3
+    assert f"{p}, line {line}: invalid UTF-8 (byte 0xe9" in str(e.value)
+
+
+def test_csv_row_with_too_many_fields(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("instruction,output\na,b\nc,d,e\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.csv, line 3: row has 3 fields but the header has 2. Available: 'instruction', 'output'"):
+        rows_of(p)
+
+
+def test_unknown_extension_and_missing_file(tmp_path):
+    p = tmp_path / "d.xml"
+    p.write_text("<a/>", encoding="utf-8")
+    with pytest.raises(DataError, match=r"cannot tell the format.*Available: .*'\.jsonl'"):
+        rows_of(p)
+    with pytest.raises(DataError, match="no such file"):
+        rows_of(tmp_path / "missing.jsonl")
+    assert detect_format(tmp_path) == "text"
+
+
+def test_folder_without_text_files(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"1")
+    with pytest.raises(DataError, match="folder has no text files"):
+        rows_of(tmp_path)
