@@ -290,3 +290,19 @@ def test_sampling_respects_top_k_and_stops_at_eos(tmp_path):
     stop = int(greedy[0, 5])  # make the first generated token of row 0 an EOS: row 0 must stop there
     out = generate(ours, ids, max_new_tokens=20, eos_token_id=[stop], pad_token_id=0)
     assert out[0, 5] == stop and (out[0, 6:] == 0).all()
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "qwen3"])
+def test_layer_by_layer_comparison_api(tmp_path, family):
+    """compare_models hooks the same block names in both implementations; every block must agree."""
+    from fasttune.models import compare_models
+
+    hf, ours = build_pair(tmp_path, family)
+    errors = compare_models(ours, hf, random_ids())
+    assert [e.name for e in errors][:2] == ["embeddings", "layer 0"] and errors[-1].name == "final norm"
+    assert len(errors) == ours.spec.num_layers + 2
+    assert max(e.rel_l2 for e in errors) <= FP32_TOL
+    with torch.no_grad():  # a planted defect in one layer shows up from that layer on
+        ours.layers[1].mlp.down_proj.weight.mul_(1.5)
+    errors = compare_models(ours, hf, random_ids())
+    assert errors[1].rel_l2 <= FP32_TOL and errors[2].rel_l2 > 1e-3

@@ -31,6 +31,7 @@ class Report:
     model_dir: str
     findings: list[Finding] = field(default_factory=list)
     checks_run: list[str] = field(default_factory=list)
+    folder: Any = field(default=None, repr=False, compare=False)  # the ModelFolder diagnosed (for repair)
 
     def add(self, finding: Finding) -> None:
         self.findings.append(finding)

@@ -35,6 +35,21 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, self.unit_offset)
 
 
+class ScaledEmbedding(nn.Embedding):
+    """Token embeddings, optionally multiplied by a scale (Gemma: sqrt(hidden)) that is rounded to the compute
+    dtype first (sqrt(3072) in bf16 is 55.5, not 55.43), as the reference does."""
+
+    def __init__(self, num_embeddings: int, dim: int, scale: float | None = None):
+        super().__init__(num_embeddings, dim)
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = super().forward(input_ids)
+        if self.scale is None:
+            return h
+        return h * torch.tensor(self.scale, dtype=torch.float32, device=h.device).to(h.dtype)
+
+
 class KVCache:
     """Keys and values of every layer, grown by concatenation; `length` tokens are cached."""
 
@@ -157,23 +172,16 @@ class DecoderModel(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
         self.spec = spec
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=None)
+        self.embed_tokens = ScaledEmbedding(spec.vocab_size, spec.hidden_size, spec.embed_scale)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_unit_offset)
         self.rotary = RotaryTables(spec)
         self.layer_runner: Callable | None = None
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
-        if self.spec.embed_scale is not None:
-            # Gemma: the scale is rounded to the compute dtype first (sqrt(3072) in bf16 is 55.5, not 55.43)
-            h = h * torch.tensor(self.spec.embed_scale, dtype=torch.float32, device=h.device).to(h.dtype)
-        return h
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 output_hidden_states: bool = False, inputs_embeds: torch.Tensor | None = None):
-        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
         past = cache.length if cache is not None else 0
         if position_ids is None:

@@ -1,0 +1,190 @@
+"""Config anomalies: values that load without complaint and then quietly change what the model computes."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..context import EMBED, LM_HEAD, ModelFolder
+from ..report import Finding
+
+
+def check_spec(folder: ModelFolder) -> Iterator[Finding]:
+    spec, err = folder.spec_or_error
+    if spec is None:
+        yield Finding("config-unsupported", "error", "fasttune cannot build this architecture from config.json",
+                      [err or ""], "use a supported family (llama, mistral, qwen2, qwen3, gemma, gemma2, phi3) or "
+                      "correct the config field named above")
+
+
+def _is_off_by_one(n: int) -> bool:
+    return n >= 255 and (n + 1) & n == 0  # 2047, 4095, ...: one below a power of two
+
+
+def check_sliding_window(folder: ModelFolder) -> Iterator[Finding]:
+    sw = folder.config.get("sliding_window")
+    if not isinstance(sw, int) or not _is_off_by_one(sw):
+        return
+    spec = folder.spec
+    active = spec is not None and spec.sliding_window is not None
+    yield Finding(
+        "sliding-window", "warning" if active else "info",
+        f"sliding_window is {sw}, one below {sw + 1}",
+        [f"config.json: sliding_window = {sw}" + ("" if active else " (not used: sliding attention is off)"),
+         "window sizes are powers of two in every released model; 2^k - 1 usually comes from an off-by-one in "
+         "the export (each token then attends to one fewer past token than in pretraining)"],
+        f"set sliding_window to {sw + 1} if that is what the model was trained with",
+        repair={"config": {"sliding_window": sw + 1}})
+
+
+def check_rope(folder: ModelFolder) -> Iterator[Finding]:
+    spec = folder.spec
+    if spec is None:
+        return
+    rope, mpe = spec.rope, spec.max_position_embeddings
+    if rope.kind == "default":
+        return
+    if rope.factor is not None and rope.factor < 1:
+        yield Finding("rope-scaling", "error", f"RoPE scaling factor {rope.factor} is below 1",
+                      [f"rope {rope.kind} factor = {rope.factor}: this shrinks the context instead of extending it"],
+                      "set the factor to the context extension ratio (new length / original length, >= 1)")
+    orig = rope.original_max_position_embeddings
+    if orig is not None and mpe < orig:
+        yield Finding("rope-scaling", "warning",
+                      f"max_position_embeddings ({mpe}) is below the pre-scaling context ({orig})",
+                      [f"rope {rope.kind}: original_max_position_embeddings = {orig}, factor = {rope.factor}",
+                       "RoPE scaling extends a context, so the scaled model should accept at least the original one"],
+                      f"set max_position_embeddings to the extended context ({orig} x factor) or drop the scaling")
+    if rope.kind == "longrope":
+        half = int(spec.head_dim * rope.partial_rotary_factor) // 2
+        for name in ("long_factor", "short_factor"):
+            vals = getattr(rope, name)
+            if vals is not None and len(vals) != half:
+                yield Finding("rope-scaling", "error", f"longrope {name} has {len(vals)} entries, expected {half}",
+                              [f"one factor per rotary frequency: rotary dim / 2 = {half}"],
+                              f"use the {name} list published with the model")
+    if rope.kind == "llama3" and rope.low_freq_factor >= rope.high_freq_factor:
+        yield Finding("rope-scaling", "error", "llama3 RoPE: low_freq_factor >= high_freq_factor",
+                      [f"low_freq_factor = {rope.low_freq_factor}, high_freq_factor = {rope.high_freq_factor}: "
+                       "the smoothing between them divides by their difference"],
+                      "use the published values (Llama 3.1: low 1.0, high 4.0)")
+
+
+def check_vocab_rows(folder: ModelFolder) -> Iterator[Finding]:
+    vocab = folder.vocab_size
+    info = folder.tensors.get(EMBED)
+    if info is None:
+        if folder.tensors:
+            yield Finding("weights-missing", "error", f"no {EMBED} in the checkpoint",
+                          [f"tensors found: {len(folder.tensors)}, e.g. {', '.join(list(folder.tensors)[:3])}"],
+                          "point at the full model folder (not an adapter or a partial export)")
+        return
+    rows = info.shape[0]
+    if vocab is not None and rows != vocab:
+        can_fix = folder.tokenizer is None or len(folder.tokenizer) <= rows
+        yield Finding("vocab-size", "error", f"config vocab_size ({vocab}) != embedding rows ({rows})",
+                      [f"config.json: vocab_size = {vocab}; {EMBED}: shape {info.shape}"],
+                      f"set vocab_size to {rows} (the weights are the truth)" if can_fix else
+                      "resize the embeddings to the tokenizer's vocabulary",
+                      repair={"config": {"vocab_size": rows}} if can_fix else None)
+    tok = folder.tokenizer
+    if tok is not None and len(tok) > rows:
+        yield Finding("vocab-size", "error", f"the tokenizer has {len(tok)} tokens but the embedding only {rows} rows",
+                      [f"token ids {rows}..{len(tok) - 1} index past the embedding (crash on GPU, garbage on CPU)"],
+                      "resize the token embeddings (and LM head) to the tokenizer, or use the matching tokenizer")
+
+
+def check_tied(folder: ModelFolder) -> Iterator[Finding]:
+    if EMBED not in folder.tensors:
+        return
+    spec = folder.spec
+    tied = spec.tie_word_embeddings if spec is not None else bool(folder.config.get("tie_word_embeddings", False))
+    if not folder.has_lm_head:
+        if not tied:
+            yield Finding("tied-embeddings", "error", "tie_word_embeddings is false but the checkpoint has no lm_head.weight",
+                          ["the LM head would be left randomly initialised (transformers) or fail to load (fasttune)"],
+                          "set tie_word_embeddings to true (the embedding matrix is then the LM head)",
+                          repair={"config": {"tie_word_embeddings": True}})
+        return
+    embed, head = folder.get_tensor(EMBED), folder.get_tensor(LM_HEAD)
+    same = embed.shape == head.shape and torch.equal(embed, head)
+    if tied and not same:
+        yield Finding("tied-embeddings", "error", "tie_word_embeddings is true but lm_head.weight differs from the embedding",
+                      ["loaders that honour the flag drop lm_head.weight and use the embedding: the trained LM head is lost"],
+                      "set tie_word_embeddings to false",
+                      repair={"config": {"tie_word_embeddings": False}})
+    elif not tied and same:
+        yield Finding("tied-embeddings", "info", "lm_head.weight is an exact copy of the embedding but the flag says untied",
+                      ["tying would save one vocab x hidden matrix; training will untie them either way"],
+                      "optional: set tie_word_embeddings to true and drop lm_head.weight")
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [v for v in value if isinstance(v, int)]
+
+
+def check_special_ids(folder: ModelFolder) -> Iterator[Finding]:
+    rows = folder.tensors[EMBED].shape[0] if EMBED in folder.tensors else folder.vocab_size
+    if rows is None:
+        return
+    sources = {"config.json": folder.config, "generation_config.json": folder.generation_config}
+    for src, cfg in sources.items():
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            bad = [i for i in _ids(cfg.get(key)) if not 0 <= i < rows]
+            if bad:
+                yield Finding("special-ids", "error", f"{src}: {key} {bad} outside the vocabulary (0..{rows - 1})",
+                              [f"{src}: {key} = {cfg.get(key)}, embedding rows = {rows}"],
+                              _id_fix(folder, key),
+                              repair=_id_repair(folder, src, key))
+    tok = folder.tokenizer
+    if tok is not None:
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            i = getattr(tok, attr, None)
+            if isinstance(i, int) and not 0 <= i < rows:
+                yield Finding("special-ids", "error", f"tokenizer {attr} = {i} is outside the embedding (0..{rows - 1})",
+                              [f"token {getattr(tok, attr.replace('_id', ''))!r}"],
+                              "use the tokenizer that matches the model, or resize the embeddings")
+
+
+def _id_fix(folder: ModelFolder, key: str) -> str:
+    tok = folder.tokenizer
+    i = getattr(tok, key, None) if tok is not None else None
+    return f"set it to the tokenizer's {key} ({i})" if isinstance(i, int) else "set it to a token id inside the vocabulary"
+
+
+def _id_repair(folder: ModelFolder, src: str, key: str) -> dict | None:
+    tok = folder.tokenizer
+    i = getattr(tok, key, None) if tok is not None else None
+    rows = folder.tensors[EMBED].shape[0] if EMBED in folder.tensors else folder.vocab_size
+    if not isinstance(i, int) or not 0 <= i < rows:
+        return None
+    return {"config": {key: i}} if src == "config.json" else {"generation_config": {key: i}}
+
+
+def check_chat_template(folder: ModelFolder) -> Iterator[Finding]:
+    if folder.tokenizer is None:
+        return
+    if not folder.chat_template:
+        yield Finding("chat-template", "info", "the tokenizer has no chat template (a base model?)",
+                      ["conversation data needs a template: pick one with fasttune's chat template registry"],
+                      "choose a chat template before training on conversations")
+        return
+    text, err = folder.rendered_sample
+    if err is not None:
+        yield Finding("chat-template", "error", "the chat template fails to render a plain conversation",
+                      [err[:500]], "repair the template (tokenizer_config.json `chat_template` or chat_template.jinja)")
+        return
+    prompt = [{"role": "user", "content": "Hi"}]
+    try:
+        folder.render_chat(prompt, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001
+        yield Finding("chat-template", "error", "the chat template fails with add_generation_prompt=True",
+                      [f"{type(e).__name__}: {e}"[:500], f"messages: {prompt}"],
+                      "repair the template's generation-prompt branch")
+
+
+CHECKS = [("config-unsupported", check_spec), ("sliding-window", check_sliding_window), ("rope-scaling", check_rope),
+          ("vocab-size", check_vocab_rows), ("tied-embeddings", check_tied), ("special-ids", check_special_ids),
+          ("chat-template", check_chat_template)]

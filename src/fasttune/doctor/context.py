@@ -1,0 +1,211 @@
+"""What the checks look at: one model folder, read lazily.
+
+Tensors are opened with safetensors' `safe_open` and read one at a time (shapes and dtypes come from the
+headers without reading data), so the doctor runs on checkpoints far larger than memory. The tokenizer,
+the parsed `ArchSpec` and the data sample are loaded on first use and their failures kept as text, so one
+broken part does not stop the checks of the others."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+
+from ..models.spec import ArchSpec
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                      "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+# A conversation every chat template should render: system, two user turns, one assistant turn.
+SAMPLE_CONVERSATION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "2 + 3 = 5."},
+    {"role": "user", "content": "And 4 + 4?"},
+]
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "system": "system",
+                 "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # torch spelling: "bfloat16", "float32", ...
+
+
+class ModelFolder:
+    def __init__(self, path: str | os.PathLike, data: str | os.PathLike | None = None, max_data_rows: int = 1000):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path} is not a folder: point `fasttune doctor` at a Hugging Face model folder")
+        cfg_file = self.path / "config.json"
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"no config.json in {self.path}: point `fasttune doctor` at a Hugging Face model folder")
+        self.config: dict[str, Any] = json.loads(cfg_file.read_text())
+        self.data = Path(data) if data is not None else None
+        self.max_data_rows = max_data_rows
+        self.notes: list[str] = []  # what could not be examined, for the report
+
+    # ---- config ------------------------------------------------------------------------------------------------
+    @cached_property
+    def spec_or_error(self) -> tuple[ArchSpec | None, str | None]:
+        try:
+            return ArchSpec.from_hf_config(self.config), None
+        except Exception as e:  # noqa: BLE001 - reported as a finding
+            return None, f"{type(e).__name__}: {e}"
+
+    @property
+    def spec(self) -> ArchSpec | None:
+        return self.spec_or_error[0]
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.config.get("vocab_size")
+
+    @cached_property
+    def generation_config(self) -> dict[str, Any]:
+        f = self.path / "generation_config.json"
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    # ---- tensors -----------------------------------------------------------------------------------------------
+    @cached_property
+    def weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [self.path / n for n in names if (self.path / n).exists()]
+        return sorted(self.path.glob("*.safetensors"))
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Name -> shape/dtype/file, from the safetensors headers only."""
+        out: dict[str, TensorInfo] = {}
+        for f in self.weight_files:
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    sl = h.get_slice(name)
+                    dt = sl.get_dtype()
+                    out[name] = TensorInfo(name, f, tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(dt, dt.lower()))
+        return out
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        with safe_open(str(info.file), framework="pt") as h:
+            return h.get_tensor(name)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, one at a time, file by file (each file opened once)."""
+        for f in self.weight_files:
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    yield name, h.get_tensor(name)
+
+    @property
+    def has_lm_head(self) -> bool:
+        return LM_HEAD in self.tensors
+
+    # ---- tokenizer ---------------------------------------------------------------------------------------------
+    @cached_property
+    def tokenizer_or_error(self) -> tuple[Any, str | None]:
+        if not any((self.path / n).exists() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            return None, "no tokenizer files (tokenizer.json / tokenizer.model / vocab.json) in the folder"
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(self.path)), None
+        except Exception as e:  # noqa: BLE001 - reported as a finding
+            return None, f"{type(e).__name__}: {e}"
+
+    @property
+    def tokenizer(self):
+        return self.tokenizer_or_error[0]
+
+    @property
+    def chat_template(self) -> str | None:
+        tok = self.tokenizer
+        t = getattr(tok, "chat_template", None) if tok is not None else None
+        if isinstance(t, dict):  # named templates: the default one
+            t = t.get("default") or next(iter(t.values()), None)
+        return t
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    @cached_property
+    def rendered_sample(self) -> tuple[str | None, str | None]:
+        """(text of SAMPLE_CONVERSATION through the chat template, error). Retries without the system turn,
+        which several templates (Gemma) reject on purpose."""
+        if self.tokenizer is None or not self.chat_template:
+            return None, None
+        try:
+            return self.render_chat(SAMPLE_CONVERSATION), None
+        except Exception as e:  # noqa: BLE001
+            try:
+                return self.render_chat(SAMPLE_CONVERSATION[1:]), None
+            except Exception as e2:  # noqa: BLE001
+                return None, f"{type(e2).__name__}: {e2} (with a system turn: {type(e).__name__}: {e})"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    # ---- data --------------------------------------------------------------------------------------------------
+    @cached_property
+    def data_token_ids(self) -> tuple[list[list[int]], str | None]:
+        """Token ids of the first `max_data_rows` rows of --data, as training would see them: conversations
+        through the chat template, other rows as their text fields joined by newlines."""
+        if self.data is None or self.tokenizer is None:
+            return [], None
+        try:
+            from ..data.readers import read_rows
+
+            out: list[list[int]] = []
+            for i, (_loc, row) in enumerate(read_rows(str(self.data))):
+                if i >= self.max_data_rows:
+                    break
+                messages = _as_messages(row)
+                if messages is not None and self.chat_template:
+                    try:
+                        out.append(self.encode(self.render_chat(messages), add_special_tokens=False))
+                        continue
+                    except Exception:  # noqa: BLE001 - fall back to the plain text of the row
+                        pass
+                text = "\n".join(_strings(row))
+                out.append(self.encode(text, add_special_tokens=True))
+            return out, None
+        except Exception as e:  # noqa: BLE001
+            return [], f"{type(e).__name__}: {e}"
+
+
+def _as_messages(row: dict) -> list[dict] | None:
+    turns = row.get("messages") or row.get("conversations")
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+        return None
+    messages = []
+    for t in turns:
+        role = _ROLE_ALIASES.get(str(t.get("role", t.get("from", ""))).lower())
+        content = t.get("content", t.get("value"))
+        if role is None or not isinstance(content, str):
+            return None
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)

@@ -1,0 +1,240 @@
+"""Fused linear cross-entropy (Triton) against a float64 oracle.
+
+Without CUDA the Triton kernel runs in the interpreter (TRITON_INTERPRET=1, set before triton is imported;
+tests/conftest.py should set it too, since any earlier import of triton fixes the mode). Tolerances are
+relative to the largest magnitude of the expected tensor: float32 1e-5, bfloat16 1e-2.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import fasttune.kernels.cross_entropy as ce  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and type(ce._ce_loss_and_grad_kernel).__name__ != "InterpretedFunction":
+    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU; "
+                       "set it at the top of tests/conftest.py (before anything imports triton) on CPU-only machines")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Several vocab blocks and several token chunks even at test sizes."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(ce, "MAX_VOCAB_BLOCK", 256)
+        monkeypatch.setattr(ce, "CHUNK_LOGITS_BYTES", 16 * 1003 * 4)  # 16 rows at V=1003, fp32
+
+
+def oracle(hidden, weight, labels, bias=None, ignore_index=-100, label_smoothing=0.0, softcap=None,
+           num_items_in_batch=None):
+    """Loss and gradients in float64, straight from the definition (no F.cross_entropy)."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    b = bias.detach().double().requires_grad_() if bias is not None else None
+    z = h @ w.T + (b if b is not None else 0)
+    s = torch.tanh(z / softcap) * softcap if softcap is not None else z
+    keep = labels != ignore_index
+    lse = torch.logsumexp(s, dim=-1)
+    s_y = s.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+    per_row = lse - (1 - label_smoothing) * s_y - label_smoothing * s.mean(-1)
+    n = keep.sum().item() if num_items_in_batch is None else float(num_items_in_batch)
+    loss = torch.where(keep, per_row, 0.0).sum() / (n if n > 0 else 1.0)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+
+
+def assert_rel_close(actual, expected, tol, what):
+    actual = actual.double()
+    scale = max(expected.abs().max().item(), 1e-30)
+    err = (actual - expected).abs().max().item()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol} * {scale:.3g}"
+
+
+def make_inputs(n, h, v, dtype, ignore_every=0, with_bias=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=gen) * 1.0).to(DEVICE, dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) / h**0.5 * 3).to(DEVICE, dtype).requires_grad_()
+    bias = (torch.randn(v, generator=gen) * 0.5).to(DEVICE, dtype).requires_grad_() if with_bias else None
+    labels = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
+    if ignore_every:
+        labels[::ignore_every] = -100
+    return hidden, weight, bias, labels
+
+
+def run_fused(hidden, weight, labels, bias=None, **kw):
+    loss = ce.fused_linear_cross_entropy(hidden, weight, labels, bias=bias, **kw)
+    params = [t for t in (hidden, weight, bias) if t is not None]
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach(), grads
+
+
+CASES = [
+    dict(),
+    dict(ignore_every=3, with_bias=True),
+    dict(ignore_every=4, label_smoothing=0.1),
+    dict(softcap=2.0),
+    dict(ignore_every=5, with_bias=True, label_smoothing=0.2, softcap=3.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_float64(dtype, case):
+    torch.manual_seed(case)
+    cfg = dict(CASES[case])
+    ignore_every, with_bias = cfg.pop("ignore_every", 0), cfg.pop("with_bias", False)
+    hidden, weight, bias, labels = make_inputs(21, 24, 1003, dtype, ignore_every, with_bias, seed=case)
+    loss, grads = run_fused(hidden, weight, labels, bias, **cfg)
+    ref = oracle(hidden, weight, labels, bias, **cfg)
+    tol = TOL[dtype]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_rel_close(loss, ref[0], tol, "loss")
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref[1:]):
+        assert g.dtype == dtype
+        assert_rel_close(g, r, tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("n,v", [(1, 1000), (37, 1000), (2, 1003)])
+def test_odd_shapes_float32(n, v):
+    torch.manual_seed(n * v)
+    hidden, weight, _, labels = make_inputs(n, 16, v, torch.float32, seed=v)
+    loss, grads = run_fused(hidden, weight, labels)
+    ref = oracle(hidden, weight, labels)
+    assert_rel_close(loss, ref[0], 1e-5, "loss")
+    assert_rel_close(grads[0], ref[1], 1e-5, "grad hidden")
+    assert_rel_close(grads[1], ref[2], 1e-5, "grad weight")
+
+
+def test_reference_path_equals_fused_path():
+    torch.manual_seed(1)
+    hidden, weight, bias, labels = make_inputs(37, 24, 1003, torch.float32, ignore_every=3, with_bias=True, seed=9)
+    kw = dict(label_smoothing=0.1, softcap=4.0)
+    loss, grads = run_fused(hidden, weight, labels, bias, **kw)
+    ref_loss = ce.fused_linear_cross_entropy_reference(hidden, weight, labels, bias=bias, **kw)
+    ref_grads = torch.autograd.grad(ref_loss, (hidden, weight, bias))
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    # and the reference itself agrees with the float64 oracle
+    assert_rel_close(ref_loss.detach(), oracle(hidden, weight, labels, bias, **kw)[0], 1e-5, "reference loss")
+
+
+def test_num_items_in_batch_makes_accumulation_exact():
+    torch.manual_seed(2)
+    hidden, weight, _, labels = make_inputs(37, 16, 1003, torch.float32, ignore_every=4, seed=2)
+    total = int((labels != -100).sum())
+    full_loss, (gh, gw) = run_fused(hidden, weight, labels)
+    parts = [slice(0, 20), slice(20, 37)]
+    acc_loss, acc_gw = 0.0, torch.zeros_like(weight)
+    acc_gh = torch.zeros_like(hidden)
+    for p in parts:
+        h = hidden.detach()[p].clone().requires_grad_()
+        loss = ce.fused_linear_cross_entropy(h, weight, labels[p], num_items_in_batch=total)
+        g_h, g_w = torch.autograd.grad(loss, (h, weight))
+        acc_loss = acc_loss + loss.detach()
+        acc_gw += g_w
+        acc_gh[p] = g_h
+    torch.testing.assert_close(acc_loss, full_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(acc_gw, gw, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(acc_gh, gh, rtol=1e-5, atol=1e-7)
+    # num_items_in_batch as a tensor, and a count that differs from the local one
+    loss_t = ce.fused_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=torch.tensor(2 * total))
+    torch.testing.assert_close(loss_t.detach() * 2, full_loss, rtol=1e-6, atol=1e-6)
+
+
+def test_all_ignored_batch_gives_zero_loss_and_grads():
+    hidden, weight, bias, labels = make_inputs(5, 16, 1003, torch.float32, with_bias=True, seed=3)
+    labels.fill_(-100)
+    loss, grads = run_fused(hidden, weight, labels, bias)
+    assert loss.item() == 0.0
+    for g in grads:
+        assert torch.isfinite(g).all() and (g == 0).all()
+    ref = ce.fused_linear_cross_entropy_reference(hidden, weight, labels, bias=bias)
+    assert ref.item() == 0.0
+
+
+def test_frozen_weight_and_grad_output_scaling():
+    hidden, weight, _, labels = make_inputs(9, 16, 1003, torch.float32, ignore_every=2, seed=4)
+    weight.requires_grad_(False)
+    loss = ce.fused_linear_cross_entropy(hidden, weight, labels)
+    (g,) = torch.autograd.grad(loss * 3.0, (hidden,))
+    ref = oracle(hidden, weight, labels)
+    assert_rel_close(g, 3.0 * ref[1], 1e-5, "scaled grad hidden")
+
+
+def test_batched_hidden_and_no_grad():
+    hidden, weight, _, labels = make_inputs(12, 16, 1000, torch.float32, seed=5)
+    h3 = hidden.detach().reshape(3, 4, 16).requires_grad_()
+    loss = ce.fused_linear_cross_entropy(h3, weight, labels.reshape(3, 4))
+    (g,) = torch.autograd.grad(loss, (h3,))
+    assert g.shape == (3, 4, 16)
+    assert_rel_close(g.reshape(12, 16), oracle(hidden, weight, labels)[1], 1e-5, "grad hidden 3d")
+    with torch.no_grad():
+        loss_ng = ce.fused_linear_cross_entropy(hidden, weight, labels)
+    torch.testing.assert_close(loss_ng, loss.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_errors():
+    hidden, weight, _, labels = make_inputs(4, 16, 1000, torch.float32, seed=6)
+    bad = labels.clone()
+    bad[0] = 1000
+    with pytest.raises(ValueError, match="labels must be in"):
+        ce.fused_linear_cross_entropy(hidden, weight, bad)
+    with pytest.raises(TypeError, match="same dtype"):
+        ce.fused_linear_cross_entropy(hidden.double(), weight, labels)
+    loss = ce.fused_linear_cross_entropy(hidden, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated twice"):
+        loss.backward()
+
+
+# ---- GPU, real sizes ---------------------------------------------------------------------------------------
+
+def _reference_in_chunks(hidden, weight, labels, rows=4096):
+    """The reference loss and grads, computed chunk by chunk with the global count (so it fits in memory)."""
+    total = int((labels != -100).sum())
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    for s in range(0, hidden.shape[0], rows):
+        h = hidden.detach()[s:s + rows].clone().requires_grad_()
+        w = weight.detach().requires_grad_()
+        part = ce.fused_linear_cross_entropy_reference(h, w, labels[s:s + rows], num_items_in_batch=total)
+        gh, gw = torch.autograd.grad(part, (h, w))
+        loss += part.detach()
+        grad_h[s:s + rows] = gh
+        grad_w += gw.float()
+    return loss, grad_h, grad_w
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [128256, 152064])
+def test_gpu_real_sizes(vocab):
+    assert torch.cuda.is_available()
+    torch.manual_seed(vocab)
+    n, h = 16384, 4096
+    hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(vocab, h, device="cuda") / h**0.5 * 2).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), device="cuda")
+    labels[::7] = -100
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = ce.fused_linear_cross_entropy(hidden, weight, labels)
+    gh, gw = torch.autograd.grad(loss, (hidden, weight))
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ref_loss, ref_gh, ref_gw = _reference_in_chunks(hidden, weight, labels)
+    print(f"V={vocab}: loss {loss.item():.6f} ref {ref_loss.item():.6f} peak extra {peak_mib:.0f} MiB")
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-4, atol=1e-4)
+    assert_rel_close(gh, ref_gh.double(), 1e-2, "grad hidden")
+    assert_rel_close(gw, ref_gw.double(), 1e-2, "grad weight")
