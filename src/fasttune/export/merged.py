@@ -1,0 +1,98 @@
+"""Merged export: every LoRA folded into its base weight, W' = W + scaling * B @ A, computed in float32 and only then
+rounded to the output dtype (one rounding, not one per operand).
+
+An NF4 (4-bit) base is dequantised first, so the result is *the dequantised 4-bit base plus the adapter*, not the
+original 16-bit model plus the adapter; `export_merged` says so in its notes. To merge into the original weights,
+load the base in 16 bits and the adapter with `load_adapter`, then export.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from ..lora import LoraLinear, NF4Linear
+from ..models.checkpoint import resolve_dtype, save_model
+
+DEQUANTISED_NOTE = ("the base model was 4-bit (NF4): the merged weights are the dequantised NF4 base plus the "
+                    "adapter, not the original 16-bit weights plus the adapter")
+
+
+@dataclass
+class ExportResult:
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def has_nf4(model: nn.Module) -> bool:
+    return any(isinstance(m, NF4Linear) for m in model.modules())
+
+
+def _dense_module_weight(m: nn.Module) -> torch.Tensor:
+    """A linear's weight as a dense float32 tensor: merged for LoRA, dequantised for NF4."""
+    if isinstance(m, LoraLinear):
+        return m.merged_weight()
+    if isinstance(m, NF4Linear):
+        return m.dequantize().float()
+    return m.weight.detach().float()
+
+
+def iter_merged_tensors(model: nn.Module) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]]:
+    """(checkpoint name, thunk returning the float32 merged tensor, shape) for every tensor of the plain model,
+    with Hugging Face names (`model.layers.0.self_attn.q_proj.weight`), in model order; nothing is computed until
+    a thunk is called, so a caller can hold one merged tensor at a time. lm_head is skipped when tied."""
+    spec = model.spec
+    owned = set()
+    for name, m in model.named_modules():
+        if isinstance(m, (LoraLinear, NF4Linear)):
+            owned.add(name)
+            out_f, in_f = m.out_features, m.in_features
+            yield name + ".weight", (lambda m=m: _dense_module_weight(m)), (out_f, in_f)
+            base = m.base if isinstance(m, LoraLinear) else m
+            if base.bias is not None:
+                yield name + ".bias", (lambda b=base.bias: b.detach().float()), tuple(base.bias.shape)
+    seen: set[int] = set()
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owner = pname.rpartition(".")[0]
+        if any(owner == o or owner.startswith(o + ".") for o in owned):
+            continue
+        if pname == "lm_head.weight" and spec.tie_word_embeddings:
+            continue
+        if id(p) in seen and pname != "lm_head.weight":
+            continue
+        seen.add(id(p))
+        yield pname, (lambda p=p: p.detach().float()), tuple(p.shape)
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32,
+                      progress: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """The plain (LoRA-free) state dict with adapters merged in float32, each tensor then cast to `dtype`."""
+    out = {}
+    for name, thunk, _ in iter_merged_tensors(model):
+        out[name] = thunk().to(dtype).cpu()
+        if progress is not None:
+            progress(name)
+    return out
+
+
+def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: str | torch.dtype = "bfloat16",
+                  max_shard_size: int | str = "5GB", progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Write a transformers-loadable folder (config.json, safetensors shards, tokenizer files) of the merged model."""
+    path = Path(path)
+    torch_dtype = resolve_dtype(dtype, model.spec)
+    result = ExportResult()
+    if has_nf4(model):
+        result.notes.append(DEQUANTISED_NOTE)
+    state = merged_state_dict(model, torch_dtype, progress)
+    save_model(model, path, tokenizer=tokenizer, dtype=torch_dtype, max_shard_size=max_shard_size, state_dict=state)
+    cfg_file = path / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.pop("quantization_config", None) is not None:  # the weights written are dense
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    result.files = sorted(p for p in path.iterdir() if p.is_file())
+    return result
