@@ -70,8 +70,8 @@ def corpus_blocks(tokenizer, seq_len: int) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=240, help="pre-training steps on corpus.txt (0 = random init)")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=80, help="pre-training steps on corpus.txt (0 = random init)")
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)

@@ -55,7 +55,8 @@ if triton is not None:
 
     @triton.jit
     def _glu_kernel(
-        G, U, DY, OUT0, OUT1, g_row_stride, u_row_stride, dy_row_stride, o_row_stride, n_cols, n_col_blocks,
+        G, U, DY, OUT0, OUT1, g_row_stride, u_row_stride, dy_row_stride, o0_row_stride, o1_row_stride,
+        n_cols, n_col_blocks,
         ACT: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """Forward: OUT0 = a(G) * U.  Backward: OUT0 = dgate, OUT1 = dup.  One block of one row per program."""
@@ -66,11 +67,11 @@ if triton is not None:
         g = tl.load(G + row * g_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + row * u_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         a, da = _act_and_grad(g, ACT)
-        out = OUT0 + row * o_row_stride + cols
+        out = OUT0 + row * o0_row_stride + cols
         if BACKWARD:
             dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(out, (dy * u * da).to(OUT0.dtype.element_ty), mask=mask)
-            tl.store(OUT1 + row * o_row_stride + cols, (dy * a).to(OUT1.dtype.element_ty), mask=mask)
+            tl.store(OUT1 + row * o1_row_stride + cols, (dy * a).to(OUT1.dtype.element_ty), mask=mask)
         else:
             tl.store(out, (a * u).to(OUT0.dtype.element_ty), mask=mask)
 
@@ -84,22 +85,47 @@ def _as_rows(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [(t if t.stride(-1) == 1 else t.contiguous()).reshape(-1, t.shape[-1]) for t in tensors]
 
 
-def _glu_launch(gate, up, dy, act_id: int, backward: bool):
+def _glu_launch(gate, up, dy, act_id: int, backward: bool, in_place: bool = False):
     rows = _as_rows([gate, up] + ([dy] if backward else []))
     n_rows, n_cols = rows[0].shape
-    out0 = _alloc((n_rows, n_cols), gate.dtype, gate.device)
-    out1 = _alloc((n_rows, n_cols), up.dtype, up.device) if backward else out0
+    if in_place:  # each element is loaded before the same program overwrites it, so aliasing the inputs is safe
+        if rows[0].data_ptr() != gate.data_ptr() or rows[1].data_ptr() != up.data_ptr():
+            raise ValueError("glu_backward(in_place=True): gate and up must be viewable as (rows, cols) with unit "
+                             "column stride (a copy would receive the gradients); pass in_place=False")
+        out0, out1 = rows[0], rows[1]
+    else:
+        out0 = _alloc((n_rows, n_cols), gate.dtype, gate.device)
+        out1 = _alloc((n_rows, n_cols), up.dtype, up.device) if backward else out0
     dy_rows = rows[2] if backward else rows[0]
     n_col_blocks = triton.cdiv(n_cols, _BLOCK)
     if n_rows * n_cols > 0:
         _glu_kernel[(n_rows * n_col_blocks,)](
             rows[0], rows[1], dy_rows, out0, out1,
-            rows[0].stride(0), rows[1].stride(0), dy_rows.stride(0), out0.stride(0), n_cols, n_col_blocks,
-            ACT=act_id, BACKWARD=backward, BLOCK=_BLOCK, num_warps=4,
+            rows[0].stride(0), rows[1].stride(0), dy_rows.stride(0), out0.stride(0), out1.stride(0),
+            n_cols, n_col_blocks, ACT=act_id, BACKWARD=backward, BLOCK=_BLOCK, num_warps=4,
         )
+    if in_place:
+        return gate, up
     if backward:
         return out0.view(gate.shape), out1.view(up.shape)
     return out0.view(gate.shape)
+
+
+def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up without autograd, for fused nodes (e.g. a whole-MLP LoRA function) that own the backward."""
+    return _glu_launch(gate, up, None, _activation_id(activation), backward=False)
+
+
+def glu_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor, activation: str, in_place: bool = False):
+    """(d_gate, d_up) for y = act(gate) * up, recomputing act(gate). ``in_place=True`` writes them into gate and up
+    (Liger's memory trick): only for a caller that owns gate/up and needs them no more, e.g. a fused MLP node."""
+    return _glu_launch(gate, up, dy, _activation_id(activation), backward=True, in_place=in_place)
+
+
+def _activation_id(activation: str) -> int:
+    if activation not in _ACT_ID:
+        raise ValueError(f"unknown GLU activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    return _ACT_ID[activation]
 
 
 class GLUFunction(torch.autograd.Function):
@@ -120,11 +146,10 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """act(gate) * up fused in one Triton kernel (and one for the backward); output in gate's dtype."""
     if triton is None:
         raise RuntimeError("glu: Triton is not installed; use glu_reference (or pip install triton)")
-    if activation not in _ACT_ID:
-        raise ValueError(f"unknown GLU activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    act_id = _activation_id(activation)
     if gate.shape != up.shape:
         raise ValueError(f"glu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
-    return GLUFunction.apply(gate, up, _ACT_ID[activation])
+    return GLUFunction.apply(gate, up, act_id)
 
 
 def glu_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:

@@ -44,16 +44,18 @@ class LoraSection:
 class DataConfig:
     path: str = "bundled:instructions"  # a file/folder, or bundled:instructions | bundled:conversations | bundled:corpus | bundled:preferences
     format: Optional[Literal["jsonl", "json", "csv", "tsv", "parquet", "xlsx", "text"]] = None  # None: from the extension
-    kind: Literal["auto", "instruction", "conversation", "text", "preference"] = "auto"
+    kind: Literal["auto", "instruction", "chat", "text", "preference"] = "auto"
     prompt_template: Optional[str] = None  # e.g. "{instruction}[[\nInput: {input}]]" (columns merged into one prompt)
-    response_column: str = "output"
+    response_template: Optional[str] = None  # e.g. "{answer}"; None: the output column
+    system_prompt: Optional[str] = None
     chat_template: Optional[str] = None  # registry name (chatml, llama-3, ...) or None: the tokenizer's own
     train_on: Literal["responses", "all"] = "responses"
     packing: bool = True  # padding-free packing (SFT / pre-training); false: padded batches
     eval_fraction: float = 0.05
-    max_examples: Optional[int] = None
+    max_examples: Optional[int] = None  # read at most this many rows
     shuffle: bool = True
-    too_long: Literal["truncate", "drop"] = "truncate"
+    overlong: Literal["truncate", "drop"] = "truncate"  # examples longer than model.max_seq_length
+    on_error: Literal["raise", "skip"] = "raise"  # skip: bad rows are counted and reported, not trained on
 
 
 @dataclass

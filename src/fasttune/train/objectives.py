@@ -32,19 +32,21 @@ def _row_logprobs(model, h_row: torch.Tensor, targets_row: torch.Tensor) -> torc
     return logp.masked_fill(targets_row == IGNORE_INDEX, 0.0).sum()
 
 
-def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(model, batch: dict, logits_model=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log p(label token) over each row's target tokens, and the number of targets per row.
     The (T x vocab) logits are formed one row at a time under activation checkpointing, so only one row's logits
-    are ever alive, in the forward and in the backward."""
+    are ever alive, in the forward and in the backward. `model` runs the forward (it may be a DDP wrapper);
+    `logits_model` (default: `model`) is the CausalLM whose LM head forms the logits."""
+    logits_model = logits_model or model
     out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), return_logits=False)
     h = out.last_hidden_state[:, :-1]
     targets = batch["labels"][:, 1:]
     sums = []
     for b in range(h.shape[0]):
         if torch.is_grad_enabled() and h.requires_grad:
-            sums.append(checkpoint(_row_logprobs, model, h[b], targets[b], use_reentrant=False))
+            sums.append(checkpoint(_row_logprobs, logits_model, h[b], targets[b], use_reentrant=False))
         else:
-            sums.append(_row_logprobs(model, h[b], targets[b]))
+            sums.append(_row_logprobs(logits_model, h[b], targets[b]))
     return torch.stack(sums), (targets != IGNORE_INDEX).sum(-1)
 
 
@@ -87,11 +89,12 @@ def reward_loss(model, head: RewardHead, batch: dict, num_pairs: int) -> tuple[t
                   "pairs": rc.shape[0]}
 
 
-def dpo_loss(model, batch: dict, num_pairs: int, beta: float, reference_context) -> tuple[torch.Tensor, dict]:
+def dpo_loss(model, batch: dict, num_pairs: int, beta: float, reference_context, logits_model=None
+             ) -> tuple[torch.Tensor, dict]:
     """`reference_context()` returns a context manager inside which the model is the reference (adapters off)."""
     with torch.no_grad(), reference_context():
-        ref, _ = sequence_logprobs(model, batch)
-    logp, _ = sequence_logprobs(model, batch)
+        ref, _ = sequence_logprobs(model, batch, logits_model)
+    logp, _ = sequence_logprobs(model, batch, logits_model)
     pc, pr = _split(logp)
     rc, rr = _split(ref)
     reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
@@ -102,8 +105,9 @@ def dpo_loss(model, batch: dict, num_pairs: int, beta: float, reference_context)
                   "pairs": pc.shape[0]}
 
 
-def orpo_loss(model, batch: dict, num_pairs: int, num_chosen_tokens: int, beta: float) -> tuple[torch.Tensor, dict]:
-    logp, n = sequence_logprobs(model, batch)
+def orpo_loss(model, batch: dict, num_pairs: int, num_chosen_tokens: int, beta: float, logits_model=None
+              ) -> tuple[torch.Tensor, dict]:
+    logp, n = sequence_logprobs(model, batch, logits_model)
     pc, pr = _split(logp)
     nc, nr = _split(n.clamp(min=1).to(logp.dtype))
     mean_c, mean_r = pc / nc, pr / nr
