@@ -69,11 +69,12 @@ def bandwidth_reference(nbytes=2**30) -> dict:
     return _row("copy 1 GiB (bandwidth reference)", "torch", ms, None, 2 * nbytes / ms / 1e6)
 
 
-def flce_rows(n=16384, h=4096, v=128256) -> list[dict]:
-    op = f"fused linear CE fwd+bwd N={n} H={h} V={v} bf16"
+def flce_rows(n=16384, h=4096, v=128256, train_head: bool = True) -> list[dict]:
+    head = "trainable head" if train_head else "frozen head (LoRA)"
+    op = f"fused linear CE fwd+bwd N={n} H={h} V={v} bf16, {head}"
     torch.manual_seed(0)
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    weight = (torch.randn(v, h, device="cuda") / h**0.5).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, device="cuda") / h**0.5).to(torch.bfloat16).requires_grad_(train_head)
     labels = torch.randint(0, v, (n,), device="cuda")
     labels[::11] = -100
 
@@ -155,9 +156,9 @@ def run_all() -> list[dict]:
         raise RuntimeError("bench/kernels_ce_nf4.py needs a CUDA GPU")
     rows: list[dict] = []
     _case(rows, "copy 1 GiB (bandwidth reference)", "torch", bandwidth_reference)
-    for v in (128256,):
+    for v, train_head in ((128256, True), (128256, False)):
         try:
-            rows += flce_rows(v=v)
+            rows += flce_rows(v=v, train_head=train_head)
         except Exception as e:
             traceback.print_exc()
             rows.append(_row(f"fused linear CE V={v}", "all", error=f"{type(e).__name__}: {e}"))

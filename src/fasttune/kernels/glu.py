@@ -11,6 +11,9 @@ Backward (dy given):  d_up = dy * a(g),  d_gate = dy * up * a'(g), with
 The backward recomputes a(g) from the saved gate instead of saving it (no extra activation memory).
 gelu_tanh is evaluated through (1 + tanh z) / 2 = sigmoid(2z): exact algebra, no tanh needed (not in every
 Triton version), and no cancellation in the negative tail where tanh z -> -1.
+glu() allocates fresh gradients (the inputs may be used elsewhere). A fused node that owns gate/up (e.g. a
+whole-MLP LoRA function) can call glu_forward / glu_backward(in_place=True) to write d_gate/d_up into gate/up,
+as Liger does, saving two activation-sized buffers in the backward.
 """
 from __future__ import annotations
 
