@@ -1,0 +1,12 @@
+"""LoRA and QLoRA: low-rank adapters on the decoder's projections, over bf16/fp16 or NF4 base weights.
+
+    model = fasttune.add_lora(model, r=16, alpha=16)           # all seven projections
+    optimizer = torch.optim.AdamW(param_groups(model, lr=2e-4))
+"""
+from .config import ALL_TARGETS, LoraConfig, normalize_targets
+from .layer import LoraLinear
+from .model import add_lora, disable_adapters, lora_layers, lora_parameters, param_groups
+from .nf4_linear import NF4Linear, quantize_linear
+
+__all__ = ["ALL_TARGETS", "LoraConfig", "LoraLinear", "NF4Linear", "add_lora", "disable_adapters", "lora_layers",
+           "lora_parameters", "normalize_targets", "param_groups", "quantize_linear"]

@@ -1,0 +1,87 @@
+"""LoraLinear: a frozen linear (dense or NF4) plus a trainable low-rank update, y = base(x) + s B A x.
+
+Contract (the export code relies on it): `base`, `lora_A` (r, in_features), `lora_B` (out_features, r),
+`scaling`, `r`, `alpha`, `use_rslora`, `dropout`, `in_features`, `out_features`, `disabled`, `delta_weight()`,
+`merged_weight()`. Adapters are float32 masters whatever the base dtype; the forward computes in x's dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels.lora import LoraProjection, lora_linear
+from .nf4_linear import NF4Linear
+
+
+def peft_kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """nn.init.kaiming_uniform_(t, a=sqrt(5)) drawn from `generator` (the same numbers nn.Linear and PEFT draw)."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if not isinstance(base, (nn.Linear, NF4Linear)):
+            raise TypeError(f"LoRA wraps nn.Linear or NF4Linear, got {type(base).__name__}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False
+        # PEFT's draw order: nn.Linear(in, r) and nn.Linear(r, out) each run their default init (kaiming on the
+        # weight), then reset_lora_parameters draws A again and zeroes B. Drawing the same numbers on the CPU
+        # generator makes the same seed give PEFT's A for the same module order.
+        A = torch.empty(r, self.in_features, dtype=torch.float32)
+        peft_kaiming_uniform_(A, generator)  # nn.Linear(in, r) default init, discarded by PEFT
+        peft_kaiming_uniform_(torch.empty(self.out_features, r), generator)  # nn.Linear(r, out), zeroed by PEFT
+        peft_kaiming_uniform_(A, generator)
+        if isinstance(base, nn.Linear) and base.weight.dtype in (torch.bfloat16, torch.float16):
+            # PEFT moves the adapter to the base layer's dtype, then upcasts it to float32 again
+            # (autocast_adapter_dtype): its A is the draw rounded to the 16-bit dtype. Same here.
+            A = A.to(base.weight.dtype).float()
+        device = self.base_weight_device()
+        self.lora_A = nn.Parameter(A.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))
+
+    def base_weight_device(self) -> torch.device:
+        return self.base.packed.device if isinstance(self.base, NF4Linear) else self.base.weight.device
+
+    @property
+    def base_weight(self):
+        """The frozen weight: a dense tensor, or the NF4Tensor of an NF4 base."""
+        return self.base.quantized if isinstance(self.base, NF4Linear) else self.base.weight
+
+    def projection(self) -> LoraProjection:
+        return LoraProjection(self.base_weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base(x)
+        if self.training and self.dropout_p > 0:  # dropout on the adapter's input only: plain autograd path
+            lora = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+            return self.base(x) + self.scaling * lora
+        return lora_linear(x, *self.projection())
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in float32 (out_features, in_features)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        """Base weight (dequantised if NF4) plus the delta, float32."""
+        base = self.base.dequantize() if isinstance(self.base, NF4Linear) else self.base.weight
+        return base.detach().float() + self.delta_weight().detach()
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.use_rslora}, "
+                f"disabled={self.disabled}")

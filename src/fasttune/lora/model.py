@@ -1,0 +1,141 @@
+"""Attach LoRA adapters to a fasttune CausalLM, switch them off, and group parameters for the optimiser."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from ..kernels.lora import lora_mlp, lora_qkv
+from .config import LoraConfig
+from .layer import LoraLinear
+from .nf4_linear import NF4Linear
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+class FusedQKV:
+    """`Attention.fused_qkv` hook: q, k, v LoRA projections in one autograd node (kernels.lora.lora_qkv)."""
+
+    def __init__(self, attn: nn.Module):
+        self.attn = attn
+
+    def __call__(self, x: torch.Tensor):
+        q, k, v = self.attn.q_proj, self.attn.k_proj, self.attn.v_proj
+        if q.disabled or k.disabled or v.disabled or (q.training and max(q.dropout_p, k.dropout_p, v.dropout_p)):
+            return q(x), k(x), v(x)
+        return lora_qkv(x, q.projection(), k.projection(), v.projection())
+
+
+class FusedMLP:
+    """`GatedMLP.fused_forward` hook: gate, up, activation, down in one autograd node (kernels.lora.lora_mlp).
+    `save_gate_up=False` (set by the memory policy for long sequences) recomputes gate/up in the backward."""
+
+    def __init__(self, mlp: nn.Module, save_gate_up: bool = True):
+        self.mlp = mlp
+        self.save_gate_up = save_gate_up
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mlp
+        g, u, d = m.gate_proj, m.up_proj, m.down_proj
+        if g.disabled or u.disabled or d.disabled or (g.training and max(g.dropout_p, u.dropout_p, d.dropout_p)):
+            from .. import kernels
+
+            return d(kernels.glu(g(x), u(x), m.activation))
+        return lora_mlp(x, g.projection(), u.projection(), d.projection(), m.activation, self.save_gate_up)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 0.0, target_modules=None,
+             use_rslora: bool = False, seed: int = 0, train_embeddings: bool = False, train_lm_head: bool = False,
+             embedding_lr_ratio: float = 1.0) -> nn.Module:
+    """Freeze `model` and wrap the targeted projections of every decoder layer in `LoraLinear` (in place).
+
+    Adapters are initialised as PEFT does (A kaiming-uniform, B zero) from a CPU generator seeded with `seed`,
+    in decoder order, so PEFT with `torch.manual_seed(seed)` gets the same A. When all of q, k, v (resp.
+    gate, up, down) carry adapters and dropout is 0, the fused kernels are installed as the layer's hooks.
+    Returns the model, with `model.lora_config` set."""
+    if getattr(model, "lora_config", None) is not None or any(True for _ in lora_layers(model)):
+        raise ValueError("this model already has LoRA adapters; add_lora can be applied once")
+    if not hasattr(model, "model") or not hasattr(model.model, "layers"):
+        raise TypeError(f"add_lora expects a fasttune CausalLM (from fasttune.load), got {type(model).__name__}")
+    cfg = LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, use_rslora=use_rslora,
+                     seed=seed, train_embeddings=train_embeddings, train_lm_head=train_lm_head,
+                     embedding_lr_ratio=embedding_lr_ratio)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    targets = set(cfg.target_modules)
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, _ATTN), (layer.mlp, _MLP)):
+            for name in names:
+                if name in targets:
+                    base = getattr(parent, name)
+                    if not isinstance(base, (nn.Linear, NF4Linear)):
+                        raise TypeError(f"{name} is a {type(base).__name__}; LoRA needs nn.Linear or NF4Linear")
+                    setattr(parent, name, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora,
+                                                     generator))
+        if cfg.dropout == 0:
+            if {"q_proj", "k_proj", "v_proj"} <= targets:
+                layer.self_attn.fused_qkv = FusedQKV(layer.self_attn)
+            if {"gate_proj", "up_proj", "down_proj"} <= targets:
+                layer.mlp.fused_forward = FusedMLP(layer.mlp)
+    if cfg.train_embeddings:
+        model.model.embed_tokens.weight.requires_grad_(True)
+    if cfg.train_lm_head:
+        model.lm_head.weight.requires_grad_(True)
+    model.lora_config = cfg
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the base model (adapters off), e.g. as DPO's reference model; restores each layer's flag on exit."""
+    layers = [m for _, m in lora_layers(model)]
+    previous = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, previous):
+            m.disabled = was
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
+
+
+def param_groups(model: nn.Module, lr: float, embedding_lr_ratio: float | None = None,
+                 weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer groups over the trainable parameters only: adapters (and any other trainable tensor) at `lr`,
+    the embeddings / LM head at `lr * embedding_lr_ratio` (default: `model.lora_config.embedding_lr_ratio`)."""
+    if embedding_lr_ratio is None:
+        cfg = getattr(model, "lora_config", None)
+        embedding_lr_ratio = cfg.embedding_lr_ratio if cfg is not None else 1.0
+    embedding_ids = set()
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "embed_tokens"):
+        embedding_ids.add(id(inner.embed_tokens.weight))
+    if hasattr(model, "lm_head"):
+        embedding_ids.add(id(model.lm_head.weight))
+    main, embeddings = [], []
+    for p in model.parameters():  # shared (tied) parameters are listed once
+        if p.requires_grad:
+            (embeddings if id(p) in embedding_ids else main).append(p)
+    groups = []
+    if main:
+        groups.append({"params": main, "lr": lr, "weight_decay": weight_decay, "name": "lora"})
+    if embeddings:
+        groups.append({"params": embeddings, "lr": lr * embedding_lr_ratio, "weight_decay": 0.0,
+                       "name": "embeddings"})
+    if not groups:
+        raise ValueError("the model has no trainable parameters; call fasttune.add_lora(model, ...) first")
+    return groups
