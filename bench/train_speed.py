@@ -249,14 +249,31 @@ def try_length(tool, model, opt, device, vocab, seq) -> bool:
         free_everything(device)
 
 
-def max_context(tool, cfg, device, dtype, qlora, vocab, budget_s, start=8192, resolution=4096) -> dict:
-    """Longest batch-1 sequence that trains: doubling from `start`, then bisection to `resolution`."""
+def max_context(tool, cfg, device, dtype, qlora, vocab, budget_s, start=8192, resolution=4096,
+                lengths: list[int] | None = None) -> dict:
+    """Longest batch-1 sequence that trains: doubling from `start`, then bisection to `resolution`; or, with
+    `lengths`, exactly those lengths in order, stopping at the first that does not train."""
     free_everything(device)
-    model, setup = build(tool, cfg, device, dtype, qlora, "auto", start, 1)
+    model, setup = build(tool, cfg, device, dtype, qlora, "auto", lengths[0] if lengths else start, 1)
     opt = make_optimizer(model, tool)
     t_end = time.perf_counter() + budget_s
     lo, hi, trials = 0, None, []
     try:
+        if lengths:
+            for seq in lengths:
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                ok = try_length(tool, model, opt, device, vocab, seq)
+                peak = torch.cuda.max_memory_allocated(device) / GiB if torch.cuda.is_available() else 0.0
+                trials.append((seq, ok, round(time.perf_counter() - t0, 1), round(peak, 1)))
+                print(f"  {tool} seq {seq}: {'ok' if ok else 'OOM'} ({trials[-1][2]} s, peak {peak:.1f} GiB)",
+                      flush=True)
+                if not ok:
+                    hi = seq
+                    break
+                lo = seq
+            return dict(tool=tool, setup=setup, max_seq=lo, complete=False, trials=trials)
         seq = start
         while time.perf_counter() < t_end:
             t0 = time.perf_counter()
@@ -339,6 +356,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-context", action="store_true", help="search the longest batch-1 context instead")
     ap.add_argument("--max-context-budget-s", type=float, default=240.0, help="time budget per tool")
     ap.add_argument("--max-context-start", type=int, default=16384)
+    ap.add_argument("--max-context-lengths", default=None,
+                    help="comma list of batch-1 lengths to try in order instead of searching (e.g. 65536,131072)")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/train_speed.json when $OUT is set)")
     args = ap.parse_args(argv)
 
@@ -388,9 +407,11 @@ def main(argv=None) -> int:
         print(f"[run] {case} {row['tool']} seq {seq} x batch {batch}", flush=True)
         try:
             if args.max_context:
+                lengths = ([int(x) for x in args.max_context_lengths.split(",")]
+                           if args.max_context_lengths and tool == "fasttune" else None)
                 res = max_context(base_tool, cfg, device, dtype, qlora, vocab, args.max_context_budget_s,
                                   start=args.max_context_start if not args.tiny else 64, resolution=4096 if not
-                                  args.tiny else 64)
+                                  args.tiny else 64, lengths=lengths)
             else:
                 res = measure(base_tool, cfg, device, dtype, qlora, policy or "auto", seq, batch, args.warmup,
                               args.steps, vocab)

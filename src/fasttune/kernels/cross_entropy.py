@@ -141,8 +141,8 @@ def _divisor(labels: torch.Tensor, ignore_index: int, num_items_in_batch, device
     return torch.where(n > 0, n, torch.ones_like(n))
 
 
-def _chunk_rows(num_rows: int, vocab: int, element_size: int) -> int:
-    rows = max(1, CHUNK_LOGITS_BYTES // (vocab * element_size))
+def _chunk_rows(num_rows: int, vocab: int, element_size: int, chunk_bytes: int | None = None) -> int:
+    rows = max(1, (chunk_bytes or CHUNK_LOGITS_BYTES) // (vocab * element_size))
     if rows >= 128:
         rows -= rows % 128  # matmul-friendly
     return min(num_rows, rows)
@@ -160,7 +160,7 @@ def _launch_loss_and_grad(logits, labels, row_loss, grad_scale, ignore_index, la
 
 
 def _forward_and_grads(hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, num_items_in_batch,
-                       need_hidden_grad, need_weight_grad, need_bias_grad):
+                       need_hidden_grad, need_weight_grad, need_bias_grad, chunk_bytes=None):
     num_rows = hidden.shape[0]
     vocab = weight.shape[0]
     device = hidden.device
@@ -173,7 +173,7 @@ def _forward_and_grads(hidden, weight, bias, labels, ignore_index, label_smoothi
     grad_weight = torch.empty_like(weight) if need_weight_grad else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias_grad else None
 
-    rows = _chunk_rows(num_rows, vocab, weight.element_size())
+    rows = _chunk_rows(num_rows, vocab, weight.element_size(), chunk_bytes)
     for start in range(0, num_rows, rows):
         end = min(start + rows, num_rows)
         h = hidden[start:end]
@@ -199,10 +199,10 @@ def _forward_and_grads(hidden, weight, bias, labels, ignore_index, label_smoothi
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, num_items_in_batch,
-                need_hidden_grad, need_weight_grad, need_bias_grad):
+                need_hidden_grad, need_weight_grad, need_bias_grad, chunk_bytes):
         loss, grad_hidden, grad_weight, grad_bias = _forward_and_grads(
             hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, num_items_in_batch,
-            need_hidden_grad, need_weight_grad, need_bias_grad)
+            need_hidden_grad, need_weight_grad, need_bias_grad, chunk_bytes)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.backward_done = False
         return loss
@@ -220,7 +220,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 if g is not None:
                     g.mul_(scale)
         grad_hidden, grad_weight, grad_bias = grads
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 def _check_inputs(hidden, weight, labels, bias):
@@ -246,10 +246,13 @@ def fused_linear_cross_entropy(
     label_smoothing: float = 0.0,
     softcap: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """Triton path of ``fused_linear_cross_entropy_reference`` (same arguments, same result).
 
-    hidden: (N, H) (or (..., H)); weight: (V, H); labels: (N,) already shifted, int64. Returns a float32 scalar."""
+    hidden: (N, H) (or (..., H)); weight: (V, H); labels: (N,) already shifted, int64. Returns a float32 scalar.
+    chunk_bytes: budget for one chunk's logits (default CHUNK_LOGITS_BYTES); larger chunks run the matmuls a
+    little faster for more memory, so the memory policy raises it when everything fits."""
     if triton is None:
         raise RuntimeError("fused_linear_cross_entropy needs Triton; use fused_linear_cross_entropy_reference on CPU")
     _check_inputs(hidden, weight, labels, bias)
@@ -266,7 +269,7 @@ def fused_linear_cross_entropy(
     loss = FusedLinearCrossEntropyFunction.apply(
         hidden2d, weight.contiguous(), bias, labels1d, ignore_index, label_smoothing, softcap, num_items_in_batch,
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
+        grad_on and bias is not None and bias.requires_grad, chunk_bytes,
     )
     return loss
 
@@ -280,6 +283,7 @@ def fused_linear_cross_entropy_reference(
     label_smoothing: float = 0.0,
     softcap: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_bytes: int | None = None,  # accepted for a common signature; the reference has no chunks
 ) -> torch.Tensor:
     """Sum of token losses divided by the number of non-ignored targets (or ``num_items_in_batch``).
 

@@ -225,6 +225,9 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Logit bytes per chunk of the fused loss (None = the kernel's default); the memory policy raises it
+        # when memory is plentiful, since bigger chunks make the LM-head matmuls a little faster.
+        self.loss_chunk_bytes: int | None = None
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
@@ -270,7 +273,7 @@ class CausalLM(nn.Module):
             out.num_target_tokens = int((targets != -100).sum())
             out.loss = kernels.fused_linear_cross_entropy(
                 hid, self.lm_head.weight, targets, softcap=self.spec.final_softcap,
-                num_items_in_batch=num_items_in_batch)
+                num_items_in_batch=num_items_in_batch, chunk_bytes=self.loss_chunk_bytes)
         return out
 
     @property
