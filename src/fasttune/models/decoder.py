@@ -225,8 +225,8 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Logit bytes per chunk of the fused loss (None = the kernel's default); the memory policy raises it
-        # when memory is plentiful, since bigger chunks make the LM-head matmuls a little faster.
+        # Logit bytes per chunk of the fused loss (None = the kernel's 128 MiB). Measured on H100 at the 1B shape:
+        # 512 MiB chunks were no faster (66,150 vs 70,191 tokens/s in two runs), so nothing raises it by default.
         self.loss_chunk_bytes: int | None = None
 
     def tie_weights(self) -> None:

@@ -191,9 +191,6 @@ def layer_activation_bytes(spec, tokens: int, dtype_bytes: int = 2, mlp_saves_ga
     return tokens * (per_token * dtype_bytes + 4 * (2 + spec.num_heads))
 
 
-LARGE_LOSS_CHUNK_BYTES = 512 * 2**20  # fused-loss logit chunk when memory is plentiful (default: 128 MiB)
-
-
 @dataclass
 class MemoryPlan:
     modes: list[str]
@@ -291,7 +288,5 @@ def apply_memory_policy(model: nn.Module, policy: str = "auto", seq_len: int | N
         layer.mlp.chunk_tokens = plan.chunk_tokens
         if isinstance(layer.mlp.fused_forward, FusedMLP):
             layer.mlp.fused_forward.save_gate_up = plan.mlp_saves_gate_up
-    # Everything fits without recomputation: also let the fused loss use larger logit chunks (faster matmuls).
-    model.loss_chunk_bytes = LARGE_LOSS_CHUNK_BYTES if all(m == "none" for m in plan.modes) else None
     model.memory_plan = plan
     return plan
