@@ -31,8 +31,12 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-import torch.nn as nn
+# Long contexts allocate tensors of many different sizes; expandable segments keep the caching allocator from
+# fragmenting (must be set before CUDA initialises). Applies to every tool alike.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
