@@ -1,5 +1,7 @@
 """Build the shipped tiny model: a Llama-architecture decoder sized for CPU demos and tests, briefly pre-trained
-on fasttune's bundled plain-text corpus (deterministic for a given torch build).
+on fasttune's bundled text (corpus.txt, and the instructions/chats as plain prose without any chat template),
+deterministic for a given torch build and thread count (the shipped file: OMP_NUM_THREADS=1, torch 2.13 CPU,
+the defaults below). The README demo then teaches it the ChatML format with LoRA.
 
     python scripts/make_tiny_model.py            # writes src/fasttune/assets/tiny/{config.json,model.safetensors}
     python scripts/make_tiny_model.py --steps 0  # random init only (std 0.02), no pre-training
@@ -20,7 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "src" / "fasttune" / "assets" / "tiny"
-CORPUS = ROOT / "src" / "fasttune" / "assets" / "data" / "corpus.txt"
+DATA = ROOT / "src" / "fasttune" / "assets" / "data"
+CORPUS, INSTRUCTIONS, CONVERSATIONS = DATA / "corpus.txt", DATA / "instructions.jsonl", DATA / "conversations.jsonl"
 
 
 def tiny_config(vocab_size: int, bos: int, eos: int, pad: int) -> dict:
@@ -58,19 +61,30 @@ def init_weights(model: torch.nn.Module, std: float = 0.02) -> None:
             torch.nn.init.normal_(p, mean=0.0, std=std)
 
 
+def pretraining_texts() -> list[str]:
+    """corpus.txt paragraphs, plus the bundled instructions and chats as plain prose (question, then answer; no
+    chat template), so the base model knows the domain's words and facts but not the chat format the demo teaches."""
+    texts = [p.strip() for p in CORPUS.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    for line in INSTRUCTIONS.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        texts.append("\n".join(t for t in (row["instruction"], row.get("input"), row["output"]) if t))
+    for line in CONVERSATIONS.read_text(encoding="utf-8").splitlines():
+        texts.append("\n".join(turn["value"] for turn in json.loads(line)["conversations"]))
+    return texts
+
+
 def corpus_blocks(tokenizer, seq_len: int) -> torch.Tensor:
-    """The corpus as one token stream (BOS per paragraph, EOS after it) cut into (N, seq_len) blocks."""
+    """The pre-training texts as one token stream (BOS per document, EOS after it) cut into (N, seq_len) blocks."""
     ids: list[int] = []
-    for para in CORPUS.read_text(encoding="utf-8").split("\n\n"):
-        if para.strip():
-            ids += tokenizer(para.strip())["input_ids"] + [tokenizer.eos_token_id]
+    for text in pretraining_texts():
+        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
     n = len(ids) // seq_len
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=80, help="pre-training steps on corpus.txt (0 = random init)")
+    ap.add_argument("--steps", type=int, default=400, help="pre-training steps on the bundled text (0 = random init)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)

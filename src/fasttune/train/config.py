@@ -88,6 +88,7 @@ class TrainSection:
     keep_last: int = 2
     log_every: int = 1
     memory: Literal["auto", "none", "checkpoint", "offload"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard the model (FSDP2 fully_shard)
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
@@ -157,6 +158,9 @@ class TrainConfig:
         if o.type == "dpo" and not self.lora.enabled:
             raise ConfigError("objective.type dpo needs lora.enabled: true — the reference model is the same base "
                               "with adapters switched off (fasttune never keeps a second copy of the model)")
+        if t.parallel == "fsdp" and o.type == "reward":
+            raise ConfigError("train.parallel: fsdp does not support objective.type reward yet (its scalar head "
+                              "lives outside the sharded model); use train.parallel: ddp")
         if o.type in ("reward", "dpo", "orpo") and self.data.kind not in ("auto", "preference"):
             raise ConfigError(f"objective.type {o.type} trains on chosen/rejected pairs: set data.kind to "
                               f"'preference' or 'auto' (got {self.data.kind!r})")
@@ -210,6 +214,11 @@ def _coerce(tp, value, key: str):
         return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string; accept it as the number it means
+            return float(value)
+        except ValueError:
+            pass
     ok = {bool: lambda v: isinstance(v, bool),
           int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),

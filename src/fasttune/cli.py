@@ -1,0 +1,279 @@
+"""The `fasttune` command (also `python -m fasttune`).
+
+    fasttune demo                                   LoRA fine-tune of the shipped tiny model on CPU (~1 minute)
+    fasttune train config.yaml [--resume] [--set train.lr=1e-4] [--gpus N]
+    fasttune chat --adapter runs/demo/adapter       interactive chat, the model's chat template
+    fasttune generate --model PATH --prompt "..."   one-shot generation
+    fasttune export ...  | doctor ... | compare ... | bench ...
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+EXIT_INTERRUPTED = 130
+
+
+# ---- train ---------------------------------------------------------------------------------------------------
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (sections model, lora, data, objective, train; see configs/*.yaml and "
+                                  "`fasttune train --print-defaults`)", nargs="?")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from the newest checkpoint in train.output_dir (or from CHECKPOINT): same data "
+                        "position, optimizer, scheduler and RNG, so the losses continue as if never stopped")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config value, e.g. --set train.max_steps=100 --set lora.r=8 (repeatable)")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="train on N GPUs of this machine: re-launches itself under torchrun (DDP); equivalent to "
+                        "`torchrun --nproc_per_node N -m fasttune train CONFIG`")
+    p.add_argument("--print-defaults", action="store_true", help="print the full default config as YAML and exit")
+
+
+def _run_train(args) -> int:
+    from .train.config import ConfigError, TrainConfig
+
+    if args.print_defaults:
+        print(TrainConfig().to_yaml(), end="")
+        return 0
+    if not args.config:
+        print("fasttune train: a CONFIG file is required (see configs/ or --print-defaults)", file=sys.stderr)
+        return 2
+    if args.gpus and args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
+               "-m", "fasttune", "train", args.config]
+        for o in args.overrides:
+            cmd += ["--set", o]
+        if args.resume is True:
+            cmd.append("--resume")
+        elif args.resume:
+            cmd += ["--resume", str(args.resume)]
+        print("launching:", " ".join(cmd), flush=True)
+        return subprocess.call(cmd)
+    try:
+        cfg = TrainConfig.from_yaml(args.config, overrides=args.overrides)
+    except ConfigError as e:
+        print(f"fasttune train: config error: {e}", file=sys.stderr)
+        return 2
+    from .train import distributed
+    from .train.trainer import OutOfMemory, TrainingDiverged, train
+
+    try:
+        result = train(cfg, resume=args.resume)
+    except (TrainingDiverged, OutOfMemory) as e:
+        print(f"\nfasttune train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.cleanup()
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+# ---- chat / generate -------------------------------------------------------------------------------------------
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="base model folder, or 'tiny' (default: the adapter's base model, "
+                                                 "else tiny)")
+    p.add_argument("--adapter", default=None, help="a run's adapter/ folder (written by fasttune train / demo)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the checkpoint's; float32 on CPU)")
+    p.add_argument("--chat-template", default=None,
+                   help="registered template name (chatml, llama-3, mistral, gemma, phi-3, alpaca, vicuna, zephyr) "
+                        "or Jinja source; default: the tokenizer's own (ChatML if it has none)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _load_for_inference(args):
+    import torch
+
+    from . import load
+    from .train.trainer import load_trained, resolve_model_path
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float32" if device == "cpu" else None)
+    if args.adapter:
+        return load_trained(args.adapter, base=args.model, device=device, dtype=dtype)
+    model, tokenizer = load(resolve_model_path(args.model or "tiny"), dtype=dtype, device=device)
+    return model.eval(), tokenizer
+
+
+def _session(args, model, tokenizer, system=None):
+    from .train.chat import ChatSession
+
+    return ChatSession(model, tokenizer, system=system, chat_template=args.chat_template,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, seed=args.seed)
+
+
+def _add_chat(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+
+
+def _run_chat(args) -> int:
+    model, tokenizer = _load_for_inference(args)
+    session = _session(args, model, tokenizer, system=args.system)
+    print("fasttune chat — type a message; /reset clears the conversation, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            session.messages = session.messages[:1] if args.system else []
+            continue
+        print("assistant>", session.reply(text), flush=True)
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (repeatable); default: read one prompt per line from stdin")
+    p.add_argument("--raw", action="store_true",
+                   help="continue the text as-is instead of wrapping it in the chat template as a user turn")
+    p.add_argument("--system", default=None, help="system prompt (chat mode)")
+
+
+def _run_generate(args) -> int:
+    model, tokenizer = _load_for_inference(args)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    session = _session(args, model, tokenizer)
+    for prompt in prompts:
+        if args.raw:
+            print(session._generate(tokenizer(prompt)["input_ids"]))
+        else:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": prompt}]
+            print(session.complete(msgs))
+    return 0
+
+
+# ---- demo / bench ----------------------------------------------------------------------------------------------
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60, about a minute on CPU)")
+    p.add_argument("--output-dir", default="runs/demo", help="where the adapter, metrics and loss curve go")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def _run_demo(args) -> int:
+    from .train.demo import run_demo
+
+    run_demo(output_dir=args.output_dir, steps=args.steps, device=args.device, seed=args.seed,
+             progress=not args.no_progress)
+    return 0
+
+
+def _bench_dir() -> Path | None:
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (base / "bench").is_dir():
+            return base / "bench"
+    return None
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("script", nargs="?", help="a benchmark in bench/ (name without .py); omit to list them")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+
+
+def _run_bench(args) -> int:
+    bench = _bench_dir()
+    if bench is None:
+        print("fasttune bench: the benchmarks live in the repository's bench/ folder, which this install does not "
+              "have.\nClone the repository and run e.g. `python bench/train_speed.py --help` on a CUDA machine.")
+        return 2
+    scripts = sorted(p.stem for p in bench.glob("*.py") if not p.name.startswith("_"))
+    if not args.script:
+        print(f"benchmarks in {bench} (run: fasttune bench NAME [ARGS], results go to bench/RESULTS.md):")
+        for s in scripts:
+            print(f"  {s}")
+        return 0
+    if args.script not in scripts:
+        print(f"fasttune bench: no benchmark {args.script!r}; available: {', '.join(scripts)}", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(bench / f"{args.script}.py"), *args.script_args])
+
+
+# ---- parser ----------------------------------------------------------------------------------------------------
+
+def _optional(module: str, add_name: str, run_name: str):
+    """(add_arguments, run) from a sibling package, or None when it is not present in this install."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module, __package__)
+        return getattr(mod, add_name), getattr(mod, run_name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="fasttune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fasttune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_text: str, add, run):
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add(p)
+        p.set_defaults(func=run)
+
+    command("demo", "LoRA fine-tune of the shipped tiny model on the bundled instructions (CPU, ~1 minute): loss "
+                    "falling, adapter saved, answers before/after printed", _add_demo, _run_demo)
+    command("train", "train from a YAML config: SFT, continued pre-training, reward model, DPO, ORPO",
+            _add_train, _run_train)
+    command("chat", "interactive chat with a model (+ adapter) through its chat template", _add_chat, _run_chat)
+    command("generate", "generate replies to prompts (arguments or stdin)", _add_generate, _run_generate)
+    externals = [
+        ("export", "export an adapter or merged model (Hugging Face safetensors, GGUF, Ollama Modelfile)",
+         (".export.cli", "add_arguments", "run")),
+        ("doctor", "check a model folder (and data) for known problems, optionally repair a copy",
+         (".doctor.cli", "add_doctor_arguments", "run_doctor")),
+        ("compare", "per-layer error between two implementations or checkpoints (e.g. fasttune vs transformers)",
+         (".doctor.cli", "add_compare_arguments", "run_compare")),
+    ]
+    for name, help_text, (module, add_name, run_name) in externals:
+        found = _optional(module, add_name, run_name)
+        if found is None and module == ".doctor.cli":
+            found = _optional(module, "add_arguments", "run")
+        if found is not None:
+            command(name, help_text, *found)
+        else:
+            def unavailable(args, name=name, module=module):
+                print(f"fasttune {name}: not available in this install ({module[1:]} is missing)", file=sys.stderr)
+                return 2
+            command(name, help_text + " [not available in this install]", lambda p: None, unavailable)
+    command("bench", "list or run the benchmarks in bench/ (CUDA)", _add_bench, _run_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    code = args.func(args)
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

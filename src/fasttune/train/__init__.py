@@ -1,0 +1,10 @@
+"""Training: config schema, the trainer (SFT, continued pre-training, reward model, DPO, ORPO), checkpoints.
+
+    from fasttune.train import TrainConfig, train
+    result = train(TrainConfig.from_yaml("configs/sft_tiny.yaml"))
+"""
+from .config import ConfigError, DataConfig, LoraSection, ModelConfig, ObjectiveConfig, TrainConfig, TrainSection
+from .trainer import OutOfMemory, Trainer, TrainingDiverged, TrainResult, load_trained, train
+
+__all__ = ["ConfigError", "DataConfig", "LoraSection", "ModelConfig", "ObjectiveConfig", "OutOfMemory",
+           "TrainConfig", "TrainResult", "TrainSection", "Trainer", "TrainingDiverged", "load_trained", "train"]

@@ -1,0 +1,69 @@
+"""Chat and generation with a base model (+ a trained adapter), through the model's own chat template."""
+from __future__ import annotations
+
+import torch
+
+from ..data.tokenize import generation_prompt_ids
+from ..models import generate
+from .data import chat_template_for
+
+
+class ChatSession:
+    """Keeps the conversation; `reply(text)` appends the user turn, generates, appends the assistant turn."""
+
+    def __init__(self, model, tokenizer, system: str | None = None, chat_template: str | None = None,
+                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int = 0):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.template = chat_template_for(tokenizer, chat_template)
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
+        self.generator = torch.Generator(device=model.device).manual_seed(seed)
+        self.stop_ids = stop_token_ids(tokenizer, self.template)
+
+    def reply(self, text: str) -> str:
+        self.messages.append({"role": "user", "content": text})
+        answer = self.complete(self.messages)
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+    def complete(self, messages: list[dict]) -> str:
+        ids = generation_prompt_ids(messages, self.tokenizer, self.template)
+        return self._generate(ids)
+
+    def _generate(self, ids: list[int]) -> str:
+        x = torch.tensor([ids], device=self.model.device)
+        out = generate(self.model, x, max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
+                       temperature=max(self.temperature, 1e-5), top_p=self.top_p, top_k=self.top_k,
+                       eos_token_id=self.stop_ids, generator=self.generator if self.temperature > 0 else None)
+        new = out[0, len(ids):].tolist()
+        for i, t in enumerate(new):
+            if t in self.stop_ids:
+                new = new[:i]
+                break
+        return self.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def stop_token_ids(tokenizer, template) -> list[int]:
+    """EOS plus the template's end-of-turn marker when it is a single token (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>, ...), so generation stops at the end of the assistant's turn."""
+    ids = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    stop = template.stop_text(tokenizer.eos_token) if template is not None else None
+    candidates = [stop] if stop else []
+    candidates += ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"]
+    vocab = tokenizer.get_vocab()
+    for text in candidates:
+        text = text.strip() if text else text
+        if text and text in vocab and vocab[text] not in ids:
+            ids.append(vocab[text])
+    return ids
+
+
+def generate_text(model, tokenizer, prompt: str, *, chat: bool = True, **kwargs) -> str:
+    session = ChatSession(model, tokenizer, **kwargs)
+    if chat:
+        return session.complete([{"role": "user", "content": prompt}])
+    ids = tokenizer(prompt)["input_ids"]
+    return session._generate(ids)

@@ -1,0 +1,128 @@
+"""Data parallelism through PyTorch's own engine: torch.distributed + DistributedDataParallel.
+
+Under `torchrun --nproc_per_node N -m fasttune train config.yaml` (or `fasttune train --gpus N`, which starts
+torchrun), each rank builds the same list of micro-batches and trains on every N-th one of each step's group, so
+the data is split with no overlap and nothing lost; gradients are averaged by DDP (NCCL on GPUs, gloo on CPU).
+Without the torchrun environment everything here is a no-op and the trainer runs as one process.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(use_cuda: bool | None = None) -> DistInfo:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK); one process otherwise.
+    NCCL when training on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if use_cuda is None:
+            use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local)
+
+
+def wrap(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
+    """DDP (a replica per rank) or FSDP2 (`fully_shard` on every decoder layer, then the whole model: each rank
+    holds 1/N of every parameter, gathered layer by layer for compute)."""
+    if not info.enabled:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dtypes = {p.dtype for p in model.parameters()}
+        # LoRA keeps fp32 adapters over a 16-bit base: one compute dtype per shard group, fp32 gradient reduction
+        compute = model.dtype if len(dtypes) > 1 else None
+        mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute is not None else None)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [info.local_rank] if next(model.parameters()).is_cuda else None
+    return DDP(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(engine):
+    engine.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        engine.set_requires_gradient_sync(True)
+
+
+def no_sync(engine: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP2) on all but the last micro-batch of a step."""
+    if enabled and hasattr(engine, "no_sync"):
+        return engine.no_sync()
+    if enabled and hasattr(engine, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(engine)
+    return contextlib.nullcontext()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP2-sharded) parameter; a collective on every rank when sharded."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_dict(values: dict[str, float], info: DistInfo, device) -> dict[str, float]:
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_grads(params, info: DistInfo) -> None:
+    """Average gradients of parameters that live outside the DDP-wrapped model (the reward head)."""
+    if not info.enabled:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= info.world_size
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,566 @@
+"""The training loop: exact gradient accumulation, resumable checkpoints, clear failures.
+
+One optimizer step consumes `grad_accum x world_size` micro-batches. Their total count of targets (tokens for
+SFT / pre-training, pairs for preference objectives) is computed *before* the step — every rank builds the same
+batch list, so the global count is known without communication — and each micro-batch loss is its sum divided
+by that global count. Summing the micro-batch gradients (and, across ranks, all-reducing them; the loss is
+scaled by world_size because DDP averages) therefore gives exactly the gradient of the whole step as one batch.
+
+    from fasttune.train import TrainConfig, train
+    result = train(TrainConfig.from_yaml("configs/sft_tiny.yaml"))
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from . import distributed as dist_utils
+from .config import TrainConfig
+from .data import PreparedData, batch_tokens, count_targets, epoch_batches, prepare_data, to_device
+from .objectives import RewardHead, dpo_loss, lm_loss, orpo_loss, reward_loss
+from .observe import MetricsLog, Progress, plot_losses
+from .schedule import make_scheduler
+
+ADAPTER_CONFIG = "fasttune_adapter.json"
+ADAPTER_WEIGHTS = "trainable.safetensors"  # every trained tensor (adapters, embeddings, reward head)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+class OutOfMemory(RuntimeError):
+    """CUDA ran out of memory; the message lists the settings that would fit."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path | None
+    step: int  # optimizer steps completed in total (including those before a resume)
+    losses: list[float] = field(default_factory=list)  # per step run by this call
+    eval: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+    checkpoint: Path | None = None
+
+
+def tiny_model_path() -> str:
+    return str(resources.files("fasttune") / "assets" / "tiny")
+
+
+def resolve_model_path(path: str) -> str:
+    return tiny_model_path() if path == "tiny" else path
+
+
+def _oom_message(cfg: TrainConfig, err: BaseException) -> str:
+    m, t = cfg.model, cfg.train
+    options = []
+    if not m.load_in_4bit:
+        options.append("model.load_in_4bit: true (QLoRA: NF4 base weights, ~1/4 the weight memory)")
+    if t.memory in ("auto", "none", "checkpoint"):
+        options.append("train.memory: offload (checkpoint every layer and keep its input in CPU memory)")
+    options.append(f"a shorter model.max_seq_length (now {m.max_seq_length}), e.g. {max(128, m.max_seq_length // 2)}")
+    if t.batch_size > 1:
+        options.append(f"a smaller train.batch_size (now {t.batch_size}) with a larger train.grad_accum "
+                       "(same global batch, exact same loss)")
+    if cfg.lora.enabled and cfg.lora.r > 8:
+        options.append(f"a smaller lora.r (now {cfg.lora.r})")
+    if not cfg.lora.enabled:
+        options.append("lora.enabled: true (a full fine-tune keeps optimizer state for every weight)")
+    if t.optimizer == "adamw":
+        options.append("train.optimizer: adamw8bit")
+    return ("CUDA ran out of memory during training (" + str(err).splitlines()[0] + ").\nOptions that reduce "
+            "memory:\n  - " + "\n  - ".join(options) + "\nRun `fasttune doctor` for what this GPU holds.")
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, model: nn.Module | None = None, tokenizer=None,
+                 data: PreparedData | None = None):
+        self.cfg = config
+        want = config.model.device
+        self.dist = dist_utils.setup(use_cuda=want == "cuda" or (want == "auto" and torch.cuda.is_available()))
+        self.device = self._device()
+        self.output_dir = Path(config.train.output_dir)
+        self.is_main = self.dist.rank == 0
+        torch.manual_seed(config.train.seed)
+        self.model, self.tokenizer = self._load(model, tokenizer)
+        self.reward_head = None
+        if config.objective.type == "reward":
+            self.reward_head = RewardHead(self.model.spec.hidden_size).to(self.device, torch.float32)
+        self.data = data if data is not None else prepare_data(
+            config.data, self.tokenizer, config.model.max_seq_length, config.train.seed, config.objective.type)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # DDP or FSDP2 under torchrun, else the model itself; before the optimizer, since fully_shard replaces
+        # the parameters with sharded ones
+        self.engine = dist_utils.wrap(self.model, self.dist, config.train.parallel)
+        self.optimizer = self._optimizer()
+        self._epoch_cache: tuple[int, list] | None = None
+        self.steps_per_epoch = len(self._epoch(0)) // self.micro_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training split has {len(self._epoch(0))} micro-batches, fewer than one optimizer step "
+                             f"needs ({self.micro_per_step} = grad_accum x world size); lower train.grad_accum or "
+                             "train.batch_size, or add data")
+        t = config.train
+        self.total_steps = t.max_steps or max(1, int(t.epochs * self.steps_per_epoch))
+        warmup = t.warmup_steps or int(t.warmup_ratio * self.total_steps)
+        self.scheduler = make_scheduler(self.optimizer, t.schedule, warmup, self.total_steps)
+        self.step = 0
+        self.epoch = 0
+        self.batch_index = 0  # next micro-batch of the current epoch
+        self.tokens_seen = 0
+        self.callbacks: list = []  # called as cb(trainer, record) after every step (tests use it to interrupt)
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        want = self.cfg.model.device
+        if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+            if not torch.cuda.is_available():
+                raise RuntimeError("model.device is cuda but no CUDA GPU is visible; set model.device: cpu")
+            return torch.device("cuda", self.dist.local_rank)
+        return torch.device("cpu")
+
+    def _load(self, model, tokenizer):
+        cfg = self.cfg
+        if model is None:
+            from .. import load
+
+            dtype = cfg.model.dtype
+            if dtype == "auto":
+                dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+            model, loaded_tok = load(resolve_model_path(cfg.model.path), max_seq_length=cfg.model.max_seq_length,
+                                     dtype=dtype, device=self.device, load_in_4bit=cfg.model.load_in_4bit)
+            tokenizer = tokenizer or loaded_tok
+            if cfg.lora.enabled:
+                model = self._add_lora(model)
+        elif tokenizer is None:
+            raise ValueError("pass the tokenizer together with the model")
+        elif cfg.lora.enabled and not any(_is_adapter(n) for n, _ in model.named_parameters()):
+            model = self._add_lora(model)  # a plain model from fasttune.load: add the configured adapters
+        model.requires_grad_(False) if cfg.lora.enabled else model.requires_grad_(True)
+        if cfg.lora.enabled:
+            for name, p in model.named_parameters():
+                if _is_adapter(name):
+                    p.requires_grad_(True)
+        if cfg.train_embeddings:
+            model.model.embed_tokens.weight.requires_grad_(True)
+            model.lm_head.weight.requires_grad_(True)
+        self._apply_memory_policy(model)
+        return model.train(), tokenizer
+
+    def _add_lora(self, model):
+        from ..lora import add_lora
+
+        lc = self.cfg.lora
+        return add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=list(lc.target_modules),
+                        use_rslora=lc.use_rslora, seed=lc.seed)
+
+    def _apply_memory_policy(self, model) -> None:
+        policy = self.cfg.train.memory
+        if policy == "none":
+            return
+        try:
+            from .memory import apply_memory_policy
+        except ImportError:
+            if policy != "auto":
+                raise RuntimeError(f"train.memory: {policy} needs fasttune.train.memory, which is not installed")
+            return
+        packed = self.cfg.data.packing and self.cfg.objective.type in ("sft", "pretrain")
+        rows = 1 if packed else self.cfg.train.batch_size * (2 if self.cfg.objective.type in ("dpo", "orpo", "reward") else 1)
+        self.memory_plan = apply_memory_policy(model, policy=policy, seq_len=self.cfg.model.max_seq_length,
+                                               batch_size=rows)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        mods = {"model": self.model}
+        if self.reward_head is not None:
+            mods["reward_head"] = self.reward_head
+        return mods
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t, o = self.cfg.train, self.cfg.objective
+        main, embed = [], []
+        seen: set[int] = set()
+        for prefix, module in self.trainable_modules().items():
+            for name, p in module.named_parameters():
+                if not p.requires_grad or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                (embed if _is_embedding(name) else main).append(p)
+        if not main and not embed:
+            raise ValueError("nothing to train: no parameter requires a gradient (check lora.target_modules)")
+        groups = [{"params": main, "lr": t.lr}] if main else []
+        if embed:
+            groups.append({"params": embed, "lr": t.lr * o.embedding_lr_ratio})
+        betas = (t.betas[0], t.betas[1])
+        if t.optimizer == "adamw8bit":
+            from .adamw8bit import AdamW8bit
+
+            return AdamW8bit(groups, lr=t.lr, betas=betas, weight_decay=t.weight_decay)
+        fused = self.device.type == "cuda" and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                                                   for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=t.lr, betas=betas, weight_decay=t.weight_decay, fused=fused or None)
+
+    # ---- data ----------------------------------------------------------------------------------------------
+
+    @property
+    def micro_per_step(self) -> int:
+        return self.cfg.train.grad_accum * self.dist.world_size
+
+    def _epoch(self, epoch: int) -> list[dict]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            d, t = self.cfg.data, self.cfg.train
+            batches = epoch_batches(self.data.train, kind=self.data.kind, batch_size=t.batch_size, packing=d.packing,
+                                    max_seq_length=self.cfg.model.max_seq_length, pad_token_id=self.pad_id,
+                                    seed=t.seed + epoch, shuffle=d.shuffle)
+            self._epoch_cache = (epoch, batches)
+        return self._epoch_cache[1]
+
+    def _next_group(self) -> list[dict]:
+        """The micro-batches of the next optimizer step (all ranks' share), advancing the data position."""
+        while True:
+            batches = self._epoch(self.epoch)
+            if self.batch_index + self.micro_per_step <= len(batches):
+                group = batches[self.batch_index:self.batch_index + self.micro_per_step]
+                self.batch_index += self.micro_per_step
+                return group
+            self.epoch += 1  # the incomplete tail of an epoch is skipped (it is in the next epoch's shuffle)
+            self.batch_index = 0
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    def _reference(self):
+        from ..lora import disable_adapters
+
+        return disable_adapters(self.model)
+
+    def micro_loss(self, batch: dict, num_tokens: int, num_pairs: int) -> tuple[torch.Tensor, dict]:
+        o = self.cfg.objective
+        if o.type in ("sft", "pretrain"):
+            return lm_loss(self.engine, batch, num_tokens)
+        if o.type == "reward":
+            return reward_loss(self.engine, self.reward_head, batch, num_pairs)
+        if o.type == "dpo":
+            return dpo_loss(self.engine, batch, num_pairs, o.beta, self._reference, logits_model=self.model)
+        return orpo_loss(self.engine, batch, num_pairs, num_tokens, o.beta, logits_model=self.model)
+
+    def accumulate(self, group: list[dict]) -> dict:
+        """Forward/backward over one step's micro-batches (this rank's share), leaving the summed gradients in
+        `.grad`. Returns the step's loss (all ranks) and metrics; raises TrainingDiverged on NaN/inf."""
+        counts = [count_targets(b, self.data.kind) for b in group]
+        num_tokens = sum(c[0] for c in counts)
+        num_pairs = sum(c[1] for c in counts)
+        mine = group[self.dist.rank::self.dist.world_size]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        extra: dict[str, float] = {}
+        tokens = 0
+        for i, batch in enumerate(mine):
+            batch = to_device(batch, self.device)
+            tokens += batch_tokens(batch)
+            sync = i == len(mine) - 1
+            with dist_utils.no_sync(self.engine, enabled=not sync):
+                loss, metrics = self.micro_loss(batch, num_tokens, num_pairs)
+                (loss * self.dist.world_size).backward()
+            total += loss.detach().double()
+            for k, v in metrics.items():
+                extra[k] = extra.get(k, 0.0) + v
+        if self.reward_head is not None:
+            dist_utils.all_reduce_grads(self.reward_head.parameters(), self.dist)
+        total = dist_utils.all_reduce_sum(total, self.dist)
+        extra = dist_utils.all_reduce_dict(extra, self.dist, self.device)
+        tokens = int(dist_utils.all_reduce_sum(torch.tensor(float(tokens), device=self.device), self.dist))
+        loss_value = float(total)
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = ckpt.latest_checkpoint(self.output_dir)
+            raise TrainingDiverged(
+                f"the loss is {loss_value} at step {self.step + 1}; stopped without updating the weights. "
+                + (f"The last good checkpoint is {last} (resume with --resume after changing the config). "
+                   if last else "No checkpoint was written yet. ")
+                + "Usual causes: a learning rate too high (now "
+                f"{self.cfg.train.lr}), no gradient clipping (train.max_grad_norm), fp16 overflow (use bfloat16), "
+                "or a data batch with no target tokens.")
+        record = {"loss": loss_value, "tokens": tokens, "target_tokens": num_tokens}
+        if num_pairs:
+            record["pairs"] = num_pairs
+            for k, v in extra.items():
+                if k in ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "log_odds_ratio"):
+                    record[k] = v / num_pairs
+                elif k == "nll":
+                    record[k] = v
+        return record
+
+    def train_step(self, group: list[dict]) -> dict:
+        """One optimizer step: accumulate gradients over `group`, clip, step the optimizer and the schedule."""
+        record = self.accumulate(group)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = None
+        if self.cfg.train.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+            grad_norm = float(dist_utils.full_tensor(norm))
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if not self.data.eval:
+            return {}
+        d, t = self.cfg.data, self.cfg.train
+        batches = epoch_batches(self.data.eval, kind=self.data.kind, batch_size=t.batch_size, packing=d.packing,
+                                max_seq_length=self.cfg.model.max_seq_length, pad_token_id=self.pad_id,
+                                seed=0, shuffle=False)
+        if t.eval_batches:
+            batches = batches[: t.eval_batches]
+        counts = [count_targets(b, self.data.kind) for b in batches]
+        num_tokens, num_pairs = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        self.model.eval()
+        total, extra = 0.0, {}
+        mine = batches[self.dist.rank::self.dist.world_size]
+        # every rank runs the same number of forwards: under FSDP2 each forward is a collective (parameter
+        # all-gathers), so a rank with one batch fewer would leave the others waiting forever. The extra forward
+        # repeats a batch and its result is discarded.
+        rounds = -(-len(batches) // self.dist.world_size)
+        try:
+            for i in range(rounds):
+                batch = mine[i] if i < len(mine) else batches[0]
+                loss, metrics = self.micro_loss(to_device(batch, self.device), num_tokens, num_pairs)
+                if i >= len(mine):
+                    continue
+                total += float(loss)
+                for k, v in metrics.items():
+                    extra[k] = extra.get(k, 0.0) + v
+        finally:
+            self.model.train()
+        total = float(dist_utils.all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=self.device), self.dist))
+        extra = dist_utils.all_reduce_dict(extra, self.dist, self.device)
+        out = {"eval_loss": total}
+        if num_pairs:
+            out["eval_reward_accuracy"] = extra.get("reward_accuracy", 0.0) / num_pairs
+            out["eval_reward_margin"] = extra.get("reward_margin", 0.0) / num_pairs
+        return out
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {"epoch": self.epoch, "batch_index": self.batch_index, "tokens_seen": self.tokens_seen,
+                "total_steps": self.total_steps, "world_size": self.dist.world_size,
+                "config": self.cfg.to_dict()}
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer state keyed by parameter name, whole tensors (gathered on rank 0 under FSDP2), so a
+        checkpoint resumes on one process, DDP or FSDP2 at any world size. With a reward head (outside the model)
+        it is the plain `optimizer.state_dict()`."""
+        if self.reward_head is None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.model, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        if self.reward_head is None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state)
+
+    def save_checkpoint(self, rng: dict | None = None) -> Path | None:
+        weights = ckpt.trainable_state(self.trainable_modules())  # a collective under FSDP: every rank calls it
+        optimizer_state = self._optimizer_state()
+        path = None
+        if self.is_main:
+            path = ckpt.save_checkpoint(self.output_dir, self.step, weights=weights, optimizer_state=optimizer_state,
+                                        scheduler=self.scheduler, trainer_state=self._state(),
+                                        keep_last=self.cfg.train.keep_last)
+            if rng is not None:  # the RNG as it was at the start of the interrupted step
+                torch.save(rng, path / "rng.pt")
+        dist_utils.barrier(self.dist)
+        return path or ckpt.checkpoint_root(self.output_dir) / f"{ckpt.PREFIX}{self.step:06d}"
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        state = ckpt.load_checkpoint(path)
+        ckpt.load_trainable_state(self.trainable_modules(), state["weights"], str(path))
+        self._load_optimizer_state(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ts = state["trainer_state"]
+        if ts.get("world_size", 1) != self.dist.world_size:
+            # the data position counts micro-batches, so it carries over to another world size exactly when the
+            # step boundaries line up; say so rather than silently shifting the data
+            if ts["batch_index"] % self.micro_per_step:
+                raise RuntimeError(f"{path} was written with world size {ts['world_size']}; its data position "
+                                   f"({ts['batch_index']} micro-batches) is not a whole number of steps at world size "
+                                   f"{self.dist.world_size} x grad_accum {self.cfg.train.grad_accum}")
+        self.step, self.epoch, self.batch_index = ts["step"], ts["epoch"], ts["batch_index"]
+        self.tokens_seen = ts.get("tokens_seen", 0)
+        ckpt.set_rng_state(state["rng"])
+
+    def save_adapter(self, path: str | os.PathLike | None = None) -> Path:
+        """The trained weights (adapters, and embeddings / reward head when trained) with a config naming the base:
+        trainable.safetensors + fasttune_adapter.json   (what `load_trained` / `fasttune chat --adapter` read)
+        adapter_model.safetensors + adapter_config.json (PEFT's format, for `fasttune export` and PEFT)
+        tokenizer files"""
+        path = Path(path or self.output_dir / "adapter")
+        weights = ckpt.trainable_state(self.trainable_modules())
+        if self.is_main:
+            from safetensors.torch import save_file
+
+            path.mkdir(parents=True, exist_ok=True)
+            save_file(weights, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            meta = {"base_model": self.cfg.model.path, "lora": self.cfg.to_dict()["lora"],
+                    "objective": self.cfg.objective.type, "train_embeddings": self.cfg.train_embeddings,
+                    "max_seq_length": self.cfg.model.max_seq_length, "step": self.step}
+            (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+            self.tokenizer.save_pretrained(str(path))
+            if self.cfg.lora.enabled and not dist_utils.is_sharded(self.model):
+                # PEFT's layout too (adapter_model.safetensors + adapter_config.json), read by `fasttune export`,
+                # PEFT and other tools; trained embeddings / reward heads are only in trainable.safetensors
+                from ..export.adapter import save_adapter
+
+                save_adapter(self.model, path, base_model_name_or_path=str(
+                    Path(resolve_model_path(self.cfg.model.path)).resolve()))
+        dist_utils.barrier(self.dist)
+        return path
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def train(self, resume: str | os.PathLike | bool | None = None) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        resume_path = None
+        if resume:
+            resume_path = ckpt.latest_checkpoint(self.output_dir) if resume is True else Path(resume)
+            if resume_path is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoint_root(self.output_dir)}")
+            self.load_checkpoint(resume_path)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+        log = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=self.step if resume_path else None,
+                         tensorboard=t.tensorboard, enabled=self.is_main)
+        progress = Progress(self.total_steps, self.step, enabled=self.is_main and t.progress)
+        say = progress.write if self.is_main else (lambda _s: None)
+        n_params = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+        say(f"fasttune: {cfg.objective.type} on {self.device}, {len(self.data.train)} train / {len(self.data.eval)} "
+            f"eval examples ({self.data.summary or self.data.kind}); {n_params:,} trainable parameters; "
+            f"global batch = {t.batch_size} per device x {t.grad_accum} accumulation x {self.dist.world_size} "
+            f"device(s); {self.total_steps} steps" + (f"; resumed from {resume_path} at step {self.step}"
+                                                       if resume_path else ""))
+        result = TrainResult(self.output_dir, None, self.step)
+        start = time.perf_counter()
+        rng_at_step, in_step = None, False
+        try:
+            while self.step < self.total_steps:
+                rng_at_step = ckpt.rng_state()
+                position = (self.epoch, self.batch_index)
+                group = self._next_group()
+                t0 = time.perf_counter()
+                try:
+                    in_step = True
+                    record = self.train_step(group)
+                    in_step = False
+                except BaseException:
+                    self.epoch, self.batch_index = position  # the step did not happen
+                    raise
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.tokens_seen += record["tokens"]
+                record = {"step": self.step, "epoch": self.epoch, **record, "tokens_per_s": record["tokens"] / dt,
+                          "elapsed_s": time.perf_counter() - start}
+                result.losses.append(record["loss"])
+                progress.update(record["loss"], record["lr"], record["tokens_per_s"])
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    log.log(record)
+                last = self.step == self.total_steps
+                if (t.eval_every and self.step % t.eval_every == 0) or (last and self.data.eval):
+                    ev = {"step": self.step, **self.evaluate()}
+                    if len(ev) > 1:
+                        result.eval.append(ev)
+                        log.log(ev)
+                        say("step {step}: ".format(**ev) + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()
+                                                                    if k != "step"))
+                if (t.save_every and self.step % t.save_every == 0) or last:
+                    result.checkpoint = self.save_checkpoint()
+                for cb in self.callbacks:
+                    cb(self, record)
+        except KeyboardInterrupt:
+            self.optimizer.zero_grad(set_to_none=True)
+            # interrupted inside a step: that step is dropped, so restore the RNG it started from
+            result.checkpoint = self.save_checkpoint(rng=rng_at_step if in_step else None)
+            result.interrupted = True
+            say(f"interrupted at step {self.step}: checkpoint saved to {result.checkpoint}; "
+                "continue with `fasttune train CONFIG --resume`")
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemory(_oom_message(cfg, e)) from None
+        finally:
+            progress.close()
+            log.close()
+            if self.is_main and t.plot:  # also after an interruption or a NaN stop: the curve shows what happened
+                png = plot_losses(self.output_dir / "metrics.jsonl", self.output_dir / "loss.png",
+                                  title=f"{cfg.objective.type}: {Path(cfg.model.path).name}")
+                if png:
+                    say(f"loss curve: {png}")
+        result.step = self.step
+        if not result.interrupted:
+            result.adapter_dir = self.save_adapter()
+            say(f"saved {result.adapter_dir}")
+        return result
+
+
+def _is_adapter(name: str) -> bool:
+    return "lora_" in name
+
+
+def _is_embedding(name: str) -> bool:
+    return "embed_tokens" in name or "lm_head" in name
+
+
+def train(config: TrainConfig, resume: str | os.PathLike | bool | None = None, model=None, tokenizer=None
+          ) -> TrainResult:
+    """Build a Trainer from `config` and run it (the Python face of `fasttune train`)."""
+    return Trainer(config, model=model, tokenizer=tokenizer).train(resume=resume)
+
+
+def load_trained(adapter_dir: str | os.PathLike, base: str | None = None, device=None, dtype=None):
+    """Base model + the weights a run saved in `adapter_dir` (its fasttune_adapter.json names the base)."""
+    from safetensors.torch import load_file
+
+    from .. import load
+
+    adapter_dir = Path(adapter_dir)
+    meta_file = adapter_dir / ADAPTER_CONFIG
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{adapter_dir} has no {ADAPTER_CONFIG}: point --adapter at a run's adapter/ folder")
+    meta = json.loads(meta_file.read_text())
+    model, tokenizer = load(resolve_model_path(base or meta["base_model"]), dtype=dtype, device=device)
+    if meta["lora"]["enabled"]:
+        from ..lora import add_lora
+
+        lc = meta["lora"]
+        model = add_lora(model, r=lc["r"], alpha=lc["alpha"], dropout=0.0, target_modules=lc["target_modules"],
+                         use_rslora=lc["use_rslora"], seed=lc["seed"])
+    state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            prefix, _, name = key.partition(".")
+            if prefix != "model":
+                continue  # a reward head is not part of the language model
+            if name not in params:
+                raise RuntimeError(f"{adapter_dir}: tensor {name} does not exist in the base model + adapters")
+            params[name].copy_(value.to(params[name].dtype))
+    return model.eval(), tokenizer

@@ -1,0 +1,117 @@
+"""The `fasttune` command: --help on every subcommand, train -> generate/chat with the adapter, config errors,
+the demo (the README's main command) and bench listing."""
+from __future__ import annotations
+
+import builtins
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttune.cli import build_parser, main
+from fasttune.models import ArchSpec, CausalLM, save_model
+
+TINY = Path(__file__).resolve().parents[1] / "src" / "fasttune" / "assets" / "tiny"
+COMMANDS = ["demo", "train", "chat", "generate", "export", "doctor", "compare", "bench"]
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("cli_model")
+    tok = AutoTokenizer.from_pretrained(str(TINY))
+    cfg = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+           "max_position_embeddings": 512, "tie_word_embeddings": True, "bos_token_id": tok.bos_token_id,
+           "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "torch_dtype": "float32"}
+    torch.manual_seed(0)
+    model = CausalLM(ArchSpec.from_hf_config(cfg))
+    for name, p in model.named_parameters():
+        if not name.endswith("norm.weight"):
+            torch.nn.init.normal_(p, std=0.05)
+    save_model(model, path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(TINY / f, path / f)
+    return path
+
+
+def test_every_command_has_complete_help(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert set(COMMANDS) <= set(sub.choices)
+    expected = {"train": ["--resume", "--set", "--gpus", "--print-defaults"],
+                "chat": ["--adapter", "--model", "--system", "--temperature", "--chat-template"],
+                "generate": ["--prompt", "--raw", "--max-new-tokens"],
+                "demo": ["--steps", "--output-dir"],
+                "export": ["--format", "--adapter"], "doctor": ["--fix"], "bench": ["script"]}
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "not available in this install" not in text, f"fasttune {command} is not wired"
+        for option in expected.get(command, []):
+            assert option in text, f"fasttune {command} --help does not mention {option}"
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "fasttune", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "demo" in out.stdout and "train" in out.stdout
+
+
+def test_train_then_generate_and_chat_with_the_adapter(small_model, tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+model: {{path: {small_model}, max_seq_length: 96, device: cpu}}
+lora: {{r: 4, alpha: 8}}
+data: {{path: "bundled:instructions", max_examples: 24}}
+train: {{output_dir: {tmp_path / 'out'}, max_steps: 2, batch_size: 2, progress: false, tensorboard: false}}
+""")
+    assert main(["train", str(cfg), "--set", "train.lr=1e-2"]) == 0
+    adapter = tmp_path / "out" / "adapter"
+    assert (adapter / "trainable.safetensors").exists() and (adapter / "adapter_config.json").exists()
+    assert (tmp_path / "out" / "loss.png").exists()
+    capsys.readouterr()
+
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "What is 2 + 2?", "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("\n") == 1  # one reply line per prompt (a random model may say little)
+    replies = iter(["hello", "/reset", "again", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(replies))
+    assert main(["chat", "--adapter", str(adapter), "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("assistant>") == 2
+
+    # resume after completion continues nowhere (already at max_steps) but loads cleanly
+    assert main(["train", str(cfg), "--resume"]) == 0
+
+
+def test_config_errors_exit_2_with_the_key_named(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train:\n  lr: fast\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: expected a number" in err
+    assert main(["train", str(cfg), "--set", "train.lr=1e-4", "--set", "train.optimiser=sgd"]) == 2
+    assert "unknown key 'train.optimiser'" in capsys.readouterr().err
+    assert main(["train", "--print-defaults"]) == 0
+    assert "max_grad_norm" in capsys.readouterr().out
+
+
+def test_demo_runs_on_the_shipped_tiny_model(tmp_path, capsys):
+    assert (TINY / "model.safetensors").exists() and (TINY / "model.safetensors").stat().st_size < 10_000_000
+    assert main(["demo", "--steps", "3", "--output-dir", str(tmp_path / "demo"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "train loss:" in out and "after fine-tune:" in out and "fasttune chat --adapter" in out
+    assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "demo" / "loss.png").exists()
+
+
+def test_bench_lists_the_benchmarks(capsys):
+    assert main(["bench"]) == 0
+    assert "kernels" in capsys.readouterr().out

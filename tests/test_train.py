@@ -1,0 +1,376 @@
+"""Trainer: config validation, exact gradient accumulation, objectives against direct references, resume,
+NaN stop, checkpoints and observability. Everything runs on a very small random Llama on CPU."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttune.data.packing import collate_padded
+from fasttune.models import ArchSpec, CausalLM, save_model
+from fasttune.train import ConfigError, TrainConfig, Trainer, TrainingDiverged
+from fasttune.train import checkpoint as ckpt
+from fasttune.train.objectives import RewardHead, dpo_loss, orpo_loss, reward_loss, sequence_logprobs
+
+TINY = Path(__file__).resolve().parents[1] / "src" / "fasttune" / "assets" / "tiny"
+
+
+def make_small_model(path: Path) -> Path:
+    """A 2-layer Llama (hidden 32) with the shipped tokenizer, random init (seeded)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TINY))
+    cfg = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+           "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+           "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+           "torch_dtype": "float32"}
+    torch.manual_seed(0)
+    model = CausalLM(ArchSpec.from_hf_config(cfg))
+    for name, p in model.named_parameters():
+        if not name.endswith("norm.weight"):
+            torch.nn.init.normal_(p, std=0.05)
+    save_model(model, path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(TINY / f, path / f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    return make_small_model(tmp_path_factory.mktemp("small_model"))
+
+
+def config(model_path, out, **sections) -> TrainConfig:
+    raw = {"model": {"path": str(model_path), "max_seq_length": 96, "device": "cpu"},
+           "lora": {"r": 4, "alpha": 8},
+           "data": {"path": "bundled:instructions", "max_examples": 40, "eval_fraction": 0.1},
+           "objective": {"type": "sft"},
+           "train": {"output_dir": str(out), "max_steps": 4, "batch_size": 2, "grad_accum": 2, "lr": 1e-2,
+                     "progress": False, "tensorboard": False, "plot": False, "memory": "none"}}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return TrainConfig.from_dict(raw)
+
+
+# ---- config ------------------------------------------------------------------------------------------------
+
+def test_config_errors_name_the_key_and_the_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rate'.*allowed keys.*\blr\b"):
+        TrainConfig.from_dict({"train": {"learning_rate": 1e-4}})
+    with pytest.raises(ConfigError, match=r"unknown key 'modle'.*model, lora, data, objective, train"):
+        TrainConfig.from_dict({"modle": {}})
+    with pytest.raises(ConfigError, match=r"train.batch_size: expected an integer, got 'four'"):
+        TrainConfig.from_dict({"train": {"batch_size": "four"}})
+    with pytest.raises(ConfigError, match=r"objective.type: 'ppo' is not allowed; allowed values: 'sft', 'pretrain', "
+                                          r"'reward', 'dpo', 'orpo'"):
+        TrainConfig.from_dict({"objective": {"type": "ppo"}})
+    with pytest.raises(ConfigError, match=r"lora.target_modules\[1\]: expected a string"):
+        TrainConfig.from_dict({"lora": {"target_modules": ["q_proj", 3]}})
+    with pytest.raises(ConfigError, match=r"train.lr must be > 0"):
+        TrainConfig.from_dict({"train": {"lr": 0}})
+    with pytest.raises(ConfigError, match=r"dpo needs lora.enabled"):
+        TrainConfig.from_dict({"objective": {"type": "dpo"}, "lora": {"enabled": False}})
+    with pytest.raises(ConfigError, match=r"train.max_grad_norm: expected a number or null"):
+        TrainConfig.from_dict({"train": {"max_grad_norm": "x"}})
+    # YAML file, overrides, ints accepted as floats, round trip
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1\n  max_steps: 5\nlora:\n  r: 4\n")
+    cfg = TrainConfig.from_yaml(f, overrides=["train.max_steps=7", "objective.type=orpo"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 7 and cfg.objective.type == "orpo" and cfg.lora.r == 4
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        TrainConfig.from_yaml(f)
+
+
+# ---- exact gradient accumulation ---------------------------------------------------------------------------
+
+def _grads(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_accumulation_4x1_equals_batch_of_4(small_model, tmp_path):
+    trainer = Trainer(config(small_model, tmp_path, data={"packing": False}, lora={"dropout": 0.0}))
+    examples = trainer.data.train[:4]
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert len(set(lengths)) > 1, "examples of different lengths make the per-micro-batch-mean bug visible"
+    with torch.no_grad():  # B = 0 at init makes every LoRA A-gradient zero; perturb so all gradients are live
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    pad = trainer.pad_id
+
+    full = trainer.accumulate([collate_padded(examples, pad)])
+    g_full = _grads(trainer)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    micro = trainer.accumulate([collate_padded([e], pad) for e in examples])
+    g_micro = _grads(trainer)
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    assert micro["target_tokens"] == full["target_tokens"]
+    assert micro["loss"] == pytest.approx(full["loss"], rel=1e-6)
+    assert g_full.keys() == g_micro.keys() and len(g_full) == 2 * 7 * 2  # A and B of 7 projections x 2 layers
+    for name in g_full:
+        torch.testing.assert_close(g_micro[name], g_full[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    # the bug fixed in 2024: averaging per-micro-batch means gives a different loss for unequal lengths
+    means = [trainer.model(**{k: v for k, v in collate_padded([e], pad).items()}).loss.item() for e in examples]
+    assert abs(sum(means) / 4 - full["loss"]) > 1e-3
+
+
+# ---- objectives against direct computations -----------------------------------------------------------------
+
+def _pairs_batch(trainer, n=2):
+    from fasttune.train.data import collate_pairs
+
+    return collate_pairs(trainer.data.train[:n], trainer.pad_id)
+
+
+def _direct_logprobs(model, batch) -> torch.Tensor:
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    logp = logits[:, :-1].log_softmax(-1)
+    t = batch["labels"][:, 1:]
+    tok = logp.gather(-1, t.clamp(min=0)[..., None]).squeeze(-1)
+    return (tok * (t != -100)).sum(-1)
+
+
+def test_sequence_logprobs_and_preference_losses_match_direct_formulas(small_model, tmp_path):
+    trainer = Trainer(config(small_model, tmp_path, objective={"type": "dpo", "beta": 0.5},
+                             data={"path": "bundled:preferences"}))
+    model = trainer.model
+    batch = _pairs_batch(trainer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    logp, n = sequence_logprobs(model, batch)
+    direct = _direct_logprobs(model, batch)
+    torch.testing.assert_close(logp.double(), direct, rtol=1e-5, atol=1e-4)
+    assert torch.equal(n, (batch["labels"][:, 1:] != -100).sum(-1))
+
+    # DPO: reference = the same model with adapters off
+    from fasttune.lora import disable_adapters
+
+    with torch.no_grad(), disable_adapters(model):
+        ref = _direct_logprobs(model, batch)
+    beta = 0.5
+    rc, rr = beta * (direct[:2] - ref[:2]), beta * (direct[2:] - ref[2:])
+    expected = -F.logsigmoid(rc - rr).sum() / 2
+    loss, m = dpo_loss(model, batch, 2, beta, lambda: disable_adapters(model))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert m["reward_margin"] == pytest.approx((rc - rr).sum().item(), rel=1e-3, abs=1e-5)
+    assert m["reward_accuracy"] == int(((rc - rr) > 0).sum())
+
+    # ORPO
+    nc, nr = n[:2].double(), n[2:].double()
+    ac, ar = direct[:2] / nc, direct[2:] / nr
+    lo = lambda a: a - torch.log1p(-torch.exp(a))  # noqa: E731
+    exp_orpo = -direct[:2].sum() / nc.sum() + beta * (-F.logsigmoid(lo(ac) - lo(ar))).sum() / 2
+    loss, _ = orpo_loss(model, batch, 2, int(nc.sum()), beta)
+    assert loss.item() == pytest.approx(exp_orpo.item(), rel=1e-4)
+
+    # Bradley-Terry reward loss
+    head = RewardHead(model.spec.hidden_size)
+    h = model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    last = batch["attention_mask"].sum(-1) - 1
+    r = (h[torch.arange(4), last] @ head.score.weight[0]).double()
+    exp_bt = -F.logsigmoid(r[:2] - r[2:]).sum() / 2
+    loss, _ = reward_loss(model, head, batch, 2)
+    assert loss.item() == pytest.approx(exp_bt.item(), rel=1e-5)
+
+
+def test_dpo_starts_at_log2_and_learns(small_model, tmp_path):
+    cfg = config(small_model, tmp_path, objective={"type": "dpo", "beta": 0.5},
+                 data={"path": "bundled:preferences", "max_examples": 10, "eval_fraction": 0.2},
+                 train={"max_steps": 8, "lr": 2e-2, "eval_every": 4})
+    trainer = Trainer(cfg)
+    result = trainer.train()
+    assert result.losses[0] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at B = 0: policy == reference
+    trainer.data.eval = trainer.data.train  # the 8 training pairs, 4 epochs later: preferred answers now win
+    fit = trainer.evaluate()
+    assert fit["eval_loss"] < math.log(2) - 0.05 and fit["eval_reward_accuracy"] >= 0.75
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 8 and all("reward_margin" in r and 0 <= r["reward_accuracy"] <= 1 for r in steps)
+    assert [r["step"] for r in rows if "eval_reward_accuracy" in r] == [4, 8]
+
+
+# ---- resume, interruption, NaN ------------------------------------------------------------------------------
+
+def _interrupt_after(step):
+    def cb(trainer, record):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+    return cb
+
+
+def test_resume_reproduces_the_uninterrupted_losses(small_model, tmp_path):
+    sections = dict(lora={"dropout": 0.1}, train={"max_steps": 6, "save_every": 2, "keep_last": 5,
+                                                  "schedule": "linear", "warmup_steps": 2})
+    full = Trainer(config(small_model, tmp_path / "full", **sections)).train()
+    assert len(full.losses) == 6
+
+    # Ctrl-C after step 3: a checkpoint is saved and the run says it was interrupted
+    first = Trainer(config(small_model, tmp_path / "cut", **sections))
+    first.callbacks.append(_interrupt_after(3))
+    part = first.train()
+    assert part.interrupted and part.step == 3 and part.adapter_dir is None
+    rest = Trainer(config(small_model, tmp_path / "cut", **sections)).train(resume=True)
+    assert part.losses + rest.losses == full.losses  # bit-identical on CPU
+
+    # Ctrl-C in the middle of step 4 (second micro-batch): step 4 is dropped and redone on resume
+    mid = Trainer(config(small_model, tmp_path / "mid", **sections))
+    calls = {"n": 0}
+    real_micro_loss = mid.micro_loss
+
+    def micro_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3 * 2 + 2:
+            raise KeyboardInterrupt
+        return real_micro_loss(*args, **kwargs)
+    mid.micro_loss = micro_loss
+    part = mid.train()
+    assert part.interrupted and part.step == 3
+    rest = Trainer(config(small_model, tmp_path / "mid", **sections)).train(resume=True)
+    assert part.losses + rest.losses == full.losses
+
+    # a "killed" run: only the atomically written checkpoint of step 2 survives
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000002", killed / "checkpoints" / "step-000002")
+    again = Trainer(config(small_model, killed, **sections)).train(resume=True)
+    assert again.losses == full.losses[2:]
+
+    # metrics.jsonl of the resumed run reads as one run; checkpoints are complete and no temp folder is left
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    names = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    assert names == ["step-000002", "step-000004", "step-000006"]
+    for name in names:
+        files = {p.name for p in (tmp_path / "full" / "checkpoints" / name).iterdir()}
+        assert files == {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"}
+
+
+def test_keep_last_and_atomic_write(small_model, tmp_path):
+    trainer = Trainer(config(small_model, tmp_path, train={"max_steps": 3, "save_every": 1, "keep_last": 2}))
+    trainer.train()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
+    # a crash mid-write leaves only a hidden temp folder, which resume ignores
+    (tmp_path / "checkpoints" / ".tmp-step-000004-1").mkdir()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000003"
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(small_model, tmp_path):
+    trainer = Trainer(config(small_model, tmp_path, train={"max_steps": 5, "save_every": 1}))
+
+    def poison(tr, record):
+        if tr.step == 2:
+            with torch.no_grad():
+                next(p for n, p in tr.model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+    trainer.callbacks.append(poison)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3.*last good checkpoint is .*step-000002"):
+        trainer.train()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000002"
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert all(torch.isfinite(t).all() for t in state["weights"].values())
+
+
+# ---- continued pre-training, observability ------------------------------------------------------------------
+
+def test_pretrain_trains_embeddings_at_their_own_lr_and_writes_observability(small_model, tmp_path, capsys):
+    cfg = config(small_model, tmp_path, objective={"type": "pretrain", "embedding_lr_ratio": 0.1},
+                 data={"path": "bundled:corpus", "max_examples": 30},
+                 train={"plot": True, "max_steps": 3, "progress": True})
+    trainer = Trainer(cfg)
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 0.1)
+    emb = trainer.model.model.embed_tokens.weight
+    assert any(p is emb for p in groups[1]["params"]) and emb.requires_grad
+    before = emb.detach().clone()
+    result = trainer.train()
+    assert not torch.equal(before, emb.detach())
+    bar = capsys.readouterr().err  # tqdm: steps, ETA, loss, lr, tokens/s
+    assert "3/3" in bar and "loss=" in bar and "lr=" in bar and "tok/s=" in bar
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert all({"loss", "lr", "tokens_per_s", "grad_norm"} <= set(r) for r in rows if "loss" in r)
+    assert (result.adapter_dir / "adapter_model.safetensors").exists()  # PEFT layout (LoRA only)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(result.adapter_dir / "trainable.safetensors"))  # everything trained, embeddings included
+    torch.testing.assert_close(saved["model.model.embed_tokens.weight"], emb.detach())
+
+
+def test_saved_adapter_reloads_onto_the_base(small_model, tmp_path):
+    from fasttune.train import load_trained
+
+    trainer = Trainer(config(small_model, tmp_path, train={"max_steps": 2}))
+    result = trainer.train()
+    model, _ = load_trained(result.adapter_dir, device="cpu", dtype="float32")
+    ids = torch.tensor([[0, 5, 9, 33, 70]])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trainer.model(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_out_of_memory_is_explained_with_options(small_model, tmp_path):
+    from fasttune.train import OutOfMemory
+
+    trainer = Trainer(config(small_model, tmp_path, train={"batch_size": 4}))
+
+    def oom(group):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    trainer.accumulate = oom
+    with pytest.raises(OutOfMemory) as e:
+        trainer.train()
+    msg = str(e.value)
+    for option in ("load_in_4bit", "train.memory: offload", "max_seq_length", "train.batch_size", "adamw8bit"):
+        assert option in msg
+
+
+def test_ctrl_c_on_a_real_process_saves_and_resume_continues_the_same_losses(small_model, tmp_path):
+    """SIGINT to a running `fasttune train`: exit code 130 with a checkpoint; --resume then reproduces the
+    losses of an uninterrupted run (constant LR, so max_steps does not shape the schedule)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    n = 30
+    sections = dict(train={"schedule": "constant", "max_steps": n, "lr": 1e-2, "batch_size": 1, "grad_accum": 1},
+                    data={"max_examples": 80})
+    full = Trainer(config(small_model, tmp_path / "full", **sections)).train()
+    cfg = config(small_model, tmp_path / "cut", **sections)
+    cfg.train.max_steps = 100_000  # would run for a long time; it is stopped by SIGINT
+    (tmp_path / "cut.yaml").write_text(cfg.to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fasttune", "train", str(tmp_path / "cut.yaml")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:]
+    assert "interrupted at step" in out and "--resume" in out
+    stopped = ckpt.latest_checkpoint(tmp_path / "cut")
+    k = int(stopped.name.split("-")[1])
+    assert k >= 2
+    resumed = config(small_model, tmp_path / "cut", **sections)
+    Trainer(resumed).train(resume=True)
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
+    assert losses[:n] == full.losses
