@@ -53,10 +53,13 @@ def test_template_renders_bos_once_stop_after_every_assistant_turn_and_masks_exa
     assert targets.replace(" ", "") == "".join(expected).replace(" ", ""), (name, targets)
     unmasked = [i for i, t in enumerate(labels) if t != -100]
     assert all(labels[i] == ids[i] for i in unmasked) and labels[0] == -100
-    # the generation prompt is a prefix of the training text's tokens up to the first assistant answer
+    # the generation prompt is exactly the training tokens before each assistant answer: inference sees what
+    # training saw, and the first trained token of each answer comes right after it
     gen = generation_prompt_ids(CHAT[:2], tok, template)
     assert gen.count(tok.bos_token_id) == 1
-    assert tok.decode(gen) in tok.decode(ids)
+    assert ids[:len(gen)] == gen and labels[len(gen) - 1] == -100 and labels[len(gen)] != -100
+    gen2 = generation_prompt_ids(CHAT[:4], tok, template)
+    assert ids[:len(gen2)] == gen2 and labels[len(gen2)] != -100 and len(gen2) > len(gen)
 
 
 @pytest.mark.parametrize("name", ALL_TEMPLATES)

@@ -105,10 +105,23 @@ def test_shuffle_and_split_are_deterministic(tok):
     assert not set(map(key, a.train)) & set(map(key, a.eval))
 
 
-def test_truncate_and_drop_are_counted(tok):
+def test_truncate_and_drop_are_counted(tok, caplog):
     rows = [{"text": "word " * 200}, {"text": "short"}]
-    t = build_dataset(rows, tok, max_seq_length=32, shuffle=False)
+    with caplog.at_level("WARNING", logger="fasttune.data"):
+        t = build_dataset(rows, tok, max_seq_length=32, shuffle=False)
     assert t.stats.truncated == 1 and len(t.train[0]["input_ids"]) == 32 and len(t.train) == 2
+    assert "truncated: 1" in t.stats.summary() and "truncated: 1" in caplog.text  # reported, not only counted
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fasttune.data"):
+        build_dataset([{"text": "short"}], tok, max_seq_length=32)
+    assert not caplog.text  # nothing lost: nothing to warn about
+    # streaming counts the same way, per pass, and reports at the end of each full pass
+    with caplog.at_level("WARNING", logger="fasttune.data"):
+        s = build_dataset(rows, tok, max_seq_length=32, shuffle=False, streaming=True)
+        assert [len(ex["input_ids"]) for ex in s.train] == [32, len(t.train[1]["input_ids"])]
+    assert s.stats.truncated == 1 and "streaming pass" in caplog.text and "truncated: 1" in caplog.text
+    sd = build_dataset(rows, tok, max_seq_length=32, overlong="drop", streaming=True)
+    assert len(list(sd.train)) == 1 and sd.stats.dropped_overlong == 1
     d = build_dataset(rows, tok, max_seq_length=32, overlong="drop", shuffle=False)
     assert d.stats.dropped_overlong == 1 and len(d.train) == 1 and "dropped overlong: 1" in d.stats.summary()
     # a response cut off entirely leaves nothing to learn: dropped and counted, never silently

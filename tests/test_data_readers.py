@@ -99,12 +99,104 @@ def test_datasets_dataset_if_installed():
     assert [r for _, r in rows_of(ds)] == [{"text": "a"}, {"text": "b"}]
 
 
+class Dataset:
+    """Stands in for datasets.Dataset where the package is absent: same type name, rows as dicts by iteration."""
+
+    def __init__(self, rows):
+        self._rows = rows
+        self.column_names = list(rows[0]) if rows else []
+
+    def __len__(self):
+        return len(self._rows)
+
+    def __iter__(self):
+        return (dict(r) for r in self._rows)
+
+
+class DatasetDict(dict):
+    pass
+
+
+def test_dataset_like_objects_without_the_datasets_package():
+    got = rows_of(Dataset(ROWS))
+    assert [r for _, r in got] == ROWS and str(got[1][0]) == "<Dataset>, row 1"
+    with pytest.raises(DataError, match=r"<Dataset>: empty"):
+        rows_of(Dataset([]))
+    with pytest.raises(DataError, match=r"got a DatasetDict \(several splits\), expected one split. "
+                                        r"Available: 'train', 'test'. pass one split"):
+        rows_of(DatasetDict(train=Dataset(ROWS), test=Dataset(ROWS)))
+
+
+def test_datasets_package_is_never_imported():
+    """The data pipeline works, start to finish, where `datasets` cannot be imported at all."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'datasets' or name.startswith('datasets.'):\n"
+        "            raise ImportError('datasets is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from transformers import AutoTokenizer\n"
+        "from fasttune.data import build_dataset, bundled_data_path, iter_batches, tiny_tokenizer_path\n"
+        "tok = AutoTokenizer.from_pretrained(tiny_tokenizer_path())\n"
+        "s = build_dataset(bundled_data_path(), tok, max_seq_length=64, max_rows=8)\n"
+        "assert len(list(iter_batches(s.train, packing=True, max_seq_length=64))) >= 1\n"
+        "assert 'datasets' not in sys.modules\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_streams_lazily(tmp_path):
     p = tmp_path / "big.jsonl"
     p.write_text('{"text": "ok"}\n' * 3 + "not json\n", encoding="utf-8")
     it = read_rows(p)
     assert [next(it)[1] for _ in range(3)] == [{"text": "ok"}] * 3  # rows before the bad line are served first
     with pytest.raises(DataError, match="line 4"):
+        next(it)
+
+
+def test_json_array_streams_element_by_element(tmp_path):
+    p = tmp_path / "big.json"
+    rows = [{"i": i, "text": f"row {i}\nwith [brackets], {{braces}} and \"quotes\""} for i in range(500)]
+    p.write_text(json.dumps(rows, indent=2), encoding="utf-8")  # pretty-printed: each object spans lines
+    got = rows_of(p)
+    assert [r for _, r in got] == rows and [loc.row for loc, _ in got] == list(range(500))
+    p.write_bytes(json.dumps(rows, indent=2)[:-2].encode() + b',\n  {"text": "caf\xe9"}\n]')
+    it = read_rows(p)
+    assert [next(it)[1] for _ in range(500)] == rows  # served before the bad bytes at the end are read
+    with pytest.raises(DataError, match=r"big.json, line \d+: invalid UTF-8"):
+        next(it)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[\n{"a": 1}\n{"a": 2}\n]', r"line 3: malformed JSON: expected ',' or '\]' after an array element"),
+    ('[\n{"a": 1},\n{"a": 2}\n', r"line 4: malformed JSON: the array is never closed"),
+    ('[{"a": 1}] {"b": 2}', r"line 1: malformed JSON: extra data after the array"),
+    ('[\n{"a": 1},\n"text"\n]', r"line 3, row 1: expected a JSON object, got a JSON str"),
+    ('[\n{"a": 1},\n  {"a": "open', r"line 3: malformed JSON: Unterminated string starting at \(character 9\)"),
+    ('[\n{"a": 1},\n{"a": "new\nline"}]', r"line 3: malformed JSON: Invalid control character at \(character 11\)"),
+])
+def test_json_array_errors_name_the_line(tmp_path, content, message):
+    p = tmp_path / "bad.json"
+    p.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.json, " + message):
+        rows_of(p)
+
+
+@pytest.mark.parametrize("name, head, row", [("big.csv", b"text\n", b"ok\n"), ("big.tsv", b"a\tb\n", b"ok\t1\n"),
+                                             ("big.txt", b"", b"ok\n\n")])
+def test_text_formats_stream_row_by_row(tmp_path, name, head, row):
+    """Rows are served before the file's end has been read (a bad byte at the end shows up only when reached),
+    so a file larger than memory is never held at once."""
+    p = tmp_path / name
+    p.write_bytes(head + row * 1000 + b"caf\xe9\n")
+    it = read_rows(p)
+    for _ in range(1000):
+        next(it)
+    with pytest.raises(DataError, match="invalid UTF-8"):
         next(it)
 
 

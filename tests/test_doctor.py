@@ -181,8 +181,9 @@ def test_bos_doubled_by_template_and_tokenizer(tmp_path, llama_dir):
 
 # ---- config -------------------------------------------------------------------------------------------------
 
-def test_sliding_window_off_by_one_reported_and_fixed(tmp_path):
-    m = make_model(tmp_path / "m", "mistral", sliding_window=2047)
+@pytest.mark.parametrize("model_type", ["mistral", "phi3"])  # Phi-3 mini shipped with 2047
+def test_sliding_window_off_by_one_reported_and_fixed(tmp_path, model_type):
+    m = make_model(tmp_path / "m", model_type, sliding_window=2047)
     report = diagnose(m)
     [f] = report.by_check("sliding-window")
     assert f.severity == "warning" and "2048" in f.fix
@@ -204,6 +205,11 @@ def test_rope_scaling_inconsistencies(tmp_path, llama_dir):
         "rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0] * 3, "short_factor": [1.0] * 4})
     titles = [f.title for f in diagnose(p).by_check("rope-scaling")]
     assert any("long_factor has 3 entries, expected 4" in t for t in titles), titles
+    edit_json(m / "config.json", rope_parameters={  # transformers only warns; fasttune would divide by <= 0
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+        "original_max_position_embeddings": 128, "rope_theta": 10000.0})
+    [f] = diagnose(m).by_check("rope-scaling")
+    assert f.severity == "error" and "low_freq_factor >= high_freq_factor" in f.title
 
 
 def test_vocab_size_vs_embedding_rows_reported_and_fixed(tmp_path, llama_dir):
@@ -246,6 +252,86 @@ def test_chat_template_that_fails_to_render(tmp_path, llama_dir):
     assert f.severity == "error" and "fails to render" in f.title
 
 
+def test_unsupported_architecture_is_an_error_and_the_other_checks_still_run(tmp_path, llama_dir):
+    m = copy_model(llama_dir, tmp_path / "m")
+    edit_json(m / "config.json", model_type="not_a_family")
+    report = diagnose(m)
+    [f] = report.by_check("config-unsupported")
+    assert f.severity == "error" and "not_a_family" in "\n".join(f.evidence)
+    assert "internal" not in checks_found(report), report.format()
+    assert {"weights", "tokenizer-roundtrip", "untrained-tokens"} <= set(report.checks_run)
+
+
+def test_tokenizer_larger_than_the_embedding(tmp_path, llama_dir):
+    m = copy_model(llama_dir, tmp_path / "m")  # 4013 tokens; cut the embedding and LM head to 4000 rows
+    edit_weights(m, lambda s: s.update({k: s[k][:4000].clone() for k in (EMBED, LM_HEAD)}))
+    edit_json(m / "config.json", vocab_size=4000)
+    report = diagnose(m)
+    [f] = report.by_check("vocab-size")
+    assert f.severity == "error" and "4013 tokens" in f.title and "4000 rows" in f.title
+    assert f.repair is None  # growing the embedding needs a person: which rows, initialised how
+    assert "internal" not in checks_found(report), report.format()
+
+
+def test_special_ids_in_generation_config_keep_the_valid_eos_ids_when_fixed(tmp_path, llama_dir):
+    m = copy_model(llama_dir, tmp_path / "m")
+    edit_json(m / "generation_config.json", eos_token_id=[5, 99999])  # e.g. <|eot_id|> plus a stale id
+    edit_json(m / "config.json", bos_token_id=70000)
+    report = diagnose(m)
+    titles = sorted(f.title for f in report.by_check("special-ids"))
+    assert any(t.startswith("generation_config.json: eos_token_id [99999]") for t in titles), titles
+    assert any(t.startswith("config.json: bos_token_id [70000]") for t in titles), titles
+    repair(report, tmp_path / "out")
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [5, 1]  # the valid id stays, the tokenizer's EOS is added
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["bos_token_id"] == 0
+    assert diagnose(tmp_path / "out").by_check("special-ids") == []
+
+
+def test_chat_template_failing_only_with_a_generation_prompt_and_a_missing_template(tmp_path, llama_dir):
+    m = copy_model(llama_dir, tmp_path / "m")
+    (m / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+                                           "{% if add_generation_prompt %}{{ raise_exception('no prompt') }}{% endif %}")
+    [f] = diagnose(m).by_check("chat-template")
+    assert f.severity == "error" and "add_generation_prompt" in f.title and "no prompt" in f.evidence[0]
+    (m / "chat_template.jinja").unlink()
+    edit_json(m / "tokenizer_config.json", chat_template=None)
+    [f] = diagnose(m).by_check("chat-template")
+    assert f.severity == "info" and "no chat template" in f.title
+
+
+def test_bos_token_absent_in_a_family_that_needs_it(tmp_path, llama_dir):
+    m = copy_model(llama_dir, tmp_path / "m")
+    edit_json(m / "tokenizer_config.json", bos_token=None)
+    [f] = diagnose(m).by_check("bos")
+    assert f.severity == "warning" and "has none" in f.title
+
+
+def test_padded_vocabulary_rows_are_a_note_not_a_problem(tmp_path):
+    m = make_model(tmp_path / "m", "llama", vocab_size=4024)  # 11 rows past the tokenizer, as in padded vocabularies
+    edit_weights(m, lambda s: [s[k][4013:].zero_() for k in (EMBED, LM_HEAD)])
+    report = diagnose(m)
+    assert report.problems() == [], report.format()
+    assert any("beyond the tokenizer" in f.title and "4013..4023" in f.evidence[0]
+               for f in report.by_check("untrained-tokens"))
+
+
+def test_clean_model_with_conversation_data_has_no_problems(tmp_path, llama_dir):
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, café 3.14"}]},
+            {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+            {"text": "a plain text row"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = diagnose(llama_dir, data=data)
+    assert report.problems() == [], report.format()
+    assert len(report.folder.data_token_ids[0]) == 3
+
+
+def test_data_file_that_cannot_be_read(tmp_path, llama_dir):
+    [f] = diagnose(llama_dir, data=tmp_path / "missing.jsonl").by_check("data")
+    assert f.severity == "error" and "missing.jsonl" in f.title
+
+
 # ---- weights ------------------------------------------------------------------------------------------------
 
 def test_nan_inf_and_zero_tensors(tmp_path, llama_dir):
@@ -275,6 +361,18 @@ def test_weight_dtype_differs_from_config_and_fix_resaves(tmp_path, llama_dir):
     assert diagnose(tmp_path / "out").problems() == []
 
 
+def test_no_safetensors_weights(tmp_path, llama_dir):
+    m = copy_model(llama_dir, tmp_path / "m")
+    (m / "model.safetensors").rename(m / "pytorch_model.bin")
+    [f] = diagnose(m).by_check("weights-missing")
+    assert f.severity == "warning" and "pytorch_model.bin" in f.evidence[0]
+    (m / "pytorch_model.bin").unlink()
+    report = diagnose(m)
+    [f] = report.by_check("weights-missing")
+    assert f.severity == "error"
+    assert "internal" not in checks_found(report), report.format()
+
+
 # ---- tokenizer ----------------------------------------------------------------------------------------------
 
 def test_round_trip_failure(tmp_path, llama_dir):
@@ -285,6 +383,15 @@ def test_round_trip_failure(tmp_path, llama_dir):
     [f] = diagnose(m).by_check("tokenizer-roundtrip")
     assert f.severity == "warning" and any(e.startswith("spaces:") for e in f.evidence)
     assert not any(e.startswith("digits:") for e in f.evidence)  # digits have no case
+
+
+def test_tokenizer_that_does_not_load(tmp_path, llama_dir):
+    m = copy_model(llama_dir, tmp_path / "m")
+    (m / "tokenizer.json").write_text("{ not json")
+    report = diagnose(m)
+    [f] = report.by_check("tokenizer")
+    assert f.severity == "error" and "does not load" in f.title
+    assert "internal" not in checks_found(report), report.format()
 
 
 def test_special_tokens_split_by_the_pre_tokenizer(tmp_path, llama_dir):
@@ -312,6 +419,44 @@ def test_fast_and_slow_tokenizers_disagree(tmp_path, llama_dir):
     (tmp_path / "sp.model").rename(m / "tokenizer.model")
     [f] = diagnose(m).by_check("tokenizer-fast-slow")
     assert f.severity == "warning" and "disagree" in f.title
+
+
+def test_fast_and_slow_tokenizers_that_agree_raise_nothing(tmp_path):
+    """No false alarm when tokenizer.json is a faithful copy of tokenizer.model (built here without protobuf:
+    a unigram sentencepiece model maps 1:1 onto a `tokenizers` Unigram model with the same pieces and scores)."""
+    spm = pytest.importorskip("sentencepiece")
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = (TINY_TOKENIZER.parent / "data" / "corpus.txt").read_text().splitlines()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=600,
+                                   byte_fallback=True, model_type="unigram", minloglevel=2, add_dummy_prefix=False,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_digits=True)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    t = Tokenizer(models.Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
+                                 unk_id=sp.unk_id(), byte_fallback=True))
+    t.normalizer = normalizers.Replace(" ", "\u2581")
+    t.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d"), behavior="isolated")
+    t.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                     special_tokens=[("<s>", sp.bos_id())])
+    fast = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    m = make_model(tmp_path / "m", "llama", vocab_size=len(fast), bos_token_id=fast.bos_token_id,
+                   eos_token_id=fast.eos_token_id, pad_token_id=None)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (m / f).unlink(missing_ok=True)
+    fast.save_pretrained(str(m))
+    (tmp_path / "sp.model").rename(m / "tokenizer.model")
+    report = diagnose(m)
+    assert "tokenizer-fast-slow" in report.checks_run
+    assert report.problems() == [], report.format()
+    # and the same folder with the slow model swapped for a different one is caught
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus[::-1]), model_prefix=str(tmp_path / "other"),
+                                   vocab_size=500, byte_fallback=True, model_type="unigram", minloglevel=2)
+    (tmp_path / "other.model").replace(m / "tokenizer.model")
+    [f] = diagnose(m).by_check("tokenizer-fast-slow")
+    assert f.severity == "warning"
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------

@@ -16,13 +16,14 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 def _tiny(path: Path, model_type: str, seed: int = 0) -> Path:
     cfg = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2)  # phi3's default pad id is 32000
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
     return path
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
 def test_fasttune_matches_transformers_layer_by_layer_in_fp32(tmp_path, model_type):
     m = _tiny(tmp_path / "m", model_type)
     result = compare_paths(m, ref="transformers", dtype_a="fp32", dtype_b="fp32", seq_len=32)
@@ -41,6 +42,21 @@ def test_two_checkpoints_and_two_dtypes(tmp_path):
     assert all(1e-4 < e.rel_l2 < 5e-2 for e in dt.errors), dt.errors  # bf16 rounding: ~2^-9 and up
     with pytest.raises(ValueError, match="second side"):
         compare_paths(a)
+
+
+def test_compare_locates_the_first_layer_that_differs(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    a = _tiny(tmp_path / "a", "llama")
+    b = tmp_path / "b"
+    import shutil
+    shutil.copytree(a, b)
+    state = load_file(str(b / "model.safetensors"))
+    state["model.layers.1.mlp.down_proj.weight"] *= 1.01  # a 1% change in layer 1 only
+    save_file(state, str(b / "model.safetensors"), metadata={"format": "pt"})
+    errs = {e.name: e.rel_l2 for e in compare_paths(a, b, seq_len=16).errors}
+    assert errs["embeddings"] == 0 and errs["layer 0"] == 0, errs
+    assert errs["layer 1"] > 1e-4 and errs["final norm"] > 1e-4, errs
 
 
 def test_cli_prints_table_and_writes_png(tmp_path, capsys):

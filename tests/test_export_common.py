@@ -16,6 +16,7 @@ from fasttune.models import load_model
 VOCAB = 96
 FP32_TOL = 1e-5
 BF16_TOL = 3e-2
+FP16_TOL = 5e-3  # 3 more mantissa bits than bfloat16 (measured ~1e-3 on the tiny models)
 
 
 def tiny_config(family: str, **overrides):

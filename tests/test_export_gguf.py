@@ -21,15 +21,17 @@ from test_export_common import randomize_lora, save_tiny_hf
 TINY_TOKENIZER = Path(fasttune.__file__).parent / "assets" / "tiny"
 TINY_VOCAB = 4013
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-# max |dequantised - original| / max |block|: half a step (Q8_0: amax/127; Q5_1: (max-min)/31 <= 2 amax/31), a full
-# step where the code range is asymmetric (Q5_0: amax/16, Q4_0: amax/8), plus the fp16 scale's rounding
-QUANT_BOUND = {"q8_0": 0.5 / 127 + 2e-3, "q5_1": 1 / 31 + 2e-3, "q5_0": 1 / 16 + 2e-3, "q4_0": 1 / 8 + 2e-3}
+# max |dequantised - original| / max |block|: half a step (Q8_0: amax/127; Q5_1: (max-min)/31 <= 2 amax/31; Q4_1:
+# (max-min)/15), a full step where the code range is asymmetric (Q5_0: amax/16, Q4_0: amax/8), plus the fp16 scale's
+# rounding
+QUANT_BOUND = {"q8_0": 0.5 / 127 + 2e-3, "q5_1": 1 / 31 + 2e-3, "q4_1": 1 / 15 + 2e-3, "q5_0": 1 / 16 + 2e-3,
+               "q4_0": 1 / 8 + 2e-3}
 
 
 def _model_dir(tmp_path, family, **overrides):
     d = tmp_path / family
     save_tiny_hf(d, family, vocab_size=TINY_VOCAB, **overrides)
-    for f in TINY_TOKENIZER.glob("*.json"):
+    for f in TINY_TOKENIZER.glob("*token*.json"):  # tokenizer files only, not the tiny model's config
         shutil.copy(f, d / f.name)
     return d
 
@@ -75,14 +77,15 @@ def _expected(model, family) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
 def test_f32_tensors_and_hparams(tmp_path, family):
     d = _model_dir(tmp_path, family)
     model = _lora_model(d)
     export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=d, quant="f32", chat_template=TEMPLATE)
     fields, tensors = _read(tmp_path / "m.gguf")
     spec = model.spec
-    arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+            "gemma2": "gemma2",
             "phi3": "phi3"}[family]
     assert fields["general.architecture"] == arch
     assert fields[f"{arch}.block_count"] == spec.num_layers
@@ -101,14 +104,16 @@ def test_f32_tensors_and_hparams(tmp_path, family):
     if family == "phi3":
         assert fields["phi3.rope.scaling.original_context_length"] == spec.rope.original_max_position_embeddings == 4096
 
+    if family in ("llama", "mistral"):
+        assert fields["llama.vocab_size"] == TINY_VOCAB
+
     expected = _expected(model, family)
-    if family != "llama":  # Llama's q/k are permuted: checked by test_llama_rope_layout
-        assert set(tensors) == set(expected)
+    assert set(tensors) == set(expected)
     for name, want in expected.items():
         got = tensors[name]
         assert got.tensor_type == gguf.GGMLQuantizationType.F32, name
         got = _dequant(got)
-        if family == "llama" and (".attn_q." in name or ".attn_k." in name):
+        if family in ("llama", "mistral") and (".attn_q." in name or ".attn_k." in name):  # test_llama_rope_layout
             assert not np.array_equal(got, want.numpy()), f"{name} was not permuted"
             continue
         np.testing.assert_array_equal(got, want.numpy(), err_msg=name)
@@ -155,7 +160,7 @@ def test_llama_rope_layout(tmp_path):
             assert abs(hf - cpp) <= 1e-9 * max(1.0, abs(hf)), (layer, h)
 
 
-@pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_0"])
+@pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
 def test_quantised_types(tmp_path, quant):
     d = _model_dir(tmp_path, "qwen2")  # no permutation: tensors compare directly
     model = _lora_model(d)
@@ -164,7 +169,8 @@ def test_quantised_types(tmp_path, quant):
     assert fields["general.file_type"] == int(
         {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
-         "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant])
+         "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant])
     qtype = gguf.GGMLQuantizationType[quant.upper()]
     for name, want in _expected(model, "qwen2").items():
         t = tensors[name]
@@ -205,6 +211,10 @@ def test_bpe_tokenizer_metadata(tmp_path):
     assert fields["tokenizer.ggml.model"] == "gpt2"
     assert fields["tokenizer.ggml.bos_token_id"] == 0 and fields["tokenizer.ggml.eos_token_id"] == 1
     assert fields["tokenizer.ggml.padding_token_id"] == 2
+    # add-BOS flag (the tokenizer's post-processor adds BOS) and, with no override, the tokenizer's own chat template
+    assert fields["tokenizer.ggml.add_bos_token"] is True
+    cfg = json.loads((TINY_TOKENIZER / "tokenizer_config.json").read_text())
+    assert fields["tokenizer.chat_template"] == cfg["chat_template"] and "<|im_start|>" in cfg["chat_template"]
 
 
 def test_pre_tokenizer_names():

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import fasttune
 from fasttune.export.merged import DEQUANTISED_NOTE, export_merged
 from fasttune.models import load_model
-from test_export_common import BF16_TOL, FP32_TOL, randomize_lora, random_ids, rel_err, save_tiny_hf
+from test_export_common import BF16_TOL, FP16_TOL, FP32_TOL, randomize_lora, random_ids, rel_err, save_tiny_hf
 
 
 def _hf_logits(path, ids, dtype=torch.float32):
@@ -30,7 +30,7 @@ def test_merged_matches_fasttune(tmp_path, family):
         ours = model(ids).logits
         plain = load_model(tmp_path / "base")(ids).logits
     assert rel_err(ours, plain) > 1e-2
-    for dtype, tol in (("float32", FP32_TOL), ("bfloat16", BF16_TOL)):
+    for dtype, tol in (("float32", FP32_TOL), ("bfloat16", BF16_TOL), ("float16", FP16_TOL)):
         out = tmp_path / dtype
         result = export_merged(model, out, dtype=dtype, max_shard_size="20KB")  # several shards + index
         assert not result.notes

@@ -197,6 +197,11 @@ def _examples(source, pipeline: _Pipeline, stats: DataStats, on_error: str, read
             yield index, ex
 
 
+def _lost(stats: DataStats) -> bool:
+    """Whether any row was skipped, truncated or dropped (and so must be reported)."""
+    return any(getattr(stats, n) for n in ("skipped_rows", "truncated", "dropped_overlong", "dropped_no_target"))
+
+
 def _in_eval(index: int, seed: int, eval_fraction: float) -> bool:
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < eval_fraction
@@ -236,6 +241,8 @@ class StreamingExamples:
             buffer[j] = ex
         rng.shuffle(buffer)
         yield from buffer
+        if not want_eval and _lost(self.stats):  # a whole pass is done: report what was cut, dropped or skipped
+            log.warning("data (streaming pass, epoch %d): %s", self.epoch, self.stats.summary())
 
 
 def build_dataset(source, tokenizer, *, kind: str = "auto", chat_template: str | None = None,
@@ -299,9 +306,7 @@ def build_dataset(source, tokenizer, *, kind: str = "auto", chat_template: str |
     if n_eval >= len(examples):
         raise DataError(f"eval split of {n_eval} examples leaves none to train on ({len(examples)} examples)")
     evals, train = examples[:n_eval], examples[n_eval:]
-    for name in ("skipped_rows", "truncated", "dropped_overlong", "dropped_no_target"):
-        if getattr(stats, name):
-            log.warning("data: %s", stats.summary())
-            break
+    if _lost(stats):
+        log.warning("data: %s", stats.summary())
     return DataSplits(train, evals, stats, pipeline.kind,
                       pipeline.template if pipeline.kind != "text" else None)

@@ -4,8 +4,9 @@ Formats: JSONL (.jsonl/.ndjson), JSON array (.json), CSV (.csv), TSV (.tsv/.tab)
 plain text (.txt/.md/.text, or a folder of them: one row {"text": ...} per document), and in-memory data: a list
 of dicts, a pandas DataFrame, or a `datasets.Dataset` (used only if the user passes one; never imported here).
 
-Text formats are decoded line by line, so invalid UTF-8 is reported with its line, and everything except JSON
-arrays and whole-file text documents streams (a file larger than memory is never loaded at once).
+Text formats are decoded line by line, so invalid UTF-8 is reported with its line, and everything streams (a file
+larger than memory is never loaded at once) except a JSON file whose array is wrapped in an object
+({"data": [...]}) or written on a single line, and text read with split="file".
 """
 from __future__ import annotations
 
@@ -65,7 +66,81 @@ def read_jsonl(path: str, encoding: str = "utf-8") -> Iterator[tuple[Location, R
         yield Location(path, line=number), obj
 
 
+_JSON_BUFFER_LIMIT = 64 * 2**20  # characters of one array element before giving up on it
+
+
+def _stream_json_array(path: str, encoding: str) -> Iterator[tuple[Location, Row]]:
+    """Elements of a top-level JSON array, parsed one at a time (the file is read line by line, so only the
+    element being parsed is held in memory; a whole array on one line is still read at once)."""
+    lines = _decoded_lines(path, encoding)
+    decoder = json.JSONDecoder()
+    buf, pos, base_line, done = "", 0, 1, False
+
+    def more() -> bool:
+        nonlocal buf, done
+        if done:
+            return False
+        try:
+            buf += next(lines)[1]
+            return True
+        except StopIteration:
+            done = True
+            return False
+
+    def malformed(message: str, at: int):
+        column = at - buf.rfind("\n", 0, at)  # 1-based character of the line
+        return DataError(f"malformed JSON: {message} (character {column})", file=path,
+                         line=base_line + buf.count("\n", 0, at),
+                         hint="if the file holds one object per line, name it .jsonl")
+
+    def skip_space() -> str:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos].isspace():
+                pos += 1
+            if pos < len(buf) or not more():
+                return buf[pos] if pos < len(buf) else ""
+
+    skip_space()
+    pos += 1  # the opening "[" (checked by the caller)
+    i = 0
+    while True:
+        ch = skip_space()
+        if ch == "]" and i == 0:
+            break
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+                break
+            except json.JSONDecodeError as e:  # incomplete element: read on; malformed: report where
+                if len(buf) - pos > _JSON_BUFFER_LIMIT or not more():
+                    raise malformed(e.msg, e.pos) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"expected a JSON object, got a JSON {type(obj).__name__}", file=path, row=i,
+                            line=base_line + buf.count("\n", 0, pos))
+        yield Location(path, row=i), obj
+        i += 1
+        base_line += buf.count("\n", 0, end)
+        buf, pos = buf[end:], 0
+        ch = skip_space()
+        if ch == "]":
+            break
+        if ch != ",":
+            raise malformed("expected ',' or ']' after an array element" if ch else "the array is never closed", pos)
+        pos += 1
+    pos += 1
+    if skip_space():
+        raise malformed("extra data after the array", pos)
+
+
 def read_json(path: str, encoding: str = "utf-8") -> Iterator[tuple[Location, Row]]:
+    """A JSON array of objects (streamed element by element), or an object holding exactly one such array."""
+    for _, line in _decoded_lines(path, encoding):
+        if line.strip():
+            if line.lstrip().startswith("["):
+                yield from _stream_json_array(path, encoding)
+                return
+            break
     text = "".join(line for _, line in _decoded_lines(path, encoding))
     if not text.strip():
         return
@@ -241,6 +316,10 @@ def read_rows(source, *, format: str | None = None, text_split: str = "paragraph
             "text": lambda: read_text(path, text_split, encoding),
         }[fmt]()
         name = path
+    elif type(source).__name__ in ("DatasetDict", "IterableDatasetDict"):  # datasets.load_dataset(...) result
+        kind = type(source).__name__
+        raise DataError(f"got a {kind} (several splits), expected one split", file=f"<{kind}>",
+                        available=list(source.keys()), hint="pass one split, e.g. ds['train']")
     elif isinstance(source, Mapping):
         raise DataError("expected rows (a list of dicts, a DataFrame or a datasets.Dataset) or a path, got a single dict",
                         hint="wrap it in a list")

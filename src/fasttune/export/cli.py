@@ -56,13 +56,17 @@ def run(args) -> int:
     import fasttune
     from ..data.chat_templates import TEMPLATES
     from .adapter import load_adapter, save_adapter
-    from .gguf_writer import export_gguf
-    from .merged import export_merged
+    from .gguf_writer import export_gguf, gguf_tensor_plan
+    from .merged import export_merged, iter_merged_tensors
     from .modelfile import ModelfileError, make_modelfile
 
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)
+        return 2
+    if args.chat_template is not None and args.chat_template not in TEMPLATES:
+        print(f"error: unknown --chat-template {args.chat_template!r}; choose one of {', '.join(sorted(TEMPLATES))}",
+              file=sys.stderr)
         return 2
     model_dir, adapter = _resolve(args)
     if args.format == "adapter" and adapter is None:
@@ -82,7 +86,9 @@ def run(args) -> int:
         if args.format == "adapter":
             save_adapter(model, tmp, base_model_name_or_path=str(model_dir.resolve()))
         else:
-            n = sum(1 for _ in model.state_dict())
+            # one update per tensor written (merged: HF tensors; gguf: the plan, with Phi-3 fusions and RoPE factors)
+            n = len(gguf_tensor_plan(model, args.quant)) if args.format == "gguf" else \
+                sum(1 for _ in iter_merged_tensors(model))
             with tqdm(total=n, desc=f"export {args.format}", unit="tensor") as bar:
                 step = lambda _name: bar.update(1)  # noqa: E731
                 if args.format == "merged":
@@ -104,9 +110,18 @@ def run(args) -> int:
                 notes.append(f"no Ollama Modelfile written: {e}")
         if notes:
             (tmp / "EXPORT_NOTES.txt").write_text("\n".join(notes) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
+        # the old OUT_DIR (--force) is moved aside, not deleted, until the new one is in place
+        old = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
+        if old is not None:
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old is not None:
+                old.rename(out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -134,10 +134,12 @@ def check_special_ids(folder: ModelFolder) -> Iterator[Finding]:
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
             bad = [i for i in _ids(cfg.get(key)) if not 0 <= i < rows]
             if bad:
+                fixed = _id_repair(folder, key, cfg.get(key), rows)
                 yield Finding("special-ids", "error", f"{src}: {key} {bad} outside the vocabulary (0..{rows - 1})",
                               [f"{src}: {key} = {cfg.get(key)}, embedding rows = {rows}"],
-                              _id_fix(folder, key),
-                              repair=_id_repair(folder, src, key))
+                              f"set it to {fixed}" if fixed is not None else "set it to a token id inside the vocabulary",
+                              repair=None if fixed is None else
+                              {"config" if src == "config.json" else "generation_config": {key: fixed}})
     tok = folder.tokenizer
     if tok is not None:
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -148,19 +150,19 @@ def check_special_ids(folder: ModelFolder) -> Iterator[Finding]:
                               "use the tokenizer that matches the model, or resize the embeddings")
 
 
-def _id_fix(folder: ModelFolder, key: str) -> str:
+def _id_repair(folder: ModelFolder, key: str, value, rows: int):
+    """The repaired value of a special-id field with ids outside 0..rows-1, or None when nothing can be inferred.
+    A list (several EOS ids, as in Llama-3 instruct) keeps its valid ids - dropping <|eot_id|> would make generation
+    run on - and gains the tokenizer's id if missing; a single id becomes the tokenizer's."""
     tok = folder.tokenizer
     i = getattr(tok, key, None) if tok is not None else None
-    return f"set it to the tokenizer's {key} ({i})" if isinstance(i, int) else "set it to a token id inside the vocabulary"
-
-
-def _id_repair(folder: ModelFolder, src: str, key: str) -> dict | None:
-    tok = folder.tokenizer
-    i = getattr(tok, key, None) if tok is not None else None
-    rows = folder.tensors[EMBED].shape[0] if EMBED in folder.tensors else folder.vocab_size
-    if not isinstance(i, int) or not 0 <= i < rows:
-        return None
-    return {"config": {key: i}} if src == "config.json" else {"generation_config": {key: i}}
+    tok_id = i if isinstance(i, int) and 0 <= i < rows else None
+    if isinstance(value, list):
+        kept = [v for v in value if isinstance(v, int) and 0 <= v < rows]
+        if tok_id is not None and tok_id not in kept:
+            kept.append(tok_id)
+        return kept or None
+    return tok_id
 
 
 def check_chat_template(folder: ModelFolder) -> Iterator[Finding]:
