@@ -12,7 +12,7 @@ export PYTHONPATH=src:${PYTHONPATH:-}
 what=${1:-all}; shift || true
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 if [[ $what == tests || $what == all ]]; then
-  timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  timeout 500 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 if [[ $what == kernels || $what == all ]]; then
   timeout 200 python3 bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40
