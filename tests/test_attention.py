@@ -1,4 +1,4 @@
-"""The attention dispatch against a naive per-element loop (CPU)."""
+"""The attention dispatch against a naive per-element loop in float64 (CPU), forward and backward."""
 import math
 
 import pytest
@@ -50,11 +50,20 @@ def test_dispatch_matches_naive(case):
     if case == "decode":  # 3 new queries after 8 cached keys
         q = q[:, :, -3:]
         kw = nkw = {"q_offset": 8}
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     got = attention(q, k, v, scale=scale, **kw)
-    want = naive(q, k, v, scale, **nkw)
-    if case == "padding":  # fully padded query rows are unused; compare the real ones
+    want = naive(q64, k64, v64, scale, **nkw)
+    dout = torch.randn_like(got)
+    if case == "padding":  # fully padded query rows are unused: compare the real ones, send no gradient from the rest
+        dout[1, :, :3] = 0
+    grads = torch.autograd.grad(got, (q, k, v), dout)
+    ref = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+    if case == "padding":
         got, want = got[:, :, 3:], want[:, :, 3:]
-    assert (got.double() - want).abs().max() < 1e-5
+    assert (got.double() - want.detach()).abs().max() < 1e-5
+    for name, g, r in zip("qkv", grads, ref):
+        assert (g.double() - r).abs().max() < 1e-5, f"d{name}"
 
 
 def test_fully_masked_rows_are_finite():

@@ -2,7 +2,7 @@
 
 Without CUDA the Triton kernel runs in the interpreter (TRITON_INTERPRET=1, set before triton is imported;
 tests/conftest.py should set it too, since any earlier import of triton fixes the mode). Tolerances are
-relative to the largest magnitude of the expected tensor: float32 1e-5, bfloat16 1e-2.
+relative to the largest magnitude of the expected tensor: float32 1e-5, bfloat16 1e-2, float16 2e-3.
 """
 import os
 
@@ -23,7 +23,15 @@ if DEVICE == "cpu" and type(ce._ce_loss_and_grad_kernel).__name__ != "Interprete
     raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU; "
                        "set it at the top of tests/conftest.py (before anything imports triton) on CPU-only machines")
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# float16: 4x its unit round-off, as the norm tests; measured worst over 150 random draws 1.2e-3 (weight grad)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+# Fixed draws by default (FASTTUNE_TEST_SEED=<n> draws others; 0 = the original ones), unlike the norm/RoPE/GLU and
+# NF4 tests: with fresh draws the bf16 gradient check fails in about a quarter of runs (worst seen 1.34e-2 > 1e-2,
+# grad bias, FASTTUNE_TEST_SEED=1003). The cause is bf16 storage of dloss/dlogits and of the GEMM outputs, not a
+# kernel bug: the loss matches a float64 oracle that rounds the logits like F.linear to 1.4e-7, and PyTorch's own
+# bf16 autograd of the reference reaches 1.0e-2 on the same draw. Settling the bf16 criterion is left to issue 3.
+SESSION_SEED = int(os.environ.get("FASTTUNE_TEST_SEED") or 0)
 
 
 @pytest.fixture(autouse=True)
@@ -57,11 +65,12 @@ def assert_rel_close(actual, expected, tol, what):
     scale = max(expected.abs().max().item(), 1e-30)
     err = (actual - expected).abs().max().item()
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol} * {scale:.3g}"
+    assert err <= tol * scale, (f"{what}: max abs error {err:.3g} > {tol} * {scale:.3g} "
+                                f"(FASTTUNE_TEST_SEED={SESSION_SEED})")
 
 
 def make_inputs(n, h, v, dtype, ignore_every=0, with_bias=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(SESSION_SEED * 7919 + seed)
     hidden = (torch.randn(n, h, generator=gen) * 1.0).to(DEVICE, dtype).requires_grad_()
     weight = (torch.randn(v, h, generator=gen) / h**0.5 * 3).to(DEVICE, dtype).requires_grad_()
     bias = (torch.randn(v, generator=gen) * 0.5).to(DEVICE, dtype).requires_grad_() if with_bias else None
@@ -87,10 +96,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_matches_float64(dtype, case):
-    torch.manual_seed(case)
+    torch.manual_seed(SESSION_SEED * 7919 + case)
     cfg = dict(CASES[case])
     ignore_every, with_bias = cfg.pop("ignore_every", 0), cfg.pop("with_bias", False)
     hidden, weight, bias, labels = make_inputs(21, 24, 1003, dtype, ignore_every, with_bias, seed=case)
@@ -106,7 +115,7 @@ def test_matches_float64(dtype, case):
 
 @pytest.mark.parametrize("n,v", [(1, 1000), (37, 1000), (2, 1003)])
 def test_odd_shapes_float32(n, v):
-    torch.manual_seed(n * v)
+    torch.manual_seed(SESSION_SEED * 7919 + n * v)
     hidden, weight, _, labels = make_inputs(n, 16, v, torch.float32, seed=v)
     loss, grads = run_fused(hidden, weight, labels)
     ref = oracle(hidden, weight, labels)
@@ -116,7 +125,7 @@ def test_odd_shapes_float32(n, v):
 
 
 def test_reference_path_equals_fused_path():
-    torch.manual_seed(1)
+    torch.manual_seed(SESSION_SEED * 7919 + 1)
     hidden, weight, bias, labels = make_inputs(37, 24, 1003, torch.float32, ignore_every=3, with_bias=True, seed=9)
     kw = dict(label_smoothing=0.1, softcap=4.0)
     loss, grads = run_fused(hidden, weight, labels, bias, **kw)
@@ -130,7 +139,7 @@ def test_reference_path_equals_fused_path():
 
 
 def test_num_items_in_batch_makes_accumulation_exact():
-    torch.manual_seed(2)
+    torch.manual_seed(SESSION_SEED * 7919 + 2)
     hidden, weight, _, labels = make_inputs(37, 16, 1003, torch.float32, ignore_every=4, seed=2)
     total = int((labels != -100).sum())
     full_loss, (gh, gw) = run_fused(hidden, weight, labels)
@@ -221,7 +230,7 @@ def _reference_in_chunks(hidden, weight, labels, rows=4096):
 @pytest.mark.parametrize("vocab", [128256, 152064])
 def test_gpu_real_sizes(vocab):
     assert torch.cuda.is_available()
-    torch.manual_seed(vocab)
+    torch.manual_seed(SESSION_SEED * 7919 + vocab)
     n, h = 16384, 4096
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16).requires_grad_()
     weight = (torch.randn(vocab, h, device="cuda") / h**0.5 * 2).to(torch.bfloat16).requires_grad_()

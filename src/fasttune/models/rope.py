@@ -93,28 +93,67 @@ def _yarn(rope: RopeSpec, dim: int, max_pos: int, device) -> tuple[torch.Tensor,
 
 
 class RotaryTables:
-    """cos/sin for given position ids, float32, shape (batch, seq, rotary_dim). inv_freq is cached per
-    (device, scaling regime); the angles are computed from the integer positions in float32."""
+    """cos/sin for given position ids, float32, shape (batch, seq, rotary_dim).
+
+    For each scaling regime (device, and for `dynamic` / `longrope` the length that selects the frequencies) the
+    table of cos/sin for positions 0..L-1 is computed once, from integer positions in float32, and cached; L grows
+    by powers of two when a longer sequence arrives. A forward then only gathers the rows of its position ids, so
+    packed sequences with per-token positions cost nothing extra. At most `max_tables` regimes are kept (dynamic
+    NTK scaling beyond the trained length has one per sequence length), the least recently used is dropped."""
+
+    max_tables = 4
+    min_length = 256
 
     def __init__(self, spec: ArchSpec):
         self.spec = spec
         self.dim = rotary_dim(spec)
         self._cache: dict[tuple, tuple[torch.Tensor, float]] = {}
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # half-width (L, dim/2) cos, sin
 
-    def _inv_freq(self, device: torch.device, seq_len: int) -> tuple[torch.Tensor, float]:
+    def _key(self, device: torch.device, seq_len: int) -> tuple:
         rope = self.spec.rope
         key: tuple = (str(device),)
         if rope.kind == "dynamic" and seq_len > self.spec.max_position_embeddings:
             key += (seq_len,)
         if rope.kind == "longrope":
             key += (seq_len > rope.original_max_position_embeddings,)
+        return key
+
+    def _inv_freq(self, device: torch.device, seq_len: int) -> tuple[torch.Tensor, float]:
+        key = self._key(device, seq_len)
         if key not in self._cache:
-            self._cache[key] = inverse_frequencies(rope, self.dim, self.spec.max_position_embeddings, seq_len, device)
+            self._cache[key] = inverse_frequencies(self.spec.rope, self.dim, self.spec.max_position_embeddings,
+                                                   seq_len, device)
         return self._cache[key]
 
+    def table(self, device: torch.device, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached half-width (L, rotary_dim / 2) cos and sin for positions 0..L-1, L >= seq_len, in float32."""
+        key = self._key(device, seq_len)
+        cached = self._tables.pop(key, None)
+        if cached is None or cached[0].shape[0] < seq_len:
+            inv_freq, scale = self._inv_freq(device, seq_len)
+            length = max(self.min_length, 1 << max(seq_len - 1, 0).bit_length())
+            # float32 angles from exact integer positions: see the module docstring
+            angles = torch.arange(length, dtype=torch.int64, device=device).float()[:, None] * inv_freq
+            cached = (angles.cos() * scale, angles.sin() * scale)
+        self._tables[key] = cached  # most recently used last
+        while len(self._tables) > self.max_tables:
+            old = next(iter(self._tables))
+            del self._tables[old]
+            self._cache.pop(old, None)
+        return cached
+
     def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 1
-        inv_freq, scale = self._inv_freq(position_ids.device, seq_len)
-        angles = position_ids.float()[..., None] * inv_freq  # float32 always: see module docstring
-        emb = torch.cat((angles, angles), dim=-1)
-        return emb.cos() * scale, emb.sin() * scale
+        if position_ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(position_ids))
+        else:
+            lo, hi = 0, 0
+        seq_len = hi + 1
+        if lo < 0:  # negative positions cannot index the table: compute the angles directly
+            inv_freq, scale = self._inv_freq(position_ids.device, seq_len)
+            angles = position_ids.float()[..., None] * inv_freq
+            cos_h, sin_h = angles.cos() * scale, angles.sin() * scale
+        else:
+            cos_t, sin_t = self.table(position_ids.device, seq_len)
+            cos_h, sin_h = cos_t[position_ids], sin_t[position_ids]
+        return torch.cat((cos_h, cos_h), dim=-1), torch.cat((sin_h, sin_h), dim=-1)
