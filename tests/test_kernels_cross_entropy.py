@@ -5,6 +5,7 @@ tests/conftest.py should set it too, since any earlier import of triton fixes th
 relative to the largest magnitude of the expected tensor: float32 1e-5, bfloat16 1e-2, float16 2e-3.
 """
 import os
+import random
 
 import torch
 
@@ -26,12 +27,15 @@ if DEVICE == "cpu" and type(ce._ce_loss_and_grad_kernel).__name__ != "Interprete
 # float16: 4x its unit round-off, as the norm tests; measured worst over 150 random draws 1.2e-3 (weight grad)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
-# Fixed draws by default (FASTTUNE_TEST_SEED=<n> draws others; 0 = the original ones), unlike the norm/RoPE/GLU and
-# NF4 tests: with fresh draws the bf16 gradient check fails in about a quarter of runs (worst seen 1.34e-2 > 1e-2,
-# grad bias, FASTTUNE_TEST_SEED=1003). The cause is bf16 storage of dloss/dlogits and of the GEMM outputs, not a
-# kernel bug: the loss matches a float64 oracle that rounds the logits like F.linear to 1.4e-7, and PyTorch's own
-# bf16 autograd of the reference reaches 1.0e-2 on the same draw. Settling the bf16 criterion is left to issue 3.
-SESSION_SEED = int(os.environ.get("FASTTUNE_TEST_SEED") or 0)
+# Fresh draws every session (printed in failure messages; FASTTUNE_TEST_SEED=<n> replays a run).
+# 16-bit gradients: the kernel stores dloss/dlogits and the GEMM outputs in the input dtype, as PyTorch's own 16-bit
+# autograd does, and on some draws that rounding alone exceeds 1e-2 of the largest gradient (seen: 1.34e-2 for the
+# bias gradient, where PyTorch's bf16 autograd of the same formula reached 1.0e-2; the loss matched a float64 oracle
+# that rounds logits like F.linear to 1.4e-7). So a 16-bit gradient passes when it is within the stated tolerance
+# OR no worse than 2x PyTorch's own error on the same inputs in the same dtype (seen: 1.54x on one draw with label
+# smoothing: both are bf16 rounding noise of a 21-row sample).
+SESSION_SEED = int(os.environ.get("FASTTUNE_TEST_SEED") or random.SystemRandom().randrange(1, 2**31))
+TORCH_ERROR_FACTOR = 2.0
 
 
 @pytest.fixture(autouse=True)
@@ -108,9 +112,18 @@ def test_matches_float64(dtype, case):
     tol = TOL[dtype]
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_rel_close(loss, ref[0], tol, "loss")
-    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref[1:]):
+    torch_grads = None
+    if dtype != torch.float32:  # PyTorch's own autograd in the same dtype: the floor 16-bit storage allows
+        params = [t for t in (hidden, weight, bias) if t is not None]
+        torch_grads = torch.autograd.grad(ce.fused_linear_cross_entropy_reference(hidden, weight, labels, bias,
+                                                                                  **cfg), params)
+    for i, (name, g, r) in enumerate(zip(("hidden", "weight", "bias"), grads, ref[1:])):
         assert g.dtype == dtype
-        assert_rel_close(g, r, tol, f"grad {name}")
+        allowed = tol
+        if torch_grads is not None:
+            torch_err = (torch_grads[i].double() - r).abs().max().item() / max(r.abs().max().item(), 1e-30)
+            allowed = max(tol, TORCH_ERROR_FACTOR * torch_err)
+        assert_rel_close(g, r, allowed, f"grad {name}")
 
 
 @pytest.mark.parametrize("n,v", [(1, 1000), (37, 1000), (2, 1003)])
@@ -231,7 +244,7 @@ def _reference_in_chunks(hidden, weight, labels, rows=4096):
 def test_gpu_real_sizes(vocab):
     assert torch.cuda.is_available()
     torch.manual_seed(SESSION_SEED * 7919 + vocab)
-    n, h = 16384, 4096
+    n, h = 32768, 4096  # issue 3's real size: 32K tokens
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16).requires_grad_()
     weight = (torch.randn(vocab, h, device="cuda") / h**0.5 * 2).to(torch.bfloat16).requires_grad_()
     labels = torch.randint(0, vocab, (n,), device="cuda")
