@@ -114,3 +114,32 @@ def test_cli_merged_from_4bit_base_says_it_is_dequantised(tmp_path, base_and_ada
     # the progress bar counts every tensor written, ending full
     done = re.findall(r"export merged: 100%\|.*?\| (\d+)/(\d+)", captured.err)
     assert done and done[-1][0] == done[-1][1]
+
+
+def test_gguf_is_optional_and_quant_names_match_the_writer():
+    """Without the `gguf` package, fasttune.export (used to save adapters after every training run) still imports,
+    and `--format gguf` says what to install; the CLI's --quant choices are the writer's tensor types."""
+    import subprocess
+    import sys
+
+    from fasttune.export import QUANT_TYPES
+    from fasttune.export.cli import QUANT_NAMES
+
+    assert set(QUANT_NAMES) == set(QUANT_TYPES)
+    code = (
+        "import sys; sys.modules['gguf'] = None\n"  # an import of gguf now raises ImportError
+        "import fasttune.export as e\n"
+        "from fasttune.export import save_adapter, export_merged\n"
+        "try:\n    e.export_gguf\nexcept ImportError:\n    print('lazy-ok')\n"
+        "from fasttune.export.cli import run\n"
+        "import argparse\n"
+        "from fasttune.export.cli import add_arguments\n"
+        "p = argparse.ArgumentParser(); add_arguments(p)\n"
+        "print('rc', run(p.parse_args(['m', sys.argv[1], '--format', 'gguf'])))\n"
+    )
+    import tempfile
+    out = tempfile.mkdtemp() + "/out"
+    proc = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, timeout=120)
+    assert "lazy-ok" in proc.stdout, proc.stdout + proc.stderr
+    assert "rc 2" in proc.stdout, proc.stdout + proc.stderr
+    assert "pip install gguf" in proc.stderr

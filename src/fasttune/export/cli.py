@@ -12,7 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .gguf_writer import QUANT_TYPES
+# the GGUF tensor types (keys of gguf_writer.QUANT_TYPES, spelled out so `--help` works without the gguf package)
+QUANT_NAMES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", metavar="DIR", help="PEFT/fasttune LoRA adapter folder to apply")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32", "bf16", "fp16",
                                                                  "fp32"), help="merged: weight dtype")
-    parser.add_argument("--quant", default="q8_0", choices=tuple(QUANT_TYPES), help="gguf: tensor type")
+    parser.add_argument("--quant", default="q8_0", choices=QUANT_NAMES, help="gguf: tensor type")
     parser.add_argument("--chat-template", help="registry chat template for the GGUF and the Ollama Modelfile")
     parser.add_argument("--system", help="system prompt for the Ollama Modelfile")
     parser.add_argument("--max-shard-size", default="5GB", help="merged: largest safetensors shard")
@@ -56,7 +57,6 @@ def run(args) -> int:
     import fasttune
     from ..data.chat_templates import TEMPLATES
     from .adapter import load_adapter, save_adapter
-    from .gguf_writer import export_gguf, gguf_tensor_plan
     from .merged import export_merged, iter_merged_tensors
     from .modelfile import ModelfileError, make_modelfile
 
@@ -68,6 +68,13 @@ def run(args) -> int:
         print(f"error: unknown --chat-template {args.chat_template!r}; choose one of {', '.join(sorted(TEMPLATES))}",
               file=sys.stderr)
         return 2
+    if args.format == "gguf":
+        try:
+            from .gguf_writer import export_gguf, gguf_tensor_plan
+        except ImportError as e:
+            print(f"error: --format gguf needs the `gguf` package ({e}); install it with `pip install gguf` "
+                  "(or `pip install fasttune[export]`)", file=sys.stderr)
+            return 2
     model_dir, adapter = _resolve(args)
     if args.format == "adapter" and adapter is None:
         print("error: --format adapter needs an adapter (--adapter DIR or an adapter folder as MODEL_DIR)",
