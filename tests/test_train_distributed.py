@@ -41,9 +41,10 @@ def _small_model(path: Path) -> Path:
     return path
 
 
-def _yaml(model: Path, out: Path, grad_accum: int, objective: str, data: str, parallel: str = "ddp") -> str:
+def _yaml(model: Path, out: Path, grad_accum: int, objective: str, data: str, parallel: str = "ddp",
+          load_in_4bit: bool = False) -> str:
     return f"""
-model: {{path: {model}, max_seq_length: 96, device: cpu}}
+model: {{path: {model}, max_seq_length: 96, device: cpu, load_in_4bit: {str(load_in_4bit).lower()}}}
 lora: {{r: 4, alpha: 8}}
 data: {{path: "{data}", max_examples: 48, eval_fraction: 0.1}}
 objective: {{type: {objective}}}
@@ -57,18 +58,19 @@ def _losses(out: Path) -> tuple[list[float], list[float]]:
     return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
 
 
-@pytest.mark.parametrize("objective,data,parallel", [("sft", "bundled:instructions", "ddp"),
-                                                     ("dpo", "bundled:preferences", "ddp"),
-                                                     ("sft", "bundled:instructions", "fsdp"),
-                                                     ("orpo", "bundled:preferences", "fsdp")])
-def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, objective, data, parallel):
+@pytest.mark.parametrize("objective,data,parallel,qlora", [("sft", "bundled:instructions", "ddp", False),
+                                                           ("dpo", "bundled:preferences", "ddp", False),
+                                                           ("sft", "bundled:instructions", "fsdp", False),
+                                                           ("orpo", "bundled:preferences", "fsdp", False),
+                                                           ("sft", "bundled:instructions", "fsdp", True)])
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, objective, data, parallel, qlora):
     model = _small_model(tmp_path / "model")
     one = tmp_path / "one"
-    (tmp_path / "one.yaml").write_text(_yaml(model, one, 4, objective, data))
+    (tmp_path / "one.yaml").write_text(_yaml(model, one, 4, objective, data, load_in_4bit=qlora))
     train(TrainConfig.from_yaml(tmp_path / "one.yaml"))
 
     two = tmp_path / "two"
-    (tmp_path / "two.yaml").write_text(_yaml(model, two, 2, objective, data, parallel))
+    (tmp_path / "two.yaml").write_text(_yaml(model, two, 2, objective, data, parallel, load_in_4bit=qlora))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     if parallel == "ddp" and objective == "sft":  # `fasttune train --gpus 2` re-launches itself under torchrun
         cmd = [sys.executable, "-m", "fasttune", "train", str(tmp_path / "two.yaml"), "--gpus", "2"]
@@ -96,6 +98,6 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, o
     # the 2-rank checkpoint of step 2 resumes in one process (world size 1, grad_accum 4) to the same step 3
     resumed = tmp_path / "resumed"
     shutil.copytree(two / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
-    (tmp_path / "resumed.yaml").write_text(_yaml(model, resumed, 4, objective, data))
+    (tmp_path / "resumed.yaml").write_text(_yaml(model, resumed, 4, objective, data, load_in_4bit=qlora))
     result = train(TrainConfig.from_yaml(tmp_path / "resumed.yaml"), resume=True)
     assert result.losses == pytest.approx([loss1[2]], rel=1e-5)

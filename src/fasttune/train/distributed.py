@@ -45,7 +45,10 @@ def setup(use_cuda: bool | None = None) -> DistInfo:
 
 def wrap(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
     """DDP (a replica per rank) or FSDP2 (`fully_shard` on every decoder layer, then the whole model: each rank
-    holds 1/N of every parameter, gathered layer by layer for compute)."""
+    holds 1/N of every parameter, gathered layer by layer for compute).
+
+    A QLoRA base is not sharded: its NF4 codes and scales are buffers, which `fully_shard` leaves whole on every
+    rank (a quarter of the bf16 size); the adapters, embeddings and LM head are parameters and are sharded."""
     if not info.enabled:
         return model
     if parallel == "fsdp":
