@@ -311,6 +311,21 @@ def test_pretrain_trains_embeddings_at_their_own_lr_and_writes_observability(sma
     torch.testing.assert_close(saved["model.model.embed_tokens.weight"], emb.detach())
 
 
+def test_tensorboard_scalars_match_the_metrics_file(small_model, tmp_path):
+    """When `tensorboard` is installed (a dev dependency, so CI runs this), every logged number is a scalar there."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    Trainer(config(small_model, tmp_path, train={"tensorboard": True, "max_steps": 3, "eval_every": 3})).train()
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "lr", "grad_norm", "eval_loss"):
+        logged = [(r["step"], r[key]) for r in rows if key in r]
+        assert logged, key
+        scalars = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert [s for s, _ in scalars] == [s for s, _ in logged], key
+        assert [v for _, v in scalars] == pytest.approx([v for _, v in logged], rel=1e-6), key
+
+
 def test_saved_adapter_reloads_onto_the_base(small_model, tmp_path):
     from fasttune.train import load_trained
 
