@@ -222,6 +222,16 @@ def _optional(module: str, add_name: str, run_name: str):
         return None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says what the default is or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -232,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str, add, run):
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         add(p)
         p.set_defaults(func=run)
 
