@@ -3,17 +3,15 @@ the demo (the README's main command) and bench listing."""
 from __future__ import annotations
 
 import builtins
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fasttune.cli import build_parser, main
-from fasttune.models import ArchSpec, CausalLM, save_model
+
+from test_train import make_small_model
 
 TINY = Path(__file__).resolve().parents[1] / "src" / "fasttune" / "assets" / "tiny"
 COMMANDS = ["demo", "train", "chat", "generate", "export", "doctor", "compare", "bench"]
@@ -21,24 +19,7 @@ COMMANDS = ["demo", "train", "chat", "generate", "export", "doctor", "compare", 
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("cli_model")
-    tok = AutoTokenizer.from_pretrained(str(TINY))
-    cfg = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-           "max_position_embeddings": 512, "tie_word_embeddings": True, "bos_token_id": tok.bos_token_id,
-           "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "torch_dtype": "float32"}
-    torch.manual_seed(0)
-    model = CausalLM(ArchSpec.from_hf_config(cfg))
-    for name, p in model.named_parameters():
-        if not name.endswith("norm.weight"):
-            torch.nn.init.normal_(p, std=0.05)
-    save_model(model, path)
-    (path / "config.json").write_text(json.dumps(cfg))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(TINY / f, path / f)
-    return path
+    return make_small_model(tmp_path_factory.mktemp("cli_model"))
 
 
 def test_every_command_has_complete_help(capsys):

@@ -15,30 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fasttune.models import ArchSpec, CausalLM, save_model
 from fasttune.train import TrainConfig, train
 
-TINY = Path(__file__).resolve().parents[1] / "src" / "fasttune" / "assets" / "tiny"
+from test_train import make_small_model
 
-
-def _small_model(path: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(TINY))
-    cfg = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-           "max_position_embeddings": 512, "tie_word_embeddings": True, "bos_token_id": tok.bos_token_id,
-           "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "torch_dtype": "float32"}
-    torch.manual_seed(0)
-    model = CausalLM(ArchSpec.from_hf_config(cfg))
-    for name, p in model.named_parameters():
-        if not name.endswith("norm.weight"):
-            torch.nn.init.normal_(p, std=0.05)
-    save_model(model, path)
-    (path / "config.json").write_text(json.dumps(cfg))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(TINY / f, path / f)
-    return path
 
 
 def _yaml(model: Path, out: Path, grad_accum: int, objective: str, data: str, parallel: str = "ddp",
@@ -64,7 +44,7 @@ def _losses(out: Path) -> tuple[list[float], list[float]]:
                                                            ("orpo", "bundled:preferences", "fsdp", False),
                                                            ("sft", "bundled:instructions", "fsdp", True)])
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, objective, data, parallel, qlora):
-    model = _small_model(tmp_path / "model")
+    model = make_small_model(tmp_path / "model")
     one = tmp_path / "one"
     (tmp_path / "one.yaml").write_text(_yaml(model, one, 4, objective, data, load_in_4bit=qlora))
     train(TrainConfig.from_yaml(tmp_path / "one.yaml"))
