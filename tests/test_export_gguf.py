@@ -258,3 +258,120 @@ def test_sentencepiece_tokenizer(tmp_path):
     assert tokens[400:402] == ["<start_of_turn>", "<end_of_turn>"] and types[400] == gguf.TokenType.CONTROL
     assert tokens[403] == "[PAD403]" and types[403] == gguf.TokenType.UNUSED
     assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.add_space_prefix"] is False
+
+
+# Qwen2's split regex, as in Qwen2's tokenizer.json (Llama-3's with single digits: \p{N} instead of \p{N}{1,3})
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+QWEN2_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _qwen2_tokenizer(d: Path) -> int:
+    """A small Qwen2-style byte-level BPE tokenizer saved to `d`; returns its size (special tokens included)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    corpus = (Path(fasttune.__file__).parent / "assets" / "data" / "corpus.txt").read_text().splitlines()
+    sentences = [s for s in corpus if s][:40] + [
+        "Hello, world! I'm fine, you're kind and we'll see.", "Tabs\tand\nnew lines\r\n   spaces 12345 67.",
+        "Ünïcödé — 中文 also works.", "def f(x):\n    return x ** 2  # comment"]
+    trainer = trainers.BpeTrainer(vocab_size=360, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sentences, trainer)
+    # as in Qwen2, the special tokens come after the BPE vocabulary
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_SPECIAL])
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in QWEN2_SPECIAL}
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_prefix_space": False, "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "errors": "replace", "model_max_length": 32768,
+        "clean_up_tokenization_spaces": False, "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": True} for t, i in ids.items()},
+        "chat_template": QWEN2_CHAT_TEMPLATE}, indent=2))
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
+def test_qwen2_tokenizer_end_to_end(tmp_path):
+    """Qwen2: byte-level BPE with Qwen2's split regex, ChatML special tokens, no BOS; the model's vocab_size is
+    padded past the tokenizer's (as Qwen2's 151936 > 151665), the padding written as [PADi] UNUSED tokens."""
+    from tokenizers import Tokenizer
+
+    d = tmp_path / "qwen2"
+    n_tok = _qwen2_tokenizer(tmp_path / "tok")
+    tok = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    endoftext, im_start, im_end = (tok.token_to_id(t) for t in QWEN2_SPECIAL)
+    assert (endoftext, im_start, im_end) == (n_tok - 3, n_tok - 2, n_tok - 1)
+    n_vocab = n_tok + 5
+    save_tiny_hf(d, "qwen2", vocab_size=n_vocab, bos_token_id=endoftext, eos_token_id=im_end,
+                 pad_token_id=endoftext, max_position_embeddings=256, rms_norm_eps=1e-6,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    for f in (tmp_path / "tok").iterdir():
+        shutil.copy(f, d / f.name)
+    cfg = json.loads((d / "config.json").read_text())
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
+    assert cfg["model_type"] == "qwen2" and theta == 1e6 and cfg["vocab_size"] == n_vocab
+
+    transformers = pytest.importorskip("transformers")  # the fixture is a tokenizer transformers loads as Qwen's
+    hf_tok = transformers.AutoTokenizer.from_pretrained(d)
+    assert hf_tok.bos_token is None and hf_tok.eos_token_id == im_end and hf_tok.pad_token_id == endoftext
+    assert hf_tok("Hello world")["input_ids"] == tok.encode("Hello world").ids  # no BOS added
+    assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                      add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+
+    export_gguf(load_model(d), tmp_path / "m.gguf", tokenizer_dir=d, quant="f16")
+    fields, _ = _read(tmp_path / "m.gguf")
+
+    assert fields["general.architecture"] == "qwen2"
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == "qwen2"
+
+    vocab = tok.get_vocab(with_added_tokens=True)
+    assert sorted(vocab.values()) == list(range(n_tok))
+    in_order = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == n_vocab
+    assert tokens[:n_tok] == in_order
+    assert tokens[n_tok:] == [f"[PAD{i}]" for i in range(n_tok, n_vocab)]
+
+    merges = json.loads((d / "tokenizer.json").read_text())["model"]["merges"]
+    assert len(merges) > 20
+    assert fields["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+    types = fields["tokenizer.ggml.token_type"]
+    assert len(types) == n_vocab
+    special = {endoftext, im_start, im_end}
+    for i in range(n_vocab):
+        want = (gguf.TokenType.CONTROL if i in special else gguf.TokenType.UNUSED if i >= n_tok
+                else gguf.TokenType.NORMAL)
+        assert types[i] == want, (i, tokens[i])
+
+    assert fields["tokenizer.ggml.eos_token_id"] == im_end
+    assert fields["tokenizer.ggml.padding_token_id"] == endoftext
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    # no bos_token in tokenizer_config: the id comes from config.json (<|endoftext|>), as llama.cpp's Qwen2 GGUFs
+    assert fields["tokenizer.ggml.bos_token_id"] == endoftext
+    assert fields["tokenizer.chat_template"] == QWEN2_CHAT_TEMPLATE
+
+    assert fields["qwen2.context_length"] == cfg["max_position_embeddings"] == 256
+    assert fields["qwen2.embedding_length"] == cfg["hidden_size"]
+    assert fields["qwen2.block_count"] == cfg["num_hidden_layers"]
+    assert fields["qwen2.feed_forward_length"] == cfg["intermediate_size"]
+    assert fields["qwen2.attention.head_count"] == cfg["num_attention_heads"]
+    assert fields["qwen2.attention.head_count_kv"] == cfg["num_key_value_heads"]
+    assert fields["qwen2.rope.freq_base"] == theta
+    assert fields["qwen2.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"], rel=1e-6)
