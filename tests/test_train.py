@@ -353,6 +353,32 @@ def test_out_of_memory_is_explained_with_options(small_model, tmp_path):
         assert option in msg
 
 
+def test_ctrl_c_right_after_the_optimizer_update_keeps_that_step_whole(small_model, tmp_path):
+    """A SIGINT that lands after the weights were updated but before the step was counted and logged is held until
+    the step boundary: the checkpoint holds step 3's weights, count, data position and metrics line together."""
+    import os
+    import signal
+
+    sections = dict(lora={"dropout": 0.1}, train={"max_steps": 6, "schedule": "linear", "warmup_steps": 2})
+    full = Trainer(config(small_model, tmp_path / "full", **sections)).train()
+    cut = Trainer(config(small_model, tmp_path / "cut", **sections))
+    updates = {"n": 0}
+
+    def signal_after_update(optimizer, args, kwargs):
+        updates["n"] += 1
+        if updates["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered at once in the main thread, inside the step
+    cut.optimizer.register_step_post_hook(signal_after_update)
+    part = cut.train()
+    assert part.interrupted and part.step == 3 and part.losses == full.losses[:3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    rest = Trainer(config(small_model, tmp_path / "cut", **sections)).train(resume=True)
+    assert part.losses + rest.losses == full.losses
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert logged == full.losses
+
+
 def test_ctrl_c_on_a_real_process_saves_and_resume_continues_the_same_losses(small_model, tmp_path):
     """SIGINT to a running `fasttune train`: exit code 130 with a checkpoint; --resume then reproduces the
     losses of an uninterrupted run (constant LR, so max_steps does not shape the schedule)."""

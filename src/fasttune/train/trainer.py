@@ -35,6 +35,43 @@ ADAPTER_CONFIG = "fasttune_adapter.json"
 ADAPTER_WEIGHTS = "trainable.safetensors"  # every trained tensor (adapters, embeddings, reward head)
 
 
+class _SigintGuard:
+    """Ctrl-C may interrupt a step's forward/backward (the step is then dropped and redone on resume), but not the
+    stretch from the optimizer update to the end of that step's bookkeeping (step count, metrics line, checkpoint):
+    a SIGINT there is held and raised at the step boundary, so a checkpoint never holds weights of one step with
+    the count or metrics of another. Signals can only be caught in the main thread; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.pending = False
+        self.previous = None
+
+    def _hold(self, signum, frame):
+        self.pending = True
+
+    def defer(self) -> None:
+        import signal
+        import threading
+
+        if self.previous is None and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._hold)
+
+    def restore(self) -> None:
+        """Restore the previous handler without raising (the loop is ending anyway)."""
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+        self.pending = False
+
+    def release(self) -> None:
+        """Restore the previous handler; raise the held KeyboardInterrupt, if any, now."""
+        pending = self.pending
+        self.restore()
+        if pending:
+            raise KeyboardInterrupt
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stopped without saving the bad state."""
 
@@ -119,6 +156,7 @@ class Trainer:
         self.batch_index = 0  # next micro-batch of the current epoch
         self.tokens_seen = 0
         self.callbacks: list = []  # called as cb(trainer, record) after every step (tests use it to interrupt)
+        self._sigint = _SigintGuard()
 
     # ---- setup ---------------------------------------------------------------------------------------------
 
@@ -308,6 +346,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
             grad_norm = float(dist_utils.full_tensor(norm))
         record["lr"] = self.optimizer.param_groups[0]["lr"]
+        self._sigint.defer()  # from here the step happens: an interrupt waits for the step boundary
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -485,6 +524,7 @@ class Trainer:
                 progress.update(record["loss"], record["lr"], record["tokens_per_s"])
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     log.log(record)
+                self._sigint.release()  # the step is complete and recorded: a held Ctrl-C is raised here
                 last = self.step == self.total_steps
                 if (t.eval_every and self.step % t.eval_every == 0) or (last and self.data.eval):
                     ev = {"step": self.step, **self.evaluate()}
@@ -507,6 +547,7 @@ class Trainer:
         except torch.OutOfMemoryError as e:
             raise OutOfMemory(_oom_message(cfg, e)) from None
         finally:
+            self._sigint.restore()
             progress.close()
             log.close()
             if self.is_main and t.plot:  # also after an interruption or a NaN stop: the curve shows what happened
