@@ -39,3 +39,31 @@ def test_peak_rss_near_one_model_copy(tmp_path):
     base, peak = int(out[0]), int(out[1])
     grown = peak - base
     assert grown < 1.35 * model_bytes, f"loading grew RSS by {grown / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model"
+
+
+def test_model_is_built_on_the_meta_device_then_filled(tmp_path, monkeypatch):
+    """load_model constructs the module tree on the meta device (no random-init copy of the weights, no init
+    compute) and every tensor of the loaded model is then real and on the requested device."""
+    import json
+
+    from fasttune.models import checkpoint, decoder
+
+    cfg = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "torch_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = decoder.CausalLM(ArchSpec.from_hf_config(cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+
+    built_on = []
+    real_init = decoder.CausalLM.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built_on.append(torch.empty(0).device.type)  # the default device while the module tree is created
+        real_init(self, *args, **kwargs)
+    monkeypatch.setattr(decoder.CausalLM, "__init__", recording_init)
+    loaded = checkpoint.load_model(tmp_path)
+    assert built_on == ["meta"]
+    tensors = list(loaded.parameters()) + list(loaded.buffers())
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    for name, p in loaded.named_parameters():
+        torch.testing.assert_close(p, model.state_dict()[name], rtol=0, atol=0, msg=name)
