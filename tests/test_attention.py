@@ -79,3 +79,190 @@ def test_documents_from_positions():
     assert documents_from_positions(torch.arange(5)[None]) is None
     d = documents_from_positions(torch.tensor([[0, 1, 0, 1, 2, 0]]))
     assert d.tolist() == [[1, 1, 2, 2, 2, 3]]
+
+
+# --- the flash-attn path, on CPU against a stand-in `flash_attn` module --------------------------------------------
+# The stand-in follows flash-attn 2.x's documented semantics (flash_attn/flash_attn_interface.py docstrings of
+# flash_attn_func / flash_attn_varlen_func): layout (B, S, H, D) or (total, H, D); kv head of query head h is
+# h // (H // Hk); causal aligned to the bottom-right corner; window_size=(left, right) lets query i see keys
+# [i + Sk - Sq - left, i + Sk - Sq + right] inclusive, -1 meaning unlimited; softcap > 0 maps the scaled score s to
+# softcap * tanh(s / softcap); a row with no key gives zeros; cu_seqlens int32 (N + 1,), max_seqlen an int.
+
+def _fa_mask(sq, sk, causal, window_size):
+    i = torch.arange(sq)[:, None] + (sk - sq)
+    j = torch.arange(sk)[None, :]
+    left, right = window_size
+    if causal:
+        right = 0
+    ok = torch.ones(sq, sk, dtype=torch.bool)
+    if right >= 0:
+        ok &= j <= i + right
+    if left >= 0:
+        ok &= j >= i - left
+    return ok
+
+
+def _fa_one(q, k, v, softmax_scale, causal, window_size, softcap):
+    """One sequence: q (Sq, H, D), k, v (Sk, Hk, D), float64 math."""
+    H, Hk = q.shape[1], k.shape[1]
+    assert H % Hk == 0
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    kh = torch.arange(H) // (H // Hk)
+    qd, kd, vd = q.double(), k.double()[:, kh], v.double()[:, kh]
+    s = torch.einsum("ihd,jhd->hij", qd, kd) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    ok = _fa_mask(q.shape[0], k.shape[0], causal, window_size)
+    s = s.masked_fill(~ok, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # an empty row gives zeros
+    return torch.einsum("hij,jhd->ihd", p, vd).to(q.dtype)
+
+
+class _FakeFlashAttn:
+    def __init__(self, fail=False):
+        self.calls = {"flash_attn_func": 0, "flash_attn_varlen_func": 0}
+        self.seen = []
+        self.fail = fail
+
+    def module(self):
+        import types
+        m = types.ModuleType("flash_attn")
+        m.flash_attn_func = self.flash_attn_func
+        m.flash_attn_varlen_func = self.flash_attn_varlen_func
+        return m
+
+    def flash_attn_func(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        self.calls["flash_attn_func"] += 1
+        if self.fail:
+            raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+        assert q.dim() == 4 and k.shape[0] == q.shape[0] and k.shape[-1] == q.shape[-1]
+        self.seen.append(dict(window_size=tuple(window_size), softcap=softcap, causal=causal))
+        return torch.stack([_fa_one(q[b], k[b], v[b], softmax_scale, causal, window_size, softcap)
+                            for b in range(q.shape[0])])
+
+    def flash_attn_varlen_func(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                               deterministic=False, return_attn_probs=False, block_table=None):
+        self.calls["flash_attn_varlen_func"] += 1
+        if self.fail:
+            raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+        assert q.dim() == 3 and k.dim() == 3
+        for cu, total, mx in ((cu_seqlens_q, q.shape[0], max_seqlen_q), (cu_seqlens_k, k.shape[0], max_seqlen_k)):
+            assert cu.dtype == torch.int32 and cu.dim() == 1 and cu.device == q.device
+            assert cu[0].item() == 0 and cu[-1].item() == total and bool((cu[1:] > cu[:-1]).all())
+            assert isinstance(mx, int) and mx == int((cu[1:] - cu[:-1]).max())
+        assert torch.equal(cu_seqlens_q, cu_seqlens_k)
+        self.seen.append(dict(window_size=tuple(window_size), softcap=softcap, causal=causal,
+                              cu_seqlens=cu_seqlens_q.tolist()))
+        cu = cu_seqlens_q.tolist()
+        return torch.cat([_fa_one(q[a:b], k[a:b], v[a:b], softmax_scale, causal, window_size, softcap)
+                          for a, b in zip(cu[:-1], cu[1:])])
+
+
+def test_stand_in_mask_matches_flash_attn_docs():
+    # the examples in flash-attn's docstrings: causal aligned to the bottom-right corner
+    assert _fa_mask(2, 5, True, (-1, -1)).int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert _fa_mask(5, 2, True, (-1, -1)).int().tolist() == [[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]]
+    # window (2, 0) on a square matrix: the query and the two keys before it
+    assert _fa_mask(4, 4, True, (2, 0)).int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]]
+    q, k, v = torch.randn(3, 2, 4), torch.randn(5, 1, 4), torch.randn(5, 1, 4)
+    out = _fa_one(q, k, v, None, True, (-1, -1), 0.0)  # key 4 is the last query's own position
+    s = (q[2, 0].double() @ k[:, 0].double().T) * 0.5
+    assert torch.allclose(out[2, 0].double(), torch.softmax(s, 0) @ v[:, 0].double())
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    import sys
+
+    from fasttune.kernels import attention as attn_mod
+
+    def install(fail=False):
+        fake = _FakeFlashAttn(fail)
+        monkeypatch.setitem(sys.modules, "flash_attn", fake.module())
+        monkeypatch.setattr(attn_mod, "_flash_attn_device_ok", lambda q, k, v: True)
+        monkeypatch.setattr(attn_mod, "_FLASH_FAILED", False)
+        monkeypatch.delenv("FASTTUNE_FLASH_ATTN", raising=False)
+        return fake
+    return install
+
+
+_PACKED_POSITIONS = [[0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6],  # documents of 5, 1 and 7 tokens
+                     [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4]]  # 8 and 5
+
+
+@pytest.mark.parametrize("case", ["window", "packed", "packed_window", "softcap", "gqa", "gemma2"])
+def test_flash_attn_path_matches_reference(fake_flash, case):
+    fake = fake_flash()
+    B, Hq, Hk, T, D = 2, 4, 2, 13, 8
+    if case == "gqa":
+        Hq = 4 * Hk
+    kw = {}
+    if case in ("window", "packed_window", "gqa", "gemma2"):
+        kw["sliding_window"] = 4 if case != "packed_window" else 3
+    if case in ("packed", "packed_window", "gqa"):
+        kw["document_ids"] = documents_from_positions(torch.tensor(_PACKED_POSITIONS))
+    if case in ("softcap", "gemma2"):
+        kw["softcap"] = 1.5
+    q = (torch.randn(B, T, Hq, D) * 2).transpose(1, 2)  # the model's layout: a transposed view
+    k = (torch.randn(B, T, Hk, D) * 2).transpose(1, 2)
+    v = torch.randn(B, T, Hk, D).transpose(1, 2)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    scale = 1 / math.sqrt(D)
+    got = attention(q, k, v, scale=scale, **kw)
+
+    varlen = "document_ids" in kw
+    assert fake.calls == {"flash_attn_func": int(not varlen), "flash_attn_varlen_func": int(varlen)}
+    seen = fake.seen[0]
+    assert seen["causal"] is True
+    assert seen["window_size"] == ((kw["sliding_window"] - 1, 0) if "sliding_window" in kw else (-1, -1))
+    assert seen["softcap"] == kw.get("softcap", 0.0)
+    if varlen:
+        assert seen["cu_seqlens"] == [0, 5, 6, 13, 21, 26]
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    mask = build_mask(B, T, T, q.device, sliding_window=kw.get("sliding_window"),
+                      document_ids=kw.get("document_ids"))
+    want = eager_attention(q64, k64, v64, mask, scale, kw.get("softcap"))
+    assert got.shape == want.shape and got.dtype == q.dtype
+    assert (got.double() - want.detach()).abs().max() < 1e-5
+    dout = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (q, k, v), dout)
+    ref = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+    for name, g, r in zip("qkv", grads, ref):
+        assert (g.double() - r).abs().max() < 1e-5, f"d{name}"
+
+
+def test_flash_attn_path_skipped_for_plain_causal_decode_padding_and_switch(fake_flash, monkeypatch):
+    fake = fake_flash()
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    attention(q, k, v, scale=0.3)  # plain causal stays on SDPA
+    attention(q, k, v, scale=0.3, sliding_window=20)  # a window longer than the sequence is plain causal
+    attention(q[:, :, -3:], k, v, scale=0.3, q_offset=6, sliding_window=4)  # decoding
+    pad = torch.ones(2, 9, dtype=torch.bool)
+    pad[0, :2] = False
+    attention(q, k, v, scale=0.3, sliding_window=4, key_padding_mask=pad)  # padding
+    assert fake.calls == {"flash_attn_func": 0, "flash_attn_varlen_func": 0}
+    monkeypatch.setenv("FASTTUNE_FLASH_ATTN", "0")
+    attention(q, k, v, scale=0.3, sliding_window=4)
+    assert fake.calls == {"flash_attn_func": 0, "flash_attn_varlen_func": 0}
+    monkeypatch.setenv("FASTTUNE_FLASH_ATTN", "1")
+    attention(q, k, v, scale=0.3, sliding_window=4)
+    assert fake.calls["flash_attn_func"] == 1
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_flash_attn_errors_fall_back_to_reference(fake_flash, packed):
+    from fasttune.kernels import attention as attn_mod
+    fake = fake_flash(fail=True)
+    B, T = 2, 13
+    q, k, v = torch.randn(B, 4, T, 8), torch.randn(B, 2, T, 8), torch.randn(B, 2, T, 8)
+    docs = documents_from_positions(torch.tensor(_PACKED_POSITIONS)) if packed else None
+    got = attention(q, k, v, scale=0.3, sliding_window=4, document_ids=docs, softcap=2.0)
+    mask = build_mask(B, T, T, q.device, sliding_window=4, document_ids=docs)
+    want = eager_attention(q.double(), k.double(), v.double(), mask, 0.3, 2.0)
+    assert (got.double() - want).abs().max() < 1e-5
+    assert sum(fake.calls.values()) == 1 and attn_mod._FLASH_FAILED
+    attention(q, k, v, scale=0.3, sliding_window=4, document_ids=docs)  # not retried once it failed
+    assert sum(fake.calls.values()) == 1

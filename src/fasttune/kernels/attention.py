@@ -6,6 +6,11 @@ position `q_offset + i` among the Tk keys (q_offset > 0 while decoding with a KV
 Paths, fastest first:
 - no mask at all (plain causal): `scaled_dot_product_attention(is_causal=True)`, which takes the flash or cuDNN
   kernel on GPU;
+- packed documents, a sliding window or soft-capping on CUDA in fp16/bf16, when the `flash_attn` package (Dao-AILab
+  FlashAttention 2.x) imports: `flash_attn_varlen_func` for packed documents (each document its own causal sequence,
+  `cu_seqlens` from the document ids), `flash_attn_func` otherwise; our window of W keys (the query included) is
+  flash-attn's `window_size=(W - 1, 0)`. Training/prefill only (q_offset 0, Tq == Tk, no padding mask), head_dim
+  <= 256; any error falls back to the paths below; `FASTTUNE_FLASH_ATTN=0` turns it off. Plain causal stays on SDPA;
 - packed documents or a sliding window on CUDA: `flex_attention` with a block mask, so masked blocks are skipped;
 - otherwise (padding, soft-capping, CPU): an explicit boolean mask through SDPA, or eager math when soft-capping.
 """
@@ -81,6 +86,11 @@ def attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if plain_causal and Tq == 1:  # one new token sees the whole cache
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if (key_padding_mask is None and q_offset == 0 and Tq == Tk and D <= 256 and _flash_attn_device_ok(q, k, v)
+            and os.environ.get("FASTTUNE_FLASH_ATTN", "1") != "0"):
+        out = _flash(q, k, v, scale, sliding_window, document_ids, softcap)
+        if out is not None:
+            return out
     if (q.is_cuda and key_padding_mask is None and q_offset == 0 and Tq == Tk
             and os.environ.get("FASTTUNE_FLEX", "1") == "1"):
         out = _flex(q, k, v, scale, sliding_window, document_ids, softcap)
@@ -104,6 +114,63 @@ def eager_attention(q, k, v, mask: torch.Tensor, scale: float, softcap: float | 
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
+
+
+_FLASH_FAILED = False
+
+
+def _flash_attn_device_ok(q, k, v) -> bool:
+    """Whether flash-attn's kernels take these tensors: CUDA, fp16/bf16, one dtype. (Tests patch this to run the
+    path on CPU against a stand-in `flash_attn` module.)"""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
+
+
+def _flash(q, k, v, scale, sliding_window, document_ids, softcap):
+    """flash-attn 2.x for packed documents / sliding windows / soft-capping (training and prefill: Tq == Tk, no
+    cache, no padding). Returns (B, Hq, T, D), or None when flash-attn is missing, the ids are not contiguous
+    documents, or it raised (then it is not tried again).
+
+    flash-attn's layout is (B, T, H, D) (varlen: (total, H, D)); GQA is native (head h reads kv head
+    h // (Hq // Hk), as repeat_interleave does). With causal=True and window_size=(left, right) query i sees keys
+    [i - left, i + right] (seqlen_q == seqlen_k, so its bottom-right alignment is our top-left); our mask allows
+    q - window < k <= q, hence left = window - 1, right = 0. Soft-capping is tanh(s / cap) * cap of the scaled
+    score, as in `eager_attention`."""
+    global _FLASH_FAILED
+    if _FLASH_FAILED:
+        return None
+    try:
+        import flash_attn
+    except Exception:
+        _FLASH_FAILED = True
+        return None
+    B, Hq, T, D = q.shape
+    kw = {"softmax_scale": scale, "causal": True}
+    if sliding_window is not None:  # only pass what is used, so versions without softcap still serve windows
+        kw["window_size"] = (sliding_window - 1, 0)
+    if softcap is not None:
+        kw["softcap"] = float(softcap)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D): free for our callers
+    try:
+        if document_ids is None:
+            out = flash_attn.flash_attn_func(qt, kt, vt, **kw)
+            return out.transpose(1, 2)
+        docs = document_ids.reshape(B, T)
+        if T > 1 and not bool((docs[:, 1:] >= docs[:, :-1]).all()):
+            return None  # a document split in two runs: only the mask paths express that
+        starts = torch.ones(B, T, dtype=torch.bool, device=q.device)
+        starts[:, 1:] = docs[:, 1:].to(q.device) != docs[:, :-1].to(q.device)  # each row starts a sequence too
+        cu = torch.nonzero(starts.reshape(-1)).reshape(-1)
+        cu = torch.cat([cu, cu.new_tensor([B * T])]).to(torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
+        out = flash_attn.flash_attn_varlen_func(
+            qt.reshape(B * T, Hq, D), kt.reshape(B * T, -1, D), vt.reshape(B * T, -1, D),
+            cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len, **kw)
+        return out.reshape(B, T, Hq, D).transpose(1, 2)
+    except torch.OutOfMemoryError:  # not a reason to give up on the kernel: the trainer explains what would fit
+        raise
+    except Exception:  # an old flash-attn, an unsupported GPU / dtype / head size: fall back to SDPA or flex
+        _FLASH_FAILED = True
+        return None
 
 
 _FLEX_FAILED = False
@@ -138,6 +205,8 @@ def _flex(q, k, v, scale, sliding_window, document_ids, softcap):
         block_mask = create_block_mask(mask_mod, B if docs is not None else None, None, T, T, device=q.device)
         return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                                 enable_gqa=q.shape[1] != k.shape[1])
+    except torch.OutOfMemoryError:
+        raise
     except Exception:  # an old torch or an unsupported head size: fall back to the masked SDPA path
         _FLEX_FAILED = True
         return None
