@@ -13,7 +13,7 @@ import torch
 from fasttune.data.packing import collate_padded
 from fasttune.train import TrainConfig, Trainer
 
-from test_train import make_small_model
+from test_train import config, make_small_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -25,15 +25,14 @@ def small_model(tmp_path_factory):
 
 
 def gpu_config(model_path, out, dtype="bfloat16", **sections) -> TrainConfig:
-    raw = {"model": {"path": str(model_path), "max_seq_length": 256, "device": "cuda", "dtype": dtype},
-           "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-           "data": {"path": "bundled:instructions", "max_examples": 120, "eval_fraction": 0.1},
-           "objective": {"type": "sft"},
-           "train": {"output_dir": str(out), "max_steps": 12, "batch_size": 2, "grad_accum": 2, "lr": 1e-2,
-                     "progress": False, "tensorboard": False, "plot": False, "memory": "auto"}}
+    """test_train.config with GPU defaults: CUDA, `dtype`, longer sequences, more data, the auto memory policy."""
+    merged = {"model": {"max_seq_length": 256, "device": "cuda", "dtype": dtype},
+              "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+              "data": {"max_examples": 120},
+              "train": {"max_steps": 12, "memory": "auto"}}
     for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return TrainConfig.from_dict(raw)
+        merged.setdefault(section, {}).update(values)
+    return config(model_path, out, **merged)
 
 
 def test_sft_bf16_loss_falls_and_resume_continues_the_same_losses(small_model, tmp_path):
