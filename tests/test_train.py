@@ -71,6 +71,8 @@ def test_config_errors_name_the_key_and_the_allowed_values(tmp_path):
     with pytest.raises(ConfigError, match=r"objective.type: 'ppo' is not allowed; allowed values: 'sft', 'pretrain', "
                                           r"'reward', 'dpo', 'orpo'"):
         TrainConfig.from_dict({"objective": {"type": "ppo"}})
+    with pytest.raises(ConfigError, match=r"fsdp does not support train.optimizer: adamw8bit"):
+        TrainConfig.from_dict({"train": {"parallel": "fsdp", "optimizer": "adamw8bit"}})
     with pytest.raises(ConfigError, match=r"lora.target_modules\[1\]: expected a string"):
         TrainConfig.from_dict({"lora": {"target_modules": ["q_proj", 3]}})
     with pytest.raises(ConfigError, match=r"train.lr must be > 0"):

@@ -81,3 +81,20 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, o
     (tmp_path / "resumed.yaml").write_text(_yaml(model, resumed, 4, objective, data, load_in_4bit=qlora))
     result = train(TrainConfig.from_yaml(tmp_path / "resumed.yaml"), resume=True)
     assert result.losses == pytest.approx([loss1[2]], rel=1e-5)
+
+    if parallel == "fsdp":
+        # FSDP2 writes the trainable weights and optimizer state sharded (one file a rank, nothing gathered) ...
+        step2 = two / "checkpoints" / "step-000002"
+        files = {p.name for p in (step2 / "sharded").iterdir()}
+        assert sum(f.endswith(".distcp") for f in files) == 2 and ".metadata" in files, files
+        assert not (step2 / "trainable.safetensors").exists() and not (step2 / "optimizer.pt").exists()
+        if objective == "sft":  # ... and the same checkpoint resumes on 2 ranks too
+            again = tmp_path / "again"
+            shutil.copytree(step2, again / "checkpoints" / "step-000002")
+            (tmp_path / "again.yaml").write_text(_yaml(model, again, 2, objective, data, parallel,
+                                                       load_in_4bit=qlora))
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc_per_node=2", "-m", "fasttune", "train", str(tmp_path / "again.yaml"),
+                                   "--resume"], capture_output=True, text=True, timeout=600, env=env)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            assert _losses(again)[0] == pytest.approx([loss1[2]], rel=1e-5)

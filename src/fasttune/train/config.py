@@ -158,6 +158,9 @@ class TrainConfig:
         if o.type == "dpo" and not self.lora.enabled:
             raise ConfigError("objective.type dpo needs lora.enabled: true — the reference model is the same base "
                               "with adapters switched off (fasttune never keeps a second copy of the model)")
+        if t.parallel == "fsdp" and t.optimizer == "adamw8bit":
+            raise ConfigError("train.parallel: fsdp does not support train.optimizer: adamw8bit (its block-quantised "
+                              "state belongs to each rank's shard and cannot be resharded); use train.optimizer: adamw")
         if t.parallel == "fsdp" and o.type == "reward":
             raise ConfigError("train.parallel: fsdp does not support objective.type reward yet (its scalar head "
                               "lives outside the sharded model); use train.parallel: ddp")

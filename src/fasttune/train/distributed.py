@@ -4,6 +4,9 @@ Under `torchrun --nproc_per_node N -m fasttune train config.yaml` (or `fasttune 
 torchrun), each rank builds the same list of micro-batches and trains on every N-th one of each step's group, so
 the data is split with no overlap and nothing lost; gradients are averaged by DDP (NCCL on GPUs, gloo on CPU).
 Without the torchrun environment everything here is a no-op and the trainer runs as one process.
+
+Checkpoints: under DDP, rank 0 writes the (replicated) trainable state; under FSDP2 every rank writes its shard
+through torch.distributed.checkpoint (train/checkpoint.py). Either resumes on any number of processes.
 """
 from __future__ import annotations
 

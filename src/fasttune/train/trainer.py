@@ -420,7 +420,16 @@ class Trainer:
             self.optimizer.load_state_dict(state)
 
     def save_checkpoint(self, rng: dict | None = None) -> Path | None:
-        weights = ckpt.trainable_state(self.trainable_modules())  # a collective under FSDP: every rank calls it
+        if dist_utils.is_sharded(self.model):  # FSDP2: every rank writes its own shard, nothing is gathered
+            path = ckpt.save_sharded_checkpoint(self.output_dir, self.step, model=self.model,
+                                                optimizer=self.optimizer, scheduler=self.scheduler,
+                                                trainer_state=self._state(), keep_last=self.cfg.train.keep_last,
+                                                is_main=self.is_main, barrier=lambda: dist_utils.barrier(self.dist))
+            if rng is not None and self.is_main:
+                torch.save(rng, path / "rng.pt")
+            dist_utils.barrier(self.dist)
+            return path
+        weights = ckpt.trainable_state(self.trainable_modules())
         optimizer_state = self._optimizer_state()
         path = None
         if self.is_main:
@@ -434,8 +443,13 @@ class Trainer:
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         state = ckpt.load_checkpoint(path)
-        ckpt.load_trainable_state(self.trainable_modules(), state["weights"], str(path))
-        self._load_optimizer_state(state["optimizer"])
+        if ckpt.is_sharded_checkpoint(path):
+            if self.reward_head is not None:
+                raise RuntimeError(f"{path} is a sharded (FSDP2) checkpoint, which never holds a reward head")
+            ckpt.load_sharded_weights_and_optimizer(path, self.model, self.optimizer)
+        else:
+            ckpt.load_trainable_state(self.trainable_modules(), state["weights"], str(path))
+            self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ts = state["trainer_state"]
         if ts.get("world_size", 1) != self.dist.world_size:
