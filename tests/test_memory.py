@@ -69,6 +69,41 @@ def test_policies_give_identical_gradients(policy, dropout):
     assert model.model.layer_runner is None
 
 
+def test_recompute_mlp_policy_gives_identical_gradients_and_saves_less():
+    """`recompute-mlp`: no layer checkpointed, the fused LoRA MLP recomputes gate/up in its backward instead of
+    saving them — the same loss and gradients, and fewer bytes kept for the backward."""
+    with pytest.raises(ValueError, match="dropout 0"):  # LoRA dropout turns the fused MLP off: say so
+        apply_memory_policy(_model(0.3), "recompute-mlp", seq_len=40, batch_size=2)
+    model = _model(0.0)
+    ids = _ids()
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+
+    def saved_bytes() -> int:
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+        torch.manual_seed(0)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids).loss
+        return total
+    kept = saved_bytes()
+    plan = apply_memory_policy(model, "recompute-mlp", seq_len=40, batch_size=2)
+    assert plan.modes == ["none"] * 3 and model.model.layer_runner is None and not plan.mlp_saves_gate_up
+    assert all(layer.mlp.fused_forward.save_gate_up is False for layer in model.model.layers)
+    loss, grads = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    # gate and up (2 x intermediate x tokens, float64) per layer are no longer saved
+    spec = model.spec
+    assert kept - saved_bytes() >= 3 * 2 * spec.intermediate_size * ids.numel() * 8
+    apply_memory_policy(model, "none", seq_len=40, batch_size=2)
+    assert all(layer.mlp.fused_forward.save_gate_up is True for layer in model.model.layers)
+
+
 def test_first_layer_adapters_get_gradients_with_frozen_embeddings():
     """The checkpointed layer's input does not require grad (frozen embeddings): the adapters still train."""
     model = _model()

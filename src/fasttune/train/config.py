@@ -87,7 +87,7 @@ class TrainSection:
     save_every: Optional[int] = None  # steps; None: at the end only
     keep_last: int = 2
     log_every: int = 1
-    memory: Literal["auto", "none", "checkpoint", "offload"] = "auto"
+    memory: Literal["auto", "none", "recompute-mlp", "checkpoint", "offload"] = "auto"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard the model (FSDP2 fully_shard)
     progress: bool = True
     tensorboard: bool = True

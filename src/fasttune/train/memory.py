@@ -10,7 +10,8 @@ Each decoder layer runs in one of three modes (installed as `DecoderModel.layer_
 On CPU the same code runs; "offload" keeps a separate copy of h instead of a pinned host buffer (so it is
 testable, and the original tensor is released as on GPU).
 
-`auto` picks modes from free GPU memory and an estimate of each layer's saved activations: nothing is
+`recompute-mlp` keeps every layer's activations but the MLP's gate/up outputs (recomputed in the backward), a
+middle ground between "none" and checkpointing. `auto` picks modes from free GPU memory and an estimate of each layer's saved activations: nothing is
 recomputed when everything fits; otherwise just enough layers are checkpointed, and then offloaded. For long
 sequences the MLP runs in token chunks (`GatedMLP.chunk_tokens`) and the fused LoRA MLP recomputes its gate/up
 projections in the backward, so no tokens x intermediate tensor of the whole sequence is ever alive.
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 
 MODES = ("none", "checkpoint", "offload")
-POLICIES = ("auto", "none", "checkpoint", "offload")
+POLICIES = ("auto", "none", "recompute-mlp", "checkpoint", "offload")
 GiB = 2**30
 
 
@@ -237,6 +238,12 @@ def plan_memory(spec, policy: str, seq_len: int, batch_size: int, free_bytes: in
     hidden_bytes = tokens * spec.hidden_size * dtype_bytes
     if policy == "none":
         return MemoryPlan(["none"] * L, None, True, act, free_bytes)
+    if policy == "recompute-mlp":
+        # every layer keeps its activations except the MLP's gate/up outputs (2 x intermediate per token, most of a
+        # layer's saved bytes), which the fused LoRA MLP recomputes in its backward: two of the three MLP GEMMs again
+        lean_act = layer_activation_bytes(spec, tokens, dtype_bytes, False, lora_rank)
+        return MemoryPlan(["none"] * L, None, False, lean_act, free_bytes,
+                          ["MLP gate/up recomputed in the backward; no layer checkpointed"])
     if policy in ("checkpoint", "offload"):
         modes = [policy] * L
         if policy == "offload":
@@ -277,11 +284,18 @@ def apply_memory_policy(model: nn.Module, policy: str = "auto", seq_len: int | N
     """Install the memory policy on a fasttune CausalLM (in place) and return the plan.
 
     policy: "auto" (from free GPU memory and the activation estimate for `batch_size` x `seq_len`), "none",
-    "checkpoint" (every layer) or "offload" (every layer but the last). `free_bytes` overrides the measurement."""
+    "recompute-mlp" (nothing checkpointed, but the MLP's gate/up outputs are recomputed in its backward instead of
+    saved), "checkpoint" (every layer) or "offload" (every layer but the last). `free_bytes` overrides the
+    measurement."""
     from ..lora.model import FusedMLP
 
     decoder = model.model
     spec = model.spec
+    if policy == "recompute-mlp" and not any(isinstance(layer.mlp.fused_forward, FusedMLP)
+                                             for layer in decoder.layers):
+        raise ValueError("memory policy recompute-mlp works through the fused LoRA MLP, which this model does not "
+                         "use: it needs LoRA on gate_proj, up_proj and down_proj with dropout 0; choose "
+                         "'checkpoint' instead")
     if seq_len is None:
         seq_len = getattr(model, "max_seq_length", None) or spec.max_position_embeddings
     device = next(model.parameters()).device

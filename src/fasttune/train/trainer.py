@@ -104,7 +104,7 @@ def _oom_message(cfg: TrainConfig, err: BaseException) -> str:
     options = []
     if not m.load_in_4bit:
         options.append("model.load_in_4bit: true (QLoRA: NF4 base weights, ~1/4 the weight memory)")
-    if t.memory in ("auto", "none", "checkpoint"):
+    if t.memory in ("auto", "none", "recompute-mlp", "checkpoint"):
         options.append("train.memory: offload (checkpoint every layer and keep its input in CPU memory)")
     options.append(f"a shorter model.max_seq_length (now {m.max_seq_length}), e.g. {max(128, m.max_seq_length // 2)}")
     if t.batch_size > 1:
