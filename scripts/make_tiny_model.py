@@ -26,17 +26,18 @@ DATA = ROOT / "src" / "fasttune" / "assets" / "data"
 CORPUS, INSTRUCTIONS, CONVERSATIONS = DATA / "corpus.txt", DATA / "instructions.jsonl", DATA / "conversations.jsonl"
 
 
-def tiny_config(vocab_size: int, bos: int, eos: int, pad: int) -> dict:
+def tiny_config(vocab_size: int, bos: int, eos: int, pad: int, hidden: int = 192, intermediate: int = 512,
+                layers: int = 4) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
-        "hidden_size": 256,
-        "intermediate_size": 688,
-        "num_hidden_layers": 4,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "head_dim": 64,
+        "head_dim": hidden // 4,
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
@@ -89,6 +90,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=192, help="hidden size (4 heads, 2 KV heads, head_dim hidden / 4)")
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--out", type=Path, default=TINY)
     args = ap.parse_args()
 
@@ -98,7 +102,8 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(TINY))
-    cfg = tiny_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    cfg = tiny_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                      hidden=args.hidden, intermediate=args.intermediate, layers=args.layers)
     model = CausalLM(ArchSpec.from_hf_config(cfg))
     init_weights(model)
     print(f"tiny model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {cfg['vocab_size']}")
