@@ -266,3 +266,54 @@ def test_flash_attn_errors_fall_back_to_reference(fake_flash, packed):
     assert sum(fake.calls.values()) == 1 and attn_mod._FLASH_FAILED
     attention(q, k, v, scale=0.3, sliding_window=4, document_ids=docs)  # not retried once it failed
     assert sum(fake.calls.values()) == 1
+
+
+def test_mask_layout_is_built_once_per_forward_and_shared_by_every_layer(fake_flash, monkeypatch):
+    """flash-attn's cu_seqlens (host syncs) are computed once per forward through AttentionInputs.memo, not per
+    layer, also when checkpointed layers recompute; the result equals the reference path."""
+    from fasttune.kernels import attention as attn_mod
+    from fasttune.models import ArchSpec, CausalLM
+    from fasttune.train.memory import apply_memory_policy
+
+    cfg = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "torch_dtype": "float32"}
+    torch.manual_seed(0)
+    model = CausalLM(ArchSpec.from_hf_config(cfg)).double()
+    ids = torch.randint(0, 64, (2, 13))
+    positions = torch.tensor(_PACKED_POSITIONS)
+    reference = model(ids, position_ids=positions).logits  # no stand-in installed: the mask path
+
+    fake = fake_flash()
+    real_layout = attn_mod._varlen_layout
+    layouts = []
+    monkeypatch.setattr(attn_mod, "_varlen_layout", lambda docs: layouts.append(1) or real_layout(docs))
+    logits = model(ids, position_ids=positions).logits
+    torch.testing.assert_close(logits, reference, rtol=1e-10, atol=1e-12)
+    assert fake.calls["flash_attn_varlen_func"] == 3 and len(layouts) == 1
+
+    apply_memory_policy(model, "checkpoint", seq_len=13, batch_size=2)  # the backward re-runs every layer
+    model.requires_grad_(True)
+    layouts.clear()
+    model(ids, position_ids=positions, labels=ids).loss.backward()
+    assert fake.calls["flash_attn_varlen_func"] == 3 + 6 and len(layouts) == 1
+
+
+def test_flex_block_mask_is_built_once_per_window(monkeypatch):
+    """The flex path builds one block mask per (window, batch, length) per forward and every layer reuses it."""
+    import torch.nn.attention.flex_attention as flex_mod
+
+    from fasttune.kernels import attention as attn_mod
+
+    built = []
+    monkeypatch.setattr(flex_mod, "create_block_mask", lambda mask_mod, B, H, Q, KV, device: built.append(1) or
+                        object())
+    monkeypatch.setattr(attn_mod, "_compiled_flex", lambda: lambda q, k, v, **kw: torch.zeros_like(q))
+    monkeypatch.setattr(attn_mod, "_FLEX_FAILED", False)
+    q = k = v = torch.randn(1, 2, 16, 8)
+    docs = torch.tensor([[0] * 8 + [1] * 8])
+    memo: dict = {}
+    for window in (None, 4, None, 4, None):  # Gemma 2 style: alternating global and local layers
+        assert attn_mod._flex(q, k, v, 0.3, window, docs, None, memo) is not None
+    assert len(built) == 2
+    attn_mod._flex(q, k, v, 0.3, None, docs, None)  # without a memo: built on every call, as before
+    assert len(built) == 3

@@ -73,8 +73,10 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     document_ids: torch.Tensor | None = None,
     softcap: float | None = None,
+    memo: dict | None = None,
 ) -> torch.Tensor:
-    """Returns (B, Hq, Tq, D)."""
+    """Returns (B, Hq, Tq, D). `memo`: a dict shared by every layer of one forward (and its recompute), where the
+    layout derived from the masks (flash-attn's cu_seqlens, flex block masks) is built once instead of per layer."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     gqa = Hq != k.shape[1]
@@ -88,12 +90,12 @@ def attention(
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     if (key_padding_mask is None and q_offset == 0 and Tq == Tk and D <= 256 and _flash_attn_device_ok(q, k, v)
             and os.environ.get("FASTTUNE_FLASH_ATTN", "1") != "0"):
-        out = _flash(q, k, v, scale, sliding_window, document_ids, softcap)
+        out = _flash(q, k, v, scale, sliding_window, document_ids, softcap, memo)
         if out is not None:
             return out
     if (q.is_cuda and key_padding_mask is None and q_offset == 0 and Tq == Tk
             and os.environ.get("FASTTUNE_FLEX", "1") == "1"):
-        out = _flex(q, k, v, scale, sliding_window, document_ids, softcap)
+        out = _flex(q, k, v, scale, sliding_window, document_ids, softcap, memo)
         if out is not None:
             return out
     mask = build_mask(B, Tq, Tk, q.device, q_offset, sliding_window, key_padding_mask, document_ids)
@@ -125,7 +127,7 @@ def _flash_attn_device_ok(q, k, v) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
 
 
-def _flash(q, k, v, scale, sliding_window, document_ids, softcap):
+def _flash(q, k, v, scale, sliding_window, document_ids, softcap, memo: dict | None = None):
     """flash-attn 2.x for packed documents / sliding windows / soft-capping (training and prefill: Tq == Tk, no
     cache, no padding). Returns (B, Hq, T, D), or None when flash-attn is missing, the ids are not contiguous
     documents, or it raised (then it is not tried again).
@@ -154,14 +156,16 @@ def _flash(q, k, v, scale, sliding_window, document_ids, softcap):
         if document_ids is None:
             out = flash_attn.flash_attn_func(qt, kt, vt, **kw)
             return out.transpose(1, 2)
-        docs = document_ids.reshape(B, T)
-        if T > 1 and not bool((docs[:, 1:] >= docs[:, :-1]).all()):
+        key = ("flash-varlen", B, T)
+        if memo is None or key not in memo:  # host syncs here: once per forward when the caller passes a memo
+            layout = _varlen_layout(document_ids.reshape(B, T).to(q.device))
+            if memo is not None:
+                memo[key] = layout
+        else:
+            layout = memo[key]
+        if layout is None:
             return None  # a document split in two runs: only the mask paths express that
-        starts = torch.ones(B, T, dtype=torch.bool, device=q.device)
-        starts[:, 1:] = docs[:, 1:].to(q.device) != docs[:, :-1].to(q.device)  # each row starts a sequence too
-        cu = torch.nonzero(starts.reshape(-1)).reshape(-1)
-        cu = torch.cat([cu, cu.new_tensor([B * T])]).to(torch.int32)
-        max_len = int((cu[1:] - cu[:-1]).max())
+        cu, max_len = layout
         out = flash_attn.flash_attn_varlen_func(
             qt.reshape(B * T, Hq, D), kt.reshape(B * T, -1, D), vt.reshape(B * T, -1, D),
             cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len, **kw)
@@ -173,10 +177,23 @@ def _flash(q, k, v, scale, sliding_window, document_ids, softcap):
         return None
 
 
+def _varlen_layout(docs: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(cu_seqlens int32, longest document) of a (B, T) document-id tensor flattened row by row: a sequence starts
+    at every row start and wherever the id changes. None if some row's ids decrease (a document split in two)."""
+    B, T = docs.shape
+    if T > 1 and not bool((docs[:, 1:] >= docs[:, :-1]).all()):
+        return None
+    starts = torch.ones(B, T, dtype=torch.bool, device=docs.device)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    cu = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    cu = torch.cat([cu, cu.new_tensor([B * T])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
 _FLEX_FAILED = False
 
 
-def _flex(q, k, v, scale, sliding_window, document_ids, softcap):
+def _flex(q, k, v, scale, sliding_window, document_ids, softcap, memo: dict | None = None):
     """flex_attention for packed documents / sliding windows / soft-capping on CUDA. Returns None if unavailable."""
     global _FLEX_FAILED
     if _FLEX_FAILED:
@@ -202,7 +219,12 @@ def _flex(q, k, v, scale, sliding_window, document_ids, softcap):
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.tanh(score / softcap) * softcap
     try:
-        block_mask = create_block_mask(mask_mod, B if docs is not None else None, None, T, T, device=q.device)
+        key = ("flex-block-mask", sliding_window, B, T)  # the same for every layer with this window
+        block_mask = memo.get(key) if memo is not None else None
+        if block_mask is None:
+            block_mask = create_block_mask(mask_mod, B if docs is not None else None, None, T, T, device=q.device)
+            if memo is not None:
+                memo[key] = block_mask
         return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                                 enable_gqa=q.shape[1] != k.shape[1])
     except torch.OutOfMemoryError:

@@ -12,7 +12,7 @@ Two optional hooks let other parts of fasttune take over a block without monkeyp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -78,6 +78,8 @@ class AttentionInputs:
     document_ids: torch.Tensor | None
     cache: KVCache | None
     q_offset: int
+    # what attention derives from the masks once and every layer reuses (flash-attn's cu_seqlens, flex block masks)
+    memo: dict = field(default_factory=dict)
 
 
 class Attention(nn.Module):
@@ -117,7 +119,7 @@ class Attention(nn.Module):
             k, v = a.cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, scale=self.scale, q_offset=a.q_offset, sliding_window=self.sliding_window,
                         key_padding_mask=a.key_padding_mask, document_ids=a.document_ids,
-                        softcap=self.spec.attn_softcap)
+                        softcap=self.spec.attn_softcap, memo=a.memo)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
