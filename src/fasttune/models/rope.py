@@ -145,7 +145,7 @@ class RotaryTables:
 
     def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if position_ids.numel():
-            lo, hi = (int(v) for v in torch.aminmax(position_ids))
+            lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()  # one device-to-host transfer
         else:
             lo, hi = 0, 0
         seq_len = hi + 1
