@@ -81,9 +81,12 @@ def _expected(model, family) -> dict[str, torch.Tensor]:
 def test_f32_tensors_and_hparams(tmp_path, family):
     d = _model_dir(tmp_path, family)
     model = _lora_model(d)
-    export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=d, quant="f32", chat_template=TEMPLATE)
+    result = export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=d, quant="f32", chat_template=TEMPLATE)
     fields, tensors = _read(tmp_path / "m.gguf")
     spec = model.spec
+    # a window the GGUF cannot hold is said, never dropped quietly (and nothing is said where there is none)
+    window_note = [n for n in result.notes if "sliding-window" in n]
+    assert bool(window_note) == bool(spec.sliding_window and family not in ("gemma2", "phi3")), (family, result.notes)
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
             "gemma2": "gemma2",
             "phi3": "phi3"}[family]

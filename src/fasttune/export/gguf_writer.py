@@ -239,6 +239,11 @@ def _add_hparams(w: gguf.GGUFWriter, spec, file_type: int) -> list[str]:
         if spec.attn_scale is not None and not math.isclose(spec.attn_scale, spec.head_dim ** -0.5):
             notes.append("Gemma 2 query_pre_attn_scalar != head_dim: llama.cpp picks the attention scale from the "
                          "model size, check it matches for this model")
+    if spec.sliding_window and spec.model_type not in ("gemma2", "phi3"):
+        # llama.cpp's converter drops Mistral's (and Qwen2's) window too; say so rather than let outputs differ quietly
+        notes.append(f"sliding-window attention ({spec.sliding_window} tokens) has no GGUF key for "
+                     f"{spec.model_type}: llama.cpp attends to the whole context, so outputs differ from this model's "
+                     f"beyond {spec.sliding_window} tokens")
     if spec.model_type == "phi3":
         w.add_rope_scaling_orig_ctx_len(spec.rope.original_max_position_embeddings or spec.max_position_embeddings)
         w.add_sliding_window(spec.sliding_window or 0)
