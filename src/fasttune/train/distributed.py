@@ -51,7 +51,9 @@ def wrap(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
     holds 1/N of every parameter, gathered layer by layer for compute).
 
     A QLoRA base is not sharded: its NF4 codes and scales are buffers, which `fully_shard` leaves whole on every
-    rank (a quarter of the bf16 size); the adapters, embeddings and LM head are parameters and are sharded."""
+    rank (a quarter of the bf16 size); the adapters, embeddings and LM head are parameters and are sharded.
+    The model arrives here whole (the trainer loads it on every rank, then shards it), so it must fit one device at
+    load time; building it straight into shards from a checkpoint is not implemented yet."""
     if not info.enabled:
         return model
     if parallel == "fsdp":
