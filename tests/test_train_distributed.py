@@ -67,6 +67,8 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, o
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "x 2 device(s)" in proc.stdout  # global batch stated in the log, once (rank 0 only)
+    # FSDP2 (16-bit base) loads the checkpoint straight into shards: no rank holds the whole model
+    assert ("loaded straight into FSDP2 shards" in proc.stdout) == (parallel == "fsdp" and not qlora)
     assert proc.stdout.count("fasttune: ") == 1
 
     loss1, eval1 = _losses(one)

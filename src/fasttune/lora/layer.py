@@ -21,6 +21,24 @@ def peft_kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None) ->
     return nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
 
 
+def peft_initial_A(r: int, in_features: int, out_features: int, base_dtype: torch.dtype | None,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """The float32 lora_A PEFT starts from, drawn on the CPU from `generator` (B starts at zero).
+
+    PEFT's draw order: nn.Linear(in, r) and nn.Linear(r, out) each run their default init (kaiming on the weight),
+    then reset_lora_parameters draws A again and zeroes B. Drawing the same numbers on the CPU generator makes the
+    same seed give PEFT's A for the same module order."""
+    A = torch.empty(r, in_features, dtype=torch.float32)
+    peft_kaiming_uniform_(A, generator)  # nn.Linear(in, r) default init, discarded by PEFT
+    peft_kaiming_uniform_(torch.empty(out_features, r), generator)  # nn.Linear(r, out), zeroed by PEFT
+    peft_kaiming_uniform_(A, generator)
+    if base_dtype in (torch.bfloat16, torch.float16):
+        # PEFT moves the adapter to the base layer's dtype, then upcasts it to float32 again
+        # (autocast_adapter_dtype): its A is the draw rounded to the 16-bit dtype. Same here.
+        A = A.to(base_dtype).float()
+    return A
+
+
 class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  generator: torch.Generator | None = None):
@@ -35,17 +53,8 @@ class LoraLinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
-        # PEFT's draw order: nn.Linear(in, r) and nn.Linear(r, out) each run their default init (kaiming on the
-        # weight), then reset_lora_parameters draws A again and zeroes B. Drawing the same numbers on the CPU
-        # generator makes the same seed give PEFT's A for the same module order.
-        A = torch.empty(r, self.in_features, dtype=torch.float32)
-        peft_kaiming_uniform_(A, generator)  # nn.Linear(in, r) default init, discarded by PEFT
-        peft_kaiming_uniform_(torch.empty(self.out_features, r), generator)  # nn.Linear(r, out), zeroed by PEFT
-        peft_kaiming_uniform_(A, generator)
-        if isinstance(base, nn.Linear) and base.weight.dtype in (torch.bfloat16, torch.float16):
-            # PEFT moves the adapter to the base layer's dtype, then upcasts it to float32 again
-            # (autocast_adapter_dtype): its A is the draw rounded to the 16-bit dtype. Same here.
-            A = A.to(base.weight.dtype).float()
+        A = peft_initial_A(r, self.in_features, self.out_features,
+                           base.weight.dtype if isinstance(base, nn.Linear) else None, generator)
         device = self.base_weight_device()
         self.lora_A = nn.Parameter(A.to(device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))

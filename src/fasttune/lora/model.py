@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..kernels.lora import lora_mlp, lora_qkv
 from .config import LoraConfig
-from .layer import LoraLinear
+from .layer import LoraLinear, peft_initial_A
 from .nf4_linear import NF4Linear
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -74,14 +74,11 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     generator = torch.Generator().manual_seed(seed)
     targets = set(cfg.target_modules)
     for layer in model.model.layers:
-        for parent, names in ((layer.self_attn, _ATTN), (layer.mlp, _MLP)):
-            for name in names:
-                if name in targets:
-                    base = getattr(parent, name)
-                    if not isinstance(base, (nn.Linear, NF4Linear)):
-                        raise TypeError(f"{name} is a {type(base).__name__}; LoRA needs nn.Linear or NF4Linear")
-                    setattr(parent, name, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora,
-                                                     generator))
+        for parent, name in _targeted(layer, targets):
+            base = getattr(parent, name)
+            if not isinstance(base, (nn.Linear, NF4Linear)):
+                raise TypeError(f"{name} is a {type(base).__name__}; LoRA needs nn.Linear or NF4Linear")
+            setattr(parent, name, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, generator))
         if cfg.dropout == 0:
             if {"q_proj", "k_proj", "v_proj"} <= targets:
                 layer.self_attn.fused_qkv = FusedQKV(layer.self_attn)
@@ -93,6 +90,30 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
         model.lm_head.weight.requires_grad_(True)
     model.lora_config = cfg
     return model
+
+
+def _targeted(layer: nn.Module, targets: set[str]):
+    """(parent module, attribute name) of each targeted projection of a decoder layer, in add_lora's draw order."""
+    for parent, names in ((layer.self_attn, _ATTN), (layer.mlp, _MLP)):
+        for name in names:
+            if name in targets:
+                yield parent, name
+
+
+def initial_lora_A(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The lora_A values `add_lora` drew for `model` (from its seed, in its order), recomputed on the CPU: for a
+    model whose adapters were created on the meta device and are filled in later (FSDP2 loading)."""
+    cfg = model.lora_config
+    generator = torch.Generator().manual_seed(cfg.seed)
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        for parent, name in _targeted(layer, set(cfg.target_modules)):
+            lora = getattr(parent, name)
+            base_dtype = lora.base.weight.dtype if isinstance(lora.base, nn.Linear) else None
+            prefix = "self_attn" if parent is layer.self_attn else "mlp"
+            out[f"model.layers.{i}.{prefix}.{name}.lora_A"] = peft_initial_A(
+                lora.r, lora.in_features, lora.out_features, base_dtype, generator)
+    return out
 
 
 @contextlib.contextmanager

@@ -123,6 +123,18 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(module, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
+def iter_model_tensors(path: str | os.PathLike, spec: ArchSpec,
+                       allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(fasttune parameter name, tensor) for each tensor of the checkpoint at `path`, one at a time, streamed from
+    its shards; Phi-3's fused projections come split, a tied LM head and rotary buffers are skipped. For loaders
+    that place each tensor themselves (FSDP2: every rank keeps only its shard)."""
+    for raw_name, tensor in _iter_tensors(_weight_files(Path(path), allow_pickle)):
+        for name, t in _unfuse(raw_name, tensor, spec):
+            if name.endswith("rotary_emb.inv_freq") or (spec.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            yield name, t
+
+
 def load_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,

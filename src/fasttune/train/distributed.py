@@ -52,9 +52,9 @@ def wrap(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
 
     A QLoRA base is not sharded: its NF4 codes and scales are buffers, which `fully_shard` leaves whole on every
     rank (a quarter of the bf16 size); the adapters, embeddings and LM head are parameters and are sharded.
-    The model arrives here whole (the trainer loads it on every rank, then shards it), so it must fit one device at
-    load time; building it straight into shards from a checkpoint is not implemented yet."""
-    if not info.enabled:
+    The trainer does not come through here with a 16-bit base under FSDP2: `load_into_shards` builds the model
+    sharded from the start, so it need not fit one device."""
+    if not info.enabled or is_sharded(model):  # already sharded (load_into_shards)
         return model
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -71,6 +71,57 @@ def wrap(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
 
     device_ids = [info.local_rank] if next(model.parameters()).is_cuda else None
     return DDP(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def load_into_shards(path: str, info: DistInfo, device: torch.device, dtype=None, lora: dict | None = None
+                     ) -> nn.Module:
+    """A checkpoint loaded straight into FSDP2 shards, for a model too big for one device: the module tree (and its
+    adapters) is built on the meta device and sharded, each rank allocates only its shards, and the checkpoint is
+    streamed one tensor at a time, each rank copying its piece. `lora`: add_lora's keyword arguments; the adapters
+    start from the same values add_lora gives a whole model (PEFT's init from the seed)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from ..lora import add_lora
+    from ..lora.model import initial_lora_A
+    from ..models.checkpoint import CheckpointError, iter_model_tensors, resolve_dtype
+    from ..models.decoder import CausalLM
+    from ..models.spec import ArchSpec
+
+    spec = ArchSpec.from_pretrained(path)
+    torch_dtype = resolve_dtype(dtype, spec)
+    with torch.device("meta"):
+        model = CausalLM(spec).to(torch_dtype)
+    model.tie_weights()
+    initial = {}
+    if lora is not None:
+        model = add_lora(model, **lora)
+        initial = initial_lora_A(model)
+    wrap(model, info, "fsdp")
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+
+    def place(name: str, full: torch.Tensor) -> None:
+        p = params[name]
+        with torch.no_grad():
+            p.copy_(distribute_tensor(full.to(device=device, dtype=p.dtype), p.device_mesh, p.placements))
+
+    loaded = set()
+    for name, tensor in iter_model_tensors(path, spec):
+        target = name if name in params else name.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+        if target not in params:
+            raise CheckpointError(f"unexpected tensor {name!r} in {path}: not part of a {spec.model_type} model")
+        place(target, tensor)
+        loaded.add(target)
+        del tensor
+    for name_a, value in initial.items():
+        name_b = name_a.replace("lora_A", "lora_B")
+        place(name_a, value)
+        place(name_b, torch.zeros(params[name_b].shape))  # a DTensor's shape is the whole tensor's
+        loaded.update({name_a, name_b})
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise CheckpointError(f"{path} is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
+    return model.eval()
 
 
 @contextlib.contextmanager

@@ -176,11 +176,24 @@ class Trainer:
             dtype = cfg.model.dtype
             if dtype == "auto":
                 dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-            model, loaded_tok = load(resolve_model_path(cfg.model.path), max_seq_length=cfg.model.max_seq_length,
-                                     dtype=dtype, device=self.device, load_in_4bit=cfg.model.load_in_4bit)
-            tokenizer = tokenizer or loaded_tok
-            if cfg.lora.enabled:
-                model = self._add_lora(model)
+            path = resolve_model_path(cfg.model.path)
+            if self.dist.enabled and cfg.train.parallel == "fsdp" and not cfg.model.load_in_4bit:
+                # straight into FSDP2 shards: no rank ever holds the whole model (it may not fit one device)
+                from ..models import load_tokenizer
+
+                lc = cfg.lora
+                lora = (dict(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=list(lc.target_modules),
+                             use_rslora=lc.use_rslora, seed=lc.seed) if lc.enabled else None)
+                model = dist_utils.load_into_shards(path, self.dist, self.device, dtype, lora=lora)
+                self.loaded_into_shards = True
+                model.max_seq_length = cfg.model.max_seq_length
+                tokenizer = tokenizer or load_tokenizer(path)
+            else:
+                model, loaded_tok = load(path, max_seq_length=cfg.model.max_seq_length, dtype=dtype,
+                                         device=self.device, load_in_4bit=cfg.model.load_in_4bit)
+                tokenizer = tokenizer or loaded_tok
+                if cfg.lora.enabled:
+                    model = self._add_lora(model)
         elif tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")
         elif cfg.lora.enabled and not any(_is_adapter(n) for n, _ in model.named_parameters()):
@@ -511,8 +524,9 @@ class Trainer:
         say(f"fasttune: {cfg.objective.type} on {self.device}, {len(self.data.train)} train / {len(self.data.eval)} "
             f"eval examples ({self.data.summary or self.data.kind}); {n_params:,} trainable parameters; "
             f"global batch = {t.batch_size} per device x {t.grad_accum} accumulation x {self.dist.world_size} "
-            f"device(s); {self.total_steps} steps" + (f"; resumed from {resume_path} at step {self.step}"
-                                                       if resume_path else ""))
+            f"device(s); {self.total_steps} steps"
+            + ("; model loaded straight into FSDP2 shards" if getattr(self, "loaded_into_shards", False) else "")
+            + (f"; resumed from {resume_path} at step {self.step}" if resume_path else ""))
         result = TrainResult(self.output_dir, None, self.step)
         start = time.perf_counter()
         rng_at_step, in_step = None, False
