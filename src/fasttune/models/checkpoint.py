@@ -155,25 +155,20 @@ def load_model(
     loaded: set[str] = set()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
     pending: dict[str, set[str]] = {n: {n + "." + p for p, _ in m.named_parameters()} for n, m in linears.items()}
-    for raw_name, tensor in _iter_tensors(_weight_files(path, allow_pickle)):
-        for name, t in _unfuse(raw_name, tensor, spec):
-            if name not in expected:
-                if spec.tie_word_embeddings and name == "lm_head.weight":
-                    continue
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue
-                raise CheckpointError(f"unexpected tensor {name!r} in {path}: not part of a {spec.model_type} model")
-            _set_tensor(model, name, t.to(device=device, dtype=torch_dtype))
-            loaded.add(name)
-            if quantize is not None:
-                owner = name.rpartition(".")[0]
-                if owner in pending:
-                    pending[owner].discard(name)
-                    if not pending[owner]:
-                        parent, _, child = owner.rpartition(".")
-                        setattr(model.get_submodule(parent), child, quantize(linears[owner]))
-                        del pending[owner]
-        del tensor
+    for name, t in iter_model_tensors(path, spec, allow_pickle):
+        if name not in expected:
+            raise CheckpointError(f"unexpected tensor {name!r} in {path}: not part of a {spec.model_type} model")
+        _set_tensor(model, name, t.to(device=device, dtype=torch_dtype))
+        loaded.add(name)
+        del t
+        if quantize is not None:
+            owner = name.rpartition(".")[0]
+            if owner in pending:
+                pending[owner].discard(name)
+                if not pending[owner]:
+                    parent, _, child = owner.rpartition(".")
+                    setattr(model.get_submodule(parent), child, quantize(linears[owner]))
+                    del pending[owner]
     missing = sorted(expected - loaded)
     if missing:
         raise CheckpointError(f"{path} is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}")

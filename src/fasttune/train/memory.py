@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .distributed import is_sharded
+
 MODES = ("none", "checkpoint", "offload")
 POLICIES = ("auto", "none", "recompute-mlp", "checkpoint", "offload")
 GiB = 2**30
@@ -173,7 +175,7 @@ class LayerRunner:
             self.offloader.new_pass()
         if mode == "none" or not torch.is_grad_enabled() or attn_inputs.cache is not None:
             return layer(hidden, attn_inputs)
-        if _is_fsdp_module(layer):
+        if is_sharded(layer):
             # FSDP2 computes with gathered copies of the sharded parameters, so _CheckpointedLayer's gradients with
             # respect to the (sharded) parameters would be empty and nothing would train. PyTorch's non-reentrant
             # checkpoint lets the recompute's gradients flow to whatever parameters it used, and FSDP2 composes
@@ -184,13 +186,6 @@ class LayerRunner:
             return checkpoint(layer, hidden, attn_inputs, use_reentrant=False, preserve_rng_state=True)
         return _checkpointed(hidden, layer, attn_inputs, self.offloader, mode == "offload")
 
-
-def _is_fsdp_module(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return False
-    return isinstance(module, FSDPModule)
 
 
 # ---- the policy -----------------------------------------------------------------------------------------------

@@ -307,16 +307,16 @@ class Trainer:
     def accumulate(self, group: list[dict]) -> dict:
         """Forward/backward over one step's micro-batches (this rank's share), leaving the summed gradients in
         `.grad`. Returns the step's loss (all ranks) and metrics; raises TrainingDiverged on NaN/inf."""
+        # counted on the host from the whole group (every rank holds it): no device sync, no communication
         counts = [count_targets(b, self.data.kind) for b in group]
         num_tokens = sum(c[0] for c in counts)
         num_pairs = sum(c[1] for c in counts)
+        tokens = sum(batch_tokens(b) for b in group)
         mine = group[self.dist.rank::self.dist.world_size]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         extra: dict[str, float] = {}
-        tokens = 0
         for i, batch in enumerate(mine):
             batch = to_device(batch, self.device)
-            tokens += batch_tokens(batch)
             sync = i == len(mine) - 1
             with dist_utils.no_sync(self.engine, enabled=not sync):
                 loss, metrics = self.micro_loss(batch, num_tokens, num_pairs)
@@ -328,7 +328,6 @@ class Trainer:
             dist_utils.all_reduce_grads(self.reward_head.parameters(), self.dist)
         total = dist_utils.all_reduce_sum(total, self.dist)
         extra = dist_utils.all_reduce_dict(extra, self.dist, self.device)
-        tokens = int(dist_utils.all_reduce_sum(torch.tensor(float(tokens), device=self.device), self.dist))
         loss_value = float(total)
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
