@@ -332,11 +332,7 @@ def worker(args) -> int:
     if rc == 0:
         dist_utils.barrier(info)
         dist_utils.cleanup()
-    # Leave without running interpreter-shutdown destructors: with FSDP2 over gloo, a worker sometimes aborted
-    # there ("terminate called without an active exception") after its row had been written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
+    dist_utils.exit_worker(rc)  # skips interpreter shutdown, where a gloo worker could abort the process
 
 
 # ---- driver -------------------------------------------------------------------------------------------------

@@ -107,3 +107,35 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, o
                                    "--resume"], capture_output=True, text=True, timeout=600, env=env)
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             assert _losses(again)[0] == pytest.approx([loss1[2]], rel=1e-5)
+
+
+def test_a_worker_leaves_through_os_exit_after_destroying_its_process_group(tmp_path, monkeypatch):
+    """CI once saw a 2-rank FSDP2 worker abort (SIGABRT) during interpreter shutdown after it had saved everything:
+    the gloo group outlives destroy_process_group (DTensor's caches hold the DeviceMesh that holds it), and its
+    threads were torn down while the interpreter finalised. So `fasttune train`, in a process that joined a group,
+    destroys the group and then leaves through os._exit with the run's exit status."""
+    from fasttune.cli import main
+
+    model = make_small_model(tmp_path / "model")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(_yaml(model, tmp_path / "out", 1, "sft", "bundled:instructions").replace("max_steps: 3",
+                                                                                           "max_steps: 1"))
+    exits: list[int] = []
+
+    def fake_exit(code: int):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1),
+                                         rank=0, world_size=1)
+    try:
+        with pytest.raises(SystemExit):
+            main(["train", str(cfg)])
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert exits == [0]
+    assert (tmp_path / "out" / "adapter" / "trainable.safetensors").exists()
+    # a process that joined no group returns normally
+    assert main(["train", str(cfg), "--set", f"train.output_dir={tmp_path / 'again'}"]) == 0 and exits == [0]

@@ -64,12 +64,15 @@ def _run_train(args) -> int:
 
     try:
         result = train(cfg, resume=args.resume)
+        code = EXIT_INTERRUPTED if result.interrupted else 0
     except (TrainingDiverged, OutOfMemory) as e:
         print(f"\nfasttune train: {e}", file=sys.stderr)
-        return 1
+        code = 1
     finally:
-        distributed.cleanup()
-    return EXIT_INTERRUPTED if result.interrupted else 0
+        worker = distributed.cleanup()
+    if worker:  # a torchrun worker: leave before interpreter shutdown can abort it (see exit_worker)
+        distributed.exit_worker(code)
+    return code
 
 
 # ---- chat / generate -------------------------------------------------------------------------------------------
