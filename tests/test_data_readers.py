@@ -171,6 +171,65 @@ def test_json_array_streams_element_by_element(tmp_path):
         next(it)
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_json_on_one_line_streams_too(tmp_path, monkeypatch, wrapped):
+    """A whole array on one line (and one wrapped as {"data": [...]}) is read in chunks: rows are served before the
+    file's end has been read, and only the unconsumed text is held."""
+    import fasttune.data.readers as readers
+
+    monkeypatch.setattr(readers, "_JSON_CHUNK_BYTES", 256)
+    rows = [{"i": i, "text": f"row {i}, [x] {{y}} \"q\" caf\u00e9 \u65e5\u672c"} for i in range(1000)]
+    body = json.dumps(rows, ensure_ascii=False)[:-1] + ', {"text": "caf'
+    head, tail = ('{"version": 2, "data": ', "}") if wrapped else ("", "")
+    p = tmp_path / "one_line.json"
+    p.write_bytes((head + body).encode() + b'\xe9"}]' + tail.encode())
+    it = read_rows(p)
+    held = []
+    for _ in range(1000):
+        held.append(next(it)[1])
+    assert held == rows
+    with pytest.raises(DataError, match=r"one_line.json, line 1: invalid UTF-8 \(byte 0xe9\)"):
+        next(it)
+    # an error far along the line, after most of it was dropped, names its character on the whole line
+    line = head + json.dumps(rows, ensure_ascii=False)[:-1] + ', {"a": 1,, "b": 2}]' + tail
+    p.write_text("\n\n" + line, encoding="utf-8")
+    with pytest.raises(DataError, match=rf"line 3: malformed JSON: .* \(character {line.index('1,, ') + 3}\)"):
+        rows_of(p)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64])
+def test_json_chunk_boundaries_change_nothing(tmp_path, monkeypatch, chunk):
+    """Chunks split multi-byte characters, numbers (`12|34`), literals and escapes: the rows, and the line and
+    character named by an error after many chunks were dropped, are those of the whole file."""
+    import fasttune.data.readers as readers
+
+    monkeypatch.setattr(readers, "_JSON_CHUNK_BYTES", chunk)
+    rows = [{"n": 1234567, "f": -0.000125, "t": True, "z": None, "s": "\u00e9\u00fc\u65e5\U0001f600 \\ \"\n"},
+            {"nested": {"a": [1, 2, {"b": "c"}]}, "e": ""}] * 3
+    p = tmp_path / "c.json"
+    p.write_text("\ufeff" + json.dumps({"meta": {"n": 12345}, "rows": rows}, ensure_ascii=False, indent=1),
+                 encoding="utf-8")
+    assert [r for _, r in rows_of(p)] == rows
+    p.write_text(json.dumps(rows, ensure_ascii=False, indent=1)[:-2] + ',\n  {"a": 1,, "b": 2}\n]', encoding="utf-8")
+    n_lines = json.dumps(rows, ensure_ascii=False, indent=1).count("\n")
+    with pytest.raises(DataError, match=rf"c\.json, line {n_lines + 1}: malformed JSON: Expecting property name "
+                                        r"enclosed in double quotes \(character 11\)"):
+        rows_of(p)
+
+
+def test_json_object_with_two_arrays_is_refused(tmp_path):
+    p = tmp_path / "two.json"
+    p.write_text(json.dumps({"train": ROWS, "test": ROWS}), encoding="utf-8")
+    with pytest.raises(DataError, match=r"'train' and 'test' both hold arrays"):
+        rows_of(p)
+    p.write_text('{"data": [{"a": 1}], "n": 1', encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 1: malformed JSON: expected ',' or '}' after an object member"):
+        rows_of(p)
+    p.write_text('"just a string"', encoding="utf-8")
+    with pytest.raises(DataError, match=r"expected a JSON array of objects, got a JSON str"):
+        rows_of(p)
+
+
 @pytest.mark.parametrize("content, message", [
     ('[\n{"a": 1}\n{"a": 2}\n]', r"line 3: malformed JSON: expected ',' or '\]' after an array element"),
     ('[\n{"a": 1},\n{"a": 2}\n', r"line 4: malformed JSON: the array is never closed"),

@@ -4,12 +4,13 @@ Formats: JSONL (.jsonl/.ndjson), JSON array (.json), CSV (.csv), TSV (.tsv/.tab)
 plain text (.txt/.md/.text, or a folder of them: one row {"text": ...} per document), and in-memory data: a list
 of dicts, a pandas DataFrame, or a `datasets.Dataset` (used only if the user passes one; never imported here).
 
-Text formats are decoded line by line, so invalid UTF-8 is reported with its line, and everything streams (a file
-larger than memory is never loaded at once) except a JSON file whose array is wrapped in an object
-({"data": [...]}) or written on a single line, and text read with split="file".
+Everything streams (a file larger than memory is never loaded at once) except text read with split="file":
+line-based formats are decoded line by line, JSON in chunks whatever its layout (pretty-printed, on one line, or
+wrapped as {"data": [...]}); invalid bytes are reported with their line.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -67,100 +68,159 @@ def read_jsonl(path: str, encoding: str = "utf-8") -> Iterator[tuple[Location, R
 
 
 _JSON_BUFFER_LIMIT = 64 * 2**20  # characters of one array element before giving up on it
+_JSON_CHUNK_BYTES = 2**20  # a JSON file is read this many bytes at a time, whatever its line structure
 
 
-def _stream_json_array(path: str, encoding: str) -> Iterator[tuple[Location, Row]]:
-    """Elements of a top-level JSON array, parsed one at a time (the file is read line by line, so only the
-    element being parsed is held in memory; a whole array on one line is still read at once)."""
-    lines = _decoded_lines(path, encoding)
-    decoder = json.JSONDecoder()
-    buf, pos, base_line, done = "", 0, 1, False
+class _JsonText:
+    """A JSON file as decoded text read in chunks and consumed left to right: only the unconsumed part (at least
+    the value being parsed) is held, so neither a pretty-printed array nor one written on a single line is loaded
+    whole. Positions are indices into `buf`; `line0`/`col0` say where `buf[0]` sits in the file (for errors)."""
 
-    def more() -> bool:
-        nonlocal buf, done
-        if done:
+    def __init__(self, path: str, encoding: str):
+        self.path, self.encoding = path, encoding
+        self.file = open(path, "rb")
+        self.decoder = codecs.getincrementaldecoder(encoding)()
+        self.buf, self.pos, self.eof = "", 0, False
+        self.bad_bytes: DataError | None = None  # invalid bytes found ahead of the cursor
+        self.line0, self.col0 = 1, 0  # 1-based line of buf[0]; characters of that line dropped before buf[0]
+
+    def close(self) -> None:
+        self.file.close()
+
+    def more(self) -> bool:
+        """Append the next chunk (dropping what is consumed); False at the end of the file."""
+        if self.eof:
             return False
+        if self.pos > len(self.buf) // 2:  # amortised: each character is dropped (and scanned for newlines) once
+            dropped = self.buf[:self.pos]
+            newlines = dropped.count("\n")
+            self.col0 = len(dropped) - dropped.rfind("\n") - 1 if newlines else self.col0 + len(dropped)
+            self.line0 += newlines
+            self.buf, self.pos = self.buf[self.pos:], 0
+        if self.bad_bytes is not None:  # the cursor has reached them
+            raise self.bad_bytes
+        raw = self.file.read(_JSON_CHUNK_BYTES)
+        self.eof = not raw
         try:
-            buf += next(lines)[1]
-            return True
-        except StopIteration:
-            done = True
-            return False
+            text = self.decoder.decode(raw, final=self.eof)
+        except UnicodeDecodeError as e:  # keep the good text before them: rows there are served first
+            text = e.object[:e.start].decode(self.encoding)
+            self.bad_bytes = DataError(
+                f"invalid {self.encoding.upper()} (byte 0x{e.object[e.start]:02x})", file=self.path,
+                line=self.line0 + self.buf.count("\n") + text.count("\n"),
+                hint=f"re-save the file as {self.encoding.upper()} or pass encoding=... to the reader")
+        if self.line0 == 1 and self.col0 == 0 and not self.buf and text.startswith("\ufeff"):
+            text = text[1:]  # byte-order mark written by some editors
+        self.buf += text
+        return bool(text) or not self.eof
 
-    def malformed(message: str, at: int):
-        column = at - buf.rfind("\n", 0, at)  # 1-based character of the line
-        return DataError(f"malformed JSON: {message} (character {column})", file=path,
-                         line=base_line + buf.count("\n", 0, at),
-                         hint="if the file holds one object per line, name it .jsonl")
-
-    def skip_space() -> str:
-        nonlocal pos
+    def peek(self) -> str:
+        """The next character that is not white space ("" at the end of the file), not consumed."""
         while True:
-            while pos < len(buf) and buf[pos].isspace():
-                pos += 1
-            if pos < len(buf) or not more():
-                return buf[pos] if pos < len(buf) else ""
+            while self.pos < len(self.buf) and self.buf[self.pos].isspace():
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.more():
+                return ""
 
-    skip_space()
-    pos += 1  # the opening "[" (checked by the caller)
-    i = 0
-    while True:
-        ch = skip_space()
-        if ch == "]" and i == 0:
-            break
+    def value(self):
+        """Parse the JSON value at the cursor, reading on while it is incomplete."""
+        decoder = json.JSONDecoder()
+        self.peek()
         while True:
             try:
-                obj, end = decoder.raw_decode(buf, pos)
-                break
-            except json.JSONDecodeError as e:  # incomplete element: read on; malformed: report where
-                if len(buf) - pos > _JSON_BUFFER_LIMIT or not more():
-                    raise malformed(e.msg, e.pos) from None
+                obj, end = decoder.raw_decode(self.buf, self.pos)
+                if end < len(self.buf) or self.eof or not self.more():  # `12` may be the start of `1234`
+                    self.pos = end
+                    return obj
+            except json.JSONDecodeError as e:  # incomplete: read on; malformed: report where
+                offset = e.pos - self.pos  # `more` may drop the consumed text before the cursor
+                if len(self.buf) - self.pos > _JSON_BUFFER_LIMIT or not self.more():
+                    raise self.malformed(e.msg, self.pos + offset) from None
+
+    def expect(self, chars: str, message: str) -> str:
+        ch = self.peek()
+        if not ch or ch not in chars:
+            raise self.malformed(message, self.pos)
+        self.pos += 1
+        return ch
+
+    def line_at(self, at: int) -> int:
+        return self.line0 + self.buf.count("\n", 0, at)
+
+    def malformed(self, message: str, at: int) -> DataError:
+        line_start = self.buf.rfind("\n", 0, at)
+        column = at - line_start if line_start >= 0 else self.col0 + at + 1  # 1-based character of the line
+        return DataError(f"malformed JSON: {message} (character {column})", file=self.path, line=self.line_at(at),
+                         hint="if the file holds one object per line, name it .jsonl")
+
+
+def _json_rows(text: _JsonText) -> Iterator[tuple[Location, Row]]:
+    """The elements of the array at the cursor, one object at a time."""
+    text.expect("[", "expected '['")
+    if text.peek() == "]":
+        text.pos += 1
+        return
+    i = 0
+    while True:
+        text.peek()
+        at = text.pos
+        obj = text.value()
         if not isinstance(obj, dict):
-            raise DataError(f"expected a JSON object, got a JSON {type(obj).__name__}", file=path, row=i,
-                            line=base_line + buf.count("\n", 0, pos))
-        yield Location(path, row=i), obj
+            raise DataError(f"expected a JSON object, got a JSON {type(obj).__name__}", file=text.path, row=i,
+                            line=text.line_at(at))
+        yield Location(text.path, row=i), obj
         i += 1
-        base_line += buf.count("\n", 0, end)
-        buf, pos = buf[end:], 0
-        ch = skip_space()
+        ch = text.peek()
         if ch == "]":
-            break
-        if ch != ",":
-            raise malformed("expected ',' or ']' after an array element" if ch else "the array is never closed", pos)
-        pos += 1
-    pos += 1
-    if skip_space():
-        raise malformed("extra data after the array", pos)
+            text.pos += 1
+            return
+        text.expect(",", "expected ',' or ']' after an array element" if ch else "the array is never closed")
 
 
 def read_json(path: str, encoding: str = "utf-8") -> Iterator[tuple[Location, Row]]:
-    """A JSON array of objects (streamed element by element), or an object holding exactly one such array."""
-    for _, line in _decoded_lines(path, encoding):
-        if line.strip():
-            if line.lstrip().startswith("["):
-                yield from _stream_json_array(path, encoding)
-                return
-            break
-    text = "".join(line for _, line in _decoded_lines(path, encoding))
-    if not text.strip():
-        return
+    """A JSON array of objects, or an object holding exactly one such array ({"data": [...]}); streamed element by
+    element in both cases, whatever the file's line structure."""
+    text = _JsonText(path, encoding)
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"malformed JSON: {e.msg} (character {e.colno})", file=path, line=e.lineno,
-                        hint="if the file holds one object per line, name it .jsonl") from None
-    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: accept a single list of rows
-        lists = {k: v for k, v in data.items() if isinstance(v, list)}
-        if len(lists) != 1:
-            raise DataError("expected a JSON array of objects (or an object holding exactly one such array)",
-                            file=path, available=list(data.keys()))
-        data = next(iter(lists.values()))
-    if not isinstance(data, list):
-        raise DataError(f"expected a JSON array of objects, got a JSON {type(data).__name__}", file=path)
-    for i, obj in enumerate(data):
-        if not isinstance(obj, dict):
-            raise DataError(f"expected a JSON object, got a JSON {type(obj).__name__}", file=path, row=i)
-        yield Location(path, row=i), obj
+        first = text.peek()
+        if first == "[":
+            yield from _json_rows(text)
+        elif first == "{":
+            text.pos += 1
+            keys, rows_key = [], None
+            while text.peek() != "}" or keys:
+                key = text.value()
+                if not isinstance(key, str):
+                    raise text.malformed("expected a member name", text.pos)
+                keys.append(key)
+                text.expect(":", "expected ':' after a member name")
+                if text.peek() == "[":  # {"data": [...]} or {"train": [...]}: a single list of rows
+                    if rows_key is not None:
+                        raise DataError("expected a JSON array of objects (or an object holding exactly one such "
+                                        f"array); {rows_key!r} and {key!r} both hold arrays", file=path,
+                                        hint="keep one array in the file, or split it into one file per array")
+                    rows_key = key
+                    yield from _json_rows(text)
+                else:
+                    text.value()  # another member (a version number, a description): not rows
+                if text.expect(",}", "expected ',' or '}' after an object member") == "}":
+                    break
+            else:
+                text.pos += 1
+            if rows_key is None:
+                raise DataError("expected a JSON array of objects (or an object holding exactly one such array)",
+                                file=path, available=keys)
+        elif first:
+            at = text.pos
+            value = text.value()
+            raise DataError(f"expected a JSON array of objects, got a JSON {type(value).__name__}", file=path,
+                            line=text.line_at(at))
+        if text.peek():
+            raise text.malformed("extra data after the array", text.pos)
+    finally:
+        text.close()
 
 
 def read_csv(path: str, delimiter: str = ",", encoding: str = "utf-8") -> Iterator[tuple[Location, Row]]:
