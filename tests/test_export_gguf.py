@@ -235,12 +235,46 @@ def test_pre_tokenizer_names():
     assert _pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
 
 
+def _train_sentencepiece(prefix: Path, **ids) -> None:
+    spm = pytest.importorskip("sentencepiece")
+    corpus = (Path(fasttune.__file__).parent / "assets" / "data" / "corpus.txt").read_text().splitlines()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(prefix), vocab_size=400,
+                                   character_coverage=0.99, byte_fallback=True, **ids)
+
+
+def _expected_sp_type(sp, i: int):
+    return (gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.CONTROL if sp.is_control(i)
+            else gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.NORMAL)
+
+
+def test_cli_keeps_a_sentencepiece_vocabulary(tmp_path):
+    """`fasttune export --format gguf` on a Llama-2-style folder (tokenizer.model, no tokenizer.json): the tokenizer
+    is re-saved from the loaded one, and recent transformers write only tokenizer.json — the GGUF must still carry
+    the SentencePiece vocabulary (model "llama", scores, byte tokens), not a BPE reading of tokenizer.json."""
+    spm = pytest.importorskip("sentencepiece")
+    _train_sentencepiece(tmp_path / "sp", unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    d = tmp_path / "llama2"
+    save_tiny_hf(d, "llama", vocab_size=400)
+    shutil.copy(tmp_path / "sp.model", d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False}))
+    from fasttune.export.cli import main
+
+    assert main(["--format", "gguf", "--quant", "f16", str(d), str(tmp_path / "out")]) == 0
+    fields, _ = _read(tmp_path / "out" / "llama2-f16.gguf")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    assert fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(400)]
+    assert fields["tokenizer.ggml.token_type"] == [_expected_sp_type(sp, i) for i in range(400)]
+    assert sum(t == gguf.TokenType.BYTE for t in fields["tokenizer.ggml.token_type"]) == 256
+    assert np.allclose(fields["tokenizer.ggml.scores"], [sp.get_score(i) for i in range(400)])
+
+
 def test_sentencepiece_tokenizer(tmp_path):
     spm = pytest.importorskip("sentencepiece")
     d = tmp_path / "gemma"
-    corpus = (Path(fasttune.__file__).parent / "assets" / "data" / "corpus.txt").read_text().splitlines()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400,
-                                   character_coverage=0.99, byte_fallback=True, bos_id=2, eos_id=1, pad_id=0, unk_id=3)
+    _train_sentencepiece(tmp_path / "sp", bos_id=2, eos_id=1, pad_id=0, unk_id=3)
     save_tiny_hf(d, "gemma", vocab_size=404)
     shutil.copy(tmp_path / "sp.model", d / "tokenizer.model")
     (d / "tokenizer_config.json").write_text(json.dumps({
@@ -255,9 +289,7 @@ def test_sentencepiece_tokenizer(tmp_path):
     assert fields["tokenizer.ggml.model"] == "llama" and len(tokens) == 404
     for i in range(400):
         assert tokens[i] == sp.id_to_piece(i) and abs(scores[i] - sp.get_score(i)) < 1e-6
-        want = (gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.CONTROL if sp.is_control(i)
-                else gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.NORMAL)
-        assert types[i] == want, i
+        assert types[i] == _expected_sp_type(sp, i), i
     assert tokens[400:402] == ["<start_of_turn>", "<end_of_turn>"] and types[400] == gguf.TokenType.CONTROL
     assert tokens[403] == "[PAD403]" and types[403] == gguf.TokenType.UNUSED
     assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.add_space_prefix"] is False

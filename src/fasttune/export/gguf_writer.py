@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..models.checkpoint import save_tokenizer
 from .merged import DEQUANTISED_NOTE, ExportResult, has_nf4, iter_merged_tensors
 
 T = gguf.GGMLQuantizationType
@@ -343,7 +344,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer_dir: str | 
         if tokenizer_dir is None:
             if tokenizer is None:
                 raise GGUFExportError("GGUF needs the tokenizer: pass tokenizer_dir= or tokenizer=")
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
             tokenizer_dir = tmp
         tok_dir = Path(tokenizer_dir)
         w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[GGUF_ARCH[spec.model_type]])

@@ -236,7 +236,18 @@ def save_model(model: CausalLM, path: str | os.PathLike, tokenizer=None, dtype: 
         cfg["dtype"] = dtype_name
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
+        save_tokenizer(tokenizer, path)
+
+
+def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:
+    """`tokenizer.save_pretrained(path)`, keeping the SentencePiece model it was loaded from: recent transformers
+    write only tokenizer.json, and llama.cpp's GGUF vocabulary for Llama 2 / Mistral / Gemma (scores, byte and
+    control token types) comes from tokenizer.model."""
+    tokenizer.save_pretrained(str(path))
+    source = getattr(tokenizer, "vocab_file", None)
+    target = Path(path) / "tokenizer.model"
+    if isinstance(source, str) and source.endswith(".model") and Path(source).is_file() and not target.exists():
+        shutil.copyfile(source, target)
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -491,7 +491,7 @@ class Trainer:
                     "objective": self.cfg.objective.type, "train_embeddings": self.cfg.train_embeddings,
                     "max_seq_length": self.cfg.model.max_seq_length, "step": self.step}
             (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
-            self.tokenizer.save_pretrained(str(path))
+            save_tokenizer(self.tokenizer, path)
             if self.cfg.lora.enabled and not dist_utils.is_sharded(self.model):
                 # PEFT's layout too (adapter_model.safetensors + adapter_config.json), read by `fasttune export`,
                 # PEFT and other tools; trained embeddings / reward heads are only in trainable.safetensors
