@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..models.checkpoint import save_tokenizer
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import TrainConfig
