@@ -92,7 +92,8 @@ def build_fasttune(cfg: dict, device, dtype, qlora: bool, policy: str, seq: int,
     # materialise parameter by parameter in the target dtype (random N(0, 0.02), norms 1); QLoRA quantises each
     # decoder linear right away, as fasttune.load(load_in_4bit=True) does, so 16-bit weights never all coexist
     gen = torch.Generator(device=device).manual_seed(0)
-    for mod_name, module in list(model.named_modules()):
+    for mod_name in [n for n, _ in model.named_modules()]:  # names, not modules: a replaced Linear must be freed
+        module = model.get_submodule(mod_name)
         for name, p in list(module.named_parameters(recurse=False)):
             t = torch.empty(p.shape, dtype=dtype, device=device)
             if p.dim() >= 2:
@@ -142,7 +143,8 @@ def replace_with_bnb_4bit(model: nn.Module, device, dtype) -> None:
     each decoder nn.Linear becomes bnb.nn.Linear4bit holding its weight quantised by bitsandbytes."""
     import bitsandbytes as bnb
 
-    for name, module in list(model.named_modules()):
+    for name in [n for n, _ in model.named_modules()]:  # names, not modules: a replaced Linear must be freed
+        module = model.get_submodule(name)
         if isinstance(module, nn.Linear) and ".layers." in name:
             new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                     compute_dtype=dtype, compress_statistics=True, quant_type="nf4",

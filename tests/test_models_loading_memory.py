@@ -67,3 +67,37 @@ def test_model_is_built_on_the_meta_device_then_filled(tmp_path, monkeypatch):
     assert tensors and all(t.device.type == "cpu" for t in tensors)
     for name, p in loaded.named_parameters():
         torch.testing.assert_close(p, model.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_4bit_load_frees_each_16bit_layer_once_quantised(tmp_path):
+    """QLoRA quantises shard by shard at load: when a decoder linear has been replaced by its NF4 layer, its 16-bit
+    weight must be gone (not held until the load returns), so at most one layer's 16-bit weight is alive at a time."""
+    import gc
+    import json
+    import weakref
+
+    from fasttune.models import checkpoint, decoder
+    from fasttune.lora.nf4_linear import quantize_linear
+
+    cfg = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "torch_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = decoder.CausalLM(ArchSpec.from_hf_config(cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    del model
+
+    replaced: list[weakref.ref] = []
+    alive_at_call: list[int] = []
+
+    def quantize(linear):
+        gc.collect()
+        alive_at_call.append(sum(r() is not None for r in replaced))
+        replaced.append(weakref.ref(linear.weight))
+        return quantize_linear(linear)
+
+    loaded = checkpoint.load_model(tmp_path, quantize=quantize)
+    gc.collect()
+    assert len(replaced) == 3 * 7
+    assert max(alive_at_call) == 0, f"16-bit weights of earlier layers alive at quantisation: {alive_at_call}"
+    assert all(r() is None for r in replaced)
+    assert sum(isinstance(m, torch.nn.Linear) for n, m in loaded.named_modules() if ".layers." in n) == 0

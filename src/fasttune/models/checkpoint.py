@@ -167,7 +167,9 @@ def load_model(
                 pending[owner].discard(name)
                 if not pending[owner]:
                     parent, _, child = owner.rpartition(".")
-                    setattr(model.get_submodule(parent), child, quantize(linears[owner]))
+                    # pop: the 16-bit layer must not outlive its quantised replacement (else a 4-bit load holds
+                    # every 16-bit decoder weight until the end)
+                    setattr(model.get_submodule(parent), child, quantize(linears.pop(owner)))
                     del pending[owner]
     missing = sorted(expected - loaded)
     if missing:
