@@ -286,6 +286,23 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in state["weights"].values())
 
 
+@pytest.mark.parametrize("max_grad_norm", [1.0, None])
+def test_inf_gradients_under_a_finite_loss_stop_before_the_update(small_model, tmp_path, max_grad_norm):
+    """A finite loss can back-propagate an inf gradient (clipping then turns every gradient into NaN): the step
+    must stop before the optimizer writes it into the weights, so the last checkpoint stays good."""
+    trainer = Trainer(config(small_model, tmp_path, train={"max_steps": 5, "save_every": 1,
+                                                           "max_grad_norm": max_grad_norm}))
+    lora_a = next(p for n, p in trainer.model.named_parameters() if "lora_A" in n)
+    lora_a.register_hook(lambda g: g.fill_(float("inf")) if trainer.step == 2 else g)
+    with pytest.raises(TrainingDiverged, match=r"gradient norm is (inf|nan) at step 3.*last good checkpoint is "
+                                               r".*step-000002"):
+        trainer.train()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000002"
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert all(torch.isfinite(t).all() for t in state["weights"].values())
+
+
 # ---- continued pre-training, observability ------------------------------------------------------------------
 
 def test_pretrain_trains_embeddings_at_their_own_lr_and_writes_observability(small_model, tmp_path, capsys):

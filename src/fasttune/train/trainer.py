@@ -331,15 +331,7 @@ class Trainer:
         extra = dist_utils.all_reduce_dict(extra, self.dist, self.device)
         loss_value = float(total)
         if not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            last = ckpt.latest_checkpoint(self.output_dir)
-            raise TrainingDiverged(
-                f"the loss is {loss_value} at step {self.step + 1}; stopped without updating the weights. "
-                + (f"The last good checkpoint is {last} (resume with --resume after changing the config). "
-                   if last else "No checkpoint was written yet. ")
-                + "Usual causes: a learning rate too high (now "
-                f"{self.cfg.train.lr}), no gradient clipping (train.max_grad_norm), fp16 overflow (use bfloat16), "
-                "or a data batch with no target tokens.")
+            self._diverged(f"the loss is {loss_value}")
         record = {"loss": loss_value, "tokens": tokens, "target_tokens": num_tokens}
         if num_pairs:
             record["pairs"] = num_pairs
@@ -350,21 +342,34 @@ class Trainer:
                     record[k] = v
         return record
 
+    def _diverged(self, what: str):
+        self.optimizer.zero_grad(set_to_none=True)
+        last = ckpt.latest_checkpoint(self.output_dir)
+        raise TrainingDiverged(
+            f"{what} at step {self.step + 1}; stopped without updating the weights. "
+            + (f"The last good checkpoint is {last} (resume with --resume after changing the config). "
+               if last else "No checkpoint was written yet. ")
+            + "Usual causes: a learning rate too high (now "
+            f"{self.cfg.train.lr}), no gradient clipping (train.max_grad_norm), fp16 overflow (use bfloat16), "
+            "or a data batch with no target tokens.")
+
     def train_step(self, group: list[dict]) -> dict:
         """One optimizer step: accumulate gradients over `group`, clip, step the optimizer and the schedule."""
         record = self.accumulate(group)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = None
-        if self.cfg.train.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
-            grad_norm = float(dist_utils.full_tensor(norm))
+        # the norm is taken even without clipping: a finite loss can still back-propagate inf/NaN gradients, and
+        # one such update would poison the weights (and the next checkpoint) before the loss showed it
+        max_norm = self.cfg.train.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        grad_norm = float(dist_utils.full_tensor(norm))
+        if not math.isfinite(grad_norm):
+            self._diverged(f"the gradient norm is {grad_norm}")
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         self._sigint.defer()  # from here the step happens: an interrupt waits for the step boundary
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
+        record["grad_norm"] = grad_norm
         return record
 
     @torch.no_grad()
