@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fasttune.cli import build_parser, main
 
@@ -82,6 +83,31 @@ def test_config_errors_exit_2_with_the_key_named(tmp_path, capsys):
     assert "unknown key 'train.optimiser'" in capsys.readouterr().err
     assert main(["train", "--print-defaults"]) == 0
     assert "max_grad_norm" in capsys.readouterr().out
+
+
+def test_data_errors_and_out_of_memory_at_load_are_explained_not_traced(small_model, tmp_path, capsys,
+                                                                         monkeypatch):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "answer": "d"}\n')
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+model: {{path: {small_model}, max_seq_length: 96, device: cpu}}
+data: {{path: "{data}"}}
+train: {{output_dir: {tmp_path / 'out'}, max_steps: 1, progress: false, tensorboard: false, plot: false}}
+""")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "data error" in err and "d.jsonl, line 2" in err and "data.response_template" in err
+    assert "Traceback" not in err
+
+    import fasttune.train.trainer as trainer
+
+    def no_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(trainer.Trainer, "__init__", no_memory)
+    assert main(["train", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "ran out of memory loading the model" in err and "model.load_in_4bit: true" in err
 
 
 def test_demo_runs_on_the_shipped_tiny_model(tmp_path, capsys):

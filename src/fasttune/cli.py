@@ -59,12 +59,16 @@ def _run_train(args) -> int:
     except ConfigError as e:
         print(f"fasttune train: config error: {e}", file=sys.stderr)
         return 2
+    from .data import DataError
     from .train import distributed
     from .train.trainer import OutOfMemory, TrainingDiverged, train
 
     try:
         result = train(cfg, resume=args.resume)
         code = EXIT_INTERRUPTED if result.interrupted else 0
+    except DataError as e:  # names file, line/row and column: the message is the whole story, no traceback
+        print(f"fasttune train: data error: {e}", file=sys.stderr)
+        code = 2
     except (TrainingDiverged, OutOfMemory) as e:
         print(f"\nfasttune train: {e}", file=sys.stderr)
         code = 1

@@ -149,7 +149,9 @@ class _Pipeline:
                 self._default_columns(row)
             if self.response.source == DEFAULT_RESPONSE_TEMPLATE and "output" not in row:
                 raise DataError("missing column 'output'", location=location, column="output",
-                                available=list(row.keys()), hint="pass response_template='{your_column}'")
+                                available=list(row.keys()),
+                                hint="name the answer column: data.response_template: '{your_column}' in the "
+                                     "config (response_template= in Python)")
             messages = [{"role": "user", "content": self.prompt.format(row, location)},
                         {"role": "assistant", "content": self.response.format(row, location)}]
             system = row.get("system") if isinstance(row.get("system"), str) and row.get("system") else self.system_prompt

@@ -100,7 +100,7 @@ def resolve_model_path(path: str) -> str:
     return tiny_model_path() if path == "tiny" else path
 
 
-def _oom_message(cfg: TrainConfig, err: BaseException) -> str:
+def _oom_message(cfg: TrainConfig, err: BaseException, during: str = "training") -> str:
     m, t = cfg.model, cfg.train
     options = []
     if not m.load_in_4bit:
@@ -117,7 +117,7 @@ def _oom_message(cfg: TrainConfig, err: BaseException) -> str:
         options.append("lora.enabled: true (a full fine-tune keeps optimizer state for every weight)")
     if t.optimizer == "adamw":
         options.append("train.optimizer: adamw8bit")
-    return ("CUDA ran out of memory during training (" + str(err).splitlines()[0] + ").\nOptions that reduce "
+    return (f"CUDA ran out of memory {during} (" + str(err).splitlines()[0] + ").\nOptions that reduce "
             "memory:\n  - " + "\n  - ".join(options) + "\nRun `fasttune doctor` for what this GPU holds.")
 
 
@@ -606,7 +606,11 @@ def _is_embedding(name: str) -> bool:
 def train(config: TrainConfig, resume: str | os.PathLike | bool | None = None, model=None, tokenizer=None
           ) -> TrainResult:
     """Build a Trainer from `config` and run it (the Python face of `fasttune train`)."""
-    return Trainer(config, model=model, tokenizer=tokenizer).train(resume=resume)
+    try:
+        trainer = Trainer(config, model=model, tokenizer=tokenizer)
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemory(_oom_message(config, e, during="loading the model")) from None
+    return trainer.train(resume=resume)
 
 
 def load_trained(adapter_dir: str | os.PathLike, base: str | None = None, device=None, dtype=None):
