@@ -73,6 +73,29 @@ train: {{output_dir: {tmp_path / 'out'}, max_steps: 2, batch_size: 2, progress: 
     assert main(["train", str(cfg), "--resume"]) == 0
 
 
+def test_chat_formats_prompts_as_the_adapter_was_trained(small_model, tmp_path):
+    """A run trained with data.chat_template: alpaca and a system prompt: chat/generate with its adapter use that
+    template and prompt (not the tokenizer's own), unless the command line says otherwise."""
+    from fasttune.cli import _load_for_inference, _session
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+model: {{path: {small_model}, max_seq_length: 96, device: cpu}}
+data: {{path: "bundled:instructions", max_examples: 12, chat_template: alpaca, system_prompt: "Be brief."}}
+train: {{output_dir: {tmp_path / 'out'}, max_steps: 1, progress: false, tensorboard: false, plot: false}}
+""")
+    assert main(["train", str(cfg)]) == 0
+    adapter = str(tmp_path / "out" / "adapter")
+    args = build_parser().parse_args(["chat", "--adapter", adapter, "--device", "cpu"])
+    model, tokenizer = _load_for_inference(args)
+    session = _session(args, model, tokenizer, system=args.system)
+    assert session.template.name == "alpaca" and session.system == "Be brief."
+    args = build_parser().parse_args(["chat", "--adapter", adapter, "--device", "cpu", "--chat-template", "chatml",
+                                      "--system", "Be long."])
+    session = _session(args, model, tokenizer, system=args.system)
+    assert session.template.name == "chatml" and session.system == "Be long."
+
+
 def test_config_errors_exit_2_with_the_key_named(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("train:\n  lr: fast\n")

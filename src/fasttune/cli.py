@@ -114,8 +114,14 @@ def _load_for_inference(args):
 
 def _session(args, model, tokenizer, system=None):
     from .train.chat import ChatSession
+    from .train.trainer import adapter_meta
 
-    return ChatSession(model, tokenizer, system=system, chat_template=args.chat_template,
+    template = args.chat_template
+    if args.adapter:  # format prompts as the run formatted its training text, unless told otherwise
+        meta = adapter_meta(args.adapter)
+        template = template or meta.get("chat_template")
+        system = system if system is not None else meta.get("system_prompt")
+    return ChatSession(model, tokenizer, system=system, chat_template=template,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, seed=args.seed)
 
@@ -157,12 +163,12 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 def _run_generate(args) -> int:
     model, tokenizer = _load_for_inference(args)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    session = _session(args, model, tokenizer)
+    session = _session(args, model, tokenizer, system=args.system)
     for prompt in prompts:
         if args.raw:
             print(session._generate(tokenizer(prompt)["input_ids"]))
         else:
-            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            msgs = ([{"role": "system", "content": session.system}] if session.system else []) + [
                 {"role": "user", "content": prompt}]
             print(session.complete(msgs))
     return 0

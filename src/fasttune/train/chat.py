@@ -16,6 +16,7 @@ class ChatSession:
                  seed: int = 0):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.template = chat_template_for(tokenizer, chat_template)
+        self.system = system
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
         self.generator = torch.Generator(device=model.device).manual_seed(seed)

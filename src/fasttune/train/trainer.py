@@ -495,7 +495,9 @@ class Trainer:
             save_file(weights, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             meta = {"base_model": self.cfg.model.path, "lora": self.cfg.to_dict()["lora"],
                     "objective": self.cfg.objective.type, "train_embeddings": self.cfg.train_embeddings,
-                    "max_seq_length": self.cfg.model.max_seq_length, "step": self.step}
+                    "max_seq_length": self.cfg.model.max_seq_length, "step": self.step,
+                    # how the training text was formatted: chat and generate must format prompts the same way
+                    "chat_template": self.cfg.data.chat_template, "system_prompt": self.cfg.data.system_prompt}
             (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
             save_tokenizer(self.tokenizer, path)
             if self.cfg.lora.enabled and not dist_utils.is_sharded(self.model):
@@ -613,6 +615,14 @@ def train(config: TrainConfig, resume: str | os.PathLike | bool | None = None, m
     return trainer.train(resume=resume)
 
 
+def adapter_meta(adapter_dir: str | os.PathLike) -> dict:
+    """What a run recorded in its adapter/ folder: base model, LoRA settings, chat template, system prompt, step."""
+    meta_file = Path(adapter_dir) / ADAPTER_CONFIG
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{adapter_dir} has no {ADAPTER_CONFIG}: point --adapter at a run's adapter/ folder")
+    return json.loads(meta_file.read_text())
+
+
 def load_trained(adapter_dir: str | os.PathLike, base: str | None = None, device=None, dtype=None):
     """Base model + the weights a run saved in `adapter_dir` (its fasttune_adapter.json names the base)."""
     from safetensors.torch import load_file
@@ -620,10 +630,7 @@ def load_trained(adapter_dir: str | os.PathLike, base: str | None = None, device
     from .. import load
 
     adapter_dir = Path(adapter_dir)
-    meta_file = adapter_dir / ADAPTER_CONFIG
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{adapter_dir} has no {ADAPTER_CONFIG}: point --adapter at a run's adapter/ folder")
-    meta = json.loads(meta_file.read_text())
+    meta = adapter_meta(adapter_dir)
     model, tokenizer = load(resolve_model_path(base or meta["base_model"]), dtype=dtype, device=device)
     if meta["lora"]["enabled"]:
         from ..lora import add_lora
