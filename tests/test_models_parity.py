@@ -105,6 +105,16 @@ def test_fp32_logits_loss_and_grads(tmp_path, family):
         assert rel_err(p.grad, hf_params[name].grad) <= FP32_TOL, name
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
+def test_attention_bias_configs(tmp_path, family):
+    """`attention_bias: true` puts biases on q/k/v and o (Qwen3 too): every one is loaded and used."""
+    hf, ours = build_pair(tmp_path, family, attention_bias=True)
+    assert any(n.endswith("o_proj.bias") for n, _ in ours.named_parameters())
+    ids = random_ids()
+    with torch.no_grad():
+        assert rel_err(ours(ids, return_logits=True).logits, hf(ids).logits) <= FP32_TOL
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_logits(tmp_path, family):
     hf, ours = build_pair(tmp_path, family, dtype=torch.bfloat16)
@@ -497,3 +507,20 @@ def test_triton_kernels_in_the_model_match_transformers(tmp_path, monkeypatch, f
     for name, p in ours.named_parameters():
         if name in hp:  # phi3's fused tensors are covered by test_fp32_logits_loss_and_grads
             assert rel_err(p.grad, hp[name].grad) <= FP32_TOL, name
+
+
+def test_tokenizer_loads_from_local_folders_only(monkeypatch):
+    """A Hub id is not a folder: transformers is told never to reach the Hub (nor to fall back on its cache)."""
+    import transformers
+
+    from fasttune.models.checkpoint import CheckpointError, load_tokenizer
+
+    calls = []
+
+    def recording(path, **kwargs):
+        calls.append(kwargs)
+        raise OSError(f"{path} is not a local folder")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recording)
+    with pytest.raises(CheckpointError, match="could not load a tokenizer from openai-community/gpt2"):
+        load_tokenizer("openai-community/gpt2")
+    assert calls == [{"local_files_only": True}]

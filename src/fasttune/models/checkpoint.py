@@ -264,6 +264,6 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)  # local folders only: never the Hub
     except Exception as e:  # noqa: BLE001 - re-raised with the folder named
         raise CheckpointError(f"could not load a tokenizer from {path}: {e}") from e

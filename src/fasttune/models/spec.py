@@ -146,7 +146,7 @@ class ArchSpec:
             rope=_rope_spec(cfg),
             tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
             qkv_bias=True if mt == "qwen2" else bias,
-            o_bias=bias if mt in ("llama", "mistral", "phi3", "gemma", "gemma2") else False,
+            o_bias=bias if mt in ("llama", "mistral", "phi3", "gemma", "gemma2", "qwen3") else False,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             activation=activation,
             qk_norm=mt == "qwen3",
