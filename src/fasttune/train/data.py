@@ -10,6 +10,7 @@ answer of another example (a deterministic derangement) — a real, if easy, pre
 """
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,7 +20,7 @@ import torch
 
 from ..data.chat_templates import get_chat_template
 from ..data.conversations import find_conversation_column, standardize_conversation
-from ..data.dataset import build_dataset
+from ..data.dataset import DataStats, build_dataset
 from ..data.errors import DataError
 from ..data.packing import collate_padded, iter_batches
 from ..data.readers import read_rows
@@ -30,6 +31,7 @@ from .config import DataConfig
 BUNDLED = {"instructions": "instructions.jsonl", "conversations": "conversations.jsonl", "corpus": "corpus.txt",
            "preferences": "instructions.jsonl"}
 DEFAULT_PROMPT = "{instruction}[[\n\n{input}]]"
+log = logging.getLogger("fasttune.data")
 
 
 def bundled_path(name: str) -> Path:
@@ -89,19 +91,12 @@ class PreparedData:
     kind: str
     train: list = field(default_factory=list)  # examples {"input_ids","labels"} or pairs {"chosen","rejected"}
     eval: list = field(default_factory=list)
-    truncated: int = 0
-    dropped: int = 0
+    truncated: int = 0  # examples (pairs, for preference data) cut to max_seq_length
+    dropped: int = 0  # examples (pairs) over max_seq_length dropped with overlong: drop
     summary: str = ""
-
-
-def _fit(example: dict, max_len: int, mode: str, counts: dict) -> dict | None:
-    if len(example["input_ids"]) <= max_len:
-        return example
-    if mode == "drop":
-        counts["dropped"] += 1
-        return None
-    counts["truncated"] += 1
-    return {"input_ids": example["input_ids"][:max_len], "labels": example["labels"][:max_len]}
+    skipped: int = 0  # bad rows skipped with on_error: skip
+    skip_reasons: list = field(default_factory=list)  # the first few, verbatim
+    dropped_no_target: int = 0  # examples (pairs) with nothing left to learn from after truncation
 
 
 def _split(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -113,45 +108,105 @@ def _split(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
+def _pair_summary(st: DataStats, max_seq_length: int) -> str:
+    """Like DataStats.summary, but in pairs: every count below is of pairs (a pair counts once, whichever side)."""
+    s = f"{st.examples} chosen/rejected pairs from {st.rows_read} rows"
+    if st.skipped_rows:
+        s += f"; skipped {st.skipped_rows} bad rows (on_error: skip)"
+    if st.truncated:
+        s += f"; truncated {st.truncated} pairs to max_seq_length={max_seq_length}"
+    if st.dropped_overlong:
+        s += f"; dropped {st.dropped_overlong} pairs longer than max_seq_length={max_seq_length}"
+    if st.dropped_no_target:
+        s += (f"; dropped {st.dropped_no_target} pairs with no response tokens left after truncation to "
+              f"max_seq_length={max_seq_length}")
+    return s
+
+
+def _pair(cfg: DataConfig, tokenizer, template, prompt: PromptTemplate, loc, row: dict) -> dict:
+    """One row -> {"chosen", "rejected"} tokenised (untruncated); DataError (with the row's location) if bad."""
+    for side in ("chosen", "rejected"):
+        if side not in row:
+            raise DataError(f"missing column {side!r}", location=loc, column=side, available=sorted(row))
+    context = _messages(row["prompt"], loc) if "prompt" in row else \
+        [{"role": "user", "content": prompt.format(row, loc)}]
+    if cfg.system_prompt and context[0]["role"] != "system":
+        context = [{"role": "system", "content": cfg.system_prompt}] + context
+    pair = {}
+    for side in ("chosen", "rejected"):
+        reply = row[side]
+        if not isinstance(reply, str):  # a conversation whose last turn is the answer
+            reply = _messages(reply, loc)[-1]["content"]
+        pair[side] = tokenize_conversation(context + [{"role": "assistant", "content": reply}], tokenizer, template,
+                                           train_on="responses", location=loc)
+    return pair
+
+
+def _fit_pair(pair: dict, max_len: int, mode: str, st: DataStats) -> dict | None:
+    """Apply the length policy to both sides; counts are per pair. None if the pair is dropped."""
+    if any(len(pair[side]["input_ids"]) > max_len for side in ("chosen", "rejected")):
+        if mode == "drop":
+            st.dropped_overlong += 1
+            return None
+        st.truncated += 1
+        pair = {side: {"input_ids": ex["input_ids"][:max_len], "labels": ex["labels"][:max_len]}
+                for side, ex in pair.items()}
+    targets = [sum(1 for x in pair[side]["labels"][1:] if x != IGNORE_INDEX) for side in ("chosen", "rejected")]
+    if min(targets) == 0:  # a side with no response token left: nothing to compare
+        st.dropped_no_target += 1
+        return None
+    st.examples += 1
+    st.tokens += sum(len(pair[side]["input_ids"]) for side in ("chosen", "rejected"))
+    st.target_tokens += sum(targets)
+    return pair
+
+
 def _preference_data(cfg: DataConfig, tokenizer, path: str, bundled: str | None, max_seq_length: int,
                      seed: int) -> PreparedData:
-    rows = list(read_rows(path, format=cfg.format))
-    if bundled == "preferences":
-        rows = _preference_rows(rows)
-    if cfg.max_examples is not None:
-        rows = rows[: cfg.max_examples]
-    if cfg.kind == "auto" and _detect_kind(rows[0][1]) != "preference":
-        raise DataError(f"this objective needs chosen/rejected pairs, but {cfg.path} has no chosen/rejected columns",
-                        available=sorted(rows[0][1]), hint="use columns prompt (or instruction), chosen, rejected")
+    if bundled == "preferences":  # the derangement needs every row; the bundled file is small
+        rows = iter(_preference_rows(list(read_rows(path, format=cfg.format))))
+    else:
+        rows = read_rows(path, format=cfg.format)  # streamed: each row is read, tokenised and let go
     template = chat_template_for(tokenizer, cfg.chat_template)
     prompt = PromptTemplate(cfg.prompt_template or DEFAULT_PROMPT)
-    counts = {"truncated": 0, "dropped": 0}
+    st = DataStats()
+    seen_pair_columns = False  # whether any row had a chosen or rejected column
     pairs: list = []
-    for loc, row in rows:
-        for side in ("chosen", "rejected"):
-            if side not in row:
-                raise DataError(f"missing column {side!r}", location=loc, column=side, available=sorted(row))
-        context = _messages(row["prompt"], loc) if "prompt" in row else \
-            [{"role": "user", "content": prompt.format(row, loc)}]
-        if cfg.system_prompt and context[0]["role"] != "system":
-            context = [{"role": "system", "content": cfg.system_prompt}] + context
-        pair = {}
-        for side in ("chosen", "rejected"):
-            reply = row[side]
-            if not isinstance(reply, str):  # a conversation whose last turn is the answer
-                reply = _messages(reply, loc)[-1]["content"]
-            tok = tokenize_conversation(context + [{"role": "assistant", "content": reply}], tokenizer, template,
-                                        train_on="responses", location=loc)
-            pair[side] = _fit(tok, max_seq_length, cfg.overlong, counts)
-        if pair["chosen"] is not None and pair["rejected"] is not None:
+    for index, (loc, row) in enumerate(rows):
+        if cfg.max_examples is not None and index >= cfg.max_examples:
+            break
+        st.rows_read += 1
+        has_pair_columns = "chosen" in row or "rejected" in row
+        if cfg.kind == "auto" and not seen_pair_columns and not has_pair_columns and cfg.on_error != "skip":
+            raise DataError(f"this objective needs chosen/rejected pairs, but {cfg.path} has no chosen/rejected "
+                            f"columns", location=loc, available=sorted(row),
+                            hint="use columns prompt (or instruction), chosen, rejected")
+        seen_pair_columns = seen_pair_columns or has_pair_columns
+        try:
+            pair = _pair(cfg, tokenizer, template, prompt, loc, row)
+        except DataError as e:
+            if cfg.on_error != "skip" or (e.file is None and e.line is None and e.row is None):  # config error
+                raise
+            st.skipped_rows += 1
+            if len(st.skip_reasons) < 5:
+                st.skip_reasons.append(str(e))
+            continue
+        pair = _fit_pair(pair, max_seq_length, cfg.overlong, st)
+        if pair is not None:
             pairs.append(pair)
+    summary = _pair_summary(st, max_seq_length)
     if not pairs:
-        raise DataError("no pairs left after tokenisation", file=path,
-                        hint=f"{counts['dropped']} were dropped as longer than max_seq_length={max_seq_length}")
+        if cfg.kind == "auto" and not seen_pair_columns:
+            raise DataError(f"this objective needs chosen/rejected pairs, but {cfg.path} has no chosen/rejected "
+                            f"columns", file=path, hint="use columns prompt (or instruction), chosen, rejected")
+        raise DataError(f"no usable pairs ({summary})", file=path,
+                        hint="; ".join(st.skip_reasons[:1]) or "check max_seq_length and the data")
+    if st.skipped_rows or st.truncated or st.dropped_overlong or st.dropped_no_target:
+        log.warning("data: %s%s", summary, f" (first skipped: {st.skip_reasons[0]})" if st.skip_reasons else "")
     train, evals = _split(pairs, cfg.eval_fraction, seed)
-    return PreparedData("preference", train, evals, counts["truncated"], counts["dropped"],
-                        f"{len(pairs)} chosen/rejected pairs from {len(rows)} rows; truncated {counts['truncated']}, "
-                        f"dropped {counts['dropped']}")
+    return PreparedData("preference", train, evals, st.truncated, st.dropped_overlong, summary,
+                        skipped=st.skipped_rows, skip_reasons=list(st.skip_reasons),
+                        dropped_no_target=st.dropped_no_target)
 
 
 def prepare_data(cfg: DataConfig, tokenizer, max_seq_length: int, seed: int, objective: str) -> PreparedData:
@@ -169,7 +224,8 @@ def prepare_data(cfg: DataConfig, tokenizer, max_seq_length: int, seed: int, obj
                            eval_fraction=cfg.eval_fraction, max_rows=cfg.max_examples, format=cfg.format)
     st = splits.stats
     return PreparedData(splits.kind, list(splits.train), list(splits.eval), st.truncated, st.dropped_overlong,
-                        st.summary())
+                        st.summary(), skipped=st.skipped_rows, skip_reasons=list(st.skip_reasons),
+                        dropped_no_target=st.dropped_no_target)
 
 
 def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict:
