@@ -90,8 +90,9 @@ def _batch(step, vocab=128, shape=(2, 17)):
 
 
 def test_fifty_steps_match_transformers_peft(tiny_llama):
-    """The issue's correctness test: same seed, data and adapter init; per-step loss within 1e-3 relative and
-    LoRA gradients (first step with B != 0) at cosine similarity >= 0.999 per tensor. fp32 on CPU."""
+    """The issue's correctness test: same seed, data and adapter init; per-step loss and LoRA gradients (first
+    step with B != 0) per tensor. fp32 on CPU, so the bounds are far tighter than the issue's GPU ones (1e-3 loss,
+    cosine 0.999): measured worst 4.7e-7 relative loss and cosine 1 - 1.8e-7; a real bug would be far larger."""
     pm = _hf_peft(tiny_llama, 8, 16, seed=0)
     ours = _ours(tiny_llama, r=8, alpha=16, seed=0)
     assert all(isinstance(layer.self_attn.fused_qkv, FusedQKV) for layer in ours.model.layers)
@@ -111,11 +112,11 @@ def test_fifty_steps_match_transformers_peft(tiny_llama):
         lt.backward()
         lm.backward()
         losses.append((lt.item(), lm.item()))
-        assert abs(lm.item() - lt.item()) <= 1e-3 * abs(lt.item()), (step, lt.item(), lm.item())
+        assert abs(lm.item() - lt.item()) <= 1e-5 * abs(lt.item()), (step, lt.item(), lm.item())
         if step == 1:  # B != 0 after one update: every LoRA gradient is non-trivial
             for n, pt, pm_ in zip(names, theirs_params, mine_params):
                 cos = F.cosine_similarity(pt.grad.flatten(), pm_.grad.flatten(), 0).item()
-                assert cos >= 0.999, (n, cos)
+                assert cos >= 1 - 1e-5, (n, cos)
                 assert pm_.grad.abs().sum() > 0, n
         opt_t.step()
         opt_m.step()
