@@ -434,3 +434,39 @@ def test_ctrl_c_on_a_real_process_saves_and_resume_continues_the_same_losses(sma
     Trainer(resumed).train(resume=True)
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
     assert losses[:n] == full.losses
+
+
+def test_loss_png_is_drawn_even_without_matplotlib(tmp_path, monkeypatch):
+    """Every run leaves loss.png: without matplotlib a dependency-free PNG (valid, the curve and eval points drawn
+    where the numbers put them)."""
+    import sys
+
+    from PIL import Image
+
+    from fasttune.train.observe import plot_losses
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 21)] + [{"step": 10, "eval_loss": 2.5},
+                                                                          {"step": 20, "eval_loss": 1.9}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    png = plot_losses(metrics, tmp_path / "loss.png")
+    assert png == tmp_path / "loss.png"
+    img = Image.open(png).convert("RGB")
+    w, h = img.size
+    pixels = img.load()
+    blue = [(x, y) for x in range(w) for y in range(h) if pixels[x, y] == (31, 119, 180)]
+    orange = [(x, y) for x in range(w) for y in range(h) if pixels[x, y] == (255, 127, 14)]
+    assert blue and orange
+    # the loss falls with the step: the line's left end is high (small y), its right end low
+    left_end = min(blue)
+    right_end = max(blue)
+    assert left_end[1] < h / 3 and right_end[1] > h / 2
+    # two eval points: step 10 (2.5) mid-way across, step 20 (1.9) at the right and lower
+    mid = [p for p in orange if p[0] < w * 0.75]
+    last = [p for p in orange if p[0] >= w * 0.75]
+    assert mid and last and min(x for x, _ in mid) > w * 0.3
+    assert sum(y for _, y in last) / len(last) > sum(y for _, y in mid) / len(mid) + 20
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert plot_losses(empty, tmp_path / "none.png") is None
