@@ -470,3 +470,15 @@ def test_loss_png_is_drawn_even_without_matplotlib(tmp_path, monkeypatch):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert plot_losses(empty, tmp_path / "none.png") is None
+
+
+def test_the_epoch_tail_that_fills_no_step_is_reported(small_model, tmp_path, capsys):
+    trainer = Trainer(config(small_model, tmp_path, train={"max_steps": 1, "progress": False}))
+    n = len(trainer._epoch(0))
+    assert trainer.steps_per_epoch == n // trainer.micro_per_step and trainer.epoch_tail == n % trainer.micro_per_step
+    grad_accum = next(g for g in range(3, 9) if n % g)  # an accumulation that leaves a tail
+    trainer = Trainer(config(small_model, tmp_path / "b", train={"max_steps": 1, "grad_accum": grad_accum,
+                                                                 "batch_size": 2}))
+    trainer.train()
+    out = capsys.readouterr().out
+    assert f"the last {n % grad_accum} micro-batch(es) of an epoch do not fill a step" in out

@@ -143,7 +143,7 @@ class Trainer:
         self.engine = dist_utils.wrap(self.model, self.dist, config.train.parallel)
         self.optimizer = self._optimizer()
         self._epoch_cache: tuple[int, list] | None = None
-        self.steps_per_epoch = len(self._epoch(0)) // self.micro_per_step
+        self.steps_per_epoch, self.epoch_tail = divmod(len(self._epoch(0)), self.micro_per_step)
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training split has {len(self._epoch(0))} micro-batches, fewer than one optimizer step "
                              f"needs ({self.micro_per_step} = grad_accum x world size); lower train.grad_accum or "
@@ -532,6 +532,8 @@ class Trainer:
             f"eval examples ({self.data.summary or self.data.kind}); {n_params:,} trainable parameters; "
             f"global batch = {t.batch_size} per device x {t.grad_accum} accumulation x {self.dist.world_size} "
             f"device(s); {self.total_steps} steps"
+            + (f"; the last {self.epoch_tail} micro-batch(es) of an epoch do not fill a step and wait for the next "
+               "epoch's shuffle" if self.epoch_tail else "")
             + ("; model loaded straight into FSDP2 shards" if getattr(self, "loaded_into_shards", False) else "")
             + (f"; resumed from {resume_path} at step {self.step}" if resume_path else ""))
         result = TrainResult(self.output_dir, None, self.step)
