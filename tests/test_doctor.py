@@ -154,6 +154,52 @@ def test_pad_equal_to_eos_is_reported_and_fixed_with_a_distinct_pad(tmp_path, ll
     assert diagnose(tmp_path / "out").by_check("pad-eos") == []
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])  # separate LM head / tied embeddings
+def test_pad_equal_to_eos_without_a_spare_token_is_fixed_by_adding_one(tmp_path, model_type):
+    """No distinct pad token to choose: --fix adds '<|pad|>' and grows the embedding (and LM head) by one row."""
+    m = make_model(tmp_path / "m", model_type)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (m / name).exists():  # the tiny tokenizer's own pad token becomes an ordinary added token
+            (m / name).write_text((m / name).read_text().replace("<|pad|>", "<|foo|>"))
+    edit_json(m / "tokenizer_config.json", pad_token="<|end_of_text|>")
+    edit_json(m / "config.json", pad_token_id=1)
+    rows = load_file(str(m / "model.safetensors"))[EMBED].shape[0]
+    report = diagnose(m)
+    [f] = report.by_check("pad-eos")
+    assert f.severity == "warning" and "'<|pad|>' (new" in f.fix and f.repair is not None
+
+    out = tmp_path / "out"
+    done = repair(report, out)
+    assert any(f"grown from {rows} to {rows + 1} rows" in d for d in done), done
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.pad_token == "<|pad|>" and tok.pad_token_id == rows and len(tok) == rows + 1
+    assert tok.pad_token_id != tok.eos_token_id and "<|foo|>" in tok.get_vocab()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["pad_token_id"] == rows and cfg["vocab_size"] == rows + 1
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen.get("pad_token_id", rows) == rows
+
+    before, after = load_file(str(m / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    names = (EMBED, LM_HEAD) if model_type == "llama" else (EMBED,)
+    assert (LM_HEAD in after) == (model_type == "llama")
+    for name in names:
+        assert after[name].shape == (rows + 1, before[name].shape[1])
+        assert after[name][-1].norm() > 0  # the new row starts from the trained-row mean, not zero
+        keep = torch.ones(rows, dtype=torch.bool)
+        keep[2] = False  # the old pad row, zeroed by padding_idx, is repaired as an untrained row
+        torch.testing.assert_close(after[name][:rows][keep], before[name][keep], rtol=0, atol=0)
+
+    hf = AutoModelForCausalLM.from_pretrained(str(out))
+    assert hf.get_input_embeddings().weight.shape[0] == rows + 1
+    assert hf.get_output_embeddings().weight.shape[0] == rows + 1
+    ids = tok(["a b c", "a"], padding=True, return_tensors="pt")
+    assert (ids["input_ids"] == rows).any()  # the new pad id is used and indexes a real row
+    with torch.no_grad():
+        assert torch.isfinite(hf(**ids).logits).all()
+    again = diagnose(out)
+    assert again.problems() == [], again.format()
+
+
 def _strip_bos_from_tokenizer(m: Path) -> None:
     tj = json.loads((m / "tokenizer.json").read_text())
     tj["post_processor"] = tj["post_processor"]["processors"][0]  # keep ByteLevel, drop the BOS template
@@ -210,6 +256,62 @@ def test_rope_scaling_inconsistencies(tmp_path, llama_dir):
         "original_max_position_embeddings": 128, "rope_theta": 10000.0})
     [f] = diagnose(m).by_check("rope-scaling")
     assert f.severity == "error" and "low_freq_factor >= high_freq_factor" in f.title
+
+
+LLAMA3 = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0, "rope_theta": 500000.0}
+
+
+@pytest.mark.parametrize("model_type,rope,mpe,title", [
+    ("llama", {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "rope_theta": 1e4}, 4096,
+     "max_position_embeddings (4096) is beyond the context the RoPE scaling covers (2048)"),
+    ("llama", {"rope_type": "linear", "factor": 2.0, "original_max_position_embeddings": 64, "rope_theta": 1e4}, 256,
+     "max_position_embeddings (256) is beyond the context the RoPE scaling covers (128)"),
+    ("llama", {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64, "rope_theta": 1e4}, 256,
+     "max_position_embeddings (256) is beyond the context the RoPE scaling covers (128)"),
+    ("llama", dict(LLAMA3, factor=1.0, original_max_position_embeddings=256), 256, "'llama3' with factor 1 extends nothing"),
+    ("llama", {"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 256, "rope_theta": 1e4}, 256,
+     "'yarn' with factor 1 extends nothing"),
+    ("llama", {"rope_type": "linear", "factor": 1.0, "rope_theta": 1e4}, 256, "'linear' with factor 1 extends nothing"),
+])
+def test_rope_scaling_against_max_position_embeddings(tmp_path, llama_dir, model_type, rope, mpe, title):
+    m = copy_model(llama_dir, tmp_path / "m")
+    edit_json(m / "config.json", rope_parameters=rope, max_position_embeddings=mpe)
+    [f] = diagnose(m, checks=["rope-scaling"]).by_check("rope-scaling")
+    assert f.severity == "warning" and title in f.title, f
+    assert "set" in f.fix
+
+
+def test_rope_scaling_between_original_and_scaled_context_is_a_note(tmp_path, llama_dir):
+    m = copy_model(llama_dir, tmp_path / "m")  # yarn x8 over 256 implies 2048, the config says 512
+    edit_json(m / "config.json", max_position_embeddings=512, rope_parameters={
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "rope_theta": 1e4})
+    [f] = diagnose(m, checks=["rope-scaling"]).by_check("rope-scaling")
+    assert f.severity == "info" and "(512) is below the context the RoPE scaling implies (2048)" in f.title
+    assert "2048" in f.fix and "factor to 2" in f.fix
+
+
+@pytest.mark.parametrize("name,model_type,config", [
+    ("Llama 3.1", "llama", {"max_position_embeddings": 131072, "rope_parameters": dict(
+        LLAMA3, factor=8.0, original_max_position_embeddings=8192)}),
+    ("Llama 3.2", "llama", {"max_position_embeddings": 131072, "rope_parameters": dict(
+        LLAMA3, factor=32.0, original_max_position_embeddings=8192)}),
+    ("Qwen2.5 yarn", "qwen2", {"max_position_embeddings": 32768, "rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}}),
+    ("DeepSeek-V3-style yarn", "llama", {"max_position_embeddings": 163840, "rope_parameters": {
+        "rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "rope_theta": 1e4}}),
+    ("Gemma 3-style linear", "gemma", {"max_position_embeddings": 131072, "rope_parameters": {
+        "rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}),
+    ("Phi-3.5 longrope", "phi3", {"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                                  "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
+                                                      "long_factor": [1.0, 1.5, 2.5, 4.0],
+                                                      "short_factor": [1.0, 1.0, 1.02, 1.05]}}),
+])
+def test_rope_scaling_of_released_configs_raises_nothing(tmp_path, name, model_type, config):
+    m = make_model(tmp_path / "m", model_type)
+    edit_json(m / "config.json", **config)
+    report = diagnose(m)
+    assert report.by_check("rope-scaling") == [], report.format()
+    assert report.problems() == [], report.format()
 
 
 def test_vocab_size_vs_embedding_rows_reported_and_fixed(tmp_path, llama_dir):
@@ -457,6 +559,76 @@ def test_fast_and_slow_tokenizers_that_agree_raise_nothing(tmp_path):
     (tmp_path / "other.model").replace(m / "tokenizer.model")
     [f] = diagnose(m).by_check("tokenizer-fast-slow")
     assert f.severity == "warning"
+
+
+# Llama-2 / Mistral v0.1: [INST] is plain text that the SentencePiece model splits into pieces, by design.
+# (BOS comes from add_bos_token; writing {{ bos_token }} in the template as well is the doubled-BOS warning.)
+LLAMA2_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                   "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def _llama2_style(tmp_path: Path, model_type: str, with_json: bool, **sp_options) -> Path:
+    """A Llama-2-style folder: a 400-piece byte-fallback BPE sentencepiece model trained as Llama-2's was
+    (no normalization, spaces kept, digits split), LlamaTokenizer, and an [INST] chat template."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = (TINY_TOKENIZER.parent / "data" / "corpus.txt").read_text().splitlines()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+                                   model_type="bpe", character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, split_digits=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2,
+                                   **sp_options)
+    m = make_model(tmp_path / "m", model_type, vocab_size=400, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (m / f).unlink(missing_ok=True)
+    (tmp_path / "sp.model").replace(m / "tokenizer.model")
+    (m / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "chat_template": LLAMA2_TEMPLATE}))
+    if with_json:  # as released: tokenizer.json next to tokenizer.model
+        AutoTokenizer.from_pretrained(str(m)).save_pretrained(str(m))
+    return m
+
+
+@pytest.mark.parametrize("with_json", [False, True], ids=["tokenizer.model", "tokenizer.model+json"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_clean_sentencepiece_llama2_style_model_has_no_problems(tmp_path, model_type, with_json):
+    m = _llama2_style(tmp_path, model_type, with_json)
+    tok = AutoTokenizer.from_pretrained(str(m))
+    assert len(tok("[INST]", add_special_tokens=False)["input_ids"]) > 1  # plain text for this tokenizer
+    report = diagnose(m)
+    assert "tokenizer-fast-slow" in report.checks_run
+    assert report.by_check("special-tokens-split") == [], report.format()
+    assert report.problems() == [], report.format()
+    assert "internal" not in checks_found(report)
+
+
+def test_control_token_in_the_vocabulary_that_the_tokenizer_splits(tmp_path):
+    """Mistral v0.3 style: [INST] is a control piece of the sentencepiece model. A tokenizer.json that lost it
+    from its added tokens splits it, and the model never sees the token it was trained with."""
+    m = _llama2_style(tmp_path, "mistral", True, control_symbols=["[INST]", "[/INST]"])
+    assert diagnose(m).by_check("special-tokens-split") == []  # loaded as added tokens: one token each
+    (m / "tokenizer.model").unlink()
+    tj = json.loads((m / "tokenizer.json").read_text())
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] != "[INST]"]
+    (m / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((m / "tokenizer_config.json").read_text())
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        if key in tc:
+            tc[key] = [t for t in tc[key] if t != "[INST]"]
+    tc["added_tokens_decoder"] = {k: v for k, v in tc.get("added_tokens_decoder", {}).items() if v["content"] != "[INST]"}
+    (m / "tokenizer_config.json").write_text(json.dumps(tc))
+    assert len(AutoTokenizer.from_pretrained(str(m))("[INST]", add_special_tokens=False)["input_ids"]) > 1
+    [f] = diagnose(m).by_check("special-tokens-split")
+    assert f.severity == "error" and "'[INST]' (chat template)" in f.evidence[0] and "vocabulary entry 3" in f.evidence[0]
+    assert "[/INST]" not in "\n".join(f.evidence)
+
+
+def test_chatml_template_on_a_tokenizer_without_those_tokens_is_a_note(tmp_path):
+    m = _llama2_style(tmp_path, "llama", False)
+    edit_json(m / "tokenizer_config.json", chat_template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+              "{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    [f] = diagnose(m).by_check("special-tokens-split")
+    assert f.severity == "info" and "'<|im_start|>'" in f.evidence[0]
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------

@@ -48,6 +48,12 @@ def check_rope(folder: ModelFolder) -> Iterator[Finding]:
         yield Finding("rope-scaling", "error", f"RoPE scaling factor {rope.factor} is below 1",
                       [f"rope {rope.kind} factor = {rope.factor}: this shrinks the context instead of extending it"],
                       "set the factor to the context extension ratio (new length / original length, >= 1)")
+    if rope.kind in _EXTENDING and rope.factor == 1:
+        yield Finding("rope-scaling", "warning", f"RoPE scaling {rope.kind!r} with factor 1 extends nothing",
+                      [f"rope {rope.kind} factor = 1.0: the positions are those of the unscaled model",
+                       "a scaling block is added to extend the context; factor 1 usually means it was never set"],
+                      "set the factor to the context extension ratio (extended length / original length), "
+                      "or remove the rope scaling block")
     orig = rope.original_max_position_embeddings
     if orig is not None and mpe < orig:
         yield Finding("rope-scaling", "warning",
@@ -55,6 +61,9 @@ def check_rope(folder: ModelFolder) -> Iterator[Finding]:
                       [f"rope {rope.kind}: original_max_position_embeddings = {orig}, factor = {rope.factor}",
                        "RoPE scaling extends a context, so the scaled model should accept at least the original one"],
                       f"set max_position_embeddings to the extended context ({orig} x factor) or drop the scaling")
+    elif orig is not None and rope.kind in _SCALED_CONTEXT and rope.factor is not None and rope.factor > 1 \
+            and mpe != orig:
+        yield from _scaled_context(rope.kind, rope.factor, orig, mpe)
     if rope.kind == "longrope":
         half = int(spec.head_dim * rope.partial_rotary_factor) // 2
         for name in ("long_factor", "short_factor"):
@@ -68,6 +77,42 @@ def check_rope(folder: ModelFolder) -> Iterator[Finding]:
                       [f"low_freq_factor = {rope.low_freq_factor}, high_freq_factor = {rope.high_freq_factor}: "
                        "the smoothing between them divides by their difference"],
                       "use the published values (Llama 3.1: low 1.0, high 4.0)")
+
+
+# Kinds whose factor stretches the positions: factor 1 is a no-op. (dynamic NTK still rescales past
+# max_position_embeddings with factor 1; longrope has per-frequency lists instead.)
+_EXTENDING = ("linear", "llama3", "yarn")
+# Kinds whose extended context is original_max_position_embeddings x factor. Not llama3: its factor only
+# stretches the low frequencies, and the releases set max_position_embeddings to 16 x the original with factor 8
+# (Llama 3.1: 8192 -> 131072) as well as with factor 32 (Llama 3.2), so no ratio there is a mistake.
+_SCALED_CONTEXT = ("linear", "dynamic", "yarn")
+
+
+def _scaled_context(kind: str, factor: float, orig: int, mpe: int) -> Iterator[Finding]:
+    """max_position_embeddings against original x factor. Accepted: the original (Qwen2.5's yarn instructions
+    keep it) and the product (DeepSeek-V3: 4096 x 40 = 163840), within rounding of the factor. Beyond the product
+    is a warning; between the two only a note, as Qwen3's yarn instructions (32768 x 4, 40960) leave it there."""
+    implied = orig * factor
+    tol = max(1.0, 0.01 * implied)
+    if abs(mpe - implied) <= tol:
+        return
+    ratio = f"{mpe / orig:g}"
+    evidence = [f"rope {kind}: original_max_position_embeddings = {orig}, factor = {factor:g}: the scaling covers "
+                f"{orig} x {factor:g} = {implied:g} positions",
+                f"config.json: max_position_embeddings = {mpe} ({ratio} x the original)"]
+    if mpe > implied:
+        yield Finding("rope-scaling", "warning",
+                      f"max_position_embeddings ({mpe}) is beyond the context the RoPE scaling covers ({implied:g})",
+                      evidence + [f"positions past {implied:g} are outside what the scaled frequencies were made for"],
+                      f"set max_position_embeddings to {round(implied)} (original x factor), or the factor to "
+                      f"{ratio} if the model was extended to {mpe}")
+    else:  # between the two
+        yield Finding("rope-scaling", "info",
+                      f"max_position_embeddings ({mpe}) is below the context the RoPE scaling implies ({implied:g})",
+                      evidence + ["the model accepts fewer positions than its scaling supports; some releases do "
+                                  "this on purpose (Qwen3 with yarn: 32768 x 4, 40960 positions)"],
+                      f"set max_position_embeddings to {round(implied)} if the model was extended that far, "
+                      f"or the factor to {ratio} if {mpe} is the extended context")
 
 
 def check_vocab_rows(folder: ModelFolder) -> Iterator[Finding]:
