@@ -482,3 +482,18 @@ def test_the_epoch_tail_that_fills_no_step_is_reported(small_model, tmp_path, ca
     trainer.train()
     out = capsys.readouterr().out
     assert f"the last {n % grad_accum} micro-batch(es) of an epoch do not fill a step" in out
+
+
+def test_metrics_file_cut_off_by_a_kill_resumes(tmp_path):
+    """A process killed mid-write leaves half a JSON line at the end of metrics.jsonl: resuming drops it (and
+    the lines past the resumed step); a broken line anywhere else is still an error."""
+    from fasttune.train.observe import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "loss": 1.8}\n{"step": 4, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    MetricsLog(path, resume_step=2, tensorboard=False).log({"step": 3, "loss": 1.7})
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.9}, {"step": 3, "loss": 1.7}]
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.9}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_metrics(path)

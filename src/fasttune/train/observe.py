@@ -31,8 +31,7 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line, row in _rows(self.path) if row.get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             try:
@@ -58,11 +57,24 @@ class MetricsLog:
             self.tb.close()
 
 
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of a metrics file; a last line cut off by a killed process is left out."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # only the last line can be half-written; anything else is a real error
+                raise
+    return out
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in _rows(path)]
 
 
 def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, title: str = "fasttune") -> Path | None:

@@ -442,9 +442,8 @@ class Trainer:
             path = ckpt.save_sharded_checkpoint(self.output_dir, self.step, model=self.model,
                                                 optimizer=self.optimizer, scheduler=self.scheduler,
                                                 trainer_state=self._state(), keep_last=self.cfg.train.keep_last,
-                                                is_main=self.is_main, barrier=lambda: dist_utils.barrier(self.dist))
-            if rng is not None and self.is_main:
-                torch.save(rng, path / "rng.pt")
+                                                is_main=self.is_main, barrier=lambda: dist_utils.barrier(self.dist),
+                                                rng=rng)
             dist_utils.barrier(self.dist)
             return path
         weights = ckpt.trainable_state(self.trainable_modules())
@@ -453,9 +452,8 @@ class Trainer:
         if self.is_main:
             path = ckpt.save_checkpoint(self.output_dir, self.step, weights=weights, optimizer_state=optimizer_state,
                                         scheduler=self.scheduler, trainer_state=self._state(),
-                                        keep_last=self.cfg.train.keep_last)
-            if rng is not None:  # the RNG as it was at the start of the interrupted step
-                torch.save(rng, path / "rng.pt")
+                                        keep_last=self.cfg.train.keep_last, rng=rng)  # rng: None = now; after an
+            # interrupt, the RNG as it was at the start of the dropped step (written before the rename: atomic)
         dist_utils.barrier(self.dist)
         return path or ckpt.checkpoint_root(self.output_dir) / f"{ckpt.PREFIX}{self.step:06d}"
 
