@@ -179,12 +179,15 @@ class _Pipeline:
 
 
 def _examples(source, pipeline: _Pipeline, stats: DataStats, on_error: str, reader_kwargs: dict,
-              max_rows: int | None) -> Iterator[tuple[int, dict]]:
-    """(row index, example) for every row that yields an example."""
+              max_rows: int | None, keep=None) -> Iterator[tuple[int, dict]]:
+    """(row index, example) for every row that yields an example; `keep(index)` False: the row is read but not
+    tokenised (a streaming pass over one split)."""
     for index, (location, row) in enumerate(read_rows(source, **reader_kwargs)):
         if max_rows is not None and index >= max_rows:
             break
         stats.rows_read += 1
+        if keep is not None and not keep(index):
+            continue
         try:
             ex = pipeline.example(location, row)
         except DataError as e:
@@ -229,9 +232,8 @@ class StreamingExamples:
         rng = random.Random(self.seed + self.epoch)
         buffer: list[dict] = []
         self.stats.__init__()  # counts describe the latest pass (all rows read, both splits' rows included)
-        for index, ex in self._make_iter(self.stats):
-            if self.eval_fraction and _in_eval(index, self.seed, self.eval_fraction) != want_eval:
-                continue
+        keep = (lambda i: _in_eval(i, self.seed, self.eval_fraction) == want_eval) if self.eval_fraction else None
+        for index, ex in self._make_iter(self.stats, keep):  # the other split's rows are never tokenised
             if not self.shuffle or want_eval:
                 yield ex
                 continue
@@ -283,8 +285,8 @@ def build_dataset(source, tokenizer, *, kind: str = "auto", chat_template: str |
         if eval_size:
             raise DataError("eval_size needs the whole dataset in memory; with streaming=True use eval_fraction")
 
-        def make_iter(pass_stats: DataStats):
-            return _examples(source, pipeline, pass_stats, on_error, reader_kwargs, max_rows)
+        def make_iter(pass_stats: DataStats, keep):
+            return _examples(source, pipeline, pass_stats, on_error, reader_kwargs, max_rows, keep)
 
         location, first = next(iter(read_rows(source, **reader_kwargs)))  # fail early on a missing/empty source
         try:

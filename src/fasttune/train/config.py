@@ -56,6 +56,9 @@ class DataConfig:
     shuffle: bool = True
     overlong: Literal["truncate", "drop"] = "truncate"  # examples longer than model.max_seq_length
     on_error: Literal["raise", "skip"] = "raise"  # skip: bad rows are counted and reported, not trained on
+    streaming: bool = False  # tokenise pass by pass instead of holding the dataset (files larger than memory;
+    # sft/pretrain, needs train.max_steps; the eval split, eval_fraction of the rows, is held)
+    shuffle_buffer: int = 10_000  # streaming: examples are shuffled within a window of this many
 
 
 @dataclass
@@ -164,6 +167,14 @@ class TrainConfig:
         if t.parallel == "fsdp" and o.type == "reward":
             raise ConfigError("train.parallel: fsdp does not support objective.type reward yet (its scalar head "
                               "lives outside the sharded model); use train.parallel: ddp")
+        if self.data.streaming and o.type not in ("sft", "pretrain"):
+            raise ConfigError(f"data.streaming works for objective.type sft and pretrain, not {o.type} (pairs are "
+                              "held in memory; preference datasets are small): set data.streaming: false")
+        if self.data.streaming and not t.max_steps:
+            raise ConfigError("data.streaming: true needs train.max_steps (a stream's length is unknown until it "
+                              "has been read, so epochs cannot be counted in steps)")
+        if self.data.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.data.shuffle_buffer}")
         if o.type in ("reward", "dpo", "orpo") and self.data.kind not in ("auto", "preference"):
             raise ConfigError(f"objective.type {o.type} trains on chosen/rejected pairs: set data.kind to "
                               f"'preference' or 'auto' (got {self.data.kind!r})")

@@ -97,6 +97,7 @@ class PreparedData:
     skipped: int = 0  # bad rows skipped with on_error: skip
     skip_reasons: list = field(default_factory=list)  # the first few, verbatim
     dropped_no_target: int = 0  # examples (pairs) with nothing left to learn from after truncation
+    streaming: bool = False  # train is a StreamingExamples (re-read and tokenised on each pass), not a list
 
 
 def _split(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -221,8 +222,13 @@ def prepare_data(cfg: DataConfig, tokenizer, max_seq_length: int, seed: int, obj
                            prompt_template=cfg.prompt_template, response_template=cfg.response_template,
                            system_prompt=cfg.system_prompt, train_on=cfg.train_on, max_seq_length=max_seq_length,
                            overlong=cfg.overlong, on_error=cfg.on_error, shuffle=cfg.shuffle, seed=seed,
-                           eval_fraction=cfg.eval_fraction, max_rows=cfg.max_examples, format=cfg.format)
+                           eval_fraction=cfg.eval_fraction, max_rows=cfg.max_examples, format=cfg.format,
+                           streaming=cfg.streaming, shuffle_buffer=cfg.shuffle_buffer)
     st = splits.stats
+    if cfg.streaming:  # counts fill in as the stream is read; each pass reports what it cut, dropped or skipped
+        return PreparedData(splits.kind, splits.train, list(splits.eval),
+                            summary="streamed: tokenised pass by pass, counts reported after each pass",
+                            streaming=True)
     return PreparedData(splits.kind, list(splits.train), list(splits.eval), st.truncated, st.dropped_overlong,
                         st.summary(), skipped=st.skipped_rows, skip_reasons=list(st.skip_reasons),
                         dropped_no_target=st.dropped_no_target)
@@ -233,7 +239,7 @@ def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict:
     return collate_padded([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_token_id)
 
 
-def epoch_batches(examples: list, *, kind: str, batch_size: int, packing: bool, max_seq_length: int,
+def epoch_batches(examples, *, kind: str, batch_size: int, packing: bool, max_seq_length: int,
                   pad_token_id: int, seed: int, shuffle: bool = True) -> list[dict]:
     """All micro-batches of one epoch, in a fixed order (a function of `seed` only)."""
     if kind == "preference":

@@ -12,10 +12,12 @@ scaled by world_size because DDP averages) therefore gives exactly the gradient 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..data.errors import DataError
+from ..data.packing import iter_batches
 from ..models.checkpoint import save_tokenizer
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
@@ -143,11 +147,15 @@ class Trainer:
         self.engine = dist_utils.wrap(self.model, self.dist, config.train.parallel)
         self.optimizer = self._optimizer()
         self._epoch_cache: tuple[int, list] | None = None
-        self.steps_per_epoch, self.epoch_tail = divmod(len(self._epoch(0)), self.micro_per_step)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the training split has {len(self._epoch(0))} micro-batches, fewer than one optimizer step "
-                             f"needs ({self.micro_per_step} = grad_accum x world size); lower train.grad_accum or "
-                             "train.batch_size, or add data")
+        self._stream: tuple[int, Iterator[dict]] | None = None  # (epoch, its micro-batches) when streaming
+        if self.data.streaming:  # the length is unknown until read: train.max_steps (required) sets the run
+            self.steps_per_epoch, self.epoch_tail = None, 0
+        else:
+            self.steps_per_epoch, self.epoch_tail = divmod(len(self._epoch(0)), self.micro_per_step)
+            if self.steps_per_epoch == 0:
+                raise ValueError(f"the training split has {len(self._epoch(0))} micro-batches, fewer than one "
+                                 f"optimizer step needs ({self.micro_per_step} = grad_accum x world size); lower "
+                                 "train.grad_accum or train.batch_size, or add data")
         t = config.train
         self.total_steps = t.max_steps or max(1, int(t.epochs * self.steps_per_epoch))
         warmup = t.warmup_steps or int(t.warmup_ratio * self.total_steps)
@@ -277,8 +285,33 @@ class Trainer:
             self._epoch_cache = (epoch, batches)
         return self._epoch_cache[1]
 
+    def _stream_batches(self, epoch: int) -> Iterator[dict]:
+        """Micro-batches of a streamed epoch: the file is re-read and tokenised, shuffled within the buffer (seeded
+        by the epoch), batched as it comes; a resumed run skips the micro-batches its checkpoint had consumed."""
+        d, t = self.cfg.data, self.cfg.train
+        self.data.train.set_epoch(epoch)
+        batches = iter_batches(self.data.train, batch_size=t.batch_size, packing=d.packing,
+                               max_seq_length=self.cfg.model.max_seq_length, pad_token_id=self.pad_id,
+                               shuffle=d.shuffle, seed=t.seed + epoch)
+        return itertools.islice(batches, self.batch_index, None)
+
+    def _next_streamed_group(self) -> list[dict]:
+        while True:
+            if self._stream is None or self._stream[0] != self.epoch:
+                self._stream = (self.epoch, self._stream_batches(self.epoch))
+            group = list(itertools.islice(self._stream[1], self.micro_per_step))
+            if len(group) == self.micro_per_step:
+                self.batch_index += self.micro_per_step
+                return group
+            if self.batch_index == 0:
+                raise DataError(f"the training stream of {self.cfg.data.path} holds {len(group)} micro-batches, "
+                                f"fewer than one optimizer step needs ({self.micro_per_step})")
+            self.epoch, self.batch_index, self._stream = self.epoch + 1, 0, None  # the tail waits, as for lists
+
     def _next_group(self) -> list[dict]:
         """The micro-batches of the next optimizer step (all ranks' share), advancing the data position."""
+        if self.data.streaming:
+            return self._next_streamed_group()
         while True:
             batches = self._epoch(self.epoch)
             if self.batch_index + self.micro_per_step <= len(batches):
@@ -476,6 +509,7 @@ class Trainer:
                                    f"({ts['batch_index']} micro-batches) is not a whole number of steps at world size "
                                    f"{self.dist.world_size} x grad_accum {self.cfg.train.grad_accum}")
         self.step, self.epoch, self.batch_index = ts["step"], ts["epoch"], ts["batch_index"]
+        self._stream = None
         self.tokens_seen = ts.get("tokens_seen", 0)
         ckpt.set_rng_state(state["rng"])
 
@@ -526,7 +560,8 @@ class Trainer:
         progress = Progress(self.total_steps, self.step, enabled=self.is_main and t.progress)
         say = progress.write if self.is_main else (lambda _s: None)
         n_params = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
-        say(f"fasttune: {cfg.objective.type} on {self.device}, {len(self.data.train)} train / {len(self.data.eval)} "
+        n_train = "streamed" if self.data.streaming else len(self.data.train)
+        say(f"fasttune: {cfg.objective.type} on {self.device}, {n_train} train / {len(self.data.eval)} "
             f"eval examples ({self.data.summary or self.data.kind}); {n_params:,} trainable parameters; "
             f"global batch = {t.batch_size} per device x {t.grad_accum} accumulation x {self.dist.world_size} "
             f"device(s); {self.total_steps} steps"
@@ -549,6 +584,7 @@ class Trainer:
                     in_step = False
                 except BaseException:
                     self.epoch, self.batch_index = position  # the step did not happen
+                    self._stream = None  # a stream cannot rewind: it is re-opened at the restored position
                     raise
                 dt = time.perf_counter() - t0
                 self.step += 1
