@@ -34,7 +34,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # that rounds logits like F.linear to 1.4e-7). So a 16-bit gradient passes when it is within the stated tolerance
 # OR no worse than 2x PyTorch's own error on the same inputs in the same dtype (seen: 1.54x on one draw with label
 # smoothing: both are bf16 rounding noise of a 21-row sample).
-SESSION_SEED = int(os.environ.get("FASTTUNE_TEST_SEED") or random.SystemRandom().randrange(1, 2**31))
+from seeding import SESSION_SEED  # noqa: E402 - one seed for the whole session
 TORCH_ERROR_FACTOR = 2.0
 
 

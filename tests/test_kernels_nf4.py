@@ -31,7 +31,7 @@ SHAPES = [(64, 64), (33, 37), (300, 130), (1, 1)]
 
 # Inputs are drawn fresh each run: a per-session seed is mixed into every test's seed. It is named in every
 # failure message; FASTTUNE_TEST_SEED=<n> replays a run.
-SESSION_SEED = int(os.environ.get("FASTTUNE_TEST_SEED") or random.SystemRandom().randrange(2**31))
+from seeding import SESSION_SEED  # noqa: E402 - one seed for the whole session
 
 
 def random_weight(shape, dtype, seed):

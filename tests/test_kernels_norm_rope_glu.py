@@ -28,7 +28,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # Inputs are drawn fresh each run: a per-session seed is mixed into every test's seed. It is named in every
 # failure message; FASTTUNE_TEST_SEED=<n> replays a run.
-SESSION_SEED = int(os.environ.get("FASTTUNE_TEST_SEED") or random.SystemRandom().randrange(2**31))
+from seeding import SESSION_SEED  # noqa: E402 - one seed for the whole session
 
 
 def _ensure_interpreted_triton() -> None:

@@ -10,9 +10,10 @@ Backward, given dy (N, n), with g = s dy B (N, r):
            db = sum_rows dy                          (only when the bias is trainable)
 The dense delta s B A (n, k) is never formed and dW is never computed (W is frozen). Saved: x and u only.
 
-q, k, v in one node (`LoraQKVFunction`): x is read once by the three base GEMMs and by one GEMM against
-A_qkv = [A_q; A_k; A_v] (sum r, k); the backward accumulates dx = sum_p dy_p W_p + G A_qkv in place, with
-G = [s_q dy_q B_q, s_k dy_k B_k, s_v dy_v B_v], and dA_qkv = G^T x is one GEMM.
+q, k, v in one node (`LoraQKVFunction`): x is saved once for all three; the forward is the three base GEMMs plus
+one GEMM against A_qkv = [A_q; A_k; A_v] (sum r, k) instead of three rank-r ones (a single base GEMM, reading x
+once, would need W_q, W_k, W_v stored as one matrix); the backward accumulates dx = sum_p dy_p W_p + G A_qkv in
+place, with G = [s_q dy_q B_q, s_k dy_k B_k, s_v dy_v B_v], and dA_qkv = G^T x is one GEMM.
 
 Gated MLP in one node (`LoraMLPFunction`), act = silu / gelu / gelu_tanh:
     g = lora(x; gate),  p = lora(x; up),  a = act(g) * p,  y = lora(a; down)
