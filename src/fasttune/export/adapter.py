@@ -5,6 +5,10 @@
                                 base_model.model.<module path>.weight          (modules_to_save: embed_tokens, lm_head)
     adapter_config.json         peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, target_modules, use_rslora, ...
 
+A LoRA on the output layer is PEFT's `lm_head` target (`base_model.model.lm_head.lora_A.weight`, "lm_head" in
+target_modules). PEFT then also saves the base output weight (`lm_head.base_layer.weight`, its
+save_embedding_layers="auto"); loading copies it into the frozen base, as PEFT does, and export leaves it out.
+
 PEFT computes y = base(x) + scaling * B(A(x)), scaling = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA), the
 same formula as `fasttune.lora.LoraLinear`, so the tensors are written unchanged.
 
@@ -32,6 +36,7 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LM_HEAD = "lm_head"  # a target only when named: PEFT's "all-linear" leaves the output layer out
 # fasttune's separate projections -> the fused module Phi-3 checkpoints have, and their order inside it
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 PART_TO_FUSED = {p: f for f, parts in FUSED_PARTS.items() for p in parts}
@@ -217,11 +222,12 @@ def _target_leaf_names(cfg: dict, model: nn.Module) -> list[str]:
     expanded = set()
     for leaf in leaves:
         expanded.update(FUSED_PARTS.get(leaf, (leaf,)))
-    unknown = expanded - set(ALL_LINEAR)
+    unknown = expanded - set(ALL_LINEAR) - {LM_HEAD}
     if unknown:
         raise AdapterError(f"adapter targets {sorted(unknown)}, which fasttune cannot put LoRA on; "
-                           f"supported targets: {', '.join(ALL_LINEAR)} (and Phi-3's qkv_proj, gate_up_proj)")
-    return [t for t in ALL_LINEAR if t in expanded]
+                           f"supported targets: {', '.join(ALL_LINEAR)}, {LM_HEAD} (and Phi-3's qkv_proj, "
+                           "gate_up_proj)")
+    return [t for t in ALL_LINEAR + (LM_HEAD,) if t in expanded]
 
 
 def _pattern_value(pattern: dict, key: str, default):
@@ -289,6 +295,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     elif spec.fused_checkpoint and ranks != {r}:
         raise AdapterError(f"{path}: tensors have ranks {sorted(ranks)} but r={r}")
 
+    # base weights of targeted modules (PEFT saves lm_head.base_layer.weight when lm_head is a target)
+    base_weights = {k: state.pop(k) for k in [k for k in state if k.endswith(".base_layer.weight")]}
     modules_to_save = {k: v for k, v in state.items() if k.endswith(".weight")}
     leftover = set(state) - set(modules_to_save)
     if leftover:
@@ -329,6 +337,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
             m.lora_B.requires_grad_(trainable)
         for name in missing:  # model LoRA modules the adapter does not cover stay at zero effect
             mods[name].lora_B.zero_()
+        for key, t in base_weights.items():  # the frozen base of a LoRA module (or a plain linear): stays frozen
+            try:
+                owner = model.get_submodule(key[: -len(".base_layer.weight")])
+                param = owner.base.weight if is_lora(owner) else owner.weight
+            except AttributeError:
+                raise AdapterError(f"{path}: {key} names no dense module of this model") from None
+            if tuple(param.shape) != tuple(t.shape):
+                raise AdapterError(f"{key}: adapter shape {tuple(t.shape)} != model shape {tuple(param.shape)}")
+            param.copy_(t)
         for key, t in modules_to_save.items():
             owner = model.get_submodule(key.rpartition(".")[0])
             param = owner.weight

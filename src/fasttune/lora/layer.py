@@ -94,3 +94,36 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.use_rslora}, "
                 f"disabled={self.disabled}")
+
+
+class LoraLMHead(LoraLinear):
+    """LoRA on the output layer (`model.lm_head`), PEFT's `lm_head` target: logits = h W^T + s B A drop(h).
+
+    `forward` (generation, `return_logits`, `model.logits`) is LoraLinear's. The training loss never forms the
+    logits: `fused_loss_inputs(h)` hands the fused linear cross-entropy one (hidden, weight) pair with the adapter
+    folded in as r extra features,
+        h W^T + s (drop(h) A^T) B^T = [h | s drop(h) A^T] [W | B]^T,
+    so softcapping, label smoothing and num_items_in_batch apply unchanged. Autograd routes the weight gradient's
+    last r columns to B and the extra features' gradient to A; W does not require grad, so nothing reaches it.
+    `weight` is the frozen base weight, for code that reads `model.lm_head.weight` (device, dtype, shapes)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 generator: torch.Generator | None = None):
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRA on lm_head needs a dense nn.Linear output layer, got {type(base).__name__}")
+        if base.bias is not None:
+            raise TypeError("LoRA on lm_head: an output layer with a bias is not supported by the fused loss")
+        super().__init__(base, r, alpha, dropout, use_rslora, generator)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def fused_loss_inputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, weight) for `kernels.fused_linear_cross_entropy`, hidden (N, H) -> (N, H + r) and
+        weight (V, H) -> (V, H + r), in the base weight's dtype; (h, W) when the adapter is disabled."""
+        w = self.base.weight
+        if self.disabled:
+            return h, w
+        u = F.linear(self.dropout(h), self.lora_A.to(h.dtype)) * self.scaling  # dropout is a no-op in eval()
+        return torch.cat([h, u.to(h.dtype)], dim=-1), torch.cat([w, self.lora_B.to(w.dtype)], dim=1)

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from ..kernels.lora import lora_mlp, lora_qkv
-from .config import LoraConfig
-from .layer import LoraLinear, peft_initial_A
+from .config import LM_HEAD, LoraConfig
+from .layer import LoraLinear, LoraLMHead, peft_initial_A
 from .nf4_linear import NF4Linear
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -56,12 +56,13 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 0.0, target_modules=None,
              use_rslora: bool = False, seed: int = 0, train_embeddings: bool = False, train_lm_head: bool = False,
              embedding_lr_ratio: float = 1.0) -> nn.Module:
-    """Freeze `model` and wrap the targeted projections of every decoder layer in `LoraLinear` (in place).
+    """Freeze `model` and wrap the targeted projections of every decoder layer in `LoraLinear` (in place);
+    with "lm_head" in `target_modules`, the output layer in `LoraLMHead` too (not with tied embeddings).
 
     Adapters are initialised as PEFT does (A kaiming-uniform, B zero) from a CPU generator seeded with `seed`,
-    in decoder order, so PEFT with `torch.manual_seed(seed)` gets the same A. When all of q, k, v (resp.
-    gate, up, down) carry adapters and dropout is 0, the fused kernels are installed as the layer's hooks.
-    Returns the model, with `model.lora_config` set."""
+    in decoder order (lm_head last, as PEFT), so PEFT with `torch.manual_seed(seed)` gets the same A. When all
+    of q, k, v (resp. gate, up, down) carry adapters and dropout is 0, the fused kernels are installed as the
+    layer's hooks. Returns the model, with `model.lora_config` set."""
     if getattr(model, "lora_config", None) is not None or any(True for _ in lora_layers(model)):
         raise ValueError("this model already has LoRA adapters; add_lora can be applied once")
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):
@@ -69,6 +70,8 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     cfg = LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, use_rslora=use_rslora,
                      seed=seed, train_embeddings=train_embeddings, train_lm_head=train_lm_head,
                      embedding_lr_ratio=embedding_lr_ratio)
+    if LM_HEAD in cfg.target_modules:
+        _check_lm_head_target(model)
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
@@ -84,12 +87,29 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
                 layer.self_attn.fused_qkv = FusedQKV(layer.self_attn)
             if {"gate_proj", "up_proj", "down_proj"} <= targets:
                 layer.mlp.fused_forward = FusedMLP(layer.mlp)
+    if LM_HEAD in targets:  # after the layers: PEFT reaches lm_head last in named_modules()
+        model.lm_head = LoraLMHead(model.lm_head, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, generator)
     if cfg.train_embeddings:
         model.model.embed_tokens.weight.requires_grad_(True)
     if cfg.train_lm_head:
         model.lm_head.weight.requires_grad_(True)
     model.lora_config = cfg
     return model
+
+
+def _check_lm_head_target(model: nn.Module) -> None:
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    tied = bool(getattr(getattr(model, "spec", None), "tie_word_embeddings", False)) or (
+        head is not None and embed is not None and getattr(head, "weight", None) is embed.weight)
+    if tied:
+        raise ValueError(
+            "LoRA on lm_head is not possible for this model: it ties its input and output embeddings "
+            "(tie_word_embeddings), so the merged adapter W + s*B@A would also change the input embeddings. "
+            "Remove 'lm_head' from target_modules; to adapt the output layer of a tied model, train the shared "
+            "embedding matrix in full instead (train_embeddings / train_lm_head)")
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"LoRA on lm_head needs a dense nn.Linear output layer, got {type(head).__name__}")
 
 
 def _targeted(layer: nn.Module, targets: set[str]):
@@ -113,6 +133,10 @@ def initial_lora_A(model: nn.Module) -> dict[str, torch.Tensor]:
             prefix = "self_attn" if parent is layer.self_attn else "mlp"
             out[f"model.layers.{i}.{prefix}.{name}.lora_A"] = peft_initial_A(
                 lora.r, lora.in_features, lora.out_features, base_dtype, generator)
+    if LM_HEAD in cfg.target_modules:
+        head = model.lm_head
+        out["lm_head.lora_A"] = peft_initial_A(head.r, head.in_features, head.out_features, head.base.weight.dtype,
+                                               generator)
     return out
 
 

@@ -9,6 +9,8 @@ Two optional hooks let other parts of fasttune take over a block without monkeyp
   the fused LoRA kernels);
 - `DecoderModel.layer_runner(layer, hidden, **kwargs) -> hidden` (set by the memory policy to checkpoint and
   offload activations).
+An LM head with a `fused_loss_inputs(h) -> (hidden, weight)` method (fasttune.lora's `LoraLMHead`) gives the fused
+loss its own (hidden, weight) pair with logits = hidden @ weight.T (a LoRA head widens both by its rank).
 """
 from __future__ import annotations
 
@@ -239,6 +241,12 @@ class CausalLM(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.model.layers
 
+    def loss_head_inputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, weight) whose product hidden @ weight.T is the LM head's logits, for the fused loss: the plain
+        head's (h, W), or what a head with `fused_loss_inputs` (a LoRA head) makes of h."""
+        widen = getattr(self.lm_head, "fused_loss_inputs", None)
+        return widen(h) if widen is not None else (h, self.lm_head.weight)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h).float()
         if self.spec.final_softcap is not None:
@@ -271,10 +279,10 @@ class CausalLM(nn.Module):
                 # packed documents: the last token of one document does not predict the first of the next
                 targets = targets.masked_fill(position_ids[:, 1:] == 0, -100)
             targets = targets.reshape(-1)
-            hid = h[:, :-1].reshape(-1, h.shape[-1])
+            hid, weight = self.loss_head_inputs(h[:, :-1].reshape(-1, h.shape[-1]))
             out.num_target_tokens = int((targets != -100).sum())
             out.loss = kernels.fused_linear_cross_entropy(
-                hid, self.lm_head.weight, targets, softcap=self.spec.final_softcap,
+                hid, weight, targets, softcap=self.spec.final_softcap,
                 num_items_in_batch=num_items_in_batch, chunk_bytes=self.loss_chunk_bytes)
         return out
 

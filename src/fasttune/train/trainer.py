@@ -638,7 +638,8 @@ def _is_adapter(name: str) -> bool:
 
 
 def _is_embedding(name: str) -> bool:
-    return "embed_tokens" in name or "lm_head" in name
+    """A trained embedding or LM-head weight (its own learning rate); LoRA on lm_head is an adapter, not this."""
+    return ("embed_tokens" in name or "lm_head" in name) and not _is_adapter(name)
 
 
 def train(config: TrainConfig, resume: str | os.PathLike | bool | None = None, model=None, tokenizer=None
