@@ -545,3 +545,40 @@ def test_streaming_config_errors(tmp_path):
         TrainConfig.from_dict({"data": {"streaming": True}, "train": {"max_steps": None}})
     with pytest.raises(ConfigError, match="data.streaming works for objective.type sft and pretrain, not dpo"):
         TrainConfig.from_dict({"data": {"streaming": True}, "objective": {"type": "dpo"}, "train": {"max_steps": 3}})
+
+
+def test_label_smoothing_reaches_the_fused_loss(small_model, tmp_path, monkeypatch):
+    """objective.label_smoothing: the model's fused loss equals F.cross_entropy(..., label_smoothing) on
+    materialised logits (loss and gradients), and the trainer's first-step loss is that loss."""
+    from fasttune.models import load_model
+
+    model = load_model(small_model).float()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, model.spec.vocab_size, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(ids, labels=labels, label_smoothing=0.1)
+    logits = model(ids).logits[:, :-1].reshape(-1, model.spec.vocab_size)
+    want = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100, label_smoothing=0.1)
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    plain = model(ids, labels=labels).loss
+    assert abs(plain.item() - out.loss.item()) > 1e-3  # smoothing changes the loss (so the check above means something)
+    w = model.model.layers[0].mlp.down_proj.weight
+    got_grad = torch.autograd.grad(out.loss, w)[0]
+    want_grad = torch.autograd.grad(F.cross_entropy(model(ids).logits[:, :-1].reshape(-1, model.spec.vocab_size),
+                                                    labels[:, 1:].reshape(-1), label_smoothing=0.1), w)[0]
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-7)
+
+    from fasttune import kernels
+
+    seen = []
+    real = kernels.fused_linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("label_smoothing"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(kernels, "fused_linear_cross_entropy", spy)
+    Trainer(config(small_model, tmp_path / "s", objective={"label_smoothing": 0.1}, train={"max_steps": 1})).train()
+    assert seen and set(seen) == {0.1}
+    with pytest.raises(ConfigError, match="label_smoothing applies to sft and pretrain, not dpo"):
+        TrainConfig.from_dict({"objective": {"type": "dpo", "label_smoothing": 0.1}})

@@ -264,10 +264,12 @@ class CausalLM(nn.Module):
         return_logits: bool | None = None,
         output_hidden_states: bool = False,
         inputs_embeds: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> CausalLMOutput:
         """labels: (B, T) aligned with input_ids (not shifted; -100 = no loss). The loss is the sum over target
-        tokens divided by their count, or by `num_items_in_batch` when given (exact gradient accumulation).
-        Logits are returned when `return_logits` is True, or by default when no labels are given."""
+        tokens divided by their count, or by `num_items_in_batch` when given (exact gradient accumulation);
+        `label_smoothing` as in F.cross_entropy. Logits are returned when `return_logits` is True, or by default
+        when no labels are given."""
         h, hidden_states, position_ids = self.model(input_ids, attention_mask, position_ids, cache,
                                                     output_hidden_states, inputs_embeds)
         out = CausalLMOutput(hidden_states=hidden_states, last_hidden_state=h, cache=cache)
@@ -283,7 +285,8 @@ class CausalLM(nn.Module):
             out.num_target_tokens = int((targets != -100).sum())
             out.loss = kernels.fused_linear_cross_entropy(
                 hid, weight, targets, softcap=self.spec.final_softcap,
-                num_items_in_batch=num_items_in_batch, chunk_bytes=self.loss_chunk_bytes)
+                num_items_in_batch=num_items_in_batch, label_smoothing=label_smoothing,
+                chunk_bytes=self.loss_chunk_bytes)
         return out
 
     @property

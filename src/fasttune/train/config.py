@@ -67,6 +67,7 @@ class ObjectiveConfig:
     beta: float = 0.1  # DPO temperature; ORPO: weight of the odds-ratio term (lambda in the paper)
     train_embeddings: Optional[bool] = None  # None: true for pretrain, false otherwise
     embedding_lr_ratio: float = 0.1  # learning rate of embeddings / LM head relative to train.lr
+    label_smoothing: float = 0.0  # sft / pretrain: as F.cross_entropy's (0 = none), inside the fused loss
 
 
 @dataclass
@@ -167,6 +168,10 @@ class TrainConfig:
         if t.parallel == "fsdp" and o.type == "reward":
             raise ConfigError("train.parallel: fsdp does not support objective.type reward yet (its scalar head "
                               "lives outside the sharded model); use train.parallel: ddp")
+        if not 0.0 <= o.label_smoothing < 1.0:
+            raise ConfigError(f"objective.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+        if o.label_smoothing and o.type not in ("sft", "pretrain"):
+            raise ConfigError(f"objective.label_smoothing applies to sft and pretrain, not {o.type}")
         if self.data.streaming and o.type not in ("sft", "pretrain"):
             raise ConfigError(f"data.streaming works for objective.type sft and pretrain, not {o.type} (pairs are "
                               "held in memory; preference datasets are small): set data.streaming: false")

@@ -50,10 +50,10 @@ def sequence_logprobs(model, batch: dict, logits_model=None) -> tuple[torch.Tens
     return torch.stack(sums), (targets != IGNORE_INDEX).sum(-1)
 
 
-def lm_loss(model, batch: dict, num_items_in_batch: int) -> tuple[torch.Tensor, dict]:
+def lm_loss(model, batch: dict, num_items_in_batch: int, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
     out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 position_ids=batch.get("position_ids"), labels=batch["labels"],
-                num_items_in_batch=num_items_in_batch, return_logits=False)
+                num_items_in_batch=num_items_in_batch, return_logits=False, label_smoothing=label_smoothing)
     return out.loss, {}
 
 

@@ -331,7 +331,7 @@ class Trainer:
     def micro_loss(self, batch: dict, num_tokens: int, num_pairs: int) -> tuple[torch.Tensor, dict]:
         o = self.cfg.objective
         if o.type in ("sft", "pretrain"):
-            return lm_loss(self.engine, batch, num_tokens)
+            return lm_loss(self.engine, batch, num_tokens, o.label_smoothing)
         if o.type == "reward":
             return reward_loss(self.engine, self.reward_head, batch, num_pairs)
         if o.type == "dpo":
