@@ -123,6 +123,13 @@ train: {{output_dir: {tmp_path / 'out'}, max_steps: 1, progress: false, tensorbo
     assert "data error" in err and "d.jsonl, line 2" in err and "data.response_template" in err
     assert "Traceback" not in err
 
+    # a setting the loaded model cannot take (LoRA on a tied LM head) is a config error too, found at load
+    cfg.write_text(cfg.read_text().replace('data: {path: "' + str(data) + '"}', 'data: {path: "bundled:instructions"}')
+                   + "lora: {target_modules: [q_proj, lm_head]}\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "config error: lora: LoRA on lm_head is not possible" in err and "Traceback" not in err
+
     import fasttune.train.trainer as trainer
 
     def no_memory(self, *args, **kwargs):

@@ -21,14 +21,14 @@ from fasttune.train.objectives import RewardHead, dpo_loss, orpo_loss, reward_lo
 TINY = Path(__file__).resolve().parents[1] / "src" / "fasttune" / "assets" / "tiny"
 
 
-def make_small_model(path: Path) -> Path:
+def make_small_model(path: Path, tied: bool = True) -> Path:
     """A 2-layer Llama (hidden 32) with the shipped tokenizer, random init (seeded)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(TINY))
     cfg = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-           "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+           "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": tied,
            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
            "torch_dtype": "float32"}
     torch.manual_seed(0)

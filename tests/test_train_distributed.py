@@ -22,10 +22,10 @@ from test_train import make_small_model
 
 
 def _yaml(model: Path, out: Path, grad_accum: int, objective: str, data: str, parallel: str = "ddp",
-          load_in_4bit: bool = False, memory: str = "none") -> str:
+          load_in_4bit: bool = False, memory: str = "none", targets: str | None = None) -> str:
     return f"""
 model: {{path: {model}, max_seq_length: 96, device: cpu, load_in_4bit: {str(load_in_4bit).lower()}}}
-lora: {{r: 4, alpha: 8}}
+lora: {{r: 4, alpha: 8{f", target_modules: {targets}" if targets else ""}}}
 data: {{path: "{data}", max_examples: 48, eval_fraction: 0.1}}
 objective: {{type: {objective}}}
 train: {{output_dir: {out}, max_steps: 3, batch_size: 1, grad_accum: {grad_accum}, lr: 1.0e-2, eval_every: 3, save_every: 2,
@@ -47,17 +47,22 @@ def _losses(out: Path) -> tuple[list[float], list[float]]:
     # layer checkpointing under FSDP2 goes through PyTorch's checkpoint (fasttune's own would see no gradients for
     # sharded parameters); under DDP through fasttune's, with the layer inputs offloaded
     ("sft", "bundled:instructions", "fsdp", False, "checkpoint"),
-    ("sft", "bundled:instructions", "ddp", False, "offload")])
+    ("sft", "bundled:instructions", "ddp", False, "offload"),
+    # LoRA on the (untied) LM head too: its adapters are sharded and start from the same values
+    ("sft", "bundled:instructions", "fsdp", False, "lm_head")])
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, objective, data, parallel, qlora,
                                                                      memory):
-    model = make_small_model(tmp_path / "model")
+    lm_head = memory == "lm_head"
+    memory, targets = ("none", "[q_proj, v_proj, down_proj, lm_head]") if lm_head else (memory, None)
+    model = make_small_model(tmp_path / "model", tied=not lm_head)
     one = tmp_path / "one"
-    (tmp_path / "one.yaml").write_text(_yaml(model, one, 4, objective, data, load_in_4bit=qlora, memory=memory))
+    (tmp_path / "one.yaml").write_text(_yaml(model, one, 4, objective, data, load_in_4bit=qlora, memory=memory,
+                                             targets=targets))
     train(TrainConfig.from_yaml(tmp_path / "one.yaml"))
 
     two = tmp_path / "two"
     (tmp_path / "two.yaml").write_text(_yaml(model, two, 2, objective, data, parallel, load_in_4bit=qlora,
-                                             memory=memory))
+                                             memory=memory, targets=targets))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     if parallel == "ddp" and objective == "sft":  # `fasttune train --gpus 2` re-launches itself under torchrun
         cmd = [sys.executable, "-m", "fasttune", "train", str(tmp_path / "two.yaml"), "--gpus", "2"]
@@ -87,7 +92,8 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, o
     # the 2-rank checkpoint of step 2 resumes in one process (world size 1, grad_accum 4) to the same step 3
     resumed = tmp_path / "resumed"
     shutil.copytree(two / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
-    (tmp_path / "resumed.yaml").write_text(_yaml(model, resumed, 4, objective, data, load_in_4bit=qlora))
+    (tmp_path / "resumed.yaml").write_text(_yaml(model, resumed, 4, objective, data, load_in_4bit=qlora,
+                                                 targets=targets))
     result = train(TrainConfig.from_yaml(tmp_path / "resumed.yaml"), resume=True)
     assert result.losses == pytest.approx([loss1[2]], rel=1e-5)
 
@@ -101,7 +107,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, o
             again = tmp_path / "again"
             shutil.copytree(step2, again / "checkpoints" / "step-000002")
             (tmp_path / "again.yaml").write_text(_yaml(model, again, 2, objective, data, parallel,
-                                                       load_in_4bit=qlora))
+                                                       load_in_4bit=qlora, targets=targets))
             proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                    "--nproc_per_node=2", "-m", "fasttune", "train", str(tmp_path / "again.yaml"),
                                    "--resume"], capture_output=True, text=True, timeout=600, env=env)

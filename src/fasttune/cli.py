@@ -69,6 +69,9 @@ def _run_train(args) -> int:
     except DataError as e:  # names file, line/row and column: the message is the whole story, no traceback
         print(f"fasttune train: data error: {e}", file=sys.stderr)
         code = 2
+    except ConfigError as e:  # a setting the model or data cannot take, found once they are loaded
+        print(f"fasttune train: config error: {e}", file=sys.stderr)
+        code = 2
     except (TrainingDiverged, OutOfMemory) as e:
         print(f"\nfasttune train: {e}", file=sys.stderr)
         code = 1

@@ -30,7 +30,7 @@ from ..data.packing import iter_batches
 from ..models.checkpoint import save_tokenizer
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import PreparedData, batch_tokens, count_targets, epoch_batches, prepare_data, to_device
 from .objectives import RewardHead, dpo_loss, lm_loss, orpo_loss, reward_loss
 from .observe import MetricsLog, Progress, plot_losses
@@ -222,8 +222,11 @@ class Trainer:
         from ..lora import add_lora
 
         lc = self.cfg.lora
-        return add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=list(lc.target_modules),
-                        use_rslora=lc.use_rslora, seed=lc.seed)
+        try:
+            return add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=list(lc.target_modules),
+                            use_rslora=lc.use_rslora, seed=lc.seed)
+        except ValueError as e:  # a setting this model cannot take (e.g. LoRA on a tied lm_head): a config error
+            raise ConfigError(f"lora: {e}") from None
 
     def _apply_memory_policy(self, model) -> None:
         policy = self.cfg.train.memory
