@@ -266,3 +266,30 @@ def test_load_in_4bit_then_plain_loop_reduces_loss(tiny_llama):
     before = layer.dequantize()
     model.to(torch.float32)
     assert torch.equal(layer.dequantize(), before)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16bit_base_weights_train_close_to_float32(tiny_llama, dtype):
+    """LoRA over an fp16 (or bf16) base: float32 adapter masters, 16-bit compute. The loss and every adapter
+    gradient stay within 16-bit rounding of the same model in float32 (measured: fp16 2.2e-6 relative loss and
+    1 - cosine 6.3e-6; bf16 7.5e-4 and 6.8e-4)."""
+    tol = {"float16": 2e-4, "bfloat16": 5e-3}[dtype]
+    torch.manual_seed(0)
+    half = _ours(tiny_llama, dtype=dtype, r=4, alpha=8, seed=3)
+    full = _ours(tiny_llama, dtype="float32", r=4, alpha=8, seed=3)
+    with torch.no_grad():  # B != 0 so that dA is not zero; the same values in both
+        for (n, p), (_, q) in zip(half.named_parameters(), full.named_parameters()):
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.1)
+                q.copy_(p)
+    ids = _batch(0)
+    loss_half, loss_full = half(ids, labels=ids).loss, full(ids, labels=ids).loss
+    assert half.model.layers[0].self_attn.q_proj.base.weight.dtype == getattr(torch, dtype)
+    assert abs(loss_half.item() - loss_full.item()) <= tol * loss_full.item()
+    loss_half.backward()
+    loss_full.backward()
+    for (n, p), (_, q) in zip(half.named_parameters(), full.named_parameters()):
+        if "lora_" in n:
+            assert p.grad.dtype == torch.float32
+            cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), 0).item()
+            assert cos >= 1 - tol, (n, cos)
