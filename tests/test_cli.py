@@ -73,7 +73,7 @@ train: {{output_dir: {tmp_path / 'out'}, max_steps: 2, batch_size: 2, progress: 
     assert main(["train", str(cfg), "--resume"]) == 0
 
 
-def test_chat_formats_prompts_as_the_adapter_was_trained(small_model, tmp_path):
+def test_chat_formats_prompts_as_the_adapter_was_trained(small_model, tmp_path, monkeypatch):
     """A run trained with data.chat_template: alpaca and a system prompt: chat/generate with its adapter use that
     template and prompt (not the tokenizer's own), unless the command line says otherwise."""
     from fasttune.cli import _load_for_inference, _session
@@ -94,6 +94,16 @@ train: {{output_dir: {tmp_path / 'out'}, max_steps: 1, progress: false, tensorbo
                                       "--system", "Be long."])
     session = _session(args, model, tokenizer, system=args.system)
     assert session.template.name == "chatml" and session.system == "Be long."
+
+    # /reset in `fasttune chat` keeps the recorded system prompt
+    import fasttune.cli as cli
+
+    sessions = []
+    monkeypatch.setattr(cli, "_session", lambda *a, **k: sessions.append(_session(*a, **k)) or sessions[-1])
+    replies = iter(["hello", "/reset", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(replies))
+    assert main(["chat", "--adapter", adapter, "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert sessions[0].messages == [{"role": "system", "content": "Be brief."}]
 
 
 def test_config_errors_exit_2_with_the_key_named(tmp_path, capsys):

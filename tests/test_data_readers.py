@@ -207,9 +207,14 @@ def test_json_chunk_boundaries_change_nothing(tmp_path, monkeypatch, chunk):
     rows = [{"n": 1234567, "f": -0.000125, "t": True, "z": None, "s": "\u00e9\u00fc\u65e5\U0001f600 \\ \"\n"},
             {"nested": {"a": [1, 2, {"b": "c"}]}, "e": ""}] * 3
     p = tmp_path / "c.json"
-    p.write_text("\ufeff" + json.dumps({"meta": {"n": 12345}, "rows": rows}, ensure_ascii=False, indent=1),
-                 encoding="utf-8")
+    wrapper = {"version": 1.5, "scale": -1.25e-3, "count": 123456, "ok": True, "meta": {"n": 12345}, "rows": rows,
+               "tail": 2.5e10}
+    p.write_text("\ufeff" + json.dumps(wrapper, ensure_ascii=False, indent=1), encoding="utf-8")
     assert [r for _, r in rows_of(p)] == rows
+    # a scalar where an object belongs: named at its own line, whatever was dropped while it was read
+    p.write_text("[\n" + "".join('{"a": %d},\n' % i for i in range(50)) + "12345678\n]", encoding="utf-8")
+    with pytest.raises(DataError, match=r"c\.json, line 52, row 50: expected a JSON object, got a JSON int"):
+        rows_of(p)
     p.write_text(json.dumps(rows, ensure_ascii=False, indent=1)[:-2] + ',\n  {"a": 1,, "b": 2}\n]', encoding="utf-8")
     n_lines = json.dumps(rows, ensure_ascii=False, indent=1).count("\n")
     with pytest.raises(DataError, match=rf"c\.json, line {n_lines + 1}: malformed JSON: Expecting property name "

@@ -484,3 +484,25 @@ def test_trainer_gives_the_head_adapter_the_adapter_learning_rate(tmp_path):
     for g in opt.param_groups:
         if head & {id(p) for p in g["params"]}:
             assert g["lr"] == cfg.train.lr
+
+
+def test_training_embeddings_keeps_a_lora_heads_base_frozen(tmp_path):
+    """objective.train_embeddings (on by default for pretrain) trains embed_tokens in full; a LoRA'd lm_head is
+    adapted through its adapters, its base weight stays frozen (and the trained model still runs)."""
+    from fasttune.train import Trainer, TrainConfig
+
+    cfg = _train_config(_small_untied_model(tmp_path / "model"), tmp_path)
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "objective": {"type": "pretrain"},
+                                 "data": {"path": "bundled:corpus", "max_examples": 24}})
+    assert cfg.train_embeddings
+    trainer = Trainer(cfg)
+    head = trainer.model.lm_head
+    base_before = head.weight.detach().clone()
+    emb_before = trainer.model.model.embed_tokens.weight.detach().clone()
+    assert not head.weight.requires_grad and trainer.model.model.embed_tokens.weight.requires_grad
+    trainer.train()
+    assert torch.equal(head.weight, base_before)
+    assert not torch.equal(trainer.model.model.embed_tokens.weight, emb_before)
+    ids = torch.randint(5, 100, (1, 6))
+    with torch.no_grad():
+        assert torch.isfinite(trainer.model(ids).logits).all()

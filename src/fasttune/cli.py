@@ -149,7 +149,7 @@ def _run_chat(args) -> int:
         if text in ("/exit", "/quit"):
             return 0
         if text == "/reset":
-            session.messages = session.messages[:1] if args.system else []
+            session.messages = session.messages[:1] if session.system else []
             continue
         print("assistant>", session.reply(text), flush=True)
 

@@ -131,7 +131,9 @@ class _JsonText:
         while True:
             try:
                 obj, end = decoder.raw_decode(self.buf, self.pos)
-                if end < len(self.buf) or self.eof or not self.more():  # `12` may be the start of `1234`
+                # a number cut by the chunk's end parses too soon: `12|34` as 12, `1.|5` as 1 (then a stray `.`)
+                cut = end == len(self.buf) or (isinstance(obj, (int, float)) and self.buf[end] in ".eE+-")
+                if not cut or self.eof or not self.more():
                     self.pos = end
                     return obj
             except json.JSONDecodeError as e:  # incomplete: read on; malformed: report where
@@ -165,11 +167,11 @@ def _json_rows(text: _JsonText) -> Iterator[tuple[Location, Row]]:
     i = 0
     while True:
         text.peek()
-        at = text.pos
+        line = text.line_at(text.pos)  # before value(): reading on may drop text before the cursor
         obj = text.value()
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, got a JSON {type(obj).__name__}", file=text.path, row=i,
-                            line=text.line_at(at))
+                            line=line)
         yield Location(text.path, row=i), obj
         i += 1
         ch = text.peek()
@@ -213,10 +215,10 @@ def read_json(path: str, encoding: str = "utf-8") -> Iterator[tuple[Location, Ro
                 raise DataError("expected a JSON array of objects (or an object holding exactly one such array)",
                                 file=path, available=keys)
         elif first:
-            at = text.pos
+            line = text.line_at(text.pos)
             value = text.value()
             raise DataError(f"expected a JSON array of objects, got a JSON {type(value).__name__}", file=path,
-                            line=text.line_at(at))
+                            line=line)
         if text.peek():
             raise text.malformed("extra data after the array", text.pos)
     finally:

@@ -193,7 +193,10 @@ class Trainer:
                 lc = cfg.lora
                 lora = (dict(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=list(lc.target_modules),
                              use_rslora=lc.use_rslora, seed=lc.seed) if lc.enabled else None)
-                model = dist_utils.load_into_shards(path, self.dist, self.device, dtype, lora=lora)
+                try:
+                    model = dist_utils.load_into_shards(path, self.dist, self.device, dtype, lora=lora)
+                except ValueError as e:  # a LoRA setting this model cannot take: a config error, as in one process
+                    raise ConfigError(f"lora: {e}") from None
                 self.loaded_into_shards = True
                 model.max_seq_length = cfg.model.max_seq_length
                 tokenizer = tokenizer or load_tokenizer(path)
@@ -214,7 +217,8 @@ class Trainer:
                     p.requires_grad_(True)
         if cfg.train_embeddings:
             model.model.embed_tokens.weight.requires_grad_(True)
-            model.lm_head.weight.requires_grad_(True)
+            if not hasattr(model.lm_head, "fused_loss_inputs"):  # a LoRA'd head is adapted, its base stays frozen
+                model.lm_head.weight.requires_grad_(True)
         self._apply_memory_policy(model)
         return model.train(), tokenizer
 
