@@ -126,6 +126,30 @@ def test_matches_float64(dtype, case):
         assert_rel_close(g, r, allowed, f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("frozen", [True, False])
+def test_extra_weight_columns_match_float64(dtype, frozen):
+    """extra_weight E (V, r): logits = hidden @ [W | E]^T without the copy; the oracle concatenates. A frozen W
+    gets no gradient (none is computed); hidden's gradient covers both column ranges and E gets its own."""
+    hidden, weight, _, labels = make_inputs(21, 24 + 5, 1003, dtype, ignore_every=4, seed=99)
+    weight, extra = weight[:, :24].detach().clone(), weight[:, 24:].detach().clone().requires_grad_()
+    weight.requires_grad_(not frozen)
+    loss = ce.fused_linear_cross_entropy(hidden, weight, labels, extra_weight=extra, label_smoothing=0.1,
+                                         softcap=3.0)
+    params = [hidden, extra] + ([] if frozen else [weight])
+    grads = torch.autograd.grad(loss, params)
+    ref_loss, ref_h, ref_w, _ = oracle(hidden, torch.cat([weight, extra], 1), labels, label_smoothing=0.1,
+                                       softcap=3.0)
+    tol = TOL[dtype]
+    assert_rel_close(loss, ref_loss, tol, "loss")
+    assert_rel_close(grads[0], ref_h, tol, "grad hidden")
+    assert_rel_close(grads[1], ref_w[:, 24:], tol, "grad extra")
+    if not frozen:
+        assert_rel_close(grads[2], ref_w[:, :24], tol, "grad weight")
+    with pytest.raises(ValueError, match="extra_weight"):
+        ce.fused_linear_cross_entropy(hidden, weight, labels, extra_weight=extra[:, :2])
+
+
 @pytest.mark.parametrize("n,v", [(1, 1000), (37, 1000), (2, 1003)])
 def test_odd_shapes_float32(n, v):
     torch.manual_seed(SESSION_SEED * 7919 + n * v)

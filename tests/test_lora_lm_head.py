@@ -133,8 +133,9 @@ def test_model_loss_and_grads_equal_materialised_logits(family, targets, llama_d
 @pytest.mark.parametrize("family,label_smoothing", [("llama", 0.1), ("gemma2", 0.0), ("gemma2", 0.1)])
 def test_fused_ce_with_widened_head_label_smoothing_softcap(backend, family, label_smoothing, llama_dir, gemma2_dir,
                                                             monkeypatch):
-    """The kernel itself (the Triton one too, several token chunks): its weight gradient on [W | B] reaches B,
-    nothing reaches W, and label smoothing / softcap / num_items_in_batch are those of the materialised loss."""
+    """The kernel itself (the Triton one too, several token chunks): B passed as extra weight columns gets its
+    gradient, nothing reaches W (no gradient is even computed for it), and label smoothing / softcap /
+    num_items_in_batch are those of the materialised loss."""
     if backend == "triton":
         ce = _triton_ce()
         monkeypatch.setattr(ce, "MAX_VOCAB_BLOCK", 32)
@@ -148,10 +149,11 @@ def test_fused_ce_with_widened_head_label_smoothing_softcap(backend, family, lab
     ids = random_ids()
     labels = _labels(ids)
     h = model.model(ids)[0]
-    hid, weight = model.loss_head_inputs(h[:, :-1].reshape(-1, h.shape[-1]))
-    assert hid.shape[-1] == weight.shape[-1] == model.spec.hidden_size + 4 and weight.requires_grad
+    hid, weight, extra = model.loss_head_inputs(h[:, :-1].reshape(-1, h.shape[-1]))
+    assert hid.shape[-1] == model.spec.hidden_size + 4 and weight is model.lm_head.base.weight
+    assert extra.shape == (model.spec.vocab_size, 4) and extra.requires_grad and not weight.requires_grad
     loss = fused(hid, weight, labels[:, 1:].reshape(-1), softcap=model.spec.final_softcap,
-                 label_smoothing=label_smoothing, num_items_in_batch=29)
+                 label_smoothing=label_smoothing, num_items_in_batch=29, extra_weight=extra)
     ref = _reference_loss(model, ids, labels, label_smoothing=label_smoothing, num_items_in_batch=29)
     assert rel_err(loss, ref) <= 1e-6
     for g, r in zip(_grads(model, loss), _grads(model, ref)):

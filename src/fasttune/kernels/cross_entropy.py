@@ -21,6 +21,10 @@ the logits *in place* with G (two passes over the row: online max/sum, then grad
 contracted with W and H. Only the chunk's logits, dH (N x H) and dW (V x H) are ever alive. The backward
 just multiplies the stored gradients by the incoming scalar grad_output.
 
+Extra weight columns (`extra_weight` E, (V, r)): hidden has H + r columns and z_i = W h_i[:H] + E h_i[H:] + b,
+i.e. the weight is [W | E] without forming that copy; dloss/dH = G [W | E] and dloss/dE = G^T H[:, H:]. A LoRA
+LM head passes its B here (the extra columns of hidden are s A drop(h)), so a frozen W never gets a gradient.
+
 Precision: logits are rounded to the weight dtype exactly as ``F.linear(...).float()`` does; all softmax and
 loss arithmetic is float32; every matmul accumulates in float32. For a 16-bit trainable weight, dW is
 accumulated across chunks in the weight dtype (one rounding per chunk, like Liger-Kernel); chunks are large
@@ -160,11 +164,12 @@ def _launch_loss_and_grad(logits, labels, row_loss, grad_scale, ignore_index, la
 
 
 def _forward_and_grads(hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, num_items_in_batch,
-                       need_hidden_grad, need_weight_grad, need_bias_grad, chunk_bytes=None):
+                       need_hidden_grad, need_weight_grad, need_bias_grad, chunk_bytes=None, extra=None,
+                       need_extra_grad=False):
     num_rows = hidden.shape[0]
-    vocab = weight.shape[0]
+    vocab, width = weight.shape
     device = hidden.device
-    compute_grad = need_hidden_grad or need_weight_grad or need_bias_grad
+    compute_grad = need_hidden_grad or need_weight_grad or need_bias_grad or need_extra_grad
     divisor = _divisor(labels, ignore_index, num_items_in_batch, device)
     grad_scale = (1.0 / divisor).reshape(())
 
@@ -172,38 +177,50 @@ def _forward_and_grads(hidden, weight, bias, labels, ignore_index, label_smoothi
     grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
     grad_weight = torch.empty_like(weight) if need_weight_grad else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias_grad else None
+    grad_extra = torch.empty_like(extra) if need_extra_grad else None
 
     rows = _chunk_rows(num_rows, vocab, weight.element_size(), chunk_bytes)
     for start in range(0, num_rows, rows):
         end = min(start + rows, num_rows)
-        h = hidden[start:end]
+        h = hidden[start:end] if extra is None else hidden[start:end, :width]
         logits = F.linear(h, weight, bias)  # (rows, V) in the weight dtype, as the reference
+        if extra is not None:  # + the extra columns' share: [W | E] without a copy of W
+            logits.addmm_(hidden[start:end, width:], extra.t())
         _launch_loss_and_grad(logits, labels[start:end], row_loss[start:end], grad_scale,
                               ignore_index, label_smoothing, softcap, compute_grad)
         # `logits` now holds dloss/dlogits for this chunk
         if need_hidden_grad:
-            torch.mm(logits, weight, out=grad_hidden[start:end])
+            if extra is None:
+                torch.mm(logits, weight, out=grad_hidden[start:end])
+            else:
+                grad_hidden[start:end, :width] = logits @ weight
+                grad_hidden[start:end, width:] = logits @ extra
         if need_weight_grad:
             if start == 0:
                 torch.mm(logits.t(), h, out=grad_weight)
             else:
                 grad_weight.addmm_(logits.t(), h)
+        if need_extra_grad:
+            if start == 0:
+                torch.mm(logits.t(), hidden[start:end, width:], out=grad_extra)
+            else:
+                grad_extra.addmm_(logits.t(), hidden[start:end, width:])
         if need_bias_grad:
             grad_bias += logits.sum(0, dtype=torch.float32)
     loss = row_loss.sum() / divisor
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
-    return loss, grad_hidden, grad_weight, grad_bias
+    return loss, grad_hidden, grad_weight, grad_bias, grad_extra
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, num_items_in_batch,
-                need_hidden_grad, need_weight_grad, need_bias_grad, chunk_bytes):
-        loss, grad_hidden, grad_weight, grad_bias = _forward_and_grads(
+                need_hidden_grad, need_weight_grad, need_bias_grad, chunk_bytes, extra, need_extra_grad):
+        loss, grad_hidden, grad_weight, grad_bias, grad_extra = _forward_and_grads(
             hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, num_items_in_batch,
-            need_hidden_grad, need_weight_grad, need_bias_grad, chunk_bytes)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+            need_hidden_grad, need_weight_grad, need_bias_grad, chunk_bytes, extra, need_extra_grad)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_extra)
         ctx.backward_done = False
         return loss
 
@@ -219,14 +236,20 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             for g in grads:
                 if g is not None:
                     g.mul_(scale)
-        grad_hidden, grad_weight, grad_bias = grads
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+        grad_hidden, grad_weight, grad_bias, grad_extra = grads
+        return (grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, grad_extra,
+                None)
 
 
-def _check_inputs(hidden, weight, labels, bias):
-    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"fused_linear_cross_entropy expects hidden (N, H) and weight (V, H); got hidden "
-                         f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
+def _check_inputs(hidden, weight, labels, bias, extra=None):
+    width = weight.shape[1] + (extra.shape[1] if extra is not None else 0) if weight.dim() == 2 else -1
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != width:
+        raise ValueError(f"fused_linear_cross_entropy expects hidden (N, H) and weight (V, H) (hidden (N, H + r) "
+                         f"with extra_weight (V, r)); got hidden {tuple(hidden.shape)}, weight "
+                         f"{tuple(weight.shape)}" + ("" if extra is None else f", extra_weight {tuple(extra.shape)}"))
+    if extra is not None and (extra.dim() != 2 or extra.shape[0] != weight.shape[0] or extra.dtype != weight.dtype):
+        raise ValueError(f"extra_weight must be (V, r) = ({weight.shape[0]}, r) in the weight's dtype "
+                         f"{weight.dtype}; got {tuple(extra.shape)} {extra.dtype}")
     if hidden.shape[:-1].numel() != labels.numel():
         raise ValueError(f"labels must have one entry per hidden row (already shifted): {labels.numel()} labels "
                          f"for {hidden.shape[:-1].numel()} rows")
@@ -247,6 +270,7 @@ def fused_linear_cross_entropy(
     softcap: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_bytes: int | None = None,
+    extra_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton path of ``fused_linear_cross_entropy_reference`` (same arguments, same result).
 
@@ -255,7 +279,7 @@ def fused_linear_cross_entropy(
     little faster for more memory, so the memory policy raises it when everything fits."""
     if triton is None:
         raise RuntimeError("fused_linear_cross_entropy needs Triton; use fused_linear_cross_entropy_reference on CPU")
-    _check_inputs(hidden, weight, labels, bias)
+    _check_inputs(hidden, weight, labels, bias, extra_weight)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if softcap is not None and softcap <= 0:
@@ -270,6 +294,8 @@ def fused_linear_cross_entropy(
         hidden2d, weight.contiguous(), bias, labels1d, ignore_index, label_smoothing, softcap, num_items_in_batch,
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad, chunk_bytes,
+        None if extra_weight is None else extra_weight.contiguous(),
+        grad_on and extra_weight is not None and extra_weight.requires_grad,
     )
     return loss
 
@@ -284,11 +310,16 @@ def fused_linear_cross_entropy_reference(
     softcap: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_bytes: int | None = None,  # accepted for a common signature; the reference has no chunks
+    extra_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of token losses divided by the number of non-ignored targets (or ``num_items_in_batch``).
 
     hidden: (N, H); weight: (V, H); labels: (N,) already shifted. Logits are computed in the weight dtype and
-    upcast to float32, as transformers does. A zero count is treated as 1, so an all-ignored batch gives 0."""
+    upcast to float32, as transformers does. A zero count is treated as 1, so an all-ignored batch gives 0.
+    extra_weight (V, r): hidden is (N, H + r) and the logits are hidden @ [weight | extra_weight]^T."""
+    if extra_weight is not None:
+        _check_inputs(hidden, weight, labels, bias, extra_weight)
+        weight = torch.cat([weight, extra_weight], dim=1)
     logits = F.linear(hidden, weight, bias).float()
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap

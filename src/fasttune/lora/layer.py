@@ -100,11 +100,11 @@ class LoraLMHead(LoraLinear):
     """LoRA on the output layer (`model.lm_head`), PEFT's `lm_head` target: logits = h W^T + s B A drop(h).
 
     `forward` (generation, `return_logits`, `model.logits`) is LoraLinear's. The training loss never forms the
-    logits: `fused_loss_inputs(h)` hands the fused linear cross-entropy one (hidden, weight) pair with the adapter
-    folded in as r extra features,
+    logits: `fused_loss_inputs(h)` hands the fused linear cross-entropy the adapter folded in as r extra features,
         h W^T + s (drop(h) A^T) B^T = [h | s drop(h) A^T] [W | B]^T,
-    so softcapping, label smoothing and num_items_in_batch apply unchanged. Autograd routes the weight gradient's
-    last r columns to B and the extra features' gradient to A; W does not require grad, so nothing reaches it.
+    with B passed as the kernel's `extra_weight` (no copy of W is made, and the kernel's only weight gradient is
+    dB, (V, r)); softcapping, label smoothing and num_items_in_batch apply unchanged. The extra features' gradient
+    reaches A through autograd; W does not require grad, so nothing reaches it.
     `weight` is the frozen base weight, for code that reads `model.lm_head.weight` (device, dtype, shapes)."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
@@ -119,11 +119,11 @@ class LoraLMHead(LoraLinear):
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
-    def fused_loss_inputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden, weight) for `kernels.fused_linear_cross_entropy`, hidden (N, H) -> (N, H + r) and
-        weight (V, H) -> (V, H + r), in the base weight's dtype; (h, W) when the adapter is disabled."""
+    def fused_loss_inputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(hidden, weight, extra_weight) for `kernels.fused_linear_cross_entropy`: hidden (N, H) -> (N, H + r),
+        the frozen W, and B (V, r) in W's dtype; (h, W, None) when the adapter is disabled."""
         w = self.base.weight
         if self.disabled:
-            return h, w
+            return h, w, None
         u = F.linear(self.dropout(h), self.lora_A.to(h.dtype)) * self.scaling  # dropout is a no-op in eval()
-        return torch.cat([h, u.to(h.dtype)], dim=-1), torch.cat([w, self.lora_B.to(w.dtype)], dim=1)
+        return torch.cat([h, u.to(h.dtype)], dim=-1), w, self.lora_B.to(w.dtype)

@@ -9,8 +9,9 @@ Two optional hooks let other parts of fasttune take over a block without monkeyp
   the fused LoRA kernels);
 - `DecoderModel.layer_runner(layer, hidden, **kwargs) -> hidden` (set by the memory policy to checkpoint and
   offload activations).
-An LM head with a `fused_loss_inputs(h) -> (hidden, weight)` method (fasttune.lora's `LoraLMHead`) gives the fused
-loss its own (hidden, weight) pair with logits = hidden @ weight.T (a LoRA head widens both by its rank).
+An LM head with a `fused_loss_inputs(h) -> (hidden, weight, extra_weight)` method (fasttune.lora's `LoraLMHead`)
+gives the fused loss its own operands, logits = hidden @ [weight | extra_weight].T (a LoRA head widens hidden by
+its rank and passes B as the extra columns).
 """
 from __future__ import annotations
 
@@ -241,11 +242,11 @@ class CausalLM(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.model.layers
 
-    def loss_head_inputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden, weight) whose product hidden @ weight.T is the LM head's logits, for the fused loss: the plain
-        head's (h, W), or what a head with `fused_loss_inputs` (a LoRA head) makes of h."""
+    def loss_head_inputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(hidden, weight, extra_weight) with logits = hidden @ [weight | extra_weight].T, for the fused loss:
+        the plain head's (h, W, None), or what a head with `fused_loss_inputs` (a LoRA head) makes of h."""
         widen = getattr(self.lm_head, "fused_loss_inputs", None)
-        return widen(h) if widen is not None else (h, self.lm_head.weight)
+        return widen(h) if widen is not None else (h, self.lm_head.weight, None)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h).float()
@@ -281,12 +282,12 @@ class CausalLM(nn.Module):
                 # packed documents: the last token of one document does not predict the first of the next
                 targets = targets.masked_fill(position_ids[:, 1:] == 0, -100)
             targets = targets.reshape(-1)
-            hid, weight = self.loss_head_inputs(h[:, :-1].reshape(-1, h.shape[-1]))
+            hid, weight, extra = self.loss_head_inputs(h[:, :-1].reshape(-1, h.shape[-1]))
             out.num_target_tokens = int((targets != -100).sum())
             out.loss = kernels.fused_linear_cross_entropy(
                 hid, weight, targets, softcap=self.spec.final_softcap,
                 num_items_in_batch=num_items_in_batch, label_smoothing=label_smoothing,
-                chunk_bytes=self.loss_chunk_bytes)
+                chunk_bytes=self.loss_chunk_bytes, **({} if extra is None else {"extra_weight": extra}))
         return out
 
     @property
