@@ -582,3 +582,14 @@ def test_label_smoothing_reaches_the_fused_loss(small_model, tmp_path, monkeypat
     assert seen and set(seen) == {0.1}
     with pytest.raises(ConfigError, match="label_smoothing applies to sft and pretrain, not dpo"):
         TrainConfig.from_dict({"objective": {"type": "dpo", "label_smoothing": 0.1}})
+
+
+def test_lora_target_modules_accept_peft_spellings():
+    assert TrainConfig.from_dict({"lora": {"target_modules": "all-linear"}}).lora.target_modules == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert TrainConfig.from_dict({"lora": {"target_modules": ["v", "q", "lm_head"]}}).lora.target_modules == [
+        "q_proj", "v_proj", "lm_head"]
+    assert TrainConfig.from_dict({"lora": {"target_modules": "q_proj, o_proj"}}).lora.target_modules == [
+        "q_proj", "o_proj"]
+    with pytest.raises(ConfigError, match=r"lora.target_modules: unknown LoRA target 'qq'.*lm_head"):
+        TrainConfig.from_dict({"lora": {"target_modules": ["qq"]}})

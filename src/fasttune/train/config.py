@@ -34,7 +34,8 @@ class LoraSection:
     r: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(
+    # names (q_proj ... down_proj, lm_head; short q, k, v, o, gate, up, down), or "all-linear" for the seven projections
+    target_modules: Union[list[str], str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     use_rslora: bool = False
     seed: int = 0
@@ -141,6 +142,12 @@ class TrainConfig:
     def check(self) -> None:
         """Value checks beyond types (ranges and combinations)."""
         t, o = self.train, self.objective
+        from ..lora.config import normalize_targets
+
+        try:  # a string ("all-linear", "q,v") or short names become the full list, in add_lora's order
+            self.lora.target_modules = list(normalize_targets(self.lora.target_modules))
+        except ValueError as e:
+            raise ConfigError(f"lora.target_modules: {e}") from None
         positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.keep_last": t.keep_last,
                     "train.log_every": t.log_every, "model.max_seq_length": self.model.max_seq_length,
                     "lora.r": self.lora.r}
