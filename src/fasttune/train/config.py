@@ -220,6 +220,10 @@ def _coerce(tp, value, key: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if isinstance(value, (list, tuple)):  # a list is checked as the list member (its errors name the item)
+            lists = [a for a in args if typing.get_origin(a) is list]
+            if len(lists) == 1:
+                return _coerce(lists[0], value, key)
         for a in args:
             if a is type(None):
                 continue
