@@ -13,12 +13,8 @@ from fasttune.kernels.nf4 import quantize_nf4
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one thread: exact float comparisons need a fixed summation order (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 

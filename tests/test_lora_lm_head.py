@@ -22,17 +22,14 @@ from fasttune.lora import LoraLMHead, add_lora, disable_adapters, lora_layers, n
 from fasttune.lora.model import initial_lora_A
 from fasttune.models import load_model
 from test_export_common import FP32_TOL, randomize_lora, random_ids, rel_err, save_tiny_hf
+from test_lora import _ours_lora, _peft_lora
 
 TINY = Path(fasttune.__file__).parent / "assets" / "tiny"
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one thread: exact float comparisons need a fixed summation order (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -198,13 +195,6 @@ def _peft_model(path, targets, seed, dtype=torch.float32, r=4, alpha=8):
     return peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
 
 
-def _peft_lora(pm, kind):
-    return {n.replace("base_model.model.", "").replace(f".{kind}.default.weight", f".{kind}"): p
-            for n, p in pm.named_parameters() if f"{kind}.default" in n}
-
-
-def _ours_lora(model, kind):
-    return {n: p for n, p in model.named_parameters() if n.endswith(kind)}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -415,24 +405,9 @@ def test_param_groups_put_the_head_adapter_with_the_adapters(llama_dir):
 # ---- (6) a short training run --------------------------------------------------------------------------------
 
 def _small_untied_model(path: Path) -> Path:
-    from fasttune.models import ArchSpec, CausalLM, save_model
+    from test_train import make_small_model
 
-    tok = transformers.AutoTokenizer.from_pretrained(str(TINY))
-    cfg = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-           "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-           "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-           "torch_dtype": "float32"}
-    torch.manual_seed(0)
-    model = CausalLM(ArchSpec.from_hf_config(cfg))
-    for name, p in model.named_parameters():
-        if not name.endswith("norm.weight"):
-            torch.nn.init.normal_(p, std=0.05)
-    save_model(model, path)
-    (path / "config.json").write_text(json.dumps(cfg))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(TINY / f, path / f)
-    return path
+    return make_small_model(path, tied=False)
 
 
 def _train_config(model_dir, out):

@@ -10,12 +10,8 @@ from fasttune.train.memory import (WORKSPACE_FACTOR, LayerRunner, apply_memory_p
 GiB = 2**30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one thread: exact float comparisons need a fixed summation order (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spec(**kw):

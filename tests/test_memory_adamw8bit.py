@@ -5,12 +5,8 @@ import torch
 from fasttune.train.adamw8bit import AdamW8bit, dequantize_blockwise, quantize_blockwise, state_bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one thread: exact float comparisons need a fixed summation order (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("signed", [True, False])
