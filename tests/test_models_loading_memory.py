@@ -101,3 +101,54 @@ def test_a_4bit_load_frees_each_16bit_layer_once_quantised(tmp_path):
     assert max(alive_at_call) == 0, f"16-bit weights of earlier layers alive at quantisation: {alive_at_call}"
     assert all(r() is None for r in replaced)
     assert sum(isinstance(m, torch.nn.Linear) for n, m in loaded.named_modules() if ".layers." in n) == 0
+
+
+def test_a_bitsandbytes_4bit_checkpoint_loads_bit_for_bit(tmp_path):
+    """A folder saved by transformers from a bitsandbytes `load_in_4bit` model (NF4, double quantisation) loads
+    with its stored codes and scales as they are: every decoder weight dequantises exactly as bitsandbytes'
+    does, the logits match transformers' 4-bit model, and LoRA trains on top (QLoRA from a -bnb-4bit folder)."""
+    import json
+
+    import pytest
+
+    bnb = pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    import fasttune
+    from fasttune.lora.nf4_linear import NF4Linear
+
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf16 = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)  # qwen2: q/k/v biases too
+    hf16.save_pretrained(tmp_path / "bf16")
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    hf4 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=quant,
+                                                           device_map="cpu")
+    hf4.save_pretrained(tmp_path / "bnb4")
+
+    model = fasttune.load_model(tmp_path / "bnb4", device="cpu")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]
+    assert len(layers) == 2 * 7
+    for name, layer in layers:
+        theirs = hf4.get_submodule(name).weight
+        want = bnb.functional.dequantize_4bit(theirs.data, theirs.quant_state)
+        assert torch.equal(layer.dequantize(), want), name
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(ids).logits.float()
+        ref = hf4(ids).logits.float()
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() < 2e-2  # both bf16 compute, different GEMMs
+
+    lora = fasttune.add_lora(model, r=4, alpha=8)
+    loss = lora(ids, labels=ids).loss
+    loss.backward()
+    assert lora.model.layers[0].self_attn.q_proj.lora_B.grad is not None
+
+    # what cannot be read is refused with what to do instead
+    config = json.loads((tmp_path / "bnb4" / "config.json").read_text())
+    config["quantization_config"]["bnb_4bit_use_double_quant"] = False
+    (tmp_path / "bnb4" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="without double quantisation.*load the 16-bit checkpoint instead"):
+        fasttune.load_model(tmp_path / "bnb4")

@@ -135,6 +135,39 @@ def iter_model_tensors(path: str | os.PathLike, spec: ArchSpec,
             yield name, t
 
 
+# A bitsandbytes 4-bit weight (QuantState.as_dict(packed=True)): the packed codes under `<linear>.weight` and these
+_BNB_PARTS = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+              "weight.quant_state.bitsandbytes__nf4")
+
+
+def is_prequantized(path: str | os.PathLike) -> bool:
+    """Whether the folder's config.json declares quantised weights (quantization_config)."""
+    return bool(ArchSpec.from_pretrained(Path(path)).raw_config.get("quantization_config"))
+
+
+def _bnb_nf4_checkpoint(spec: ArchSpec, path: Path) -> bool:
+    """Whether `path` holds decoder weights quantised to NF4 by bitsandbytes (a "...-bnb-4bit" folder, as saved by
+    transformers); the quantisation kinds fasttune cannot read are refused here, with what to do instead."""
+    q = spec.raw_config.get("quantization_config") or {}
+    if not q:
+        return False
+    use_16bit = "load the 16-bit checkpoint instead (fasttune.load(..., load_in_4bit=True) quantises it to NF4)"
+    if q.get("quant_method") != "bitsandbytes" or not q.get("load_in_4bit"):
+        raise CheckpointError(f"{path}: quantization_config says {q.get('quant_method')!r}"
+                              f"{' 8-bit' if q.get('load_in_8bit') else ''}; fasttune reads 16/32-bit checkpoints and "
+                              f"bitsandbytes 4-bit NF4 ones: {use_16bit}")
+    if q.get("bnb_4bit_quant_type", "fp4") != "nf4":
+        raise CheckpointError(f"{path}: bitsandbytes 4-bit of type {q.get('bnb_4bit_quant_type', 'fp4')!r}; only NF4 "
+                              f"is read: {use_16bit}")
+    if not q.get("bnb_4bit_use_double_quant"):
+        raise CheckpointError(f"{path}: NF4 without double quantisation (bnb_4bit_use_double_quant: false) is not "
+                              f"read: {use_16bit}")
+    if spec.model_type == "phi3":
+        raise CheckpointError(f"{path}: Phi-3's fused qkv/gate_up projections cannot be split once quantised: "
+                              f"{use_16bit}")
+    return True
+
+
 def load_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
@@ -142,7 +175,10 @@ def load_model(
     allow_pickle: bool = False,
     quantize: Callable[[nn.Linear], nn.Module] | None = None,
 ) -> CausalLM:
-    """Load a Hugging Face causal-LM folder into a fasttune `CausalLM` (eval mode, requires_grad left on)."""
+    """Load a Hugging Face causal-LM folder into a fasttune `CausalLM` (eval mode, requires_grad left on).
+
+    A bitsandbytes NF4 checkpoint (double-quantised, as transformers saves `load_in_4bit` models) loads its decoder
+    linears as `NF4Linear` layers holding the stored codes and scales as they are (bit for bit)."""
     path = Path(path)
     spec = ArchSpec.from_pretrained(path)
     torch_dtype = resolve_dtype(dtype, spec)
@@ -155,12 +191,40 @@ def load_model(
     loaded: set[str] = set()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
     pending: dict[str, set[str]] = {n: {n + "." + p for p, _ in m.named_parameters()} for n, m in linears.items()}
+    stored_4bit: dict[str, dict[str, torch.Tensor]] = {}  # linear -> its bitsandbytes parts read so far
+
+    def place_4bit(owner: str) -> None:
+        """Swap in the NF4 layer once all of `owner`'s parts (and its bias, if any) have been read."""
+        parts, linear = stored_4bit[owner], linears[owner]
+        if len(parts) < len(_BNB_PARTS) or (linear.bias is not None and owner + ".bias" not in loaded):
+            return
+        from ..kernels.nf4 import from_bnb_state_dict  # late: only bitsandbytes checkpoints need the NF4 layer
+        from ..lora.nf4_linear import NF4Linear
+
+        q = from_bnb_state_dict({f"{owner}.{k}": v for k, v in parts.items()}, prefix=owner + ".weight")
+        if tuple(q.shape) != (linear.out_features, linear.in_features):
+            raise CheckpointError(f"{path}: {owner}.weight is stored 4-bit with shape {tuple(q.shape)}, the config "
+                                  f"implies {(linear.out_features, linear.in_features)}")
+        parent, _, child = owner.rpartition(".")
+        setattr(model.get_submodule(parent), child, NF4Linear(q, linear.bias))
+        loaded.add(owner + ".weight")
+        del stored_4bit[owner], linears[owner], pending[owner]
+
+    bnb = _bnb_nf4_checkpoint(spec, path)
     for name, t in iter_model_tensors(path, spec, allow_pickle):
+        owner, sep, part = name.partition(".weight")
+        if bnb and sep and owner in linears:  # codes and scales keep their stored dtypes (uint8, float32)
+            stored_4bit.setdefault(owner, {})["weight" + part] = t.to(device)
+            place_4bit(owner)
+            continue
         if name not in expected:
             raise CheckpointError(f"unexpected tensor {name!r} in {path}: not part of a {spec.model_type} model")
         _set_tensor(model, name, t.to(device=device, dtype=torch_dtype))
         loaded.add(name)
         del t
+        if bnb and name.endswith(".bias") and name[:-5] in stored_4bit:
+            place_4bit(name[:-5])
+            continue
         if quantize is not None:
             owner = name.rpartition(".")[0]
             if owner in pending:
@@ -171,6 +235,10 @@ def load_model(
                     # every 16-bit decoder weight until the end)
                     setattr(model.get_submodule(parent), child, quantize(linears.pop(owner)))
                     del pending[owner]
+    if stored_4bit:
+        owner, parts = next(iter(stored_4bit.items()))
+        raise CheckpointError(f"{path}: incomplete 4-bit weights, e.g. {owner} has only {sorted(parts)} of "
+                              f"{list(_BNB_PARTS)}")
     missing = sorted(expected - loaded)
     if missing:
         raise CheckpointError(f"{path} is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}")

@@ -186,7 +186,10 @@ class Trainer:
             if dtype == "auto":
                 dtype = "bfloat16" if self.device.type == "cuda" else "float32"
             path = resolve_model_path(cfg.model.path)
-            if self.dist.enabled and cfg.train.parallel == "fsdp" and not cfg.model.load_in_4bit:
+            from ..models.checkpoint import is_prequantized
+
+            if (self.dist.enabled and cfg.train.parallel == "fsdp" and not cfg.model.load_in_4bit
+                    and not is_prequantized(path)):  # a 4-bit base (quantised here or stored so) is loaded whole
                 # straight into FSDP2 shards: no rank ever holds the whole model (it may not fit one device)
                 from ..models import load_tokenizer
 
