@@ -146,6 +146,12 @@ def test_a_bitsandbytes_4bit_checkpoint_loads_bit_for_bit(tmp_path):
     loss.backward()
     assert lora.model.layers[0].self_attn.q_proj.lora_B.grad is not None
 
+    # the doctor does not mistake the float32 scale tables of a 4-bit folder for mis-typed weights
+    from fasttune.doctor.checks.weights import check_dtypes
+    from fasttune.doctor.context import ModelFolder
+
+    assert [f for f in check_dtypes(ModelFolder(tmp_path / "bnb4"))] == []
+
     # what cannot be read is refused with what to do instead
     config = json.loads((tmp_path / "bnb4" / "config.json").read_text())
     config["quantization_config"]["bnb_4bit_use_double_quant"] = False

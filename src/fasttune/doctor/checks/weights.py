@@ -66,9 +66,14 @@ def check_weights(folder: ModelFolder) -> Iterator[Finding]:
                       "a zero weight matrix silences its layer: the export or a merge probably failed; re-export")
 
 
+# the float32 scale tables bitsandbytes stores beside each 4-bit weight (float32 by design, whatever torch_dtype says)
+_QUANT_STATE = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.", ".SCB")
+
+
 def check_dtypes(folder: ModelFolder) -> Iterator[Finding]:
     want = folder.config.get("torch_dtype") or folder.config.get("dtype")
-    floats = {n: i.dtype for n, i in folder.tensors.items() if i.dtype.startswith(("float", "bfloat"))}
+    floats = {n: i.dtype for n, i in folder.tensors.items() if i.dtype.startswith(("float", "bfloat"))
+              and not (folder.config.get("quantization_config") and any(q in n for q in _QUANT_STATE))}
     if not floats:
         return
     found = sorted(set(floats.values()))
