@@ -7,6 +7,7 @@ import zlib
 import torch
 
 SESSION_SEED = int(os.environ.get("FASTTUNE_TEST_SEED") or random.SystemRandom().randrange(1, 2**31))
+assert SESSION_SEED > 0, f"FASTTUNE_TEST_SEED must be a positive integer, got {SESSION_SEED}"
 
 
 def _mix(salt) -> int:
