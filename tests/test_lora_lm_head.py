@@ -22,6 +22,7 @@ from fasttune.lora import LoraLMHead, add_lora, disable_adapters, lora_layers, n
 from fasttune.lora.model import initial_lora_A
 from fasttune.models import load_model
 from test_export_common import FP32_TOL, randomize_lora, random_ids, rel_err, save_tiny_hf
+from test_export_adapter import _peft_logits
 from test_lora import _ours_lora, _peft_lora
 
 TINY = Path(fasttune.__file__).parent / "assets" / "tiny"
@@ -241,14 +242,6 @@ def test_peft_gives_the_same_loss_and_grads(llama_dir):
 
 
 # ---- (3) PEFT's adapter format, both ways --------------------------------------------------------------------
-
-def _peft_logits(base_dir, adapter_dir, ids):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
-                                                           attn_implementation="eager")
-    pm = peft.PeftModel.from_pretrained(hf, adapter_dir).eval()
-    with torch.no_grad():
-        return pm(ids).logits
-
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_export_to_peft_reproduces_logits(tmp_path, family):

@@ -403,8 +403,11 @@ class Trainer:
         # the norm is taken even without clipping: a finite loss can still back-propagate inf/NaN gradients, and
         # one such update would poison the weights (and the next checkpoint) before the loss showed it
         max_norm = self.cfg.train.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-        grad_norm = float(dist_utils.full_tensor(norm))
+        if max_norm is None and hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: the norm, no rescale
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        grad_norm = float(dist_utils.full_tensor(norm))  # one sync a step, as the loss already costs
         if not math.isfinite(grad_norm):
             self._diverged(f"the gradient norm is {grad_norm}")
         record["lr"] = self.optimizer.param_groups[0]["lr"]
