@@ -1,0 +1,229 @@
+"""Dequantisation of GGUF (ggml) tensor blocks to float32, in plain PyTorch.
+
+This is the reference (and CPU) path for reading GGUF files; it is bit-exact with the `gguf` package's numpy
+`gguf.quants.dequantize` because it performs the same float32 operations in the same order (products and sums
+rounded one at a time, never fused). A tensor is a run of independent blocks along its rows (ggml's innermost
+dimension, the last one of the torch shape); each block decodes to `block_size` values. All multi-byte fields are
+little-endian; "f16" is IEEE half, widened to float32 before any arithmetic.
+
+Block layouts (bytes) and math, per block:
+
+    F32   4 B/value            x = value
+    F16   2 B/value            x = f32(f16)
+    BF16  2 B/value            x = the 16 bits as the top half of a float32
+    Q8_0  32 values, 34 B:  d:f16 | q[32]:int8                   x_i = q_i * d
+    Q4_0  32 values, 18 B:  d:f16 | qs[16]                        q_i = nibble_i,  x_i = d * (q_i - 8)
+    Q4_1  32 values, 20 B:  d:f16 | m:f16 | qs[16]                x_i = d * q_i + m
+    Q5_0  32 values, 22 B:  d:f16 | qh:u32 | qs[16]               q_i = nibble_i | bit_i(qh) << 4,  x_i = d * (q_i - 16)
+    Q5_1  32 values, 24 B:  d:f16 | m:f16 | qh:u32 | qs[16]       x_i = d * q_i + m   (q_i as Q5_0)
+      Nibbles of Q4/Q5 "_0/_1": value i < 16 is the low nibble of qs[i], value i >= 16 the high nibble of qs[i-16].
+
+    K-quants: 256-value super-blocks split into sub-blocks that each carry a small integer scale (and min).
+    Q2_K  256 values, 84 B:  scales[16] | qs[64] | d:f16 | dmin:f16
+          16 sub-blocks of 16; scale = scales[j] & 15, min = scales[j] >> 4; 2-bit q: byte qs[32*h + l] holds, at
+          bits 2s..2s+1, value 128*h + 32*s + l.   x = (d * scale) * q - (dmin * min)
+    Q3_K  256 values, 110 B: hmask[32] | qs[64] | scales[12] | d:f16
+          16 sub-blocks of 16, 6-bit signed scales (low 4 bits from scales[0:8] nibbles, high 2 bits from
+          scales[8:12]) minus 32; 2-bit low part as Q2_K; high bit i of value 32*k + l is bit k of hmask[l], and
+          the value is q_low - 4 when that bit is 0.   x = (d * scale) * q
+    Q4_K  256 values, 144 B: d:f16 | dmin:f16 | scales[12] | qs[128]
+          8 sub-blocks of 32 with 6-bit scale sc_j and min m_j packed in 12 bytes: j < 4: sc = s[j] & 63,
+          m = s[j+4] & 63; j >= 4: sc = (s[j+4] & 15) | (s[j-4] >> 6) << 4, m = (s[j+4] >> 4) | (s[j] >> 6) << 4.
+          Nibbles: qs[32*h + l] low nibble is value 64*h + l, high nibble value 64*h + 32 + l.
+          x = (d * sc_j) * q - (dmin * m_j)
+    Q5_K  256 values, 176 B: d:f16 | dmin:f16 | scales[12] | qh[32] | qs[128]
+          as Q4_K, plus a fifth bit: bit k of qh[l] is the high bit of value 32*k + l.
+    Q6_K  256 values, 210 B: ql[128] | qh[64] | scales[16]:int8 | d:f16
+          16 sub-blocks of 16 with int8 scales; 6-bit q = low 4 bits | high 2 bits << 4, minus 32. Low nibbles:
+          ql[64*h + l] low nibble is value 128*h + l, high nibble value 128*h + 64 + l (l < 64); high bits:
+          qh[32*h + l] bits 2s..2s+1 belong to value 128*h + 32*s + l.   x = (d * scale) * q
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str
+    type_id: int  # ggml_type in ggml.h / gguf.GGMLQuantizationType
+    block_size: int  # values per block
+    type_size: int  # bytes per block
+
+
+FORMATS = {f.type_id: f for f in (
+    QuantFormat("F32", 0, 1, 4), QuantFormat("F16", 1, 1, 2), QuantFormat("Q4_0", 2, 32, 18),
+    QuantFormat("Q4_1", 3, 32, 20), QuantFormat("Q5_0", 6, 32, 22), QuantFormat("Q5_1", 7, 32, 24),
+    QuantFormat("Q8_0", 8, 32, 34), QuantFormat("Q2_K", 10, 256, 84), QuantFormat("Q3_K", 11, 256, 110),
+    QuantFormat("Q4_K", 12, 256, 144), QuantFormat("Q5_K", 13, 256, 176), QuantFormat("Q6_K", 14, 256, 210),
+    QuantFormat("BF16", 30, 1, 2),
+)}
+FORMAT_BY_NAME = {f.name: f for f in FORMATS.values()}
+
+# ggml types this module does not decode, named so an error can say what the file holds
+OTHER_GGML_TYPES = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
+                    21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+                    29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+
+
+class UnsupportedQuantError(ValueError):
+    pass
+
+
+def quant_format(type_id: int) -> QuantFormat:
+    """The block format of ggml type `type_id`, or an error naming it and what is supported."""
+    if type_id not in FORMATS:
+        name = OTHER_GGML_TYPES.get(type_id, f"unknown ggml type {type_id}")
+        raise UnsupportedQuantError(f"{name} is not supported; supported: {', '.join(supported_types())}")
+    return FORMATS[type_id]
+
+
+def supported_types() -> list[str]:
+    return [f.name for f in FORMATS.values()]
+
+
+def nbytes(type_id: int, n_values: int) -> int:
+    f = quant_format(type_id)
+    if n_values % f.block_size:
+        raise ValueError(f"{f.name}: {n_values} values are not a whole number of {f.block_size}-value blocks")
+    return n_values // f.block_size * f.type_size
+
+
+# ---- helpers: every op below is elementwise in float32, one rounding per op as numpy does ------------------------
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """(n, 2k) bytes -> (n, k) float32 through IEEE half."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
+    """Bytes (n, ..., group) -> (n, ..., 2*group): all low nibbles, then all high nibbles (ggml's order)."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _bits(b: torch.Tensor, shifts: range, width: int) -> torch.Tensor:
+    """Bytes (n, g, L) -> (n, g * len(shifts), L): the `width`-bit field at each shift, shift-major."""
+    mask = (1 << width) - 1
+    return torch.stack([(b >> s) & mask for s in shifts], dim=-2).reshape(b.shape[0], -1, b.shape[-1])
+
+
+def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: 12 packed bytes -> 8 six-bit scales and 8 six-bit mins (n, 8) as float32."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc.float(), mn.float()
+
+
+# ---- per-format block decoders: (n_blocks, type_size) uint8 -> (n_blocks, block_size) float32 ------------------
+
+def _q8_0(b):
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b[:, :2])
+
+
+def _q4_0(b):
+    q = _nibbles(b[:, 2:], 16).to(torch.int8) - 8
+    return _f16(b[:, :2]) * q.float()
+
+
+def _q4_1(b):
+    return _f16(b[:, :2]) * _nibbles(b[:, 4:], 16).float() + _f16(b[:, 2:4])
+
+
+def _q5_high(qh: torch.Tensor) -> torch.Tensor:
+    """4 bytes of qh (a little-endian u32) -> bit i for value i, (n, 32)."""
+    return torch.stack([(qh >> s) & 1 for s in range(8)], dim=-1).reshape(qh.shape[0], 32)
+
+
+def _q5_0(b):
+    q = (_nibbles(b[:, 6:], 16) | (_q5_high(b[:, 2:6]) << 4)).to(torch.int8) - 16
+    return _f16(b[:, :2]) * q.float()
+
+
+def _q5_1(b):
+    q = _nibbles(b[:, 8:], 16) | (_q5_high(b[:, 4:8]) << 4)
+    return _f16(b[:, :2]) * q.float() + _f16(b[:, 2:4])
+
+
+def _q2_k(b):
+    n = b.shape[0]
+    scales, qs, d, dmin = b[:, :16], b[:, 16:80], _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl = (d * (scales & 0x0F).float()).reshape(n, 16, 1)
+    ml = (dmin * (scales >> 4).float()).reshape(n, 16, 1)
+    q = _bits(qs.reshape(n, 2, 32), range(0, 8, 2), 2).reshape(n, 16, 16).float()
+    return (dl * q - ml).reshape(n, 256)
+
+
+def _q3_k(b):
+    n = b.shape[0]
+    hmask, qs, s, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
+    low = torch.cat([s[:, :8] & 0x0F, s[:, :8] >> 4], dim=-1)  # scale j: nibble of byte j % 8
+    high = _bits(s[:, 8:12].reshape(n, 1, 4), range(0, 8, 2), 2).reshape(n, 16)
+    scales = ((low | (high << 4)).to(torch.int8) - 32).float()
+    dl = (d * scales).reshape(n, 16, 1)
+    ql = _bits(qs.reshape(n, 2, 32), range(0, 8, 2), 2).reshape(n, 16, 16)
+    qh = _bits(hmask.reshape(n, 1, 32), range(8), 1).reshape(n, 16, 16) ^ 1  # bit set: no offset
+    q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).float()
+    return (dl * q).reshape(n, 256)
+
+
+def _q4_k(b):
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, mn = _k_scale_min(b[:, 4:16])
+    q = _nibbles(b[:, 16:].reshape(n, 4, 32), 32).reshape(n, 8, 32).float()
+    return ((d * sc).reshape(n, 8, 1) * q - (dmin * mn).reshape(n, 8, 1)).reshape(n, 256)
+
+
+def _q5_k(b):
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, mn = _k_scale_min(b[:, 4:16])
+    ql = _nibbles(b[:, 48:].reshape(n, 4, 32), 32).reshape(n, 8, 32)
+    qh = _bits(b[:, 16:48].reshape(n, 1, 32), range(8), 1)
+    q = (ql | (qh << 4)).float()
+    return ((d * sc).reshape(n, 8, 1) * q - (dmin * mn).reshape(n, 8, 1)).reshape(n, 256)
+
+
+def _q6_k(b):
+    n = b.shape[0]
+    ql, qh, scales, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
+    dl = (d * scales.contiguous().view(torch.int8).float()).reshape(n, 16, 1)
+    low = _nibbles(ql.reshape(n, 2, 64), 64).reshape(n, 8, 32)
+    high = _bits(qh.reshape(n, 2, 32), range(0, 8, 2), 2)
+    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
+    return (dl * q).reshape(n, 256)
+
+
+_DECODERS = {2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0, 10: _q2_k, 11: _q3_k, 12: _q4_k, 13: _q5_k,
+             14: _q6_k}
+
+
+def dequantize(data: torch.Tensor, type_id: int, shape: tuple[int, ...] | torch.Size,
+               chunk_blocks: int = 1 << 16) -> torch.Tensor:
+    """The float32 tensor of `shape` (torch order: rows last-dim-contiguous) stored as ggml type `type_id` in the
+    raw bytes `data` (uint8, any device). Decoded `chunk_blocks` blocks at a time to bound temporaries."""
+    f = quant_format(type_id)
+    n_values = 1
+    for s in shape:
+        n_values *= int(s)
+    data = data.reshape(-1)
+    if data.dtype != torch.uint8:
+        raise TypeError(f"dequantize expects raw uint8 bytes, got {data.dtype}")
+    expected = nbytes(type_id, n_values)
+    if data.numel() != expected:
+        raise ValueError(f"{f.name} tensor of shape {tuple(shape)} needs {expected} bytes, got {data.numel()}")
+    if type_id == 0:
+        return data.view(torch.float32).clone().reshape(shape)
+    if type_id == 1:
+        return data.view(torch.float16).float().reshape(shape)
+    if type_id == 30:
+        return (data.view(torch.int16).to(torch.int32) << 16).view(torch.float32).reshape(shape)
+    blocks = data.reshape(-1, f.type_size)
+    out = torch.empty(blocks.shape[0], f.block_size, dtype=torch.float32, device=data.device)
+    decode = _DECODERS[type_id]
+    for i in range(0, blocks.shape[0], chunk_blocks):
+        out[i:i + chunk_blocks] = decode(blocks[i:i + chunk_blocks])
+    return out.reshape(shape)
