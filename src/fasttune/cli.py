@@ -1,7 +1,7 @@
 """The `fasttune` command (also `python -m fasttune`).
 
     fasttune demo                                   LoRA fine-tune of the shipped tiny model on CPU (~1 minute)
-    fasttune train config.yaml [--resume] [--set train.lr=1e-4] [--gpus N]
+    fasttune train config.yaml [--resume | --overwrite] [--set train.lr=1e-4] [--gpus N]
     fasttune chat --adapter runs/demo/adapter       interactive chat, the model's chat template
     fasttune generate --model PATH --prompt "..."   one-shot generation
     fasttune export ...  | doctor ... | compare ... | bench ...
@@ -26,6 +26,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue from the newest checkpoint in train.output_dir (or from CHECKPOINT): same data "
                         "position, optimizer, scheduler and RNG, so the losses continue as if never stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train.output_dir holds a previous run: delete its checkpoints, metrics and adapter first "
+                        "(without --resume or --overwrite such a folder is refused)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config value, e.g. --set train.max_steps=100 --set lora.r=8 (repeatable)")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
@@ -52,6 +55,8 @@ def _run_train(args) -> int:
             cmd.append("--resume")
         elif args.resume:
             cmd += ["--resume", str(args.resume)]
+        if args.overwrite:
+            cmd.append("--overwrite")
         print("launching:", " ".join(cmd), flush=True)
         return subprocess.call(cmd)
     try:
@@ -61,16 +66,28 @@ def _run_train(args) -> int:
         return 2
     from .data import DataError
     from .train import distributed
+    from .models.checkpoint import CheckpointError
+    from .train.checkpoint import DiskFull
+    from .train.run_folder import RunFolderError
     from .train.trainer import OutOfMemory, TrainingDiverged, train
 
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
         code = EXIT_INTERRUPTED if result.interrupted else 0
     except DataError as e:  # names file, line/row and column: the message is the whole story, no traceback
         print(f"fasttune train: data error: {e}", file=sys.stderr)
         code = 2
     except ConfigError as e:  # a setting the model or data cannot take, found once they are loaded
         print(f"fasttune train: config error: {e}", file=sys.stderr)
+        code = 2
+    except RunFolderError as e:  # in use, holding another run, nothing to resume, a symlink: the message says what to do
+        print(f"fasttune train: {e}", file=sys.stderr)
+        code = 2
+    except DiskFull as e:
+        print(f"\nfasttune train: {e}", file=sys.stderr)
+        code = 1
+    except CheckpointError as e:  # a model folder or training checkpoint that is unsafe, corrupt or mismatched
+        print(f"fasttune train: checkpoint error: {e}", file=sys.stderr)
         code = 2
     except (TrainingDiverged, OutOfMemory) as e:
         print(f"\nfasttune train: {e}", file=sys.stderr)

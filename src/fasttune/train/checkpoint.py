@@ -15,18 +15,31 @@ Under FSDP2 the trainable weights and optimizer state are written sharded instea
 torch.distributed.checkpoint: each rank writes its own piece, nothing is gathered): a full fine-tune of a model
 too big for one GPU has optimizer state too big for one host. torch.distributed.checkpoint reshards on load, so
 such a checkpoint resumes on any number of processes, one included.
+
+Nothing read back from a checkpoint can run code: the `.pt` files are loaded with `torch.load(weights_only=True)`
+(tensors, numbers, strings, lists, tuples and dicts only; the RNG states are such values already), the weights are
+safetensors, the trainer state is JSON, and a sharded checkpoint's pickled index is read by an unpickler that allows
+only torch.distributed.checkpoint's own metadata classes. Anything else is refused with a `CheckpointError`.
 """
 from __future__ import annotations
 
+import functools
+import io
 import json
+import math
 import os
+import pickle
 import random
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from ..models.checkpoint import CheckpointError as _CheckpointError
+from . import run_folder
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"  # being written: never a checkpoint
@@ -34,6 +47,15 @@ ASIDE_PREFIX = ".old-"  # a complete checkpoint moved aside while the same step 
 _STEP = re.compile(rf"{PREFIX}(\d+)")
 _ASIDE = re.compile(rf"{re.escape(ASIDE_PREFIX)}{PREFIX}(\d+)-.+")
 _TMP = re.compile(rf"{re.escape(TMP_PREFIX)}{PREFIX}(\d+)-")
+
+
+# one error for checkpoints a user cannot use, model folders and training checkpoints alike (unsafe, corrupt,
+# written for another model or config): the message names the file and what to do
+CheckpointError = _CheckpointError
+
+
+class DiskFull(CheckpointError):
+    """The disk filled up while a checkpoint or adapter was written; nothing half-written was left behind."""
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -76,11 +98,17 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: dict, where: str = "rng.pt") -> None:
+    try:
+        py = state["python"]
+        # random.setstate takes (version, 625 ints, gauss) as a tuple; weights_only loading keeps tuples
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{where} does not hold valid RNG states ({type(e).__name__}: {str(e)[:80]}); the "
+                              "checkpoint is corrupt: resume from another checkpoint") from None
 
 
 def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -105,13 +133,21 @@ def load_trainable_state(modules: dict[str, torch.nn.Module], state: dict[str, t
             params[f"{prefix}.{name}"] = p
     missing = [k for k in state if k not in params]
     if missing:
-        raise RuntimeError(f"{where} holds tensors this model does not have (e.g. {missing[:3]}); was it written for "
-                           "a different model, LoRA configuration or objective?")
-    expected = set(trainable_state(modules))
+        raise CheckpointError(f"{where} holds tensors this model does not have (e.g. {missing[:3]}); it was written "
+                              "for a different model, LoRA configuration or objective: resume with that config, or "
+                              "start a new run")
+    expected = {f"{prefix}.{name}" for prefix, module in modules.items()
+                for name, p in module.named_parameters() if p.requires_grad}
     absent = sorted(expected - set(state))
     if absent:
-        raise RuntimeError(f"{where} lacks trainable tensors of this model (e.g. {absent[:3]}); was it written with a "
-                           "different LoRA configuration?")
+        raise CheckpointError(f"{where} lacks trainable tensors of this model (e.g. {absent[:3]}); it was written "
+                              "with a different LoRA configuration: resume with that config, or start a new run")
+    for k, v in state.items():
+        shape = tuple(params[k].shape) if not hasattr(params[k], "device_mesh") else tuple(params[k].size())
+        if tuple(v.shape) != shape:
+            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(v.shape)}, this model's has {shape}; the "
+                                  "checkpoint was written for a different model or lora.r: resume with that config, "
+                                  "or start a new run")
     with torch.no_grad():
         for k, v in state.items():
             p = params[k]
@@ -134,28 +170,45 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, weights: dict[s
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(weights, str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    with _cleaned_up_on_failure(tmp, output_dir, step):
+        save_file(weights, str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
     _publish(tmp, final, output_dir, keep_last)
     return final
+
+
+class _cleaned_up_on_failure:
+    """Remove a half-written checkpoint folder when writing it fails, and say "disk full" (naming the newest
+    complete checkpoint) instead of torch's `unexpected pos` when that is why."""
+
+    def __init__(self, tmp: Path, output_dir, step: int):
+        self.tmp, self.output_dir, self.step = tmp, output_dir, step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if err is None:
+            return False
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(err, Exception) and run_folder.is_disk_full(err):
+            last = latest_checkpoint(self.output_dir)
+            raise DiskFull(f"disk full while writing the checkpoint of step {self.step} in "
+                           f"{checkpoint_root(self.output_dir)} (nothing half-written was left); the last good "
+                           + (f"checkpoint is {last}: " if last else "checkpoint: none yet; ")
+                           + "free space (or lower train.keep_last) and resume with --resume") from None
+        return False
 
 
 def _publish(tmp: Path, final: Path, output_dir, keep_last: int) -> None:
     """Rename the finished `tmp` to `final`, replacing an existing checkpoint of the same step (e.g. Ctrl-C right
     after a periodic save) without a moment in which neither is on disk, then prune to the newest `keep_last`."""
     root = final.parent
-    if final.exists():
-        aside = root / f"{ASIDE_PREFIX}{final.name}-{os.getpid()}"
-        if aside.exists():
-            shutil.rmtree(aside)
-        os.replace(final, aside)  # a crash from here ...
-        os.replace(tmp, final)  # ... to here leaves the complete old checkpoint as `aside` (list_checkpoints)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    # a crash between replace_dir's two renames leaves the complete old checkpoint as the aside (list_checkpoints)
+    run_folder.replace_dir(tmp, final, aside=root / f"{ASIDE_PREFIX}{final.name}-{os.getpid()}")
     # leftovers of crashed saves: temporary folders of steps up to this one (none is being written now: only one
     # process publishes, after every rank has finished), and aside folders that are incomplete or shadowed by their
     # step-N; before pruning, so that pruning a step-N never lets a stale aside of it stand in for it
@@ -203,9 +256,10 @@ def save_sharded_checkpoint(output_dir: str | os.PathLike, step: int, *, model, 
     dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDED))
     barrier()
     if is_main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        with _cleaned_up_on_failure(tmp, output_dir, step):
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
         _publish(tmp, final, output_dir, keep_last)
     barrier()
     return final
@@ -223,24 +277,203 @@ def load_sharded_weights_and_optimizer(path: str | os.PathLike, model, optimizer
                                                            set_optimizer_state_dict)
 
     state = _sharded_state(model, optimizer)  # the shapes and placements to read into
-    dcp.load(state, checkpoint_id=str(Path(path) / SHARDED))  # raises if a trainable tensor is not in the checkpoint
+    # raises if a trainable tensor is not in the checkpoint
+    dcp.load(state, storage_reader=_safe_reader(Path(path) / SHARDED), planner=_safe_planner())
     # strict=False: the frozen base is not in a checkpoint; it comes from the model folder
     options = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_model_state_dict(model, state["model"], options=options)
     set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
 
 
+def _load_pt(path: Path):
+    """torch.load that never unpickles arbitrary objects (weights_only); any refusal is one clear error."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; resume from another checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        what = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), "")[:120]
+        raise CheckpointError(f"{path} holds Python objects other than tensors and plain values ({what or 'refused'}); "
+                              "fasttune never unpickles them because loading one can run code: delete this "
+                              "checkpoint, or resume from one fasttune wrote") from None
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch file ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:100] if str(e).strip() else ''}); resume from "
+                              "another checkpoint") from None
+
+
+_TRAINER_STATE = {"step": int, "epoch": int, "batch_index": int}
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """trainer_state.json of a checkpoint, checked for the fields resume relies on."""
+    f = Path(path) / "trainer_state.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path} is not a fasttune checkpoint (no trainer_state.json); pass a "
+                              "checkpoints/step-N folder")
+    try:
+        state = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f} is not valid JSON ({str(e)[:80]}); the checkpoint is corrupt: resume from "
+                              "another checkpoint") from None
+    bad = [k for k, tp in _TRAINER_STATE.items() if not isinstance(state, dict) or not isinstance(state.get(k), tp)
+           or isinstance(state.get(k), bool) or state.get(k) < 0]
+    if bad:
+        raise CheckpointError(f"{f} lacks valid {', '.join(bad)}; the checkpoint is corrupt: resume from another "
+                              "checkpoint")
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Everything but a sharded checkpoint's weights and optimizer state (see load_sharded_weights_and_optimizer),
-    which are then None."""
+    which are then None. Raises CheckpointError for an unsafe, corrupt or incomplete checkpoint."""
     path = Path(path)
-    if not (path / "trainer_state.json").exists():
-        raise FileNotFoundError(f"{path} is not a fasttune checkpoint (no trainer_state.json)")
+    trainer_state = read_trainer_state(path)
     sharded = is_sharded_checkpoint(path)
+    weights = None
+    if not sharded:
+        f = path / "trainable.safetensors"
+        try:
+            weights = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f} is missing or corrupt ({str(e)[:100]}); resume from another "
+                                  "checkpoint") from None
     return {
-        "weights": None if sharded else load_file(str(path / "trainable.safetensors")),
-        "optimizer": None if sharded else torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
-        "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False),
-        "rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=False),
-        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
+        "weights": weights,
+        "optimizer": None if sharded else _load_pt(path / "optimizer.pt"),
+        "scheduler": _load_pt(path / "scheduler.pt"),
+        "rng": _load_pt(path / "rng.pt"),
+        "trainer_state": trainer_state,
     }
+
+
+# ---- sharded checkpoints, read safely ----------------------------------------------------------------------------
+
+# torch.distributed.checkpoint pickles its index (`.metadata`) and reads non-tensor items with
+# torch.load(weights_only=False); fasttune reads both itself, allowing only these globals in the index
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "StorageMeta",
+                                              "MetadataIndex", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _DCP_GLOBALS.get(module, ()) or (
+                module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+@functools.cache
+def _dcp_classes():
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            rank = kwargs.get("rank")
+            f = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+            try:
+                with open(f, "rb") as fh:
+                    metadata = _IndexUnpickler(fh).load()
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"{f} holds Python objects other than a checkpoint index ({str(e)[:100]}); "
+                                      "fasttune never unpickles them because loading one can run code: delete this "
+                                      "checkpoint, or resume from one fasttune wrote") from None
+            except Exception as e:
+                raise CheckpointError(f"{f} is missing or corrupt ({type(e).__name__}: {str(e)[:80]}); resume from "
+                                      "another checkpoint") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:  # the same bytes, refused unless they hold only tensors and plain values ...
+                torch.load(value, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"sharded checkpoint item {read_item.dest_index.fqn} holds Python objects "
+                                      f"other than tensors and plain values ({str(e).splitlines()[0][:80]}); fasttune "
+                                      "never unpickles them: delete this checkpoint, or resume from one fasttune "
+                                      "wrote") from None
+            value.seek(0)
+            super().load_bytes(read_item, value)  # ... so that re-reading them as DefaultLoadPlanner does is safe
+
+    return SafeReader, SafeLoadPlanner
+
+
+def _safe_reader(path):
+    return _dcp_classes()[0](str(path))
+
+
+def _safe_planner():
+    return _dcp_classes()[1]()
+
+
+# ---- the last good checkpoint after a divergence -----------------------------------------------------------------
+
+BLOWUP = 1e3  # a checkpoint whose largest trainable |w| exceeds BLOWUP x max(1, reference) is not "good"
+
+
+def weight_scale(tensors) -> tuple[bool, float]:
+    """(all finite, largest |value|) over float tensors."""
+    finite, largest = True, 0.0
+    for t in tensors:
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        m = float(t.detach().abs().max())  # NaN and inf propagate through max
+        finite = finite and math.isfinite(m)
+        largest = max(largest, m) if math.isfinite(m) else largest
+    return finite, largest
+
+
+def _checkpoint_tensors(path: Path):
+    """The trainable weights of a checkpoint, one tensor at a time (sharded: read through the safe reader)."""
+    if is_sharded_checkpoint(path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        reader = _safe_reader(path / SHARDED)
+        meta = reader.read_metadata()
+        target = {k: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+                  for k, md in meta.state_dict_metadata.items()
+                  if k.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+        dcp.load(target, storage_reader=_safe_reader(path / SHARDED), planner=_safe_planner(), no_dist=True)
+        yield from target.values()
+        return
+    with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            yield f.get_tensor(k)
+
+
+def checkpoint_weight_scale(path: str | os.PathLike) -> tuple[bool, float] | None:
+    """(finite, largest |w|) of a checkpoint's trainable weights; None when they cannot be read."""
+    try:
+        return weight_scale(_checkpoint_tensors(Path(path)))
+    except Exception:
+        return None
+
+
+def last_good_checkpoint(output_dir: str | os.PathLike, reference: float | None = None) -> Path | None:
+    """The newest checkpoint whose trainable weights are all finite and not blown up: largest |w| at most
+    BLOWUP x max(1, reference). `reference` is the largest |w| when the run started (the trainer measures it);
+    without it, the oldest readable finite checkpoint's is used. A learning rate of 1e9 gives a step-1 checkpoint
+    with |w| ~ 1e9: finite, yet no place to resume from."""
+    found = list_checkpoints(output_dir)
+    scales = {p: checkpoint_weight_scale(p) for p in found}
+    if reference is None:
+        reference = next((s[1] for p in found if (s := scales[p]) is not None and s[0]), None)
+    limit = BLOWUP * max(1.0, reference or 0.0)
+    for p in reversed(found):
+        s = scales[p]
+        if s is not None and s[0] and s[1] <= limit:
+            return p
+    return None

@@ -5,10 +5,16 @@
 
 Unknown keys and wrong types are `ConfigError`s naming the key path (`train.lr`) and what is allowed. Everything
 here is plain Python: build a `TrainConfig(...)` directly and pass it to `fasttune.train.train`.
+
+A config file is untrusted input: numbers must be finite and in range, a key may appear once per mapping (YAML would
+silently keep the last), a file may use few aliases and expand to a bounded size (a "billion laughs" document is
+refused, not expanded), and values quoted in messages are cut short.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +23,20 @@ from typing import Any, Literal, Optional, Union
 
 class ConfigError(ValueError):
     pass
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a training config is a few KB
+MAX_ALIASES = 50  # YAML aliases (*name) in one document; configs need few or none
+MAX_NODES = 100_000  # nodes of the document with every alias expanded
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr(value) for an error message, bounded in time and length (reprlib stops early in nested values)."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 6, 6, 6, 6
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass
@@ -118,18 +138,23 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainConfig":
-        import yaml
-
         path = Path(path)
-        if not path.exists():
+        if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is {path.stat().st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+            raw = _load_yaml(path.read_text(encoding="utf-8"), str(path))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping with sections {_allowed(cls)}")
-        return cls.from_dict(raw, overrides)
+        cfg = cls.from_dict(raw, overrides)
+        if Path(cfg.train.output_dir).expanduser().resolve() == path.resolve().parent:
+            raise ConfigError(f"train.output_dir {_short(cfg.train.output_dir)} is the folder of the config file "
+                              f"{path.name}: a run writes its own config.yaml, metrics and checkpoints there; set a "
+                              "folder of its own, e.g. runs/my-run")
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,19 +178,41 @@ class TrainConfig:
                     "lora.r": self.lora.r}
         for key, v in positive.items():
             if v < 1:
-                raise ConfigError(f"{key} must be >= 1, got {v}")
+                raise ConfigError(f"{key} must be >= 1, got {_short(v)}")
         for key, v in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
-                       "train.save_every": t.save_every, "train.eval_batches": t.eval_batches}.items():
+                       "train.save_every": t.save_every, "train.eval_batches": t.eval_batches,
+                       "data.max_examples": self.data.max_examples}.items():
             if v is not None and v < 1:
-                raise ConfigError(f"{key} must be >= 1 or null, got {v}")
-        if t.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {t.lr}")
-        if not 0.0 <= self.data.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
-        if not 0.0 <= t.warmup_ratio <= 1.0:
-            raise ConfigError(f"train.warmup_ratio must be in [0, 1], got {t.warmup_ratio}")
+                raise ConfigError(f"{key} must be >= 1 or null, got {_short(v)}")
+        # floats are finite already (_coerce); these are the ranges in which each one means something
+        for key, v, ok, allowed in [
+                ("train.lr", t.lr, t.lr > 0, "> 0"),
+                ("train.epochs", t.epochs, t.epochs > 0, "> 0"),
+                ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+                ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+                ("train.warmup_ratio", t.warmup_ratio, 0.0 <= t.warmup_ratio <= 1.0, "in [0, 1]"),
+                ("train.max_grad_norm", t.max_grad_norm, t.max_grad_norm is None or t.max_grad_norm > 0,
+                 "> 0, or null for no clipping"),
+                ("lora.alpha", self.lora.alpha, self.lora.alpha > 0, "> 0"),
+                ("lora.dropout", self.lora.dropout, 0.0 <= self.lora.dropout < 1.0, "in [0, 1)"),
+                ("objective.beta", o.beta, o.beta > 0, "> 0"),
+                ("objective.embedding_lr_ratio", o.embedding_lr_ratio, o.embedding_lr_ratio >= 0, ">= 0"),
+                ("data.eval_fraction", self.data.eval_fraction, 0.0 <= self.data.eval_fraction < 1.0, "in [0, 1)")]:
+            if not ok:
+                raise ConfigError(f"{key} must be {allowed}, got {_short(v)}")
         if len(t.betas) != 2:
-            raise ConfigError(f"train.betas must be two numbers [beta1, beta2], got {t.betas}")
+            raise ConfigError(f"train.betas must be two numbers [beta1, beta2], got {_short(t.betas)}")
+        for i, b in enumerate(t.betas):
+            if not 0.0 <= b < 1.0:
+                raise ConfigError(f"train.betas[{i}] must be in [0, 1), got {_short(b)}")
+        out = t.output_dir.strip()
+        if not out:
+            raise ConfigError("train.output_dir is empty; set a folder for the run, e.g. runs/my-run")
+        resolved = Path(out).expanduser().resolve()
+        if resolved in (Path.cwd().resolve(), Path(resolved.anchor), Path.home().resolve()):
+            raise ConfigError(f"train.output_dir {_short(t.output_dir)} is the working directory, the home folder or "
+                              "the filesystem root: a run writes config.yaml, metrics.jsonl, checkpoints/ and adapter/ "
+                              "there (and --overwrite deletes them); set a folder of its own, e.g. runs/my-run")
         if o.type == "dpo" and not self.lora.enabled:
             raise ConfigError("objective.type dpo needs lora.enabled: true — the reference model is the same base "
                               "with adapters switched off (fasttune never keeps a second copy of the model)")
@@ -231,15 +278,17 @@ def _coerce(tp, value, key: str):
                 return _coerce(a, value, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        what = "a finite number" if isinstance(value, float) and not math.isfinite(value) else _type_name(tp)
+        raise ConfigError(f"{key}: expected {what}{' or null' if type(None) in args and what != _type_name(tp) else ''}"
+                          f", got {_short(value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(repr, choices))}")
+            raise ConfigError(f"{key}: {_short(value)} is not allowed; allowed values: {', '.join(map(repr, choices))}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(value)}")
         (inner,) = typing.get_args(tp)
         return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
@@ -254,35 +303,152 @@ def _coerce(tp, value, key: str):
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           str: lambda v: isinstance(v, str)}[tp](value)
     if not ok:
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    return float(value) if tp is float else value
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(value)} ({type(value).__name__})")
+    if tp is float:
+        value = float(value)
+        if not math.isfinite(value):  # .nan / .inf: no setting of fasttune means that
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
+    return value
 
 
 def _build(cls, raw, prefix: str):
     where = prefix or "the config"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with keys {_allowed(cls)}, got {raw!r}")
+        raise ConfigError(f"{where}: expected a mapping with keys {_allowed(cls)}, got {_short(raw)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted((k for k in raw if k not in names), key=str)
     if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown key {key!r}; allowed keys in {where}: {_allowed(cls)}")
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"unknown key {_short(key)}; allowed keys in {where}: {_allowed(cls)}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name) for name, value in raw.items()}
     return cls(**kwargs)
 
 
 def _apply_override(raw: dict, item: str) -> None:
     """`train.lr=1e-4` -> raw["train"]["lr"] = 1e-4 (the value is parsed as YAML)."""
-    import yaml
-
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=100")
+        raise ConfigError(f"override {_short(item)} must look like section.key=value, e.g. train.max_steps=100")
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
     node = raw
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+            raise ConfigError(f"override {_short(item)}: {_short(p)} is not a section")
+    node[parts[-1]] = _load_yaml(value, f"--set {_short(key)}")
+
+
+# ---- YAML, read as untrusted input -------------------------------------------------------------------------------
+
+def _loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that refuses duplicate keys, many aliases and documents that expand past MAX_NODES."""
+
+        aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_ALIASES:
+                    mark = self.peek_event().start_mark
+                    raise ConfigError(f"{self.name}: more than {MAX_ALIASES} YAML aliases (line {mark.line + 1}); "
+                                      "a config needs few or none — write the values out")
+            return super().compose_node(parent, index)
+
+        def compose_document(self):
+            node = super().compose_document()
+            size = _expanded_size(node, {})
+            if size > MAX_NODES:
+                raise ConfigError(f"{self.name}: the document expands to {size:,} values through its aliases (more "
+                                  f"than {MAX_NODES:,}); refused (an alias bomb?) — write the values out")
+            return node
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    k = (key_node.tag, key_node.value)
+                    if k in seen:
+                        raise ConfigError(f"{self.name}: key {_short(key_node.value)} appears twice in one mapping "
+                                          f"(lines {seen[k] + 1} and {key_node.start_mark.line + 1}); YAML would keep "
+                                          "only the last: remove one")
+                    seen[k] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Nodes of `node` with aliases expanded (an alias shares its anchor's node: memoised, so this is linear)."""
+    import yaml
+
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once instead of looping
+    if isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded_size(c, memo) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        n = 1
+    memo[id(node)] = n
+    return n
+
+
+def _load_yaml(text: str, name: str):
+    import yaml
+
+    loader = _loader()(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name} is not valid YAML: {_short(str(e), 300)}") from None
+    except RecursionError:
+        raise ConfigError(f"{name} is nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
+
+# ---- what a resume may change ------------------------------------------------------------------------------------
+
+# A resume continues the same optimisation: it may change how long and how fast the run goes and what it shows
+# (applied to the resumed optimizer and scheduler), not what is trained or on what. train.grad_accum may change only
+# with the world size, keeping grad_accum x world size (the micro-batches of one step, which the data position counts).
+RESUMABLE = frozenset({
+    "model.device",
+    "train.output_dir", "train.max_steps", "train.epochs", "train.lr", "train.weight_decay", "train.betas",
+    "train.schedule", "train.warmup_steps", "train.warmup_ratio", "train.max_grad_norm", "train.eval_every",
+    "train.eval_batches", "train.save_every", "train.keep_last", "train.log_every", "train.memory", "train.parallel",
+    "train.progress", "train.tensorboard", "train.plot"})
+_SAME_FOLDER = frozenset({"model.path", "data.path"})  # another spelling of the same file or folder is no change
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def resume_conflicts(saved: dict, current: "TrainConfig", saved_world_size: int = 1, world_size: int = 1
+                     ) -> list[str]:
+    """The settings of `current` that differ from a checkpoint's recorded config (`saved`) in a way a resume cannot
+    honour, as 'key old -> new'. Keys the checkpoint does not record (older fasttune) are not compared."""
+    old, new = _flat(saved), _flat(current.to_dict())
+    out = []
+    for key in sorted(old.keys() & new.keys()):
+        a, b = old[key], new[key]
+        if a == b or key in RESUMABLE:
+            continue
+        if key in _SAME_FOLDER and isinstance(a, str) and isinstance(b, str) and \
+                Path(a).expanduser().resolve() == Path(b).expanduser().resolve():
+            continue
+        if key == "train.grad_accum" and isinstance(a, int) and a * saved_world_size == b * world_size:
+            continue
+        out.append(f"{key} {_short(a, 40)} -> {_short(b, 40)}")
+    return out

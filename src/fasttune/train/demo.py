@@ -46,7 +46,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 60, device: str = "cpu"
             before[q] = session.complete([{"role": "user", "content": q}])
     eval_before = trainer.evaluate().get("eval_loss")
     model.train()
-    result = trainer.train()
+    result = trainer.train(overwrite=True)  # the demo folder is the demo's own: a second demo replaces it
     after = {q: ChatSession(model, tokenizer, max_new_tokens=48).complete([{"role": "user", "content": q}])
              for q in questions}
     losses = result.losses

@@ -30,7 +30,8 @@ from ..data.packing import iter_batches
 from ..models.checkpoint import save_tokenizer
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .config import ConfigError, TrainConfig
+from . import run_folder
+from .config import ConfigError, TrainConfig, resume_conflicts
 from .data import PreparedData, batch_tokens, count_targets, epoch_batches, prepare_data, to_device
 from .objectives import RewardHead, dpo_loss, lm_loss, orpo_loss, reward_loss
 from .observe import MetricsLog, Progress, plot_losses
@@ -387,11 +388,13 @@ class Trainer:
 
     def _diverged(self, what: str):
         self.optimizer.zero_grad(set_to_none=True)
-        last = ckpt.latest_checkpoint(self.output_dir)
+        # "good": finite weights, not blown up against the run's start (see ckpt.last_good_checkpoint); a newer
+        # checkpoint may hold weights that are finite but already ruined, which a plain --resume would pick
+        last = ckpt.last_good_checkpoint(self.output_dir, reference=getattr(self, "_start_weight_scale", None))
         raise TrainingDiverged(
             f"{what} at step {self.step + 1}; stopped without updating the weights. "
-            + (f"The last good checkpoint is {last} (resume with --resume after changing the config). "
-               if last else "No checkpoint was written yet. ")
+            + (f"The last good checkpoint is {last}: change the config, then resume from it with --resume {last}. "
+               if last else "No checkpoint with sound weights was written yet. ")
             + "Usual causes: a learning rate too high (now "
             f"{self.cfg.train.lr}), no gradient clipping (train.max_grad_norm), fp16 overflow (use bfloat16), "
             "or a data batch with no target tokens.")
@@ -503,28 +506,53 @@ class Trainer:
         dist_utils.barrier(self.dist)
         return path or ckpt.checkpoint_root(self.output_dir) / f"{ckpt.PREFIX}{self.step:06d}"
 
+    def check_resume(self, path: str | os.PathLike) -> None:
+        check_resume(self.cfg, path, self.dist.world_size)
+
     def load_checkpoint(self, path: str | os.PathLike) -> None:
+        self.check_resume(path)
         state = ckpt.load_checkpoint(path)
+        # the settings a resume may change (lr, betas, weight decay, schedule) come from this config, not the
+        # checkpoint: keep them before loading the checkpoint's optimizer and scheduler state over them
+        fresh = [{k: g[k] for k in ("weight_decay", "betas") if k in g} for g in self.optimizer.param_groups]
+        base_lrs = list(self.scheduler.base_lrs)
         if ckpt.is_sharded_checkpoint(path):
             if self.reward_head is not None:
-                raise RuntimeError(f"{path} is a sharded (FSDP2) checkpoint, which never holds a reward head")
+                raise ckpt.CheckpointError(f"{path} is a sharded (FSDP2) checkpoint, which never holds a reward "
+                                           "head; resume a reward model from a checkpoint written without FSDP")
             ckpt.load_sharded_weights_and_optimizer(path, self.model, self.optimizer)
         else:
             ckpt.load_trainable_state(self.trainable_modules(), state["weights"], str(path))
-            self._load_optimizer_state(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+            try:
+                self._load_optimizer_state(state["optimizer"])
+            except (KeyError, ValueError, RuntimeError, TypeError) as e:
+                raise ckpt.CheckpointError(f"{path}/optimizer.pt does not fit this model's optimizer ({type(e).__name__}"
+                                           f": {str(e).splitlines()[0][:100] if str(e) else ''}); resume from another "
+                                           "checkpoint, or start a new run") from None
+        try:
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ckpt.CheckpointError(f"{path}/scheduler.pt is not a scheduler state ({type(e).__name__}); resume "
+                                       "from another checkpoint") from None
+        self.scheduler.base_lrs = base_lrs
+        for g, f, base, factor in zip(self.optimizer.param_groups, fresh, base_lrs, self.scheduler.lr_lambdas):
+            g.update(f)
+            g["initial_lr"] = base
+            g["lr"] = base * factor(self.scheduler.last_epoch)  # what LambdaLR computes for this step
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
         ts = state["trainer_state"]
         if ts.get("world_size", 1) != self.dist.world_size:
             # the data position counts micro-batches, so it carries over to another world size exactly when the
             # step boundaries line up; say so rather than silently shifting the data
             if ts["batch_index"] % self.micro_per_step:
-                raise RuntimeError(f"{path} was written with world size {ts['world_size']}; its data position "
-                                   f"({ts['batch_index']} micro-batches) is not a whole number of steps at world size "
-                                   f"{self.dist.world_size} x grad_accum {self.cfg.train.grad_accum}")
+                raise ckpt.CheckpointError(
+                    f"{path} was written with world size {ts['world_size']}; its data position ({ts['batch_index']} "
+                    f"micro-batches) is not a whole number of steps at world size {self.dist.world_size} x grad_accum "
+                    f"{self.cfg.train.grad_accum}; resume with the world size it was written with")
         self.step, self.epoch, self.batch_index = ts["step"], ts["epoch"], ts["batch_index"]
         self._stream = None
         self.tokens_seen = ts.get("tokens_seen", 0)
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rng"], f"{path}/rng.pt")
 
     def save_adapter(self, path: str | os.PathLike | None = None) -> Path:
         """The trained weights (adapters, and embeddings / reward head when trained) with a config naming the base:
@@ -536,38 +564,69 @@ class Trainer:
         if self.is_main:
             from safetensors.torch import save_file
 
-            path.mkdir(parents=True, exist_ok=True)
-            save_file(weights, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            meta = {"base_model": self.cfg.model.path, "lora": self.cfg.to_dict()["lora"],
-                    "objective": self.cfg.objective.type, "train_embeddings": self.cfg.train_embeddings,
-                    "max_seq_length": self.cfg.model.max_seq_length, "step": self.step,
-                    # how the training text was formatted: chat and generate must format prompts the same way
-                    "chat_template": self.cfg.data.chat_template, "system_prompt": self.cfg.data.system_prompt}
-            (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
-            save_tokenizer(self.tokenizer, path)
-            if self.cfg.lora.enabled and not dist_utils.is_sharded(self.model):
-                # PEFT's layout too (adapter_model.safetensors + adapter_config.json), read by `fasttune export`,
-                # PEFT and other tools; trained embeddings / reward heads are only in trainable.safetensors
-                from ..export.adapter import save_adapter
+            # written whole into a temporary folder, then renamed over the old one (run_folder.replace_dir): a
+            # crash never leaves new weights beside an old PEFT copy or a half-written tokenizer
+            final, path = path, run_folder.temp_dir_for(path)
+            try:
+                save_file(weights, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+                # the base resolved (a relative model.path meant the cwd of this run): the adapter works from anywhere
+                meta = {"base_model": recorded_model_path(self.cfg.model.path), "lora": self.cfg.to_dict()["lora"],
+                        "objective": self.cfg.objective.type, "train_embeddings": self.cfg.train_embeddings,
+                        "max_seq_length": self.cfg.model.max_seq_length, "step": self.step,
+                        # how the training text was formatted: chat and generate must format prompts the same way
+                        "chat_template": self.cfg.data.chat_template, "system_prompt": self.cfg.data.system_prompt}
+                (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+                save_tokenizer(self.tokenizer, path)
+                if self.cfg.lora.enabled and not dist_utils.is_sharded(self.model):
+                    # PEFT's layout too (adapter_model.safetensors + adapter_config.json), read by `fasttune export`,
+                    # PEFT and other tools; trained embeddings / reward heads are only in trainable.safetensors
+                    from ..export.adapter import save_adapter
 
-                save_adapter(self.model, path, base_model_name_or_path=str(
-                    Path(resolve_model_path(self.cfg.model.path)).resolve()))
+                    save_adapter(self.model, path, base_model_name_or_path=str(
+                        Path(resolve_model_path(self.cfg.model.path)).resolve()))
+            except BaseException as e:
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+                if isinstance(e, Exception) and run_folder.is_disk_full(e):
+                    last = ckpt.latest_checkpoint(self.output_dir)
+                    raise ckpt.DiskFull(f"disk full while writing the adapter {final} (the previous one, if any, is "
+                                        "untouched); free space and write it again with --resume"
+                                        + (f" (the newest checkpoint is {last})" if last else "")) from None
+                raise
+            run_folder.replace_dir(path, final)
+            path = final
         dist_utils.barrier(self.dist)
         return path
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
-    def train(self, resume: str | os.PathLike | bool | None = None) -> TrainResult:
+    def train(self, resume: str | os.PathLike | bool | None = None, overwrite: bool = False) -> TrainResult:
+        """Train to total_steps. `resume`: True continues from the newest checkpoint in output_dir, a path from
+        that checkpoint; `overwrite` deletes a previous run's outputs first. The run folder is locked for the whole
+        call, and a folder holding another run is refused without one of the two (see run_folder)."""
+        resume_path = run_folder.find_resume(self.output_dir, resume)
+        if resume_path is not None:
+            self.check_resume(resume_path)  # before anything in the folder changes
+        # one process (rank 0) holds the lock; the other ranks only read the checkpoint
+        lock = run_folder.prepare(self.output_dir, resume=resume_path is not None, overwrite=overwrite) \
+            if self.is_main else None
+        try:
+            if resume_path is not None:
+                self.load_checkpoint(resume_path)
+            # the trainable weights' scale at the start: what "blown up" is measured against after a divergence
+            self._start_weight_scale = ckpt.weight_scale(
+                p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+                for g in self.optimizer.param_groups for p in g["params"])[1]
+            if self.is_main:
+                run_folder.write_text(self.output_dir / "config.yaml", self.cfg.to_yaml())
+            return self._run(resume_path)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, resume_path: Path | None) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
-        resume_path = None
-        if resume:
-            resume_path = ckpt.latest_checkpoint(self.output_dir) if resume is True else Path(resume)
-            if resume_path is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoint_root(self.output_dir)}")
-            self.load_checkpoint(resume_path)
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
         log = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=self.step if resume_path else None,
                          tensorboard=t.tensorboard, enabled=self.is_main)
         progress = Progress(self.total_steps, self.step, enabled=self.is_main and t.progress)
@@ -655,14 +714,75 @@ def _is_embedding(name: str) -> bool:
     return ("embed_tokens" in name or "lm_head" in name) and not _is_adapter(name)
 
 
-def train(config: TrainConfig, resume: str | os.PathLike | bool | None = None, model=None, tokenizer=None
-          ) -> TrainResult:
-    """Build a Trainer from `config` and run it (the Python face of `fasttune train`)."""
+def check_resume(cfg: TrainConfig, path: str | os.PathLike, world_size: int) -> None:
+    """Refuse (ConfigError) a checkpoint whose recorded config differs from `cfg` in a setting a resume cannot
+    change (config.RESUMABLE says which it can)."""
+    ts = ckpt.read_trainer_state(path)
+    if not isinstance(ts.get("config"), dict):
+        return  # written before checkpoints recorded their config: the weights' shapes are still checked
+    refused = resume_conflicts(ts["config"], cfg, ts.get("world_size", 1), world_size)
+    if refused:
+        raise ConfigError(f"cannot resume from {path}: {'; '.join(refused)}. A resume may change the length, "
+                          "schedule, learning rate, optimizer hyper-parameters, cadence and display settings, not the "
+                          "model, LoRA, data, objective or batch; put those back, or start a new run (--overwrite, or "
+                          "another train.output_dir)")
+
+
+def train(config: TrainConfig, resume: str | os.PathLike | bool | None = None, model=None, tokenizer=None,
+          overwrite: bool = False) -> TrainResult:
+    """Build a Trainer from `config` and run it (the Python face of `fasttune train`). The run folder is checked
+    first (in use, holding another run, nothing or the wrong thing to resume), before minutes go into loading the
+    model; the Trainer checks again under the folder's lock."""
+    run_folder.check_start(config.train.output_dir, resume=bool(resume), overwrite=overwrite)
+    resume_path = run_folder.find_resume(config.train.output_dir, resume)
+    if resume_path is not None:
+        check_resume(config, resume_path, int(os.environ.get("WORLD_SIZE", "1")))
     try:
         trainer = Trainer(config, model=model, tokenizer=tokenizer)
     except torch.OutOfMemoryError as e:
         raise OutOfMemory(_oom_message(config, e, during="loading the model")) from None
-    return trainer.train(resume=resume)
+    return trainer.train(resume=resume, overwrite=overwrite)
+
+
+def recorded_model_path(path: str) -> str:
+    """model.path as an adapter or checkpoint should record it: "tiny" stays a name, a local folder becomes absolute
+    (a relative path means the current directory, which a later `chat` or `export` need not share)."""
+    if path == "tiny" or not Path(path).exists():
+        return path
+    return str(Path(path).resolve())
+
+
+def base_model_dir(path: str, what: str, allow_pickle: bool = False) -> Path:
+    """The model folder `path` names ("tiny" included), checked before minutes go into loading; `what` says where
+    the path came from, for the error. Raises CheckpointError saying what to do."""
+    from ..models.checkpoint import CheckpointError
+
+    folder = Path(resolve_model_path(path))
+    if not (folder / "config.json").is_file():
+        state = "is not a model folder (no config.json)" if folder.is_dir() else "does not exist"
+        raise CheckpointError(f"the base model {path} ({what}) {state}: pass the base model's folder with --model "
+                              "(for export: as MODEL_DIR)")
+    if not allow_pickle and not any(folder.glob("*.safetensors")):
+        pickles = sorted(folder.glob("pytorch_model*.bin"))
+        if pickles:
+            raise CheckpointError(f"{folder} holds only pickle weights ({pickles[0].name}), which can run code when "
+                                  "loaded: convert them to safetensors (transformers: from_pretrained, then "
+                                  "save_pretrained), or pass --allow-pickle (allow_pickle=True) if you trust the file")
+    return folder
+
+
+def _checkpoint_base(cfg: dict, checkpoint: Path) -> str:
+    """A checkpoint records model.path as configured; a relative one meant the training run's working directory,
+    which the run folder's own relative train.output_dir locates (<cwd>/<output_dir>/checkpoints/step-N)."""
+    model_path, output_dir = cfg["model"]["path"], Path(cfg["train"]["output_dir"])
+    if model_path == "tiny" or Path(model_path).is_absolute() or Path(model_path).exists():
+        return model_path
+    run_dir = checkpoint.resolve().parent.parent
+    if not output_dir.is_absolute() and run_dir.parts[-len(output_dir.parts):] == output_dir.parts:
+        then = Path(*run_dir.parts[: -len(output_dir.parts)]) / model_path
+        if then.exists():
+            return str(then)
+    return model_path
 
 
 def adapter_meta(adapter_dir: str | os.PathLike) -> dict:
