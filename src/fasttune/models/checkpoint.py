@@ -123,12 +123,35 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(module, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
+def _is_gguf(path: str | os.PathLike) -> bool:
+    from .gguf_reader import is_gguf  # late: the GGUF reader is only needed for .gguf files
+
+    # a .gguf name that is not one (missing, truncated, not GGUF) goes to the reader for its error message
+    return Path(path).suffix.lower() == ".gguf" or is_gguf(path)
+
+
+def model_spec(path: str | os.PathLike) -> ArchSpec:
+    """The ArchSpec of a Hugging Face folder (config.json) or of a GGUF file (its metadata)."""
+    if _is_gguf(path):
+        from .gguf_reader import load_gguf_spec
+
+        return load_gguf_spec(path)
+    return ArchSpec.from_pretrained(path)
+
+
 def iter_model_tensors(path: str | os.PathLike, spec: ArchSpec,
                        allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(fasttune parameter name, tensor) for each tensor of the checkpoint at `path`, one at a time, streamed from
-    its shards; Phi-3's fused projections come split, a tied LM head and rotary buffers are skipped. For loaders
-    that place each tensor themselves (FSDP2: every rank keeps only its shard)."""
-    for raw_name, tensor in _iter_tensors(_weight_files(Path(path), allow_pickle)):
+    its shards (or dequantised from a GGUF file, in float32); Phi-3's fused projections come split, a tied LM head
+    and rotary buffers are skipped. For loaders that place each tensor themselves (FSDP2: every rank keeps only its
+    shard)."""
+    if _is_gguf(path):
+        from .gguf_reader import iter_gguf_tensors, read_gguf
+
+        source = iter_gguf_tensors(read_gguf(path), spec)
+    else:
+        source = _iter_tensors(_weight_files(Path(path), allow_pickle))
+    for raw_name, tensor in source:
         for name, t in _unfuse(raw_name, tensor, spec):
             if name.endswith("rotary_emb.inv_freq") or (spec.tie_word_embeddings and name == "lm_head.weight"):
                 continue
@@ -141,7 +164,10 @@ _BNB_PARTS = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absm
 
 
 def is_prequantized(path: str | os.PathLike) -> bool:
-    """Whether the folder's config.json declares quantised weights (quantization_config)."""
+    """Whether the folder's config.json declares quantised weights (quantization_config), or `path` is a GGUF file
+    (its blocks are dequantised as they are read, so the model is loaded whole, never straight into shards)."""
+    if _is_gguf(path):
+        return True
     return bool(ArchSpec.from_pretrained(Path(path)).raw_config.get("quantization_config"))
 
 
@@ -175,12 +201,15 @@ def load_model(
     allow_pickle: bool = False,
     quantize: Callable[[nn.Linear], nn.Module] | None = None,
 ) -> CausalLM:
-    """Load a Hugging Face causal-LM folder into a fasttune `CausalLM` (eval mode, requires_grad left on).
+    """Load a Hugging Face causal-LM folder, or a GGUF file, into a fasttune `CausalLM` (eval mode, requires_grad
+    left on).
 
     A bitsandbytes NF4 checkpoint (double-quantised, as transformers saves `load_in_4bit` models) loads its decoder
-    linears as `NF4Linear` layers holding the stored codes and scales as they are (bit for bit)."""
+    linears as `NF4Linear` layers holding the stored codes and scales as they are (bit for bit). A GGUF file's
+    tensors are dequantised to float32 (bit-exact with llama.cpp's gguf package) and then cast to `dtype`."""
     path = Path(path)
-    spec = ArchSpec.from_pretrained(path)
+    gguf_file = _is_gguf(path)
+    spec = model_spec(path)
     torch_dtype = resolve_dtype(dtype, spec)
     device = torch.device(device)
     with torch.device("meta"):
@@ -210,7 +239,7 @@ def load_model(
         loaded.add(owner + ".weight")
         del stored_4bit[owner], linears[owner], pending[owner]
 
-    bnb = _bnb_nf4_checkpoint(spec, path)
+    bnb = not gguf_file and _bnb_nf4_checkpoint(spec, path)
     for name, t in iter_model_tensors(path, spec, allow_pickle):
         owner, sep, part = name.partition(".weight")
         if bnb and sep and owner in linears:  # codes and scales keep their stored dtypes (uint8, float32)
@@ -328,8 +357,14 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> None
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved beside the model (tokenizer.json / tokenizer.model), through transformers."""
+    """The tokenizer saved beside the model (tokenizer.json / tokenizer.model), through transformers; for a GGUF file,
+    the one its metadata describes (vocabulary, merges or scores, special tokens, chat template)."""
     from transformers import AutoTokenizer
+
+    if _is_gguf(path):
+        from .gguf_reader import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
 
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)  # local folders only: never the Hub
