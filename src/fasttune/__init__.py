@@ -10,19 +10,28 @@ __version__ = "0.1.0"
 from .models import ArchSpec, CausalLM, generate, load_model, load_tokenizer, save_model  # noqa: E402
 
 
+def auto_dtype(device) -> str:
+    """The compute dtype when none is given (fasttune.load, the CLI, `model.dtype: auto`): bfloat16 on CUDA,
+    float32 elsewhere (CPUs have no fast 16-bit matmuls, and float32 is exact)."""
+    import torch
+
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
 def load(path, max_seq_length: int = 4096, dtype=None, device=None, load_in_4bit: bool = False,
          allow_pickle: bool = False):
     """Load a Hugging Face model folder and its tokenizer. `load_in_4bit` quantises every decoder linear to NF4
-    as it is read (QLoRA base); `device` defaults to CUDA when available."""
+    as it is read (QLoRA base); `device` defaults to CUDA when available; `dtype` (None or "auto") to
+    `auto_dtype(device)`: bfloat16 on CUDA, float32 on CPU, whatever dtype the checkpoint is stored in."""
     import torch
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None or dtype == "auto":
+        dtype = auto_dtype(device)
     quantize = None
     if load_in_4bit:
         from .lora.nf4_linear import quantize_linear as quantize
-        if dtype is None:
-            dtype = "bfloat16"
     model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle, quantize=quantize)
     model.max_seq_length = max_seq_length
     tokenizer = load_tokenizer(path)

@@ -37,6 +37,38 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-defaults", action="store_true", help="print the full default config as YAML and exit")
 
 
+def _gpus_ok(args) -> bool:
+    """Whether `--gpus N` can run here; says why not (without this check N CPU processes would start silently).
+    With model.device: cpu the N processes are asked for (gloo, e.g. to test multi-process training): said, allowed."""
+    import torch
+
+    from .train.config import ConfigError, TrainConfig
+
+    n = args.gpus
+    if n < 1:
+        print(f"fasttune train: --gpus {n}: give the number of GPUs to train on (1 or more), or leave --gpus out",
+              file=sys.stderr)
+        return False
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible >= n:
+        return True
+    try:
+        device = TrainConfig.from_yaml(args.config, overrides=args.overrides).model.device
+    except ConfigError:
+        return True  # the run reports the config error itself
+    if device == "cpu":
+        print(f"fasttune train: --gpus {n} with model.device: cpu: {n} CPU processes (gloo)", file=sys.stderr)
+        return True
+    if visible == 0:
+        print(f"fasttune train: --gpus {n}, but torch sees no CUDA GPU here (a CPU-only torch build, or "
+              "CUDA_VISIBLE_DEVICES hides them): leave --gpus out to train on the CPU, or set model.device: cpu to "
+              f"run {n} CPU processes", file=sys.stderr)
+    else:
+        print(f"fasttune train: --gpus {n}, but only {visible} CUDA GPU(s) are visible: pass --gpus {visible} or "
+              "fewer", file=sys.stderr)
+    return False
+
+
 def _run_train(args) -> int:
     from .train.config import ConfigError, TrainConfig
 
@@ -45,6 +77,8 @@ def _run_train(args) -> int:
         return 0
     if not args.config:
         print("fasttune train: a CONFIG file is required (see configs/ or --print-defaults)", file=sys.stderr)
+        return 2
+    if args.gpus is not None and "WORLD_SIZE" not in os.environ and not _gpus_ok(args):
         return 2
     if args.gpus and args.gpus > 1 and "WORLD_SIZE" not in os.environ:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
@@ -104,10 +138,15 @@ def _run_train(args) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model folder, or 'tiny' (default: the adapter's base model, "
                                                  "else tiny)")
-    p.add_argument("--adapter", default=None, help="a run's adapter/ folder (written by fasttune train / demo)")
+    p.add_argument("--adapter", default=None,
+                   help="trained weights: a run's adapter/ folder, one of its checkpoints/step-N folders, or a PEFT "
+                        "adapter folder (e.g. from `fasttune export --format adapter`)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: the checkpoint's; float32 on CPU)")
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a base model stored only as pytorch_model*.bin (pickle files can run code: trusted "
+                        "files only)")
     p.add_argument("--chat-template", default=None,
                    help="registered template name (chatml, llama-3, mistral, gemma, phi-3, alpaca, vicuna, zephyr) "
                         "or Jinja source; default: the tokenizer's own (ChatML if it has none)")
@@ -118,17 +157,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is the whole story (what was wrong, what to do): printed as one line, no traceback."""
+    from .export.adapter import AdapterError
+    from .models.checkpoint import CheckpointError
+
+    return AdapterError, CheckpointError
+
+
 def _load_for_inference(args):
     import torch
 
     from . import load
-    from .train.trainer import load_trained, resolve_model_path
+    from .train.trainer import base_model_dir, load_trained
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("float32" if device == "cpu" else None)
+    allow_pickle = getattr(args, "allow_pickle", False)
     if args.adapter:
-        return load_trained(args.adapter, base=args.model, device=device, dtype=dtype)
-    model, tokenizer = load(resolve_model_path(args.model or "tiny"), dtype=dtype, device=device)
+        return load_trained(args.adapter, base=args.model, device=device, dtype=args.dtype, allow_pickle=allow_pickle)
+    folder = base_model_dir(args.model or "tiny", "given with --model" if args.model else "the default",
+                            allow_pickle)
+    model, tokenizer = load(folder, dtype=args.dtype, device=device, allow_pickle=allow_pickle)
     return model.eval(), tokenizer
 
 
@@ -152,23 +201,15 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
 
 
 def _run_chat(args) -> int:
-    model, tokenizer = _load_for_inference(args)
-    session = _session(args, model, tokenizer, system=args.system)
-    print("fasttune chat — type a message; /reset clears the conversation, /exit (or Ctrl-D) quits.")
-    while True:
-        try:
-            text = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            session.messages = session.messages[:1] if session.system else []
-            continue
-        print("assistant>", session.reply(text), flush=True)
+    from .train.chat import chat_loop
+
+    try:
+        model, tokenizer = _load_for_inference(args)
+    except _user_errors() as e:
+        print(f"fasttune chat: {e}", file=sys.stderr)
+        return 2
+    chat_loop(_session(args, model, tokenizer, system=args.system))
+    return 0
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
@@ -181,7 +222,11 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_generate(args) -> int:
-    model, tokenizer = _load_for_inference(args)
+    try:
+        model, tokenizer = _load_for_inference(args)
+    except _user_errors() as e:
+        print(f"fasttune generate: {e}", file=sys.stderr)
+        return 2
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     session = _session(args, model, tokenizer, system=args.system)
     for prompt in prompts:

@@ -3,7 +3,12 @@
     adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  (r, in_features)
                                 base_model.model.<module path>.lora_B.weight  (out_features, r)
                                 base_model.model.<module path>.weight          (modules_to_save: embed_tokens, lm_head)
-    adapter_config.json         peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, target_modules, use_rslora, ...
+    adapter_config.json         peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, target_modules, use_rslora,
+                                rank_pattern / alpha_pattern (modules whose r / alpha differ), ...
+
+Trained embeddings / LM head go out as modules_to_save. A reward model (fasttune's `model.score`, a linear head on
+the last token's final hidden state) goes out as PEFT's SEQ_CLS adapter with `score` in modules_to_save, which
+PEFT loads over transformers' <Family>ForSequenceClassification.
 
 A LoRA on the output layer is PEFT's `lm_head` target (`base_model.model.lm_head.lora_A.weight`, "lm_head" in
 target_modules). PEFT then also saves the base output weight (`lm_head.base_layer.weight`, its
@@ -17,7 +22,9 @@ Phi-3 checkpoints (and so transformers' and PEFT's Phi-3 modules) fuse q/k/v int
     A_fused = [A_q; A_k; A_v]  (3r x in),   B_fused = blockdiag(B_q, B_k, B_v)  (out x 3r)
 so B_fused A_fused = [B_q A_q; B_k A_k; B_v A_v] exactly. Its rank is 3r, so `rank_pattern` / `alpha_pattern`
 give the fused module r' = 3r and an alpha' with alpha'/r' = alpha/r (alpha' / sqrt(r') for rsLoRA). A part without
-a LoRA gets zero blocks. Loading goes the other way: each part gets the full A and its rows of B (rank r').
+a LoRA gets zero blocks. Loading goes the other way: each part gets the full A and its rows of B (rank r', alpha'),
+so one model may hold LoRAs of several ranks (qkv parts at 3r, gate/up at 2r, o/down at r); parts that share one A
+are saved back as that one A with their B rows stacked (rank r' again, not 3r').
 """
 from __future__ import annotations
 
@@ -31,6 +38,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .merged import attach_score, score_head
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -55,97 +64,140 @@ def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if is_lora(m)}
 
 
-def _lora_settings(model: nn.Module) -> dict:
+def _expected_scaling(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+def trained_full_weights(model: nn.Module) -> tuple[bool, bool]:
+    """(embeddings trained, LM head trained) in full: what `add_lora(train_embeddings=, train_lm_head=)` or an
+    adapter's modules_to_save recorded, or what a trainer unfroze (it sets requires_grad, not the LoRA config)."""
+    cfg = getattr(model, "lora_config", None)
+    embed = bool(getattr(cfg, "train_embeddings", False)) or model.model.embed_tokens.weight.requires_grad
+    head = model.lm_head  # a LoRA'd head (LoraLMHead.weight is its frozen base) is an adapter, not this
+    lm_head = bool(getattr(cfg, "train_lm_head", False)) or (isinstance(getattr(head, "weight", None), nn.Parameter)
+                                                             and head.weight.requires_grad and not is_lora(head))
+    return embed, lm_head
+
+
+def _fused_unit(owner: nn.Module, parts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, int, float, bool]:
+    """(A, B, r, alpha, rslora) of one fused Phi-3 module from fasttune's separate parts (see the module docstring).
+    Parts that share one A (an adapter loaded from a fused module) stack their B rows: the rank stays r. Otherwise
+    A is stacked and B block-diagonal (rank = sum of the parts' ranks, a part without LoRA adds zero blocks)."""
+    mods = [getattr(owner, p) for p in parts]
+    loras = [m for m in mods if is_lora(m)]
+    first = loras[0]
+    settings = {(float(m.scaling), bool(m.use_rslora)) for m in loras}
+    if len(settings) != 1:
+        raise AdapterError(f"the parts of a fused Phi-3 module ({', '.join(parts)}) have different LoRA scalings "
+                           f"{sorted(settings)}; PEFT's fused module has one")
+    scaling, rslora = settings.pop()
+    if len(loras) == len(mods) and all(m.lora_A.shape == first.lora_A.shape and torch.equal(m.lora_A, first.lora_A)
+                                       for m in loras[1:]):
+        return (first.lora_A.detach().float(), torch.cat([m.lora_B.detach().float() for m in mods], 0),
+                int(first.r), float(first.alpha), rslora)
+    a_blocks, b_blocks = [], []
+    for m in mods:
+        if is_lora(m):
+            a_blocks.append(m.lora_A.detach().float())
+            b_blocks.append(m.lora_B.detach().float())
+        else:  # a part without LoRA contributes nothing
+            out_f, in_f = _linear_shape(m)
+            a_blocks.append(torch.zeros(first.r, in_f))
+            b_blocks.append(torch.zeros(out_f, first.r))
+    r = sum(a.shape[0] for a in a_blocks)
+    alpha = scaling * (math.sqrt(r) if rslora else r)  # the fused module keeps the parts' scaling
+    return torch.cat(a_blocks, 0), torch.block_diag(*b_blocks), r, alpha, rslora
+
+
+def _lora_units(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, int, float, bool]]:
+    """Module path (as PEFT names it: Phi-3's fused modules for the fused checkpoint) -> (A, B, r, alpha, rslora)."""
     mods = lora_modules(model)
     if not mods:
         raise AdapterError("the model has no LoRA modules: call fasttune.add_lora(model, ...) or load an adapter first")
-    cfg = getattr(model, "lora_config", None)
-    first = next(iter(mods.values()))
-    r = int(getattr(cfg, "r", first.r))
-    alpha = float(getattr(cfg, "alpha", first.alpha))
-    rslora = bool(getattr(cfg, "use_rslora", first.use_rslora))
     for name, m in mods.items():
-        if int(m.r) != r or float(m.alpha) != alpha or bool(m.use_rslora) != rslora:
-            raise AdapterError(f"{name} has r={m.r}, alpha={m.alpha}, rslora={m.use_rslora}; the adapter config says "
-                               f"r={r}, alpha={alpha}, rslora={rslora}. PEFT's format needs one setting for all modules.")
-        expected = alpha / (math.sqrt(r) if rslora else r)
+        expected = _expected_scaling(int(m.r), float(m.alpha), bool(m.use_rslora))
         if not math.isclose(float(m.scaling), expected, rel_tol=1e-6):
-            raise AdapterError(f"{name}.scaling = {m.scaling} but PEFT would use {expected} for r={r}, alpha={alpha}")
-    targets = sorted({n.rpartition(".")[2] for n in mods})
-    return {"r": r, "alpha": alpha, "use_rslora": rslora, "targets": targets,
-            "dropout": float(getattr(cfg, "dropout", 0.0) or 0.0),
-            "train_embeddings": bool(getattr(cfg, "train_embeddings", False)),
-            "train_lm_head": bool(getattr(cfg, "train_lm_head", False))}
+            raise AdapterError(f"{name}.scaling = {m.scaling} but PEFT would use {expected} for r={m.r}, "
+                               f"alpha={m.alpha}")
+    units = {}
+    fused = model.spec.fused_checkpoint
+    for name, m in mods.items():
+        parent, _, leaf = name.rpartition(".")
+        if fused and leaf in PART_TO_FUSED:
+            key = parent + "." + PART_TO_FUSED[leaf]
+            if key not in units:
+                units[key] = _fused_unit(model.get_submodule(parent), FUSED_PARTS[PART_TO_FUSED[leaf]])
+        else:
+            units[name] = (m.lora_A.detach(), m.lora_B.detach(), int(m.r), float(m.alpha), bool(m.use_rslora))
+    return units
 
 
-def _alpha_for_rank(alpha: float, r: int, new_r: int, rslora: bool) -> float:
-    """alpha' with the same scaling at rank new_r."""
-    return alpha * (math.sqrt(new_r / r) if rslora else new_r / r)
+def _patterns(units: dict, r: int, alpha: float) -> tuple[dict, dict]:
+    """PEFT rank_pattern / alpha_pattern for the units whose (r, alpha) differ from the config's: keyed by the leaf
+    name when every module of that name agrees (PEFT matches keys as a suffix of the module path), else by path."""
+    by_leaf: dict[str, set] = {}
+    for name, (_, _, ur, ua, _) in units.items():
+        by_leaf.setdefault(name.rpartition(".")[2], set()).add((ur, ua))
+    rank_pattern, alpha_pattern = {}, {}
+    for name, (_, _, ur, ua, _) in units.items():
+        leaf = name.rpartition(".")[2]
+        key = leaf if len(by_leaf[leaf]) == 1 else re.escape(name)
+        if ur != r:
+            rank_pattern[key] = ur
+        if ua != alpha:
+            alpha_pattern[key] = ua
+    return rank_pattern, alpha_pattern
 
 
 def adapter_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """PEFT tensors (keys as PEFT saves them) and the adapter_config.json dict, without writing anything."""
-    s = _lora_settings(model)
-    mods = lora_modules(model)
-    spec = model.spec
+    """PEFT tensors (keys as PEFT saves them) and the adapter_config.json dict, without writing anything.
+
+    Trained embeddings / LM head go out as `modules_to_save`; a sequence-classification head (`model.score`, a
+    reward model) makes it a SEQ_CLS adapter with `score` in modules_to_save, as PEFT saves one."""
+    units = _lora_units(model)
+    rslora = {u[4] for u in units.values()}
+    if len(rslora) != 1:
+        raise AdapterError("some LoRA modules use rsLoRA and others do not; PEFT's format has one use_rslora")
+    cfg = getattr(model, "lora_config", None)
+    counts: dict[tuple[int, float], int] = {}
+    for _, _, ur, ua, _ in units.values():
+        counts[(ur, ua)] = counts.get((ur, ua), 0) + 1
+    configured = (int(cfg.r), float(cfg.alpha)) if cfg is not None else None
+    r, alpha = configured if configured in counts else max(counts, key=counts.get)
+    rank_pattern, alpha_pattern = _patterns(units, r, alpha)
+    store_dtype = mods_dtype(lora_modules(model))
     tensors: dict[str, torch.Tensor] = {}
-    config_extra: dict = {"rank_pattern": {}, "alpha_pattern": {}}
 
     def put(key: str, t: torch.Tensor) -> None:
         t = t.detach()
         tensors[PEFT_PREFIX + key] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
 
-    targets = list(s["targets"])
-    if spec.fused_checkpoint:
-        for fused, parts in FUSED_PARTS.items():
-            if not any(p in targets for p in parts):
-                continue
-            k = len(parts)
-            new_r = k * s["r"]
-            config_extra["rank_pattern"][fused] = new_r
-            config_extra["alpha_pattern"][fused] = _alpha_for_rank(s["alpha"], s["r"], new_r, s["use_rslora"])
-            for layer_idx, layer in enumerate(model.model.layers):
-                owner = layer.self_attn if fused == "qkv_proj" else layer.mlp
-                prefix = f"model.layers.{layer_idx}.{'self_attn' if fused == 'qkv_proj' else 'mlp'}."
-                a_blocks, b_blocks = [], []
-                for p in parts:
-                    m = getattr(owner, p)
-                    out_f, in_f = _linear_shape(m)
-                    if is_lora(m):
-                        a_blocks.append(m.lora_A.detach().float())
-                        b_blocks.append(m.lora_B.detach().float())
-                    else:  # a part without LoRA contributes nothing
-                        a_blocks.append(torch.zeros(s["r"], in_f))
-                        b_blocks.append(torch.zeros(out_f, s["r"]))
-                put(prefix + fused + ".lora_A.weight", torch.cat(a_blocks, 0).to(mods_dtype(mods)))
-                put(prefix + fused + ".lora_B.weight", torch.block_diag(*b_blocks).to(mods_dtype(mods)))
-        targets = sorted({PART_TO_FUSED.get(t, t) for t in targets})
-        for name, m in mods.items():
-            if name.rpartition(".")[2] not in PART_TO_FUSED:
-                put(name + ".lora_A.weight", m.lora_A)
-                put(name + ".lora_B.weight", m.lora_B)
-    else:
-        for name, m in mods.items():
-            put(name + ".lora_A.weight", m.lora_A)
-            put(name + ".lora_B.weight", m.lora_B)
+    for name, (a, b, *_rest) in units.items():
+        put(name + ".lora_A.weight", a.to(store_dtype))
+        put(name + ".lora_B.weight", b.to(store_dtype))
 
     modules_to_save = []
-    if s["train_embeddings"]:
+    embed, lm_head = trained_full_weights(model)
+    if embed:
         modules_to_save.append("embed_tokens")
         put("model.embed_tokens.weight", model.model.embed_tokens.weight)
-    if s["train_lm_head"] and not spec.tie_word_embeddings:
+    if lm_head and not model.spec.tie_word_embeddings:
         modules_to_save.append("lm_head")
         put("lm_head.weight", model.lm_head.weight)
+    score = score_head(model)
+    if score is not None:
+        modules_to_save.append("score")
+        put("score.weight", score.weight)
 
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if score is not None else "CAUSAL_LM",
         "base_model_name_or_path": None,
-        "r": s["r"],
-        "lora_alpha": s["alpha"],
-        "lora_dropout": s["dropout"],
-        "target_modules": targets,
-        "use_rslora": s["use_rslora"],
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": float(getattr(cfg, "dropout", 0.0) or 0.0),
+        "target_modules": sorted({n.rpartition(".")[2] for n in units}),
+        "use_rslora": rslora.pop(),
         "use_dora": False,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -155,7 +207,8 @@ def adapter_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> tu
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
-        **config_extra,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
     }
     return tensors, config
 
@@ -205,7 +258,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
 
 
 def _target_leaf_names(cfg: dict, model: nn.Module) -> list[str]:
-    """PEFT's target_modules (list of names, 'all-linear' or a regex over module paths) as fasttune leaf names."""
+    """PEFT's target_modules (names, full module paths, 'all-linear' or a regex over module paths) as fasttune
+    leaf names."""
     tm = cfg.get("target_modules")
     if tm == "all-linear" or tm is None:
         leaves = set(ALL_LINEAR)
@@ -217,8 +271,8 @@ def _target_leaf_names(cfg: dict, model: nn.Module) -> list[str]:
                          .replace("mlp.gate_proj", "mlp.gate_up_proj")):
                 if pattern.fullmatch(cand):
                     leaves.add(n.rpartition(".")[2])
-    else:
-        leaves = set(tm)
+    else:  # PEFT's "all-linear" is saved resolved, as full paths (model.layers.0.mlp.down_proj): the leaf counts
+        leaves = {t.rpartition(".")[2] for t in tm}
     expanded = set()
     for leaf in leaves:
         expanded.update(FUSED_PARTS.get(leaf, (leaf,)))
@@ -231,69 +285,63 @@ def _target_leaf_names(cfg: dict, model: nn.Module) -> list[str]:
 
 
 def _pattern_value(pattern: dict, key: str, default):
-    for k, v in pattern.items():  # PEFT matches pattern keys as a suffix / regex of the module path
-        if key == k or key.endswith("." + k) or re.fullmatch(k, key) or re.search(rf"(^|\.){k}$", key):
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern key that matches the end of the module
+    path, at a dot boundary, as a regex."""
+    for k, v in pattern.items():
+        if re.match(rf"(.*\.)?({k})$", key):
             return v
     return default
+
+
+def _module_settings(cfg: dict, path: Path, module: str, rank: int) -> tuple[int, float]:
+    """(r, alpha) of one adapter module (`module` as the checkpoint names it, Phi-3's fused modules included)."""
+    r = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"]))
+    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"]))
+    if rank != r:
+        raise AdapterError(f"{path}: {module} has rank {rank} but the adapter config says r={r}")
+    return r, alpha
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = False) -> nn.Module:
     """Put a PEFT LoRA adapter (made by PEFT, Unsloth, fasttune, ...) into a fasttune model.
 
-    Adds LoRA modules with the adapter's r / alpha / targets when the model has none, then copies the tensors;
-    modules_to_save (embed_tokens, lm_head) replace the model's weights. With `trainable=False` the adapter is
-    frozen (inference / export)."""
+    Adds LoRA modules with the adapter's r / alpha / targets when the model has none (a module with its own
+    rank_pattern / alpha_pattern entry gets its own rank, e.g. Phi-3's fused qkv_proj at 3r), then copies the
+    tensors; modules_to_save (embed_tokens, lm_head) replace the model's weights, and a SEQ_CLS adapter's `score`
+    becomes `model.score`. With `trainable=False` the adapter is frozen (inference / export)."""
     path = Path(path)
     cfg = read_adapter_config(path)
     weights = path / ADAPTER_WEIGHTS
     if not weights.exists():
         raise AdapterError(f"no {ADAPTER_WEIGHTS} in {path} (pickled adapter_model.bin files are not read)")
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     rslora = bool(cfg.get("use_rslora", False))
-    rank_pattern, alpha_pattern = dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {})
     spec = model.spec
-    fused_ranks = set()
-    if spec.fused_checkpoint:  # fasttune's own Phi-3 export: fused modules at k*r with matching alpha
-        for fused, parts in FUSED_PARTS.items():
-            fr = rank_pattern.pop(fused, None)
-            fa = alpha_pattern.pop(fused, None)
-            if fr is not None:
-                fused_ranks.add((int(fr), float(fa if fa is not None else alpha)))
-    if rank_pattern or alpha_pattern:
-        raise AdapterError(f"{path}: per-module rank_pattern/alpha_pattern {rank_pattern or alpha_pattern} is not "
-                           "supported; fasttune uses one r and alpha for every LoRA module")
 
     with safe_open(str(weights), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
     state = {re.sub(r"\.lora_([AB])\.default\.weight$", r".lora_\1.weight", k): v for k, v in state.items()}
 
-    # fused Phi-3 modules -> per-part LoRA at the fused rank (all parts must then share it)
+    # fused Phi-3 modules -> per-part LoRA at the fused module's rank and alpha (its A, its rows of B)
     lora_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    settings: dict[str, tuple[int, float]] = {}
     for key in [k for k in state if k.endswith(".lora_A.weight")]:
         mod = key[: -len(".lora_A.weight")]
         b_key = mod + ".lora_B.weight"
         if b_key not in state:
             raise AdapterError(f"{path}: {key} has no matching lora_B")
         a, b = state.pop(key), state.pop(b_key)
-        leaf = mod.rpartition(".")[2]
-        if leaf in FUSED_PARTS:
-            parent = mod.rpartition(".")[0]
-            sizes = _fused_split_sizes(spec, leaf)
-            for part, b_rows in zip(FUSED_PARTS[leaf], b.split(sizes, dim=0)):
+        setting = _module_settings(cfg, path, mod, a.shape[0])
+        parent, _, leaf = mod.rpartition(".")
+        if leaf in FUSED_PARTS and spec.fused_checkpoint:
+            for part, b_rows in zip(FUSED_PARTS[leaf], b.split(_fused_split_sizes(spec, leaf), dim=0)):
                 lora_pairs[parent + "." + part] = (a, b_rows)
+                settings[parent + "." + part] = setting
         else:
             lora_pairs[mod] = (a, b)
+            settings[mod] = setting
     if not lora_pairs:
         raise AdapterError(f"{path} holds no lora_A/lora_B tensors")
-    ranks = {a.shape[0] for a, _ in lora_pairs.values()}
-    if fused_ranks:
-        if len(fused_ranks) != 1 or any(rk != next(iter(fused_ranks))[0] for rk in ranks):
-            raise AdapterError(f"{path}: Phi-3 fused LoRA ranks {sorted(ranks)} differ between modules; "
-                               "fasttune needs one rank for all")
-        r, alpha = next(iter(fused_ranks))
-    elif spec.fused_checkpoint and ranks != {r}:
-        raise AdapterError(f"{path}: tensors have ranks {sorted(ranks)} but r={r}")
 
     # base weights of targeted modules (PEFT saves lm_head.base_layer.weight when lm_head is a target)
     base_weights = {k: state.pop(k) for k in [k for k in state if k.endswith(".base_layer.weight")]}
@@ -308,15 +356,31 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         targets = _target_leaf_names(cfg, model)
         present = {m.rpartition(".")[2] for m in lora_pairs}
         targets = [t for t in targets if t in present] or targets
-        add_lora(model, r=r, alpha=alpha, target_modules=targets, use_rslora=rslora,
-                 dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
+        counts: dict[tuple[int, float], int] = {}
+        for s in settings.values():
+            counts[s] = counts.get(s, 0) + 1
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])  # the adapter's own setting, else the commonest;
+        if (r, alpha) not in counts:  # modules with another one are re-made below
+            r, alpha = max(counts, key=counts.get)
+        dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
+        add_lora(model, r=r, alpha=alpha, target_modules=targets, use_rslora=rslora, dropout=dropout,
                  train_embeddings="model.embed_tokens.weight" in modules_to_save,
                  train_lm_head="lm_head.weight" in modules_to_save)
+        for name, (mr, ma) in settings.items():
+            m = lora_modules(model).get(name)
+            if m is not None and (mr, ma) != (r, alpha):
+                parent, _, child = name.rpartition(".")
+                owner = model.get_submodule(parent) if parent else model
+                # A is overwritten below; a private generator leaves the global RNG alone
+                setattr(owner, child, type(m)(m.base, mr, ma, dropout, rslora, torch.Generator().manual_seed(0)))
     else:  # an adapter loaded over existing LoRA modules: remember what it carries, so a re-export keeps it
         lora_cfg = getattr(model, "lora_config", None)
         if lora_cfg is not None:
             lora_cfg.train_embeddings |= "model.embed_tokens.weight" in modules_to_save
             lora_cfg.train_lm_head |= "lm_head.weight" in modules_to_save
+    if "score.weight" in modules_to_save:  # a SEQ_CLS adapter (a reward model): its head
+        attach_score(model, modules_to_save.pop("score.weight"))
+        model.score.weight.requires_grad_(trainable)
     mods = lora_modules(model)
     missing = sorted(set(mods) - set(lora_pairs))
     extra = sorted(set(lora_pairs) - set(mods))
@@ -347,8 +411,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
                 raise AdapterError(f"{key}: adapter shape {tuple(t.shape)} != model shape {tuple(param.shape)}")
             param.copy_(t)
         for key, t in modules_to_save.items():
-            owner = model.get_submodule(key.rpartition(".")[0])
-            param = owner.weight
+            try:
+                param = model.get_submodule(key.rpartition(".")[0]).weight
+            except AttributeError:
+                raise AdapterError(f"{path}: modules_to_save tensor {key} names no module of this model") from None
             if tuple(param.shape) != tuple(t.shape):
                 raise AdapterError(f"{key}: adapter shape {tuple(t.shape)} != model shape {tuple(param.shape)}")
             param.copy_(t)

@@ -1,8 +1,12 @@
 """`fasttune export --format adapter|merged|gguf [--adapter DIR] MODEL_DIR OUT_DIR`
 
-MODEL_DIR is a Hugging Face model folder, or an adapter folder (adapter_config.json) whose
-base_model_name_or_path names the base. The result is written to a temporary folder beside OUT_DIR and renamed
-at the end, so an interrupted export never leaves a half-written folder that looks whole."""
+MODEL_DIR is a Hugging Face model folder, or a folder of trained weights whose record names the base: a run's
+adapter/ folder, one of its checkpoints/step-N folders, or a PEFT adapter folder (the same kinds --adapter takes).
+Everything the run trained is exported: LoRA adapters, trained embeddings / LM head (PEFT: modules_to_save), a full
+fine-tune's weights, and a reward model's head (merged: a <Family>ForSequenceClassification checkpoint; adapter:
+PEFT's SEQ_CLS; GGUF is refused, it runs text generators). The result is written to a temporary folder beside
+OUT_DIR and renamed at the end, so an interrupted export never leaves a half-written folder that looks whole;
+OUT_DIR may not be, contain or lie inside an input folder (not even with --force)."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="base model folder (or an adapter folder)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must be empty or absent unless --force)")
     parser.add_argument("--format", required=True, choices=("adapter", "merged", "gguf"))
-    parser.add_argument("--adapter", metavar="DIR", help="PEFT/fasttune LoRA adapter folder to apply")
+    parser.add_argument("--adapter", metavar="DIR", help="trained weights to apply: a run's adapter/ folder, one of "
+                                                        "its checkpoints/step-N folders, or a PEFT adapter folder")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32", "bf16", "fp16",
                                                                  "fp32"), help="merged: weight dtype")
     parser.add_argument("--quant", default="q8_0", choices=QUANT_NAMES, help="gguf: tensor type")
@@ -29,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="merged: largest safetensors shard")
     parser.add_argument("--load-in-4bit", action="store_true", help="load the base in NF4 (the export then holds "
                                                                      "the dequantised 4-bit base)")
+    parser.add_argument("--allow-pickle", action="store_true", help="load a base stored only as pytorch_model*.bin "
+                                                                     "(pickle files can run code: trusted files only)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
 
@@ -40,15 +47,38 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _resolve(args) -> tuple[Path, Path | None]:
+def _inputs(args) -> tuple[Path, Path | None, dict | None]:
+    """(base model folder, trained-weights folder or None, its record or None), checked; raises AdapterError or
+    CheckpointError saying what to pass instead."""
+    from ..train.trainer import adapter_meta, base_model_dir
+    from .adapter import AdapterError
+
     model_dir, adapter = Path(args.model_dir), Path(args.adapter) if args.adapter else None
-    if (model_dir / "adapter_config.json").exists() and not (model_dir / "config.json").exists():
-        base = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base or not Path(base).exists():
-            raise SystemExit(f"{model_dir} is an adapter whose base_model_name_or_path ({base!r}) is not a local "
-                             "folder: pass the base folder as MODEL_DIR and the adapter with --adapter")
-        model_dir, adapter = Path(base), model_dir
-    return model_dir, adapter
+    base: str | None = str(model_dir)
+    if adapter is None and model_dir.is_dir() and not (model_dir / "config.json").is_file():
+        base, adapter = None, model_dir  # trained weights as MODEL_DIR: their record names the base
+    meta = adapter_meta(adapter) if adapter is not None else None
+    if base is None and not meta["base_model"]:
+        raise AdapterError(f"{adapter} does not name its base model: pass the base folder as MODEL_DIR and the "
+                           "trained weights with --adapter")
+    recorded = f"recorded in {adapter}" if base is None else "MODEL_DIR"
+    folder = base_model_dir(base or meta["base_model"], recorded, args.allow_pickle)
+    return folder, adapter, meta
+
+
+def _overlap(out: Path, inputs: list[Path]) -> str | None:
+    """Why OUT_DIR cannot be written (it is, holds or lies inside an input folder: writing it, or replacing it with
+    --force, would destroy the input), or None."""
+    o = out.resolve()
+    for folder in inputs:
+        i = folder.resolve()
+        if o == i:
+            return f"OUT_DIR {out} is the input folder {folder}"
+        if i in o.parents:
+            return f"OUT_DIR {out} is inside the input folder {folder}"
+        if o in i.parents:
+            return f"OUT_DIR {out} holds the input folder {folder} (replacing it would delete the input)"
+    return None
 
 
 def run(args) -> int:
@@ -56,18 +86,14 @@ def run(args) -> int:
 
     import fasttune
     from ..data.chat_templates import TEMPLATES
-    from .adapter import load_adapter, save_adapter
-    from .merged import export_merged, iter_merged_tensors
+    from ..models import ArchSpec
+    from ..models.checkpoint import CheckpointError, resolve_dtype
+    from ..train.trainer import load_trained
+    from .adapter import AdapterError, save_adapter
+    from .merged import export_merged, iter_merged_tensors, score_head
     from .modelfile import ModelfileError, make_modelfile
 
     out = Path(args.out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)
-        return 2
-    if args.chat_template is not None and args.chat_template not in TEMPLATES:
-        print(f"error: unknown --chat-template {args.chat_template!r}; choose one of {', '.join(sorted(TEMPLATES))}",
-              file=sys.stderr)
-        return 2
     if args.format == "gguf":
         try:
             from .gguf_writer import export_gguf, gguf_tensor_plan
@@ -75,15 +101,49 @@ def run(args) -> int:
             print(f"error: --format gguf needs the `gguf` package ({e}); install it with `pip install gguf` "
                   "(or `pip install fasttune[export]`)", file=sys.stderr)
             return 2
-    model_dir, adapter = _resolve(args)
+    if args.chat_template is not None and args.chat_template not in TEMPLATES:
+        print(f"error: unknown --chat-template {args.chat_template!r}; choose one of {', '.join(sorted(TEMPLATES))}",
+              file=sys.stderr)
+        return 2
+    try:
+        model_dir, adapter, meta = _inputs(args)
+    except (AdapterError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    overlap = _overlap(out, [model_dir] + ([adapter] if adapter is not None else []))
+    if overlap:
+        print(f"error: {overlap}; choose an OUT_DIR outside the inputs (--force does not change this)",
+              file=sys.stderr)
+        return 2
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)
+        return 2
     if args.format == "adapter" and adapter is None:
         print("error: --format adapter needs an adapter (--adapter DIR or an adapter folder as MODEL_DIR)",
               file=sys.stderr)
         return 2
+    if args.format == "adapter" and meta["lora"] is not None and not meta["lora"]["enabled"]:
+        print(f"error: {adapter} holds a full fine-tune (lora.enabled: false, every weight trained): there is no "
+              "adapter to export; use --format merged or --format gguf", file=sys.stderr)
+        return 2
+    reward = meta is not None and meta["objective"] == "reward"
+    if args.format == "gguf" and reward:
+        print(f"error: {adapter} is a reward model (a score head, not a language-model head), and GGUF / Ollama run "
+              "text generators: export it with --format merged (a sequence-classification checkpoint transformers "
+              "loads) or --format adapter (PEFT SEQ_CLS)", file=sys.stderr)
+        return 2
     # the checkpoint's own dtype: exact, and half the memory of float32; merging upcasts one tensor at a time
-    model, tokenizer = fasttune.load(model_dir, device="cpu", load_in_4bit=args.load_in_4bit)
-    if adapter is not None:
-        load_adapter(model, adapter)
+    dtype = resolve_dtype(None, ArchSpec.from_pretrained(model_dir))
+    try:
+        if adapter is not None:
+            model, tokenizer = load_trained(adapter, base=str(model_dir), device="cpu", dtype=dtype,
+                                            load_in_4bit=args.load_in_4bit, allow_pickle=args.allow_pickle)
+        else:
+            model, tokenizer = fasttune.load(model_dir, device="cpu", dtype=dtype, load_in_4bit=args.load_in_4bit,
+                                             allow_pickle=args.allow_pickle)
+    except (AdapterError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -110,6 +170,8 @@ def run(args) -> int:
                     from_path = f"./{gguf_name}"
             eos = tokenizer.eos_token or "</s>"
             try:
+                if score_head(model) is not None:  # a reward model scores text; Ollama generates it
+                    raise ModelfileError("a reward model (sequence classification) does not generate text")
                 text = make_modelfile(from_path, args.chat_template, eos_token=eos, system=args.system,
                                       jinja_source=getattr(tokenizer, "chat_template", None) or None)
                 (tmp / "Modelfile").write_text(text)

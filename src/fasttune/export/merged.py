@@ -4,6 +4,12 @@ rounded to the output dtype (one rounding, not one per operand).
 An NF4 (4-bit) base is dequantised first, so the result is *the dequantised 4-bit base plus the adapter*, not the
 original 16-bit model plus the adapter; `export_merged` says so in its notes. To merge into the original weights,
 load the base in 16 bits and the adapter with `load_adapter`, then export.
+
+A reward model carries `model.score` (`attach_score`: a bias-free linear, hidden -> 1, on the final hidden state of
+each sequence's last token, as fasttune's reward objective trains it). It is exported as transformers'
+<Family>ForSequenceClassification (num_labels 1, `score.weight`, no LM head), which scores the last token that is
+not the pad token: the same token as fasttune's attention-mask rule whenever a sequence does not end in the pad
+token.
 """
 from __future__ import annotations
 
@@ -27,6 +33,41 @@ DEQUANTISED_NOTE = ("the base model was 4-bit (NF4): the merged weights are the 
 class ExportResult:
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    perplexity: tuple[float, float] | None = None  # GGUF: (before, after) quantisation on the bundled corpus
+
+
+def score_head(model: nn.Module) -> nn.Linear | None:
+    """The sequence-classification (reward) head a model carries, if any."""
+    head = getattr(model, "score", None)
+    return head if isinstance(head, nn.Linear) else None
+
+
+def attach_score(model: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """Give a CausalLM a reward head `model.score` (hidden -> 1, no bias) holding `weight`; returns the head."""
+    hidden = model.spec.hidden_size
+    if tuple(weight.shape) != (1, hidden):
+        raise ValueError(f"a reward head's weight has shape (1, {hidden}) for this model, got {tuple(weight.shape)}")
+    device = model.model.embed_tokens.weight.device
+    model.score = nn.Linear(hidden, 1, bias=False, device=device, dtype=torch.float32)
+    with torch.no_grad():
+        model.score.weight.copy_(weight)
+    model.score.weight.requires_grad_(False)
+    return model.score
+
+
+def sequence_classification_config(config: dict, pad_token_id: int | None) -> dict:
+    """config.json of a causal LM, turned into the <Family>ForSequenceClassification one a reward model needs."""
+    cfg = dict(config)
+    arch = (cfg.get("architectures") or ["ForCausalLM"])[0]
+    if not arch.endswith("ForCausalLM"):
+        raise ValueError(f"cannot name the sequence-classification class of architecture {arch!r}")
+    cfg["architectures"] = [arch[: -len("ForCausalLM")] + "ForSequenceClassification"]
+    cfg["num_labels"] = 1
+    cfg["id2label"], cfg["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    cfg["problem_type"] = "regression"
+    if cfg.get("pad_token_id") is None and pad_token_id is not None:
+        cfg["pad_token_id"] = pad_token_id  # transformers needs it to find each row's last token in a batch
+    return cfg
 
 
 def has_nf4(model: nn.Module) -> bool:
@@ -45,12 +86,16 @@ def _dense_module_weight(m: nn.Module) -> torch.Tensor:
 def iter_merged_tensors(model: nn.Module) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]]:
     """(checkpoint name, thunk returning the float32 merged tensor, shape) for every tensor of the plain model,
     with Hugging Face names (`model.layers.0.self_attn.q_proj.weight`), in model order; nothing is computed until
-    a thunk is called, so a caller can hold one merged tensor at a time. lm_head is skipped when tied."""
+    a thunk is called, so a caller can hold one merged tensor at a time. lm_head is skipped when tied, and for a
+    reward model (`score_head`), whose checkpoint has `score.weight` instead."""
     spec = model.spec
+    reward = score_head(model) is not None
     owned = set()
     for name, m in model.named_modules():
         if isinstance(m, (LoraLinear, NF4Linear)):
             owned.add(name)
+            if reward and name == "lm_head":
+                continue
             out_f, in_f = m.out_features, m.in_features
             yield name + ".weight", (lambda m=m: _dense_module_weight(m)), (out_f, in_f)
             base = m.base if isinstance(m, LoraLinear) else m
@@ -61,7 +106,9 @@ def iter_merged_tensors(model: nn.Module) -> Iterator[tuple[str, Callable[[], to
         owner = pname.rpartition(".")[0]
         if any(owner == o or owner.startswith(o + ".") for o in owned):
             continue
-        if pname == "lm_head.weight" and spec.tie_word_embeddings:
+        if pname == "lm_head.weight" and (spec.tie_word_embeddings or reward):
+            continue
+        if reward and (owner == "lm_head" or owner.startswith("lm_head.")):
             continue
         if id(p) in seen and pname != "lm_head.weight":
             continue
@@ -82,7 +129,8 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32,
 
 def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: str | torch.dtype = "bfloat16",
                   max_shard_size: int | str = "5GB", progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Write a transformers-loadable folder (config.json, safetensors shards, tokenizer files) of the merged model."""
+    """Write a transformers-loadable folder (config.json, safetensors shards, tokenizer files) of the merged model:
+    a causal LM, or for a reward model (`score_head`) a sequence-classification model."""
     path = Path(path)
     torch_dtype = resolve_dtype(dtype, model.spec)
     result = ExportResult()
@@ -92,7 +140,14 @@ def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None, dty
     save_model(model, path, tokenizer=tokenizer, dtype=torch_dtype, max_shard_size=max_shard_size, state_dict=state)
     cfg_file = path / "config.json"
     cfg = json.loads(cfg_file.read_text())
-    if cfg.pop("quantization_config", None) is not None:  # the weights written are dense
+    changed = cfg.pop("quantization_config", None) is not None  # the weights written are dense
+    if score_head(model) is not None:
+        cfg = sequence_classification_config(cfg, getattr(tokenizer, "pad_token_id", None))
+        changed = True
+        result.notes.append(f"a reward model: written as {cfg['architectures'][0]} (AutoModelForSequenceClassification"
+                            f", one score per sequence); it scores the last token that is not pad_token_id "
+                            f"({cfg.get('pad_token_id')}), so score sequences that do not end in that token")
+    if changed:
         cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     result.files = sorted(p for p in path.iterdir() if p.is_file())
     return result

@@ -1,6 +1,8 @@
 """Chat and generation with a base model (+ a trained adapter), through the model's own chat template."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..data.tokenize import generation_prompt_ids
@@ -28,6 +30,10 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 
+    def reset(self) -> None:
+        """Forget the conversation; the system prompt stays."""
+        self.messages = self.messages[:1] if self.system else []
+
     def complete(self, messages: list[dict]) -> str:
         ids = generation_prompt_ids(messages, self.tokenizer, self.template)
         return self._generate(ids)
@@ -43,6 +49,40 @@ class ChatSession:
                 new = new[:i]
                 break
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+CHAT_HELP = ("commands: /reset clears the conversation (the system prompt stays), /exit or /quit (or Ctrl-D) quits, "
+             "/help shows this; start a message with // to send one that begins with /")
+
+
+def chat_loop(session: ChatSession, read: Callable[[str], str] | None = None,
+              write: Callable[[str], None] | None = None) -> None:
+    """`fasttune chat`: read a line, answer it. Lines starting with / are commands, answered here and never sent to
+    the model (an unknown one is named, with the list); `//text` sends `/text`. Ends at /exit, /quit or EOF."""
+    read = read or input  # looked up per call, not bound at import
+    write = write or (lambda text: print(text, flush=True))
+    write("fasttune chat: type a message; /help lists the commands, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            text = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            write("")
+            return
+        if not text:
+            continue
+        if text.startswith("/") and not text.startswith("//"):
+            command = text.split()[0]
+            if command in ("/exit", "/quit"):
+                return
+            if command == "/reset":
+                session.reset()
+                write("(conversation cleared)")
+            elif command == "/help":
+                write(CHAT_HELP)
+            else:
+                write(f"unknown command {command}; {CHAT_HELP}")
+            continue
+        write("assistant> " + session.reply(text[1:] if text.startswith("//") else text))
 
 
 def stop_token_ids(tokenizer, template) -> list[int]:

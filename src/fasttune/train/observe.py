@@ -10,6 +10,12 @@ from pathlib import Path
 import torch
 
 
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 def gpu_memory_gib() -> float | None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -184,24 +190,29 @@ def plain_loss_png(train: list[tuple[int, float]], evals: list[tuple[int, float]
 
 
 class Progress:
-    """tqdm bar over optimizer steps, or nothing when disabled (non-zero ranks, tests)."""
+    """tqdm bar over optimizer steps. With the bar off (train.progress: false, `demo --no-progress`) one plain line
+    per `every`-th step instead (logs, CI, pipes); non-zero ranks print nothing either way."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, every: int = 1):
         self.bar = None
+        self.total, self.step, self.every = total, initial, max(1, every)
+        self.plain = not enabled and _rank() == 0
         if enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
 
     def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
-        if self.bar is None:
-            return
+        self.step += 1
         post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
         mem = gpu_memory_gib()
         if mem is not None:
             post["mem"] = f"{mem:.1f}GiB"
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+        elif self.plain and (self.step % self.every == 0 or self.step == self.total):
+            print(f"step {self.step}/{self.total}  " + "  ".join(f"{k} {v}" for k, v in post.items()), flush=True)
 
     def write(self, text: str) -> None:
         if self.bar is not None:

@@ -184,8 +184,10 @@ class Trainer:
             from .. import load
 
             dtype = cfg.model.dtype
-            if dtype == "auto":
-                dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+            if dtype == "auto":  # one rule with fasttune.load and the CLI
+                from .. import auto_dtype
+
+                dtype = auto_dtype(self.device)
             path = resolve_model_path(cfg.model.path)
             from ..models.checkpoint import is_prequantized
 
@@ -629,7 +631,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         log = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=self.step if resume_path else None,
                          tensorboard=t.tensorboard, enabled=self.is_main)
-        progress = Progress(self.total_steps, self.step, enabled=self.is_main and t.progress)
+        progress = Progress(self.total_steps, self.step, enabled=self.is_main and t.progress, every=t.log_every)
         say = progress.write if self.is_main else (lambda _s: None)
         n_params = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
         n_train = "streamed" if self.data.streaming else len(self.data.train)
@@ -786,36 +788,99 @@ def _checkpoint_base(cfg: dict, checkpoint: Path) -> str:
 
 
 def adapter_meta(adapter_dir: str | os.PathLike) -> dict:
-    """What a run recorded in its adapter/ folder: base model, LoRA settings, chat template, system prompt, step."""
-    meta_file = Path(adapter_dir) / ADAPTER_CONFIG
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{adapter_dir} has no {ADAPTER_CONFIG}: point --adapter at a run's adapter/ folder")
-    return json.loads(meta_file.read_text())
+    """What a folder of trained weights records, whatever its kind, as one dict: `kind`, `weights` (file),
+    `base_model`, `lora` (the run's lora section; None for a PEFT adapter), `objective`, `chat_template`,
+    `system_prompt`, `step`. The kinds:
+        run         a run's adapter/: fasttune_adapter.json + trainable.safetensors (every trained tensor)
+        checkpoint  a run's checkpoints/step-N: trainer_state.json (the run's config) + trainable.safetensors
+        peft        adapter_config.json + adapter_model.safetensors: fasttune's `export --format adapter`, PEFT,
+                    Unsloth, ...
+    A folder holding both a run's and PEFT's files is read as the run's (it has everything the run trained).
+    Raises AdapterError naming what to pass instead."""
+    from ..export.adapter import ADAPTER_CONFIG as PEFT_CONFIG, ADAPTER_WEIGHTS as PEFT_WEIGHTS, AdapterError
+
+    folder = Path(adapter_dir)
+    kinds = "a run's adapter/ folder, a run's checkpoints/step-N folder or a PEFT adapter folder"
+    if not folder.is_dir():
+        raise AdapterError(f"--adapter {folder} does not exist: pass {kinds}")
+    if (folder / ADAPTER_CONFIG).is_file():
+        meta = json.loads((folder / ADAPTER_CONFIG).read_text())
+        return {"objective": "sft", "chat_template": None, "system_prompt": None, "step": None, **meta,
+                "kind": "run", "weights": str(folder / ADAPTER_WEIGHTS)}
+    if (folder / "trainer_state.json").is_file():
+        if ckpt.is_sharded_checkpoint(folder):
+            raise AdapterError(f"{folder} is a sharded (FSDP2) checkpoint, split across ranks' files: use the run's "
+                               "adapter/ folder, or finish the run with `fasttune train CONFIG --resume`, which "
+                               "writes one")
+        state = json.loads((folder / "trainer_state.json").read_text())
+        cfg = state.get("config") or {}
+        if not cfg or not (folder / ADAPTER_WEIGHTS).is_file():
+            raise AdapterError(f"{folder} is a checkpoint without its config or {ADAPTER_WEIGHTS} (written by an "
+                               "older fasttune?): use the run's adapter/ folder")
+        data = cfg.get("data") or {}
+        return {"kind": "checkpoint", "weights": str(folder / ADAPTER_WEIGHTS),
+                "base_model": _checkpoint_base(cfg, folder), "lora": cfg["lora"],
+                "objective": cfg["objective"]["type"], "train_embeddings": cfg.get("train_embeddings", False),
+                "max_seq_length": cfg["model"].get("max_seq_length"), "step": state.get("step"),
+                "chat_template": data.get("chat_template"), "system_prompt": data.get("system_prompt")}
+    if (folder / PEFT_CONFIG).is_file():
+        cfg = json.loads((folder / PEFT_CONFIG).read_text())
+        return {"kind": "peft", "weights": str(folder / PEFT_WEIGHTS), "base_model": cfg.get("base_model_name_or_path"),
+                "lora": None, "objective": "reward" if cfg.get("task_type") == "SEQ_CLS" else "sft",
+                "chat_template": None, "system_prompt": None, "step": None}
+    if (folder / "adapter").is_dir() or (folder / "checkpoints").is_dir():
+        raise AdapterError(f"{folder} is a training run's folder, not an adapter: pass {folder / 'adapter'} (the "
+                           f"final weights) or {folder / 'checkpoints'}/step-N")
+    raise AdapterError(f"{folder} holds no adapter (no {ADAPTER_CONFIG}, trainer_state.json or {PEFT_CONFIG}): pass "
+                       f"{kinds}")
 
 
-def load_trained(adapter_dir: str | os.PathLike, base: str | None = None, device=None, dtype=None):
-    """Base model + the weights a run saved in `adapter_dir` (its fasttune_adapter.json names the base)."""
-    from safetensors.torch import load_file
-
+def load_trained(adapter_dir: str | os.PathLike, base: str | None = None, device=None, dtype=None,
+                 load_in_4bit: bool = False, allow_pickle: bool = False):
+    """(model, tokenizer): the base model with everything a folder of trained weights holds (any kind that
+    `adapter_meta` reads; its record names the base unless `base` is given): LoRA adapters, trained embeddings /
+    LM head (recorded on `model.lora_config`, so a PEFT export carries them as modules_to_save), a full
+    fine-tune's weights, and a reward model's head as `model.score`. Frozen, in eval mode."""
     from .. import load
+    from ..export.adapter import AdapterError, load_adapter
+    from ..export.merged import attach_score
 
     adapter_dir = Path(adapter_dir)
     meta = adapter_meta(adapter_dir)
-    model, tokenizer = load(resolve_model_path(base or meta["base_model"]), dtype=dtype, device=device)
-    if meta["lora"]["enabled"]:
+    if base is None and not meta["base_model"]:
+        raise AdapterError(f"{adapter_dir} does not name its base model: pass it with --model (export: MODEL_DIR)")
+    folder = base_model_dir(base or meta["base_model"], "given" if base else f"recorded in {adapter_dir}",
+                            allow_pickle)
+    model, tokenizer = load(folder, dtype=dtype, device=device, load_in_4bit=load_in_4bit, allow_pickle=allow_pickle)
+    if meta["kind"] == "peft":
+        return load_adapter(model, adapter_dir).requires_grad_(False).eval(), tokenizer
+
+    from safetensors.torch import load_file
+
+    state = load_file(meta["weights"])
+    lc = meta["lora"]
+    if lc["enabled"]:
         from ..lora import add_lora
 
-        lc = meta["lora"]
+        embed = "model.model.embed_tokens.weight" in state
+        head = "model.lm_head.weight" in state and not model.spec.tie_word_embeddings
         model = add_lora(model, r=lc["r"], alpha=lc["alpha"], dropout=0.0, target_modules=lc["target_modules"],
-                         use_rslora=lc["use_rslora"], seed=lc["seed"])
-    state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+                         use_rslora=lc["use_rslora"], seed=lc["seed"], train_embeddings=embed, train_lm_head=head)
+    elif load_in_4bit:
+        raise AdapterError(f"{adapter_dir} holds a full fine-tune (every weight trained): load it without 4-bit")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in state.items():
             prefix, _, name = key.partition(".")
-            if prefix != "model":
-                continue  # a reward head is not part of the language model
-            if name not in params:
-                raise RuntimeError(f"{adapter_dir}: tensor {name} does not exist in the base model + adapters")
+            if key == "reward_head.score.weight":
+                attach_score(model, value)
+                continue
+            if prefix != "model" or name not in params:
+                raise AdapterError(f"{adapter_dir}: tensor {key} does not exist in the base model + adapters (was "
+                                   "it trained on another base? pass that one with --model)")
+            if tuple(params[name].shape) != tuple(value.shape):
+                raise AdapterError(f"{adapter_dir}: tensor {key} has shape {tuple(value.shape)}, the base model + "
+                                   f"adapters have {tuple(params[name].shape)} (trained on another base? pass that "
+                                   "one with --model)")
             params[name].copy_(value.to(params[name].dtype))
-    return model.eval(), tokenizer
+    return model.requires_grad_(False).eval(), tokenizer
