@@ -1,13 +1,15 @@
 """What the checks look at: one model folder, read lazily.
 
-Tensors are opened with safetensors' `safe_open` and read one at a time (shapes and dtypes come from the
-headers without reading data), so the doctor runs on checkpoints far larger than memory. The tokenizer,
-the parsed `ArchSpec` and the data sample are loaded on first use and their failures kept as text, so one
-broken part does not stop the checks of the others."""
+Shapes and dtypes come from the safetensors headers, read and validated here (a header that declares more bytes
+than the file holds is a truncated download, found without reading any data); tensors are then opened with
+safetensors' `safe_open` and read one at a time, so the doctor runs on checkpoints far larger than memory.
+The tokenizer, the parsed `ArchSpec` and the data sample are loaded on first use and their failures kept as text,
+so one broken part does not stop the checks of the others."""
 from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
+from ..data.chat_templates import ChatTemplate, ChatTemplateLimitError
 from ..models.spec import ArchSpec
 
 EMBED = "model.embed_tokens.weight"
@@ -23,6 +26,9 @@ LM_HEAD = "lm_head.weight"
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
                       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
 # A conversation every chat template should render: system, two user turns, one assistant turn.
 SAMPLE_CONVERSATION = [
@@ -43,6 +49,52 @@ class TensorInfo:
     dtype: str  # torch spelling: "bfloat16", "float32", ...
 
 
+class CorruptWeightsError(ValueError):
+    """A safetensors file that no loader can read (truncated, bad header)."""
+
+
+def read_safetensors_header(path: Path) -> list[TensorInfo]:
+    """The tensors a safetensors file declares, checked against the file's size: a header or tensor data that runs
+    past the end (a truncated download or copy) or offsets that do not add up raise CorruptWeightsError."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptWeightsError(f"{size} bytes: too short to hold a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER_BYTES:
+            raise CorruptWeightsError(f"the header declares {n:,} bytes (safetensors allows {_MAX_HEADER_BYTES:,}): "
+                                      "not a safetensors file, or a corrupt one")
+        if 8 + n > size:
+            raise CorruptWeightsError(f"truncated: the header declares {n:,} bytes, the file has {size:,} in all")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptWeightsError(f"the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CorruptWeightsError("the header is not a JSON object")
+    data_bytes = size - 8 - n
+    out = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], [int(d) for d in entry["shape"]], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CorruptWeightsError(f"tensor {name!r} has a malformed header entry: {str(entry)[:200]}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype in _DTYPE_BYTES and end - start != numel * _DTYPE_BYTES[dtype]:
+            raise CorruptWeightsError(f"tensor {name!r} {dtype}{shape} needs {numel * _DTYPE_BYTES[dtype]:,} bytes, "
+                                      f"its offsets span {end - start:,}")
+        if end > data_bytes:
+            raise CorruptWeightsError(f"truncated: tensor {name!r} ends at byte {8 + n + end:,} of the file, "
+                                      f"which has {size:,} bytes")
+        out.append(TensorInfo(name, path, tuple(shape), SAFETENSORS_DTYPES.get(dtype, str(dtype).lower())))
+    return out
+
+
 class ModelFolder:
     def __init__(self, path: str | os.PathLike, data: str | os.PathLike | None = None, max_data_rows: int = 1000):
         self.path = Path(path)
@@ -55,6 +107,8 @@ class ModelFolder:
         self.data = Path(data) if data is not None else None
         self.max_data_rows = max_data_rows
         self.notes: list[str] = []  # what could not be examined, for the report
+        # unreadable weight files -> why (filled by `tensors`); their tensors' data is never read
+        self.weight_errors: dict[Path, str] = {}
 
     # ---- config ------------------------------------------------------------------------------------------------
     @cached_property
@@ -79,23 +133,34 @@ class ModelFolder:
 
     # ---- tensors -----------------------------------------------------------------------------------------------
     @cached_property
-    def weight_files(self) -> list[Path]:
+    def weight_index(self) -> dict[str, str] | None:
+        """model.safetensors.index.json's weight_map (tensor -> shard file name), None without an index."""
         index = self.path / "model.safetensors.index.json"
-        if index.exists():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if not index.exists():
+            return None
+        return json.loads(index.read_text())["weight_map"]
+
+    @cached_property
+    def weight_files(self) -> list[Path]:
+        if self.weight_index is not None:
+            names = sorted(set(self.weight_index.values()))
             return [self.path / n for n in names if (self.path / n).exists()]
         return sorted(self.path.glob("*.safetensors"))
 
     @cached_property
     def tensors(self) -> dict[str, TensorInfo]:
-        """Name -> shape/dtype/file, from the safetensors headers only."""
+        """Name -> shape/dtype/file, from the safetensors headers only; files that cannot be read are left out
+        and listed in `weight_errors`."""
         out: dict[str, TensorInfo] = {}
         for f in self.weight_files:
-            with safe_open(str(f), framework="pt") as h:
-                for name in h.keys():
-                    sl = h.get_slice(name)
-                    dt = sl.get_dtype()
-                    out[name] = TensorInfo(name, f, tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(dt, dt.lower()))
+            try:
+                infos = read_safetensors_header(f)
+                with safe_open(str(f), framework="pt"):  # whatever else safetensors refuses (overlapping offsets)
+                    pass
+            except Exception as e:  # noqa: BLE001 - reported by the weights-corrupt check
+                self.weight_errors[f] = str(e) if isinstance(e, CorruptWeightsError) else f"{type(e).__name__}: {e}"
+                continue
+            out.update((i.name, i) for i in infos)
         return out
 
     def get_tensor(self, name: str) -> torch.Tensor:
@@ -104,8 +169,11 @@ class ModelFolder:
             return h.get_tensor(name)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, one at a time, file by file (each file opened once)."""
+        """Every tensor of the readable files, one at a time, file by file (each file opened once)."""
+        readable = {i.file for i in self.tensors.values()}
         for f in self.weight_files:
+            if f not in readable:
+                continue
             with safe_open(str(f), framework="pt") as h:
                 for name in h.keys():
                     yield name, h.get_tensor(name)
@@ -122,7 +190,11 @@ class ModelFolder:
         try:
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(str(self.path)), None
+            # A light config (the model type alone): AutoTokenizer otherwise validates the whole config.json, and
+            # a config mistake (a RoPE block without its factor, hidden_size not divisible by the heads) would be
+            # reported as a tokenizer that does not load; the config checks report those.
+            return AutoTokenizer.from_pretrained(str(self.path), local_files_only=True,
+                                                 config=_light_config(self.config.get("model_type"))), None
         except Exception as e:  # noqa: BLE001 - reported as a finding
             return None, f"{type(e).__name__}: {e}"
 
@@ -139,7 +211,14 @@ class ModelFolder:
         return t
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        """The chat through the tokenizer's template, rendered as training renders it: bounded in time and size
+        (a runaway template raises ChatTemplateLimitError), with the tokenizer's special tokens as variables as
+        transformers' apply_chat_template passes them."""
+        tok = self.tokenizer
+        special = {k: v for k, v in getattr(tok, "special_tokens_map", {}).items() if isinstance(v, str)}
+        special.update(bos_token=tok.bos_token, eos_token=tok.eos_token)
+        return ChatTemplate("tokenizer", self.chat_template, None).render(
+            messages, add_generation_prompt=add_generation_prompt, **special)
 
     @cached_property
     def rendered_sample(self) -> tuple[str | None, str | None]:
@@ -149,6 +228,8 @@ class ModelFolder:
             return None, None
         try:
             return self.render_chat(SAMPLE_CONVERSATION), None
+        except ChatTemplateLimitError as e:  # not retried: it would run out its bounds again
+            return None, str(e)
         except Exception as e:  # noqa: BLE001
             try:
                 return self.render_chat(SAMPLE_CONVERSATION[1:]), None
@@ -177,6 +258,8 @@ class ModelFolder:
                     try:
                         out.append(self.encode(self.render_chat(messages), add_special_tokens=False))
                         continue
+                    except ChatTemplateLimitError:  # the chat-template check reports it; one render is enough
+                        raise
                     except Exception:  # noqa: BLE001 - fall back to the plain text of the row
                         pass
                 text = "\n".join(_strings(row))
@@ -184,6 +267,15 @@ class ModelFolder:
             return out, None
         except Exception as e:  # noqa: BLE001
             return [], f"{type(e).__name__}: {e}"
+
+
+def _light_config(model_type: str | None):
+    from transformers import AutoConfig, PretrainedConfig
+
+    try:
+        return AutoConfig.for_model(model_type)
+    except Exception:  # noqa: BLE001 - a model type transformers does not know: no type-specific tokenizer rules
+        return PretrainedConfig()
 
 
 def _as_messages(row: dict) -> list[dict] | None:

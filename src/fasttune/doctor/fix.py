@@ -73,6 +73,8 @@ def repair(folder: ModelFolder, report: Report, out_dir: str | os.PathLike) -> l
                 done.append(f"set {len(mean_ids)} untrained row(s) to the trained-row mean in "
                             f"{' and '.join(m for m, _ in matrices)}")
             state = None
+            if pad_token is not None and tokenizer is None:  # say so rather than claim a repair
+                done.append(f"pad token NOT changed to {pad_token!r}: the tokenizer did not load")
             if pad_token is not None and tokenizer is not None:
                 tokenizer.add_special_tokens({"pad_token": pad_token})
                 pad_id = tokenizer.pad_token_id

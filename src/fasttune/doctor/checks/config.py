@@ -44,6 +44,14 @@ def check_rope(folder: ModelFolder) -> Iterator[Finding]:
     rope, mpe = spec.rope, spec.max_position_embeddings
     if rope.kind == "default":
         return
+    if rope.factor is None and rope.kind in _NEEDS_FACTOR:
+        yield Finding("rope-scaling", "error", f"RoPE scaling {rope.kind!r} has no factor",
+                      [f"config.json: {_rope_block(folder.config)}",
+                       f"{rope.kind} scaling divides the rotary frequencies by its factor: without one the model "
+                       "cannot be built (transformers refuses the config too)"],
+                      "add the factor the model was extended with (extended length / original length), or remove "
+                      "the RoPE scaling block if the context was never extended")
+        return
     if rope.factor is not None and rope.factor < 1:
         yield Finding("rope-scaling", "error", f"RoPE scaling factor {rope.factor} is below 1",
                       [f"rope {rope.kind} factor = {rope.factor}: this shrinks the context instead of extending it"],
@@ -77,6 +85,17 @@ def check_rope(folder: ModelFolder) -> Iterator[Finding]:
                       [f"low_freq_factor = {rope.low_freq_factor}, high_freq_factor = {rope.high_freq_factor}: "
                        "the smoothing between them divides by their difference"],
                       "use the published values (Llama 3.1: low 1.0, high 4.0)")
+
+
+# Kinds that cannot compute their frequencies without a factor (yarn falls back to the context ratio).
+_NEEDS_FACTOR = ("linear", "dynamic", "llama3")
+
+
+def _rope_block(cfg: dict) -> str:
+    for key in ("rope_scaling", "rope_parameters"):
+        if cfg.get(key):
+            return f"{key} = {cfg[key]}"
+    return "no rope_scaling block"
 
 
 # Kinds whose factor stretches the positions: factor 1 is a no-op. (dynamic NTK still rescales past
@@ -119,7 +138,7 @@ def check_vocab_rows(folder: ModelFolder) -> Iterator[Finding]:
     vocab = folder.vocab_size
     info = folder.tensors.get(EMBED)
     if info is None:
-        if folder.tensors:
+        if folder.tensors and not folder.weight_errors:  # else it may sit in a file weights-corrupt reports
             yield Finding("weights-missing", "error", f"no {EMBED} in the checkpoint",
                           [f"tensors found: {len(folder.tensors)}, e.g. {', '.join(list(folder.tensors)[:3])}"],
                           "point at the full model folder (not an adapter or a partial export)")
@@ -133,10 +152,23 @@ def check_vocab_rows(folder: ModelFolder) -> Iterator[Finding]:
                       "resize the embeddings to the tokenizer's vocabulary",
                       repair={"config": {"vocab_size": rows}} if can_fix else None)
     tok = folder.tokenizer
-    if tok is not None and len(tok) > rows:
+    if tok is None:
+        return
+    if len(tok) > rows:
         yield Finding("vocab-size", "error", f"the tokenizer has {len(tok)} tokens but the embedding only {rows} rows",
                       [f"token ids {rows}..{len(tok) - 1} index past the embedding (crash on GPU, garbage on CPU)"],
                       "resize the token embeddings (and LM head) to the tokenizer, or use the matching tokenizer")
+        return
+    beyond = sorted((i, t) for t, i in tok.get_vocab().items() if i >= rows)  # ids need not be contiguous
+    if beyond:
+        yield Finding("vocab-size", "error",
+                      f"{len(beyond)} tokenizer token id(s) are beyond the embedding's {rows} rows",
+                      [", ".join(f"{i} {t!r}" for i, t in beyond[:8]) + (f", ... ({len(beyond)} in all)"
+                                                                         if len(beyond) > 8 else ""),
+                       f"the tokenizer has {len(tok)} tokens but numbers them up to {beyond[-1][0]}: text holding "
+                       "them indexes past the embedding (IndexError in training and generation)"],
+                      "renumber those tokens below the embedding size in tokenizer.json, or resize the embeddings "
+                      "(and LM head) to cover them")
 
 
 def check_tied(folder: ModelFolder) -> Iterator[Finding]:

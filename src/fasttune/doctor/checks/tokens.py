@@ -147,11 +147,15 @@ def check_pad_eos(folder: ModelFolder) -> Iterator[Finding]:
     clash = [(src, i) for src, i in pads if isinstance(i, int) and i in eos_ids]
     if not clash:
         return
-    token = tok.convert_ids_to_tokens(clash[0][1]) if tok is not None else clash[0][1]
+    evidence = [f"{src}: pad_token_id = {i} is an EOS id" for src, i in clash] + \
+        ["masking pads out of the loss also masks every EOS, so the model never learns to stop"]
+    if tok is None:  # a new pad token goes into the tokenizer: nothing --fix can do without one
+        yield Finding("pad-eos", "warning", f"the pad token is the EOS token (id {clash[0][1]})", evidence,
+                      "use a distinct pad token once the tokenizer loads (see the tokenizer finding)")
+        return
+    token = tok.convert_ids_to_tokens(clash[0][1])
     choice = choose_pad_token(folder)
-    yield Finding("pad-eos", "warning", f"the pad token is the EOS token ({token!r})",
-                  [f"{src}: pad_token_id = {i} is an EOS id" for src, i in clash] +
-                  ["masking pads out of the loss also masks every EOS, so the model never learns to stop"],
+    yield Finding("pad-eos", "warning", f"the pad token is the EOS token ({token!r})", evidence,
                   f"use a distinct pad token: {choice!r}" + (" (new; the embedding grows by one row)"
                                                             if choice not in _vocab(tok) else " (already in the vocabulary)"),
                   repair={"pad_token": choice})
