@@ -55,13 +55,18 @@ def attach_score(model: nn.Module, weight: torch.Tensor) -> nn.Linear:
     return model.score
 
 
+# transformers' class-name prefix of each family fasttune reads (config.json's architectures may be absent)
+SEQ_CLS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
+                  "gemma2": "Gemma2", "phi3": "Phi3"}
+
+
 def sequence_classification_config(config: dict, pad_token_id: int | None) -> dict:
     """config.json of a causal LM, turned into the <Family>ForSequenceClassification one a reward model needs."""
     cfg = dict(config)
-    arch = (cfg.get("architectures") or ["ForCausalLM"])[0]
-    if not arch.endswith("ForCausalLM"):
-        raise ValueError(f"cannot name the sequence-classification class of architecture {arch!r}")
-    cfg["architectures"] = [arch[: -len("ForCausalLM")] + "ForSequenceClassification"]
+    family = SEQ_CLS_PREFIX.get(cfg.get("model_type"))
+    if family is None:
+        raise ValueError(f"no sequence-classification class known for model_type {cfg.get('model_type')!r}")
+    cfg["architectures"] = [family + "ForSequenceClassification"]
     cfg["num_labels"] = 1
     cfg["id2label"], cfg["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
     cfg["problem_type"] = "regression"
