@@ -272,13 +272,11 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
 def load_sharded_weights_and_optimizer(path: str | os.PathLike, model, optimizer) -> None:
     """Load `sharded/` into this process's model and optimizer, whatever the world size was when it was written
     (every rank calls this; a single process reads every piece)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                            set_optimizer_state_dict)
 
     state = _sharded_state(model, optimizer)  # the shapes and placements to read into
-    # raises if a trainable tensor is not in the checkpoint
-    dcp.load(state, storage_reader=_safe_reader(Path(path) / SHARDED), planner=_safe_planner())
+    _read_sharded(state, Path(path) / SHARDED)  # raises if a trainable tensor is not in the checkpoint
     # strict=False: the frozen base is not in a checkpoint; it comes from the model folder
     options = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_model_state_dict(model, state["model"], options=options)
@@ -350,8 +348,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 # ---- sharded checkpoints, read safely ----------------------------------------------------------------------------
 
-# torch.distributed.checkpoint pickles its index (`.metadata`) and reads non-tensor items with
-# torch.load(weights_only=False); fasttune reads both itself, allowing only these globals in the index
+# torch.distributed.checkpoint pickles its index (`.metadata`) and reads non-tensor items with an unrestricted
+# torch.load; fasttune reads both itself, allowing only these globals in the index
 _DCP_GLOBALS = {
     "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
                                               "ChunkStorageMetadata", "TensorProperties", "StorageMeta",
@@ -399,11 +397,11 @@ def _dcp_classes():
         def load_bytes(self, read_item, value: io.BytesIO) -> None:
             try:  # the same bytes, refused unless they hold only tensors and plain values ...
                 torch.load(value, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise CheckpointError(f"sharded checkpoint item {read_item.dest_index.fqn} holds Python objects "
-                                      f"other than tensors and plain values ({str(e).splitlines()[0][:80]}); fasttune "
-                                      "never unpickles them: delete this checkpoint, or resume from one fasttune "
-                                      "wrote") from None
+            except pickle.UnpicklingError:
+                raise CheckpointError(
+                    f"sharded checkpoint item {read_item.dest_index.fqn} holds Python objects other than tensors and "
+                    "plain values; fasttune never unpickles them because loading one can run code: delete this "
+                    "checkpoint, or resume from one fasttune wrote") from None
             value.seek(0)
             super().load_bytes(read_item, value)  # ... so that re-reading them as DefaultLoadPlanner does is safe
 
@@ -416,6 +414,24 @@ def _safe_reader(path):
 
 def _safe_planner():
     return _dcp_classes()[1]()
+
+
+def _read_sharded(state: dict, folder: Path, no_dist: bool = False) -> None:
+    """dcp.load through the safe reader and planner, their refusals raised as themselves (dcp would wrap them in
+    a many-line CheckpointException of its own)."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = _safe_reader(folder)
+    reader.read_metadata()  # the index first: a refusal here is raised as is
+    try:
+        dcp.load(state, storage_reader=reader, planner=_safe_planner(), no_dist=no_dist)
+    except BaseException as e:  # dcp's CheckpointException derives from BaseException
+        # it maps each rank to (exception, traceback): raise our own refusal as is
+        for failure in getattr(e, "failures", {}).values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, CheckpointError):
+                raise inner from None
+        raise
 
 
 # ---- the last good checkpoint after a divergence -----------------------------------------------------------------
@@ -438,15 +454,13 @@ def weight_scale(tensors) -> tuple[bool, float]:
 def _checkpoint_tensors(path: Path):
     """The trainable weights of a checkpoint, one tensor at a time (sharded: read through the safe reader)."""
     if is_sharded_checkpoint(path):
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        reader = _safe_reader(path / SHARDED)
-        meta = reader.read_metadata()
+        meta = _safe_reader(path / SHARDED).read_metadata()
         target = {k: torch.empty(tuple(md.size), dtype=md.properties.dtype)
                   for k, md in meta.state_dict_metadata.items()
                   if k.startswith("model.") and isinstance(md, TensorStorageMetadata)}
-        dcp.load(target, storage_reader=_safe_reader(path / SHARDED), planner=_safe_planner(), no_dist=True)
+        _read_sharded(target, path / SHARDED, no_dist=True)
         yield from target.values()
         return
     with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
