@@ -10,6 +10,21 @@ convert_hf_to_gguf.py conventions:
 - 1-D tensors (norms, biases) always F32; a 2-D tensor whose rows do not split into the quant's blocks falls back
   to F16; Llama-3 RoPE scaling becomes a `rope_freqs` tensor, Phi-3 LongRoPE `rope_factors_long/short`.
 
+K-quant presets (q4_k_m, q5_k_m, q6_k, q3_k_m, q2_k) write llama.cpp's per-tensor type mix, as `llama-quantize`
+chooses it (llama_tensor_get_type in src/llama-quant.cpp, without an importance matrix): output.weight (and a tied
+token_embd) Q6_K; attn_v (Phi-3: attn_qkv) and ffn_down one or two steps up on some layers (`use_more_bits`: the
+first and last eighth and every third layer between); attn_output up for q3_k_m/q2_k; then, for a row length that
+is not a multiple of 256, llama.cpp's fallbacks (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and
+F16 when not a multiple of 32 either). The K blocks come from gguf_quants.py (bit-exact with llama.cpp's reference
+quantiser); the 32-value fallbacks from the `gguf` package. The legacy types (q8_0, q4_0, ...) stay "pure": every
+2-D tensor in the one type.
+
+Metadata llama.cpp keys on: `general.name` comes from the model's own metadata (config.json `_name_or_path`, or the
+architecture), not the folder name, because llama.cpp's vocabulary loader switches on it (a name containing "phi3"
+or "phi-3" makes it look up <unk>, <s>, </s> and <|endoftext|>, and a missing one aborts the load).
+`tokenizer.ggml.add_bos_token` / `add_eos_token` are written as the Hugging Face tokenizer behaves when it encodes
+text (llama.cpp's default without them differs by vocabulary type).
+
 The file is written in two passes so only one merged tensor is in memory at a time: tensor infos first (their sizes
 follow from shape and type), then each tensor merged, converted and appended.
 """
@@ -30,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from ..models.checkpoint import save_tokenizer
+from . import gguf_quants
 from .merged import DEQUANTISED_NOTE, ExportResult, has_nf4, iter_merged_tensors
 
 T = gguf.GGMLQuantizationType
@@ -42,7 +58,20 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
               "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1}
+# K-quant presets: the ggml type most tensors get, and the file type llama.cpp records for the mix
+K_PRESETS = {"q4_k_m": (T.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_M), "q5_k_m": (T.Q5_K, gguf.LlamaFileType.MOSTLY_Q5_K_M),
+             "q6_k": (T.Q6_K, gguf.LlamaFileType.MOSTLY_Q6_K), "q3_k_m": (T.Q3_K, gguf.LlamaFileType.MOSTLY_Q3_K_M),
+             "q2_k": (T.Q2_K, gguf.LlamaFileType.MOSTLY_Q2_K)}
+QUANT_TYPES.update({k: v[0] for k, v in K_PRESETS.items()})
+FILE_TYPES.update({k: v[1] for k, v in K_PRESETS.items()})
+K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+# llama.cpp's tensor_type_fallback: a row length that is not a multiple of 256 takes a 32-value type
+_K_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 PERMUTED_ROPE = ("llama", "mistral")
+# substrings of general.name that change llama.cpp's vocabulary loading (llama-vocab.cpp), and the tokens that the
+# "phi-3" rule looks up (a missing one is a load error: unordered_map::at)
+_NAME_TRIGGERS = ("phi-3", "phi3")
+_PHI3_NAME_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
 
 # llama.cpp's pre-tokenizer names for the byte-level BPE split regexes we can recognise in tokenizer.json
 _PRE_TOKENIZERS = {
@@ -94,13 +123,97 @@ def _tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: T) -> T:
     return qtype if shape[-1] % block == 0 else T.F16
 
 
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _layer_of(name: str) -> int:
+    m = re.match(r"blk\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+def k_quant_types(names_shapes: list[tuple[str, tuple[int, ...]]], spec, preset: str) -> dict[str, T]:
+    """llama.cpp's type for each tensor of a K-quant preset (llama_tensor_get_type, no imatrix, dense models).
+
+    `names_shapes`: (gguf name, numpy-order shape). Tensors are visited in llama.cpp's order (by layer, then name),
+    which is what its attn_v counter counts in."""
+    default, _ = K_PRESETS[preset]
+    n_gqa = spec.num_heads // spec.num_kv_heads
+    # llama.cpp calls an 80-layer Llama with grouped-query attention (and an 80-layer Qwen2) "70B" and gives its
+    # attn_v more bits
+    is_70b = spec.num_layers == 80 and (spec.model_type == "qwen2" or (
+        spec.model_type in ("llama", "mistral") and spec.num_heads != spec.num_kv_heads))
+    names = {n for n, _ in names_shapes}
+    tied = "output.weight" not in names
+    n_attn_v = sum(1 for n in names if "attn_v.weight" in n or "attn_qkv.weight" in n)
+    n_layer = spec.num_layers
+    i_attn_v = 0
+    out = {}
+    for name, shape in sorted(names_shapes, key=lambda ns: (_layer_of(ns[0]), ns[0])):
+        if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name:
+            out[name] = T.F32
+            continue
+        ncols = shape[-1]
+        t = default
+        if name == "output.weight" or (tied and name == "token_embd.weight"):
+            t = T.Q8_0 if ncols % gguf.GGML_QUANT_SIZES[default][0] else T.Q6_K
+        elif name == "token_embd.weight":
+            pass
+        elif "attn_v.weight" in name or "attn_qkv.weight" in name:
+            if preset == "q2_k":
+                t = T.Q4_K if n_gqa >= 4 else T.Q3_K
+            elif preset == "q3_k_m":
+                t = T.Q5_K if i_attn_v < 2 else T.Q4_K
+            elif preset in ("q4_k_m", "q5_k_m") and _use_more_bits(i_attn_v, n_attn_v):
+                t = T.Q6_K
+            if is_70b and t in (T.Q3_K, T.Q4_K):
+                t = T.Q5_K
+            i_attn_v += 1
+        elif "ffn_down" in name:
+            i = _layer_of(name)
+            if preset == "q2_k":
+                t = T.Q3_K
+            elif preset == "q3_k_m":
+                t = T.Q5_K if i < n_layer // 16 else T.Q4_K
+            elif preset in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n_layer):
+                t = T.Q6_K
+        elif "attn_output.weight" in name:
+            if preset == "q2_k":
+                t = T.Q3_K
+            elif preset == "q3_k_m":
+                t = T.Q4_K
+        if t in _K_FALLBACK and ncols % gguf_quants.QK_K:
+            t = _K_FALLBACK[t]
+        if ncols % gguf.GGML_QUANT_SIZES[t][0]:
+            t = T.F16  # llama.cpp: "must use F16 due to unusual shape" (and it refuses a Q8_0 output outright)
+        out[name] = t
+    return out
+
+
 def _to_gguf_array(t: torch.Tensor, qtype: T) -> np.ndarray:
     data = t.float().contiguous().numpy()
     if qtype == T.F32:
         return data
     if qtype == T.F16:
         return data.astype(np.float16)
+    if qtype in K_TYPES:
+        return gguf_quants.quantize(data, qtype.name)
     return gguf.quants.quantize(data, qtype)
+
+
+def dequantize_gguf_tensor(t) -> np.ndarray:
+    """A gguf.GGUFReader tensor as float32 (rows, cols), K-quants through fasttune's own dequantiser."""
+    shape = [int(x) for x in reversed(t.shape)]
+    qt = T(t.tensor_type)
+    if qt == T.F32:
+        arr = np.asarray(t.data, dtype=np.float32)
+    elif qt == T.F16:
+        arr = np.asarray(t.data).astype(np.float32)
+    elif qt in K_TYPES:
+        arr = gguf_quants.dequantize(np.asarray(t.data), qt.name)
+    else:
+        arr = gguf.quants.dequantize(np.asarray(t.data), qt)
+    return arr.reshape(shape)
 
 
 def _nbytes(shape: tuple[int, ...], qtype: T) -> int:
@@ -116,7 +229,7 @@ def _does_look_special(token: str) -> bool:
         or (token.startswith("[") and token.endswith("]") and token[1:-1].isupper())
 
 
-def _add_bpe_vocab(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> None:
+def _add_bpe_vocab(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> list[str]:
     tj = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
     model = tj["model"]
     if model.get("type") != "BPE":
@@ -143,6 +256,7 @@ def _add_bpe_vocab(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> None:
     w.add_tokenizer_pre(_pre_tokenizer_name(tj))
     w.add_token_list(tokens)
     w.add_token_types(types)
+    return tokens
 
 
 def _pre_tokenizer_name(tj: dict) -> str:
@@ -157,7 +271,7 @@ def _pre_tokenizer_name(tj: dict) -> str:
     return "default"
 
 
-def _add_sentencepiece_vocab(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> None:
+def _add_sentencepiece_vocab(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> list[str]:
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor()
@@ -190,9 +304,24 @@ def _add_sentencepiece_vocab(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int)
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
+    return [t.decode("utf-8", errors="replace") for t in tokens]
 
 
-def _add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, spec, chat_template: str | None) -> None:
+def hf_adds_bos_eos(tokenizer) -> tuple[bool, bool]:
+    """Whether the Hugging Face tokenizer puts BOS in front of / EOS after encoded text (add_special_tokens=True),
+    found by encoding, since the flags live in different places per tokenizer (tokenizer_config.json keys, the
+    tokenizer.json post-processor, the tokenizer class)."""
+    text = "Hello world"
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = bos is not None and full[:1] == [bos] and plain[:1] != [bos]
+    add_eos = eos is not None and full[-1:] == [eos] and plain[-1:] != [eos]
+    return add_bos, add_eos
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, spec, chat_template: str | None,
+                   add_bos_eos: tuple[bool, bool] | None) -> list[str]:
     use_spm = (tok_dir / "tokenizer.model").exists()
     if use_spm:
         try:
@@ -200,18 +329,51 @@ def _add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, spec, chat_template: str |
         except ImportError:
             use_spm = False
     if use_spm:
-        _add_sentencepiece_vocab(w, tok_dir, spec.vocab_size)
+        tokens = _add_sentencepiece_vocab(w, tok_dir, spec.vocab_size)
     elif (tok_dir / "tokenizer.json").exists():
-        _add_bpe_vocab(w, tok_dir, spec.vocab_size)
+        tokens = _add_bpe_vocab(w, tok_dir, spec.vocab_size)
     else:
         raise GGUFExportError(f"no tokenizer.json or tokenizer.model in {tok_dir} (install sentencepiece for "
                               "tokenizer.model)")
     special = gguf.SpecialVocab(tok_dir, load_merges=not use_spm, n_vocab=spec.vocab_size)
     if chat_template is not None:
         special.chat_template = chat_template
+    if add_bos_eos is not None:  # what the tokenizer does, not gguf's reading of its config files
+        special.add_special_token["bos"], special.add_special_token["eos"] = add_bos_eos
     special.add_to_gguf(w, quiet=True)
     if spec.model_type in ("gemma", "gemma2"):
         w.add_add_space_prefix(False)
+    return tokens
+
+
+_ARCH_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
+               "gemma2": "Gemma 2", "phi3": "Phi-3"}
+
+
+def model_name(spec) -> str:
+    """The model's name from its own metadata: config.json's `_name_or_path` when it is a Hub id ("org/Name" ->
+    "Name"), else the architecture. A local path there (or the folder's name) says where a copy was saved, not what
+    the model is, and llama.cpp reads meaning into the name (see gguf_name)."""
+    raw = str(spec.raw_config.get("_name_or_path") or "").strip()
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*", raw)
+    if hub_id and not raw.startswith(".") and not Path(raw).exists():
+        return raw.rpartition("/")[2]
+    return _ARCH_NAMES.get(spec.model_type, spec.model_type)
+
+
+def gguf_name(name: str, tokens: list[str]) -> tuple[str, str | None]:
+    """`general.name` safe for llama.cpp's loader: its "phi-3"/"phi3" rule looks up <unk>, <s>, </s> and
+    <|endoftext|> and aborts the load when one is missing, so a name with those letters is only kept for a vocabulary
+    that has all four (a real Phi-3 tokenizer, which that rule is for). Returns (name, note or None)."""
+    if not any(t in name.lower() for t in _NAME_TRIGGERS):
+        return name, None
+    vocab = set(tokens)
+    missing = [t for t in _PHI3_NAME_TOKENS if t not in vocab]
+    if not missing:
+        return name, None
+    safe = re.sub(r"(?i)phi-?3", "Phi 3", name)
+    return safe, (f"general.name {name!r} written as {safe!r}: llama.cpp treats a name containing 'phi3'/'phi-3' as "
+                  f"Phi-3's vocabulary and fails to load without {', '.join(missing)}")
 
 
 # ---- hyper-parameters ------------------------------------------------------------------------------------------
@@ -323,17 +485,25 @@ def gguf_tensor_plan(model: nn.Module, quant: str = "q8_0") -> list[tuple[str, C
         plan.append((new, fn, shape, _tensor_type(new, shape, qtype)))
     for name, t in _extra_tensors(spec):
         plan.append((name, (lambda t=t: t.float()), tuple(t.shape), T.F32))
+    if quant in K_PRESETS:
+        types = k_quant_types([(n, shape) for n, _, shape, _ in plan], spec, quant)
+        plan = [(n, fn, shape, types[n]) for n, fn, shape, _ in plan]
     return plan
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                 tokenizer=None, quant: str = "q8_0", chat_template: str | None = None, name: str | None = None,
-                progress: Callable[[str], None] | None = None) -> ExportResult:
+                progress: Callable[[str], None] | None = None, perplexity: bool | None = None,
+                perplexity_tokens: int = 2048) -> ExportResult:
     """Write one .gguf file: llama.cpp metadata, tokenizer, chat template and the merged weights as `quant`.
 
     The tokenizer comes from `tokenizer_dir` (a folder with tokenizer.json / tokenizer.model and
     tokenizer_config.json) or is saved from a transformers `tokenizer` first. `chat_template` (Jinja source)
-    overrides the tokenizer's own."""
+    overrides the tokenizer's own. `name` (general.name) defaults to model_name(spec).
+
+    `perplexity`: measure the quantisation's cost on the bundled corpus (fasttune's forward pass, float32, with the
+    weights read back from the written file) and report it in the notes; None = for quantised types when the model
+    has at most 1.5B parameters (a CPU forward over `perplexity_tokens` tokens stays quick)."""
     path = Path(path)
     spec = model.spec
     result = ExportResult()
@@ -347,12 +517,23 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer_dir: str | 
             save_tokenizer(tokenizer, tmp)
             tokenizer_dir = tmp
         tok_dir = Path(tokenizer_dir)
+        if tokenizer is None:
+            from ..models.checkpoint import load_tokenizer
+            try:
+                tokenizer = load_tokenizer(tok_dir)
+            except Exception as e:  # noqa: BLE001 - the GGUF can still be written; say what is unknown
+                result.notes.append(f"could not load the tokenizer with transformers ({e}); add_bos_token / "
+                                    "add_eos_token are written as its config files say")
+        add_bos_eos = hf_adds_bos_eos(tokenizer) if tokenizer is not None else None
         w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[GGUF_ARCH[spec.model_type]])
-        w.add_name(name or path.stem)
         result.notes += _add_hparams(w, spec, FILE_TYPES[quant])
         if quant not in ("f32", "f16", "bf16"):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_tokenizer(w, tok_dir, spec, chat_template)
+        tokens = _add_tokenizer(w, tok_dir, spec, chat_template, add_bos_eos)
+        safe_name, note = gguf_name(name or model_name(spec), tokens)
+        w.add_name(safe_name)
+        if note:
+            result.notes.append(note)
         for gname, _, shape, qt in plan:
             gguf_shape = shape  # numpy row-major shape; the writer reverses it into ggml's order
             w.add_tensor_info(gname, gguf_shape, np.dtype(np.float32), _nbytes(shape, qt), raw_dtype=qt)
@@ -370,4 +551,111 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer_dir: str | 
         finally:
             w.close()
     result.files = [path]
+    if quant in K_PRESETS:
+        counts: dict[str, int] = {}
+        for _, _, shape, qt in plan:
+            if len(shape) > 1:
+                counts[qt.name] = counts.get(qt.name, 0) + 1
+        result.notes.append(f"{quant.upper()} type mix (llama.cpp's preset): "
+                            + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + " tensors")
+    quantised = quant not in ("f32", "f16", "bf16")
+    n_params = sum(math.prod(shape) for _, _, shape, _ in plan)
+    if perplexity is None:
+        perplexity = quantised and n_params <= 1.5e9
+        if quantised and not perplexity:
+            result.notes.append(f"perplexity before/after quantisation not measured ({n_params / 1e9:.1f}B "
+                                "parameters); call fasttune.export.gguf_writer.gguf_perplexity(model, path, tokenizer)")
+    if perplexity:
+        if tokenizer is None:
+            result.notes.append("perplexity not measured: no transformers tokenizer")
+        else:
+            before, after, n = gguf_perplexity(model, path, tokenizer, max_tokens=perplexity_tokens)
+            result.perplexity = (before, after)
+            result.notes.append(f"perplexity on the bundled corpus ({n} tokens): {before:.4f} before, {after:.4f} "
+                                f"after {quant} ({(after / before - 1) * 100:+.2f}%), fasttune's forward pass with "
+                                "the weights read back from the written file")
     return result
+
+
+# ---- reading back ----------------------------------------------------------------------------------------------
+
+def read_gguf_weights(path: str | os.PathLike, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The 2-D weights of a GGUF written by export_gguf for `model`, dequantised (K-quants by fasttune's own
+    dequantiser) and mapped back to the model's names and layout: q/k rows un-permuted, Phi-3's fused qkv and
+    gate_up split. Both are row operations and every block lies within one row, so each weight read back equals
+    the dequantisation of that weight quantised on its own. 1-D tensors (norms, biases; F32) are not read."""
+    spec = model.spec
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    name_map = gguf.get_tensor_name_map(GGUF_ARCH[spec.model_type], spec.num_layers)
+    shapes = {n: shape for n, _, shape in iter_merged_tensors(model)}
+    fused_parts = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
+    cache: dict[str, np.ndarray] = {}
+    out = {}
+    for hf_name, shape in shapes.items():
+        if len(shape) < 2:
+            continue
+        source, row0 = hf_name, 0
+        m = re.fullmatch(r"(model\.layers\.\d+\.)(self_attn|mlp)\.(\w+)\.weight", hf_name)
+        if spec.fused_checkpoint and m:
+            for fused, parts in fused_parts.items():
+                if fused.startswith(m.group(2)) and m.group(3) in parts:
+                    source = f"{m.group(1)}{fused}.weight"
+                    for p in parts[:parts.index(m.group(3))]:
+                        row0 += shapes[f"{m.group(1)}{m.group(2)}.{p}.weight"][0]
+        gname = name_map.get_name(source, try_suffixes=(".weight", ".bias"))
+        if gname not in tensors:
+            raise GGUFExportError(f"{path} has no tensor {gname} (for {hf_name})")
+        if gname not in cache:
+            cache = {gname: dequantize_gguf_tensor(tensors[gname])}  # a fused tensor serves its parts in turn
+        w = torch.from_numpy(np.ascontiguousarray(cache[gname][row0:row0 + shape[0]]))
+        if spec.model_type in PERMUTED_ROPE and re.search(r"self_attn\.(q|k)_proj\.weight$", hf_name):
+            heads = spec.num_heads if ".q_proj." in hf_name else spec.num_kv_heads
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+        out[hf_name] = w
+    return out
+
+
+def _corpus_ids(tokenizer, max_tokens: int) -> torch.Tensor:
+    text = (Path(__file__).resolve().parent.parent / "assets" / "data" / "corpus.txt").read_text(encoding="utf-8")
+    ids = tokenizer(text[: max_tokens * 16], add_special_tokens=False)["input_ids"][:max_tokens]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def _perplexity(model: nn.Module, ids: torch.Tensor, window: int, bos: int | None) -> float:
+    nll, count = 0.0, 0
+    for start in range(0, ids.numel() - 1, window):
+        chunk = ids[start:start + window]
+        if bos is not None:
+            chunk = torch.cat([torch.tensor([bos]), chunk[: window - 1]])
+        if chunk.numel() < 2:
+            break
+        x = chunk[None]
+        loss = model(x, labels=x).loss.item()
+        nll += loss * (x.shape[1] - 1)
+        count += x.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def gguf_perplexity(model: nn.Module, path: str | os.PathLike, tokenizer, max_tokens: int = 2048,
+                    window: int = 512) -> tuple[float, float, int]:
+    """(perplexity of the merged float32 model, perplexity with the GGUF's weights, tokens) on the bundled corpus,
+    in windows of `window` tokens (BOS first where the tokenizer adds one), both with fasttune's own forward pass.
+    The GGUF's 1-D tensors are F32 copies of the model's, so only the 2-D weights are swapped in."""
+    from ..models.decoder import CausalLM
+
+    spec = model.spec
+    plain = CausalLM(spec).float().eval()
+    params = dict(plain.named_parameters(remove_duplicate=False))
+    for name, fn, _ in iter_merged_tensors(model):
+        params[name].data.copy_(fn().cpu())
+    plain.tie_weights()
+    ids = _corpus_ids(tokenizer, max_tokens)
+    window = min(window, spec.max_position_embeddings)
+    bos = tokenizer.bos_token_id if hf_adds_bos_eos(tokenizer)[0] else None
+    before = _perplexity(plain, ids, window, bos)
+    for name, w in read_gguf_weights(path, model).items():
+        params[name].data.copy_(w)
+    plain.tie_weights()
+    after = _perplexity(plain, ids, window, bos)
+    return before, after, int(ids.numel())

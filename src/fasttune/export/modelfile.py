@@ -6,10 +6,20 @@ as the Jinja source for a conversation ending in a user turn with add_generation
 prompts the assistant next), minus the BOS token, which llama.cpp adds itself from the GGUF's add_bos flag.
 Ollama's convention of leaving a final assistant turn open (so a reply can be continued) is kept: its end marker
 is written only when it is not the last message. `{eos}` in a Go template is replaced by the tokenizer's EOS text.
+
+`export_chat_template` decides the one template an export writes everywhere (GGUF tokenizer.chat_template, the
+Modelfile TEMPLATE, the tokenizer's chat_template.jinja): the user's --chat-template, else the one the run trained
+with (fasttune_adapter.json `chat_template`), else the tokenizer's own.
 """
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 from ..data.chat_templates import TEMPLATES, get_chat_template
+from ..data.errors import DataError
 
 _LAST = '{{ $last := eq (len (slice $.Messages $i)) 1 }}'
 
@@ -127,3 +137,45 @@ def make_modelfile(from_path: str, template: str | None = None, eos_token: str =
     if system:
         lines += ["", f"SYSTEM {_quote(system, 'system prompt')}"]
     return "\n".join(lines) + "\n"
+
+
+ADAPTER_META = "fasttune_adapter.json"  # what a fasttune run records beside its adapter (train/trainer.py)
+
+
+@dataclass(frozen=True)
+class ExportTemplate:
+    source: str | None         # Jinja source written to the GGUF and the tokenizer files (None: the tokenizer has none)
+    registry_name: str | None  # the registry format the Modelfile's Go template is for (None: not recognised)
+    origin: str                # "--chat-template", "the run's fasttune_adapter.json", "the tokenizer", "none"
+
+
+def export_chat_template(override: str | None, record: dict | str | os.PathLike | None,
+                         tokenizer) -> ExportTemplate:
+    """The chat template an export must use. `override` (a registry name, "tokenizer" or Jinja source) wins; else
+    the template the run trained with: `record` is what the trained-weights folder records (train.trainer's
+    adapter_meta dict, or the folder itself, whose fasttune_adapter.json is read), where a null `chat_template`
+    means what training used: the tokenizer's own template, or ChatML when it has none
+    (train.data.chat_template_for). A PEFT adapter (kind "peft") or no record: the tokenizer's own."""
+    name, origin = override, "--chat-template"
+    if isinstance(record, (str, os.PathLike)):
+        meta_file = Path(record) / ADAPTER_META
+        try:
+            record = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else None
+        except (OSError, ValueError) as e:
+            raise ModelfileError(f"{meta_file} is not readable JSON ({e}); pass --chat-template to choose the "
+                                 "export's chat template") from None
+    own = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if isinstance(own, dict):
+        own = own.get("default")
+    if name is None and record is not None and record.get("kind", "run") in ("run", "checkpoint"):
+        name = record.get("chat_template") or (None if own else "chatml")
+        origin = "the run's record (chat_template)"
+    if name is None:
+        return ExportTemplate(own, registry_name_for(own), "the tokenizer") if own else \
+            ExportTemplate(None, None, "none")
+    try:
+        tpl = get_chat_template(name, tokenizer)
+    except DataError as e:
+        raise ModelfileError(f"chat template from {origin}: {e}") from None
+    registry = tpl.name if tpl.name in GO_TEMPLATES else registry_name_for(tpl.source)
+    return ExportTemplate(tpl.source, registry, origin)
