@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 # the GGUF tensor types (keys of gguf_writer.QUANT_TYPES, spelled out so `--help` works without the gguf package)
-QUANT_NAMES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# (K-quant presets last: llama.cpp's per-tensor type mixes, q4_k_m being what Ollama pulls by default)
+QUANT_NAMES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k", "q3_k_m",
+               "q2_k")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +93,7 @@ def run(args) -> int:
     from ..train.trainer import load_trained
     from .adapter import AdapterError, save_adapter
     from .merged import export_merged, iter_merged_tensors, score_head
-    from .modelfile import ModelfileError, make_modelfile
+    from .modelfile import ModelfileError, export_chat_template, make_modelfile
 
     out = Path(args.out_dir)
     if args.format == "gguf":
@@ -144,6 +146,15 @@ def run(args) -> int:
     except (AdapterError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # one chat template everywhere (GGUF, Modelfile, the tokenizer's chat_template.jinja): --chat-template, else the
+    # one the run trained with, else the tokenizer's
+    try:
+        chat = export_chat_template(args.chat_template, meta, tokenizer)
+    except ModelfileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if chat.source is not None:
+        tokenizer.chat_template = chat.source
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -163,17 +174,16 @@ def run(args) -> int:
                                            max_shard_size=args.max_shard_size, progress=step).notes
                     from_path = "."
                 else:
-                    template = TEMPLATES[args.chat_template].source if args.chat_template else None
                     gguf_name = f"{model_dir.name}-{args.quant}.gguf"
                     notes += export_gguf(model, tmp / gguf_name, tokenizer=tokenizer, quant=args.quant,
-                                         chat_template=template, name=model_dir.name, progress=step).notes
+                                         chat_template=chat.source, progress=step).notes
                     from_path = f"./{gguf_name}"
             eos = tokenizer.eos_token or "</s>"
             try:
                 if score_head(model) is not None:  # a reward model scores text; Ollama generates it
                     raise ModelfileError("a reward model (sequence classification) does not generate text")
-                text = make_modelfile(from_path, args.chat_template, eos_token=eos, system=args.system,
-                                      jinja_source=getattr(tokenizer, "chat_template", None) or None)
+                text = make_modelfile(from_path, chat.registry_name, eos_token=eos, system=args.system,
+                                      jinja_source=chat.source)
                 (tmp / "Modelfile").write_text(text)
             except ModelfileError as e:
                 notes.append(f"no Ollama Modelfile written: {e}")
