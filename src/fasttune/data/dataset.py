@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from .chat_templates import ChatTemplate, get_chat_template
 from .conversations import find_conversation_column, standardize_conversation
 from .errors import DataError, Location
-from .readers import read_rows
+from .readers import MAX_FIELD_CHARS, MAX_LINE_BYTES, read_rows
 from .template import PromptTemplate
-from .tokenize import IGNORE_INDEX, TRAIN_ON, tokenize_conversation, tokenize_text
+from .tokenize import IGNORE_INDEX, TRAIN_ON, char_limit, tokenize_conversation, tokenize_text
 
 log = logging.getLogger("fasttune.data")
 
@@ -38,7 +38,7 @@ DEFAULT_RESPONSE_TEMPLATE = "{output}"
 class DataStats:
     rows_read: int = 0
     examples: int = 0
-    skipped_rows: int = 0           # bad rows skipped because on_error="skip"
+    skipped_rows: int = 0           # bad rows (and unreadable lines/records) skipped because on_error="skip"
     truncated: int = 0              # cut to max_seq_length
     dropped_overlong: int = 0       # over max_seq_length with overlong="drop"
     dropped_no_target: int = 0      # nothing left to learn from (e.g. the response was truncated away)
@@ -53,6 +53,12 @@ class DataStats:
             if getattr(self, name):
                 s += f"; {name.replace('_', ' ')}: {getattr(self, name)}"
         return s
+
+    def skip(self, error: DataError) -> None:
+        """Count a row skipped under on_error="skip", keeping the first few reasons."""
+        self.skipped_rows += 1
+        if len(self.skip_reasons) < 5:
+            self.skip_reasons.append(str(error))
 
 
 @dataclass
@@ -102,6 +108,14 @@ class _Pipeline:
         self.prompt_template_given = prompt_template is not None
         self.response_template_given = response_template is not None
         self.defaults_checked = False
+        self._max_chars: int | None = None
+
+    @property
+    def max_chars(self) -> int:
+        """Text beyond this many characters cannot reach max_seq_length tokens: cut before tokenising."""
+        if self._max_chars is None:
+            self._max_chars = char_limit(self.tokenizer, self.max_seq_length)
+        return self._max_chars
 
     def _default_columns(self, row: dict) -> None:
         """prompt/response and prompt/completion tables need no templates (decided once, from the first row)."""
@@ -135,7 +149,8 @@ class _Pipeline:
             if not isinstance(text, str):
                 raise DataError(f"non-string value of type {type(text).__name__}", location=location,
                                 column=self.text_column)
-            return tokenize_text(text, self.tokenizer, add_eos=self.add_eos_to_text, location=location)
+            return tokenize_text(text, self.tokenizer, add_eos=self.add_eos_to_text, location=location,
+                                 max_chars=self.max_chars)
         if self.kind == "chat":
             column = self.conversation_column or find_conversation_column(row)
             if column is None or column not in row:
@@ -158,7 +173,7 @@ class _Pipeline:
             if system:
                 messages.insert(0, {"role": "system", "content": system})
         return tokenize_conversation(messages, self.tokenizer, self._chat_template(), train_on=self.train_on,
-                                     location=location)
+                                     location=location, max_chars=self.max_chars)
 
     def apply_length_policy(self, ex: dict, stats: DataStats) -> dict | None:
         n = len(ex["input_ids"])
@@ -181,8 +196,10 @@ class _Pipeline:
 def _examples(source, pipeline: _Pipeline, stats: DataStats, on_error: str, reader_kwargs: dict,
               max_rows: int | None, keep=None) -> Iterator[tuple[int, dict]]:
     """(row index, example) for every row that yields an example; `keep(index)` False: the row is read but not
-    tokenised (a streaming pass over one split)."""
-    for index, (location, row) in enumerate(read_rows(source, **reader_kwargs)):
+    tokenised (a streaming pass over one split). With on_error="skip", lines and records the reader cannot make a
+    row of are skipped and counted too."""
+    on_bad_row = stats.skip if on_error == "skip" else None
+    for index, (location, row) in enumerate(read_rows(source, **reader_kwargs, on_bad_row=on_bad_row)):
         if max_rows is not None and index >= max_rows:
             break
         stats.rows_read += 1
@@ -193,9 +210,7 @@ def _examples(source, pipeline: _Pipeline, stats: DataStats, on_error: str, read
         except DataError as e:
             if on_error != "skip" or (e.file is None and e.line is None and e.row is None):  # config error
                 raise
-            stats.skipped_rows += 1
-            if len(stats.skip_reasons) < 5:
-                stats.skip_reasons.append(str(e))
+            stats.skip(e)
             continue
         ex = pipeline.apply_length_policy(ex, stats)
         if ex is not None:
@@ -256,7 +271,8 @@ def build_dataset(source, tokenizer, *, kind: str = "auto", chat_template: str |
                   on_error: str = "raise", shuffle: bool = True, seed: int = 0, eval_fraction: float = 0.0,
                   eval_size: int | None = None, streaming: bool = False, shuffle_buffer: int = 10_000,
                   max_rows: int | None = None, add_eos_to_text: bool = True, format: str | None = None,
-                  text_split: str = "paragraph", sheet: str | None = None, encoding: str = "utf-8") -> DataSplits:
+                  text_split: str = "paragraph", sheet: str | None = None, encoding: str = "utf-8",
+                  max_line_bytes: int = MAX_LINE_BYTES, max_field_chars: int = MAX_FIELD_CHARS) -> DataSplits:
     """Read, format, tokenise and split a dataset. See the module docstring; returns DataSplits(train, eval, stats).
 
     source: a file (.jsonl .json .csv .tsv .parquet .xlsx .txt/.md), a folder of text files, a list of dicts, a pandas
@@ -267,6 +283,8 @@ def build_dataset(source, tokenizer, *, kind: str = "auto", chat_template: str |
     on_error: "raise" (default) or "skip" (bad rows counted in stats.skipped_rows, first reasons in skip_reasons).
     eval_fraction / eval_size: hold out that share / that many examples (after the seeded shuffle).
     streaming: tokenise lazily on each pass (StreamingExamples); eval_size is not available, use eval_fraction.
+    max_line_bytes / max_field_chars: the most one row (a line, a JSON array element) / one value may take; over
+        them a row is a DataError (skipped and counted with on_error="skip"). Defaults far above real data.
     """
     if on_error not in ("raise", "skip"):
         raise DataError(f"unknown on_error {on_error!r}", column="on_error", available=["raise", "skip"])
@@ -279,7 +297,11 @@ def build_dataset(source, tokenizer, *, kind: str = "auto", chat_template: str |
     if chat_template is not None:
         pipeline._chat_template()  # an unknown template name fails now, before reading any data
     stats = DataStats()
-    reader_kwargs = dict(format=format, text_split=text_split, sheet=sheet, encoding=encoding)
+    for name, limit in (("max_line_bytes", max_line_bytes), ("max_field_chars", max_field_chars)):
+        if not isinstance(limit, int) or limit < 1:
+            raise DataError(f"{name} must be a positive integer, got {limit!r}")
+    reader_kwargs = dict(format=format, text_split=text_split, sheet=sheet, encoding=encoding,
+                         max_line_bytes=max_line_bytes, max_field_chars=max_field_chars)
 
     if streaming:
         if eval_size:
@@ -288,7 +310,8 @@ def build_dataset(source, tokenizer, *, kind: str = "auto", chat_template: str |
         def make_iter(pass_stats: DataStats, keep):
             return _examples(source, pipeline, pass_stats, on_error, reader_kwargs, max_rows, keep)
 
-        location, first = next(iter(read_rows(source, **reader_kwargs)))  # fail early on a missing/empty source
+        skipped = DataStats().skip if on_error == "skip" else None  # counted when the pass reads them
+        location, first = next(iter(read_rows(source, **reader_kwargs, on_bad_row=skipped)))  # missing/empty?
         try:
             pipeline.example(location, first)  # decides kind="auto" now, and fails early on a bad first row
         except DataError:

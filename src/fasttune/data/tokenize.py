@@ -9,6 +9,10 @@ render(messages[:i+1]) adds after render(messages[:i], add_generation_prompt=Tru
 its character span lies entirely inside an assistant span (trailing whitespace after the end-of-turn marker is
 excluded). BOS: a leading bos_token written by the template is removed from the text and the tokenizer's BOS id is
 prepended once, so BOS appears exactly once whether the template, the tokenizer, both or neither add it.
+
+Text far longer than any example can be (a 200 MB line) is cut by characters before tokenising, at
+`char_limit(tokenizer, max_seq_length)`: past that point the first max_seq_length tokens cannot change, so the
+example after truncation to max_seq_length is exactly the one the whole text gives; shorter text is untouched.
 """
 from __future__ import annotations
 
@@ -27,15 +31,27 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
+def char_limit(tokenizer, max_tokens: int) -> int:
+    """Characters of text that surely hold more than `max_tokens` tokens, with their first `max_tokens` tokens the
+    same as the whole text's. A token covers at most as many characters as its vocabulary string is long (byte-level
+    and SentencePiece strings spell every covered character or byte); 4x that allows for normalizers that compose
+    up to 3 characters into one (Hangul jamo) and leaves slack after the last kept token, where a cut could change
+    the tokenisation. Never below 32 characters per token."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return max_tokens * max(32, 4 * longest)
+
+
 def _bos(tokenizer) -> tuple[str | None, int | None]:
     return getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
 
 
-def tokenize_text(text: str, tokenizer, *, add_eos: bool = True, location: Location | None = None) -> dict:
-    """A plain-text document: [BOS] + tokens + [EOS]; every token after the first is a target."""
+def tokenize_text(text: str, tokenizer, *, add_eos: bool = True, location: Location | None = None,
+                  max_chars: int | None = None) -> dict:
+    """A plain-text document: [BOS] + tokens + [EOS]; every token after the first is a target. Text over
+    `max_chars` (from char_limit) is cut there first."""
     if not isinstance(text, str):
         raise DataError(f"text is a non-string value of type {type(text).__name__}", location=location)
-    ids, _ = _encode(tokenizer, text)
+    ids, _ = _encode(tokenizer, text if max_chars is None else text[:max_chars])
     bos_token, bos_id = _bos(tokenizer)
     if bos_id is not None and not (ids and ids[0] == bos_id):
         ids = [bos_id] + ids
@@ -78,8 +94,9 @@ def assistant_spans(messages: list[dict], template: ChatTemplate, bos_token: str
 
 
 def tokenize_conversation(messages: list[dict], tokenizer, template: ChatTemplate, *, train_on: str = "responses",
-                          location: Location | None = None) -> dict:
-    """A standardised conversation ([{"role", "content"}]) rendered with `template`, tokenised and masked."""
+                          location: Location | None = None, max_chars: int | None = None) -> dict:
+    """A standardised conversation ([{"role", "content"}]) rendered with `template`, tokenised and masked. Rendered
+    text over `max_chars` (from char_limit) is tokenised only up to there."""
     if train_on not in TRAIN_ON:
         raise DataError(f"unknown train_on {train_on!r}", column="train_on", available=TRAIN_ON)
     bos_token, bos_id = _bos(tokenizer)
@@ -88,7 +105,7 @@ def tokenize_conversation(messages: list[dict], tokenizer, template: ChatTemplat
     shift = 0
     if bos_token and full.startswith(bos_token):
         shift = len(bos_token)  # template wrote BOS as text: drop it and add the id ourselves, exactly once
-    ids, offsets = _encode(tokenizer, full[shift:])
+    ids, offsets = _encode(tokenizer, full[shift:] if max_chars is None else full[shift:shift + max_chars])
     if bos_id is not None:
         ids, offsets = [bos_id] + ids, [(-1, -1)] + offsets
     labels = [IGNORE_INDEX] * len(ids)
