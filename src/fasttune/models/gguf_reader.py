@@ -460,7 +460,7 @@ def _sentencepiece_merges(tokens: list[str], scores: list[float], types: list[in
 
 
 def _build_backend(f: GGUFFile):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     md = f.metadata
     kind = md.get("tokenizer.ggml.model")
@@ -501,10 +501,11 @@ def _build_backend(f: GGUFFile):
         merges = _sentencepiece_merges(tokens, scores, types)
         unk = tokens[unk_id] if unk_id is not None else None
         tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-        steps = [normalizers.Replace(" ", "\u2581")]
-        if md.get("tokenizer.ggml.add_space_prefix", True):
-            steps.insert(0, normalizers.Prepend("\u2581"))
-        tok.normalizer = normalizers.Sequence(steps)
+        # spaces -> U+2581, and the dummy prefix only at the start of the text, not after a special or user-defined
+        # token inside it (as sentencepiece and llama.cpp); split=False: merges see the whole fragment
+        prefix = md.get("tokenizer.ggml.add_space_prefix", True)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else
+                                                     "never", split=False)
         dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
         if md.get("tokenizer.ggml.add_space_prefix", True):
             dec.append(decoders.Strip(" ", 1, 0))
