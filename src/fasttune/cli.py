@@ -246,7 +246,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="runs/demo", help="where the adapter, metrics and loss curve go")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: one plain line per step instead")
 
 
 def _run_demo(args) -> int:
