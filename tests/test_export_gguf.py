@@ -410,3 +410,64 @@ def test_qwen2_tokenizer_end_to_end(tmp_path):
     assert fields["qwen2.attention.head_count_kv"] == cfg["num_key_value_heads"]
     assert fields["qwen2.rope.freq_base"] == theta
     assert fields["qwen2.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"], rel=1e-6)
+
+
+# ---- metadata llama.cpp keys on: general.name, add_bos / add_eos ---------------------------------------------
+
+def test_general_name_comes_from_the_model_not_the_folder(tmp_path):
+    """The folder is named like a Phi-3 run; the GGUF's name must not be the folder's, and must not carry "phi3"
+    for a vocabulary without the four tokens llama.cpp's Phi-3 rule looks up (else: unordered_map::at at load)."""
+    from fasttune.export.gguf_writer import gguf_name, model_name
+
+    d = _model_dir(tmp_path, "phi3")
+    d = d.rename(tmp_path / "my-phi3-finetune")
+    model = load_model(d)
+    result = export_gguf(model, tmp_path / "m.gguf", tokenizer_dir=d, quant="f32")
+    fields, _ = _read(tmp_path / "m.gguf")
+    name = fields["general.name"]
+    assert name != d.name and "phi3" not in name.lower() and "phi-3" not in name.lower(), name
+    assert name == gguf_name(model_name(model.spec), fields["tokenizer.ggml.tokens"])[0]
+    assert any("general.name" in n and "unk" in n for n in result.notes), result.notes
+
+    # a Hub id in config.json names the model; a path there does not
+    spec = model.spec
+    spec.raw_config["_name_or_path"] = "microsoft/Phi-3-mini-4k-instruct"
+    assert model_name(spec) == "Phi-3-mini-4k-instruct"
+    spec.raw_config["_name_or_path"] = str(d)
+    assert model_name(spec) == "Phi-3"
+    spec.raw_config["_name_or_path"] = "Qwen/Qwen2.5-0.5B-Instruct"
+    assert model_name(spec) == "Qwen2.5-0.5B-Instruct"
+    # a real Phi-3 vocabulary keeps its name (llama.cpp's Phi-3 whitespace rule is meant for it)
+    full = ["<unk>", "<s>", "</s>", "<|endoftext|>", "a"]
+    assert gguf_name("Phi-3-mini-4k-instruct", full) == ("Phi-3-mini-4k-instruct", None)
+    safe, note = gguf_name("Phi-3-mini-4k-instruct", full[1:])
+    assert safe == "Phi 3-mini-4k-instruct" and "<unk>" in note
+    assert gguf_name("Llama-3.2-1B", ["a"]) == ("Llama-3.2-1B", None)
+
+
+def _set_post_processor(d: Path, single: list) -> None:
+    tj = json.loads((d / "tokenizer.json").read_text())
+    procs = [p for p in tj["post_processor"]["processors"] if p["type"] != "TemplateProcessing"]
+    if single:
+        procs.append({"type": "TemplateProcessing", "single": single, "pair": single + [{"Sequence": {"id": "B",
+                      "type_id": 0}}], "special_tokens": {t: {"id": t, "ids": [i], "tokens": [t]} for t, i in
+                                                          (("<|begin_of_text|>", 0), ("<|end_of_text|>", 1))}})
+    tj["post_processor"]["processors"] = procs
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+
+
+@pytest.mark.parametrize("bos,eos", [(True, False), (False, False), (False, True), (True, True)])
+def test_add_bos_eos_as_the_hf_tokenizer_encodes(tmp_path, bos, eos):
+    from fasttune.models.checkpoint import load_tokenizer
+
+    d = _model_dir(tmp_path, "llama")
+    a = [{"Sequence": {"id": "A", "type_id": 0}}]
+    _set_post_processor(d, ([{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}] if bos else []) + a +
+                        ([{"SpecialToken": {"id": "<|end_of_text|>", "type_id": 0}}] if eos else []))
+    tok = load_tokenizer(d)
+    ids = tok("hello", add_special_tokens=True)["input_ids"]
+    assert (ids[0] == tok.bos_token_id, ids[-1] == tok.eos_token_id) == (bos, eos)  # the setup itself
+    export_gguf(load_model(d), tmp_path / "m.gguf", tokenizer_dir=d, quant="f32")
+    fields, _ = _read(tmp_path / "m.gguf")
+    assert fields["tokenizer.ggml.add_bos_token"] is bos
+    assert fields["tokenizer.ggml.add_eos_token"] is eos

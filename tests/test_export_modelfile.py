@@ -208,3 +208,77 @@ def test_modelfile_layout_and_errors():
         make_modelfile("./m.gguf", "chatml", system='a """ b')
     assert registry_name_for(TEMPLATES["llama-3"].source) == "llama-3"
     assert registry_name_for(TEMPLATES["gemma"].source) == "gemma"
+
+
+# ---- the one template an export writes (issue 13 item 4) ----------------------------------------------------------
+
+class _Tok:
+    def __init__(self, chat_template=None):
+        self.chat_template = chat_template
+
+
+def test_export_uses_the_template_the_run_trained_with(tmp_path):
+    import json
+
+    from fasttune.export.modelfile import export_chat_template
+
+    chatml = TEMPLATES["chatml"].source
+    run = {"kind": "run", "chat_template": "llama-3"}
+    # the run's record wins over the tokenizer's own template (the reported bug: ChatML written for a llama-3 run)
+    t = export_chat_template(None, run, _Tok(chatml))
+    assert (t.source, t.registry_name) == (TEMPLATES["llama-3"].source, "llama-3") and "record" in t.origin
+    # a checkpoint folder records it the same way; an alias resolves to the registry name
+    t = export_chat_template(None, {"kind": "checkpoint", "chat_template": "llama3"}, _Tok(chatml))
+    assert t.registry_name == "llama-3"
+    # the user's --chat-template overrides the record
+    t = export_chat_template("phi-3", run, _Tok(chatml))
+    assert (t.source, t.registry_name, t.origin) == (TEMPLATES["phi-3"].source, "phi-3", "--chat-template")
+    # null in the record: training used the tokenizer's template, or ChatML when it had none
+    assert export_chat_template(None, {"kind": "run", "chat_template": None}, _Tok(chatml)).registry_name == "chatml"
+    t = export_chat_template(None, {"kind": "run", "chat_template": None}, _Tok(None))
+    assert (t.source, t.registry_name) == (chatml, "chatml")
+    # a run trained with a Jinja string: that source, recognised for Ollama by its markers
+    custom = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    t = export_chat_template(None, {"kind": "run", "chat_template": custom}, _Tok(None))
+    assert (t.source, t.registry_name) == (custom, "chatml")
+    # a PEFT adapter records no training format, and no adapter at all: the tokenizer's own
+    assert export_chat_template(None, {"kind": "peft", "chat_template": None}, _Tok(chatml)).source == chatml
+    assert export_chat_template(None, None, _Tok(None)).source is None
+    # the record read from a run's adapter folder
+    (tmp_path / "fasttune_adapter.json").write_text(json.dumps({"chat_template": "gemma"}))
+    assert export_chat_template(None, tmp_path, _Tok(chatml)).registry_name == "gemma"
+    (tmp_path / "fasttune_adapter.json").write_text("{not json")
+    with pytest.raises(ModelfileError, match="--chat-template"):
+        export_chat_template(None, tmp_path, _Tok(chatml))
+    with pytest.raises(ModelfileError, match="unknown chat template"):
+        export_chat_template(None, {"kind": "run", "chat_template": "no-such"}, _Tok(chatml))
+
+
+def test_gguf_modelfile_and_tokenizer_files_agree(tmp_path):
+    """The GGUF's tokenizer.chat_template, the Modelfile's TEMPLATE and chat_template.jinja come from one choice."""
+    gguf = pytest.importorskip("gguf")
+    import shutil
+    from pathlib import Path
+
+    import fasttune
+    from fasttune.export.gguf_writer import export_gguf
+    from fasttune.export.modelfile import export_chat_template
+    from fasttune.models import load_model
+    from fasttune.models.checkpoint import load_tokenizer, save_tokenizer
+
+    tiny = Path(fasttune.__file__).parent / "assets" / "tiny"
+    d = tmp_path / "base"
+    shutil.copytree(tiny, d)
+    tok = load_tokenizer(d)
+    tok.chat_template = TEMPLATES["chatml"].source  # the base tokenizer ships ChatML; the run trained llama-3
+    chat = export_chat_template(None, {"kind": "run", "chat_template": "llama-3"}, tok)
+    tok.chat_template = chat.source  # what the export CLI does before writing anything
+    export_gguf(load_model(d), tmp_path / "m.gguf", tokenizer=tok, quant="f32", chat_template=chat.source,
+                perplexity=False)
+    field = gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.chat_template"].contents()
+    save_tokenizer(tok, tmp_path / "tok")
+    jinja = (tmp_path / "tok" / "chat_template.jinja")
+    saved = jinja.read_text() if jinja.exists() else load_tokenizer(tmp_path / "tok").chat_template
+    modelfile = make_modelfile("./m.gguf", chat.registry_name, eos_token=tok.eos_token, jinja_source=chat.source)
+    assert field == saved == TEMPLATES["llama-3"].source
+    assert GO_TEMPLATES["llama-3"] in modelfile

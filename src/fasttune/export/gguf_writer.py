@@ -617,7 +617,7 @@ def read_gguf_weights(path: str | os.PathLike, model: nn.Module) -> dict[str, to
 
 def _corpus_ids(tokenizer, max_tokens: int) -> torch.Tensor:
     text = (Path(__file__).resolve().parent.parent / "assets" / "data" / "corpus.txt").read_text(encoding="utf-8")
-    ids = tokenizer(text[: max_tokens * 16], add_special_tokens=False)["input_ids"][:max_tokens]
+    ids = tokenizer(text[: max_tokens * 16], add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
     return torch.tensor(ids, dtype=torch.long)
 
 
