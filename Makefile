@@ -21,10 +21,14 @@ demo: $(VENV)/.installed
 smollm2: $(VENV)/.installed
 	-$(PY) scripts/fetch_smollm2.py
 
+# A real model on CPU (~2 minutes on 2 cores): SmolLM2-135M-Instruct fine-tuned from its GGUF to a persona
+demo-smollm2: $(VENV)/.installed
+	$(PY) scripts/demo_smollm2.py
+
 test: $(VENV)/.installed smollm2
 	$(PY) -m pytest -q
 
 gpu-test: $(VENV)/.installed
 	$(PY) -m pytest -q -m gpu
 
-.PHONY: install demo test gpu-test smollm2
+.PHONY: install demo demo-smollm2 test gpu-test smollm2
