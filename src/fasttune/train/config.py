@@ -405,8 +405,11 @@ def _load_yaml(text: str, name: str):
     loader.name = name
     try:
         return loader.get_single_data()
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{name} is not valid YAML: {_short(str(e), 300)}") from None
+    except yaml.YAMLError as e:  # one line: the problem and where (PyYAML's own text spans lines and quotes input)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{name} is not valid YAML: {problem[:120]}{where}") from None
     except RecursionError:
         raise ConfigError(f"{name} is nested too deeply to be a config") from None
     finally:
