@@ -100,6 +100,31 @@ def test_doctor_reports_pad_equal_to_eos(gguf_path, tmp_path):
     assert found and "EOS" in found[0].title, report.format()
 
 
+def test_export_to_f16_gguf_and_back_keeps_the_logits(smollm, tmp_path):
+    """fasttune's GGUF export (F16) read back by fasttune: exactly the model with its weights rounded to float16
+    (<= 1e-5 relative: reading adds nothing), and within F16 rounding of the original: measured 1.09e-3 relative to
+    the largest logit over 30 layers, asserted <= 2e-3 (the issue asked 1e-3; F16 weights alone exceed it here)."""
+    import copy
+
+    from fasttune.export.gguf_writer import export_gguf
+
+    model, tok = smollm
+    export_gguf(model, tmp_path / "smollm2-f16.gguf", tokenizer=tok, quant="f16")
+    again, tok2 = fasttune.load(tmp_path / "smollm2-f16.gguf", device="cpu", dtype="float32")
+    ids = _prompt(tok, QUESTION)
+    assert _prompt(tok2, QUESTION)[0].tolist() == ids[0].tolist()
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if p.dim() == 2:  # norms stay float32 in the file
+                p.copy_(p.half().float())
+        a, b, r = again(ids).logits.double(), model(ids).logits.double(), rounded(ids).logits.double()
+    rel = ((a - b).abs().max() / b.abs().max()).item()
+    rel_rounded = ((a - r).abs().max() / r.abs().max()).item()
+    assert rel_rounded <= 1e-5, rel_rounded
+    assert rel <= 2e-3, rel
+
+
 def test_short_lora_sft_lowers_the_loss_and_changes_the_answer(smollm):
     """LoRA (r 8, all linear layers) on one conversation that teaches a name: the loss on it falls and the greedy
     answer says the name; the base weights are untouched (the adapters come off with the model unchanged)."""
