@@ -301,11 +301,11 @@ def _load_pt(path: Path):
                               "another checkpoint") from None
 
 
-_TRAINER_STATE = {"step": int, "epoch": int, "batch_index": int}
+_POSITION = ("step", "epoch", "batch_index")  # what a resume reads back: non-negative integers
 
 
-def read_trainer_state(path: str | os.PathLike) -> dict:
-    """trainer_state.json of a checkpoint, checked for the fields resume relies on."""
+def read_trainer_state(path: str | os.PathLike, for_resume: bool = False) -> dict:
+    """trainer_state.json of a checkpoint: `step` must be valid, and with `for_resume` the whole data position."""
     f = Path(path) / "trainer_state.json"
     if not f.is_file():
         raise CheckpointError(f"{path} is not a fasttune checkpoint (no trainer_state.json); pass a "
@@ -315,7 +315,8 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f} is not valid JSON ({str(e)[:80]}); the checkpoint is corrupt: resume from "
                               "another checkpoint") from None
-    bad = [k for k, tp in _TRAINER_STATE.items() if not isinstance(state, dict) or not isinstance(state.get(k), tp)
+    keys = _POSITION if for_resume else _POSITION[:1]
+    bad = [k for k in keys if not isinstance(state, dict) or not isinstance(state.get(k), int)
            or isinstance(state.get(k), bool) or state.get(k) < 0]
     if bad:
         raise CheckpointError(f"{f} lacks valid {', '.join(bad)}; the checkpoint is corrupt: resume from another "

@@ -719,7 +719,7 @@ def _is_embedding(name: str) -> bool:
 def check_resume(cfg: TrainConfig, path: str | os.PathLike, world_size: int) -> None:
     """Refuse (ConfigError) a checkpoint whose recorded config differs from `cfg` in a setting a resume cannot
     change (config.RESUMABLE says which it can)."""
-    ts = ckpt.read_trainer_state(path)
+    ts = ckpt.read_trainer_state(path, for_resume=True)
     if not isinstance(ts.get("config"), dict):
         return  # written before checkpoints recorded their config: the weights' shapes are still checked
     refused = resume_conflicts(ts["config"], cfg, ts.get("world_size", 1), world_size)
