@@ -63,7 +63,8 @@ class BF16PositionRotary:
         d = int(spec.head_dim * spec.rope.partial_rotary_factor)
         self.inv_freq = 1.0 / (spec.rope.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
 
-    def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, position_ids: torch.Tensor, max_position: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         angles = (position_ids.to(torch.bfloat16)[..., None] * self.inv_freq.to(torch.bfloat16)).float()
         emb = torch.cat((angles, angles), dim=-1)
         return emb.cos(), emb.sin()

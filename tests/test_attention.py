@@ -5,7 +5,7 @@ import pytest
 from seeding import seed_all
 import torch
 
-from fasttune.kernels.attention import attention, build_mask, documents_from_positions, eager_attention
+from fasttune.kernels.attention import FALLBACKS, DocumentLayout, attention, build_mask, eager_attention
 
 
 def naive(q, k, v, scale, q_offset=0, window=None, pad=None, docs=None, softcap=None):
@@ -55,8 +55,8 @@ def test_dispatch_matches_naive(case, dtype):
         pad[1, :3] = False
         kw, nkw = {"key_padding_mask": pad}, {"pad": pad}
     if case == "docs":
-        docs = documents_from_positions(torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3]] * 2))
-        kw, nkw = {"document_ids": docs}, {"docs": docs}
+        layout = DocumentLayout.from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3]] * 2))
+        kw, nkw = {"documents": layout}, {"docs": layout.document_ids}
     if case == "softcap":
         kw = nkw = {"softcap": 2.0}
     if case == "decode":  # 3 new queries after 8 cached keys
@@ -90,10 +90,12 @@ def test_fully_masked_rows_are_finite():
     assert torch.isfinite(q.grad).all()
 
 
-def test_documents_from_positions():
-    assert documents_from_positions(torch.arange(5)[None]) is None
-    d = documents_from_positions(torch.tensor([[0, 1, 0, 1, 2, 0]]))
-    assert d.tolist() == [[1, 1, 2, 2, 2, 3]]
+def test_document_layout_from_positions():
+    assert DocumentLayout.from_position_ids(torch.arange(5)[None]) is None
+    d = DocumentLayout.from_position_ids(torch.tensor([[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1]]))
+    assert d.document_ids.tolist() == [[0, 0, 1, 1, 1, 2], [3, 3, 3, 3, 4, 4]]  # every row starts a document
+    assert d.cu_seqlens.tolist() == [0, 2, 5, 6, 10, 12] and d.cu_seqlens.dtype == torch.int32
+    assert d.max_seqlen == 4
 
 
 # --- the flash-attn path, on CPU against a stand-in `flash_attn` module --------------------------------------------
@@ -197,7 +199,7 @@ def fake_flash(monkeypatch):
         fake = _FakeFlashAttn(fail)
         monkeypatch.setitem(sys.modules, "flash_attn", fake.module())
         monkeypatch.setattr(attn_mod, "_flash_attn_device_ok", lambda q, k, v: True)
-        monkeypatch.setattr(attn_mod, "_FLASH_FAILED", False)
+        FALLBACKS.reset()
         monkeypatch.delenv("FASTTUNE_FLASH_ATTN", raising=False)
         return fake
     return install
@@ -217,7 +219,7 @@ def test_flash_attn_path_matches_reference(fake_flash, case):
     if case in ("window", "packed_window", "gqa", "gemma2"):
         kw["sliding_window"] = 4 if case != "packed_window" else 3
     if case in ("packed", "packed_window", "gqa"):
-        kw["document_ids"] = documents_from_positions(torch.tensor(_PACKED_POSITIONS))
+        kw["documents"] = DocumentLayout.from_position_ids(torch.tensor(_PACKED_POSITIONS))
     if case in ("softcap", "gemma2"):
         kw["softcap"] = 1.5
     q = (torch.randn(B, T, Hq, D) * 2).transpose(1, 2)  # the model's layout: a transposed view
@@ -227,7 +229,7 @@ def test_flash_attn_path_matches_reference(fake_flash, case):
     scale = 1 / math.sqrt(D)
     got = attention(q, k, v, scale=scale, **kw)
 
-    varlen = "document_ids" in kw
+    varlen = "documents" in kw
     assert fake.calls == {"flash_attn_func": int(not varlen), "flash_attn_varlen_func": int(varlen)}
     seen = fake.seen[0]
     assert seen["causal"] is True
@@ -238,7 +240,7 @@ def test_flash_attn_path_matches_reference(fake_flash, case):
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     mask = build_mask(B, T, T, q.device, sliding_window=kw.get("sliding_window"),
-                      document_ids=kw.get("document_ids"))
+                      document_ids=kw["documents"].document_ids if varlen else None)
     want = eager_attention(q64, k64, v64, mask, scale, kw.get("softcap"))
     assert got.shape == want.shape and got.dtype == q.dtype
     assert (got.double() - want.detach()).abs().max() < 1e-5
@@ -273,20 +275,20 @@ def test_flash_attn_errors_fall_back_to_reference(fake_flash, packed):
     fake = fake_flash(fail=True)
     B, T = 2, 13
     q, k, v = torch.randn(B, 4, T, 8), torch.randn(B, 2, T, 8), torch.randn(B, 2, T, 8)
-    docs = documents_from_positions(torch.tensor(_PACKED_POSITIONS)) if packed else None
-    got = attention(q, k, v, scale=0.3, sliding_window=4, document_ids=docs, softcap=2.0)
-    mask = build_mask(B, T, T, q.device, sliding_window=4, document_ids=docs)
+    layout = DocumentLayout.from_position_ids(torch.tensor(_PACKED_POSITIONS)) if packed else None
+    got = attention(q, k, v, scale=0.3, sliding_window=4, documents=layout, softcap=2.0)
+    mask = build_mask(B, T, T, q.device, sliding_window=4, document_ids=layout.document_ids if packed else None)
     want = eager_attention(q.double(), k.double(), v.double(), mask, 0.3, 2.0)
     assert (got.double() - want).abs().max() < 1e-5
-    assert sum(fake.calls.values()) == 1 and attn_mod._FLASH_FAILED
-    attention(q, k, v, scale=0.3, sliding_window=4, document_ids=docs)  # not retried once it failed
+    assert sum(fake.calls.values()) == 1 and not attn_mod.FALLBACKS.usable("flash-attn")
+    assert "Ampere" in attn_mod.FALLBACKS.failed["flash-attn"]  # the reason is kept (and logged once)
+    attention(q, k, v, scale=0.3, sliding_window=4, documents=layout)  # not retried once it failed
     assert sum(fake.calls.values()) == 1
 
 
-def test_mask_layout_is_built_once_per_forward_and_shared_by_every_layer(fake_flash, monkeypatch):
-    """flash-attn's cu_seqlens (host syncs) are computed once per forward through AttentionInputs.memo, not per
-    layer, also when checkpointed layers recompute; the result equals the reference path."""
-    from fasttune.kernels import attention as attn_mod
+def test_document_layout_is_built_once_per_forward_and_shared_by_every_layer(fake_flash, monkeypatch):
+    """The packed layout is built once per forward (from the position ids) and shared by every layer, also when
+    checkpointed layers recompute; the varlen path's result equals the reference path's."""
     from fasttune.models import ArchSpec, CausalLM
     from fasttune.train.memory import apply_memory_policy
 
@@ -298,18 +300,65 @@ def test_mask_layout_is_built_once_per_forward_and_shared_by_every_layer(fake_fl
     reference = model(ids, position_ids=positions).logits  # no stand-in installed: the mask path
 
     fake = fake_flash()
-    real_layout = attn_mod._varlen_layout
-    layouts = []
-    monkeypatch.setattr(attn_mod, "_varlen_layout", lambda docs: layouts.append(1) or real_layout(docs))
+    real = DocumentLayout.from_position_ids.__func__
+    built = []
+    monkeypatch.setattr(DocumentLayout, "from_position_ids",
+                        classmethod(lambda cls, pos: built.append(1) or real(cls, pos)))
     logits = model(ids, position_ids=positions).logits
     torch.testing.assert_close(logits, reference, rtol=1e-10, atol=1e-12)
-    assert fake.calls["flash_attn_varlen_func"] == 3 and len(layouts) == 1
+    assert fake.calls["flash_attn_varlen_func"] == 3 and len(built) == 1
+    # a layout passed in (as the trainer does, built on the host) is used as it is
+    layout = real(DocumentLayout, positions)
+    built.clear()
+    torch.testing.assert_close(model(ids, position_ids=positions, documents=layout).logits, reference,
+                               rtol=1e-10, atol=1e-12)
+    assert not built
 
     apply_memory_policy(model, "checkpoint", seq_len=13, batch_size=2)  # the backward re-runs every layer
     model.requires_grad_(True)
-    layouts.clear()
+    built.clear()
     model(ids, position_ids=positions, labels=ids).loss.backward()
-    assert fake.calls["flash_attn_varlen_func"] == 3 + 6 and len(layouts) == 1
+    assert fake.calls["flash_attn_varlen_func"] == 3 + 3 + 6 and len(built) == 1
+
+
+@pytest.mark.parametrize("case", ["packed", "window", "packed_window", "gqa"])
+def test_torch_flash_varlen_path_plumbing(monkeypatch, case):
+    """PyTorch's own flash kernel (CUDA only) is reached with the right flattened layout, cu_seqlens, longest
+    document and window; here a float64 stand-in with flash's documented semantics takes its place on CPU. (The
+    real kernel is checked against float64 on the GPU: tests/test_gpu_model.py.)"""
+    from fasttune.kernels import attention as attn_mod
+
+    FALLBACKS.reset()
+    seen = []
+
+    def fake_op(qf, kf, vf, cu, longest, scale, window_left):
+        seen.append(dict(cu=cu.tolist(), longest=longest, window_left=window_left))
+        bounds = cu.tolist()
+        return torch.cat([_fa_one(qf[a:b], kf[a:b], vf[a:b], scale, True,
+                                  (-1 if window_left is None else window_left, 0), 0.0)
+                          for a, b in zip(bounds[:-1], bounds[1:])])
+
+    monkeypatch.setattr(attn_mod, "_torch_flash_ok", lambda q, k, v: True)
+    monkeypatch.setattr(attn_mod, "_torch_flash_op", fake_op)
+    B, Hq, Hk, T, D = 2, 4 if case != "gqa" else 8, 2, 13, 8
+    kw = {}
+    if case in ("window", "packed_window", "gqa"):
+        kw["sliding_window"] = 4
+    if case in ("packed", "packed_window", "gqa"):
+        kw["documents"] = DocumentLayout.from_position_ids(torch.tensor(_PACKED_POSITIONS))
+    q = torch.randn(B, T, Hq, D).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, Hk, D).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, T, Hk, D).transpose(1, 2).requires_grad_()
+    got = attention(q, k, v, scale=0.3, **kw)
+    packed = "documents" in kw
+    assert seen[0]["cu"] == ([0, 5, 6, 13, 21, 26] if packed else [0, 13, 26])
+    assert seen[0]["longest"] == (8 if packed else 13)
+    assert seen[0]["window_left"] == (3 if "sliding_window" in kw else None)
+    mask = build_mask(B, T, T, q.device, sliding_window=kw.get("sliding_window"),
+                      document_ids=kw["documents"].document_ids if packed else None)
+    want = eager_attention(q.double(), k.double(), v.double(), mask, 0.3)
+    assert (got.double() - want).abs().max() < 1e-5
+    torch.autograd.grad(got.sum(), (q, k, v))  # differentiable through the stand-in, as through aten's op
 
 
 def test_flex_block_mask_is_built_once_per_window(monkeypatch):
@@ -319,15 +368,15 @@ def test_flex_block_mask_is_built_once_per_window(monkeypatch):
     from fasttune.kernels import attention as attn_mod
 
     built = []
-    monkeypatch.setattr(flex_mod, "create_block_mask", lambda mask_mod, B, H, Q, KV, device: built.append(1) or
-                        object())
+    monkeypatch.setattr(flex_mod, "create_block_mask", lambda mask_mod, B, H, Q, KV, device, _compile=False:
+                        built.append(1) or object())
     monkeypatch.setattr(attn_mod, "_compiled_flex", lambda: lambda q, k, v, **kw: torch.zeros_like(q))
-    monkeypatch.setattr(attn_mod, "_FLEX_FAILED", False)
+    FALLBACKS.reset()
     q = k = v = torch.randn(1, 2, 16, 8)
-    docs = torch.tensor([[0] * 8 + [1] * 8])
+    layout = DocumentLayout.from_position_ids(torch.tensor([list(range(8)) * 2]))
     memo: dict = {}
     for window in (None, 4, None, 4, None):  # Gemma 2 style: alternating global and local layers
-        assert attn_mod._flex(q, k, v, 0.3, window, docs, None, memo) is not None
+        assert attn_mod._flex(q, k, v, 0.3, window, layout, None, memo) is not None
     assert len(built) == 2
-    attn_mod._flex(q, k, v, 0.3, None, docs, None)  # without a memo: built on every call, as before
+    attn_mod._flex(q, k, v, 0.3, None, layout, None)  # without a memo: built on every call
     assert len(built) == 3

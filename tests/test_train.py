@@ -125,7 +125,8 @@ def test_accumulation_4x1_equals_batch_of_4(small_model, tmp_path):
         torch.testing.assert_close(g_micro[name], g_full[name], rtol=1e-5, atol=1e-7, msg=name)
 
     # the bug fixed in 2024: averaging per-micro-batch means gives a different loss for unequal lengths
-    means = [trainer.model(**{k: v for k, v in collate_padded([e], pad).items()}).loss.item() for e in examples]
+    means = [trainer.model(**{k: v for k, v in collate_padded([e], pad).items() if k != "real_tokens"}).loss.item()
+             for e in examples]
     assert abs(sum(means) / 4 - full["loss"]) > 1e-3
 
 
@@ -365,7 +366,7 @@ def test_out_of_memory_is_explained_with_options(small_model, tmp_path):
 
     def oom(group):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    trainer.accumulate = oom
+    trainer._accumulate = oom
     with pytest.raises(OutOfMemory) as e:
         trainer.train()
     msg = str(e.value)

@@ -13,8 +13,8 @@ from .chat_templates import ChatTemplate, get_chat_template, register_chat_templ
 from .conversations import standardize_conversation
 from .dataset import DataSplits, DataStats, StreamingExamples, build_dataset
 from .errors import DataError, Location, TemplateError
-from .packing import (DataCollator, collate_packed, collate_padded, iter_batches, length_grouped_batches,
-                      num_target_tokens, pack_examples)
+from .packing import (DataCollator, bucket_length, collate_packed, collate_packed_rows, collate_padded, iter_batches,
+                      length_buckets, length_grouped_batches, num_target_tokens, pack_examples, pack_rows)
 from .readers import read_rows
 from .template import PromptTemplate
 from .tokenize import IGNORE_INDEX, generation_prompt_ids, tokenize_conversation, tokenize_text
@@ -33,7 +33,7 @@ def tiny_tokenizer_path() -> str:
 __all__ = [
     "CHAT_TEMPLATES", "ChatTemplate", "DataCollator", "DataError", "DataSplits", "DataStats", "IGNORE_INDEX",
     "Location", "PromptTemplate", "StreamingExamples", "TemplateError", "build_dataset", "bundled_data_path",
-    "collate_packed", "collate_padded", "generation_prompt_ids", "get_chat_template", "iter_batches",
+    "bucket_length", "collate_packed", "collate_packed_rows", "collate_padded", "length_buckets", "pack_rows", "generation_prompt_ids", "get_chat_template", "iter_batches",
     "length_grouped_batches", "num_target_tokens", "pack_examples", "read_rows", "register_chat_template",
     "standardize_conversation", "tiny_tokenizer_path", "tokenize_conversation", "tokenize_text",
 ]

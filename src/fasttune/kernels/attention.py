@@ -3,23 +3,96 @@
 Shapes: q (B, Hq, Tq, D); k, v (B, Hk, Tk, D) with Hq a multiple of Hk (GQA). Query i sits at absolute
 position `q_offset + i` among the Tk keys (q_offset > 0 while decoding with a KV cache).
 
-Paths, fastest first:
-- no mask at all (plain causal): `scaled_dot_product_attention(is_causal=True)`, which takes the flash or cuDNN
-  kernel on GPU;
-- packed documents, a sliding window or soft-capping on CUDA in fp16/bf16, when the `flash_attn` package (Dao-AILab
-  FlashAttention 2.x) imports: `flash_attn_varlen_func` for packed documents (each document its own causal sequence,
-  `cu_seqlens` from the document ids), `flash_attn_func` otherwise; our window of W keys (the query included) is
-  flash-attn's `window_size=(W - 1, 0)`. Training/prefill only (q_offset 0, Tq == Tk, no padding mask), head_dim
-  <= 256; any error falls back to the paths below; `FASTTUNE_FLASH_ATTN=0` turns it off. Plain causal stays on SDPA;
-- packed documents or a sliding window on CUDA: `flex_attention` with a block mask, so masked blocks are skipped;
-- otherwise (padding, soft-capping, CPU): an explicit boolean mask through SDPA, or eager math when soft-capping.
+Packed rows carry a `DocumentLayout` (document ids, cu_seqlens, the longest document), built on the host by the
+data collator, so no path has to read back from the GPU where documents start.
+
+Paths, fastest first (measured on H200, bf16, 8B shape 2 x 2048, documents of median ~260 tokens, forward +
+backward of one layer: bench/attention_paths.py, bench/RESULTS.md):
+- no mask at all (plain causal): `scaled_dot_product_attention(is_causal=True)` (flash; 0.66 ms, the floor);
+- packed documents and/or a sliding window on CUDA in fp16/bf16, training/prefill (Tq == Tk, no padding mask, no
+  soft-cap): PyTorch's own flash kernel with cu_seqlens (`aten._flash_attention_forward`, GQA native, window
+  `(W - 1, 0)`; 0.93 ms). Its public wrapper `torch.nn.attention.varlen.varlen_attn` measured 1.50 ms, a dense-mask
+  SDPA 1.73 ms, flex_attention with a block mask built per call 5.1 ms;
+- the same with soft-capping (Gemma 2) when the `flash_attn` package (Dao-AILab FlashAttention 2.x) imports:
+  `flash_attn_varlen_func` (it has softcap), `flash_attn_func` for windows without documents;
+- otherwise on CUDA: compiled `flex_attention` with a block mask built once per forward (memo) from the layout;
+- otherwise (padding masks, decoding with a window, CPU): an explicit boolean mask through SDPA, or eager math when
+  soft-capping.
+A fused path that raises is logged once with the reason and not tried again (`FALLBACKS`); a dense mask taken on
+CUDA is logged once too. `FASTTUNE_FLASH_ATTN=0` / `FASTTUNE_FLEX=0` switch the flash_attn package / flex off.
 """
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("fasttune.attention")
+
+
+@dataclass(frozen=True)
+class DocumentLayout:
+    """Where the packed documents of a (B, T) batch lie. Built on the host (`from_position_ids` of CPU position
+    ids), then moved with `to(device)`."""
+    document_ids: torch.Tensor  # (B, T) int32: distinct across rows, non-decreasing along a row
+    cu_seqlens: torch.Tensor  # (N + 1,) int32: where each of the N documents starts in the B * T flattened tokens
+    max_seqlen: int  # the longest document
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor) -> DocumentLayout | None:
+        """A document starts at every row start and wherever the position restarts at 0. None when no row holds
+        more than one document (plain causal attention is then exact). Reads the values on the host: pass CPU
+        position ids (a CUDA tensor costs a device-to-host sync)."""
+        B, T = position_ids.shape
+        starts = position_ids == 0
+        if T < 2 or not bool(starts[:, 1:].any()):
+            return None
+        starts = starts.clone()
+        starts[:, 0] = True
+        flat = starts.reshape(-1)
+        document_ids = (torch.cumsum(flat.to(torch.int32), 0) - 1).to(torch.int32).reshape(B, T)
+        begin = torch.nonzero(flat).reshape(-1)
+        cu = torch.cat([begin, begin.new_tensor([B * T])]).to(torch.int32)
+        return cls(document_ids, cu, int((cu[1:] - cu[:-1]).max()))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> DocumentLayout:
+        return DocumentLayout(self.document_ids.to(device, non_blocking=non_blocking),
+                              self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen)
+
+    def pin_memory(self) -> DocumentLayout:
+        return DocumentLayout(self.document_ids.pin_memory(), self.cu_seqlens.pin_memory(), self.max_seqlen)
+
+
+class Fallbacks:
+    """The fused attention paths that failed in this process, and why: each failure is logged once, and the path
+    is not tried again."""
+
+    def __init__(self):
+        self.failed: dict[str, str] = {}
+        self._said: set[str] = set()
+
+    def usable(self, path: str) -> bool:
+        return path not in self.failed
+
+    def fail(self, path: str, reason: str) -> None:
+        self.failed[path] = reason
+        log.warning("attention: %s failed (%s); a slower path is used for the rest of this process", path, reason)
+
+    def note(self, key: str, message: str) -> None:
+        """Log `message` once per process: a slower path taken for a reason that is not a failure."""
+        if key not in self._said:
+            self._said.add(key)
+            log.warning("attention: %s", message)
+
+    def reset(self) -> None:
+        self.failed.clear()
+        self._said.clear()
+
+
+FALLBACKS = Fallbacks()
 
 
 def build_mask(
@@ -54,12 +127,6 @@ def build_mask(
     return allowed
 
 
-def documents_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Packed sequences restart their position ids at 0; a restart after the first token starts a new document.
-    Returns (B, T) document indices, or None when no row is packed."""
-    if position_ids.shape[-1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
-        return None
-    return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
 
 
 def attention(
@@ -71,33 +138,42 @@ def attention(
     q_offset: int = 0,
     sliding_window: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
-    document_ids: torch.Tensor | None = None,
+    documents: DocumentLayout | None = None,
     softcap: float | None = None,
     memo: dict | None = None,
 ) -> torch.Tensor:
-    """Returns (B, Hq, Tq, D). `memo`: a dict shared by every layer of one forward (and its recompute), where the
-    layout derived from the masks (flash-attn's cu_seqlens, flex block masks) is built once instead of per layer."""
+    """Returns (B, Hq, Tq, D). `memo`: a dict shared by every layer of one forward (and its recompute), where what
+    is derived from the masks (row cu_seqlens, flex block masks) is built once instead of per layer."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     gqa = Hq != k.shape[1]
-    window_matters = sliding_window is not None and Tk > sliding_window
-    if window_matters is False:
-        sliding_window = None
-    plain_causal = key_padding_mask is None and document_ids is None and sliding_window is None and softcap is None
+    if sliding_window is not None and Tk <= sliding_window:
+        sliding_window = None  # the window covers every key: it changes nothing
+    plain_causal = key_padding_mask is None and documents is None and sliding_window is None and softcap is None
     if plain_causal and q_offset == 0 and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if plain_causal and Tq == 1:  # one new token sees the whole cache
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    if (key_padding_mask is None and q_offset == 0 and Tq == Tk and D <= 256 and _flash_attn_device_ok(q, k, v)
+    whole_rows = key_padding_mask is None and q_offset == 0 and Tq == Tk
+    if whole_rows and softcap is None and _torch_flash_ok(q, k, v):
+        out = _torch_flash_varlen(q, k, v, scale, sliding_window, documents, memo)
+        if out is not None:
+            return out
+    if (whole_rows and D <= 256 and _flash_attn_device_ok(q, k, v)
             and os.environ.get("FASTTUNE_FLASH_ATTN", "1") != "0"):
-        out = _flash(q, k, v, scale, sliding_window, document_ids, softcap, memo)
+        out = _flash(q, k, v, scale, sliding_window, documents, softcap, memo)
         if out is not None:
             return out
-    if (q.is_cuda and key_padding_mask is None and q_offset == 0 and Tq == Tk
-            and os.environ.get("FASTTUNE_FLEX", "1") == "1"):
-        out = _flex(q, k, v, scale, sliding_window, document_ids, softcap, memo)
+    if whole_rows and q.is_cuda and os.environ.get("FASTTUNE_FLEX", "1") == "1":
+        out = _flex(q, k, v, scale, sliding_window, documents, softcap, memo)
         if out is not None:
             return out
+    if q.is_cuda:
+        FALLBACKS.note(f"dense-mask:{key_padding_mask is not None}:{softcap is not None}:{q.dtype}",
+                       f"a dense (B, 1, Tq, Tk) mask through {'eager math' if softcap else 'SDPA'} is used for "
+                       f"{'a padding mask' if key_padding_mask is not None else 'these inputs'} ({q.dtype}, "
+                       f"q_offset {q_offset}): slower than the fused paths")
+    document_ids = documents.document_ids if documents is not None else None
     mask = build_mask(B, Tq, Tk, q.device, q_offset, sliding_window, key_padding_mask, document_ids)
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
@@ -118,7 +194,56 @@ def eager_attention(q, k, v, mask: torch.Tensor, scale: float, softcap: float | 
     return torch.matmul(probs, v)
 
 
-_FLASH_FAILED = False
+
+
+def _row_layout(B: int, T: int, device: torch.device, memo: dict | None) -> tuple[torch.Tensor, int]:
+    """cu_seqlens of B whole rows of T tokens (a window without documents), built on the device: no sync."""
+    key = ("rows", B, T)
+    if memo is not None and key in memo:
+        return memo[key]
+    out = (torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=device), T)
+    if memo is not None:
+        memo[key] = out
+    return out
+
+
+def _varlen_inputs(q, k, v, documents: DocumentLayout | None, memo):
+    """(B * T, H, D) views of q, k, v (the model's (B, T, H, D) storage transposed back) and (cu_seqlens, longest)."""
+    B, Hq, T, D = q.shape
+    if documents is not None:
+        cu, longest = documents.cu_seqlens, documents.max_seqlen
+    else:
+        cu, longest = _row_layout(B, T, q.device, memo)
+    flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]
+    return flat, cu, longest
+
+
+def _torch_flash_ok(q, k, v) -> bool:
+    """PyTorch's own flash kernel takes CUDA fp16/bf16 of one dtype with head_dim a multiple of 8 up to 256."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and FALLBACKS.usable("torch-flash-varlen")
+            and hasattr(torch.ops.aten, "_flash_attention_forward"))
+
+
+def _torch_flash_op(qf, kf, vf, cu, longest, scale, window_left):
+    """aten's flash forward with cu_seqlens; autograd runs its flash backward. The window, like flash-attn's,
+    lets query i see keys [i - left, i]."""
+    return torch.ops.aten._flash_attention_forward(
+        qf, kf, vf, cu, cu, longest, longest, 0.0, True, False, scale=scale,
+        window_size_left=window_left, window_size_right=0 if window_left is not None else None)[0]
+
+
+def _torch_flash_varlen(q, k, v, scale, sliding_window, documents, memo):
+    B, Hq, T, D = q.shape
+    (qf, kf, vf), cu, longest = _varlen_inputs(q, k, v, documents, memo)
+    try:
+        out = _torch_flash_op(qf, kf, vf, cu, longest, scale, None if sliding_window is None else sliding_window - 1)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # an old torch or a GPU its flash kernel does not support
+        FALLBACKS.fail("torch-flash-varlen", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return None
+    return out.reshape(B, T, Hq, D).transpose(1, 2)
 
 
 def _flash_attn_device_ok(q, k, v) -> bool:
@@ -127,23 +252,21 @@ def _flash_attn_device_ok(q, k, v) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
 
 
-def _flash(q, k, v, scale, sliding_window, document_ids, softcap, memo: dict | None = None):
-    """flash-attn 2.x for packed documents / sliding windows / soft-capping (training and prefill: Tq == Tk, no
-    cache, no padding). Returns (B, Hq, T, D), or None when flash-attn is missing, the ids are not contiguous
-    documents, or it raised (then it is not tried again).
+def _flash(q, k, v, scale, sliding_window, documents, softcap, memo: dict | None = None):
+    """The flash_attn package (training and prefill: Tq == Tk, no cache, no padding). Returns (B, Hq, T, D), or
+    None when it is missing or raised (then it is not tried again).
 
     flash-attn's layout is (B, T, H, D) (varlen: (total, H, D)); GQA is native (head h reads kv head
     h // (Hq // Hk), as repeat_interleave does). With causal=True and window_size=(left, right) query i sees keys
     [i - left, i + right] (seqlen_q == seqlen_k, so its bottom-right alignment is our top-left); our mask allows
     q - window < k <= q, hence left = window - 1, right = 0. Soft-capping is tanh(s / cap) * cap of the scaled
     score, as in `eager_attention`."""
-    global _FLASH_FAILED
-    if _FLASH_FAILED:
+    if not FALLBACKS.usable("flash-attn"):
         return None
     try:
         import flash_attn
-    except Exception:
-        _FLASH_FAILED = True
+    except Exception as e:
+        FALLBACKS.fail("flash-attn", f"the flash_attn package does not import: {type(e).__name__}")
         return None
     B, Hq, T, D = q.shape
     kw = {"softmax_scale": scale, "causal": True}
@@ -151,60 +274,34 @@ def _flash(q, k, v, scale, sliding_window, document_ids, softcap, memo: dict | N
         kw["window_size"] = (sliding_window - 1, 0)
     if softcap is not None:
         kw["softcap"] = float(softcap)
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D): free for our callers
     try:
-        if document_ids is None:
-            out = flash_attn.flash_attn_func(qt, kt, vt, **kw)
+        if documents is None:
+            out = flash_attn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw)
             return out.transpose(1, 2)
-        key = ("flash-varlen", B, T)
-        if memo is None or key not in memo:  # host syncs here: once per forward when the caller passes a memo
-            layout = _varlen_layout(document_ids.reshape(B, T).to(q.device))
-            if memo is not None:
-                memo[key] = layout
-        else:
-            layout = memo[key]
-        if layout is None:
-            return None  # a document split in two runs: only the mask paths express that
-        cu, max_len = layout
-        out = flash_attn.flash_attn_varlen_func(
-            qt.reshape(B * T, Hq, D), kt.reshape(B * T, -1, D), vt.reshape(B * T, -1, D),
-            cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len, **kw)
+        (qf, kf, vf), cu, longest = _varlen_inputs(q, k, v, documents, memo)
+        out = flash_attn.flash_attn_varlen_func(qf, kf, vf, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+                                                max_seqlen_k=longest, **kw)
         return out.reshape(B, T, Hq, D).transpose(1, 2)
     except torch.OutOfMemoryError:  # not a reason to give up on the kernel: the trainer explains what would fit
         raise
-    except Exception:  # an old flash-attn, an unsupported GPU / dtype / head size: fall back to SDPA or flex
-        _FLASH_FAILED = True
+    except Exception as e:  # an old flash-attn, an unsupported GPU / dtype / head size
+        FALLBACKS.fail("flash-attn", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         return None
 
 
-def _varlen_layout(docs: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """(cu_seqlens int32, longest document) of a (B, T) document-id tensor flattened row by row: a sequence starts
-    at every row start and wherever the id changes. None if some row's ids decrease (a document split in two)."""
-    B, T = docs.shape
-    if T > 1 and not bool((docs[:, 1:] >= docs[:, :-1]).all()):
-        return None
-    starts = torch.ones(B, T, dtype=torch.bool, device=docs.device)
-    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    cu = torch.nonzero(starts.reshape(-1)).reshape(-1)
-    cu = torch.cat([cu, cu.new_tensor([B * T])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
-
-
-_FLEX_FAILED = False
-
-
-def _flex(q, k, v, scale, sliding_window, document_ids, softcap, memo: dict | None = None):
-    """flex_attention for packed documents / sliding windows / soft-capping on CUDA. Returns None if unavailable."""
-    global _FLEX_FAILED
-    if _FLEX_FAILED:
+def _flex(q, k, v, scale, sliding_window, documents, softcap, memo: dict | None = None):
+    """Compiled flex_attention for packed documents / sliding windows / soft-capping on CUDA. The block mask is built
+    once per forward (memo) on the GPU from the layout's document ids; the compiled kernel sees one shape per
+    (B, T), so static batch shapes compile it a bounded number of times. None if unavailable or it raised."""
+    if not FALLBACKS.usable("flex"):
         return None
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except Exception:
-        _FLEX_FAILED = True
+        from torch.nn.attention.flex_attention import create_block_mask
+    except Exception as e:
+        FALLBACKS.fail("flex", f"flex_attention does not import: {type(e).__name__}")
         return None
     B, Hq, T, D = q.shape
-    docs = document_ids
+    docs = documents.document_ids if documents is not None else None
 
     def mask_mod(b, h, q_idx, kv_idx):
         ok = kv_idx <= q_idx
@@ -222,15 +319,16 @@ def _flex(q, k, v, scale, sliding_window, document_ids, softcap, memo: dict | No
         key = ("flex-block-mask", sliding_window, B, T)  # the same for every layer with this window
         block_mask = memo.get(key) if memo is not None else None
         if block_mask is None:
-            block_mask = create_block_mask(mask_mod, B if docs is not None else None, None, T, T, device=q.device)
+            block_mask = create_block_mask(mask_mod, B if docs is not None else None, None, T, T, device=q.device,
+                                           _compile=q.is_cuda)
             if memo is not None:
                 memo[key] = block_mask
         return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                                 enable_gqa=q.shape[1] != k.shape[1])
     except torch.OutOfMemoryError:
         raise
-    except Exception:  # an old torch or an unsupported head size: fall back to the masked SDPA path
-        _FLEX_FAILED = True
+    except Exception as e:  # an old torch or an unsupported head size
+        FALLBACKS.fail("flex", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         return None
 
 

@@ -19,7 +19,12 @@ Because G depends only on the forward quantities, it is computed in the forward 
 tokens the logits are formed by one matmul, a Triton kernel computes the loss of each row and overwrites
 the logits *in place* with G (two passes over the row: online max/sum, then gradient), and G is immediately
 contracted with W and H. Only the chunk's logits, dH (N x H) and dW (V x H) are ever alive. The backward
-just multiplies the stored gradients by the incoming scalar grad_output.
+just multiplies the stored gradients by the incoming scalar grad_output, read from the device by a small kernel
+(no host sync; the product is formed in float32 and rounded once to the gradient's dtype).
+
+No host sync in forward or backward: labels outside [0, V) (and not ignore_index) cannot be reported without
+reading them back, so on the device they are treated as ignored and the loss is made NaN — the trainer stops
+with "the loss is nan" (and validates labels on the host before a step, where the message names them).
 
 Extra weight columns (`extra_weight` E, (V, r)): hidden has H + r columns and z_i = W h_i[:H] + E h_i[H:] + b,
 i.e. the weight is [W | E] without forming that copy; dloss/dH = G [W | E] and dloss/dE = G^T H[:, H:]. A LoRA
@@ -56,6 +61,15 @@ if triton is not None:
         e = tl.exp(-2.0 * tl.abs(x))
         t = (1.0 - e) / (1.0 + e)
         return tl.where(x >= 0, t, -t)
+
+    @triton.jit
+    def _scale_inplace_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+        # x *= scale, in float32, for a device scalar: the backward's grad_output without a host sync
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+        scale = tl.load(scale_ptr).to(tl.float32)
+        tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _ce_loss_and_grad_kernel(
@@ -139,8 +153,10 @@ def _divisor(labels: torch.Tensor, ignore_index: int, num_items_in_batch, device
     """n as a float32 device tensor (no host sync), with n == 0 replaced by 1 (0/0 := 0)."""
     if num_items_in_batch is None:
         n = (labels != ignore_index).sum()
-    else:
-        n = torch.as_tensor(num_items_in_batch)
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        n = num_items_in_batch
+    else:  # a Python count: filled on the device, no host-to-device copy
+        n = torch.full((), float(num_items_in_batch), dtype=torch.float32, device=device)
     n = n.to(device=device, dtype=torch.float32)
     return torch.where(n > 0, n, torch.ones_like(n))
 
@@ -231,14 +247,21 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                                "in place, so it cannot be back-propagated twice; recompute the loss instead.")
         ctx.backward_done = True
         grads = ctx.saved_tensors
-        scale = float(grad_loss)  # one host sync; a Python scalar keeps the multiply in float32 for 16-bit grads
-        if scale != 1.0:
-            for g in grads:
-                if g is not None:
-                    g.mul_(scale)
+        scale = grad_loss.detach().reshape(1).to(torch.float32).contiguous()
+        for g in grads:
+            if g is not None and g.numel():
+                _scale_inplace(g, scale)
         grad_hidden, grad_weight, grad_bias, grad_extra = grads
         return (grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, grad_extra,
                 None)
+
+
+def _scale_inplace(g: torch.Tensor, scale: torch.Tensor) -> None:
+    if not g.is_contiguous():  # our saved gradients are all fresh, contiguous buffers; anything else: plain torch
+        g.copy_((g.float() * scale).to(g.dtype))
+        return
+    block = 4096
+    _scale_inplace_kernel[(triton.cdiv(g.numel(), block),)](g, scale, g.numel(), BLOCK=block)
 
 
 def _check_inputs(hidden, weight, labels, bias, extra=None):
@@ -287,7 +310,11 @@ def fused_linear_cross_entropy(
     hidden2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     labels1d = labels.reshape(-1).to(torch.int64).contiguous()
     bad = (labels1d != ignore_index) & ((labels1d < 0) | (labels1d >= weight.shape[0]))
-    if bool(bad.any()):
+    poison = None
+    if labels1d.is_cuda:  # no sync: bad labels are ignored by the kernel and turn the loss into NaN (see above)
+        labels1d = labels1d.masked_fill(bad, ignore_index)
+        poison = torch.where(bad.any(), float("nan"), 0.0)
+    elif bool(bad.any()):
         raise ValueError(f"labels must be in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
     grad_on = torch.is_grad_enabled()
     loss = FusedLinearCrossEntropyFunction.apply(
@@ -297,7 +324,7 @@ def fused_linear_cross_entropy(
         None if extra_weight is None else extra_weight.contiguous(),
         grad_on and extra_weight is not None and extra_weight.requires_grad,
     )
-    return loss
+    return loss if poison is None else loss + poison
 
 
 def fused_linear_cross_entropy_reference(

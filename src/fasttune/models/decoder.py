@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 
 from .. import kernels
-from ..kernels.attention import attention, documents_from_positions
+from ..kernels.attention import FALLBACKS, DocumentLayout, attention
 from .rope import RotaryTables, rotary_dim
+from ..data.tokenize import IGNORE_INDEX
 from .spec import ArchSpec
 
 
@@ -78,7 +79,7 @@ class AttentionInputs:
     cos: torch.Tensor
     sin: torch.Tensor
     key_padding_mask: torch.Tensor | None
-    document_ids: torch.Tensor | None
+    documents: DocumentLayout | None
     cache: KVCache | None
     q_offset: int
     # what attention derives from the masks once and every layer reuses (flash-attn's cu_seqlens, flex block masks)
@@ -121,7 +122,7 @@ class Attention(nn.Module):
         if a.cache is not None:
             k, v = a.cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, scale=self.scale, q_offset=a.q_offset, sliding_window=self.sliding_window,
-                        key_padding_mask=a.key_padding_mask, document_ids=a.document_ids,
+                        key_padding_mask=a.key_padding_mask, documents=a.documents,
                         softcap=self.spec.attn_softcap, memo=a.memo)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -185,21 +186,35 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                output_hidden_states: bool = False, inputs_embeds: torch.Tensor | None = None):
+                output_hidden_states: bool = False, inputs_embeds: torch.Tensor | None = None,
+                documents: DocumentLayout | None = None):
+        """`documents`: where the packed documents of `position_ids` lie, built on the host
+        (`DocumentLayout.from_position_ids(cpu_position_ids).to(device)`); without it, packed position ids on the
+        GPU are read back once per forward to find the documents."""
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
         past = cache.length if cache is not None else 0
+        max_position = past + T - 1  # known without reading the ids, except for position ids given by the caller
         if position_ids is None:
             if attention_mask is not None:  # left padding: real tokens count from 0
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=h.device)[None].expand(B, T)
-        document_ids = documents_from_positions(position_ids) if attention_mask is None and cache is None else None
+        elif documents is not None:
+            max_position = documents.max_seqlen - 1
+        else:
+            max_position = None
+        if documents is None and attention_mask is None and cache is None and max_position is None:
+            if position_ids.is_cuda:
+                FALLBACKS.note("layout-sync", "position_ids without a DocumentLayout: the document boundaries are "
+                               "read back from the GPU every forward (pass documents=DocumentLayout."
+                               "from_position_ids(cpu_position_ids).to(device) to avoid the sync)")
+            documents = DocumentLayout.from_position_ids(position_ids)
         key_padding_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_padding_mask = attention_mask.bool()
-        cos, sin = self.rotary(position_ids)
-        a = AttentionInputs(cos, sin, key_padding_mask, document_ids, cache, past)
+        cos, sin = self.rotary(position_ids, max_position=max_position)
+        a = AttentionInputs(cos, sin, key_padding_mask, documents, cache, past)
         hidden_states = [h] if output_hidden_states else None
         for layer in self.layers:
             h = layer(h, a) if self.layer_runner is None else self.layer_runner(layer, h, a)
@@ -216,7 +231,7 @@ class CausalLMOutput:
     hidden_states: list[torch.Tensor] | None = None  # embeddings, then each layer's output (before the final norm)
     last_hidden_state: torch.Tensor | None = None  # after the final norm
     cache: KVCache | None = None
-    num_target_tokens: int | None = None
+    num_target_tokens: torch.Tensor | None = None  # 0-d, on the model's device (not read back: no sync)
 
 
 class CausalLM(nn.Module):
@@ -266,13 +281,15 @@ class CausalLM(nn.Module):
         output_hidden_states: bool = False,
         inputs_embeds: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
+        documents: DocumentLayout | None = None,
     ) -> CausalLMOutput:
         """labels: (B, T) aligned with input_ids (not shifted; -100 = no loss). The loss is the sum over target
         tokens divided by their count, or by `num_items_in_batch` when given (exact gradient accumulation);
-        `label_smoothing` as in F.cross_entropy. Logits are returned when `return_logits` is True, or by default
+        `label_smoothing` as in F.cross_entropy. `documents`: the layout of packed `position_ids`, built on the host
+        (see DecoderModel.forward). Logits are returned when `return_logits` is True, or by default
         when no labels are given."""
         h, hidden_states, position_ids = self.model(input_ids, attention_mask, position_ids, cache,
-                                                    output_hidden_states, inputs_embeds)
+                                                    output_hidden_states, inputs_embeds, documents)
         out = CausalLMOutput(hidden_states=hidden_states, last_hidden_state=h, cache=cache)
         if return_logits or (return_logits is None and labels is None):
             out.logits = self.logits(h)
@@ -280,10 +297,10 @@ class CausalLM(nn.Module):
             targets = labels[:, 1:]
             if attention_mask is None and position_ids is not None:
                 # packed documents: the last token of one document does not predict the first of the next
-                targets = targets.masked_fill(position_ids[:, 1:] == 0, -100)
+                targets = targets.masked_fill(position_ids[:, 1:] == 0, IGNORE_INDEX)
             targets = targets.reshape(-1)
             hid, weight, extra = self.loss_head_inputs(h[:, :-1].reshape(-1, h.shape[-1]))
-            out.num_target_tokens = int((targets != -100).sum())
+            out.num_target_tokens = (targets != IGNORE_INDEX).sum()
             out.loss = kernels.fused_linear_cross_entropy(
                 hid, weight, targets, softcap=self.spec.final_softcap,
                 num_items_in_batch=num_items_in_batch, label_smoothing=label_smoothing,

@@ -143,8 +143,13 @@ class RotaryTables:
             self._cache.pop(old, None)
         return cached
 
-    def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if position_ids.numel():
+    def __call__(self, position_ids: torch.Tensor, max_position: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for each position. `max_position`: an upper bound of the (non-negative) ids the caller knows,
+        so the table size is chosen without reading the ids back from the device."""
+        if max_position is not None:
+            lo, hi = 0, max_position
+        elif position_ids.numel():
             lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()  # one device-to-host transfer
         else:
             lo, hi = 0, 0

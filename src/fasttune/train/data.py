@@ -22,7 +22,8 @@ from ..data.chat_templates import get_chat_template
 from ..data.conversations import find_conversation_column, standardize_conversation
 from ..data.dataset import DataStats, build_dataset
 from ..data.errors import DataError
-from ..data.packing import collate_padded, iter_batches
+from ..data.packing import bucket_length, collate_padded, iter_batches
+from ..kernels.attention import DocumentLayout
 from ..data.readers import read_rows
 from ..data.template import PromptTemplate
 from ..data.tokenize import IGNORE_INDEX, tokenize_conversation
@@ -234,9 +235,12 @@ def prepare_data(cfg: DataConfig, tokenizer, max_seq_length: int, seed: int, obj
                         dropped_no_target=st.dropped_no_target)
 
 
-def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict:
-    """2P right-padded rows: the chosen sequences, then the rejected ones."""
-    return collate_padded([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_token_id)
+def collate_pairs(pairs: list[dict], pad_token_id: int, max_seq_length: int | None = None) -> dict:
+    """2P right-padded rows: the chosen sequences, then the rejected ones; padded to a length bucket when
+    max_seq_length is given (few shapes over a run). Rows are not padded up: every row is a real pair."""
+    rows = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    length = bucket_length(max(len(r["input_ids"]) for r in rows), max_seq_length) if max_seq_length else None
+    return collate_padded(rows, pad_token_id, length=length)
 
 
 def epoch_batches(examples, *, kind: str, batch_size: int, packing: bool, max_seq_length: int,
@@ -246,7 +250,7 @@ def epoch_batches(examples, *, kind: str, batch_size: int, packing: bool, max_se
         order = list(range(len(examples)))
         if shuffle:
             random.Random(seed).shuffle(order)
-        return [collate_pairs([examples[i] for i in order[s:s + batch_size]], pad_token_id)
+        return [collate_pairs([examples[i] for i in order[s:s + batch_size]], pad_token_id, max_seq_length)
                 for s in range(0, len(order), batch_size)]
     return list(iter_batches(examples, batch_size=batch_size, packing=packing, max_seq_length=max_seq_length,
                              pad_token_id=pad_token_id, shuffle=shuffle, seed=seed))
@@ -254,9 +258,15 @@ def epoch_batches(examples, *, kind: str, batch_size: int, packing: bool, max_se
 
 def batch_tokens(batch: dict) -> int:
     """Real (non-padding) tokens in a batch, for tokens/s."""
+    if "real_tokens" in batch:
+        return int(batch["real_tokens"])
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
+
+
+def batch_shape(batch: dict) -> tuple[int, int]:
+    return tuple(batch["input_ids"].shape)
 
 
 def count_targets(batch: dict, kind: str) -> tuple[int, int]:
@@ -270,5 +280,19 @@ def count_targets(batch: dict, kind: str) -> tuple[int, int]:
     return int((labels != IGNORE_INDEX).sum()), 0
 
 
+def host_batch(batch: dict, pin: bool) -> dict:
+    """What the model reads, prepared on the host: the packed document layout (from the CPU position ids, so the
+    GPU never reports it) and, for a CUDA run, the tensors in pinned memory so the copies do not block."""
+    out = dict(batch)
+    if "position_ids" in batch and "attention_mask" not in batch:
+        out["documents"] = DocumentLayout.from_position_ids(batch["position_ids"])
+    if pin:
+        out = {k: (v.pin_memory() if isinstance(v, (torch.Tensor, DocumentLayout)) and v is not None else v)
+               for k, v in out.items()}
+    return out
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Tensors (and the document layout) to `device` without blocking the host; other entries as they are."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, DocumentLayout)) else v)
+            for k, v in batch.items()}

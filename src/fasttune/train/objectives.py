@@ -15,6 +15,10 @@ ORPO (reference-free by construction): with mean token log-probs a_c, a_r,
 
 Preference batches hold 2P rows: the P chosen sequences, then the P rejected ones, right-padded with an
 attention_mask; labels mark the response tokens (-100 elsewhere, not shifted).
+
+Every batch the trainer builds is right-padded (fasttune.data.packing's contract). Under a causal mask a right pad
+is never attended by a real token, so the model runs without the mask — plain causal attention, the fastest path,
+with the real tokens' outputs and gradients unchanged — and the mask only locates each row's last real token.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def sequence_logprobs(model, batch: dict, logits_model=None) -> tuple[torch.Tens
     are ever alive, in the forward and in the backward. `model` runs the forward (it may be a DDP wrapper);
     `logits_model` (default: `model`) is the CausalLM whose LM head forms the logits."""
     logits_model = logits_model or model
-    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), return_logits=False)
+    out = model(batch["input_ids"], return_logits=False)  # right padding: no mask needed (see the module doc)
     h = out.last_hidden_state[:, :-1]
     targets = batch["labels"][:, 1:]
     sums = []
@@ -51,9 +55,10 @@ def sequence_logprobs(model, batch: dict, logits_model=None) -> tuple[torch.Tens
 
 
 def lm_loss(model, batch: dict, num_items_in_batch: int, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
-    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"), labels=batch["labels"],
-                num_items_in_batch=num_items_in_batch, return_logits=False, label_smoothing=label_smoothing)
+    # right padding needs no mask (see the module doc); packed rows carry their position ids and document layout
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), documents=batch.get("documents"),
+                labels=batch["labels"], num_items_in_batch=num_items_in_batch, return_logits=False,
+                label_smoothing=label_smoothing)
     return out.loss, {}
 
 
@@ -66,7 +71,7 @@ class RewardHead(nn.Module):
         nn.init.normal_(self.score.weight, std=1.0 / (hidden_size + 1))
 
     def forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        h = model(input_ids, attention_mask=attention_mask, return_logits=False).last_hidden_state
+        h = model(input_ids, return_logits=False).last_hidden_state  # right padding: see the module doc
         if attention_mask is None:
             last = torch.full((h.shape[0],), h.shape[1] - 1, device=h.device)
         else:

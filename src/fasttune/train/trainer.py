@@ -27,14 +27,16 @@ import torch.nn as nn
 
 from ..data.errors import DataError
 from ..data.packing import iter_batches
+from ..data.tokenize import IGNORE_INDEX
 from ..models.checkpoint import save_tokenizer
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import run_folder
 from .config import ConfigError, TrainConfig, resume_conflicts
-from .data import PreparedData, batch_tokens, count_targets, epoch_batches, prepare_data, to_device
+from .data import (PreparedData, batch_shape, batch_tokens, count_targets, epoch_batches, host_batch, prepare_data,
+                   to_device)
 from .objectives import RewardHead, dpo_loss, lm_loss, orpo_loss, reward_loss
-from .observe import MetricsLog, Progress, plot_losses
+from .observe import MetricsLog, Progress, gpu_memory_gib, plot_losses
 from .schedule import make_scheduler
 
 ADAPTER_CONFIG = "fasttune_adapter.json"
@@ -166,6 +168,7 @@ class Trainer:
         self.batch_index = 0  # next micro-batch of the current epoch
         self.tokens_seen = 0
         self.callbacks: list = []  # called as cb(trainer, record) after every step (tests use it to interrupt)
+        self._shapes: set[tuple[int, int]] = set()  # distinct (rows, tokens) batch shapes the model has seen
         self._sigint = _SigintGuard()
 
     # ---- setup ---------------------------------------------------------------------------------------------
@@ -353,40 +356,61 @@ class Trainer:
 
     def accumulate(self, group: list[dict]) -> dict:
         """Forward/backward over one step's micro-batches (this rank's share), leaving the summed gradients in
-        `.grad`. Returns the step's loss (all ranks) and metrics; raises TrainingDiverged on NaN/inf."""
+        `.grad`. Returns the step's loss (all ranks, read back: a host sync) and metrics; raises TrainingDiverged on
+        NaN/inf. The training loop uses `_accumulate`, which leaves the loss on the device."""
+        total, record = self._accumulate(group)
+        record["loss"] = float(total)
+        if not math.isfinite(record["loss"]):
+            self._diverged(f"the loss is {record['loss']}")
+        return record
+
+    def _check_labels(self, group: list[dict]) -> None:
+        """Labels must index the vocabulary: checked on the host (the GPU loss cannot report them without a sync)."""
+        vocab = self.model.spec.vocab_size
+        for b in group:
+            labels = b["labels"]
+            if bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))).any()):
+                raise DataError(f"a batch holds label ids outside [0, {vocab}) (and not -100): the tokenizer's "
+                                f"vocabulary is larger than the model's embedding rows",
+                                hint="run `fasttune doctor MODEL_DIR` and resize the embeddings or fix the tokenizer")
+
+    def _accumulate(self, group: list[dict]) -> tuple[torch.Tensor, dict]:
+        """`accumulate` without reading anything back: (the step's summed loss as a float64 device tensor, metrics).
+        Every micro-batch is prepared on the host (document layout, pinned memory) and copied without blocking
+        before the first forward, so the copies overlap the compute."""
         # counted on the host from the whole group (every rank holds it): no device sync, no communication
         counts = [count_targets(b, self.data.kind) for b in group]
         num_tokens = sum(c[0] for c in counts)
         num_pairs = sum(c[1] for c in counts)
         tokens = sum(batch_tokens(b) for b in group)
+        self._check_labels(group)
         mine = group[self.dist.rank::self.dist.world_size]
+        pin = self.device.type == "cuda"
+        prepared = [to_device(host_batch(b, pin), self.device) for b in mine]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         extra: dict[str, float] = {}
-        for i, batch in enumerate(mine):
-            batch = to_device(batch, self.device)
-            sync = i == len(mine) - 1
+        for i, batch in enumerate(prepared):
+            sync = i == len(prepared) - 1
             with dist_utils.no_sync(self.engine, enabled=not sync):
                 loss, metrics = self.micro_loss(batch, num_tokens, num_pairs)
                 (loss * self.dist.world_size).backward()
             total += loss.detach().double()
             for k, v in metrics.items():
                 extra[k] = extra.get(k, 0.0) + v
+            self._shapes.add(batch_shape(batch))
         if self.reward_head is not None:
             dist_utils.all_reduce_grads(self.reward_head.parameters(), self.dist)
         total = dist_utils.all_reduce_sum(total, self.dist)
-        extra = dist_utils.all_reduce_dict(extra, self.dist, self.device)
-        loss_value = float(total)
-        if not math.isfinite(loss_value):
-            self._diverged(f"the loss is {loss_value}")
-        record = {"loss": loss_value, "tokens": tokens, "target_tokens": num_tokens}
-        if num_pairs:
+        record = {"tokens": tokens, "target_tokens": num_tokens}
+        if num_pairs:  # preference metrics are read per micro-batch (their objectives return floats)
+            extra = dist_utils.all_reduce_dict(extra, self.dist, self.device)
             record["pairs"] = num_pairs
             for k, v in extra.items():
                 if k in ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "log_odds_ratio"):
                     record[k] = v / num_pairs
                 elif k == "nll":
                     record[k] = v
-        return record
+        return total, record
 
     def _diverged(self, what: str):
         self.optimizer.zero_grad(set_to_none=True)
@@ -402,8 +426,9 @@ class Trainer:
             "or a data batch with no target tokens.")
 
     def train_step(self, group: list[dict]) -> dict:
-        """One optimizer step: accumulate gradients over `group`, clip, step the optimizer and the schedule."""
-        record = self.accumulate(group)
+        """One optimizer step: accumulate gradients over `group`, clip, step the optimizer and the schedule. The
+        step's one host sync reads the loss and the gradient norm together, before the update."""
+        total, record = self._accumulate(group)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # the norm is taken even without clipping: a finite loss can still back-propagate inf/NaN gradients, and
         # one such update would poison the weights (and the next checkpoint) before the loss showed it
@@ -412,7 +437,11 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         else:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-        grad_norm = float(dist_utils.full_tensor(norm))  # one sync a step, as the loss already costs
+        norm = dist_utils.full_tensor(norm).to(device=total.device, dtype=torch.float64)
+        loss_value, grad_norm = torch.stack([total, norm.reshape(())]).tolist()  # the step's one read
+        record["loss"] = loss_value
+        if not math.isfinite(loss_value):
+            self._diverged(f"the loss is {loss_value}")
         if not math.isfinite(grad_norm):
             self._diverged(f"the gradient norm is {grad_norm}")
         record["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -445,7 +474,8 @@ class Trainer:
         try:
             for i in range(rounds):
                 batch = mine[i] if i < len(mine) else batches[0]
-                loss, metrics = self.micro_loss(to_device(batch, self.device), num_tokens, num_pairs)
+                loss, metrics = self.micro_loss(to_device(host_batch(batch, pin=False), self.device), num_tokens,
+                                                num_pairs)
                 if i >= len(mine):
                     continue
                 total += float(loss)
@@ -643,8 +673,11 @@ class Trainer:
                "epoch's shuffle" if self.epoch_tail else "")
             + ("; model loaded straight into FSDP2 shards" if getattr(self, "loaded_into_shards", False) else "")
             + (f"; resumed from {resume_path} at step {self.step}" if resume_path else ""))
+        say(self._batch_report())
         result = TrainResult(self.output_dir, None, self.step)
         start = time.perf_counter()
+        step_start = start  # wall clock of a step: from the end of the previous one (data included, eval excluded)
+        run_tokens, run_seconds = 0, 0.0
         rng_at_step, in_step = None, False
         try:
             while self.step < self.total_steps:
@@ -660,11 +693,18 @@ class Trainer:
                     self.epoch, self.batch_index = position  # the step did not happen
                     self._stream = None  # a stream cannot rewind: it is re-opened at the restored position
                     raise
-                dt = time.perf_counter() - t0
+                now = time.perf_counter()
+                dt = now - step_start
                 self.step += 1
                 self.tokens_seen += record["tokens"]
+                run_tokens, run_seconds = run_tokens + record["tokens"], run_seconds + dt
+                # tokens/s: real tokens (padding excluded) over the wall clock of the step, data loading included;
+                # step_s: the compute part alone (from having the batches to the end of the update)
                 record = {"step": self.step, "epoch": self.epoch, **record, "tokens_per_s": record["tokens"] / dt,
-                          "elapsed_s": time.perf_counter() - start}
+                          "step_s": now - t0, "elapsed_s": now - start}
+                peak = gpu_memory_gib()
+                if peak is not None:
+                    record["peak_memory_gib"] = peak
                 result.losses.append(record["loss"])
                 progress.update(record["loss"], record["lr"], record["tokens_per_s"])
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -682,6 +722,7 @@ class Trainer:
                     result.checkpoint = self.save_checkpoint()
                 for cb in self.callbacks:
                     cb(self, record)
+                step_start = time.perf_counter()  # evaluation and checkpoints are not training time
         except KeyboardInterrupt:
             self.optimizer.zero_grad(set_to_none=True)
             # interrupted inside a step: that step is dropped, so restore the RNG it started from
@@ -701,10 +742,30 @@ class Trainer:
                 if png:
                     say(f"loss curve: {png}")
         result.step = self.step
+        if run_seconds:
+            peak = gpu_memory_gib()
+            say(f"trained {run_tokens:,} tokens in {run_seconds:.1f} s of steps ({time.perf_counter() - start:.1f} s "
+                f"in all): {run_tokens / run_seconds:,.0f} tokens/s"
+                + (f", peak GPU memory {peak:.2f} GiB" if peak is not None else "")
+                + f"; batch shapes seen: {sorted(self._shapes)}")
         if not result.interrupted:
             result.adapter_dir = self.save_adapter()
             say(f"saved {result.adapter_dir}")
         return result
+
+    def _batch_report(self) -> str:
+        """The shapes the model will see and how full they are (from the first epoch's batches)."""
+        if self.data.streaming:
+            return ("batches: streamed; packed rows are batch_size x max_seq_length" if self.cfg.data.packing
+                    else "batches: streamed, padded to length buckets")
+        batches = self._epoch(self.epoch)
+        shapes = sorted({batch_shape(b) for b in batches})
+        real = sum(batch_tokens(b) for b in batches)
+        slots = sum(b["input_ids"].numel() for b in batches)
+        kind = "packing" if self.cfg.data.packing and self.data.kind != "preference" else "padding"
+        return (f"batches: {len(batches)} per epoch in {len(shapes)} shape(s) "
+                f"{shapes if len(shapes) <= 12 else str(shapes[:12])[:-1] + ', ...]'}; {kind} fills "
+                f"{100 * real / max(slots, 1):.1f}% of the token slots (real tokens / rows x length)")
 
 
 def _is_adapter(name: str) -> bool:

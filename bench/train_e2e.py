@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""End to end: `fasttune train` on ragged instruction data, the path users take, against transformers + PEFT.
+
+For each case it writes a random-initialised Llama checkpoint (1B or 8B shape, bf16, transformers'
+`save_pretrained`) and the bundled tiny tokenizer to disk, and a synthetic instruction set of its own (lengths
+log-normal, median ~260 tokens, ~1% over 2048). Then, side by side in this process on this GPU:
+  fasttune packed     `fasttune train`'s config path (TrainConfig from YAML -> train()), packing, seq 2048
+  fasttune unpacked   the same, packing off, batch 8 (length-grouped, padded to a length bucket)
+  fasttune fixed      the same Trainer stepping one fixed batch of single full-length documents (the model step
+                      bench/train_speed.py times: no data, no documents)
+  hf+peft [gc]        transformers + PEFT (SDPA, LoRA r=16 on all linear layers) on the same tokenised rows,
+                      batched as TRL's SFTTrainer does by default (shuffled, batch 8, padded to the longest in
+                      the batch), with and without gradient checkpointing
+TRL's SFTTrainer itself is not run: its wheels are not on the GPU machine.
+tokens/s = real tokens (padding excluded) / wall-clock seconds of the timed steps (data included; the first
+--warmup steps excluded); peak = torch.cuda.max_memory_allocated() during the run; first/last loss of the run.
+
+    python bench/train_e2e.py --out $OUT --cases 1b,8b
+    python bench/train_e2e.py --tiny --device cpu --steps 3 --warmup 1     # smoke test without a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, vocab_size=128256),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, vocab_size=128256),
+    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, vocab_size=4096),
+}
+PACKED_ROWS = {"1b": 4, "8b": 2, "tiny": 2}  # bench/train_speed.py's batch at seq 2048
+
+
+def write_checkpoint(shape: str, folder: Path, device: str) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fasttune.train.trainer import tiny_model_path
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model.save_pretrained(folder, max_shard_size="5GB")
+    del model
+    for f in Path(tiny_model_path()).iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, folder / f.name)
+
+
+def write_data(path: Path, rows: int, seed: int = 0) -> dict:
+    """Instruction rows whose tokenised length is log-normal: median ~260 tokens, ~1% over 2048."""
+    from fasttune.models import load_tokenizer
+    from fasttune.train.trainer import tiny_model_path
+
+    tok = load_tokenizer(tiny_model_path())
+    words = [w for w in (Path(tiny_model_path()).parent / "data" / "corpus.txt").read_text().split() if w.isalpha()]
+    rng = random.Random(seed)
+    sigma = math.log(2048 / 260) / 2.326  # P(length > 2048) = 1%
+    lengths = []
+    with path.open("w") as f:
+        for _ in range(rows):
+            target = max(16, int(math.exp(rng.gauss(math.log(260), sigma))))
+            prompt_n = max(4, target // 5)
+            prompt = " ".join(rng.choice(words) for _ in range(int(prompt_n / 1.3)))
+            answer = " ".join(rng.choice(words) for _ in range(int((target - prompt_n) / 1.3)))
+            lengths.append(len(tok.encode(prompt + " " + answer)))
+            f.write(json.dumps({"instruction": prompt, "output": answer}) + "\n")
+    lengths.sort()
+    return {"rows": rows, "median_tokens": lengths[len(lengths) // 2],
+            "over_2048": sum(n > 2048 for n in lengths) / rows}
+
+
+def fasttune_config(model_dir: Path, data: Path, out: Path, packing: bool, batch: int, steps: int, device: str):
+    from fasttune.train import TrainConfig
+
+    yaml = f"""
+model: {{path: {model_dir}, max_seq_length: 2048, device: {device}, dtype: {'bfloat16' if device == 'cuda' else 'float32'}}}
+lora: {{r: 16, alpha: 16, dropout: 0.0, target_modules: {TARGETS}}}
+data: {{path: {data}, packing: {str(packing).lower()}, eval_fraction: 0.0, train_on: responses}}
+objective: {{type: sft}}
+train: {{output_dir: {out}, batch_size: {batch}, grad_accum: 1, max_steps: {steps}, lr: 2.0e-4,
+        warmup_steps: 0, save_every: null, plot: false, progress: false, log_every: 1, memory: auto}}
+"""
+    p = out.parent / f"{out.name}.yaml"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml)
+    return TrainConfig.from_yaml(p)
+
+
+def summarise(name: str, losses, tokens, seconds, warmup, peak) -> dict:
+    t, s = sum(tokens[warmup:]), sum(seconds[warmup:])
+    return {"tool": name, "steps_timed": len(tokens) - warmup, "tokens_per_s": t / s if s else float("nan"),
+            "peak_gib": peak, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def run_fasttune(name, cfg, warmup, fixed_steps=0) -> list[dict]:
+    from fasttune.train.trainer import Trainer
+
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    trainer = Trainer(cfg)
+    trainer.train()
+    rows = [json.loads(line) for line in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    out = [summarise(name, [r["loss"] for r in rows], [r["tokens"] for r in rows],
+                     [r["tokens"] / r["tokens_per_s"] for r in rows], warmup, peak)]
+    out[0]["shapes"] = sorted(trainer._shapes)
+    if fixed_steps:  # the same model and optimizer on one fixed batch of full-length single documents
+        rows_n, T = next(iter(trainer._shapes))
+        ids = torch.randint(5, 4000, (rows_n, T))
+        batch = {"input_ids": ids, "labels": ids.clone(), "real_tokens": ids.numel()}
+        times, losses = [], []
+        for _ in range(fixed_steps):
+            t0 = time.perf_counter()
+            rec = trainer.train_step([batch])
+            times.append(time.perf_counter() - t0)
+            losses.append(rec["loss"])
+        out.append(summarise(name.replace("packed", "fixed batch"), losses, [ids.numel()] * fixed_steps, times,
+                             warmup, torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None))
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return out
+
+
+def run_hf(name, model_dir, examples, batch, steps, warmup, gc_on, device, pad_id) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
+    model.config.use_cache = False
+    if gc_on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=device == "cuda")
+    order = list(range(len(examples)))
+    random.Random(0).shuffle(order)  # TRL default: shuffled, no length grouping, pad to the longest
+    losses, tokens, seconds = [], [], []
+    t_prev = time.perf_counter()
+    try:
+        for step in range(steps):
+            rows = [examples[i] for i in order[step * batch:(step + 1) * batch]]
+            T = max(len(r["input_ids"]) for r in rows)
+            ids = torch.full((len(rows), T), pad_id)
+            labels = torch.full((len(rows), T), -100)
+            mask = torch.zeros((len(rows), T), dtype=torch.long)
+            for b, r in enumerate(rows):
+                n = len(r["input_ids"])
+                ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            now = time.perf_counter()
+            tokens.append(int(mask.sum()))
+            seconds.append(now - t_prev)
+            t_prev = now
+        result = summarise(name, losses, tokens, seconds, warmup,
+                           torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
+    except torch.OutOfMemoryError as e:
+        result = {"tool": name, "error": "out of memory: " + str(e).splitlines()[0][:120]}
+    del model, opt
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="1b,8b")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=3000)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--tools", default="packed,unpacked,fixed,hf,hf-gc")
+    ap.add_argument("--work", default="/tmp/fasttune_e2e")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    cases = ["tiny"] if args.tiny else args.cases.split(",")
+    tools = args.tools.split(",")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "ragged.jsonl"
+    info = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "date": time.strftime("%Y-%m-%d"), "data": write_data(data, args.rows)}
+    print(json.dumps(info), flush=True)
+    results = []
+
+    def record(r, case):
+        r["case"] = case
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        if args.out:
+            Path(args.out, "train_e2e.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
+
+    for case in cases:
+        model_dir = work / f"llama-{case}"
+        t0 = time.perf_counter()
+        write_checkpoint(case, model_dir, args.device)
+        print(f"{case}: checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
+        rows = PACKED_ROWS[case]
+        try:
+            if "packed" in tools:
+                cfg = fasttune_config(model_dir, data, work / f"run-{case}-packed", True, rows, args.steps, args.device)
+                for r in run_fasttune(f"fasttune packed {rows}x2048", cfg, args.warmup,
+                                      fixed_steps=args.steps // 2 if "fixed" in tools else 0):
+                    record(r, case)
+            if "unpacked" in tools:
+                cfg = fasttune_config(model_dir, data, work / f"run-{case}-unpacked", False, 8, args.steps,
+                                      args.device)
+                for r in run_fasttune("fasttune unpacked batch 8", cfg, args.warmup):
+                    record(r, case)
+        except Exception:
+            traceback.print_exc()
+            record({"tool": "fasttune", "error": traceback.format_exc()[-400:]}, case)
+        if any(t.startswith("hf") for t in tools):
+            from fasttune.models import load_tokenizer
+            from fasttune.train.data import prepare_data
+
+            cfg = fasttune_config(model_dir, data, work / f"run-{case}-hf", False, 8, args.steps, args.device)
+            tok = load_tokenizer(str(model_dir))
+            examples = prepare_data(cfg.data, tok, 2048, 0, "sft").train
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            for gc_on in (False, True):
+                if ("hf-gc" if gc_on else "hf") in tools:
+                    record(run_hf("hf+peft batch 8" + (" +gc" if gc_on else ""), str(model_dir), examples, 8,
+                                  args.steps, args.warmup, gc_on, args.device, pad), case)
+        shutil.rmtree(model_dir, ignore_errors=True)
+    print("\n| case | tool | tokens/s | peak GiB | first loss | last loss |\n|---|---|---:|---:|---:|---:|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['case']} | {r['tool']} | error: {r['error'][:80]} | | | |")
+        else:
+            print(f"| {r['case']} | {r['tool']} | {r['tokens_per_s']:,.0f} | "
+                  f"{(r['peak_gib'] or 0):.1f} | {r['first_loss']:.3f} | {r['last_loss']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
