@@ -44,24 +44,32 @@ SHAPES = {
                num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, vocab_size=128256),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, vocab_size=128256),
+    "phi3": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, tie_word_embeddings=False, vocab_size=32064, sliding_window=2047),
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, vocab_size=4096),
 }
-PACKED_ROWS = {"1b": 4, "8b": 2, "tiny": 2}  # bench/train_speed.py's batch at seq 2048
+PACKED_ROWS = {"1b": 4, "8b": 2, "phi3": 2, "tiny": 2}  # bench/train_speed.py's batch at seq 2048
 
 
 def write_checkpoint(shape: str, folder: Path, device: str) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
     from fasttune.train.trainer import tiny_model_path
 
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                      bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+    if shape == "phi3":  # Phi-3-mini-4k's shape: fused qkv / gate_up, sliding window 2047
+        cfg = Phi3Config(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2, torch_dtype="bfloat16")
+        cls = Phi3ForCausalLM
+    else:
+        cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                          bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+        cls = LlamaForCausalLM
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(cfg)
+            model = cls(cfg)
     finally:
         torch.set_default_dtype(prev)
     model.save_pretrained(folder, max_shard_size="5GB")
@@ -94,16 +102,18 @@ def write_data(path: Path, rows: int, seed: int = 0) -> dict:
             "over_2048": sum(n > 2048 for n in lengths) / rows}
 
 
-def fasttune_config(model_dir: Path, data: Path, out: Path, packing: bool, batch: int, steps: int, device: str):
+def fasttune_config(model_dir: Path, data: Path, out: Path, packing: bool, batch: int, steps: int, device: str,
+                    memory: str = "auto", qlora: bool = False):
     from fasttune.train import TrainConfig
 
     yaml = f"""
-model: {{path: {model_dir}, max_seq_length: 2048, device: {device}, dtype: {'bfloat16' if device == 'cuda' else 'float32'}}}
-lora: {{r: 16, alpha: 16, dropout: 0.0, target_modules: {TARGETS}}}
+model: {{path: {model_dir}, max_seq_length: 2048, device: {device}, dtype: {'bfloat16' if device == 'cuda' else 'float32'},
+        load_in_4bit: {str(qlora).lower()}}}
+lora: {{r: 16, alpha: 16, dropout: 0.0, target_modules: all-linear}}
 data: {{path: {data}, packing: {str(packing).lower()}, eval_fraction: 0.0, train_on: responses}}
 objective: {{type: sft}}
 train: {{output_dir: {out}, batch_size: {batch}, grad_accum: 1, max_steps: {steps}, lr: 2.0e-4,
-        warmup_steps: 0, save_every: null, plot: false, progress: false, log_every: 1, memory: auto}}
+        warmup_steps: 0, save_every: null, plot: false, progress: false, log_every: 1, memory: {memory}}}
 """
     p = out.parent / f"{out.name}.yaml"
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +132,7 @@ def run_fasttune(name, cfg, warmup, fixed_steps=0) -> list[dict]:
 
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     trainer = Trainer(cfg)
-    trainer.train()
+    trainer.train(overwrite=True)  # a re-run of the benchmark replaces its earlier run folder
     rows = [json.loads(line) for line in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
@@ -235,6 +245,16 @@ def main():
                 cfg = fasttune_config(model_dir, data, work / f"run-{case}-packed", True, rows, args.steps, args.device)
                 for r in run_fasttune(f"fasttune packed {rows}x2048", cfg, args.warmup,
                                       fixed_steps=args.steps // 2 if "fixed" in tools else 0):
+                    record(r, case)
+            if "checkpoint" in tools:
+                cfg = fasttune_config(model_dir, data, work / f"run-{case}-ckpt", True, rows, args.steps, args.device,
+                                      memory="checkpoint")
+                for r in run_fasttune(f"fasttune packed {rows}x2048 memory: checkpoint", cfg, args.warmup):
+                    record(r, case)
+            if "qlora" in tools:
+                cfg = fasttune_config(model_dir, data, work / f"run-{case}-qlora", True, rows, args.steps,
+                                      args.device, qlora=True)
+                for r in run_fasttune(f"fasttune QLoRA packed {rows}x2048", cfg, args.warmup):
                     record(r, case)
             if "unpacked" in tools:
                 cfg = fasttune_config(model_dir, data, work / f"run-{case}-unpacked", False, 8, args.steps,
