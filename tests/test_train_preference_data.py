@@ -142,3 +142,22 @@ def test_trainer_skips_bad_rows_and_prints_the_counts(tmp_path, capsys):
     result = trainer.train()
     assert len(result.losses) == 2
     assert "6 chosen/rejected pairs from 7 rows; skipped 1 bad rows (on_error: skip)" in capsys.readouterr().out
+
+
+def test_on_error_skip_skips_and_counts_a_malformed_preference_line(tmp_path):
+    """data.on_error: skip reaches the reader for preference data too (a malformed JSONL line used to stop the run)."""
+    import json
+
+    from fasttune.models import load_tokenizer
+    from fasttune.train.config import DataConfig
+    from fasttune.train.data import prepare_data
+    from fasttune.train.trainer import tiny_model_path
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [json.dumps({"prompt": f"question {i}", "chosen": "a good answer", "rejected": "a bad one"})
+            for i in range(10)]
+    rows.insert(3, '{"prompt": "broken", ')
+    path.write_text("\n".join(rows) + "\n")
+    data = prepare_data(DataConfig(path=str(path), on_error="skip", eval_fraction=0.0),
+                        load_tokenizer(tiny_model_path()), 128, 0, "dpo")
+    assert data.skipped == 1 and len(data.train) == 10 and "line 4" in data.skip_reasons[0]

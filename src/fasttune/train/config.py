@@ -80,6 +80,8 @@ class DataConfig:
     streaming: bool = False  # tokenise pass by pass instead of holding the dataset (files larger than memory;
     # sft/pretrain, needs train.max_steps; the eval split, eval_fraction of the rows, is held)
     shuffle_buffer: int = 10_000  # streaming: examples are shuffled within a window of this many
+    max_line_bytes: int = 64 * 2**20  # longest row read (a line, a JSON array element); longer: a data error
+    max_field_chars: int = 16 * 2**20  # longest value in a row (a string, a CSV field, a cell); longer: a data error
 
 
 @dataclass
@@ -95,7 +97,7 @@ class ObjectiveConfig:
 class TrainSection:
     output_dir: str = "runs/fasttune"
     seed: int = 0
-    batch_size: int = 4  # micro-batch rows (packed: 1 row of max_seq_length tokens per micro-batch)
+    batch_size: int = 4  # micro-batch rows (packed: rows of exactly max_seq_length tokens)
     grad_accum: int = 1
     max_steps: Optional[int] = None  # None: epochs x steps per epoch
     epochs: float = 1.0

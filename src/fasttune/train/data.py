@@ -165,13 +165,15 @@ def _fit_pair(pair: dict, max_len: int, mode: str, st: DataStats) -> dict | None
 
 def _preference_data(cfg: DataConfig, tokenizer, path: str, bundled: str | None, max_seq_length: int,
                      seed: int) -> PreparedData:
+    st = DataStats()
+    limits = dict(format=cfg.format, max_line_bytes=cfg.max_line_bytes, max_field_chars=cfg.max_field_chars,
+                  on_bad_row=st.skip if cfg.on_error == "skip" else None)
     if bundled == "preferences":  # the derangement needs every row; the bundled file is small
-        rows = iter(_preference_rows(list(read_rows(path, format=cfg.format))))
+        rows = iter(_preference_rows(list(read_rows(path, **limits))))
     else:
-        rows = read_rows(path, format=cfg.format)  # streamed: each row is read, tokenised and let go
+        rows = read_rows(path, **limits)  # streamed: each row is read, tokenised and let go
     template = chat_template_for(tokenizer, cfg.chat_template)
     prompt = PromptTemplate(cfg.prompt_template or DEFAULT_PROMPT)
-    st = DataStats()
     seen_pair_columns = False  # whether any row had a chosen or rejected column
     pairs: list = []
     for index, (loc, row) in enumerate(rows):
@@ -189,9 +191,7 @@ def _preference_data(cfg: DataConfig, tokenizer, path: str, bundled: str | None,
         except DataError as e:
             if cfg.on_error != "skip" or (e.file is None and e.line is None and e.row is None):  # config error
                 raise
-            st.skipped_rows += 1
-            if len(st.skip_reasons) < 5:
-                st.skip_reasons.append(str(e))
+            st.skip(e)
             continue
         pair = _fit_pair(pair, max_seq_length, cfg.overlong, st)
         if pair is not None:
@@ -224,7 +224,8 @@ def prepare_data(cfg: DataConfig, tokenizer, max_seq_length: int, seed: int, obj
                            system_prompt=cfg.system_prompt, train_on=cfg.train_on, max_seq_length=max_seq_length,
                            overlong=cfg.overlong, on_error=cfg.on_error, shuffle=cfg.shuffle, seed=seed,
                            eval_fraction=cfg.eval_fraction, max_rows=cfg.max_examples, format=cfg.format,
-                           streaming=cfg.streaming, shuffle_buffer=cfg.shuffle_buffer)
+                           streaming=cfg.streaming, shuffle_buffer=cfg.shuffle_buffer,
+                           max_line_bytes=cfg.max_line_bytes, max_field_chars=cfg.max_field_chars)
     st = splits.stats
     if cfg.streaming:  # counts fill in as the stream is read; each pass reports what it cut, dropped or skipped
         return PreparedData(splits.kind, splits.train, list(splits.eval),
