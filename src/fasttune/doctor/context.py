@@ -95,9 +95,29 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
     return out
 
 
+def _gguf_as_folder(path: Path) -> Path:
+    """A GGUF written out as a temporary Hugging Face folder (removed at exit), so every folder check applies."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import torch
+
+    from ..models.gguf_reader import gguf_to_hf_folder
+
+    tmp = Path(tempfile.mkdtemp(prefix="fasttune-doctor-gguf-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return gguf_to_hf_folder(path, tmp / path.stem, dtype=torch.bfloat16)
+
+
 class ModelFolder:
     def __init__(self, path: str | os.PathLike, data: str | os.PathLike | None = None, max_data_rows: int = 1000):
         self.path = Path(path)
+        self.notes: list[str] = []  # what could not be examined, for the report
+        if self.path.suffix == ".gguf" and self.path.is_file():
+            self.path = _gguf_as_folder(self.path)
+            self.notes.append(f"{path} is a GGUF file: examined as the Hugging Face folder it converts to "
+                              "(bf16 weights, its tokenizer and chat template)")
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is not a folder: point `fasttune doctor` at a Hugging Face model folder")
         cfg_file = self.path / "config.json"
@@ -106,7 +126,6 @@ class ModelFolder:
         self.config: dict[str, Any] = json.loads(cfg_file.read_text())
         self.data = Path(data) if data is not None else None
         self.max_data_rows = max_data_rows
-        self.notes: list[str] = []  # what could not be examined, for the report
         # unreadable weight files -> why (filled by `tensors`); their tensors' data is never read
         self.weight_errors: dict[Path, str] = {}
 

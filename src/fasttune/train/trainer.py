@@ -821,6 +821,11 @@ def base_model_dir(path: str, what: str, allow_pickle: bool = False) -> Path:
     from ..models.checkpoint import CheckpointError
 
     folder = Path(resolve_model_path(path))
+    if folder.suffix == ".gguf":  # a GGUF file is a whole model (fasttune.load reads it)
+        if not folder.is_file():
+            raise CheckpointError(f"the base model {path} ({what}) does not exist: pass the GGUF file or the base "
+                                  "model's folder with --model")
+        return folder
     if not (folder / "config.json").is_file():
         state = "is not a model folder (no config.json)" if folder.is_dir() else "does not exist"
         raise CheckpointError(f"the base model {path} ({what}) {state}: pass the base model's folder with --model "
