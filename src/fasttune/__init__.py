@@ -19,10 +19,12 @@ def auto_dtype(device) -> str:
 
 
 def load(path, max_seq_length: int = 4096, dtype=None, device=None, load_in_4bit: bool = False,
-         allow_pickle: bool = False):
+         allow_pickle: bool = False, keep_quantized: bool = False):
     """Load a Hugging Face model folder and its tokenizer. `load_in_4bit` quantises every decoder linear to NF4
-    as it is read (QLoRA base); `device` defaults to CUDA when available; `dtype` (None or "auto") to
-    `auto_dtype(device)`: bfloat16 on CUDA, float32 on CPU, whatever dtype the checkpoint is stored in."""
+    as it is read (QLoRA base); `keep_quantized` (GGUF files) keeps the decoder linears as the file's quantised
+    blocks, dequantised on the fly (LoRA over Q4_K / Q8_0 ... in about the file's memory); `device` defaults to
+    CUDA when available; `dtype` (None or "auto") to `auto_dtype(device)`: bfloat16 on CUDA, float32 on CPU,
+    whatever dtype the checkpoint is stored in."""
     import torch
 
     if device is None:
@@ -32,7 +34,8 @@ def load(path, max_seq_length: int = 4096, dtype=None, device=None, load_in_4bit
     quantize = None
     if load_in_4bit:
         from .lora.nf4_linear import quantize_linear as quantize
-    model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle, quantize=quantize)
+    model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle, quantize=quantize,
+                       keep_quantized=keep_quantized)
     model.max_seq_length = max_seq_length
     tokenizer = load_tokenizer(path)
     return model, tokenizer

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ..lora import LoraLinear, NF4Linear
 from ..models.checkpoint import resolve_dtype, save_model
+from ..models.quantized import QuantizedLinear
 
 DEQUANTISED_NOTE = ("the base model was 4-bit (NF4): the merged weights are the dequantised NF4 base plus the "
                     "adapter, not the original 16-bit weights plus the adapter")
@@ -80,10 +81,10 @@ def has_nf4(model: nn.Module) -> bool:
 
 
 def _dense_module_weight(m: nn.Module) -> torch.Tensor:
-    """A linear's weight as a dense float32 tensor: merged for LoRA, dequantised for NF4."""
+    """A linear's weight as a dense float32 tensor: merged for LoRA, dequantised for NF4 / GGUF blocks."""
     if isinstance(m, LoraLinear):
         return m.merged_weight()
-    if isinstance(m, NF4Linear):
+    if isinstance(m, QuantizedLinear):
         return m.dequantize().float()
     return m.weight.detach().float()
 
@@ -97,7 +98,7 @@ def iter_merged_tensors(model: nn.Module) -> Iterator[tuple[str, Callable[[], to
     reward = score_head(model) is not None
     owned = set()
     for name, m in model.named_modules():
-        if isinstance(m, (LoraLinear, NF4Linear)):
+        if isinstance(m, (LoraLinear, QuantizedLinear)):
             owned.add(name)
             if reward and name == "lm_head":
                 continue

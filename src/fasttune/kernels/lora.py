@@ -51,8 +51,9 @@ class LoraProjection(NamedTuple):
 
 
 def dense_weight(w: torch.Tensor | NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen weight as a dense tensor of `dtype` (NF4 is dequantised into a temporary)."""
-    if isinstance(w, NF4Tensor):
+    """The frozen weight as a dense tensor of `dtype` (a quantised weight - NF4Tensor, GGUFWeight, anything with
+    `dequantize()` per models.quantized - is dequantised into a temporary)."""
+    if not isinstance(w, torch.Tensor):
         w = w.dequantize()
     return w if w.dtype == dtype else w.to(dtype)
 

@@ -1,4 +1,4 @@
-"""LoraLinear: a frozen linear (dense or NF4) plus a trainable low-rank update, y = base(x) + s B A x.
+"""LoraLinear: a frozen linear (dense, or quantised: NF4, GGUF blocks) plus a trainable low-rank update, y = base(x) + s B A x.
 
 Contract (the export code relies on it): `base`, `lora_A` (r, in_features), `lora_B` (out_features, r),
 `scaling`, `r`, `alpha`, `use_rslora`, `dropout`, `in_features`, `out_features`, `disabled`, `delta_weight()`,
@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.lora import LoraProjection, lora_linear
-from .nf4_linear import NF4Linear
+from ..models.quantized import QuantizedLinear
 
 
 def peft_kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -43,8 +43,9 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  generator: torch.Generator | None = None):
         super().__init__()
-        if not isinstance(base, (nn.Linear, NF4Linear)):
-            raise TypeError(f"LoRA wraps nn.Linear or NF4Linear, got {type(base).__name__}")
+        if not isinstance(base, (nn.Linear, QuantizedLinear)):
+            raise TypeError(f"LoRA wraps nn.Linear or a quantised linear (NF4Linear, GGUFLinear), got "
+                            f"{type(base).__name__}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -60,12 +61,12 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))
 
     def base_weight_device(self) -> torch.device:
-        return self.base.packed.device if isinstance(self.base, NF4Linear) else self.base.weight.device
+        return self.base.weight_device if isinstance(self.base, QuantizedLinear) else self.base.weight.device
 
     @property
     def base_weight(self):
-        """The frozen weight: a dense tensor, or the NF4Tensor of an NF4 base."""
-        return self.base.quantized if isinstance(self.base, NF4Linear) else self.base.weight
+        """The frozen weight: a dense tensor, or the quantised weight (NF4Tensor, GGUFWeight) of a quantised base."""
+        return self.base.quantized if isinstance(self.base, QuantizedLinear) else self.base.weight
 
     def projection(self) -> LoraProjection:
         return LoraProjection(self.base_weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
@@ -87,8 +88,8 @@ class LoraLinear(nn.Module):
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
-        """Base weight (dequantised if NF4) plus the delta, float32."""
-        base = self.base.dequantize() if isinstance(self.base, NF4Linear) else self.base.weight
+        """Base weight (dequantised if quantised) plus the delta, float32."""
+        base = self.base.dequantize() if isinstance(self.base, QuantizedLinear) else self.base.weight
         return base.detach().float() + self.delta_weight().detach()
 
     def extra_repr(self) -> str:

@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..kernels.lora import lora_mlp, lora_qkv
 from .config import LM_HEAD, LoraConfig
 from .layer import LoraLinear, LoraLMHead, peft_initial_A
-from .nf4_linear import NF4Linear
+from ..models.quantized import QuantizedLinear
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -79,8 +79,9 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     for layer in model.model.layers:
         for parent, name in _targeted(layer, targets):
             base = getattr(parent, name)
-            if not isinstance(base, (nn.Linear, NF4Linear)):
-                raise TypeError(f"{name} is a {type(base).__name__}; LoRA needs nn.Linear or NF4Linear")
+            if not isinstance(base, (nn.Linear, QuantizedLinear)):
+                raise TypeError(f"{name} is a {type(base).__name__}; LoRA needs nn.Linear or a quantised linear "
+                                "(NF4Linear, GGUFLinear)")
             setattr(parent, name, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, generator))
         if cfg.dropout == 0:
             if {"q_proj", "k_proj", "v_proj"} <= targets:

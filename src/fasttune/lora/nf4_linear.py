@@ -12,9 +12,10 @@ import torch.nn as nn
 
 from ..kernels.lora import lora_linear
 from ..kernels.nf4 import NF4Tensor, quantize_nf4
+from ..models.quantized import QuantizedLinear
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(QuantizedLinear):
     def __init__(self, quantized: NF4Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         if len(quantized.shape) != 2:

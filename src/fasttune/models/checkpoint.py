@@ -200,18 +200,30 @@ def load_model(
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
     quantize: Callable[[nn.Linear], nn.Module] | None = None,
+    keep_quantized: bool = False,
 ) -> CausalLM:
     """Load a Hugging Face causal-LM folder, or a GGUF file, into a fasttune `CausalLM` (eval mode, requires_grad
     left on).
 
     A bitsandbytes NF4 checkpoint (double-quantised, as transformers saves `load_in_4bit` models) loads its decoder
     linears as `NF4Linear` layers holding the stored codes and scales as they are (bit for bit). A GGUF file's
-    tensors are dequantised to float32 (bit-exact with llama.cpp's gguf package) and then cast to `dtype`."""
+    tensors are dequantised to float32 (bit-exact with llama.cpp's gguf package) and then cast to `dtype`;
+    with `keep_quantized`, its decoder linears keep their blocks instead (models.gguf_linear.GGUFLinear)."""
     path = Path(path)
     gguf_file = _is_gguf(path)
     spec = model_spec(path)
     torch_dtype = resolve_dtype(dtype, spec)
     device = torch.device(device)
+    if keep_quantized:
+        if not gguf_file:
+            raise CheckpointError(f"keep_quantized keeps a GGUF file's quantised blocks, and {path} is not a GGUF "
+                                  "file; for a folder use load_in_4bit=True (NF4) instead")
+        if quantize is not None:
+            raise CheckpointError("keep_quantized and load_in_4bit both ask for the base's storage; choose one (a "
+                                  "GGUF file: keep_quantized)")
+        from .gguf_linear import load_gguf_quantized
+
+        return load_gguf_quantized(path, torch_dtype, device)
     with torch.device("meta"):
         model = CausalLM(spec)
     expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}

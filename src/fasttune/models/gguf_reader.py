@@ -417,12 +417,17 @@ def iter_gguf_tensors(f: GGUFFile, spec: ArchSpec) -> Iterator[tuple[str, torch.
     """(checkpoint name, float32 tensor) for each model tensor, dequantised one at a time, in the Hugging Face
     layout (q/k unpermuted, Gemma norms as w)."""
     for gname, name in check_tensors(f, spec).items():
-        t = f.tensor(gname)
-        if f.arch in _PERMUTED_ARCHS and re.search(r"self_attn\.(q|k)_proj\.(weight|bias)$", name):
-            t = unpermute_from_llama_cpp(t, spec.num_heads if ".q_proj." in name else spec.num_kv_heads)
-        if spec.norm_unit_offset and name.endswith("norm.weight"):
-            t = t - 1.0
-        yield name, t
+        yield name, hf_layout(f, spec, name, f.tensor(gname))
+
+
+def hf_layout(f: GGUFFile, spec: ArchSpec, name: str, t: torch.Tensor) -> torch.Tensor:
+    """Tensor `name` as read from the file -> the Hugging Face layout. A permutation of rows only (q/k) or an
+    offset on norms, so it applies equally to a linear weight's raw block rows, (out_features, row bytes)."""
+    if f.arch in _PERMUTED_ARCHS and re.search(r"self_attn\.(q|k)_proj\.(weight|bias)$", name):
+        t = unpermute_from_llama_cpp(t, spec.num_heads if ".q_proj." in name else spec.num_kv_heads)
+    if spec.norm_unit_offset and name.endswith("norm.weight"):
+        t = t - 1.0
+    return t
 
 
 # ---- tokenizer -------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class ModelConfig:
     path: str = "tiny"  # a Hugging Face model folder, or "tiny" for the model shipped with fasttune
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     load_in_4bit: bool = False  # QLoRA: NF4 base weights (CUDA)
+    keep_quantized: bool = False  # a GGUF model.path: decoder linears keep the file's blocks (LoRA over Q4_K, Q8_0...)
     max_seq_length: int = 512
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -175,6 +176,10 @@ class TrainConfig:
             self.lora.target_modules = list(normalize_targets(self.lora.target_modules))
         except ValueError as e:
             raise ConfigError(f"lora.target_modules: {e}") from None
+        if self.model.keep_quantized and (self.model.load_in_4bit or not self.lora.enabled):
+            raise ConfigError("model.keep_quantized: true keeps a GGUF file's frozen quantised blocks, so it needs "
+                              "lora.enabled: true and model.load_in_4bit: false" + (
+                                  "" if self.lora.enabled else " (a full fine-tune cannot update quantised blocks)"))
         positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.keep_last": t.keep_last,
                     "train.log_every": t.log_every, "model.max_seq_length": self.model.max_seq_length,
                     "lora.r": self.lora.r}

@@ -211,7 +211,8 @@ class Trainer:
                 tokenizer = tokenizer or load_tokenizer(path)
             else:
                 model, loaded_tok = load(path, max_seq_length=cfg.model.max_seq_length, dtype=dtype,
-                                         device=self.device, load_in_4bit=cfg.model.load_in_4bit)
+                                         device=self.device, load_in_4bit=cfg.model.load_in_4bit,
+                                         keep_quantized=cfg.model.keep_quantized)
                 tokenizer = tokenizer or loaded_tok
                 if cfg.lora.enabled:
                     model = self._add_lora(model)
