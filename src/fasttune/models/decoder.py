@@ -29,28 +29,37 @@ from .spec import ArchSpec
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False, weight_float32: bool = False):
         super().__init__()
         self.eps = eps
         self.unit_offset = unit_offset  # Gemma: applied as (1 + w), so the identity is w = 0
+        # OLMo 2 multiplies the float32 normalised value by w and casts last (Llama casts, then multiplies): the
+        # same kernel on float32 operands gives exactly that
+        self.weight_float32 = weight_float32
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_float32 and x.dtype != torch.float32:
+            return kernels.rms_norm(x.float(), self.weight.float(), self.eps, self.unit_offset).to(x.dtype)
         return kernels.rms_norm(x, self.weight, self.eps, self.unit_offset)
 
 
 class ScaledEmbedding(nn.Embedding):
-    """Token embeddings, optionally multiplied by a scale (Gemma: sqrt(hidden)) that is rounded to the compute
-    dtype first (sqrt(3072) in bf16 is 55.5, not 55.43), as the reference does."""
+    """Token embeddings, optionally multiplied by a scale. Gemma's sqrt(hidden) is rounded to the compute dtype
+    first (sqrt(3072) in bf16 is 55.5, not 55.43), as the reference does; Granite's embedding_multiplier is a Python
+    float, applied unrounded (`rounded=False`)."""
 
-    def __init__(self, num_embeddings: int, dim: int, scale: float | None = None):
+    def __init__(self, num_embeddings: int, dim: int, scale: float | None = None, rounded: bool = True):
         super().__init__(num_embeddings, dim)
         self.scale = scale
+        self.rounded = rounded
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = super().forward(input_ids)
         if self.scale is None:
             return h
+        if not self.rounded:
+            return h * self.scale
         return h * torch.tensor(self.scale, dtype=torch.float32, device=h.device).to(h.dtype)
 
 
@@ -82,6 +91,8 @@ class AttentionInputs:
     documents: DocumentLayout | None
     cache: KVCache | None
     q_offset: int
+    local_cos: torch.Tensor | None = None  # Gemma 3's sliding layers: RoPE of their own base
+    local_sin: torch.Tensor | None = None
     # what attention derives from the masks once and every layer reuses (flash-attn's cu_seqlens, flex block masks)
     memo: dict = field(default_factory=dict)
 
@@ -95,29 +106,40 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(spec.num_heads * d, h, bias=spec.o_bias)
-        if spec.qk_norm:
-            self.q_norm = RMSNorm(d, spec.rms_norm_eps)
-            self.k_norm = RMSNorm(d, spec.rms_norm_eps)
+        if spec.qk_norm == "head":
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps, spec.norm_unit_offset)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps, spec.norm_unit_offset)
+        elif spec.qk_norm == "projection":
+            self.q_norm = RMSNorm(spec.num_heads * d, spec.rms_norm_eps, weight_float32=spec.norm_weight_float32)
+            self.k_norm = RMSNorm(spec.num_kv_heads * d, spec.rms_norm_eps, weight_float32=spec.norm_weight_float32)
+        elif spec.qk_norm is not None:
+            raise ValueError(f"qk_norm {spec.qk_norm!r}: expected 'head', 'projection' or None")
         self.scale = spec.attn_scale if spec.attn_scale is not None else d ** -0.5
         self.sliding_window = spec.window_for_layer(layer_idx)
         self.rot_dim = rotary_dim(spec)
+        self.use_rope = spec.uses_rope(layer_idx)
+        self.local_rope = spec.local_rope is not None and spec.layer_types[layer_idx] == "sliding_attention"
         self.fused_qkv: Callable | None = None
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
         d = self.spec.head_dim
         q, k, v = self.fused_qkv(x) if self.fused_qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        if self.spec.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, -1, d)
         k = k.view(B, T, -1, d)
         v = v.view(B, T, -1, d)
-        if self.spec.qk_norm:
+        if self.spec.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rot_dim == d:
-            q, k = kernels.apply_rope(q, k, a.cos, a.sin)
-        else:  # partial rotary: only the first rot_dim features of each head rotate
-            r = self.rot_dim
-            qr, kr = kernels.apply_rope(q[..., :r], k[..., :r], a.cos, a.sin)
-            q, k = torch.cat([qr, q[..., r:]], -1), torch.cat([kr, k[..., r:]], -1)
+        if self.use_rope:  # SmolLM3's NoPE layers skip it
+            cos, sin = (a.local_cos, a.local_sin) if self.local_rope else (a.cos, a.sin)
+            if self.rot_dim == d:
+                q, k = kernels.apply_rope(q, k, cos, sin)
+            else:  # partial rotary: only the first rot_dim features of each head rotate
+                r = self.rot_dim
+                qr, kr = kernels.apply_rope(q[..., :r], k[..., :r], cos, sin)
+                q, k = torch.cat([qr, q[..., r:]], -1), torch.cat([kr, k[..., r:]], -1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if a.cache is not None:
             k, v = a.cache.update(self.layer_idx, k, v)
@@ -154,34 +176,49 @@ class GatedMLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ArchSpec, layer_idx: int):
         super().__init__()
-        eps, off = spec.rms_norm_eps, spec.norm_unit_offset
-        self.sandwich = spec.sandwich_norm
-        self.input_layernorm = RMSNorm(spec.hidden_size, eps, off)
+        self.placement = spec.norm_placement
+        if self.placement not in ("pre", "sandwich", "post"):
+            raise ValueError(f"norm_placement {self.placement!r}: expected 'pre', 'sandwich' or 'post'")
+
+        def norm() -> RMSNorm:
+            return RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_unit_offset, spec.norm_weight_float32)
+        # Llama-style names: post_attention_layernorm is the pre-MLP norm. Gemma 2/3 and OLMo 2 names:
+        # post_attention_layernorm normalises the attention output, pre_/post_feedforward_layernorm wrap the MLP.
+        if self.placement != "post":
+            self.input_layernorm = norm()
         self.self_attn = Attention(spec, layer_idx)
-        # Llama-style names: post_attention_layernorm is the pre-MLP norm. Gemma 2 names: post_attention_layernorm
-        # normalises the attention output, pre_/post_feedforward_layernorm wrap the MLP.
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps, off)
-        if self.sandwich:
-            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, off)
-            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, off)
+        self.post_attention_layernorm = norm()
+        if self.placement == "sandwich":
+            self.pre_feedforward_layernorm = norm()
+        if self.placement != "pre":
+            self.post_feedforward_layernorm = norm()
         self.mlp = GatedMLP(spec)
+        self.residual_scale = spec.residual_scale  # Granite's residual_multiplier
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y if self.residual_scale is None else x + y * self.residual_scale
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
-        if self.sandwich:
+        if self.placement == "sandwich":
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), a))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), a)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.placement == "post":
+            x = x + self.post_attention_layernorm(self.self_attn(x, a))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
+        x = self._add(x, self.self_attn(self.input_layernorm(x), a))
+        return self._add(x, self.mlp(self.post_attention_layernorm(x)))
 
 
 class DecoderModel(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
         self.spec = spec
-        self.embed_tokens = ScaledEmbedding(spec.vocab_size, spec.hidden_size, spec.embed_scale)
+        self.embed_tokens = ScaledEmbedding(spec.vocab_size, spec.hidden_size, spec.embed_scale,
+                                            spec.embed_scale_rounded)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_unit_offset)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_unit_offset, spec.norm_weight_float32)
         self.rotary = RotaryTables(spec)
+        self.local_rotary = RotaryTables(spec, spec.local_rope) if spec.local_rope is not None else None
         self.layer_runner: Callable | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -215,6 +252,8 @@ class DecoderModel(nn.Module):
             key_padding_mask = attention_mask.bool()
         cos, sin = self.rotary(position_ids, max_position=max_position)
         a = AttentionInputs(cos, sin, key_padding_mask, documents, cache, past)
+        if self.local_rotary is not None:
+            a.local_cos, a.local_sin = self.local_rotary(position_ids, max_position=max_position)
         hidden_states = [h] if output_hidden_states else None
         for layer in self.layers:
             h = layer(h, a) if self.layer_runner is None else self.layer_runner(layer, h, a)
@@ -264,7 +303,10 @@ class CausalLM(nn.Module):
         return widen(h) if widen is not None else (h, self.lm_head.weight, None)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(h).float()
+        logits = self.lm_head(h)
+        if self.spec.logits_scaling is not None:  # Granite divides the head's output, in its dtype
+            logits = logits / self.spec.logits_scaling
+        logits = logits.float()
         if self.spec.final_softcap is not None:
             logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
         return logits
@@ -299,7 +341,10 @@ class CausalLM(nn.Module):
                 # packed documents: the last token of one document does not predict the first of the next
                 targets = targets.masked_fill(position_ids[:, 1:] == 0, IGNORE_INDEX)
             targets = targets.reshape(-1)
-            hid, weight, extra = self.loss_head_inputs(h[:, :-1].reshape(-1, h.shape[-1]))
+            h_loss = h[:, :-1].reshape(-1, h.shape[-1])
+            if self.spec.logits_scaling is not None:  # (h / s) @ W.T == (h @ W.T) / s: the fused loss scales h
+                h_loss = h_loss / self.spec.logits_scaling
+            hid, weight, extra = self.loss_head_inputs(h_loss)
             out.num_target_tokens = (targets != IGNORE_INDEX).sum()
             out.loss = kernels.fused_linear_cross_entropy(
                 hid, weight, targets, softcap=self.spec.final_softcap,

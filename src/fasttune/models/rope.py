@@ -104,14 +104,15 @@ class RotaryTables:
     max_tables = 4
     min_length = 256
 
-    def __init__(self, spec: ArchSpec):
+    def __init__(self, spec: ArchSpec, rope: RopeSpec | None = None):
         self.spec = spec
+        self.rope = rope if rope is not None else spec.rope  # Gemma 3's local layers: spec.local_rope
         self.dim = rotary_dim(spec)
         self._cache: dict[tuple, tuple[torch.Tensor, float]] = {}
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # half-width (L, dim/2) cos, sin
 
     def _key(self, device: torch.device, seq_len: int) -> tuple:
-        rope = self.spec.rope
+        rope = self.rope
         key: tuple = (str(device),)
         if rope.kind == "dynamic" and seq_len > self.spec.max_position_embeddings:
             key += (seq_len,)
@@ -122,7 +123,7 @@ class RotaryTables:
     def _inv_freq(self, device: torch.device, seq_len: int) -> tuple[torch.Tensor, float]:
         key = self._key(device, seq_len)
         if key not in self._cache:
-            self._cache[key] = inverse_frequencies(self.spec.rope, self.dim, self.spec.max_position_embeddings,
+            self._cache[key] = inverse_frequencies(self.rope, self.dim, self.spec.max_position_embeddings,
                                                    seq_len, device)
         return self._cache[key]
 

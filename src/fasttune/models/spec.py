@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
+                         "granite", "smollm3")
+# families whose config.json may leave tie_word_embeddings out because their transformers default is True
+_TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3_text", "smollm3")
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
+# Gemma 3 configs without rope_parameters: the global and local bases transformers assumes
+_GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
@@ -58,15 +64,25 @@ class ArchSpec:
     o_bias: bool = False
     mlp_bias: bool = False
     activation: str = "silu"  # silu | gelu | gelu_tanh
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
+    # RMSNorm on q and k before RoPE: "head" over each head (Qwen3, Gemma 3), "projection" over the whole q / k
+    # projection output (OLMo 2: weights of num_heads * head_dim), None without
+    qk_norm: str | None = None
     norm_unit_offset: bool = False  # Gemma: weight stored as w, applied as (1 + w), all in float32
-    embed_scale: float | None = None  # Gemma: embeddings * sqrt(hidden), scale cast to the compute dtype first
-    sandwich_norm: bool = False  # Gemma 2: extra norms after attention and after the MLP
+    norm_weight_float32: bool = False  # OLMo 2: w multiplies the float32 normalised value, cast back after
+    embed_scale: float | None = None  # Gemma: embeddings * sqrt(hidden); Granite: embedding_multiplier
+    embed_scale_rounded: bool = True  # Gemma casts the scale to the compute dtype first; Granite multiplies exactly
+    # "pre": norm before attention and MLP (Llama); "sandwich": also after each (Gemma 2/3); "post": only after
+    # each, none before (OLMo 2)
+    norm_placement: str = "pre"
+    residual_scale: float | None = None  # Granite: residual + residual_multiplier * block(x)
+    logits_scaling: float | None = None  # Granite: logits divided by this
     attn_softcap: float | None = None
     final_softcap: float | None = None
-    attn_scale: float | None = None  # None -> head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar ** -0.5)
+    attn_scale: float | None = None  # None -> head_dim ** -0.5 (Gemma 2/3: query_pre_attn_scalar ** -0.5)
     sliding_window: int | None = None
     layer_types: list[str] = field(default_factory=list)  # "full_attention" | "sliding_attention" per layer
+    local_rope: RopeSpec | None = None  # Gemma 3: the sliding layers' own RoPE (another base, no scaling)
+    rope_layers: list[bool] = field(default_factory=list)  # per layer whether RoPE applies (SmolLM3); [] = all
     fused_checkpoint: bool = False  # Phi-3 stores qkv_proj and gate_up_proj fused
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
@@ -78,6 +94,12 @@ class ArchSpec:
         if self.sliding_window is None:
             return None
         return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
+
+    def uses_rope(self, i: int) -> bool:
+        return not self.rope_layers or self.rope_layers[i]
+
+    def rope_for_layer(self, i: int) -> RopeSpec:
+        return self.local_rope if self.local_rope is not None and self.layer_types[i] == "sliding_attention" else self.rope
 
     @property
     def eos_ids(self) -> list[int]:
@@ -104,21 +126,22 @@ class ArchSpec:
         head_dim = cfg.get("head_dim") or hidden // heads
         n_layers = cfg["num_hidden_layers"]
         act_name = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")
-        gemma = mt in ("gemma", "gemma2")
+        gemma = mt in _GEMMA
         activation = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                       "gelu_tanh": "gelu_tanh", "gelu": "gelu_tanh" if gemma else "gelu"}.get(act_name)
         if activation is None:
             raise UnsupportedModelError(f"hidden activation {act_name!r} is not supported (silu, gelu, gelu_pytorch_tanh)")
 
         sliding_window = cfg.get("sliding_window")
-        if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        if mt in ("qwen2", "qwen3", "smollm3") and not cfg.get("use_sliding_window", False):
             sliding_window = None
-        if mt == "llama":
+        if mt in ("llama", "olmo2", "granite"):  # no sliding window in these families' transformers code
             sliding_window = None
         layer_types = cfg.get("layer_types")
         if not layer_types:
-            if mt == "gemma2":
-                layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
+            if mt in ("gemma2", "gemma3_text"):  # Gemma 2: 1 local : 1 global; Gemma 3: 5 : 1 (sliding_window_pattern)
+                every = 2 if mt == "gemma2" else cfg.get("sliding_window_pattern", 6)
+                layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
             elif mt in ("qwen2", "qwen3"):
                 mwl = cfg.get("max_window_layers", n_layers)
                 layer_types = ["sliding_attention" if sliding_window is not None and i >= mwl else "full_attention"
@@ -127,10 +150,28 @@ class ArchSpec:
                 layer_types = ["sliding_attention" if sliding_window else "full_attention"] * n_layers
         if len(layer_types) != n_layers:
             raise ValueError(f"config layer_types has {len(layer_types)} entries for {n_layers} layers")
+        rope_layers: list[bool] = []
+        if mt == "smollm3":  # NoPE: no_rope_layers[i] == 0 marks a layer without RoPE (every 4th by default)
+            every = cfg.get("no_rope_layer_interval", 4)
+            flags = cfg.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n_layers)]
+            if len(flags) != n_layers:
+                raise ValueError(f"config no_rope_layers has {len(flags)} entries for {n_layers} layers")
+            rope_layers = [bool(f) for f in flags]
+        if mt == "gemma3_text" and cfg.get("use_bidirectional_attention"):
+            raise UnsupportedModelError("Gemma 3 with use_bidirectional_attention (an encoder, e.g. EmbeddingGemma) "
+                                        "is not a causal LM; fasttune trains the causal Gemma 3 text models")
 
         attn_scale = None
-        if mt == "gemma2":
+        if mt in ("gemma2", "gemma3_text"):
             attn_scale = cfg.get("query_pre_attn_scalar", head_dim) ** -0.5
+        granite = mt == "granite"
+        if granite:
+            attn_scale = float(cfg.get("attention_multiplier", 1.0))
+        embed_scale = math.sqrt(hidden) if gemma else None
+        if granite and cfg.get("embedding_multiplier", 1.0) != 1.0:
+            embed_scale = float(cfg["embedding_multiplier"])
+        softcaps = mt in ("gemma2", "gemma3_text")
+        qk_norm = {"qwen3": "head", "gemma3_text": "head", "olmo2": "projection"}.get(mt)
         bias = bool(cfg.get("attention_bias", False))
         return cls(
             model_type=mt,
@@ -143,21 +184,27 @@ class ArchSpec:
             head_dim=head_dim,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope=_rope_spec(cfg),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
+            rope=_rope_spec(cfg, "full_attention" if mt == "gemma3_text" else None),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", mt in _TIED_BY_DEFAULT),
             qkv_bias=True if mt == "qwen2" else bias,
-            o_bias=bias if mt in ("llama", "mistral", "phi3", "gemma", "gemma2", "qwen3") else False,
+            o_bias=bias if mt != "qwen2" else False,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             activation=activation,
-            qk_norm=mt == "qwen3",
+            qk_norm=qk_norm,
             norm_unit_offset=gemma,
-            embed_scale=math.sqrt(hidden) if gemma else None,
-            sandwich_norm=mt == "gemma2",
-            attn_softcap=cfg.get("attn_logit_softcapping") if mt == "gemma2" else None,
-            final_softcap=cfg.get("final_logit_softcapping") if mt == "gemma2" else None,
+            norm_weight_float32=mt == "olmo2",
+            embed_scale=embed_scale,
+            embed_scale_rounded=not granite,
+            norm_placement={"gemma2": "sandwich", "gemma3_text": "sandwich", "olmo2": "post"}.get(mt, "pre"),
+            residual_scale=_granite_factor(cfg, "residual_multiplier") if granite else None,
+            logits_scaling=_granite_factor(cfg, "logits_scaling") if granite else None,
+            attn_softcap=cfg.get("attn_logit_softcapping") if softcaps else None,
+            final_softcap=cfg.get("final_logit_softcapping") if softcaps else None,
             attn_scale=attn_scale,
             sliding_window=sliding_window,
             layer_types=list(layer_types),
+            local_rope=_rope_spec(cfg, "sliding_attention") if mt == "gemma3_text" else None,
+            rope_layers=rope_layers,
             fused_checkpoint=mt == "phi3",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
@@ -167,12 +214,33 @@ class ArchSpec:
         )
 
 
-def _rope_spec(cfg: dict[str, Any]) -> RopeSpec:
-    """Read RoPE settings from either the transformers 5 `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
+def _granite_factor(cfg: dict[str, Any], key: str) -> float | None:
+    """A Granite multiplier, None when it is 1 (nothing to apply)."""
+    value = float(cfg.get(key, 1.0))
+    return None if value == 1.0 else value
+
+
+def _rope_spec(cfg: dict[str, Any], layer_type: str | None = None) -> RopeSpec:
+    """Read RoPE settings from either the transformers 5 `rope_parameters` or the older `rope_theta` + `rope_scaling`.
+
+    `layer_type`: for families with one RoPE per layer type (Gemma 3): transformers 5 nests `rope_parameters` by
+    layer type; older configs give the global base as `rope_theta` (+ `rope_scaling`, global layers only) and the
+    local one as `rope_local_base_freq`."""
     params = dict(cfg.get("rope_parameters") or {})
     scaling = dict(cfg.get("rope_scaling") or {})
+    default_theta = 10000.0
+    if layer_type is not None:
+        default_theta = _GEMMA3_THETA.get(layer_type, default_theta)
+        if isinstance(params.get(layer_type), dict):
+            params = dict(params[layer_type])
+        elif any(isinstance(v, dict) for v in params.values()):
+            raise ValueError(f"config rope_parameters has no entry for {layer_type!r} layers: {sorted(params)}")
+        if layer_type == "sliding_attention":
+            scaling = {}  # rope_scaling applies to the global layers only
+            default_theta = cfg.get("rope_local_base_freq", default_theta)
     merged = {**scaling, **params}
-    theta = merged.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = merged.get("rope_theta", default_theta if layer_type == "sliding_attention"
+                       else cfg.get("rope_theta", default_theta))
     kind = merged.get("rope_type", merged.get("type", "default"))
     if kind == "su":  # old name of longrope (Phi-3)
         kind = "longrope"

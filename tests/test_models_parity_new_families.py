@@ -1,0 +1,288 @@
+"""Parity of the one decoder with transformers for the families of issue 16: OLMo 2, Granite 3.x, SmolLM3,
+Phi-4-mini (phi3 with partial rotary, long-RoPE and tied embeddings) and Gemma 3 text (Gemma3ForCausalLM).
+
+Same method and error measure as tests/test_models_parity.py: a tiny random model built and saved by transformers,
+loaded by fasttune, compared on the same inputs (fp32: logits, loss, every gradient; bf16 logits; padded batches;
+packed documents; round trips; greedy generation).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fasttune.models import generate, load_model, save_model
+from fasttune.models.spec import ArchSpec
+
+from test_models_parity import BF16_TOL, FP32_TOL, SEQ, VOCAB, random_ids, rel_err
+
+CONFIG_CLASSES = {"olmo2": "Olmo2Config", "granite": "GraniteConfig", "smollm3": "SmolLM3Config",
+                  "phi4mini": "Phi3Config", "gemma3": "Gemma3TextConfig"}
+FAMILIES = [f for f, cls in CONFIG_CLASSES.items() if hasattr(transformers, cls)]
+# Phi-4-mini's long-RoPE switches to the long factors past this many positions: SEQ = 24 tokens use them,
+# SHORT_SEQ the short ones
+PHI_ORIGINAL_CONTEXT = 16
+SHORT_SEQ = 12
+
+
+def tiny_config(family: str, **overrides):
+    common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "olmo2":
+        cfg = transformers.Olmo2Config(**common)
+    elif family == "granite":  # multipliers far from 1 so each one shows in the comparison
+        cfg = transformers.GraniteConfig(**common, embedding_multiplier=3.0, residual_multiplier=0.4,
+                                         attention_multiplier=0.11, logits_scaling=2.5)
+    elif family == "smollm3":  # 4 layers: the 4th has no RoPE
+        cfg = transformers.SmolLM3Config(**{**common, "num_hidden_layers": 4})
+    elif family == "phi4mini":  # head_dim 16, rotary over 12 of it (factor 0.75): 6 frequencies
+        cfg = transformers.Phi3Config(
+            **{**common, "hidden_size": 64}, tie_word_embeddings=True,
+            original_max_position_embeddings=PHI_ORIGINAL_CONTEXT,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                             "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                             "long_factor": [2.0 + 0.5 * i for i in range(6)]})
+    elif family == "gemma3":  # 7 layers: 5 local, 1 global, 1 local; linear RoPE scaling on the global layer
+        cfg = transformers.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 7}, head_dim=16, sliding_window=6, query_pre_attn_scalar=20,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_pair(tmp_path, family: str, dtype=torch.float32, **overrides):
+    torch.manual_seed(1234)
+    cfg = tiny_config(family, **overrides)
+    attn = "eager" if family == "gemma3" else "sdpa"
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+    with torch.no_grad():  # move every weight off its default (norms at 1/0) so every parameter matters
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    hf = hf.to(dtype).eval()
+    hf.save_pretrained(tmp_path)
+    return hf, load_model(tmp_path, dtype=dtype)
+
+
+def _grads(model: torch.nn.Module, fused: bool) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient by checkpoint name; Phi-3's split projections fused back as the checkpoint has them."""
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    if fused:
+        for i in range(model.spec.num_layers):
+            pre = f"model.layers.{i}."
+            grads[pre + "self_attn.qkv_proj.weight"] = torch.cat(
+                [grads.pop(pre + f"self_attn.{p}_proj.weight") for p in "qkv"])
+            grads[pre + "mlp.gate_up_proj.weight"] = torch.cat(
+                [grads.pop(pre + f"mlp.{p}_proj.weight") for p in ("gate", "up")])
+    return grads
+
+
+@pytest.mark.parametrize("seq", [SEQ, SHORT_SEQ])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_logits_loss_and_grads(tmp_path, family, seq):
+    hf, ours = build_pair(tmp_path, family)
+    ids = random_ids(seq=seq)
+    out_hf = hf(ids, labels=ids)
+    out_ours = ours(ids, labels=ids, return_logits=True)
+    assert rel_err(out_ours.logits, out_hf.logits) <= FP32_TOL
+    assert abs(out_ours.loss.item() - out_hf.loss.item()) / out_hf.loss.item() <= FP32_TOL
+    out_hf.loss.backward()
+    out_ours.loss.backward()
+    theirs = {n: p.grad for n, p in hf.named_parameters()}
+    mine = _grads(ours, ours.spec.fused_checkpoint)
+    assert set(mine) == set(theirs)
+    for name, g in mine.items():
+        assert g is not None, name
+        assert rel_err(g, theirs[name]) <= FP32_TOL, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_logits(tmp_path, family):
+    hf, ours = build_pair(tmp_path, family, dtype=torch.bfloat16)
+    ids = random_ids()
+    with torch.no_grad():
+        err = rel_err(ours(ids).logits, hf(ids).logits.float())
+    assert err <= BF16_TOL, err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batches(tmp_path, family, side):
+    hf, ours = build_pair(tmp_path, family)
+    ids = random_ids(batch=3)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate([0, 5, 11]):
+        if n:
+            if side == "left":
+                mask[row, :n] = 0
+            else:
+                mask[row, -n:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask).logits
+        b = hf(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert rel_err(a[real], b[real]) <= FP32_TOL
+    assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_documents(tmp_path, family):
+    """Two documents packed in one row (position ids restart) give transformers' logits of each document alone,
+    and the packed loss and every gradient equal those of the documents run separately (summed over targets)."""
+    hf, ours = build_pair(tmp_path, family)
+    a_ids, b_ids = random_ids(1, 10, seed=1), random_ids(1, 14, seed=2)
+    packed = torch.cat([a_ids, b_ids], dim=1)
+    pos = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    with torch.no_grad():
+        lp = ours(packed, position_ids=pos).logits
+        assert rel_err(lp[:, :10], hf(a_ids).logits) <= FP32_TOL
+        assert rel_err(lp[:, 10:], hf(b_ids).logits) <= FP32_TOL
+    out = ours(packed, position_ids=pos, labels=packed, num_items_in_batch=9 + 13)
+    assert out.num_target_tokens == 9 + 13
+    out.loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+    sep = ours(a_ids, labels=a_ids, num_items_in_batch=22).loss + ours(b_ids, labels=b_ids, num_items_in_batch=22).loss
+    sep.backward()
+    assert abs(out.loss.item() - sep.item()) / sep.item() <= FP32_TOL
+    for n, p in ours.named_parameters():
+        assert rel_err(packed_grads[n], p.grad) <= FP32_TOL, n
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_fasttune_save_transformers_load(tmp_path, family):
+    hf, ours = build_pair(tmp_path / "src", family)
+    save_model(ours, tmp_path / "out", max_shard_size=20_000)  # several shards + index
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    attn = "eager" if family == "gemma3" else "sdpa"
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation=attn).eval()
+    reloaded = load_model(tmp_path / "out")
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(hf2(ids).logits, hf(ids).logits)
+        assert torch.equal(reloaded(ids).logits, ours(ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_matches_transformers(tmp_path, family):
+    hf, ours = build_pair(tmp_path, family)
+    ids = random_ids(batch=2, seq=9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+# ---- each family's switches are read from its config and really change the result (no vacuous parity) ----------
+
+def _logits_err_after(tmp_path, family, change) -> float:
+    hf, ours = build_pair(tmp_path, family)
+    ids = random_ids()
+    change(ours)
+    with torch.no_grad():
+        return rel_err(ours(ids).logits, hf(ids).logits)
+
+
+@pytest.mark.skipif("olmo2" not in FAMILIES, reason="transformers has no Olmo2Config")
+def test_olmo2_spec(tmp_path):
+    spec = ArchSpec.from_hf_config(tiny_config("olmo2").to_dict())
+    assert spec.norm_placement == "post" and spec.qk_norm == "projection" and not spec.tie_word_embeddings
+    _, ours = build_pair(tmp_path, "olmo2")
+    assert ours.layers[0].self_attn.q_norm.weight.shape == (4 * 12,)  # over the whole projection
+    assert not hasattr(ours.layers[0], "input_layernorm")
+
+
+@pytest.mark.skipif("granite" not in FAMILIES, reason="transformers has no GraniteConfig")
+def test_granite_multipliers_all_matter(tmp_path):
+    spec = ArchSpec.from_hf_config(tiny_config("granite").to_dict())
+    assert (spec.embed_scale, spec.residual_scale, spec.attn_scale, spec.logits_scaling) == (3.0, 0.4, 0.11, 2.5)
+    assert not spec.embed_scale_rounded
+
+    def drop(attr):
+        def change(m):
+            if attr == "embed":
+                m.model.embed_tokens.scale = None
+            elif attr == "residual":
+                for layer in m.layers:
+                    layer.residual_scale = None
+            elif attr == "attention":
+                for layer in m.layers:
+                    layer.self_attn.scale = 12 ** -0.5
+            else:
+                m.spec.logits_scaling = None
+        return change
+    for attr in ("embed", "residual", "attention", "logits"):
+        assert _logits_err_after(tmp_path / attr, "granite", drop(attr)) > 1e-3, attr
+
+
+@pytest.mark.skipif("smollm3" not in FAMILIES, reason="transformers has no SmolLM3Config")
+def test_smollm3_every_fourth_layer_has_no_rope(tmp_path):
+    spec = ArchSpec.from_hf_config(tiny_config("smollm3").to_dict())
+    assert spec.rope_layers == [True, True, True, False] and spec.tie_word_embeddings
+    assert spec.sliding_window is None  # use_sliding_window is false
+
+    def rope_everywhere(m):
+        m.layers[3].self_attn.use_rope = True
+    assert _logits_err_after(tmp_path, "smollm3", rope_everywhere) > 1e-4
+
+
+@pytest.mark.skipif("phi4mini" not in FAMILIES, reason="transformers has no Phi3Config")
+def test_phi4mini_spec_and_long_positions(tmp_path):
+    spec = ArchSpec.from_hf_config(tiny_config("phi4mini").to_dict())
+    assert spec.model_type == "phi3" and spec.tie_word_embeddings
+    assert spec.rope.kind == "longrope" and spec.rope.partial_rotary_factor == 0.75
+    assert spec.rope.original_max_position_embeddings == PHI_ORIGINAL_CONTEXT
+    hf, ours = build_pair(tmp_path, "phi4mini")
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids = random_ids()
+    pos = torch.arange(200, 200 + SEQ)[None].expand(2, SEQ)  # far past the original context
+    with torch.no_grad():
+        assert rel_err(ours(ids, position_ids=pos).logits, hf(ids, position_ids=pos).logits) <= FP32_TOL
+
+
+@pytest.mark.skipif("gemma3" not in FAMILIES, reason="transformers has no Gemma3TextConfig")
+def test_gemma3_spec_local_rope_and_pattern(tmp_path):
+    spec = ArchSpec.from_hf_config(tiny_config("gemma3").to_dict())
+    assert spec.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    assert spec.rope.theta == 1e6 and spec.rope.kind == "linear" and spec.rope.factor == 2.0
+    assert spec.local_rope.theta == 1e4 and spec.local_rope.kind == "default"
+    assert spec.qk_norm == "head" and spec.norm_placement == "sandwich" and spec.norm_unit_offset
+    assert spec.attn_scale == 20 ** -0.5 and spec.tie_word_embeddings
+
+    def global_rope_everywhere(m):
+        for layer in m.layers:
+            layer.self_attn.local_rope = False
+    assert _logits_err_after(tmp_path, "gemma3", global_rope_everywhere) > 1e-4
+
+
+def test_gemma3_legacy_config_rope_bases():
+    """Hub configs written before transformers 5: rope_theta (+ rope_scaling) for global layers,
+    rope_local_base_freq for the local ones, and the 5:1 pattern from sliding_window_pattern."""
+    cfg = {"model_type": "gemma3_text", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+           "num_hidden_layers": 12, "num_attention_heads": 2, "head_dim": 4, "sliding_window": 512,
+           "sliding_window_pattern": 6, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+           "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "query_pre_attn_scalar": 4}
+    spec = ArchSpec.from_hf_config(cfg)
+    assert [t[0] for t in spec.layer_types] == list("sssssfsssssf")
+    assert (spec.rope.theta, spec.rope.kind, spec.rope.factor) == (1e6, "linear", 8.0)
+    assert (spec.local_rope.theta, spec.local_rope.kind) == (1e4, "default")
+    assert spec.rope_for_layer(0) is spec.local_rope and spec.rope_for_layer(5) is spec.rope
+
+
+@pytest.mark.skipif("gemma3" not in FAMILIES, reason="transformers has no Gemma3TextConfig")
+def test_gemma3_embedding_scale_rounded_to_bf16_first(tmp_path):
+    hf, ours = build_pair(tmp_path, "gemma3", dtype=torch.bfloat16)
+    ids = random_ids()
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True).hidden_states[0]
+        got = ours(ids, output_hidden_states=True).hidden_states[0]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
