@@ -143,3 +143,20 @@ def test_gguf_is_optional_and_quant_names_match_the_writer():
     assert "lazy-ok" in proc.stdout, proc.stdout + proc.stderr
     assert "rc 2" in proc.stdout, proc.stdout + proc.stderr
     assert "pip install gguf" in proc.stderr
+
+
+def test_cli_removes_what_a_killed_export_left(tmp_path, base_and_adapter):
+    """A SIGKILLed export leaves `.OUT.tmp-PID`; the next export beside it removes it when that PID is dead (and keeps
+    a live writer's)."""
+    import os
+    import subprocess
+
+    base, adapter, _ = base_and_adapter
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".m.tmp-{dead.pid}"
+    (stale / "part").mkdir(parents=True)
+    live = tmp_path / f".other.tmp-{os.getpid()}"
+    live.mkdir()
+    assert main(["--format", "adapter", "--adapter", str(adapter), str(base), str(tmp_path / "a")]) == 0
+    assert not stale.exists() and live.exists()

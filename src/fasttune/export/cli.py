@@ -98,7 +98,7 @@ def run(args) -> int:
     out = Path(args.out_dir)
     if args.format == "gguf":
         try:
-            from .gguf_writer import export_gguf, gguf_tensor_plan
+            from .gguf_writer import GGUFExportError, check_gguf_supported, export_gguf, gguf_tensor_plan
         except ImportError as e:
             print(f"error: --format gguf needs the `gguf` package ({e}); install it with `pip install gguf` "
                   "(or `pip install fasttune[export]`)", file=sys.stderr)
@@ -134,8 +134,15 @@ def run(args) -> int:
               "text generators: export it with --format merged (a sequence-classification checkpoint transformers "
               "loads) or --format adapter (PEFT SEQ_CLS)", file=sys.stderr)
         return 2
+    base_spec = ArchSpec.from_pretrained(model_dir)
+    if args.format == "gguf":
+        try:
+            check_gguf_supported(base_spec)
+        except GGUFExportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     # the checkpoint's own dtype: exact, and half the memory of float32; merging upcasts one tensor at a time
-    dtype = resolve_dtype(None, ArchSpec.from_pretrained(model_dir))
+    dtype = resolve_dtype(None, base_spec)
     try:
         if adapter is not None:
             model, tokenizer = load_trained(adapter, base=str(model_dir), device="cpu", dtype=dtype,
@@ -156,6 +163,9 @@ def run(args) -> int:
     if chat.source is not None:
         tokenizer.chat_template = chat.source
 
+    from ..train.run_folder import remove_stale_temp_dirs
+
+    remove_stale_temp_dirs(out.parent)  # what killed exports left here (only folders whose writer is dead)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
