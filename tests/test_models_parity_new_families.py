@@ -286,3 +286,70 @@ def test_gemma3_embedding_scale_rounded_to_bf16_first(tmp_path):
         ref = hf(ids, output_hidden_states=True).hidden_states[0]
         got = ours(ids, output_hidden_states=True).hidden_states[0]
     assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+
+
+# ---- LoRA, merged export and GGUF export --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_merged_export_loads_in_transformers(tmp_path, family):
+    """A LoRA on every linear, merged and written in the Hugging Face layout: transformers reproduces the adapted
+    model's logits (fp32)."""
+    import fasttune
+    from fasttune.export.merged import export_merged
+    from test_export_common import randomize_lora
+
+    build_pair(tmp_path / "base", family)
+    model = fasttune.add_lora(load_model(tmp_path / "base"), r=4, alpha=8)
+    randomize_lora(model)
+    ids = random_ids()
+    with torch.no_grad():
+        ours = model(ids).logits
+        assert rel_err(ours, load_model(tmp_path / "base")(ids).logits) > 1e-2  # the adapter matters
+    assert not export_merged(model, tmp_path / "out", dtype="float32").notes
+    attn = "eager" if family == "gemma3" else "sdpa"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation=attn).eval()
+    with torch.no_grad():
+        assert rel_err(hf(ids).logits, ours) <= FP32_TOL
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "phi4mini"])
+def test_gguf_export_refused_with_what_to_do(tmp_path, family, capsys):
+    """No llama.cpp layout is written for these families yet: the CLI refuses before loading the model."""
+    pytest.importorskip("gguf")
+    from fasttune.export.cli import main
+
+    build_pair(tmp_path / "base", family)
+    assert main(["--format", "gguf", str(tmp_path / "base"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "GGUF export of" in err and "not supported" in err and "--format merged" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif("phi4mini" not in FAMILIES, reason="transformers has no Phi3Config")
+def test_phi4mini_gguf_tensors_round_trip(tmp_path):
+    """Phi-4-mini goes through the Phi-3 GGUF path: tied embeddings (no output.weight), the rotary dimension
+    count of the partial rotary, the long/short factors of its rotary dimensions, F32 tensors read back exactly."""
+    gguf = pytest.importorskip("gguf")
+    from fasttune.export.gguf_writer import export_gguf, read_gguf_weights
+
+    import shutil
+    from pathlib import Path
+
+    import fasttune
+
+    tiny_tokenizer = Path(fasttune.__file__).parent / "assets" / "tiny"  # a real BPE tokenizer of 4013 tokens
+    _, ours = build_pair(tmp_path / "base", "phi4mini", vocab_size=4013)
+    for f in tiny_tokenizer.glob("*token*.json"):
+        shutil.copy(f, tmp_path / "base" / f.name)
+    export_gguf(ours, tmp_path / "m.gguf", tokenizer_dir=tmp_path / "base", quant="f32", perplexity=False)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" not in names and "token_embd.weight" in names
+    assert int(reader.fields["phi3.rope.dimension_count"].parts[-1][0]) == 12
+    assert len(next(t for t in reader.tensors if t.name == "rope_factors_long.weight").data) == 6
+    back = read_gguf_weights(tmp_path / "m.gguf", ours)
+    state = dict(ours.state_dict())
+    linears = {n for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.")}
+    assert {n + ".weight" for n in linears} <= set(back)  # the split q/k/v and gate/up of the fused tensors
+    for name, t in back.items():
+        assert torch.equal(t.float(), state[name].float()), name

@@ -459,11 +459,21 @@ def _extra_tensors(spec) -> list[tuple[str, torch.Tensor]]:
 
 # ---- export ----------------------------------------------------------------------------------------------------
 
+def check_gguf_supported(spec) -> None:
+    """Refuse, before any work, a family this writer has no llama.cpp layout for: its quirks (OLMo 2's norm
+    placement, Granite's multipliers, SmolLM3's NoPE layers, Gemma 3's local RoPE base) would be dropped silently
+    and llama.cpp would run a different model."""
+    if spec.model_type not in GGUF_ARCH:
+        raise GGUFExportError(
+            f"GGUF export of {spec.model_type} models is not supported (fasttune writes GGUF for "
+            f"{', '.join(GGUF_ARCH)}): export with --format merged and convert that folder with llama.cpp's "
+            "convert_hf_to_gguf.py")
+
+
 def gguf_tensor_plan(model: nn.Module, quant: str = "q8_0") -> list[tuple[str, Callable[[], torch.Tensor], tuple, T]]:
     """(gguf name, thunk -> float32 tensor in llama.cpp's layout, torch shape, ggml type) for every tensor."""
     spec = model.spec
-    if spec.model_type not in GGUF_ARCH:
-        raise GGUFExportError(f"no GGUF architecture for model_type {spec.model_type!r}")
+    check_gguf_supported(spec)
     if quant not in QUANT_TYPES:
         raise GGUFExportError(f"unknown GGUF type {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
     qtype = QUANT_TYPES[quant]

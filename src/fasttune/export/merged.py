@@ -57,8 +57,10 @@ def attach_score(model: nn.Module, weight: torch.Tensor) -> nn.Linear:
 
 
 # transformers' class-name prefix of each family fasttune reads (config.json's architectures may be absent)
+# (Granite has no sequence-classification class in transformers: its reward models are refused)
 SEQ_CLS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-                  "gemma2": "Gemma2", "phi3": "Phi3"}
+                  "gemma2": "Gemma2", "gemma3_text": "Gemma3Text", "phi3": "Phi3", "olmo2": "Olmo2",
+                  "smollm3": "SmolLM3"}
 
 
 def sequence_classification_config(config: dict, pad_token_id: int | None) -> dict:
@@ -99,6 +101,8 @@ def iter_merged_tensors(model: nn.Module) -> Iterator[tuple[str, Callable[[], to
     owned = set()
     for name, m in model.named_modules():
         if isinstance(m, (LoraLinear, QuantizedLinear)):
+            if any(name.startswith(o + ".") for o in owned):
+                continue  # a LoRA layer's quantised base: merged into the LoRA layer's weight already
             owned.add(name)
             if reward and name == "lm_head":
                 continue
