@@ -19,14 +19,18 @@ def auto_dtype(device) -> str:
 
 
 def load(path, max_seq_length: int = 4096, dtype=None, device=None, load_in_4bit: bool = False,
-         allow_pickle: bool = False, keep_quantized: bool = False):
-    """Load a Hugging Face model folder and its tokenizer. `load_in_4bit` quantises every decoder linear to NF4
+         allow_pickle: bool = False, keep_quantized: bool = False, revision: str | None = None):
+    """Load a Hugging Face model folder (or a Hub repo id: from the HF cache, else downloaded unless HF_HUB_OFFLINE;
+    `revision` a branch, tag or commit) and its tokenizer. `load_in_4bit` quantises every decoder linear to NF4
     as it is read (QLoRA base); `keep_quantized` (GGUF files) keeps the decoder linears as the file's quantised
     blocks, dequantised on the fly (LoRA over Q4_K / Q8_0 ... in about the file's memory); `device` defaults to
     CUDA when available; `dtype` (None or "auto") to `auto_dtype(device)`: bfloat16 on CUDA, float32 on CPU,
     whatever dtype the checkpoint is stored in."""
     import torch
 
+    from .models.checkpoint import resolve_pretrained
+
+    path = resolve_pretrained(path, revision)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None or dtype == "auto":

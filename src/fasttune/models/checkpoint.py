@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,6 +30,68 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class CheckpointError(ValueError):
     pass
+
+
+# ---- Hugging Face Hub repo ids: the local cache, then a download ------------------------------------------------
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# what a download fetches: weights as safetensors, config, tokenizer and generation files; never pickles or code
+HUB_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json", *TOKENIZER_FILES)
+
+
+def hub_cache_dir() -> Path:
+    """transformers' cache folder: HF_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub (default
+    ~/.cache). Read at each call, not at import, so a variable set later counts."""
+    env = os.environ
+    explicit = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = env.get("HF_HOME") or Path(env.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The cached snapshot folder of a model repo (models--org--name/snapshots/<commit>, the commit read from
+    refs/<revision>, or `revision` itself when it is a commit), if it holds a config.json."""
+    repo = hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    rev = revision or "main"
+    ref = repo / "refs" / rev
+    commit = ref.read_text().strip() if ref.is_file() else rev
+    snapshot = repo / "snapshots" / commit
+    return snapshot if (snapshot / "config.json").is_file() else None
+
+
+def resolve_pretrained(path: str | os.PathLike, revision: str | None = None) -> Path:
+    """Where the model `path` names lies, as transformers resolves it: an existing local folder or file as it is;
+    a Hub repo id ("org/name") from the Hugging Face cache, else downloaded through huggingface_hub (safetensors,
+    config, tokenizer and generation files only; token from HF_TOKEN) unless HF_HUB_OFFLINE is set. Anything else
+    comes back unchanged, for the loader to report as missing."""
+    local = Path(path).expanduser()
+    name = str(path)
+    if local.exists() or not _REPO_ID.fullmatch(name):
+        return local
+    snapshot = cached_snapshot(name, revision)
+    if snapshot is not None:
+        return snapshot
+    at = f" at revision {revision!r}" if revision else ""
+    where = (f"{name} is not a local folder, nor a model in the Hugging Face cache{at} "
+             f"({hub_cache_dir() / ('models--' + name.replace('/', '--'))})")
+    if hub_offline():
+        raise CheckpointError(f"{where}, and HF_HUB_OFFLINE is set so it is not downloaded: download it while online "
+                              f"(`hf download {name}`), unset HF_HUB_OFFLINE, or pass the model's folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, revision=revision, allow_patterns=list(HUB_PATTERNS),
+                                      cache_dir=hub_cache_dir(), endpoint=os.environ.get("HF_ENDPOINT") or None))
+    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here, with the cause
+        raise CheckpointError(f"{where}, and downloading it from the Hugging Face Hub failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}): check the repo id and the network, set "
+                              "HF_TOKEN for a gated or private repo, or pass the model's folder") from e
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, spec: ArchSpec) -> torch.dtype:

@@ -104,7 +104,10 @@ def tiny_model_path() -> str:
 
 
 def resolve_model_path(path: str) -> str:
-    return tiny_model_path() if path == "tiny" else path
+    """"tiny" (the bundled model), a local folder or file, or a Hub repo id (the HF cache, else a download)."""
+    from ..models.checkpoint import resolve_pretrained
+
+    return tiny_model_path() if path == "tiny" else str(resolve_pretrained(path))
 
 
 def _oom_message(cfg: TrainConfig, err: BaseException, during: str = "training") -> str:
@@ -192,6 +195,8 @@ class Trainer:
 
                 dtype = auto_dtype(self.device)
             path = resolve_model_path(cfg.model.path)
+            if not cfg.model.allow_pickle:
+                refuse_pickle_only(Path(path), "set model.allow_pickle: true (--set model.allow_pickle=true)")
             from ..models.checkpoint import is_prequantized
 
             if (self.dist.enabled and cfg.train.parallel == "fsdp" and not cfg.model.load_in_4bit
@@ -212,7 +217,8 @@ class Trainer:
             else:
                 model, loaded_tok = load(path, max_seq_length=cfg.model.max_seq_length, dtype=dtype,
                                          device=self.device, load_in_4bit=cfg.model.load_in_4bit,
-                                         keep_quantized=cfg.model.keep_quantized)
+                                         keep_quantized=cfg.model.keep_quantized,
+                                         allow_pickle=cfg.model.allow_pickle)
                 tokenizer = tokenizer or loaded_tok
                 if cfg.lora.enabled:
                     model = self._add_lora(model)
@@ -831,13 +837,23 @@ def base_model_dir(path: str, what: str, allow_pickle: bool = False) -> Path:
         state = "is not a model folder (no config.json)" if folder.is_dir() else "does not exist"
         raise CheckpointError(f"the base model {path} ({what}) {state}: pass the base model's folder with --model "
                               "(for export: as MODEL_DIR)")
-    if not allow_pickle and not any(folder.glob("*.safetensors")):
-        pickles = sorted(folder.glob("pytorch_model*.bin"))
-        if pickles:
-            raise CheckpointError(f"{folder} holds only pickle weights ({pickles[0].name}), which can run code when "
-                                  "loaded: convert them to safetensors (transformers: from_pretrained, then "
-                                  "save_pretrained), or pass --allow-pickle (allow_pickle=True) if you trust the file")
+    if not allow_pickle:
+        refuse_pickle_only(folder, "pass --allow-pickle (allow_pickle=True)")
     return folder
+
+
+def refuse_pickle_only(folder: Path, how: str) -> None:
+    """Raise CheckpointError when `folder` holds its weights only as pickle files; `how` says how to allow them
+    where the user is (a CLI flag, a config key), checked before minutes go into loading."""
+    from ..models.checkpoint import CheckpointError
+
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(folder.glob("pytorch_model*.bin"))
+    if pickles:
+        raise CheckpointError(f"{folder} holds only pickle weights ({pickles[0].name}), which can run code when "
+                              "loaded: convert them to safetensors (transformers: from_pretrained, then "
+                              f"save_pretrained), or {how} if you trust the file")
 
 
 def _checkpoint_base(cfg: dict, checkpoint: Path) -> str:
