@@ -31,4 +31,12 @@ test: $(VENV)/.installed smollm2
 gpu-test: $(VENV)/.installed
 	$(PY) -m pytest -q -m gpu
 
-.PHONY: install demo demo-smollm2 test gpu-test smollm2
+# llama-cpp-python for tests/interop (GGUF exports run through llama.cpp itself). It compiles llama.cpp: ~30 minutes
+# on 2 cores. Without it those tests skip, saying why (as in `make test` and CI).
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+	-DGGML_OPENMP=OFF -DLLAMA_CURL=OFF
+interop: $(VENV)/.installed smollm2
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip install llama-cpp-python==0.3.16
+	$(PY) -m pytest -q -s tests/interop
+
+.PHONY: install demo demo-smollm2 test gpu-test smollm2 interop
