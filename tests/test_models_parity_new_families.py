@@ -204,13 +204,14 @@ def test_olmo2_spec(tmp_path):
 @pytest.mark.skipif("granite" not in FAMILIES, reason="transformers has no GraniteConfig")
 def test_granite_multipliers_all_matter(tmp_path):
     spec = ArchSpec.from_hf_config(tiny_config("granite").to_dict())
-    assert (spec.embed_scale, spec.residual_scale, spec.attn_scale, spec.logits_scaling) == (3.0, 0.4, 0.11, 2.5)
-    assert not spec.embed_scale_rounded
+    assert (spec.embedding_multiplier, spec.residual_scale, spec.attn_scale, spec.logits_scaling) == \
+        (3.0, 0.4, 0.11, 2.5)
+    assert spec.embed_scale is None
 
     def drop(attr):
         def change(m):
             if attr == "embed":
-                m.model.embed_tokens.scale = None
+                m.spec.embedding_multiplier = None
             elif attr == "residual":
                 for layer in m.layers:
                     layer.residual_scale = None
@@ -353,3 +354,14 @@ def test_phi4mini_gguf_tensors_round_trip(tmp_path):
     assert {n + ".weight" for n in linears} <= set(back)  # the split q/k/v and gate/up of the fused tensors
     for name, t in back.items():
         assert torch.equal(t.float(), state[name].float()), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_by_layer_comparison(tmp_path, family):
+    """compare_models (fasttune compare) hooks the same blocks in both implementations: every block agrees."""
+    from fasttune.models import compare_models
+
+    hf, ours = build_pair(tmp_path, family)
+    errors = compare_models(ours, hf, random_ids())
+    assert len(errors) == ours.spec.num_layers + 2
+    assert max(e.rel_l2 for e in errors) <= FP32_TOL

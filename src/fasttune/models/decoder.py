@@ -45,21 +45,17 @@ class RMSNorm(nn.Module):
 
 
 class ScaledEmbedding(nn.Embedding):
-    """Token embeddings, optionally multiplied by a scale. Gemma's sqrt(hidden) is rounded to the compute dtype
-    first (sqrt(3072) in bf16 is 55.5, not 55.43), as the reference does; Granite's embedding_multiplier is a Python
-    float, applied unrounded (`rounded=False`)."""
+    """Token embeddings, optionally multiplied by a scale (Gemma: sqrt(hidden)) that is rounded to the compute
+    dtype first (sqrt(3072) in bf16 is 55.5, not 55.43), as the reference does."""
 
-    def __init__(self, num_embeddings: int, dim: int, scale: float | None = None, rounded: bool = True):
+    def __init__(self, num_embeddings: int, dim: int, scale: float | None = None):
         super().__init__(num_embeddings, dim)
         self.scale = scale
-        self.rounded = rounded
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = super().forward(input_ids)
         if self.scale is None:
             return h
-        if not self.rounded:
-            return h * self.scale
         return h * torch.tensor(self.scale, dtype=torch.float32, device=h.device).to(h.dtype)
 
 
@@ -213,8 +209,7 @@ class DecoderModel(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
         self.spec = spec
-        self.embed_tokens = ScaledEmbedding(spec.vocab_size, spec.hidden_size, spec.embed_scale,
-                                            spec.embed_scale_rounded)
+        self.embed_tokens = ScaledEmbedding(spec.vocab_size, spec.hidden_size, spec.embed_scale)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_unit_offset, spec.norm_weight_float32)
         self.rotary = RotaryTables(spec)
@@ -229,6 +224,8 @@ class DecoderModel(nn.Module):
         (`DocumentLayout.from_position_ids(cpu_position_ids).to(device)`); without it, packed position ids on the
         GPU are read back once per forward to find the documents."""
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.spec.embedding_multiplier is not None:  # Granite: after the embedding module, as transformers does
+            h = h * self.spec.embedding_multiplier
         B, T = h.shape[:2]
         past = cache.length if cache is not None else 0
         max_position = past + T - 1  # known without reading the ids, except for position ids given by the caller

@@ -69,8 +69,9 @@ class ArchSpec:
     qk_norm: str | None = None
     norm_unit_offset: bool = False  # Gemma: weight stored as w, applied as (1 + w), all in float32
     norm_weight_float32: bool = False  # OLMo 2: w multiplies the float32 normalised value, cast back after
-    embed_scale: float | None = None  # Gemma: embeddings * sqrt(hidden); Granite: embedding_multiplier
-    embed_scale_rounded: bool = True  # Gemma casts the scale to the compute dtype first; Granite multiplies exactly
+    embed_scale: float | None = None  # Gemma: the embedding module's sqrt(hidden), cast to the compute dtype first
+    # Granite: the model multiplies the embeddings (given inputs_embeds too) by this exact float
+    embedding_multiplier: float | None = None
     # "pre": norm before attention and MLP (Llama); "sandwich": also after each (Gemma 2/3); "post": only after
     # each, none before (OLMo 2)
     norm_placement: str = "pre"
@@ -167,9 +168,6 @@ class ArchSpec:
         granite = mt == "granite"
         if granite:
             attn_scale = float(cfg.get("attention_multiplier", 1.0))
-        embed_scale = math.sqrt(hidden) if gemma else None
-        if granite and cfg.get("embedding_multiplier", 1.0) != 1.0:
-            embed_scale = float(cfg["embedding_multiplier"])
         softcaps = mt in ("gemma2", "gemma3_text")
         qk_norm = {"qwen3": "head", "gemma3_text": "head", "olmo2": "projection"}.get(mt)
         bias = bool(cfg.get("attention_bias", False))
@@ -193,8 +191,8 @@ class ArchSpec:
             qk_norm=qk_norm,
             norm_unit_offset=gemma,
             norm_weight_float32=mt == "olmo2",
-            embed_scale=embed_scale,
-            embed_scale_rounded=not granite,
+            embed_scale=math.sqrt(hidden) if gemma else None,
+            embedding_multiplier=_granite_factor(cfg, "embedding_multiplier") if granite else None,
             norm_placement={"gemma2": "sandwich", "gemma3_text": "sandwich", "olmo2": "post"}.get(mt, "pre"),
             residual_scale=_granite_factor(cfg, "residual_multiplier") if granite else None,
             logits_scaling=_granite_factor(cfg, "logits_scaling") if granite else None,
