@@ -34,7 +34,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="train on N GPUs of this machine: re-launches itself under torchrun (DDP); equivalent to "
                         "`torchrun --nproc_per_node N -m fasttune train CONFIG`")
-    p.add_argument("--print-defaults", action="store_true", help="print the full default config as YAML and exit")
+    p.add_argument("--print-defaults", action="store_true",
+                   help="print the full default config as YAML, each key with its meaning and allowed values, and exit")
+    p.add_argument("--print-reference", action="store_true",
+                   help="print the config reference as Markdown (docs/config.md) and exit")
 
 
 def _gpus_ok(args) -> bool:
@@ -72,8 +75,10 @@ def _gpus_ok(args) -> bool:
 def _run_train(args) -> int:
     from .train.config import ConfigError, TrainConfig
 
-    if args.print_defaults:
-        print(TrainConfig().to_yaml(), end="")
+    if args.print_defaults or args.print_reference:
+        from .train.config_docs import defaults_yaml, reference_markdown
+
+        print(defaults_yaml() if args.print_defaults else reference_markdown(), end="")
         return 0
     if not args.config:
         print("fasttune train: a CONFIG file is required (see configs/ or --print-defaults)", file=sys.stderr)

@@ -55,6 +55,11 @@ def _raise(error: DataError) -> None:
     raise error
 
 
+def _encoding_hint(encoding: str) -> str:
+    return (f"re-save the file as {encoding.upper()}, or set data.encoding (encoding=) to the encoding it is in, "
+            "e.g. cp1252 or latin-1")
+
+
 def _decoded_lines(path: str, encoding: str = "utf-8", max_line_bytes: int = MAX_LINE_BYTES,
                    on_bad_row: BadRow = _raise) -> Iterator[tuple[int, str]]:
     """(1-based line number, decoded line with its newline). A line over `max_line_bytes` (never held whole) or
@@ -80,7 +85,7 @@ def _decoded_lines(path: str, encoding: str = "utf-8", max_line_bytes: int = MAX
                 on_bad_row(DataError(
                     f"invalid {encoding.upper()} (byte 0x{raw[e.start]:02x} at byte {e.start} of the line)",
                     file=path, line=number,
-                    hint=f"re-save the file as {encoding.upper()} or pass encoding=... to the reader"))
+                    hint=_encoding_hint(encoding)))
                 continue
             if number == 1 and line.startswith("\ufeff"):
                 line = line[1:]  # byte-order mark written by some editors
@@ -154,7 +159,7 @@ class _JsonText:
             self.bad_bytes = DataError(
                 f"invalid {self.encoding.upper()} (byte 0x{e.object[e.start]:02x})", file=self.path,
                 line=self.line0 + self.buf.count("\n") + text.count("\n"),
-                hint=f"re-save the file as {self.encoding.upper()} or pass encoding=... to the reader")
+                hint=_encoding_hint(self.encoding))
         if self.line0 == 1 and self.col0 == 0 and not self.buf and text.startswith("\ufeff"):
             text = text[1:]  # byte-order mark written by some editors
         self.buf += text

@@ -45,48 +45,53 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     load_in_4bit: bool = False  # QLoRA: NF4 base weights (CUDA)
     keep_quantized: bool = False  # a GGUF model.path: decoder linears keep the file's blocks (LoRA over Q4_K, Q8_0...)
-    max_seq_length: int = 512
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_seq_length: int = 512  # longest example in tokens (>= 1); a packed row is exactly this long
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
+    allow_pickle: bool = False  # load a base stored only as pytorch_model*.bin (pickle can run code: trusted files)
 
 
 @dataclass
 class LoraSection:
     enabled: bool = True  # false: train every parameter (full fine-tune; no DPO reference then)
-    r: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = 16  # adapter rank (>= 1)
+    alpha: float = 16.0  # adapters are scaled by alpha / r (> 0)
+    dropout: float = 0.0  # dropout on the adapters' input, in [0, 1)
     # names (q_proj ... down_proj, lm_head; short q, k, v, o, gate, up, down), or "all-linear" for the seven projections
     target_modules: Union[list[str], str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    use_rslora: bool = False
-    seed: int = 0
+    use_rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r
+    seed: int = 0  # seed of the adapters' initialisation
 
 
 @dataclass
 class DataConfig:
     path: str = "bundled:instructions"  # a file/folder, or bundled:instructions | bundled:conversations | bundled:corpus | bundled:preferences
     format: Optional[Literal["jsonl", "json", "csv", "tsv", "parquet", "xlsx", "text"]] = None  # None: from the extension
-    kind: Literal["auto", "instruction", "chat", "text", "preference"] = "auto"
+    kind: Literal["auto", "instruction", "chat", "text", "preference"] = "auto"  # auto: from the columns
     prompt_template: Optional[str] = None  # e.g. "{instruction}[[\nInput: {input}]]" (columns merged into one prompt)
     response_template: Optional[str] = None  # e.g. "{answer}"; None: the output column
-    system_prompt: Optional[str] = None
+    system_prompt: Optional[str] = None  # a system turn before every chat-formatted example
     chat_template: Optional[str] = None  # registry name (chatml, llama-3, ...) or None: the tokenizer's own
-    train_on: Literal["responses", "all"] = "responses"
+    train_on: Literal["responses", "all"] = "responses"  # loss on the response tokens only, or on every token
     packing: bool = True  # padding-free packing (SFT / pre-training); false: padded batches
-    eval_fraction: float = 0.05
+    eval_fraction: float = 0.05  # share of the examples held out for evaluation, in [0, 1)
     max_examples: Optional[int] = None  # read at most this many rows
-    shuffle: bool = True
+    shuffle: bool = True  # shuffle the examples (seeded by train.seed)
     overlong: Literal["truncate", "drop"] = "truncate"  # examples longer than model.max_seq_length
     on_error: Literal["raise", "skip"] = "raise"  # skip: bad rows are counted and reported, not trained on
-    streaming: bool = False  # tokenise pass by pass instead of holding the dataset (files larger than memory;
-    # sft/pretrain, needs train.max_steps; the eval split, eval_fraction of the rows, is held)
+    # tokenise pass by pass instead of holding the dataset (files larger than memory; sft/pretrain, needs
+    # train.max_steps; the eval split, eval_fraction of the rows, is held)
+    streaming: bool = False
     shuffle_buffer: int = 10_000  # streaming: examples are shuffled within a window of this many
     max_line_bytes: int = 64 * 2**20  # longest row read (a line, a JSON array element); longer: a data error
     max_field_chars: int = 16 * 2**20  # longest value in a row (a string, a CSV field, a cell); longer: a data error
+    encoding: str = "utf-8"  # text encoding of jsonl/json/csv/tsv/text files: any Python codec (cp1252, latin-1...)
 
 
 @dataclass
 class ObjectiveConfig:
+    # sft: supervised fine-tuning; pretrain: continued pre-training on text; reward: a reward model (scalar head);
+    # dpo / orpo: preference optimisation on chosen/rejected pairs
     type: Literal["sft", "pretrain", "reward", "dpo", "orpo"] = "sft"
     beta: float = 0.1  # DPO temperature; ORPO: weight of the odds-ratio term (lambda in the paper)
     train_embeddings: Optional[bool] = None  # None: true for pretrain, false otherwise
@@ -96,39 +101,41 @@ class ObjectiveConfig:
 
 @dataclass
 class TrainSection:
-    output_dir: str = "runs/fasttune"
-    seed: int = 0
+    output_dir: str = "runs/fasttune"  # the run folder: config.yaml, metrics.jsonl, checkpoints/, adapter/
+    seed: int = 0  # seed of the data order, the eval split and dropout
     batch_size: int = 4  # micro-batch rows (packed: rows of exactly max_seq_length tokens)
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (>= 1)
     max_steps: Optional[int] = None  # None: epochs x steps per epoch
-    epochs: float = 1.0
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    schedule: Literal["linear", "cosine", "constant"] = "cosine"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    max_grad_norm: Optional[float] = 1.0
+    epochs: float = 1.0  # passes over the data when max_steps is null (> 0; fractions allowed)
+    lr: float = 2e-4  # peak learning rate (> 0)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (>= 0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW [beta1, beta2], each in [0, 1)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: block-quantised 8-bit optimizer state
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"  # learning-rate decay after the warm-up
+    warmup_steps: int = 0  # steps of linear warm-up (>= 0); when > 0 it wins over warmup_ratio
+    warmup_ratio: float = 0.0  # warm-up as a share of the run's steps, in [0, 1]
+    max_grad_norm: Optional[float] = 1.0  # clip the gradient norm to this (> 0); null: no clipping
     eval_every: Optional[int] = None  # steps; None: at the end only
     eval_batches: Optional[int] = None  # cap eval micro-batches
     save_every: Optional[int] = None  # steps; None: at the end only
-    keep_last: int = 2
-    log_every: int = 1
+    keep_last: int = 2  # checkpoints kept in checkpoints/ (>= 1; older ones are deleted)
+    log_every: int = 1  # steps between metrics lines (>= 1)
+    # activations per layer: none keeps them (fastest), recompute-mlp / checkpoint recompute in the backward,
+    # offload keeps them in CPU memory; auto keeps what fits in free GPU memory
     memory: Literal["auto", "none", "recompute-mlp", "checkpoint", "offload"] = "auto"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard the model (FSDP2 fully_shard)
-    progress: bool = True
-    tensorboard: bool = True
-    plot: bool = True
+    progress: bool = True  # a progress bar; false: one plain line per logged step
+    tensorboard: bool = True  # TensorBoard event files in the run folder
+    plot: bool = True  # loss.png in the run folder at the end
 
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraSection = field(default_factory=LoraSection)
-    data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    train: TrainSection = field(default_factory=TrainSection)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the base model and how it is loaded
+    lora: LoraSection = field(default_factory=LoraSection)  # the adapters (or a full fine-tune)
+    data: DataConfig = field(default_factory=DataConfig)  # the training data and how it becomes tokens
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # what the loss is
+    train: TrainSection = field(default_factory=TrainSection)  # the optimisation and the run folder
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, overrides: list[str] | None = None) -> "TrainConfig":
@@ -239,6 +246,13 @@ class TrainConfig:
         if self.data.streaming and not t.max_steps:
             raise ConfigError("data.streaming: true needs train.max_steps (a stream's length is unknown until it "
                               "has been read, so epochs cannot be counted in steps)")
+        import codecs
+
+        try:  # an unknown codec fails here, not after the model has loaded
+            codecs.lookup(self.data.encoding)
+        except LookupError:
+            raise ConfigError(f"data.encoding {_short(self.data.encoding)} is not a text encoding Python knows; "
+                              "use e.g. utf-8, utf-16, cp1252 or latin-1") from None
         if self.data.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.data.shuffle_buffer}")
         if o.type in ("reward", "dpo", "orpo") and self.data.kind not in ("auto", "preference"):
@@ -332,8 +346,31 @@ def _build(cls, raw, prefix: str):
     return cls(**kwargs)
 
 
+def _field_type(key: list[str]):
+    """The declared type of a dotted key (["data", "prompt_template"]), or None for an unknown key."""
+    tp: Any = TrainConfig
+    for part in key:
+        if not dataclasses.is_dataclass(tp) or part not in {f.name for f in dataclasses.fields(tp)}:
+            return None
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def _is_text(tp) -> bool:
+    """str, a Literal of strings, or either or null: a value the user means verbatim (no YAML)."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        return bool(arms) and all(_is_text(a) for a in arms)
+    if origin is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp is str
+
+
 def _apply_override(raw: dict, item: str) -> None:
-    """`train.lr=1e-4` -> raw["train"]["lr"] = 1e-4 (the value is parsed as YAML)."""
+    """`train.lr=1e-4` -> raw["train"]["lr"] = 1e-4. A string key (data.prompt_template, data.format ...) takes the
+    text verbatim — `[{category}] {instruction}` or `{instruction}` are templates, not YAML — and `null` or `~` for
+    null where the key allows it; other keys parse the value as YAML (numbers, true/false, [lists])."""
     if "=" not in item:
         raise ConfigError(f"override {_short(item)} must look like section.key=value, e.g. train.max_steps=100")
     key, value = item.split("=", 1)
@@ -343,7 +380,20 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {_short(item)}: {_short(p)} is not a section")
-    node[parts[-1]] = _load_yaml(value, f"--set {_short(key)}")
+    tp = _field_type(parts)
+    if tp is not None and _is_text(tp):
+        nullable = typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)
+        node[parts[-1]] = None if nullable and value.strip() in ("null", "~") else value
+        return
+    try:
+        node[parts[-1]] = _load_yaml(value, f"--set {_short(key)}")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; for a string, quote it: --set '{key.strip()[:40]}=\"...\"'"
+                          if tp is not None and str in _arms(tp) else str(e)) from None
+
+
+def _arms(tp) -> tuple:
+    return typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
 
 
 # ---- YAML, read as untrusted input -------------------------------------------------------------------------------

@@ -166,7 +166,8 @@ def _fit_pair(pair: dict, max_len: int, mode: str, st: DataStats) -> dict | None
 def _preference_data(cfg: DataConfig, tokenizer, path: str, bundled: str | None, max_seq_length: int,
                      seed: int) -> PreparedData:
     st = DataStats()
-    limits = dict(format=cfg.format, max_line_bytes=cfg.max_line_bytes, max_field_chars=cfg.max_field_chars,
+    limits = dict(format=cfg.format, encoding=cfg.encoding, max_line_bytes=cfg.max_line_bytes,
+                  max_field_chars=cfg.max_field_chars,
                   on_bad_row=st.skip if cfg.on_error == "skip" else None)
     if bundled == "preferences":  # the derangement needs every row; the bundled file is small
         rows = iter(_preference_rows(list(read_rows(path, **limits))))
@@ -225,7 +226,8 @@ def prepare_data(cfg: DataConfig, tokenizer, max_seq_length: int, seed: int, obj
                            overlong=cfg.overlong, on_error=cfg.on_error, shuffle=cfg.shuffle, seed=seed,
                            eval_fraction=cfg.eval_fraction, max_rows=cfg.max_examples, format=cfg.format,
                            streaming=cfg.streaming, shuffle_buffer=cfg.shuffle_buffer,
-                           max_line_bytes=cfg.max_line_bytes, max_field_chars=cfg.max_field_chars)
+                           encoding=cfg.encoding, max_line_bytes=cfg.max_line_bytes,
+                           max_field_chars=cfg.max_field_chars)
     st = splits.stats
     if cfg.streaming:  # counts fill in as the stream is read; each pass reports what it cut, dropped or skipped
         return PreparedData(splits.kind, splits.train, list(splits.eval),
