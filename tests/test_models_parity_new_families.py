@@ -365,3 +365,42 @@ def test_layer_by_layer_comparison(tmp_path, family):
     errors = compare_models(ours, hf, random_ids())
     assert len(errors) == ours.spec.num_layers + 2
     assert max(e.rel_l2 for e in errors) <= FP32_TOL
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Gemma3ForConditionalGeneration"),
+                    reason="transformers has no Gemma3ForConditionalGeneration")
+def test_gemma3_multimodal_checkpoint_loads_its_text_tower(tmp_path):
+    """A Gemma 3 4B/12B/27B-style checkpoint (Gemma3ForConditionalGeneration: language_model.* beside a vision
+    tower): fasttune loads the language model alone and matches the multimodal model on text (fp32 logits, loss,
+    every language-model gradient); saved back, it is a Gemma3ForCausalLM checkpoint transformers reads."""
+    torch.manual_seed(0)
+    text = tiny_config("gemma3").to_dict()
+    vision = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=96, boi_token_index=94, eoi_token_index=95)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    hf.eval().save_pretrained(tmp_path / "mm")
+    ours = load_model(tmp_path / "mm")
+    assert ours.spec.model_type == "gemma3_text" and ours.spec.text_tower
+    ids = random_ids()
+    out_hf = hf(input_ids=ids, labels=ids)
+    out_ours = ours(ids, labels=ids, return_logits=True)
+    assert rel_err(out_ours.logits, out_hf.logits) <= FP32_TOL
+    assert abs(out_ours.loss.item() - out_hf.loss.item()) / out_hf.loss.item() <= FP32_TOL
+    out_hf.loss.backward()
+    out_ours.loss.backward()
+    theirs = {n.replace("model.language_model.", "model."): p.grad for n, p in hf.named_parameters()
+              if n.startswith("model.language_model.")}
+    mine = dict(ours.named_parameters())
+    assert set(mine) == set(theirs)
+    for name, p in mine.items():
+        assert rel_err(p.grad, theirs[name]) <= FP32_TOL, name
+    save_model(ours, tmp_path / "text")
+    hf_text = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager")
+    assert type(hf_text).__name__ == "Gemma3ForCausalLM"
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, hf_text.eval()(ids).logits) <= FP32_TOL  # eager vs sdpa rounding only

@@ -121,6 +121,21 @@ def _unfuse(name: str, tensor: torch.Tensor, spec: ArchSpec) -> list[tuple[str, 
     return [(name, tensor)]
 
 
+# ---- multimodal checkpoints: the language model's tensors only ------------------------------------------------
+
+_TEXT_TOWER_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                        ("model.language_model.", "model."))  # transformers' saved layout, then its module layout
+
+
+def _text_tower_name(name: str) -> str | None:
+    """The text-only name of a multimodal checkpoint's language-model tensor; None for the rest (vision tower,
+    projector)."""
+    for old, new in _TEXT_TOWER_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return "lm_head.weight" if name == "lm_head.weight" else None
+
+
 def _fuse(state: dict[str, torch.Tensor], spec: ArchSpec) -> dict[str, torch.Tensor]:
     if not spec.fused_checkpoint:
         return state
@@ -215,6 +230,10 @@ def iter_model_tensors(path: str | os.PathLike, spec: ArchSpec,
     else:
         source = _iter_tensors(_weight_files(Path(path), allow_pickle))
     for raw_name, tensor in source:
+        if spec.text_tower:  # a multimodal checkpoint: its language model only
+            raw_name = _text_tower_name(raw_name)
+            if raw_name is None:
+                continue
         for name, t in _unfuse(raw_name, tensor, spec):
             if name.endswith("rotary_emb.inv_freq") or (spec.tie_word_embeddings and name == "lm_head.weight"):
                 continue

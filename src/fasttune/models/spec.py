@@ -85,6 +85,9 @@ class ArchSpec:
     local_rope: RopeSpec | None = None  # Gemma 3: the sliding layers' own RoPE (another base, no scaling)
     rope_layers: list[bool] = field(default_factory=list)  # per layer whether RoPE applies (SmolLM3); [] = all
     fused_checkpoint: bool = False  # Phi-3 stores qkv_proj and gate_up_proj fused
+    # a multimodal checkpoint (Gemma 3 4B/12B/27B) of which only the language model is loaded: its tensors are
+    # renamed from language_model.* and the vision tower's skipped; saved back as the text-only model
+    text_tower: bool = False
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -117,6 +120,10 @@ class ArchSpec:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ArchSpec":
+        if cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
+            spec = cls.from_hf_config(_gemma3_text_config(cfg))
+            spec.text_tower = True
+            return spec
         mt = cfg.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -210,6 +217,17 @@ class ArchSpec:
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             raw_config=dict(cfg),
         )
+
+
+def _gemma3_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The Gemma3ForCausalLM config of a multimodal Gemma 3 checkpoint's language model: its text_config, with the
+    token ids, dtype and tying the top level may hold instead."""
+    text = {**cfg["text_config"], "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "tie_word_embeddings",
+                "quantization_config"):
+        if text.get(key) is None and cfg.get(key) is not None:
+            text[key] = cfg[key]
+    return text
 
 
 def _granite_factor(cfg: dict[str, Any], key: str) -> float | None:
