@@ -4,6 +4,7 @@
     fasttune train config.yaml [--resume | --overwrite] [--set train.lr=1e-4] [--gpus N]
     fasttune chat --adapter runs/demo/adapter       interactive chat, the model's chat template
     fasttune generate --model PATH --prompt "..."   one-shot generation
+    fasttune data preview config.yaml               the first rows as the model sees them, lengths, packing fill
     fasttune export ...  | doctor ... | compare ... | bench ...
 """
 from __future__ import annotations
@@ -136,6 +137,52 @@ def _run_train(args) -> int:
     if worker:  # a torchrun worker: leave before interpreter shutdown can abort it (see exit_worker)
         distributed.exit_worker(code)
     return code
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    pv = sub.add_parser("preview", formatter_class=_HelpFormatter,
+                        help="the first rows as the model will see them (trained tokens marked), the token-length "
+                             "distribution and how the batches fill",
+                        description="Render a training config's data as the run will: the first rows through its "
+                                    "template and tokenizer, trained tokens marked; token lengths "
+                                    "(min/median/p90/p99/max, truncated); packing (rows, fill %).")
+    pv.add_argument("config", help="YAML training config (the same file `fasttune train` takes)")
+    pv.add_argument("--rows", type=int, default=3, help="rows to render")
+    pv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="override a config value, as for train (repeatable)")
+    pv.add_argument("--max-rows", type=int, default=None, metavar="N",
+                    help="read at most N rows for the statistics (default: data.max_examples; streaming configs: "
+                         "10,000)")
+    pv.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                    help="colour the trained tokens (auto: when stdout is a terminal) instead of bracketing them")
+
+
+def _run_data(args) -> int:
+    from .data import DataError
+    from .data.preview import preview
+    from .models.checkpoint import CheckpointError
+    from .train.config import ConfigError, TrainConfig
+
+    if args.rows < 0 or (args.max_rows is not None and args.max_rows < 1):
+        print("fasttune data preview: --rows must be >= 0 and --max-rows >= 1", file=sys.stderr)
+        return 2
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    try:
+        cfg = TrainConfig.from_yaml(args.config, overrides=args.overrides)
+        preview(cfg, rows=args.rows, out=sys.stdout, color=color, max_rows=args.max_rows)
+    except ConfigError as e:
+        print(f"fasttune data preview: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"fasttune data preview: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # the tokenizer's folder
+        print(f"fasttune data preview: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # ---- chat / generate -------------------------------------------------------------------------------------------
@@ -333,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "falling, adapter saved, answers before/after printed", _add_demo, _run_demo)
     command("train", "train from a YAML config: SFT, continued pre-training, reward model, DPO, ORPO",
             _add_train, _run_train)
+    command("data", "look at a config's data before training: `fasttune data preview CONFIG`", _add_data,
+            _run_data)
     command("chat", "interactive chat with a model (+ adapter) through its chat template", _add_chat, _run_chat)
     command("generate", "generate replies to prompts (arguments or stdin)", _add_generate, _run_generate)
     externals = [
