@@ -404,3 +404,27 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_tower(tmp_path):
     assert type(hf_text).__name__ == "Gemma3ForCausalLM"
     with torch.no_grad():
         assert rel_err(ours(ids).logits, hf_text.eval()(ids).logits) <= FP32_TOL  # eager vs sdpa rounding only
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_triton_kernels_in_the_model_match_transformers(tmp_path, monkeypatch, family):
+    """The model through the Triton kernels (FASTTUNE_KERNELS=triton; the interpreter on CPU): OLMo 2's norms over
+    float32 operands, partial rotary, NoPE layers, Gemma 3's two RoPE tables, Granite's scaled head all give the
+    reference's loss and gradients."""
+    pytest.importorskip("triton")
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and the Triton interpreter is off")
+    hf, ours = build_pair(tmp_path, family)
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    ids = random_ids()
+    out = ours(ids, labels=ids, return_logits=True)
+    ref = hf(ids, labels=ids)
+    assert rel_err(out.logits, ref.logits) <= FP32_TOL
+    assert abs(out.loss.item() - ref.loss.item()) / ref.loss.item() <= FP32_TOL
+    out.loss.backward()
+    ref.loss.backward()
+    theirs = {n: p.grad for n, p in hf.named_parameters()}
+    for name, g in _grads(ours, ours.spec.fused_checkpoint).items():
+        assert rel_err(g, theirs[name]) <= FP32_TOL, name
