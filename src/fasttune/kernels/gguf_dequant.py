@@ -100,6 +100,7 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
 
 def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
     """Bytes (n, ..., group) -> (n, ..., 2*group): all low nibbles, then all high nibbles (ggml's order)."""
+    qs = qs.contiguous()  # a strided slice of the blocks: bitwise ops on it are ~1.5x slower than the copy costs
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
 
 
