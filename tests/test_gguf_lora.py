@@ -290,3 +290,23 @@ def test_smollm2_q4_1_lora_over_its_blocks():
     assert losses[-1] < losses[0], losses
     after = _blocks(lora)
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_bf16_compute_and_checkpointed_layers_over_blocks(tmp_path):
+    """bfloat16: the blocks dequantise to float32 and round once to bf16, as a dequantised bf16 load does, so the
+    logits are equal bit for bit; whole-layer checkpointing (memory: checkpoint) re-runs GGUFLinear in the
+    backward and gives the same losses as no checkpointing."""
+    from fasttune.train.trainer import Trainer
+
+    path = _tiny_gguf(tmp_path, "llama", "q4_k_m")
+    q, _ = fasttune.load(path, device="cpu", dtype="bfloat16", keep_quantized=True)
+    ref, _ = fasttune.load(path, device="cpu", dtype="bfloat16")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, ref(ids).logits)
+    runs = []
+    for memory in ("none", "checkpoint"):
+        cfg = _config(path, tmp_path / memory, steps=3)
+        cfg.train.memory = memory
+        runs.append(Trainer(cfg).train().losses)
+    assert runs[0] == runs[1]
