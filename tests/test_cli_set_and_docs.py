@@ -42,6 +42,11 @@ def test_set_takes_string_keys_verbatim():
     assert cfg.data.response_template == "{instruction}"
     assert cfg.data.system_prompt == "yes: no # not a comment"
     assert cfg.data.format == "csv" and cfg.train.output_dir == "runs/x=1"
+    # a YAML-quoted value loses its quotes (as when every value was YAML); a lone quote, or two scalars, are text
+    cfg = TrainConfig.from_dict({}, ['data.chat_template="a: {b}"', "data.path='it''s'", "model.path='{x}",
+                                     "data.system_prompt='a' or 'b'"])
+    assert cfg.data.chat_template == "a: {b}" and cfg.data.path == "it's" and cfg.model.path == "'{x}"
+    assert cfg.data.system_prompt == "'a' or 'b'"
 
 
 def test_set_null_for_nullable_string_keys_and_yaml_for_the_rest():

@@ -369,8 +369,9 @@ def _is_text(tp) -> bool:
 
 def _apply_override(raw: dict, item: str) -> None:
     """`train.lr=1e-4` -> raw["train"]["lr"] = 1e-4. A string key (data.prompt_template, data.format ...) takes the
-    text verbatim — `[{category}] {instruction}` or `{instruction}` are templates, not YAML — and `null` or `~` for
-    null where the key allows it; other keys parse the value as YAML (numbers, true/false, [lists])."""
+    text verbatim — `[{category}] {instruction}` or `{instruction}` are templates, not YAML — less the quotes of a
+    YAML-quoted value ("a: b"), and `null` or `~` for null where the key allows it; other keys parse the value as
+    YAML (numbers, true/false, [lists])."""
     if "=" not in item:
         raise ConfigError(f"override {_short(item)} must look like section.key=value, e.g. train.max_steps=100")
     key, value = item.split("=", 1)
@@ -383,7 +384,14 @@ def _apply_override(raw: dict, item: str) -> None:
     tp = _field_type(parts)
     if tp is not None and _is_text(tp):
         nullable = typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)
-        node[parts[-1]] = None if nullable and value.strip() in ("null", "~") else value
+        text = value.strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # quoted as in YAML: the quotes go
+            try:
+                quoted = _load_yaml(text, f"--set {_short(key)}")
+                value = quoted if isinstance(quoted, str) else value
+            except ConfigError:  # 'a' or 'b': not one quoted scalar, so text
+                pass
+        node[parts[-1]] = None if nullable and text in ("null", "~") else value
         return
     try:
         node[parts[-1]] = _load_yaml(value, f"--set {_short(key)}")

@@ -106,8 +106,8 @@ def reference_markdown() -> str:
            "A training config is YAML with the sections below; every key is optional. `fasttune train "
            "--print-defaults` prints the same as a commented config. On the command line, `--set KEY=VALUE` "
            "overrides one key: string keys take VALUE verbatim (`--set 'data.prompt_template=[{category}] "
-           "{instruction}'`; `null` for none where allowed), other keys parse it as YAML (`--set "
-           "lora.target_modules=[q,v]`).", ""]
+           "{instruction}'`; a YAML-quoted value loses its quotes; `null` for none where allowed), other keys "
+           "parse it as YAML (`--set lora.target_modules=[q,v]`).", ""]
     for doc in key_docs():
         if doc.allowed == "section":
             out += [f"## `{doc.key}`", "", doc.meaning[:1].upper() + doc.meaning[1:] + ".", "",
