@@ -182,6 +182,8 @@ def _run_data(args) -> int:
     except CheckpointError as e:  # the tokenizer's folder
         print(f"fasttune data preview: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # piped into head or a pager that quit: it has read what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
     return 0
 
 
