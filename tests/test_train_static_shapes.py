@@ -102,6 +102,16 @@ def _close(a, b, rel=1e-6):
     return (a - b).norm() <= rel * b.norm().clamp_min(1e-12)
 
 
+def test_rows_of_one_document_each_need_no_layout():
+    """A packed batch whose every row is one document (e.g. truncated long examples) is plain causal attention: no
+    position ids, no layout reach the model (which would otherwise re-derive the layout from the device)."""
+    exs = _examples([16, 16], seed=3)
+    batch = host_batch(collate_packed_rows([[exs[0]], [exs[1]]], row_length=16, num_rows=2), pin=False)
+    assert "position_ids" not in batch and "documents" not in batch
+    mixed = host_batch(collate_packed_rows([[exs[0]], [_examples([5])[0]]], row_length=16, num_rows=2), pin=False)
+    assert mixed["documents"].cu_seqlens.tolist() == [0, 16, 21, 32]
+
+
 def test_bucketed_and_row_padded_batches_equal_the_unpadded_documents(small_model):
     """Right padding to a bucket, plus padding rows, run without a mask: loss and every gradient equal (fp32,
     <= 1e-6 relative) the documents computed alone."""

@@ -289,6 +289,8 @@ def host_batch(batch: dict, pin: bool) -> dict:
     out = dict(batch)
     if "position_ids" in batch and "attention_mask" not in batch:
         out["documents"] = DocumentLayout.from_position_ids(batch["position_ids"])
+        if out["documents"] is None:  # one document per row: its positions are 0..T-1, plain causal attention
+            del out["position_ids"], out["documents"]
     if pin:
         out = {k: (v.pin_memory() if isinstance(v, (torch.Tensor, DocumentLayout)) and v is not None else v)
                for k, v in out.items()}
