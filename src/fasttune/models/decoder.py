@@ -130,12 +130,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:  # SmolLM3's NoPE layers skip it
             cos, sin = (a.local_cos, a.local_sin) if self.local_rope else (a.cos, a.sin)
-            if self.rot_dim == d:
-                q, k = kernels.apply_rope(q, k, cos, sin)
-            else:  # partial rotary: only the first rot_dim features of each head rotate
-                r = self.rot_dim
-                qr, kr = kernels.apply_rope(q[..., :r], k[..., :r], cos, sin)
-                q, k = torch.cat([qr, q[..., r:]], -1), torch.cat([kr, k[..., r:]], -1)
+            if self.spec.rope_float32 and q.dtype != torch.float32:
+                dt = q.dtype
+                q, k = self._rope(q.float(), k.float(), cos, sin)
+                q, k = q.to(dt), k.to(dt)
+            else:
+                q, k = self._rope(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if a.cache is not None:
             k, v = a.cache.update(self.layer_idx, k, v)
@@ -143,6 +143,15 @@ class Attention(nn.Module):
                         key_padding_mask=a.key_padding_mask, documents=a.documents,
                         softcap=self.spec.attn_softcap, memo=a.memo)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rot_dim == q.shape[-1]:
+            return kernels.apply_rope(q, k, cos, sin)
+        r = self.rot_dim  # partial rotary: only the first rot_dim features of each head rotate
+        qr, kr = kernels.apply_rope(q[..., :r], k[..., :r], cos, sin)
+        return torch.cat([qr, q[..., r:]], -1), torch.cat([kr, k[..., r:]], -1)
 
 
 class GatedMLP(nn.Module):

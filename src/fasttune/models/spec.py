@@ -69,6 +69,7 @@ class ArchSpec:
     qk_norm: str | None = None
     norm_unit_offset: bool = False  # Gemma: weight stored as w, applied as (1 + w), all in float32
     norm_weight_float32: bool = False  # OLMo 2: w multiplies the float32 normalised value, cast back after
+    rope_float32: bool = False  # OLMo 2: q and k rotated in float32 (its cos/sin stay float32), cast back after
     embed_scale: float | None = None  # Gemma: the embedding module's sqrt(hidden), cast to the compute dtype first
     # Granite: the model multiplies the embeddings (given inputs_embeds too) by this exact float
     embedding_multiplier: float | None = None
@@ -175,7 +176,6 @@ class ArchSpec:
         granite = mt == "granite"
         if granite:
             attn_scale = float(cfg.get("attention_multiplier", 1.0))
-        softcaps = mt in ("gemma2", "gemma3_text")
         qk_norm = {"qwen3": "head", "gemma3_text": "head", "olmo2": "projection"}.get(mt)
         bias = bool(cfg.get("attention_bias", False))
         return cls(
@@ -198,13 +198,15 @@ class ArchSpec:
             qk_norm=qk_norm,
             norm_unit_offset=gemma,
             norm_weight_float32=mt == "olmo2",
+            rope_float32=mt == "olmo2",
             embed_scale=math.sqrt(hidden) if gemma else None,
             embedding_multiplier=_granite_factor(cfg, "embedding_multiplier") if granite else None,
             norm_placement={"gemma2": "sandwich", "gemma3_text": "sandwich", "olmo2": "post"}.get(mt, "pre"),
             residual_scale=_granite_factor(cfg, "residual_multiplier") if granite else None,
             logits_scaling=_granite_factor(cfg, "logits_scaling") if granite else None,
-            attn_softcap=cfg.get("attn_logit_softcapping") if softcaps else None,
-            final_softcap=cfg.get("final_logit_softcapping") if softcaps else None,
+            # Gemma 3 configs carry attn_logit_softcapping, but transformers' Gemma 3 attention never applies it
+            attn_softcap=cfg.get("attn_logit_softcapping") if mt == "gemma2" else None,
+            final_softcap=cfg.get("final_logit_softcapping") if mt in ("gemma2", "gemma3_text") else None,
             attn_scale=attn_scale,
             sliding_window=sliding_window,
             layer_types=list(layer_types),
