@@ -213,4 +213,4 @@ def test_packed_training_on_gpu_sees_one_shape_and_never_falls_back(tmp_path, ca
     said = [r.getMessage() for r in caplog.records if r.name == "fasttune.attention"]
     assert not attn_mod.FALLBACKS.failed and not said, said
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["peak_memory_gib"] > 0 and r["tokens"] < 2 * 512 for r in rows if "loss" in r)
+    assert all(r["peak_memory_gib"] > 0 and 0 < r["tokens"] <= 2 * 512 for r in rows if "loss" in r)
