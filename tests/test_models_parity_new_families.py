@@ -449,3 +449,39 @@ def test_gemma3_with_soft_capping(tmp_path):
     out_ours = ours(ids, labels=ids, return_logits=True)
     assert rel_err(out_ours.logits, out_hf.logits) <= FP32_TOL
     assert abs(out_ours.loss.item() - out_hf.loss.item()) / out_hf.loss.item() <= FP32_TOL
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "granite"])
+def test_reward_head_exports_as_sequence_classification(tmp_path, family):
+    """A reward head (model.score) goes out as transformers' <Family>ForSequenceClassification, which scores the
+    last token as fasttune does. (Granite has no such class in transformers: its reward export is refused.)"""
+    from fasttune.export.merged import attach_score, export_merged
+
+    _, ours = build_pair(tmp_path / "base", family)
+    head = torch.randn(1, ours.spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    attach_score(ours, head)
+    ids = random_ids(batch=1)
+    with torch.no_grad():
+        expected = (ours(ids).last_hidden_state[0, -1] @ head[0]).item()
+    export_merged(ours, tmp_path / "out", dtype="float32")
+    hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "out", dtype=torch.float32, output_loading_info=True)
+    assert type(hf).__name__.endswith("ForSequenceClassification") and not info["missing_keys"]
+    with torch.no_grad():
+        assert hf.eval()(ids).logits.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.skipif("smollm3" not in FAMILIES, reason="transformers has no SmolLM3Config")
+def test_smollm3_sliding_window_on_nope_layers(tmp_path):
+    """SmolLM3 with use_sliding_window: the window applies to the NoPE layers only (its layer_types)."""
+    torch.manual_seed(0)
+    cfg = transformers.SmolLM3Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     use_sliding_window=True, sliding_window=6, pad_token_id=0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    assert [ours.spec.window_for_layer(i) for i in range(4)] == [None, None, None, 6]
+    ids = random_ids(seq=30)
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, hf(ids).logits) <= FP32_TOL
