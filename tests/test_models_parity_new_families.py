@@ -78,7 +78,7 @@ def build_pair(tmp_path, family: str, dtype=torch.float32, **overrides):
 
 
 def _grads(model: torch.nn.Module, fused: bool) -> dict[str, torch.Tensor]:
-    """Every parameter's gradient by checkpoint name; Phi-3's split projections fused back as the checkpoint has them."""
+    """Every parameter's gradient by checkpoint name; Phi-3's split projections fused as the checkpoint has them."""
     grads = {n: p.grad for n, p in model.named_parameters()}
     if fused:
         for i in range(model.spec.num_layers):
@@ -284,7 +284,7 @@ def test_gemma3_legacy_config_rope_bases():
     assert [t[0] for t in spec.layer_types] == list("sssssfsssssf")
     assert (spec.rope.theta, spec.rope.kind, spec.rope.factor) == (1e6, "linear", 8.0)
     assert (spec.local_rope.theta, spec.local_rope.kind) == (1e4, "default")
-    assert spec.rope_for_layer(0) is spec.local_rope and spec.rope_for_layer(5) is spec.rope
+    assert spec.uses_local_rope(0) and not spec.uses_local_rope(5)
 
 
 @pytest.mark.skipif("gemma3" not in FAMILIES, reason="transformers has no Gemma3TextConfig")

@@ -114,7 +114,7 @@ class Attention(nn.Module):
         self.sliding_window = spec.window_for_layer(layer_idx)
         self.rot_dim = rotary_dim(spec)
         self.use_rope = spec.uses_rope(layer_idx)
-        self.local_rope = spec.local_rope is not None and spec.layer_types[layer_idx] == "sliding_attention"
+        self.local_rope = spec.uses_local_rope(layer_idx)
         self.fused_qkv: Callable | None = None
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:

@@ -103,8 +103,9 @@ class ArchSpec:
     def uses_rope(self, i: int) -> bool:
         return not self.rope_layers or self.rope_layers[i]
 
-    def rope_for_layer(self, i: int) -> RopeSpec:
-        return self.local_rope if self.local_rope is not None and self.layer_types[i] == "sliding_attention" else self.rope
+    def uses_local_rope(self, i: int) -> bool:
+        """Whether layer i takes `local_rope` (Gemma 3's sliding layers) rather than `rope`."""
+        return self.local_rope is not None and self.layer_types[i] == "sliding_attention"
 
     @property
     def eos_ids(self) -> list[int]:
@@ -148,7 +149,7 @@ class ArchSpec:
             sliding_window = None
         layer_types = cfg.get("layer_types")
         if not layer_types:
-            if mt in ("gemma2", "gemma3_text"):  # Gemma 2: 1 local : 1 global; Gemma 3: 5 : 1 (sliding_window_pattern)
+            if mt in ("gemma2", "gemma3_text"):  # Gemma 2: 1 local : 1 global; Gemma 3: sliding_window_pattern 6
                 every = 2 if mt == "gemma2" else cfg.get("sliding_window_pattern", 6)
                 layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
             elif mt in ("qwen2", "qwen3"):
