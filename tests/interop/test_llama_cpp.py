@@ -10,12 +10,21 @@ runs with an f32 KV cache, no flash attention, every position's logits kept.
 
 Measured with llama-cpp-python 0.3.16 (CPU, GGML_NATIVE=OFF) on 2-layer models of hidden size 256 (so that K-quant
 blocks of 256 fit), 32 tokens (four Gemma 2 windows of 8):
-- F32: Llama, Mistral, Qwen2, Qwen3, Phi-3 within ~3e-7; Gemma and Gemma 2 ~1e-4 to 3e-4, all of it from llama.cpp's
-  CPU GELU, which looks gelu(x) up in a table indexed by x rounded to float16 (GGML_GELU_FP16 in ggml-cpu/vec.h):
-  with that rounding emulated in fasttune's forward pass Gemma and Gemma 2 match to ~3e-7 as well, so the file's
-  soft-capping values, query_pre_attn_scalar and window are not the cause.
-- Q8_0 / Q4_K_M: against fasttune's forward pass with the file's own dequantised weights; what remains is llama.cpp
-  quantising the activations to 8 bits for its quantised dot products (see QUANT_TOL).
+- F32: Llama 7.3e-7, Mistral 7.3e-7, Qwen2 6.7e-7, Qwen3 8.3e-7, Phi-3 6.9e-7; Gemma 3.0e-5, Gemma 2 3.2e-4. The
+  Gemma gap is llama.cpp's CPU GELU, which looks gelu(x) up in a table indexed by x rounded to float16
+  (GGML_GELU_FP16 in ggml-cpu/vec.h): with that rounding emulated in fasttune's forward pass Gemma drops to 2.4e-6
+  (Gemma 2 to 1.3e-4: its post-feed-forward RMSNorm rescales the MLP's output, so an activation that lands in a
+  different float16 bucket weighs more), and with the MLP silenced (up_proj = 0, so no GELU) Gemma 2 matches to
+  4.4e-7 and Gemma to 2.5e-7. Changing Gemma 2's soft-caps (off) or window (64) leaves the gap as it is: the
+  file's soft-capping values, query_pre_attn_scalar and window are right.
+- Q8_0 / Q4_K_M: against fasttune's forward pass with the file's own weights, dequantised by fasttune: 1.3e-2 to
+  2.0e-2 (Q8_0) and 1.9e-2 to 2.4e-2 (Q4_K_M; Gemma 1.9e-3 / 2.5e-3), against 2.2e-2 to 3.1e-2 and 0.18 to 0.25
+  to the unquantised model. What remains is llama.cpp quantising the activations to 8 bits for its quantised dot
+  products (see QUANT_TOL): with that emulated in fasttune, 6 to 32 of the 32 positions match to <= 6.2e-7, the
+  others off by an activation rounded the other way at a rounding boundary.
+- SmolLM2-135M-Instruct exported as F32: 2.4e-6 over the chat prompt, the same 16 greedy tokens; the released Q4_1
+  file itself: 6.9e-2 (8-bit activations again), and its first answer token, a near tie in fasttune ("The" 25.33,
+  "L" 25.24), comes out the other way in llama.cpp.
 """
 from __future__ import annotations
 
@@ -24,9 +33,13 @@ import json
 import shutil
 from pathlib import Path
 
+import re
+
+import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed: `make interop` compiles it into the venv (~30 minutes "
@@ -50,11 +63,11 @@ SHAPE = dict(hidden_size=256, intermediate_size=512, head_dim=64, max_position_e
 GEMMA2 = dict(query_pre_attn_scalar=64)
 N_CTX = 64
 N_TOKENS = 32
-F32_TOL = 1e-5  # measured <= 4e-7 (see the module docstring)
-F32_TOL_GELU = 1e-3  # Gemma: llama.cpp's float16 GELU table; measured ~3e-4
+F32_TOL = 1e-5  # measured <= 8.3e-7 (see the module docstring)
+F32_TOL_GELU = 1e-3  # Gemma, Gemma 2: llama.cpp's float16 GELU table; measured 3.0e-5, 3.2e-4
 # llama.cpp quantises activations to 8 bits (Q8_0 / Q8_K) for its quantised matmuls; fasttune multiplies the
 # dequantised weights by float32 activations
-QUANT_TOL = {"q8_0": 2e-2, "q4_k_m": 3e-2}
+QUANT_TOL = {"q8_0": 3e-2, "q4_k_m": 4e-2}  # measured <= 2.0e-2, 2.4e-2
 TEXTS = ["Hello world", "Hello, world! I'm fine, you're kind and we'll see.",
          "Tabs\tand\nnew lines\r\n   spaces 12345 67.", "Ünïcödé — 中文 also works.",
          "def f(x):\n    return x ** 2  # comment", " leading space", "The quick brown fox jumps over the lazy dog."]
@@ -140,6 +153,78 @@ class _GgmlGelu:
         self._kernels.glu = self._glu
 
 
+T = gguf.GGMLQuantizationType
+# the activation format ggml's CPU backend converts a matmul's input to, per weight type (vec_dot_type)
+_VEC_DOT = {T.F16: "f16", T.Q8_0: "q8_0", T.Q4_0: "q8_0", T.Q5_0: "q8_0", T.Q4_1: "q8_1", T.Q5_1: "q8_1",
+            T.Q2_K: "q8_k", T.Q3_K: "q8_k", T.Q4_K: "q8_k", T.Q5_K: "q8_k", T.Q6_K: "q8_k"}
+
+
+def _q8(x, block):  # quantize_row_q8_0 / q8_1: d = amax/127 kept as float16, q = round(x * 127/amax)
+    b = x.reshape(*x.shape[:-1], -1, block)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(b * inv)
+    return ((amax / 127.0).half().float() * q).reshape(x.shape)
+
+
+def _q8_k(x):  # quantize_row_q8_K_ref: signed max, iscale = -127/max, q = min(127, round(iscale * x)), d = 1/iscale
+    b = x.reshape(*x.shape[:-1], -1, 256)
+    mx = b.gather(-1, b.abs().argmax(-1, keepdim=True))
+    iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
+    q = torch.round(b * iscale).clamp(max=127)
+    d = torch.where(mx != 0, 1.0 / iscale, torch.zeros_like(mx))
+    return (d * q).reshape(x.shape)
+
+
+def _activation_types(model, path) -> dict:
+    """weight data_ptr -> the activation format llama.cpp uses with that weight's type in the file."""
+    spec = model.spec
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
+            "qwen3": gguf.MODEL_ARCH.QWEN3, "gemma": gguf.MODEL_ARCH.GEMMA, "gemma2": gguf.MODEL_ARCH.GEMMA2,
+            "phi3": gguf.MODEL_ARCH.PHI3}[spec.model_type]
+    names = gguf.get_tensor_name_map(arch, spec.num_layers)
+    types = {t.name: T(t.tensor_type) for t in gguf.GGUFReader(path).tensors}
+    out = {}
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        hf = mod_name
+        if "blk.0.attn_qkv.weight" in types:  # Phi-3: q/k/v and gate/up are one tensor in the file
+            hf = re.sub(r"mlp\.(gate|up)_proj$", "mlp.gate_up_proj", re.sub(r"self_attn\.[qkv]_proj$", "self_attn.qkv_proj", hf))
+        g = names.get_name(hf + ".weight", try_suffixes=(".weight",))
+        if g not in types and mod_name == "lm_head":
+            g = "token_embd.weight"
+        out[mod.weight.data_ptr()] = _VEC_DOT.get(types[g])
+    return out
+
+
+class _LlamaCppActivations:
+    """Within the block, every matmul input is rounded as ggml's CPU backend converts it for the weight's type."""
+
+    def __init__(self, model, path):
+        self.types = _activation_types(model, path)
+
+    def __enter__(self):
+        self._linear = F.linear
+        types, linear = self.types, self._linear
+
+        def emulated(x, w, b=None):
+            kind = types.get(w.data_ptr())
+            if kind == "f16":
+                x = x.half().float()
+            elif kind in ("q8_0", "q8_1"):
+                x = _q8(x, 32)
+            elif kind == "q8_k":
+                x = _q8_k(x)
+            return linear(x, w, b)
+
+        F.linear = emulated
+        return self
+
+    def __exit__(self, *exc):
+        F.linear = self._linear
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(family, quant) -> (fasttune model with a random LoRA, GGUF path, model folder), built once per module."""
@@ -177,32 +262,58 @@ def test_f32_logits_match(exported, family):
             emulated = _fasttune_logits(model, ids)
         rel_emulated = _rel(theirs, emulated)
         print(f"{family} f32 with ggml's float16 GELU table emulated: max rel {rel_emulated:.3g}")
-        # the GELU table is the whole difference: nothing in the file (soft-caps, scale, window) differs
-        assert rel_emulated <= F32_TOL, (family, rel_emulated)
+        assert rel_emulated < rel, (family, rel_emulated, rel)  # the table explains the gap (exactly: next test)
     else:
         assert rel <= F32_TOL, (family, rel)
+
+
+@pytest.mark.parametrize("family", GELU_FAMILIES)
+def test_gemma_without_gelu_matches_exactly(tmp_path, family):
+    """The MLP silenced (up_proj = 0, so GELU's float16 table plays no part): everything else in the file -- Gemma 2's
+    soft-caps, query_pre_attn_scalar, sliding window, (1 + w) norms, embedding scale -- gives llama.cpp the same logits
+    as fasttune to float32 rounding (measured 4.4e-7 Gemma 2, 2.5e-7 Gemma)."""
+    d = _model_dir(tmp_path, family)
+    model = fasttune.add_lora(load_model(d), r=4, alpha=8)
+    randomize_lora(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp.up_proj." in name:
+                p.zero_()
+    export_gguf(model.eval(), tmp_path / "m.gguf", tokenizer_dir=d, quant="f32", perplexity=False)
+    ids = _tokens(load_tokenizer(d))
+    rel = _rel(_llama_logits(_llama(tmp_path / "m.gguf"), ids), _fasttune_logits(model, ids))
+    print(f"\n{family} f32, MLP silenced: max rel {rel:.3g}")
+    assert rel <= F32_TOL, (family, rel)
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantised_logits_match_the_dequantised_weights(exported, family, quant):
     """llama.cpp on the quantised file against fasttune's forward pass with the same file's weights dequantised by
-    fasttune: the blocks mean the same numbers to both (and the gap is smaller than to the unquantised model)."""
+    fasttune. With llama.cpp's 8-bit rounding of each matmul's input emulated too (Q8_0 per 32 values for Q8_0/Q5_0
+    weights, Q8_K per 256 for K-quants), the logits match to float32 rounding (<= 6.2e-7) at every position except
+    where an activation sits on a rounding boundary (x * 127 / amax at k + 1/2 within float32 error), which llama.cpp
+    and fasttune may round either way; such a flip can reach later positions through attention. Without the
+    emulation no position matches to 1e-5; with it, measured on these fixed models, 6 to 32 of the 32 positions do."""
     model, path, d = exported(family, quant)
     ids = _tokens(load_tokenizer(d))
     theirs = _llama_logits(_llama(path), ids)
     deq = _dequantised_model(model, path)
-    if family in GELU_FAMILIES:
-        with _GgmlGelu():
-            ours = _fasttune_logits(deq, ids)
-    else:
+    with _GgmlGelu() if family in GELU_FAMILIES else torch.no_grad():
         ours = _fasttune_logits(deq, ids)
+        with _LlamaCppActivations(deq, path):
+            emulated = _fasttune_logits(deq, ids)
     rel = _rel(theirs, ours)
     rel_unquantised = _rel(theirs, _fasttune_logits(model, ids))
-    print(f"\n{family} {quant}: llama.cpp vs fasttune(dequantised) max rel {rel:.3g}; "
-          f"vs the unquantised model {rel_unquantised:.3g}")
+    per_pos = np.abs(theirs - emulated).max(1) / np.abs(emulated).max()
+    exact = per_pos <= F32_TOL
+    print(f"\n{family} {quant}: llama.cpp vs fasttune(dequantised) max rel {rel:.3g}; vs the unquantised model "
+          f"{rel_unquantised:.3g}; with 8-bit activations emulated: {int(exact.sum())} of {len(ids)} positions match "
+          f"(max {per_pos[exact].max() if exact.any() else float('nan'):.3g} there; elsewhere a rounding flip, "
+          f"max {per_pos.max():.3g})")
     assert rel <= QUANT_TOL[quant], (family, quant, rel)
     assert rel < rel_unquantised, (family, quant, rel, rel_unquantised)
+    assert exact.sum() >= 4, (family, quant, per_pos)
 
 
 # ---- tokenisation and BOS --------------------------------------------------------------------------------------
@@ -339,6 +450,8 @@ def test_smollm2_original_file_in_both(smollm2):
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
     rel = _rel(_llama_logits(llm, ids), _fasttune_logits(model, ids))
     print(f"\nSmolLM2 Q4_1 (released file): llama.cpp vs fasttune max rel {rel:.3g}")
-    assert rel <= 5e-2, rel
-    ours = fasttune.generate(model, torch.tensor([ids]), max_new_tokens=4, eos_token_id=[])[0, len(ids):].tolist()
-    assert _greedy_llama_cpp(llm, ids, 4) == ours
+    assert rel <= 0.15, rel  # measured 6.9e-2
+    # the first answer token is a near tie in fasttune ("The" 25.33, "L" 25.24) that llama.cpp's 8-bit activations
+    # turn around ("L'Étoile..." against "The capital of France is Paris."): llama.cpp's pick is in fasttune's top 2
+    first = _greedy_llama_cpp(llm, ids, 1)[0]
+    assert first in np.argsort(-_fasttune_logits(model, ids)[-1])[:2].tolist(), first

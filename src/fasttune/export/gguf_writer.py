@@ -229,7 +229,7 @@ def _does_look_special(token: str) -> bool:
         or (token.startswith("[") and token.endswith("]") and token[1:-1].isupper())
 
 
-def _add_bpe_vocab(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> list[str]:
+def _add_bpe_vocab(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int, tokenizer=None) -> list[str]:
     tj = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
     model = tj["model"]
     if model.get("type") != "BPE":
@@ -253,10 +253,21 @@ def _add_bpe_vocab(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> list[s
     if max(list(reverse) + list(added), default=0) >= vocab_size:
         raise GGUFExportError(f"the tokenizer has ids >= the model's vocab_size {vocab_size}")
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_tokenizer_name(tj))
+    w.add_tokenizer_pre(_pre_tokenizer_name(_running_tokenizer_json(tokenizer) or tj))
     w.add_token_list(tokens)
     w.add_token_types(types)
     return tokens
+
+
+def _running_tokenizer_json(tokenizer) -> dict | None:
+    """The tokenizer.json that transformers actually runs, which can differ from the file: transformers 5 picks the
+    class from config.json's model_type (a `qwen2` folder loads as Qwen2Tokenizer) and that class sets its own
+    pre-tokenizer. The GGUF's pre-tokenizer must split text as the model was trained."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        return json.loads(backend.to_str()) if backend is not None else None
+    except Exception:  # noqa: BLE001 - fall back to the file
+        return None
 
 
 def _pre_tokenizer_name(tj: dict) -> str:
@@ -321,7 +332,7 @@ def hf_adds_bos_eos(tokenizer) -> tuple[bool, bool]:
 
 
 def _add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, spec, chat_template: str | None,
-                   add_bos_eos: tuple[bool, bool] | None) -> list[str]:
+                   add_bos_eos: tuple[bool, bool] | None, tokenizer=None) -> list[str]:
     use_spm = (tok_dir / "tokenizer.model").exists()
     if use_spm:
         try:
@@ -331,7 +342,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, spec, chat_template: str |
     if use_spm:
         tokens = _add_sentencepiece_vocab(w, tok_dir, spec.vocab_size)
     elif (tok_dir / "tokenizer.json").exists():
-        tokens = _add_bpe_vocab(w, tok_dir, spec.vocab_size)
+        tokens = _add_bpe_vocab(w, tok_dir, spec.vocab_size, tokenizer)
     else:
         raise GGUFExportError(f"no tokenizer.json or tokenizer.model in {tok_dir} (install sentencepiece for "
                               "tokenizer.model)")
@@ -539,7 +550,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer_dir: str | 
         result.notes += _add_hparams(w, spec, FILE_TYPES[quant])
         if quant not in ("f32", "f16", "bf16"):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        tokens = _add_tokenizer(w, tok_dir, spec, chat_template, add_bos_eos)
+        tokens = _add_tokenizer(w, tok_dir, spec, chat_template, add_bos_eos, tokenizer)
         safe_name, note = gguf_name(name or model_name(spec), tokens)
         w.add_name(safe_name)
         if note:
