@@ -170,8 +170,8 @@ def test_sequence_logprobs_and_preference_losses_match_direct_formulas(small_mod
     expected = -F.logsigmoid(rc - rr).sum() / 2
     loss, m = dpo_loss(model, batch, 2, beta, lambda: disable_adapters(model))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
-    assert m["reward_margin"] == pytest.approx((rc - rr).sum().item(), rel=1e-3, abs=1e-5)
-    assert m["reward_accuracy"] == int(((rc - rr) > 0).sum())
+    assert float(m["reward_margin"]) == pytest.approx((rc - rr).sum().item(), rel=1e-3, abs=1e-5)
+    assert float(m["reward_accuracy"]) == int(((rc - rr) > 0).sum())
 
     # ORPO
     nc, nr = n[:2].double(), n[2:].double()

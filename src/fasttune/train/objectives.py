@@ -16,6 +16,9 @@ ORPO (reference-free by construction): with mean token log-probs a_c, a_r,
 Preference batches hold 2P rows: the P chosen sequences, then the P rejected ones, right-padded with an
 attention_mask; labels mark the response tokens (-100 elsewhere, not shifted).
 
+Metrics come back as 0-d device tensors (never read here): the trainer reads them with the step's loss, in its one
+host sync per step.
+
 Every batch the trainer builds is right-padded (fasttune.data.packing's contract). Under a causal mask a right pad
 is never attended by a real token, so the model runs without the mask — plain causal attention, the fastest path,
 with the real tokens' outputs and gradients unchanged — and the mask only locates each row's last real token.
@@ -90,7 +93,7 @@ def reward_loss(model, head: RewardHead, batch: dict, num_pairs: int) -> tuple[t
     rc, rr = _split(rewards)
     margin = (rc - rr).detach()
     loss = -F.logsigmoid(rc - rr).sum() / num_pairs
-    return loss, {"reward_margin": margin.sum().item(), "reward_accuracy": (margin > 0).sum().item(),
+    return loss, {"reward_margin": margin.sum(), "reward_accuracy": (margin > 0).sum(),
                   "pairs": rc.shape[0]}
 
 
@@ -105,8 +108,8 @@ def dpo_loss(model, batch: dict, num_pairs: int, beta: float, reference_context,
     reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
     loss = -F.logsigmoid(reward_c - reward_r).sum() / num_pairs
     margin = (reward_c - reward_r).detach()
-    return loss, {"reward_chosen": reward_c.detach().sum().item(), "reward_rejected": reward_r.detach().sum().item(),
-                  "reward_margin": margin.sum().item(), "reward_accuracy": (margin > 0).sum().item(),
+    return loss, {"reward_chosen": reward_c.detach().sum(), "reward_rejected": reward_r.detach().sum(),
+                  "reward_margin": margin.sum(), "reward_accuracy": (margin > 0).sum(),
                   "pairs": pc.shape[0]}
 
 
@@ -123,6 +126,6 @@ def orpo_loss(model, batch: dict, num_pairs: int, num_chosen_tokens: int, beta: 
     nll = -pc.sum() / max(num_chosen_tokens, 1)
     loss = nll + beta * or_term.sum() / num_pairs
     margin = (beta * (mean_c - mean_r)).detach()
-    return loss, {"nll": nll.item(), "log_odds_ratio": ratio.detach().sum().item(),
-                  "reward_margin": margin.sum().item(), "reward_accuracy": (margin > 0).sum().item(),
+    return loss, {"nll": nll.detach(), "log_odds_ratio": ratio.detach().sum(),
+                  "reward_margin": margin.sum(), "reward_accuracy": (margin > 0).sum(),
                   "pairs": pc.shape[0]}

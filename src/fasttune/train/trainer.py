@@ -39,6 +39,8 @@ from .objectives import RewardHead, dpo_loss, lm_loss, orpo_loss, reward_loss
 from .observe import MetricsLog, Progress, gpu_memory_gib, plot_losses
 from .schedule import make_scheduler
 
+# preference metrics summed over pairs and reported per pair (ORPO's nll is summed over tokens and reported as is)
+PAIR_METRICS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "log_odds_ratio")
 ADAPTER_CONFIG = "fasttune_adapter.json"
 ADAPTER_WEIGHTS = "trainable.safetensors"  # every trained tensor (adapters, embeddings, reward head)
 
@@ -366,6 +368,7 @@ class Trainer:
         `.grad`. Returns the step's loss (all ranks, read back: a host sync) and metrics; raises TrainingDiverged on
         NaN/inf. The training loop uses `_accumulate`, which leaves the loss on the device."""
         total, record = self._accumulate(group)
+        record.update({k: float(v) for k, v in record.items() if isinstance(v, torch.Tensor)})
         record["loss"] = float(total)
         if not math.isfinite(record["loss"]):
             self._diverged(f"the loss is {record['loss']}")
@@ -395,7 +398,7 @@ class Trainer:
         pin = self.device.type == "cuda"
         prepared = [to_device(host_batch(b, pin), self.device) for b in mine]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        extra: dict[str, float] = {}
+        extra: dict[str, torch.Tensor] = {}  # preference metrics, summed on the device
         for i, batch in enumerate(prepared):
             sync = i == len(prepared) - 1
             with dist_utils.no_sync(self.engine, enabled=not sync):
@@ -403,20 +406,21 @@ class Trainer:
                 (loss * self.dist.world_size).backward()
             total += loss.detach().double()
             for k, v in metrics.items():
-                extra[k] = extra.get(k, 0.0) + v
+                if k in PAIR_METRICS or k == "nll":
+                    extra[k] = extra.get(k, 0) + torch.as_tensor(v, dtype=torch.float64, device=self.device)
             self._shapes.add(batch_shape(batch))
         if self.reward_head is not None:
             dist_utils.all_reduce_grads(self.reward_head.parameters(), self.dist)
-        total = dist_utils.all_reduce_sum(total, self.dist)
-        record = {"tokens": tokens, "target_tokens": num_tokens}
-        if num_pairs:  # preference metrics are read per micro-batch (their objectives return floats)
-            extra = dist_utils.all_reduce_dict(extra, self.dist, self.device)
+        record: dict = {"tokens": tokens, "target_tokens": num_tokens}
+        if num_pairs:  # device tensors until the step's one read (train_step), reduced over ranks in one call
+            keys = sorted(extra)
+            summed = dist_utils.all_reduce_sum(torch.stack([total] + [extra[k] for k in keys]), self.dist)
+            total = summed[0]
             record["pairs"] = num_pairs
-            for k, v in extra.items():
-                if k in ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "log_odds_ratio"):
-                    record[k] = v / num_pairs
-                elif k == "nll":
-                    record[k] = v
+            for k, v in zip(keys, summed[1:]):
+                record[k] = v / num_pairs if k in PAIR_METRICS else v
+        else:
+            total = dist_utils.all_reduce_sum(total, self.dist)
         return total, record
 
     def _diverged(self, what: str):
@@ -445,7 +449,10 @@ class Trainer:
         else:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
         norm = dist_utils.full_tensor(norm).to(device=total.device, dtype=torch.float64)
-        loss_value, grad_norm = torch.stack([total, norm.reshape(())]).tolist()  # the step's one read
+        metric_keys = [k for k, v in record.items() if isinstance(v, torch.Tensor)]
+        loss_value, grad_norm, *metric_values = torch.stack(  # the step's one read
+            [total, norm.reshape(())] + [record[k] for k in metric_keys]).tolist()
+        record.update(zip(metric_keys, metric_values))
         record["loss"] = loss_value
         if not math.isfinite(loss_value):
             self._diverged(f"the loss is {loss_value}")
@@ -487,7 +494,7 @@ class Trainer:
                     continue
                 total += float(loss)
                 for k, v in metrics.items():
-                    extra[k] = extra.get(k, 0.0) + v
+                    extra[k] = extra.get(k, 0.0) + float(v)  # evaluation may read back: it is not the hot path
         finally:
             self.model.train()
         total = float(dist_utils.all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=self.device), self.dist))
