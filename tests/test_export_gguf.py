@@ -471,3 +471,12 @@ def test_add_bos_eos_as_the_hf_tokenizer_encodes(tmp_path, bos, eos):
     fields, _ = _read(tmp_path / "m.gguf")
     assert fields["tokenizer.ggml.add_bos_token"] is bos
     assert fields["tokenizer.ggml.add_eos_token"] is eos
+
+
+def test_gemma2_without_soft_capping_is_refused_not_a_struct_error(tmp_path):
+    """llama.cpp's gemma2 loader would put its default caps in place of missing ones: refuse with the reason."""
+    from fasttune.export.gguf_writer import GGUFExportError
+
+    d = _model_dir(tmp_path, "gemma2", attn_logit_softcapping=None, final_logit_softcapping=None)
+    with pytest.raises(GGUFExportError, match="soft-capping"):
+        export_gguf(load_model(d), tmp_path / "m.gguf", tokenizer_dir=d, quant="f32", chat_template=TEMPLATE)

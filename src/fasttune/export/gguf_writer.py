@@ -407,6 +407,12 @@ def _add_hparams(w: gguf.GGUFWriter, spec, file_type: int) -> list[str]:
     if spec.model_type in ("llama", "mistral"):
         w.add_vocab_size(spec.vocab_size)
     if spec.model_type == "gemma2":
+        if spec.attn_softcap is None or spec.final_softcap is None or spec.sliding_window is None:
+            # llama.cpp's gemma2 loader falls back to its own defaults (caps 50 / 30, window 4096) when a key is
+            # missing, which would silently change this model's math
+            raise GGUFExportError("this Gemma 2 model has no attention/final logit soft-capping or no sliding "
+                                  "window; llama.cpp's gemma2 loader would use its defaults instead: export "
+                                  "--format merged instead")
         w.add_attn_logit_softcapping(spec.attn_softcap)
         w.add_final_logit_softcapping(spec.final_softcap)
         w.add_sliding_window(spec.sliding_window)
