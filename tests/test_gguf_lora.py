@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import time
@@ -241,13 +240,9 @@ def test_lora_sft_over_gguf_blocks_lowers_the_loss_and_exports(tmp_path, quant):
 # ---- the real model --------------------------------------------------------------------------------------------
 
 def _smollm2() -> Path:
-    spec = importlib.util.spec_from_file_location("fetch_smollm2", ROOT / "scripts" / "fetch_smollm2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    try:
-        return mod.fetch()
-    except mod.FetchError as e:
-        pytest.skip(f"SmolLM2-135M-Instruct GGUF not available: {e}")
+    from conftest import smollm2_gguf
+
+    return smollm2_gguf()
 
 
 def test_smollm2_q4_1_lora_over_its_blocks():

@@ -218,6 +218,37 @@ def test_frozen_weight_and_grad_output_scaling():
     assert_rel_close(g, 3.0 * ref[1], 1e-5, "scaled grad hidden")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_incoming_gradient_scales_every_gradient_in_float32(dtype):
+    """The backward multiplies the stored gradients by grad_output read from the device (a Triton kernel, no host
+    sync), in float32 with one rounding: every gradient equals scale x the float64 oracle's within the dtype's bound."""
+    hidden, weight, bias, labels = make_inputs(21, 24, 1003, dtype, ignore_every=3, with_bias=True, seed=8)
+    scale = 3.3  # not a power of two: a multiply in the 16-bit dtype would round it
+    loss = ce.fused_linear_cross_entropy(hidden, weight, labels, bias=bias)
+    grads = torch.autograd.grad(loss * scale, (hidden, weight, bias))
+    ref = oracle(hidden, weight, labels, bias)
+    # as in test_matches_float64: 16-bit storage allows what PyTorch's own autograd in that dtype gets, x a factor
+    torch_grads = torch.autograd.grad(
+        ce.fused_linear_cross_entropy_reference(hidden, weight, labels, bias) * scale, (hidden, weight, bias))
+    for name, g, r, t in zip(("hidden", "weight", "bias"), grads, ref[1:], torch_grads):
+        assert g.dtype == dtype
+        torch_err = (t.double() - scale * r).abs().max().item() / max((scale * r).abs().max().item(), 1e-30)
+        allowed = TOL[dtype] if dtype == torch.float32 else max(TOL[dtype], TORCH_ERROR_FACTOR * torch_err)
+        assert_rel_close(g, scale * r, allowed, f"scaled grad {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_bad_labels_poison_the_loss_without_a_sync():
+    """On CUDA an out-of-range label cannot raise without reading the labels back: it is ignored by the kernel and
+    the loss is NaN (the trainer checks labels on the host before a step, with a message)."""
+    hidden, weight, _, labels = make_inputs(8, 16, 1000, torch.float32, seed=9)
+    hidden, weight, labels = hidden.cuda(), weight.cuda(), labels.cuda()
+    labels[0] = 1000
+    assert torch.isnan(ce.fused_linear_cross_entropy(hidden, weight, labels)).item()
+    labels[0] = 5
+    assert torch.isfinite(ce.fused_linear_cross_entropy(hidden, weight, labels)).item()
+
+
 def test_batched_hidden_and_no_grad():
     hidden, weight, _, labels = make_inputs(12, 16, 1000, torch.float32, seed=5)
     h3 = hidden.detach().reshape(3, 4, 16).requires_grad_()

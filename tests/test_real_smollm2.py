@@ -5,7 +5,6 @@ template's greedy answer, the doctor's pad == eos finding, and a short LoRA fine
 changes the answer it teaches. Kept CPU-cheap: one load of each model, short sequences, a few dozen steps."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def _fetch() -> Path:
-    spec = importlib.util.spec_from_file_location("fetch_smollm2", ROOT / "scripts" / "fetch_smollm2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    try:
-        return mod.fetch()
-    except mod.FetchError as e:
-        pytest.skip(f"SmolLM2-135M-Instruct GGUF not available: {e}")
+    from conftest import smollm2_gguf
+
+    return smollm2_gguf()
 
 
 @pytest.fixture(scope="module")

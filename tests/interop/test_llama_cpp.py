@@ -28,7 +28,6 @@ blocks of 256 fit), 32 tokens (four Gemma 2 windows of 8):
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -391,13 +390,9 @@ def test_qwen2_tokenizer_and_chatml_specials(tmp_path):
 # ---- a real model ----------------------------------------------------------------------------------------------
 
 def _smollm2() -> Path:
-    spec = importlib.util.spec_from_file_location("fetch_smollm2", ROOT / "scripts" / "fetch_smollm2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    try:
-        return mod.fetch()
-    except mod.FetchError as e:
-        pytest.skip(f"SmolLM2-135M-Instruct GGUF not available: {e}")
+    from conftest import smollm2_gguf
+
+    return smollm2_gguf()
 
 
 @pytest.fixture(scope="module")
