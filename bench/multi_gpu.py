@@ -169,7 +169,8 @@ def build_sharded(cfg: dict, device, dtype, qlora: bool, info, seed: int = 0):
     """The fasttune model of `cfg` built on the meta device, LoRA added, FSDP2-sharded (when world size > 1), then
     materialised shard by shard on `device`. Returns (model, engine, facts)."""
     from fasttune.kernels.nf4 import quantize_nf4
-    from fasttune.lora import LoraLinear, NF4Linear, add_lora
+    from fasttune.adapters import LoraLinear, add_lora
+    from fasttune.models.nf4_linear import NF4Linear
     from fasttune.models import ArchSpec, CausalLM
     from fasttune.models.decoder import RMSNorm
     from fasttune.train import distributed as dist_utils
@@ -247,7 +248,7 @@ def allgather_reserve_bytes(spec, dtype_bytes: int) -> int:
 
 
 def worker(args) -> int:
-    from fasttune.lora import param_groups
+    from fasttune.adapters import param_groups
     from fasttune.train import distributed as dist_utils
     from fasttune.train.memory import apply_memory_policy, free_device_bytes
 

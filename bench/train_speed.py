@@ -81,7 +81,7 @@ def default_dtype(dtype):
 
 def build_fasttune(cfg: dict, device, dtype, qlora: bool, policy: str, seq: int, batch: int):
     import fasttune
-    from fasttune.lora import quantize_linear
+    from fasttune.models.nf4_linear import quantize_linear
     from fasttune.models import ArchSpec, CausalLM
     from fasttune.models.decoder import RMSNorm
     from fasttune.train.memory import apply_memory_policy
@@ -178,7 +178,7 @@ def free_everything(device):
 
 def make_optimizer(model, tool):
     if tool == "fasttune":
-        from fasttune.lora import param_groups
+        from fasttune.adapters import param_groups
 
         return torch.optim.AdamW(param_groups(model, lr=1e-4), lr=1e-4)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

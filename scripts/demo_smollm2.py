@@ -49,8 +49,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    from fasttune.lora import disable_adapters
-    from fasttune.train.chat import ChatSession
+    from fasttune.adapters import disable_adapters
+    from fasttune.chat import ChatSession
     from fasttune.train.config import TrainConfig
     from fasttune.train.trainer import Trainer
 

@@ -16,10 +16,10 @@ transformers = pytest.importorskip("transformers")
 
 import fasttune
 from fasttune.cli import _load_for_inference, build_parser, main
-from fasttune.export.adapter import load_adapter, save_adapter
+from fasttune.adapters.peft import load_adapter, save_adapter
 from fasttune.models import load_model
 from fasttune.train import Trainer, load_trained
-from fasttune.train.chat import ChatSession, chat_loop
+from fasttune.chat import ChatSession, chat_loop
 from fasttune.train.observe import Progress
 from fasttune.train.trainer import adapter_meta
 from test_export_common import FP32_TOL, randomize_lora, random_ids, rel_err, save_tiny_hf

@@ -10,7 +10,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import fasttune
-from fasttune.export.adapter import AdapterError, load_adapter, save_adapter
+from fasttune.adapters.peft import AdapterError, load_adapter, save_adapter
 from fasttune.models import load_model
 from test_export_common import FP32_TOL, randomize_lora, random_ids, rel_err, save_tiny_hf
 

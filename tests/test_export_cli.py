@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fasttune
-from fasttune.export.adapter import save_adapter
+from fasttune.adapters.peft import save_adapter
 from fasttune.export.cli import main
 from fasttune.models import load_model
 from test_export_common import randomize_lora, save_tiny_hf

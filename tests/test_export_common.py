@@ -53,7 +53,7 @@ def randomize_lora(model, seed: int = 0, scale: float = 0.05) -> None:
     """Non-zero B (and fresh A) in every adapter, so the adapter changes the logits."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, m in fasttune.lora.lora_layers(model):
+        for _, m in fasttune.adapters.lora_layers(model):
             m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * scale)
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * scale)
 

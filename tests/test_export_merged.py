@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 import fasttune
 from fasttune.export.merged import DEQUANTISED_NOTE, export_merged
 from fasttune.models import load_model
+from fasttune.models.nf4_linear import quantize_linear
 from test_export_common import BF16_TOL, FP16_TOL, FP32_TOL, randomize_lora, random_ids, rel_err, save_tiny_hf
 
 
@@ -42,7 +43,7 @@ def test_merged_matches_fasttune(tmp_path, family):
 
 def test_merged_from_4bit_base_is_dequantised_plus_adapter(tmp_path):
     save_tiny_hf(tmp_path / "base", "llama")
-    model = fasttune.add_lora(load_model(tmp_path / "base", quantize=fasttune.lora.quantize_linear), r=4, alpha=8)
+    model = fasttune.add_lora(load_model(tmp_path / "base", quantize=quantize_linear), r=4, alpha=8)
     randomize_lora(model)
     ids = random_ids()
     with torch.no_grad():

@@ -108,7 +108,7 @@ def test_reward_model_exports_as_sequence_classification(small_model, tmp_path, 
 
 def test_export_never_writes_into_or_over_its_inputs(small_model, tmp_path, capsys):
     import fasttune
-    from fasttune.export.adapter import save_adapter
+    from fasttune.adapters.peft import save_adapter
 
     base = tmp_path / "base"
     import shutil

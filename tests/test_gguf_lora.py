@@ -25,11 +25,11 @@ import torch.nn as nn
 gguf = pytest.importorskip("gguf")
 
 import fasttune
-from fasttune.export.adapter import load_adapter, save_adapter
+from fasttune.adapters.peft import load_adapter, save_adapter
 from fasttune.export.gguf_writer import export_gguf
 from fasttune.export.merged import export_merged
 from fasttune.kernels.gguf_dequant import FORMAT_BY_NAME, dequantize
-from fasttune.lora import LoraLinear, lora_layers
+from fasttune.adapters import LoraLinear, lora_layers
 from fasttune.models import CheckpointError, load_model
 from fasttune.models.gguf_linear import GGUFLinear, gguf_linears
 from fasttune.models.gguf_reader import check_tensors, read_gguf

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import fasttune
-from fasttune.lora import LoraLinear, NF4Linear, add_lora, disable_adapters, lora_parameters, param_groups
-from fasttune.lora.model import FusedMLP, FusedQKV
+from fasttune.adapters import LoraLinear, add_lora, disable_adapters, lora_parameters, param_groups
+from fasttune.adapters.attach import FusedMLP, FusedQKV
+from fasttune.models.nf4_linear import NF4Linear
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -216,7 +217,7 @@ def test_trainable_embeddings_and_lm_head_param_groups(tiny_llama):
 
 
 def test_qlora_forward_close_to_dequantised_model(tiny_llama):
-    from fasttune.lora import quantize_linear
+    from fasttune.models.nf4_linear import quantize_linear
 
     q = fasttune.load_model(tiny_llama, dtype="bfloat16", quantize=quantize_linear)
     assert isinstance(q.model.layers[0].mlp.up_proj, NF4Linear)

@@ -84,7 +84,7 @@ def test_llama_1b_shape_matches_transformers_peft(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import fasttune
-    from fasttune.lora import param_groups
+    from fasttune.adapters import param_groups
     from fasttune.train.memory import apply_memory_policy
 
     cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

@@ -16,10 +16,10 @@ peft = pytest.importorskip("peft")
 
 import fasttune
 from fasttune import kernels
-from fasttune.export.adapter import load_adapter, save_adapter
+from fasttune.adapters.peft import load_adapter, save_adapter
 from fasttune.export.merged import export_merged, merged_state_dict
-from fasttune.lora import LoraLMHead, add_lora, disable_adapters, lora_layers, normalize_targets
-from fasttune.lora.model import initial_lora_A
+from fasttune.adapters import LoraLMHead, add_lora, disable_adapters, lora_layers, normalize_targets
+from fasttune.adapters.attach import initial_lora_A
 from fasttune.models import load_model
 from test_export_common import FP32_TOL, randomize_lora, random_ids, rel_err, save_tiny_hf
 from test_export_adapter import _peft_logits
@@ -384,12 +384,12 @@ def test_target_names():
     with pytest.raises(ValueError, match="lm_head"):
         normalize_targets(["embed_tokens"])
     with pytest.raises(ValueError, match="train_lm_head"):
-        fasttune.lora.LoraConfig(target_modules=["lm_head"], train_lm_head=True)
+        fasttune.adapters.LoraConfig(target_modules=["lm_head"], train_lm_head=True)
 
 
 def test_param_groups_put_the_head_adapter_with_the_adapters(llama_dir):
     model = add_lora(load_model(llama_dir), r=4, alpha=8, target_modules=["q_proj", "lm_head"])
-    groups = fasttune.lora.param_groups(model, lr=1e-3, embedding_lr_ratio=0.1)
+    groups = fasttune.adapters.param_groups(model, lr=1e-3, embedding_lr_ratio=0.1)
     assert len(groups) == 1 and groups[0]["lr"] == 1e-3
     assert {id(p) for p in groups[0]["params"]} == {id(p) for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)}
     assert model.lm_head.weight is model.lm_head.base.weight and model.device == torch.device("cpu")

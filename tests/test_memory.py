@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fasttune.lora import add_lora, lora_parameters
+from fasttune.adapters import add_lora, lora_parameters
 from fasttune.models import ArchSpec, CausalLM
 from fasttune.train.memory import (WORKSPACE_FACTOR, LayerRunner, apply_memory_policy, layer_activation_bytes,
                                    plan_memory)

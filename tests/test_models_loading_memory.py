@@ -77,7 +77,7 @@ def test_a_4bit_load_frees_each_16bit_layer_once_quantised(tmp_path):
     import weakref
 
     from fasttune.models import checkpoint, decoder
-    from fasttune.lora.nf4_linear import quantize_linear
+    from fasttune.models.nf4_linear import quantize_linear
 
     cfg = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "torch_dtype": "float32"}
@@ -114,7 +114,7 @@ def test_a_bitsandbytes_4bit_checkpoint_loads_bit_for_bit(tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     transformers = pytest.importorskip("transformers")
     import fasttune
-    from fasttune.lora.nf4_linear import NF4Linear
+    from fasttune.models.nf4_linear import NF4Linear
 
     cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)

@@ -455,7 +455,8 @@ def test_gemma3_with_soft_capping(tmp_path):
 def test_reward_head_exports_as_sequence_classification(tmp_path, family):
     """A reward head (model.score) goes out as transformers' <Family>ForSequenceClassification, which scores the
     last token as fasttune does. (Granite has no such class in transformers: its reward export is refused.)"""
-    from fasttune.export.merged import attach_score, export_merged
+    from fasttune.export.merged import export_merged
+    from fasttune.models.score import attach_score
 
     _, ours = build_pair(tmp_path / "base", family)
     head = torch.randn(1, ours.spec.hidden_size, generator=torch.Generator().manual_seed(0))

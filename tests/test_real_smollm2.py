@@ -149,7 +149,7 @@ def test_short_lora_sft_lowers_the_loss_and_changes_the_answer(smollm):
         after = _answer(lora, tok, teach[:1], n=16)
         assert "Quillfeather" in after, (before_answer, after)
     finally:
-        from fasttune.lora import lora_layers
+        from fasttune.adapters import lora_layers
 
         with torch.no_grad():  # leave the module's shared model as loaded for any later test: adapters to zero
             for _, m in lora_layers(lora):

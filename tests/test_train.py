@@ -161,7 +161,7 @@ def test_sequence_logprobs_and_preference_losses_match_direct_formulas(small_mod
     assert torch.equal(n, (batch["labels"][:, 1:] != -100).sum(-1))
 
     # DPO: reference = the same model with adapters off
-    from fasttune.lora import disable_adapters
+    from fasttune.adapters import disable_adapters
 
     with torch.no_grad(), disable_adapters(model):
         ref = _direct_logprobs(model, batch)

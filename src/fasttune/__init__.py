@@ -37,7 +37,7 @@ def load(path, max_seq_length: int = 4096, dtype=None, device=None, load_in_4bit
         dtype = auto_dtype(device)
     quantize = None
     if load_in_4bit:
-        from .lora.nf4_linear import quantize_linear as quantize
+        from .models.nf4_linear import quantize_linear as quantize
     model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle, quantize=quantize,
                        keep_quantized=keep_quantized)
     model.max_seq_length = max_seq_length
@@ -46,8 +46,8 @@ def load(path, max_seq_length: int = 4096, dtype=None, device=None, load_in_4bit
 
 
 def add_lora(model, r: int = 16, alpha: float = 16, **kwargs):
-    """Attach LoRA adapters (default targets: q, k, v, o, gate, up, down); see `fasttune.lora.add_lora`."""
-    from .lora import add_lora as _add_lora
+    """Attach LoRA adapters (default targets: q, k, v, o, gate, up, down); see `fasttune.adapters.add_lora`."""
+    from .adapters import add_lora as _add_lora
 
     return _add_lora(model, r=r, alpha=alpha, **kwargs)
 

@@ -213,7 +213,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is the whole story (what was wrong, what to do): printed as one line, no traceback."""
-    from .export.adapter import AdapterError
+    from .adapters.peft import AdapterError
     from .models.checkpoint import CheckpointError
 
     return AdapterError, CheckpointError
@@ -236,7 +236,7 @@ def _load_for_inference(args):
 
 
 def _session(args, model, tokenizer, system=None):
-    from .train.chat import ChatSession
+    from .chat import ChatSession
     from .train.trainer import adapter_meta
 
     template = args.chat_template
@@ -255,7 +255,7 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
 
 
 def _run_chat(args) -> int:
-    from .train.chat import chat_loop
+    from .chat import chat_loop
 
     try:
         model, tokenizer = _load_for_inference(args)

@@ -1,5 +1,5 @@
 """Export a fine-tuned model: PEFT adapters, merged 16-bit checkpoints, GGUF files and Ollama Modelfiles."""
-from .adapter import AdapterError, adapter_state_dict, load_adapter, save_adapter
+from ..adapters.peft import AdapterError, adapter_state_dict, load_adapter, save_adapter
 from .merged import ExportResult, export_merged, iter_merged_tensors, merged_state_dict
 from .modelfile import ModelfileError, make_modelfile
 

@@ -53,7 +53,7 @@ def _inputs(args) -> tuple[Path, Path | None, dict | None]:
     """(base model folder, trained-weights folder or None, its record or None), checked; raises AdapterError or
     CheckpointError saying what to pass instead."""
     from ..train.trainer import adapter_meta, base_model_dir
-    from .adapter import AdapterError
+    from ..adapters.peft import AdapterError
 
     model_dir, adapter = Path(args.model_dir), Path(args.adapter) if args.adapter else None
     base: str | None = str(model_dir)
@@ -91,7 +91,7 @@ def run(args) -> int:
     from ..models import ArchSpec
     from ..models.checkpoint import CheckpointError, resolve_dtype
     from ..train.trainer import load_trained
-    from .adapter import AdapterError, save_adapter
+    from ..adapters.peft import AdapterError, save_adapter
     from .merged import export_merged, iter_merged_tensors, score_head
     from .modelfile import ModelfileError, export_chat_template, make_modelfile
 

@@ -22,9 +22,11 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from ..lora import LoraLinear, NF4Linear
+from ..adapters import LoraLinear
+from ..models.nf4_linear import NF4Linear
 from ..models.checkpoint import resolve_dtype, save_model
 from ..models.quantized import QuantizedLinear
+from ..models.score import attach_score, score_head
 
 DEQUANTISED_NOTE = ("the base model was 4-bit (NF4): the merged weights are the dequantised NF4 base plus the "
                     "adapter, not the original 16-bit weights plus the adapter")
@@ -35,25 +37,6 @@ class ExportResult:
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     perplexity: tuple[float, float] | None = None  # GGUF: (before, after) quantisation on the bundled corpus
-
-
-def score_head(model: nn.Module) -> nn.Linear | None:
-    """The sequence-classification (reward) head a model carries, if any."""
-    head = getattr(model, "score", None)
-    return head if isinstance(head, nn.Linear) else None
-
-
-def attach_score(model: nn.Module, weight: torch.Tensor) -> nn.Linear:
-    """Give a CausalLM a reward head `model.score` (hidden -> 1, no bias) holding `weight`; returns the head."""
-    hidden = model.spec.hidden_size
-    if tuple(weight.shape) != (1, hidden):
-        raise ValueError(f"a reward head's weight has shape (1, {hidden}) for this model, got {tuple(weight.shape)}")
-    device = model.model.embed_tokens.weight.device
-    model.score = nn.Linear(hidden, 1, bias=False, device=device, dtype=torch.float32)
-    with torch.no_grad():
-        model.score.weight.copy_(weight)
-    model.score.weight.requires_grad_(False)
-    return model.score
 
 
 # transformers' class-name prefix of each family fasttune reads (config.json's architectures may be absent)

@@ -322,7 +322,7 @@ def load_model(
         if len(parts) < len(_BNB_PARTS) or (linear.bias is not None and owner + ".bias" not in loaded):
             return
         from ..kernels.nf4 import from_bnb_state_dict  # late: only bitsandbytes checkpoints need the NF4 layer
-        from ..lora.nf4_linear import NF4Linear
+        from .nf4_linear import NF4Linear
 
         q = from_bnb_state_dict({f"{owner}.{k}": v for k, v in parts.items()}, prefix=owner + ".weight")
         if tuple(q.shape) != (linear.out_features, linear.in_features):

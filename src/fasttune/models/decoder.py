@@ -5,11 +5,11 @@ Module and parameter names follow the Hugging Face checkpoints (`model.layers.N.
 ...), so a state dict maps one-to-one to a checkpoint (Phi-3's fused tensors are split at load time).
 
 Two optional hooks let other parts of fasttune take over a block without monkeypatching:
-- `Attention.fused_qkv(x) -> (q, k, v)` and `GatedMLP.fused_forward(x) -> y` (set by `fasttune.lora` to use
+- `Attention.fused_qkv(x) -> (q, k, v)` and `GatedMLP.fused_forward(x) -> y` (set by `fasttune.adapters` to use
   the fused LoRA kernels);
 - `DecoderModel.layer_runner(layer, hidden, **kwargs) -> hidden` (set by the memory policy to checkpoint and
   offload activations).
-An LM head with a `fused_loss_inputs(h) -> (hidden, weight, extra_weight)` method (fasttune.lora's `LoraLMHead`)
+An LM head with a `fused_loss_inputs(h) -> (hidden, weight, extra_weight)` method (fasttune.adapters' `LoraLMHead`)
 gives the fused loss its own operands, logits = hidden @ [weight | extra_weight].T (a LoRA head widens hidden by
 its rank and passes B as the extra columns).
 """

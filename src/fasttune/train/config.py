@@ -177,7 +177,7 @@ class TrainConfig:
     def check(self) -> None:
         """Value checks beyond types (ranges and combinations)."""
         t, o = self.train, self.objective
-        from ..lora.config import normalize_targets
+        from ..adapters.config import normalize_targets
 
         try:  # a string ("all-linear", "q,v") or short names become the full list, in add_lora's order
             self.lora.target_modules = list(normalize_targets(self.lora.target_modules))

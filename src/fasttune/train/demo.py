@@ -29,7 +29,7 @@ def demo_config(output_dir: str = "runs/demo", steps: int = 60, device: str = "c
 
 def run_demo(output_dir: str = "runs/demo", steps: int = 60, device: str = "cpu", seed: int = 0,
              questions: tuple[str, ...] = DEMO_QUESTIONS, progress: bool = True) -> dict:
-    from .chat import ChatSession
+    from ..chat import ChatSession
     from .trainer import Trainer
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -37,7 +37,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 60, device: str = "cpu"
     cfg.train.progress = progress
     trainer = Trainer(cfg)
     model, tokenizer = trainer.model, trainer.tokenizer
-    from ..lora import disable_adapters
+    from ..adapters import disable_adapters
 
     before = {}
     session = ChatSession(model, tokenizer, max_new_tokens=48)

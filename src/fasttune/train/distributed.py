@@ -83,8 +83,8 @@ def load_into_shards(path: str, info: DistInfo, device: torch.device, dtype=None
     start from the same values add_lora gives a whole model (PEFT's init from the seed)."""
     from torch.distributed.tensor import distribute_tensor
 
-    from ..lora import add_lora
-    from ..lora.model import initial_lora_A
+    from ..adapters import add_lora
+    from ..adapters.attach import initial_lora_A
     from ..models.checkpoint import CheckpointError, iter_model_tensors, resolve_dtype
     from ..models.decoder import CausalLM
     from ..models.spec import ArchSpec

@@ -299,7 +299,7 @@ def apply_memory_policy(model: nn.Module, policy: str = "auto", seq_len: int | N
     "recompute-mlp" (nothing checkpointed, but the MLP's gate/up outputs are recomputed in its backward instead of
     saved), "checkpoint" (every layer) or "offload" (every layer but the last). `free_bytes` overrides the
     measurement."""
-    from ..lora.model import FusedMLP
+    from ..adapters.attach import FusedMLP
 
     decoder = model.model
     spec = model.spec

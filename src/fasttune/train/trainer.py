@@ -241,7 +241,7 @@ class Trainer:
         return model.train(), tokenizer
 
     def _add_lora(self, model):
-        from ..lora import add_lora
+        from ..adapters import add_lora
 
         lc = self.cfg.lora
         try:
@@ -349,7 +349,7 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------------------
 
     def _reference(self):
-        from ..lora import disable_adapters
+        from ..adapters import disable_adapters
 
         return disable_adapters(self.model)
 
@@ -626,7 +626,7 @@ class Trainer:
                 if self.cfg.lora.enabled and not dist_utils.is_sharded(self.model):
                     # PEFT's layout too (adapter_model.safetensors + adapter_config.json), read by `fasttune export`,
                     # PEFT and other tools; trained embeddings / reward heads are only in trainable.safetensors
-                    from ..export.adapter import save_adapter
+                    from ..adapters.peft import save_adapter
 
                     save_adapter(self.model, path, base_model_name_or_path=str(
                         Path(resolve_model_path(self.cfg.model.path)).resolve()))
@@ -887,7 +887,7 @@ def adapter_meta(adapter_dir: str | os.PathLike) -> dict:
                     Unsloth, ...
     A folder holding both a run's and PEFT's files is read as the run's (it has everything the run trained).
     Raises AdapterError naming what to pass instead."""
-    from ..export.adapter import ADAPTER_CONFIG as PEFT_CONFIG, ADAPTER_WEIGHTS as PEFT_WEIGHTS, AdapterError
+    from ..adapters.peft import ADAPTER_CONFIG as PEFT_CONFIG, ADAPTER_WEIGHTS as PEFT_WEIGHTS, AdapterError
 
     folder = Path(adapter_dir)
     kinds = "a run's adapter/ folder, a run's checkpoints/step-N folder or a PEFT adapter folder"
@@ -932,8 +932,8 @@ def load_trained(adapter_dir: str | os.PathLike, base: str | None = None, device
     LM head (recorded on `model.lora_config`, so a PEFT export carries them as modules_to_save), a full
     fine-tune's weights, and a reward model's head as `model.score`. Frozen, in eval mode."""
     from .. import load
-    from ..export.adapter import AdapterError, load_adapter
-    from ..export.merged import attach_score
+    from ..adapters.peft import AdapterError, load_adapter
+    from ..models.score import attach_score
 
     adapter_dir = Path(adapter_dir)
     meta = adapter_meta(adapter_dir)
@@ -950,7 +950,7 @@ def load_trained(adapter_dir: str | os.PathLike, base: str | None = None, device
     state = load_file(meta["weights"])
     lc = meta["lora"]
     if lc["enabled"]:
-        from ..lora import add_lora
+        from ..adapters import add_lora
 
         embed = "model.model.embed_tokens.weight" in state
         head = "model.lm_head.weight" in state and not model.spec.tie_word_embeddings

@@ -15,7 +15,7 @@ target_modules). PEFT then also saves the base output weight (`lm_head.base_laye
 save_embedding_layers="auto"); loading copies it into the frozen base, as PEFT does, and export leaves it out.
 
 PEFT computes y = base(x) + scaling * B(A(x)), scaling = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA), the
-same formula as `fasttune.lora.LoraLinear`, so the tensors are written unchanged.
+same formula as `fasttune.adapters.LoraLinear`, so the tensors are written unchanged.
 
 Phi-3 checkpoints (and so transformers' and PEFT's Phi-3 modules) fuse q/k/v into `qkv_proj` and gate/up into
 `gate_up_proj`, while fasttune keeps them apart. Separate LoRAs on the parts are one LoRA on the fused module:
@@ -39,7 +39,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .merged import attach_score, score_head
+from ..models.score import attach_score, score_head
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -351,7 +351,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         raise AdapterError(f"{path}: tensors fasttune does not understand: {sorted(leftover)[:5]}")
 
     if not lora_modules(model):
-        from ..lora import add_lora
+        from ..adapters import add_lora
 
         targets = _target_leaf_names(cfg, model)
         present = {m.rpartition(".")[2] for m in lora_pairs}

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..kernels.lora import lora_linear
 from ..kernels.nf4 import NF4Tensor, quantize_nf4
-from ..models.quantized import QuantizedLinear
+from .quantized import QuantizedLinear
 
 
 class NF4Linear(QuantizedLinear):

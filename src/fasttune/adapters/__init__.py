@@ -6,10 +6,8 @@ bf16/fp16 or NF4 base weights.
     optimizer = torch.optim.AdamW(param_groups(model, lr=2e-4))
 """
 from .config import ALL_TARGETS, LM_HEAD, TARGETS, LoraConfig, normalize_targets
+from .attach import add_lora, disable_adapters, lora_layers, lora_parameters, param_groups
 from .layer import LoraLinear, LoraLMHead
-from .model import add_lora, disable_adapters, lora_layers, lora_parameters, param_groups
-from .nf4_linear import NF4Linear, quantize_linear
 
-__all__ = ["ALL_TARGETS", "LM_HEAD", "TARGETS", "LoraConfig", "LoraLinear", "LoraLMHead", "NF4Linear", "add_lora",
-           "disable_adapters", "lora_layers", "lora_parameters", "normalize_targets", "param_groups",
-           "quantize_linear"]
+__all__ = ["ALL_TARGETS", "LM_HEAD", "TARGETS", "LoraConfig", "LoraLinear", "LoraLMHead", "add_lora",
+           "disable_adapters", "lora_layers", "lora_parameters", "normalize_targets", "param_groups"]
