@@ -50,6 +50,9 @@ def _load(name: str):
     # CPU tensors; re-executing it re-decorates the kernels for the interpreter.
     kernel = next(v for k, v in vars(mod).items() if k.endswith("_kernel"))
     if not _ON_GPU and (type(kernel).__name__ != "InterpretedFunction" or mod.triton is not sys.modules["triton"]):
+        helpers = importlib.import_module("fasttune.kernels._triton")
+        if helpers.triton is not sys.modules["triton"]:
+            importlib.reload(helpers)
         mod = importlib.reload(mod)
     return mod
 
@@ -58,6 +61,7 @@ _ensure_interpreted_triton()
 
 
 rms_mod, ln_mod, rope_mod, glu_mod = (_load(n) for n in ("rms_norm", "layer_norm", "rope", "glu"))
+triton_helpers = importlib.import_module("fasttune.kernels._triton")
 _MODULES = (rms_mod, ln_mod, rope_mod, glu_mod)
 
 
@@ -68,7 +72,7 @@ def _poisoned_alloc(shape, dtype, device):
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     for mod in _MODULES:
-        monkeypatch.setattr(mod, "_alloc", _poisoned_alloc)
+        monkeypatch.setattr(mod, "alloc", _poisoned_alloc)
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str, min_scale: float = 0.0):
@@ -106,7 +110,7 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_poison_is_active():
-    assert torch.isnan(rms_mod._alloc((2,), torch.float32, DEVICE)).all()
+    assert torch.isnan(rms_mod.alloc((2,), torch.float32, DEVICE)).all()
 
 
 # ----------------------------------------------------------------------------------------------------- RMSNorm
@@ -155,7 +159,7 @@ def test_rms_norm(shape, unit_offset, dtype):
 @pytest.mark.parametrize("unit_offset", [False, True])
 @pytest.mark.parametrize("width", [100, 1000])
 def test_rms_norm_rows_longer_than_one_block(monkeypatch, width, unit_offset, dtype):
-    monkeypatch.setattr(rms_mod, "_MAX_BLOCK", 32)  # forces the looped path: 4 and 32 column blocks per row
+    monkeypatch.setattr(triton_helpers, "MAX_BLOCK", 32)  # forces the looped path: 4 and 32 column blocks per row
     _seed(width)
     x = torch.randn(7, width, device=DEVICE).to(dtype)
     w = torch.randn(width, device=DEVICE).to(dtype)
@@ -207,7 +211,7 @@ def test_layer_norm(shape, bias, dtype):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_layer_norm_rows_longer_than_one_block(monkeypatch, bias):
-    monkeypatch.setattr(rms_mod, "_MAX_BLOCK", 32)  # layer_norm shares rms_norm's launch helpers
+    monkeypatch.setattr(triton_helpers, "MAX_BLOCK", 32)  # layer_norm shares the row-kernel launch helpers
     _seed(3)
     x = torch.randn(6, 200, device=DEVICE) + 4.0
     _check_ln(x, torch.randn(200, device=DEVICE), torch.randn(200, device=DEVICE) if bias else None)

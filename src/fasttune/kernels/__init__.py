@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from . import _triton
 from . import cross_entropy as _ce
 from . import glu as _glu
 from . import layer_norm as _ln
@@ -19,21 +20,12 @@ from . import rope as _rope
 __all__ = ["use_triton", "rms_norm", "layer_norm", "apply_rope", "glu", "fused_linear_cross_entropy"]
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-_TRITON_OK = _triton_available()
 
 
 def use_triton(x: torch.Tensor) -> bool:
     """True when the Triton kernel should run for a tensor on ``x``'s device."""
     mode = os.environ.get("FASTTUNE_KERNELS", "auto")
-    if mode == "reference" or not _TRITON_OK:
+    if mode == "reference" or not _triton.AVAILABLE:
         return False
     if mode == "triton":
         return True

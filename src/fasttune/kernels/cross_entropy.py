@@ -40,11 +40,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs use the reference
-    triton = None
+from ._triton import tl, triton
+
 
 # Budget for one chunk's logits. 128 MiB = 512 tokens at a 128K vocabulary in bf16, the size of Liger-Kernel's
 # chunks (with 512 MiB chunks the H100 benchmark peaked at 1002 MiB against Liger's 125 MiB).

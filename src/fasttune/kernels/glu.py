@@ -20,20 +20,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: only the reference below is usable
-    triton = None
+from ._triton import alloc, tl, triton
+
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 _ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
 _BLOCK = 1024  # elements per program: 8 per thread at 4 warps, i.e. 16-byte accesses in bf16
-
-
-def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation, one place so tests can poison it (fill with NaN) to catch unwritten elements."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 if triton is not None:
@@ -97,8 +89,8 @@ def _glu_launch(gate, up, dy, act_id: int, backward: bool, in_place: bool = Fals
                              "column stride (a copy would receive the gradients); pass in_place=False")
         out0, out1 = rows[0], rows[1]
     else:
-        out0 = _alloc((n_rows, n_cols), gate.dtype, gate.device)
-        out1 = _alloc((n_rows, n_cols), up.dtype, up.device) if backward else out0
+        out0 = alloc((n_rows, n_cols), gate.dtype, gate.device)
+        out1 = alloc((n_rows, n_cols), up.dtype, up.device) if backward else out0
     dy_rows = rows[2] if backward else rows[0]
     n_col_blocks = triton.cdiv(n_cols, _BLOCK)
     if n_rows * n_cols > 0:

@@ -15,18 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import rms_norm as _rms  # shared launch helpers (block size, persistent grid size)
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: only the reference below is usable
-    triton = None
-
-
-def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation, one place so tests can poison it (fill with NaN) to catch unwritten elements."""
-    return torch.empty(shape, dtype=dtype, device=device)
+from ._triton import alloc, as_rows, block_and_warps, num_programs, tl, triton
 
 
 if triton is not None:
@@ -146,14 +135,14 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
         shape = x.shape
-        x2 = _rms._as_rows(x)
+        x2 = as_rows(x)
         n_rows, n_cols = x2.shape
-        y = _alloc((n_rows, n_cols), x.dtype, x.device)
-        mean = _alloc((n_rows,), torch.float32, x.device)
-        rstd = _alloc((n_rows,), torch.float32, x.device)
+        y = alloc((n_rows, n_cols), x.dtype, x.device)
+        mean = alloc((n_rows,), torch.float32, x.device)
+        rstd = alloc((n_rows,), torch.float32, x.device)
         weight_c = weight.contiguous()
         bias_c = bias.contiguous() if bias is not None else weight_c  # dummy pointer when HAS_BIAS is False
-        block, num_warps, single = _rms._block_and_warps(n_cols)
+        block, num_warps, single = block_and_warps(n_cols)
         if n_rows > 0:
             _layer_norm_fwd_kernel[(n_rows,)](
                 x2, weight_c, bias_c, y, mean, rstd, x2.stride(0), y.stride(0), n_cols, eps,
@@ -169,14 +158,14 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x2, weight, mean, rstd = ctx.saved_tensors
         n_rows, n_cols = x2.shape
-        dy2 = _rms._as_rows(dy)
-        dx = _alloc((n_rows, n_cols), x2.dtype, x2.device)
+        dy2 = as_rows(dy)
+        dx = alloc((n_rows, n_cols), x2.dtype, x2.device)
         compute_dw = ctx.needs_input_grad[1]
         compute_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
-        block, num_warps, single = _rms._block_and_warps(n_cols)
-        n_programs = _rms._num_programs(x2.device, n_rows)
+        block, num_warps, single = block_and_warps(n_cols)
+        n_programs = num_programs(x2.device, n_rows)
         rows_per_program = triton.cdiv(n_rows, n_programs) if n_rows else 0
-        make = _alloc if single else torch.zeros  # the looped path accumulates into the partials
+        make = alloc if single else torch.zeros  # the looped path accumulates into the partials
         dw_partial = make((n_programs, n_cols), dtype=torch.float32, device=x2.device) if compute_dw else rstd
         db_partial = make((n_programs, n_cols), dtype=torch.float32, device=x2.device) if compute_db else rstd
         if n_rows > 0:

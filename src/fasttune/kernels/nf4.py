@@ -28,11 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs use the reference
-    triton = None
+from ._triton import tl, triton
+from .dynamic_map import create_dynamic_map
 
 # bitsandbytes' NF4 table (functional.get_4bit_type("nf4")), sorted, so the code index is the table position.
 NF4_CODE = torch.tensor([
@@ -40,33 +37,6 @@ NF4_CODE = torch.tensor([
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ], dtype=torch.float32)
-
-
-def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
-    """bitsandbytes' functional.create_dynamic_map, step for step (so the float32 values are identical)."""
-    data = []
-    non_sign_bits = total_bits - 1
-    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
-    for i in range(max_exponent_bits):
-        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
-                             else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
-        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-        if signed:
-            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-    if additional_items > 0:
-        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-        if signed:
-            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-    data.append(0)
-    data.append(1.0)
-    assert len(data) == 2**total_bits
-    data += [0] * (256 - len(data))
-    data.sort()
-    return torch.tensor(data, dtype=torch.float32)
 
 
 DYNAMIC_CODE = create_dynamic_map()

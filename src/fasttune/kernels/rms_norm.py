@@ -10,42 +10,13 @@ Backward (m = dy * w', everything in float32; the cast of n is treated as the id
     dw      = sum over rows of dy * n        (Llama uses the rounded n, the value that multiplied w)
 The forward saves only r (one float per row). The backward runs a persistent grid of ~SM-count programs, each
 walking a contiguous range of rows and keeping its partial dw in float32 registers; the partials are summed at the end.
-Rows wider than one block (H > _MAX_BLOCK) loop over column blocks instead of holding the row in registers.
+Rows wider than one block (H > _triton.MAX_BLOCK) loop over column blocks instead of holding the row in registers.
 """
 from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: only the reference below is usable
-    triton = None
-
-# Largest row held in registers at once (Liger uses 64 KiB / element size); wider rows loop over blocks.
-# Tests lower it to exercise the looped path on small widths.
-_MAX_BLOCK = 16384
-
-
-def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation, one place so tests can poison it (fill with NaN) to catch unwritten elements."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _block_and_warps(n_cols: int) -> tuple[int, int, bool]:
-    """(BLOCK, num_warps, single_block) for a row of n_cols elements."""
-    block = min(triton.next_power_of_2(n_cols), _MAX_BLOCK)
-    num_warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
-    return block, num_warps, block >= n_cols
-
-
-def _num_programs(device: torch.device, n_rows: int) -> int:
-    """Persistent-grid size for row reductions: one program per SM on CUDA (a few in the CPU interpreter)."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4
-    return max(1, min(sms, n_rows))
+from ._triton import alloc, as_rows, block_and_warps, num_programs, tl, triton
 
 
 if triton is not None:
@@ -158,24 +129,17 @@ if triton is not None:
                         tl.store(DW_PARTIAL + cols, acc + contrib, mask=mask)
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., H) -> (rows, H) with unit column stride, copying only when a view is impossible."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])
-
-
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
         shape = x.shape
-        x2 = _as_rows(x)
+        x2 = as_rows(x)
         n_rows, n_cols = x2.shape
         out_dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
-        y = _alloc((n_rows, n_cols), out_dtype, x.device)
-        rstd = _alloc((n_rows,), torch.float32, x.device)
+        y = alloc((n_rows, n_cols), out_dtype, x.device)
+        rstd = alloc((n_rows,), torch.float32, x.device)
         weight_c = weight.contiguous()
-        block, num_warps, single = _block_and_warps(n_cols)
+        block, num_warps, single = block_and_warps(n_cols)
         if n_rows > 0:
             _rms_norm_fwd_kernel[(n_rows,)](
                 x2, weight_c, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
@@ -191,14 +155,14 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = x2.shape
-        dy2 = _as_rows(dy)
-        dx = _alloc((n_rows, n_cols), x2.dtype, x2.device)
+        dy2 = as_rows(dy)
+        dx = alloc((n_rows, n_cols), x2.dtype, x2.device)
         compute_dw = ctx.needs_input_grad[1]
-        block, num_warps, single = _block_and_warps(n_cols)
-        n_programs = _num_programs(x2.device, n_rows)
+        block, num_warps, single = block_and_warps(n_cols)
+        n_programs = num_programs(x2.device, n_rows)
         rows_per_program = triton.cdiv(n_rows, n_programs) if n_rows else 0
         if compute_dw:
-            make = _alloc if single else torch.zeros  # looped path accumulates into it
+            make = alloc if single else torch.zeros  # looped path accumulates into it
             dw_partial = make((n_programs, n_cols), dtype=torch.float32, device=x2.device)
         else:
             dw_partial = rstd  # unused placeholder pointer

@@ -20,16 +20,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: only the reference below is usable
-    triton = None
-
-
-def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation, one place so tests can poison it (fill with NaN) to catch unwritten elements."""
-    return torch.empty(shape, dtype=dtype, device=device)
+from ._triton import alloc, tl, triton
 
 
 if triton is not None:
@@ -82,8 +73,8 @@ def _rope_launch(q, k, cos, sin, backward: bool):
     B, T, Hq, D = q.shape
     Hk = k.shape[2]
     q, k = _unit_last_stride(q), _unit_last_stride(k)
-    qo = _alloc((B, T, Hq, D), q.dtype, q.device)
-    ko = _alloc((B, T, Hk, D), k.dtype, k.device)
+    qo = alloc((B, T, Hq, D), q.dtype, q.device)
+    ko = alloc((B, T, Hk, D), k.dtype, k.device)
     cs_sb = cos.stride(0) if cos.shape[0] == B else 0  # batch 1 broadcasts over the batch
     half = D // 2
     block_half = triton.next_power_of_2(half)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.nf4 import create_dynamic_map
+from ..kernels.dynamic_map import create_dynamic_map
 
 BLOCK = 256
 _MAPS: dict = {}
