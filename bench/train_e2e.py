@@ -55,7 +55,7 @@ PACKED_ROWS = {"1b": 4, "8b": 2, "phi3": 2, "tiny": 2}  # bench/train_speed.py's
 def write_checkpoint(shape: str, folder: Path, device: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
-    from fasttune.train.trainer import tiny_model_path
+    from fasttune.build import tiny_model_path
 
     if shape == "phi3":  # Phi-3-mini-4k's shape: fused qkv / gate_up, sliding window 2047
         cfg = Phi3Config(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
@@ -82,7 +82,7 @@ def write_checkpoint(shape: str, folder: Path, device: str) -> None:
 def write_data(path: Path, rows: int, seed: int = 0) -> dict:
     """Instruction rows whose tokenised length is log-normal: median ~260 tokens, ~1% over 2048."""
     from fasttune.models import load_tokenizer
-    from fasttune.train.trainer import tiny_model_path
+    from fasttune.build import tiny_model_path
 
     tok = load_tokenizer(tiny_model_path())
     words = [w for w in (Path(tiny_model_path()).parent / "data" / "corpus.txt").read_text().split() if w.isalpha()]

@@ -79,7 +79,7 @@ def test_length_summary_nearest_rank():
 
 def test_render_marks_spans_and_keeps_the_tokenizers_spacing():
     from fasttune.models import load_tokenizer
-    from fasttune.train.trainer import resolve_model_path
+    from fasttune.build import resolve_model_path
 
     tok = load_tokenizer(resolve_model_path("tiny"))
     ids = tok("The answer is forty two", add_special_tokens=False)["input_ids"]

@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 from fasttune.cli import main
 from fasttune.models import load_model
-from fasttune.train import Trainer, load_trained
+from fasttune.build import load_trained
+from fasttune.train import Trainer
 from test_export_adapter import _peft_logits
 from test_export_common import FP32_TOL, rel_err
 from test_train import config, make_small_model

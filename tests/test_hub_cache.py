@@ -12,7 +12,7 @@ import torch
 import fasttune
 from fasttune.models import load_model
 from fasttune.models.checkpoint import CheckpointError, resolve_pretrained
-from fasttune.train.trainer import resolve_model_path
+from fasttune.build import resolve_model_path
 
 TINY = Path(fasttune.__file__).parent / "assets" / "tiny"
 MAIN_SHA = "a" * 40

@@ -418,7 +418,8 @@ train: {{output_dir: "{out / 'run'}", max_steps: 3, batch_size: 2, grad_accum: 1
 
 
 def test_training_run_moves_the_head_adapter(tmp_path):
-    from fasttune.train import Trainer, load_trained
+    from fasttune.build import load_trained
+from fasttune.train import Trainer
 
     model_dir = _small_untied_model(tmp_path / "model")
     cfg = _train_config(model_dir, tmp_path)

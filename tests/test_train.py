@@ -348,7 +348,7 @@ def test_tensorboard_scalars_match_the_metrics_file(small_model, tmp_path):
 
 
 def test_saved_adapter_reloads_onto_the_base(small_model, tmp_path):
-    from fasttune.train import load_trained
+    from fasttune.build import load_trained
 
     trainer = Trainer(config(small_model, tmp_path, train={"max_steps": 2}))
     result = trainer.train()

@@ -151,7 +151,7 @@ def test_on_error_skip_skips_and_counts_a_malformed_preference_line(tmp_path):
     from fasttune.models import load_tokenizer
     from fasttune.train.config import DataConfig
     from fasttune.train.data import prepare_data
-    from fasttune.train.trainer import tiny_model_path
+    from fasttune.build import tiny_model_path
 
     path = tmp_path / "pairs.jsonl"
     rows = [json.dumps({"prompt": f"question {i}", "chosen": "a good answer", "rejected": "a bad one"})

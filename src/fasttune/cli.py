@@ -223,7 +223,7 @@ def _load_for_inference(args):
     import torch
 
     from . import load
-    from .train.trainer import base_model_dir, load_trained
+    from .build import base_model_dir, load_trained
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     allow_pickle = getattr(args, "allow_pickle", False)
@@ -237,7 +237,7 @@ def _load_for_inference(args):
 
 def _session(args, model, tokenizer, system=None):
     from .chat import ChatSession
-    from .train.trainer import adapter_meta
+    from .build import adapter_meta
 
     template = args.chat_template
     if args.adapter:  # format prompts as the run formatted its training text, unless told otherwise

@@ -40,10 +40,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models.score import attach_score, score_head
+from .files import PEFT_CONFIG, PEFT_WEIGHTS
 
 PEFT_PREFIX = "base_model.model."
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LM_HEAD = "lm_head"  # a target only when named: PEFT's "all-linear" leaves the output layer out
 # fasttune's separate projections -> the fused module Phi-3 checkpoints have, and their order inside it
@@ -233,17 +232,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     path.mkdir(parents=True, exist_ok=True)
     tensors, config = adapter_state_dict(model, dtype)
     config["base_model_name_or_path"] = base_model_name_or_path
-    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return [path / ADAPTER_WEIGHTS, path / ADAPTER_CONFIG]
+    save_file(tensors, str(path / PEFT_WEIGHTS), metadata={"format": "pt"})
+    (path / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return [path / PEFT_WEIGHTS, path / PEFT_CONFIG]
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
-    cfg_file = Path(path) / ADAPTER_CONFIG
+    cfg_file = Path(path) / PEFT_CONFIG
     if not cfg_file.exists():
-        raise AdapterError(f"no {ADAPTER_CONFIG} in {path}: point at a folder saved by PEFT or fasttune")
+        raise AdapterError(f"no {PEFT_CONFIG} in {path}: point at a folder saved by PEFT or fasttune")
     cfg = json.loads(cfg_file.read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path} holds a {cfg.get('peft_type')} adapter; only LORA adapters can be loaded")
@@ -311,9 +310,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     becomes `model.score`. With `trainable=False` the adapter is frozen (inference / export)."""
     path = Path(path)
     cfg = read_adapter_config(path)
-    weights = path / ADAPTER_WEIGHTS
+    weights = path / PEFT_WEIGHTS
     if not weights.exists():
-        raise AdapterError(f"no {ADAPTER_WEIGHTS} in {path} (pickled adapter_model.bin files are not read)")
+        raise AdapterError(f"no {PEFT_WEIGHTS} in {path} (pickled adapter_model.bin files are not read)")
     rslora = bool(cfg.get("use_rslora", False))
     spec = model.spec
 

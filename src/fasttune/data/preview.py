@@ -89,7 +89,7 @@ def preview(cfg: "TrainConfig", rows: int = 3, out: TextIO = sys.stdout, color: 
     streaming config: STREAMING_ROWS). Raises ConfigError, DataError or CheckpointError (the tokenizer's folder)."""
     from ..models import load_tokenizer
     from ..train.data import prepare_data
-    from ..train.trainer import resolve_model_path
+    from ..build import resolve_model_path
 
     from pathlib import Path
 

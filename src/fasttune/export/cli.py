@@ -52,7 +52,7 @@ def _human(n: int) -> str:
 def _inputs(args) -> tuple[Path, Path | None, dict | None]:
     """(base model folder, trained-weights folder or None, its record or None), checked; raises AdapterError or
     CheckpointError saying what to pass instead."""
-    from ..train.trainer import adapter_meta, base_model_dir
+    from ..build import adapter_meta, base_model_dir
     from ..adapters.peft import AdapterError
 
     model_dir, adapter = Path(args.model_dir), Path(args.adapter) if args.adapter else None
@@ -90,7 +90,7 @@ def run(args) -> int:
     from ..data.chat_templates import TEMPLATES
     from ..models import ArchSpec
     from ..models.checkpoint import CheckpointError, resolve_dtype
-    from ..train.trainer import load_trained
+    from ..build import load_trained
     from ..adapters.peft import AdapterError, save_adapter
     from .merged import export_merged, iter_merged_tensors, score_head
     from .modelfile import ModelfileError, export_chat_template, make_modelfile

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..adapters.files import RUN_RECORD
 from ..data.chat_templates import TEMPLATES, get_chat_template
 from ..data.errors import DataError
 
@@ -139,9 +140,6 @@ def make_modelfile(from_path: str, template: str | None = None, eos_token: str =
     return "\n".join(lines) + "\n"
 
 
-ADAPTER_META = "fasttune_adapter.json"  # what a fasttune run records beside its adapter (train/trainer.py)
-
-
 @dataclass(frozen=True)
 class ExportTemplate:
     source: str | None         # Jinja source written to the GGUF and the tokenizer files (None: the tokenizer has none)
@@ -152,13 +150,13 @@ class ExportTemplate:
 def export_chat_template(override: str | None, record: dict | str | os.PathLike | None,
                          tokenizer) -> ExportTemplate:
     """The chat template an export must use. `override` (a registry name, "tokenizer" or Jinja source) wins; else
-    the template the run trained with: `record` is what the trained-weights folder records (train.trainer's
-    adapter_meta dict, or the folder itself, whose fasttune_adapter.json is read), where a null `chat_template`
+    the template the run trained with: `record` is what the trained-weights folder records (build.adapter_meta's
+    dict, or the folder itself, whose fasttune_adapter.json is read), where a null `chat_template`
     means what training used: the tokenizer's own template, or ChatML when it has none
     (train.data.chat_template_for). A PEFT adapter (kind "peft") or no record: the tokenizer's own."""
     name, origin = override, "--chat-template"
     if isinstance(record, (str, os.PathLike)):
-        meta_file = Path(record) / ADAPTER_META
+        meta_file = Path(record) / RUN_RECORD
         try:
             record = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else None
         except (OSError, ValueError) as e:

@@ -4,7 +4,7 @@
     result = train(TrainConfig.from_yaml("configs/sft_tiny.yaml"))
 """
 from .config import ConfigError, DataConfig, LoraSection, ModelConfig, ObjectiveConfig, TrainConfig, TrainSection
-from .trainer import OutOfMemory, Trainer, TrainingDiverged, TrainResult, load_trained, train
+from .trainer import OutOfMemory, Trainer, TrainingDiverged, TrainResult, train
 
 __all__ = ["ConfigError", "DataConfig", "LoraSection", "ModelConfig", "ObjectiveConfig", "OutOfMemory",
-           "TrainConfig", "TrainResult", "TrainSection", "Trainer", "TrainingDiverged", "load_trained", "train"]
+           "TrainConfig", "TrainResult", "TrainSection", "Trainer", "TrainingDiverged", "train"]

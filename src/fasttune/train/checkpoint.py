@@ -38,6 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..adapters.files import TRAINED_WEIGHTS
 from ..models.checkpoint import CheckpointError as _CheckpointError
 from . import run_folder
 
@@ -171,7 +172,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, weights: dict[s
         shutil.rmtree(tmp)
     tmp.mkdir()
     with _cleaned_up_on_failure(tmp, output_dir, step):
-        save_file(weights, str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
+        save_file(weights, str(tmp / TRAINED_WEIGHTS), metadata={"format": "pt"})
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
@@ -332,7 +333,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     sharded = is_sharded_checkpoint(path)
     weights = None
     if not sharded:
-        f = path / "trainable.safetensors"
+        f = path / TRAINED_WEIGHTS
         try:
             weights = load_file(str(f))
         except (SafetensorError, OSError, ValueError) as e:
@@ -464,7 +465,7 @@ def _checkpoint_tensors(path: Path):
         _read_sharded(target, path / SHARDED, no_dist=True)
         yield from target.values()
         return
-    with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
+    with safe_open(str(path / TRAINED_WEIGHTS), framework="pt") as f:
         for k in f.keys():
             yield f.get_tensor(k)
 
