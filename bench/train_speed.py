@@ -80,11 +80,11 @@ def default_dtype(dtype):
 
 
 def build_fasttune(cfg: dict, device, dtype, qlora: bool, policy: str, seq: int, batch: int):
-    import fasttune
-    from fasttune.models.nf4_linear import quantize_linear
+    from fasttune.adapters import LoraConfig
+    from fasttune.build import prepare_for_training
     from fasttune.models import ArchSpec, CausalLM
     from fasttune.models.decoder import RMSNorm
-    from fasttune.train.memory import apply_memory_policy
+    from fasttune.models.nf4_linear import quantize_linear
 
     spec = ArchSpec.from_hf_config(cfg)
     with torch.device("meta"):
@@ -107,10 +107,9 @@ def build_fasttune(cfg: dict, device, dtype, qlora: bool, policy: str, seq: int,
             parent, _, child = mod_name.rpartition(".")
             setattr(model.get_submodule(parent), child, quantize_linear(module))
     model.tie_weights()
-    model = fasttune.add_lora(model, r=16, alpha=16, target_modules=TARGETS)
-    model.train()
-    plan = apply_memory_policy(model, policy, seq_len=seq, batch_size=batch)
-    return model, plan.summary()
+    model = prepare_for_training(model, LoraConfig(r=16, alpha=16, target_modules=TARGETS), policy, seq_len=seq,
+                                 batch_rows=batch)
+    return model, model.memory_plan.summary()
 
 
 def build_hf(cfg: dict, device, dtype, qlora: bool, liger: bool):

@@ -18,11 +18,10 @@ import fasttune
 from fasttune.cli import _load_for_inference, build_parser, main
 from fasttune.adapters.peft import load_adapter, save_adapter
 from fasttune.models import load_model
-from fasttune.build import load_trained
-from fasttune.train import Trainer
+from fasttune.build import adapter_meta, load_trained
 from fasttune.chat import ChatSession, chat_loop
+from fasttune.train import Trainer
 from fasttune.train.observe import Progress
-from fasttune.build import adapter_meta
 from test_export_common import FP32_TOL, randomize_lora, random_ids, rel_err, save_tiny_hf
 from test_train import config, make_small_model
 

@@ -149,9 +149,10 @@ def test_print_defaults_documents_every_key_and_loads_back(capsys):
 
 def test_a_comment_above_a_field_and_one_trailing_it_are_both_its_meaning():
     from fasttune.train.config_docs import field_comments
-    from fasttune.train.config import DataConfig, LoraSection
+    from fasttune.adapters.config import LoraConfig
+    from fasttune.train.config import DataConfig
 
-    lora, data = field_comments(LoraSection), field_comments(DataConfig)
+    lora, data = field_comments(LoraConfig), field_comments(DataConfig)
     assert lora["target_modules"].startswith("names (q_proj") and lora["dropout"].startswith("dropout on")
     assert data["streaming"].startswith("tokenise pass by pass") and "eval split" in data["streaming"]
     assert data["shuffle_buffer"].startswith("streaming: examples are shuffled")

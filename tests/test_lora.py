@@ -205,8 +205,8 @@ def test_disable_adapters_gives_base_model(tiny_llama):
 
 
 def test_trainable_embeddings_and_lm_head_param_groups(tiny_llama):
-    m = _ours(tiny_llama, r=4, alpha=8, train_embeddings=True, train_lm_head=True, embedding_lr_ratio=0.1)
-    groups = param_groups(m, lr=1e-3)
+    m = _ours(tiny_llama, r=4, alpha=8, train_embeddings=True, train_lm_head=True)
+    groups = param_groups(m, lr=1e-3)  # embedding_lr_ratio: EMBEDDING_LR_RATIO, 0.1
     assert [g["name"] for g in groups] == ["lora", "embeddings"]
     assert groups[1]["lr"] == pytest.approx(1e-4)
     assert {id(p) for p in groups[1]["params"]} == {id(m.model.embed_tokens.weight), id(m.lm_head.weight)}

@@ -375,7 +375,7 @@ def test_tied_embeddings_are_refused_with_what_to_do(tmp_path):
         load_adapter(load_model(tmp_path / "tied"), tmp_path / "adapter")
 
 
-def test_target_names():
+def test_target_names(llama_dir):
     assert normalize_targets("all") == normalize_targets("all-linear") == tuple(PROJ)  # no lm_head: as PEFT
     assert normalize_targets(None) == tuple(PROJ)
     assert normalize_targets(["all-linear", "lm_head"]) == tuple(PROJ) + ("lm_head",)
@@ -384,7 +384,7 @@ def test_target_names():
     with pytest.raises(ValueError, match="lm_head"):
         normalize_targets(["embed_tokens"])
     with pytest.raises(ValueError, match="train_lm_head"):
-        fasttune.adapters.LoraConfig(target_modules=["lm_head"], train_lm_head=True)
+        add_lora(load_model(llama_dir), target_modules=["lm_head"], train_lm_head=True)
 
 
 def test_param_groups_put_the_head_adapter_with_the_adapters(llama_dir):
@@ -419,7 +419,7 @@ train: {{output_dir: "{out / 'run'}", max_steps: 3, batch_size: 2, grad_accum: 1
 
 def test_training_run_moves_the_head_adapter(tmp_path):
     from fasttune.build import load_trained
-from fasttune.train import Trainer
+    from fasttune.train import Trainer
 
     model_dir = _small_untied_model(tmp_path / "model")
     cfg = _train_config(model_dir, tmp_path)

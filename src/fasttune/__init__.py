@@ -28,6 +28,7 @@ def load(path, max_seq_length: int = 4096, dtype=None, device=None, load_in_4bit
     whatever dtype the checkpoint is stored in."""
     import torch
 
+    from .build import load_base
     from .models.checkpoint import resolve_pretrained
 
     path = resolve_pretrained(path, revision)
@@ -35,12 +36,8 @@ def load(path, max_seq_length: int = 4096, dtype=None, device=None, load_in_4bit
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None or dtype == "auto":
         dtype = auto_dtype(device)
-    quantize = None
-    if load_in_4bit:
-        from .models.nf4_linear import quantize_linear as quantize
-    model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle, quantize=quantize,
-                       keep_quantized=keep_quantized)
-    model.max_seq_length = max_seq_length
+    model = load_base(path, max_seq_length=max_seq_length, dtype=dtype, device=device, load_in_4bit=load_in_4bit,
+                      keep_quantized=keep_quantized, allow_pickle=allow_pickle)
     tokenizer = load_tokenizer(path)
     return model, tokenizer
 

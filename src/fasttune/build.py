@@ -1,9 +1,15 @@
-"""Model assembly outside the training loop: where a model comes from (the bundled "tiny", a folder, a GGUF file, a
-Hub id), and a model rebuilt from a folder of trained weights (a run's adapter/, a checkpoint, a PEFT adapter) for
-chat, generate and export.
+"""Model assembly, outside the training loop: one place that loads, quantises, adds adapters, chooses what trains
+and plans memory.
+
+    model = build_model(cfg.model, cfg.lora, "auto", batch_rows=4)      # what a run trains (the Trainer, benchmarks)
+    model, tokenizer = load_trained("runs/x/adapter")                   # what chat, generate and export use
+
+Also where a model comes from (the bundled "tiny", a folder, a GGUF file, a Hub id) and what a folder of trained
+weights records (`adapter_meta`: a run's adapter/, a checkpoint, a PEFT adapter).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from importlib import resources
@@ -11,7 +17,94 @@ from pathlib import Path
 
 import torch
 
+from .adapters.config import LoraConfig
 from .adapters.files import PEFT_CONFIG, PEFT_WEIGHTS, RUN_RECORD, TRAINED_WEIGHTS
+from .models.decoder import CausalLM
+
+
+def build_model(model_cfg, lora_cfg: LoraConfig, memory_policy: str = "none", *, batch_rows: int = 1,
+                train_embeddings: bool = False, device: str | torch.device | None = None, dist=None,
+                parallel: str = "ddp") -> CausalLM:
+    """The model a run trains, from the config's `model:` (train.config.ModelConfig) and `lora:` sections: loaded
+    (the base resolved, pickle-only folders refused unless allowed; under torchrun with `parallel` "fsdp", straight
+    into FSDP2 shards), quantised (model.load_in_4bit / keep_quantized), adapters added (lora.enabled), trainable
+    parameters chosen (adapters, or every weight for a full fine-tune; `train_embeddings`) and the memory policy
+    planned for `batch_rows` rows of model.max_seq_length tokens. `device`: model.device when None; `dist`: the
+    train.distributed.DistInfo of this process (None: one process). In train mode."""
+    if device is None:
+        want = model_cfg.device
+        device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+    device = torch.device(device)
+    dtype = model_cfg.dtype
+    if dtype == "auto":  # one rule with fasttune.load and the CLI
+        from . import auto_dtype
+
+        dtype = auto_dtype(device)
+    path = resolve_model_path(model_cfg.path)
+    if not model_cfg.allow_pickle:
+        refuse_pickle_only(Path(path), "set model.allow_pickle: true (--set model.allow_pickle=true)")
+    from .models.checkpoint import is_prequantized
+
+    if (dist is not None and dist.enabled and parallel == "fsdp" and not model_cfg.load_in_4bit
+            and not is_prequantized(path)):  # a 4-bit base (quantised here or stored so) is loaded whole
+        # straight into FSDP2 shards: no rank ever holds the whole model (it may not fit one device)
+        from .train.config import ConfigError
+        from .train.distributed import load_into_shards
+
+        try:
+            model = load_into_shards(path, dist, device, dtype, lora=lora_cfg if lora_cfg.enabled else None)
+        except ValueError as e:  # a LoRA setting this model cannot take: a config error, as in one process
+            raise ConfigError(f"lora: {e}") from None
+        model.loaded_into_shards = True
+        model.max_seq_length = model_cfg.max_seq_length
+    else:
+        model = load_base(path, max_seq_length=model_cfg.max_seq_length, dtype=dtype, device=device,
+                          load_in_4bit=model_cfg.load_in_4bit, keep_quantized=model_cfg.keep_quantized,
+                          allow_pickle=model_cfg.allow_pickle)
+    return prepare_for_training(model, lora_cfg, memory_policy, seq_len=model_cfg.max_seq_length,
+                                batch_rows=batch_rows, train_embeddings=train_embeddings)
+
+
+def load_base(path: str | os.PathLike, max_seq_length: int = 4096, dtype=None, device=None,
+              load_in_4bit: bool = False, keep_quantized: bool = False, allow_pickle: bool = False) -> CausalLM:
+    """The base model of a resolved folder or GGUF file: `load_in_4bit` quantises every decoder linear to NF4 as it
+    is read (QLoRA), `keep_quantized` keeps a GGUF file's blocks. What `fasttune.load` returns beside the tokenizer."""
+    from .models.checkpoint import load_model
+
+    quantize = None
+    if load_in_4bit:
+        from .models.nf4_linear import quantize_linear as quantize
+    model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle, quantize=quantize,
+                       keep_quantized=keep_quantized)
+    model.max_seq_length = max_seq_length
+    return model
+
+
+def prepare_for_training(model: CausalLM, lora_cfg: LoraConfig, memory_policy: str = "none", *,
+                         seq_len: int | None = None, batch_rows: int = 1, train_embeddings: bool = False) -> CausalLM:
+    """A loaded model made ready to train (in place): the configured adapters added unless it has some, the
+    trainable parameters chosen (the adapters; every weight when lora.enabled is false; the embeddings / output
+    layer with `train_embeddings`), and the memory policy installed for `batch_rows` x `seq_len` tokens."""
+    from .adapters import attach_lora, lora_layers, lora_parameters
+
+    if lora_cfg.enabled and not any(True for _ in lora_layers(model)):
+        from .train.config import ConfigError
+
+        try:
+            model = attach_lora(model, lora_cfg)
+        except ValueError as e:  # a setting this model cannot take (e.g. LoRA on a tied lm_head): a config error
+            raise ConfigError(f"lora: {e}") from None
+    model.requires_grad_(not lora_cfg.enabled)
+    for p in lora_parameters(model) if lora_cfg.enabled else ():
+        p.requires_grad_(True)
+    if train_embeddings:
+        model.model.embed_tokens.weight.requires_grad_(True)
+        if not hasattr(model.lm_head, "fused_loss_inputs"):  # a LoRA'd head is adapted, its base stays frozen
+            model.lm_head.weight.requires_grad_(True)
+    from .train.memory import apply_memory_policy
+
+    apply_memory_policy(model, policy=memory_policy, seq_len=seq_len, batch_size=batch_rows)  # "none": the defaults
+    return model.train()
 
 
 def tiny_model_path() -> str:
@@ -162,12 +255,13 @@ def load_trained(adapter_dir: str | os.PathLike, base: str | None = None, device
     state = load_file(meta["weights"])
     lc = meta["lora"]
     if lc["enabled"]:
-        from .adapters import add_lora
+        from .adapters import attach_lora
 
         embed = "model.model.embed_tokens.weight" in state
         head = "model.lm_head.weight" in state and not model.spec.tie_word_embeddings
-        model = add_lora(model, r=lc["r"], alpha=lc["alpha"], dropout=0.0, target_modules=lc["target_modules"],
-                         use_rslora=lc["use_rslora"], seed=lc["seed"], train_embeddings=embed, train_lm_head=head)
+        settings = {f.name: lc[f.name] for f in dataclasses.fields(LoraConfig) if f.name in lc}
+        model = attach_lora(model, LoraConfig(**{**settings, "dropout": 0.0}), train_embeddings=embed,
+                            train_lm_head=head)
     elif load_in_4bit:
         raise AdapterError(f"{adapter_dir} holds a full fine-tune (every weight trained): load it without 4-bit")
     params = dict(model.named_parameters())

@@ -5,9 +5,9 @@ from typing import Callable
 
 import torch
 
+from .data.chat_templates import chat_template_for
 from .data.tokenize import generation_prompt_ids
 from .models import generate
-from .train.data import chat_template_for
 
 
 class ChatSession:

@@ -1,4 +1,4 @@
-"""Attach LoRA adapters to a fasttune CausalLM, switch them off, and group parameters for the optimiser."""
+"""Attach LoRA adapters to a fasttune CausalLM, and switch them off."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.lora import lora_mlp, lora_qkv
-from .config import LM_HEAD, LoraConfig
+from .config import ALL_TARGETS, LM_HEAD, LoraConfig
 from .layer import LoraLinear, LoraLMHead, peft_initial_A
 from ..models.quantized import QuantizedLinear
 
@@ -54,27 +54,38 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 0.0, target_modules=None,
-             use_rslora: bool = False, seed: int = 0, train_embeddings: bool = False, train_lm_head: bool = False,
-             embedding_lr_ratio: float = 1.0) -> nn.Module:
+             use_rslora: bool = False, seed: int = 0, train_embeddings: bool = False,
+             train_lm_head: bool = False) -> nn.Module:
     """Freeze `model` and wrap the targeted projections of every decoder layer in `LoraLinear` (in place);
     with "lm_head" in `target_modules`, the output layer in `LoraLMHead` too (not with tied embeddings).
+    `train_embeddings` / `train_lm_head` also train the input embeddings / the whole output layer (their learning
+    rate: `param_groups`' embedding_lr_ratio).
 
     Adapters are initialised as PEFT does (A kaiming-uniform, B zero) from a CPU generator seeded with `seed`,
     in decoder order (lm_head last, as PEFT), so PEFT with `torch.manual_seed(seed)` gets the same A. When all
     of q, k, v (resp. gate, up, down) carry adapters and dropout is 0, the fused kernels are installed as the
     layer's hooks. Returns the model, with `model.lora_config` set."""
+    config = LoraConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed,
+                        target_modules=ALL_TARGETS if target_modules is None else target_modules)
+    return attach_lora(model, config, train_embeddings=train_embeddings, train_lm_head=train_lm_head)
+
+
+def attach_lora(model: nn.Module, config: LoraConfig, train_embeddings: bool = False,
+                train_lm_head: bool = False) -> nn.Module:
+    """`add_lora` from a LoraConfig (the YAML `lora:` section; `enabled` is the caller's business)."""
     if getattr(model, "lora_config", None) is not None or any(True for _ in lora_layers(model)):
         raise ValueError("this model already has LoRA adapters; add_lora can be applied once")
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):
         raise TypeError(f"add_lora expects a fasttune CausalLM (from fasttune.load), got {type(model).__name__}")
-    cfg = LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, use_rslora=use_rslora,
-                     seed=seed, train_embeddings=train_embeddings, train_lm_head=train_lm_head,
-                     embedding_lr_ratio=embedding_lr_ratio)
+    cfg = config.checked()
+    if train_lm_head and LM_HEAD in cfg.target_modules:
+        raise ValueError("train_lm_head=True trains the whole LM head, and target_modules also puts a LoRA on it: "
+                         "choose one (drop 'lm_head' from target_modules, or set train_lm_head=False)")
     if LM_HEAD in cfg.target_modules:
         _check_lm_head_target(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
     targets = set(cfg.target_modules)
     for layer in model.model.layers:
         for parent, name in _targeted(layer, targets):
@@ -90,11 +101,12 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
                 layer.mlp.fused_forward = FusedMLP(layer.mlp)
     if LM_HEAD in targets:  # after the layers: PEFT reaches lm_head last in named_modules()
         model.lm_head = LoraLMHead(model.lm_head, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, generator)
-    if cfg.train_embeddings:
+    if train_embeddings:
         model.model.embed_tokens.weight.requires_grad_(True)
-    if cfg.train_lm_head:
+    if train_lm_head:
         model.lm_head.weight.requires_grad_(True)
     model.lora_config = cfg
+    model.trains_embeddings, model.trains_lm_head = train_embeddings, train_lm_head
     return model
 
 
@@ -153,35 +165,3 @@ def disable_adapters(model: nn.Module):
     finally:
         for m, was in zip(layers, previous):
             m.disabled = was
-
-
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
-
-
-def param_groups(model: nn.Module, lr: float, embedding_lr_ratio: float | None = None,
-                 weight_decay: float = 0.0) -> list[dict]:
-    """Optimizer groups over the trainable parameters only: adapters (and any other trainable tensor) at `lr`,
-    the embeddings / LM head at `lr * embedding_lr_ratio` (default: `model.lora_config.embedding_lr_ratio`)."""
-    if embedding_lr_ratio is None:
-        cfg = getattr(model, "lora_config", None)
-        embedding_lr_ratio = cfg.embedding_lr_ratio if cfg is not None else 1.0
-    embedding_ids = set()
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "embed_tokens"):
-        embedding_ids.add(id(inner.embed_tokens.weight))
-    if hasattr(model, "lm_head"):
-        embedding_ids.add(id(model.lm_head.weight))
-    main, embeddings = [], []
-    for p in model.parameters():  # shared (tied) parameters are listed once
-        if p.requires_grad:
-            (embeddings if id(p) in embedding_ids else main).append(p)
-    groups = []
-    if main:
-        groups.append({"params": main, "lr": lr, "weight_decay": weight_decay, "name": "lora"})
-    if embeddings:
-        groups.append({"params": embeddings, "lr": lr * embedding_lr_ratio, "weight_decay": 0.0,
-                       "name": "embeddings"})
-    if not groups:
-        raise ValueError("the model has no trainable parameters; call fasttune.add_lora(model, ...) first")
-    return groups

@@ -1,8 +1,10 @@
-"""LoRA hyper-parameters, stored on the model as `model.lora_config`."""
+"""The LoRA settings, one dataclass: the YAML config's `lora:` section, what `add_lora` takes, and what a model with
+adapters records (`model.lora_config`); the target names and the scaling formula, defined once."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Union
 
 # Projection names in decoder order (the order PEFT visits them, which the seeded initialisation follows).
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,30 +40,38 @@ def normalize_targets(target_modules) -> tuple[str, ...]:
     return tuple(n for n in TARGETS if n in names)
 
 
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """s in y = W x + s B A x: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (rsLoRA); PEFT's formula, so
+    adapters go to and from PEFT unchanged."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_alpha_for(scaling: float, r: int, use_rslora: bool) -> float:
+    """The alpha that gives rank `r` the scaling `scaling` (lora_scaling solved for alpha)."""
+    return scaling * (math.sqrt(r) if use_rslora else r)
+
+
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = field(default_factory=lambda: ALL_TARGETS)
-    use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
-    seed: int = 0
-    train_embeddings: bool = False
-    train_lm_head: bool = False
-    embedding_lr_ratio: float = 1.0  # learning rate of embeddings / LM head relative to the adapters'
+    enabled: bool = True  # false: train every parameter (full fine-tune; no DPO reference then)
+    r: int = 16  # adapter rank (>= 1)
+    alpha: float = 16.0  # adapters are scaled by alpha / r (> 0)
+    dropout: float = 0.0  # dropout on the adapters' input, in [0, 1)
+    # names (q_proj ... down_proj, lm_head; short q, k, v, o, gate, up, down), or "all-linear" for the seven projections
+    target_modules: Union[list[str], str] = field(default_factory=lambda: list(ALL_TARGETS))
+    use_rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r
+    seed: int = 0  # seed of the adapters' initialisation
 
-    def __post_init__(self):
-        self.target_modules = normalize_targets(self.target_modules)
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+    def checked(self) -> "LoraConfig":
+        """A copy with target_modules as the full names in add_lora's order (a tuple: what a model records);
+        ValueError for a setting no model can take (the training config wraps it as a ConfigError naming the key)."""
+        targets = normalize_targets(self.target_modules)
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.embedding_lr_ratio <= 0:
-            raise ValueError(f"embedding_lr_ratio must be > 0, got {self.embedding_lr_ratio}")
-        if self.train_lm_head and LM_HEAD in self.target_modules:
-            raise ValueError("train_lm_head=True trains the whole LM head, and target_modules also puts a LoRA on it: "
-                             "choose one (drop 'lm_head' from target_modules, or set train_lm_head=False)")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        return replace(self, target_modules=targets)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..kernels.lora import LoraProjection, lora_linear
 from ..models.quantized import QuantizedLinear
+from .config import lora_scaling
 
 
 def peft_kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -51,7 +52,7 @@ class LoraLinear(nn.Module):
             p.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
         A = peft_initial_A(r, self.in_features, self.out_features,

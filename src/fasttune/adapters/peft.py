@@ -15,7 +15,7 @@ target_modules). PEFT then also saves the base output weight (`lm_head.base_laye
 save_embedding_layers="auto"); loading copies it into the frozen base, as PEFT does, and export leaves it out.
 
 PEFT computes y = base(x) + scaling * B(A(x)), scaling = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA), the
-same formula as `fasttune.adapters.LoraLinear`, so the tensors are written unchanged.
+same formula as `fasttune.adapters.LoraLinear` (adapters.config.lora_scaling), so the tensors are written unchanged.
 
 Phi-3 checkpoints (and so transformers' and PEFT's Phi-3 modules) fuse q/k/v into `qkv_proj` and gate/up into
 `gate_up_proj`, while fasttune keeps them apart. Separate LoRAs on the parts are one LoRA on the fused module:
@@ -40,11 +40,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models.score import attach_score, score_head
+from .attach import add_lora, lora_layers
+from .config import ALL_TARGETS, LM_HEAD, lora_alpha_for, lora_scaling
 from .files import PEFT_CONFIG, PEFT_WEIGHTS
+from .layer import LoraLinear
 
 PEFT_PREFIX = "base_model.model."
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LM_HEAD = "lm_head"  # a target only when named: PEFT's "all-linear" leaves the output layer out
 # fasttune's separate projections -> the fused module Phi-3 checkpoints have, and their order inside it
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 PART_TO_FUSED = {p: f for f, parts in FUSED_PARTS.items() for p in parts}
@@ -54,27 +55,19 @@ class AdapterError(ValueError):
     pass
 
 
-def is_lora(module: nn.Module) -> bool:
-    return all(hasattr(module, a) for a in ("lora_A", "lora_B", "base", "scaling"))
-
-
-def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
     """Module path -> LoRA module, in model order."""
-    return {n: m for n, m in model.named_modules() if is_lora(m)}
-
-
-def _expected_scaling(r: int, alpha: float, rslora: bool) -> float:
-    return alpha / (math.sqrt(r) if rslora else r)
+    return dict(lora_layers(model))
 
 
 def trained_full_weights(model: nn.Module) -> tuple[bool, bool]:
     """(embeddings trained, LM head trained) in full: what `add_lora(train_embeddings=, train_lm_head=)` or an
-    adapter's modules_to_save recorded, or what a trainer unfroze (it sets requires_grad, not the LoRA config)."""
-    cfg = getattr(model, "lora_config", None)
-    embed = bool(getattr(cfg, "train_embeddings", False)) or model.model.embed_tokens.weight.requires_grad
+    adapter's modules_to_save recorded (model.trains_embeddings / trains_lm_head), or what a trainer unfroze (it
+    sets requires_grad)."""
+    embed = model.trains_embeddings or model.model.embed_tokens.weight.requires_grad
     head = model.lm_head  # a LoRA'd head (LoraLMHead.weight is its frozen base) is an adapter, not this
-    lm_head = bool(getattr(cfg, "train_lm_head", False)) or (isinstance(getattr(head, "weight", None), nn.Parameter)
-                                                             and head.weight.requires_grad and not is_lora(head))
+    lm_head = model.trains_lm_head or (isinstance(getattr(head, "weight", None), nn.Parameter)
+                                       and head.weight.requires_grad and not isinstance(head, LoraLinear))
     return embed, lm_head
 
 
@@ -83,7 +76,7 @@ def _fused_unit(owner: nn.Module, parts: tuple[str, ...]) -> tuple[torch.Tensor,
     Parts that share one A (an adapter loaded from a fused module) stack their B rows: the rank stays r. Otherwise
     A is stacked and B block-diagonal (rank = sum of the parts' ranks, a part without LoRA adds zero blocks)."""
     mods = [getattr(owner, p) for p in parts]
-    loras = [m for m in mods if is_lora(m)]
+    loras = [m for m in mods if isinstance(m, LoraLinear)]
     first = loras[0]
     settings = {(float(m.scaling), bool(m.use_rslora)) for m in loras}
     if len(settings) != 1:
@@ -96,7 +89,7 @@ def _fused_unit(owner: nn.Module, parts: tuple[str, ...]) -> tuple[torch.Tensor,
                 int(first.r), float(first.alpha), rslora)
     a_blocks, b_blocks = [], []
     for m in mods:
-        if is_lora(m):
+        if isinstance(m, LoraLinear):
             a_blocks.append(m.lora_A.detach().float())
             b_blocks.append(m.lora_B.detach().float())
         else:  # a part without LoRA contributes nothing
@@ -104,7 +97,7 @@ def _fused_unit(owner: nn.Module, parts: tuple[str, ...]) -> tuple[torch.Tensor,
             a_blocks.append(torch.zeros(first.r, in_f))
             b_blocks.append(torch.zeros(out_f, first.r))
     r = sum(a.shape[0] for a in a_blocks)
-    alpha = scaling * (math.sqrt(r) if rslora else r)  # the fused module keeps the parts' scaling
+    alpha = lora_alpha_for(scaling, r, rslora)  # the fused module keeps the parts' scaling
     return torch.cat(a_blocks, 0), torch.block_diag(*b_blocks), r, alpha, rslora
 
 
@@ -114,7 +107,7 @@ def _lora_units(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor,
     if not mods:
         raise AdapterError("the model has no LoRA modules: call fasttune.add_lora(model, ...) or load an adapter first")
     for name, m in mods.items():
-        expected = _expected_scaling(int(m.r), float(m.alpha), bool(m.use_rslora))
+        expected = lora_scaling(int(m.r), float(m.alpha), bool(m.use_rslora))
         if not math.isclose(float(m.scaling), expected, rel_tol=1e-6):
             raise AdapterError(f"{name}.scaling = {m.scaling} but PEFT would use {expected} for r={m.r}, "
                                f"alpha={m.alpha}")
@@ -217,7 +210,7 @@ def mods_dtype(mods: dict[str, nn.Module]) -> torch.dtype:
 
 
 def _linear_shape(m: nn.Module) -> tuple[int, int]:
-    base = m.base if is_lora(m) else m
+    base = m.base if isinstance(m, LoraLinear) else m
     out_f = getattr(base, "out_features", None)
     in_f = getattr(base, "in_features", None)
     if out_f is None or in_f is None:
@@ -261,7 +254,7 @@ def _target_leaf_names(cfg: dict, model: nn.Module) -> list[str]:
     leaf names."""
     tm = cfg.get("target_modules")
     if tm == "all-linear" or tm is None:
-        leaves = set(ALL_LINEAR)
+        leaves = set(ALL_TARGETS)
     elif isinstance(tm, str):
         pattern = re.compile(tm)
         leaves = set()
@@ -275,12 +268,12 @@ def _target_leaf_names(cfg: dict, model: nn.Module) -> list[str]:
     expanded = set()
     for leaf in leaves:
         expanded.update(FUSED_PARTS.get(leaf, (leaf,)))
-    unknown = expanded - set(ALL_LINEAR) - {LM_HEAD}
+    unknown = expanded - set(ALL_TARGETS) - {LM_HEAD}
     if unknown:
         raise AdapterError(f"adapter targets {sorted(unknown)}, which fasttune cannot put LoRA on; "
-                           f"supported targets: {', '.join(ALL_LINEAR)}, {LM_HEAD} (and Phi-3's qkv_proj, "
+                           f"supported targets: {', '.join(ALL_TARGETS)}, {LM_HEAD} (and Phi-3's qkv_proj, "
                            "gate_up_proj)")
-    return [t for t in ALL_LINEAR + (LM_HEAD,) if t in expanded]
+    return [t for t in ALL_TARGETS + (LM_HEAD,) if t in expanded]
 
 
 def _pattern_value(pattern: dict, key: str, default):
@@ -350,8 +343,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         raise AdapterError(f"{path}: tensors fasttune does not understand: {sorted(leftover)[:5]}")
 
     if not lora_modules(model):
-        from ..adapters import add_lora
-
         targets = _target_leaf_names(cfg, model)
         present = {m.rpartition(".")[2] for m in lora_pairs}
         targets = [t for t in targets if t in present] or targets
@@ -373,10 +364,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
                 # A is overwritten below; a private generator leaves the global RNG alone
                 setattr(owner, child, type(m)(m.base, mr, ma, dropout, rslora, torch.Generator().manual_seed(0)))
     else:  # an adapter loaded over existing LoRA modules: remember what it carries, so a re-export keeps it
-        lora_cfg = getattr(model, "lora_config", None)
-        if lora_cfg is not None:
-            lora_cfg.train_embeddings |= "model.embed_tokens.weight" in modules_to_save
-            lora_cfg.train_lm_head |= "lm_head.weight" in modules_to_save
+        if model.lora_config is not None:
+            model.trains_embeddings |= "model.embed_tokens.weight" in modules_to_save
+            model.trains_lm_head |= "lm_head.weight" in modules_to_save
     if "score.weight" in modules_to_save:  # a SEQ_CLS adapter (a reward model): its head
         attach_score(model, modules_to_save.pop("score.weight"))
         model.score.weight.requires_grad_(trainable)
@@ -403,7 +393,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         for key, t in base_weights.items():  # the frozen base of a LoRA module (or a plain linear): stays frozen
             try:
                 owner = model.get_submodule(key[: -len(".base_layer.weight")])
-                param = owner.base.weight if is_lora(owner) else owner.weight
+                param = owner.base.weight if isinstance(owner, LoraLinear) else owner.weight
             except AttributeError:
                 raise AdapterError(f"{path}: {key} names no dense module of this model") from None
             if tuple(param.shape) != tuple(t.shape):

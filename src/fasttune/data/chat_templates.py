@@ -424,3 +424,11 @@ def get_chat_template(name: str | None, tokenizer=None) -> ChatTemplate:
         return ChatTemplate("custom", name, None)
     raise DataError(f"unknown chat template {name!r}", column="chat_template", available=REGISTERED + ("tokenizer",),
                     hint="or pass a Jinja template string")
+
+
+def chat_template_for(tokenizer, name: str | None) -> ChatTemplate:
+    """The template a run formats with (training, chat, generate, export): `name`, else the tokenizer's own, else
+    ChatML for a base model without one."""
+    if name is None and not getattr(tokenizer, "chat_template", None):
+        name = "chatml"  # base models without a template: ChatML as plain text
+    return get_chat_template(name, tokenizer)

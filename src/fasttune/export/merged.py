@@ -26,7 +26,7 @@ from ..adapters import LoraLinear
 from ..models.nf4_linear import NF4Linear
 from ..models.checkpoint import resolve_dtype, save_model
 from ..models.quantized import QuantizedLinear
-from ..models.score import attach_score, score_head
+from ..models.score import score_head
 
 DEQUANTISED_NOTE = ("the base model was 4-bit (NF4): the merged weights are the dequantised NF4 base plus the "
                     "adapter, not the original 16-bit weights plus the adapter")

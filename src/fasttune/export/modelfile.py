@@ -153,7 +153,7 @@ def export_chat_template(override: str | None, record: dict | str | os.PathLike 
     the template the run trained with: `record` is what the trained-weights folder records (build.adapter_meta's
     dict, or the folder itself, whose fasttune_adapter.json is read), where a null `chat_template`
     means what training used: the tokenizer's own template, or ChatML when it has none
-    (train.data.chat_template_for). A PEFT adapter (kind "peft") or no record: the tokenizer's own."""
+    (data.chat_templates.chat_template_for). A PEFT adapter (kind "peft") or no record: the tokenizer's own."""
     name, origin = override, "--chat-template"
     if isinstance(record, (str, os.PathLike)):
         meta_file = Path(record) / RUN_RECORD

@@ -293,6 +293,11 @@ class CausalLM(nn.Module):
         # Logit bytes per chunk of the fused loss (None = the kernel's 128 MiB). Measured on H100 at the 1B shape:
         # 512 MiB chunks were no faster (66,150 vs 70,191 tokens/s in two runs), so nothing raises it by default.
         self.loss_chunk_bytes: int | None = None
+        # Adapters (fasttune.adapters.attach_lora sets them): the LoRA settings, and whether the input embeddings /
+        # the whole output layer train beside the adapters (a PEFT export carries them as modules_to_save).
+        self.lora_config = None
+        self.trains_embeddings = False
+        self.trains_lm_head = False
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from ..adapters.config import LoraConfig, normalize_targets
+
 
 class ConfigError(ValueError):
     pass
@@ -48,19 +50,6 @@ class ModelConfig:
     max_seq_length: int = 512  # longest example in tokens (>= 1); a packed row is exactly this long
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     allow_pickle: bool = False  # load a base stored only as pytorch_model*.bin (pickle can run code: trusted files)
-
-
-@dataclass
-class LoraSection:
-    enabled: bool = True  # false: train every parameter (full fine-tune; no DPO reference then)
-    r: int = 16  # adapter rank (>= 1)
-    alpha: float = 16.0  # adapters are scaled by alpha / r (> 0)
-    dropout: float = 0.0  # dropout on the adapters' input, in [0, 1)
-    # names (q_proj ... down_proj, lm_head; short q, k, v, o, gate, up, down), or "all-linear" for the seven projections
-    target_modules: Union[list[str], str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    use_rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r
-    seed: int = 0  # seed of the adapters' initialisation
 
 
 @dataclass
@@ -132,7 +121,7 @@ class TrainSection:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the base model and how it is loaded
-    lora: LoraSection = field(default_factory=LoraSection)  # the adapters (or a full fine-tune)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the adapters (or a full fine-tune)
     data: DataConfig = field(default_factory=DataConfig)  # the training data and how it becomes tokens
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # what the loss is
     train: TrainSection = field(default_factory=TrainSection)  # the optimisation and the run folder
@@ -177,8 +166,6 @@ class TrainConfig:
     def check(self) -> None:
         """Value checks beyond types (ranges and combinations)."""
         t, o = self.train, self.objective
-        from ..adapters.config import normalize_targets
-
         try:  # a string ("all-linear", "q,v") or short names become the full list, in add_lora's order
             self.lora.target_modules = list(normalize_targets(self.lora.target_modules))
         except ValueError as e:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.chat_templates import get_chat_template
+from ..data.chat_templates import chat_template_for
 from ..data.conversations import find_conversation_column, standardize_conversation
 from ..data.dataset import DataStats, build_dataset
 from ..data.errors import DataError
@@ -62,12 +62,6 @@ def _detect_kind(row: dict) -> str:
     raise DataError("cannot tell what kind of data this is", available=sorted(row),
                     hint="expected columns chosen/rejected, messages/conversations, instruction/output, or text; "
                          "or set data.kind and data.prompt_template")
-
-
-def chat_template_for(tokenizer, name: str | None):
-    if name is None and not getattr(tokenizer, "chat_template", None):
-        name = "chatml"  # base models without a template: ChatML as plain text
-    return get_chat_template(name, tokenizer)
 
 
 def _messages(value, location) -> list[dict]:

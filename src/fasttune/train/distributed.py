@@ -75,15 +75,14 @@ def wrap(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
     return DDP(model, device_ids=device_ids, broadcast_buffers=False)
 
 
-def load_into_shards(path: str, info: DistInfo, device: torch.device, dtype=None, lora: dict | None = None
-                     ) -> nn.Module:
+def load_into_shards(path: str, info: DistInfo, device: torch.device, dtype=None, lora=None) -> nn.Module:
     """A checkpoint loaded straight into FSDP2 shards, for a model too big for one device: the module tree (and its
     adapters) is built on the meta device and sharded, each rank allocates only its shards, and the checkpoint is
-    streamed one tensor at a time, each rank copying its piece. `lora`: add_lora's keyword arguments; the adapters
+    streamed one tensor at a time, each rank copying its piece. `lora`: an adapters.LoraConfig; the adapters
     start from the same values add_lora gives a whole model (PEFT's init from the seed)."""
     from torch.distributed.tensor import distribute_tensor
 
-    from ..adapters import add_lora
+    from ..adapters import attach_lora
     from ..adapters.attach import initial_lora_A
     from ..models.checkpoint import CheckpointError, iter_model_tensors, resolve_dtype
     from ..models.decoder import CausalLM
@@ -96,7 +95,7 @@ def load_into_shards(path: str, info: DistInfo, device: torch.device, dtype=None
     model.tie_weights()
     initial = {}
     if lora is not None:
-        model = add_lora(model, **lora)
+        model = attach_lora(model, lora)
         initial = initial_lora_A(model)
     wrap(model, info, "fsdp")
     model.to_empty(device=device)

@@ -11,7 +11,6 @@ scaled by world_size because DDP averages) therefore gives exactly the gradient 
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -25,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from ..adapters.files import RUN_RECORD, TRAINED_WEIGHTS
-from ..build import recorded_model_path, refuse_pickle_only, resolve_model_path
+from ..adapters.params import param_groups
+from ..build import build_model, prepare_for_training, recorded_model_path, resolve_model_path
 from ..data.errors import DataError
 from ..data.packing import iter_batches
 from ..data.tokenize import IGNORE_INDEX
@@ -175,83 +175,24 @@ class Trainer:
         return torch.device("cpu")
 
     def _load(self, model, tokenizer):
+        """The model (built from the config, or the one given, made ready to train: build.prepare_for_training)
+        and its tokenizer."""
         cfg = self.cfg
+        o = cfg.objective
+        packed = cfg.data.packing and o.type in ("sft", "pretrain")
+        # the memory policy plans for the rows of one micro-batch: a packed row, or batch_size (pairs: two each)
+        rows = 1 if packed else cfg.train.batch_size * (2 if o.type in ("dpo", "orpo", "reward") else 1)
         if model is None:
-            from .. import load
+            from ..models import load_tokenizer
 
-            dtype = cfg.model.dtype
-            if dtype == "auto":  # one rule with fasttune.load and the CLI
-                from .. import auto_dtype
-
-                dtype = auto_dtype(self.device)
-            path = resolve_model_path(cfg.model.path)
-            if not cfg.model.allow_pickle:
-                refuse_pickle_only(Path(path), "set model.allow_pickle: true (--set model.allow_pickle=true)")
-            from ..models.checkpoint import is_prequantized
-
-            if (self.dist.enabled and cfg.train.parallel == "fsdp" and not cfg.model.load_in_4bit
-                    and not is_prequantized(path)):  # a 4-bit base (quantised here or stored so) is loaded whole
-                # straight into FSDP2 shards: no rank ever holds the whole model (it may not fit one device)
-                from ..models import load_tokenizer
-
-                lc = cfg.lora
-                lora = (dict(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=list(lc.target_modules),
-                             use_rslora=lc.use_rslora, seed=lc.seed) if lc.enabled else None)
-                try:
-                    model = dist_utils.load_into_shards(path, self.dist, self.device, dtype, lora=lora)
-                except ValueError as e:  # a LoRA setting this model cannot take: a config error, as in one process
-                    raise ConfigError(f"lora: {e}") from None
-                self.loaded_into_shards = True
-                model.max_seq_length = cfg.model.max_seq_length
-                tokenizer = tokenizer or load_tokenizer(path)
-            else:
-                model, loaded_tok = load(path, max_seq_length=cfg.model.max_seq_length, dtype=dtype,
-                                         device=self.device, load_in_4bit=cfg.model.load_in_4bit,
-                                         keep_quantized=cfg.model.keep_quantized,
-                                         allow_pickle=cfg.model.allow_pickle)
-                tokenizer = tokenizer or loaded_tok
-                if cfg.lora.enabled:
-                    model = self._add_lora(model)
-        elif tokenizer is None:
+            model = build_model(cfg.model, cfg.lora, cfg.train.memory, batch_rows=rows,
+                                train_embeddings=cfg.train_embeddings, device=self.device, dist=self.dist,
+                                parallel=cfg.train.parallel)
+            return model, tokenizer or load_tokenizer(resolve_model_path(cfg.model.path))
+        if tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")
-        elif cfg.lora.enabled and not any(_is_adapter(n) for n, _ in model.named_parameters()):
-            model = self._add_lora(model)  # a plain model from fasttune.load: add the configured adapters
-        model.requires_grad_(False) if cfg.lora.enabled else model.requires_grad_(True)
-        if cfg.lora.enabled:
-            for name, p in model.named_parameters():
-                if _is_adapter(name):
-                    p.requires_grad_(True)
-        if cfg.train_embeddings:
-            model.model.embed_tokens.weight.requires_grad_(True)
-            if not hasattr(model.lm_head, "fused_loss_inputs"):  # a LoRA'd head is adapted, its base stays frozen
-                model.lm_head.weight.requires_grad_(True)
-        self._apply_memory_policy(model)
-        return model.train(), tokenizer
-
-    def _add_lora(self, model):
-        from ..adapters import add_lora
-
-        lc = self.cfg.lora
-        try:
-            return add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=list(lc.target_modules),
-                            use_rslora=lc.use_rslora, seed=lc.seed)
-        except ValueError as e:  # a setting this model cannot take (e.g. LoRA on a tied lm_head): a config error
-            raise ConfigError(f"lora: {e}") from None
-
-    def _apply_memory_policy(self, model) -> None:
-        policy = self.cfg.train.memory
-        if policy == "none":
-            return
-        try:
-            from .memory import apply_memory_policy
-        except ImportError:
-            if policy != "auto":
-                raise RuntimeError(f"train.memory: {policy} needs fasttune.train.memory, which is not installed")
-            return
-        packed = self.cfg.data.packing and self.cfg.objective.type in ("sft", "pretrain")
-        rows = 1 if packed else self.cfg.train.batch_size * (2 if self.cfg.objective.type in ("dpo", "orpo", "reward") else 1)
-        self.memory_plan = apply_memory_policy(model, policy=policy, seq_len=self.cfg.model.max_seq_length,
-                                               batch_size=rows)
+        return prepare_for_training(model, cfg.lora, cfg.train.memory, seq_len=cfg.model.max_seq_length,
+                                    batch_rows=rows, train_embeddings=cfg.train_embeddings), tokenizer
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         mods = {"model": self.model}
@@ -261,19 +202,8 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         t, o = self.cfg.train, self.cfg.objective
-        main, embed = [], []
-        seen: set[int] = set()
-        for prefix, module in self.trainable_modules().items():
-            for name, p in module.named_parameters():
-                if not p.requires_grad or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                (embed if _is_embedding(name) else main).append(p)
-        if not main and not embed:
-            raise ValueError("nothing to train: no parameter requires a gradient (check lora.target_modules)")
-        groups = [{"params": main, "lr": t.lr}] if main else []
-        if embed:
-            groups.append({"params": embed, "lr": t.lr * o.embedding_lr_ratio})
+        groups = param_groups(self.model, t.lr, o.embedding_lr_ratio, t.weight_decay,
+                              extra_modules=[m for k, m in self.trainable_modules().items() if k != "model"])
         betas = (t.betas[0], t.betas[1])
         if t.optimizer == "adamw8bit":
             from .adamw8bit import AdamW8bit
@@ -673,7 +603,7 @@ class Trainer:
             f"device(s); {self.total_steps} steps"
             + (f"; the last {self.epoch_tail} micro-batch(es) of an epoch do not fill a step and wait for the next "
                "epoch's shuffle" if self.epoch_tail else "")
-            + ("; model loaded straight into FSDP2 shards" if getattr(self, "loaded_into_shards", False) else "")
+            + ("; model loaded straight into FSDP2 shards" if getattr(self.model, "loaded_into_shards", False) else "")
             + (f"; resumed from {resume_path} at step {self.step}" if resume_path else ""))
         say(self._batch_report())
         result = TrainResult(self.output_dir, None, self.step)
@@ -768,15 +698,6 @@ class Trainer:
         return (f"batches: {len(batches)} per epoch in {len(shapes)} shape(s) "
                 f"{shapes if len(shapes) <= 12 else str(shapes[:12])[:-1] + ', ...]'}; {kind} fills "
                 f"{100 * real / max(slots, 1):.1f}% of the token slots (real tokens / rows x length)")
-
-
-def _is_adapter(name: str) -> bool:
-    return "lora_" in name
-
-
-def _is_embedding(name: str) -> bool:
-    """A trained embedding or LM-head weight (its own learning rate); LoRA on lm_head is an adapter, not this."""
-    return ("embed_tokens" in name or "lm_head" in name) and not _is_adapter(name)
 
 
 def check_resume(cfg: TrainConfig, path: str | os.PathLike, world_size: int) -> None:
