@@ -456,11 +456,10 @@ def test_reward_head_exports_as_sequence_classification(tmp_path, family):
     """A reward head (model.score) goes out as transformers' <Family>ForSequenceClassification, which scores the
     last token as fasttune does. (Granite has no such class in transformers: its reward export is refused.)"""
     from fasttune.export.merged import export_merged
-    from fasttune.models.score import attach_score
 
     _, ours = build_pair(tmp_path / "base", family)
     head = torch.randn(1, ours.spec.hidden_size, generator=torch.Generator().manual_seed(0))
-    attach_score(ours, head)
+    ours.attach_score(head)
     ids = random_ids(batch=1)
     with torch.no_grad():
         expected = (ours(ids).last_hidden_state[0, -1] @ head[0]).item()

@@ -55,8 +55,7 @@ def build_model(model_cfg, lora_cfg: LoraConfig, memory_policy: str = "none", *,
             model = load_into_shards(path, dist, device, dtype, lora=lora_cfg if lora_cfg.enabled else None)
         except ValueError as e:  # a LoRA setting this model cannot take: a config error, as in one process
             raise ConfigError(f"lora: {e}") from None
-        model.loaded_into_shards = True
-        model.max_seq_length = model_cfg.max_seq_length
+        model.set_max_seq_length(model_cfg.max_seq_length)
     else:
         model = load_base(path, max_seq_length=model_cfg.max_seq_length, dtype=dtype, device=device,
                           load_in_4bit=model_cfg.load_in_4bit, keep_quantized=model_cfg.keep_quantized,
@@ -76,7 +75,7 @@ def load_base(path: str | os.PathLike, max_seq_length: int = 4096, dtype=None, d
         from .models.nf4_linear import quantize_linear as quantize
     model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle, quantize=quantize,
                        keep_quantized=keep_quantized)
-    model.max_seq_length = max_seq_length
+    model.set_max_seq_length(max_seq_length)
     return model
 
 
@@ -238,7 +237,6 @@ def load_trained(adapter_dir: str | os.PathLike, base: str | None = None, device
     fine-tune's weights, and a reward model's head as `model.score`. Frozen, in eval mode."""
     from . import load
     from .adapters.peft import AdapterError, load_adapter
-    from .models.score import attach_score
 
     adapter_dir = Path(adapter_dir)
     meta = adapter_meta(adapter_dir)
@@ -269,7 +267,7 @@ def load_trained(adapter_dir: str | os.PathLike, base: str | None = None, device
         for key, value in state.items():
             prefix, _, name = key.partition(".")
             if key == "reward_head.score.weight":
-                attach_score(model, value)
+                model.attach_score(value)
                 continue
             if prefix != "model" or name not in params:
                 raise AdapterError(f"{adapter_dir}: tensor {key} does not exist in the base model + adapters (was "

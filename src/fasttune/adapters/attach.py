@@ -10,6 +10,7 @@ import torch.nn as nn
 from ..kernels.lora import lora_mlp, lora_qkv
 from .config import ALL_TARGETS, LM_HEAD, LoraConfig
 from .layer import LoraLinear, LoraLMHead, peft_initial_A
+from ..models.decoder import CausalLM
 from ..models.quantized import QuantizedLinear
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -31,11 +32,16 @@ class FusedQKV:
 
 class FusedMLP:
     """`GatedMLP.fused_forward` hook: gate, up, activation, down in one autograd node (kernels.lora.lora_mlp).
-    `save_gate_up=False` (set by the memory policy for long sequences) recomputes gate/up in the backward."""
+    Gate/up outputs are kept for the backward unless the MLP's `save_gate_up` (its memory plan, for long sequences)
+    is false, or `save_gate_up` given here says otherwise."""
 
-    def __init__(self, mlp: nn.Module, save_gate_up: bool = True):
+    def __init__(self, mlp: nn.Module, save_gate_up: bool | None = None):
         self.mlp = mlp
-        self.save_gate_up = save_gate_up
+        self._save_gate_up = save_gate_up  # None: follow the MLP's setting
+
+    @property
+    def save_gate_up(self) -> bool:
+        return self.mlp.save_gate_up if self._save_gate_up is None else self._save_gate_up
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mlp
@@ -73,10 +79,10 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
 def attach_lora(model: nn.Module, config: LoraConfig, train_embeddings: bool = False,
                 train_lm_head: bool = False) -> nn.Module:
     """`add_lora` from a LoraConfig (the YAML `lora:` section; `enabled` is the caller's business)."""
-    if getattr(model, "lora_config", None) is not None or any(True for _ in lora_layers(model)):
-        raise ValueError("this model already has LoRA adapters; add_lora can be applied once")
-    if not hasattr(model, "model") or not hasattr(model.model, "layers"):
+    if not isinstance(model, CausalLM):
         raise TypeError(f"add_lora expects a fasttune CausalLM (from fasttune.load), got {type(model).__name__}")
+    if model.lora_config is not None or any(True for _ in lora_layers(model)):
+        raise ValueError("this model already has LoRA adapters; add_lora can be applied once")
     cfg = config.checked()
     if train_lm_head and LM_HEAD in cfg.target_modules:
         raise ValueError("train_lm_head=True trains the whole LM head, and target_modules also puts a LoRA on it: "
@@ -96,25 +102,22 @@ def attach_lora(model: nn.Module, config: LoraConfig, train_embeddings: bool = F
             setattr(parent, name, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, generator))
         if cfg.dropout == 0:
             if {"q_proj", "k_proj", "v_proj"} <= targets:
-                layer.self_attn.fused_qkv = FusedQKV(layer.self_attn)
+                layer.self_attn.use_fused_qkv(FusedQKV(layer.self_attn))
             if {"gate_proj", "up_proj", "down_proj"} <= targets:
-                layer.mlp.fused_forward = FusedMLP(layer.mlp)
+                layer.mlp.use_fused_forward(FusedMLP(layer.mlp))
     if LM_HEAD in targets:  # after the layers: PEFT reaches lm_head last in named_modules()
         model.lm_head = LoraLMHead(model.lm_head, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, generator)
     if train_embeddings:
         model.model.embed_tokens.weight.requires_grad_(True)
     if train_lm_head:
         model.lm_head.weight.requires_grad_(True)
-    model.lora_config = cfg
-    model.trains_embeddings, model.trains_lm_head = train_embeddings, train_lm_head
+    model.set_adapters(cfg, train_embeddings, train_lm_head)
     return model
 
 
-def _check_lm_head_target(model: nn.Module) -> None:
-    head = getattr(model, "lm_head", None)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    tied = bool(getattr(getattr(model, "spec", None), "tie_word_embeddings", False)) or (
-        head is not None and embed is not None and getattr(head, "weight", None) is embed.weight)
+def _check_lm_head_target(model: CausalLM) -> None:
+    head = model.lm_head
+    tied = model.spec.tie_word_embeddings or getattr(head, "weight", None) is model.model.embed_tokens.weight
     if tied:
         raise ValueError(
             "LoRA on lm_head is not possible for this model: it ties its input and output embeddings "

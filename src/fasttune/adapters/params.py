@@ -11,6 +11,7 @@ from typing import Iterable
 
 import torch.nn as nn
 
+from ..models.decoder import CausalLM
 from .attach import lora_layers
 
 # Learning rate of trained embeddings / LM head relative to the rest: the trainer's default
@@ -24,20 +25,14 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
 
 
-def embedding_weights(model: nn.Module) -> list[nn.Parameter]:
+def embedding_weights(model: CausalLM) -> list[nn.Parameter]:
     """The input embedding and the output layer's weight (one tensor when they are tied). A LoRA'd head's `weight`
     is its frozen base: the head's adapter is an adapter parameter, not this."""
-    out: list[nn.Parameter] = []
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "embed_tokens"):
-        out.append(inner.embed_tokens.weight)
-    head = getattr(model, "lm_head", None)
-    if head is not None and all(head.weight is not p for p in out):
-        out.append(head.weight)
-    return out
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    return [embed] if head is embed else [embed, head]
 
 
-def param_groups(model: nn.Module, lr: float, embedding_lr_ratio: float = EMBEDDING_LR_RATIO,
+def param_groups(model: CausalLM, lr: float, embedding_lr_ratio: float = EMBEDDING_LR_RATIO,
                  weight_decay: float = 0.0, extra_modules: Iterable[nn.Module] = ()) -> list[dict]:
     """Optimizer groups over the parameters of `model` (and `extra_modules`, e.g. a reward head) that require a
     gradient, each listed once (tied weights too): group "lora" at `lr` (adapters and any other trainable tensor),

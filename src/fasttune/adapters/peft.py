@@ -39,7 +39,6 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..models.score import attach_score, score_head
 from .attach import add_lora, lora_layers
 from .config import ALL_TARGETS, LM_HEAD, lora_alpha_for, lora_scaling
 from .files import PEFT_CONFIG, PEFT_WEIGHTS
@@ -150,7 +149,7 @@ def adapter_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> tu
     rslora = {u[4] for u in units.values()}
     if len(rslora) != 1:
         raise AdapterError("some LoRA modules use rsLoRA and others do not; PEFT's format has one use_rslora")
-    cfg = getattr(model, "lora_config", None)
+    cfg = model.lora_config
     counts: dict[tuple[int, float], int] = {}
     for _, _, ur, ua, _ in units.values():
         counts[(ur, ua)] = counts.get((ur, ua), 0) + 1
@@ -176,7 +175,7 @@ def adapter_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> tu
     if lm_head and not model.spec.tie_word_embeddings:
         modules_to_save.append("lm_head")
         put("lm_head.weight", model.lm_head.weight)
-    score = score_head(model)
+    score = model.score
     if score is not None:
         modules_to_save.append("score")
         put("score.weight", score.weight)
@@ -365,10 +364,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
                 setattr(owner, child, type(m)(m.base, mr, ma, dropout, rslora, torch.Generator().manual_seed(0)))
     else:  # an adapter loaded over existing LoRA modules: remember what it carries, so a re-export keeps it
         if model.lora_config is not None:
-            model.trains_embeddings |= "model.embed_tokens.weight" in modules_to_save
-            model.trains_lm_head |= "lm_head.weight" in modules_to_save
+            model.set_adapters(model.lora_config,
+                               model.trains_embeddings or "model.embed_tokens.weight" in modules_to_save,
+                               model.trains_lm_head or "lm_head.weight" in modules_to_save)
     if "score.weight" in modules_to_save:  # a SEQ_CLS adapter (a reward model): its head
-        attach_score(model, modules_to_save.pop("score.weight"))
+        model.attach_score(modules_to_save.pop("score.weight"))
         model.score.weight.requires_grad_(trainable)
     mods = lora_modules(model)
     missing = sorted(set(mods) - set(lora_pairs))

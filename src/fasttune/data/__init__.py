@@ -8,6 +8,7 @@ Trainer-facing API:
 """
 from importlib.resources import files
 
+from ..labels import IGNORE_INDEX
 from .chat_templates import REGISTERED as CHAT_TEMPLATES
 from .chat_templates import ChatTemplate, get_chat_template, register_chat_template
 from .conversations import standardize_conversation
@@ -17,7 +18,7 @@ from .packing import (DataCollator, bucket_length, collate_packed, collate_packe
                       length_buckets, length_grouped_batches, num_target_tokens, pack_examples, pack_rows)
 from .readers import read_rows
 from .template import PromptTemplate
-from .tokenize import IGNORE_INDEX, generation_prompt_ids, tokenize_conversation, tokenize_text
+from .tokenize import generation_prompt_ids, tokenize_conversation, tokenize_text
 
 
 def bundled_data_path(name: str = "instructions.jsonl") -> str:

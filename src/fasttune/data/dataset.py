@@ -24,7 +24,8 @@ from .conversations import find_conversation_column, standardize_conversation
 from .errors import DataError, Location
 from .readers import MAX_FIELD_CHARS, MAX_LINE_BYTES, read_rows
 from .template import PromptTemplate
-from .tokenize import IGNORE_INDEX, TRAIN_ON, char_limit, tokenize_conversation, tokenize_text
+from ..labels import count_target_tokens
+from .tokenize import TRAIN_ON, char_limit, tokenize_conversation, tokenize_text
 
 log = logging.getLogger("fasttune.data")
 
@@ -183,7 +184,7 @@ class _Pipeline:
                 return None
             stats.truncated += 1
             ex = {"input_ids": ex["input_ids"][: self.max_seq_length], "labels": ex["labels"][: self.max_seq_length]}
-        targets = sum(1 for x in ex["labels"][1:] if x != IGNORE_INDEX)
+        targets = count_target_tokens(ex["labels"])
         if targets == 0:
             stats.dropped_no_target += 1
             return None

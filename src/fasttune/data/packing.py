@@ -25,8 +25,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from ..labels import IGNORE_INDEX
 from .errors import DataError
-from .tokenize import IGNORE_INDEX
 
 
 def num_target_tokens(batch_or_labels) -> int:

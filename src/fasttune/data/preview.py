@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from .packing import iter_batches, pack_rows
-from .tokenize import IGNORE_INDEX
+from ..labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from ..train.config import TrainConfig

@@ -16,10 +16,10 @@ example after truncation to max_seq_length is exactly the one the whole text giv
 """
 from __future__ import annotations
 
+from ..labels import IGNORE_INDEX
 from .chat_templates import ChatTemplate
 from .errors import DataError, Location
 
-IGNORE_INDEX = -100
 TRAIN_ON = ("responses", "all")
 
 

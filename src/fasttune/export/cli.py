@@ -92,7 +92,7 @@ def run(args) -> int:
     from ..models.checkpoint import CheckpointError, resolve_dtype
     from ..build import load_trained
     from ..adapters.peft import AdapterError, save_adapter
-    from .merged import export_merged, iter_merged_tensors, score_head
+    from .merged import export_merged, iter_merged_tensors
     from .modelfile import ModelfileError, export_chat_template, make_modelfile
 
     out = Path(args.out_dir)
@@ -190,7 +190,7 @@ def run(args) -> int:
                     from_path = f"./{gguf_name}"
             eos = tokenizer.eos_token or "</s>"
             try:
-                if score_head(model) is not None:  # a reward model scores text; Ollama generates it
+                if model.score is not None:  # a reward model scores text; Ollama generates it
                     raise ModelfileError("a reward model (sequence classification) does not generate text")
                 text = make_modelfile(from_path, chat.registry_name, eos_token=eos, system=args.system,
                                       jinja_source=chat.source)

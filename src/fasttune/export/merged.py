@@ -5,7 +5,7 @@ An NF4 (4-bit) base is dequantised first, so the result is *the dequantised 4-bi
 original 16-bit model plus the adapter; `export_merged` says so in its notes. To merge into the original weights,
 load the base in 16 bits and the adapter with `load_adapter`, then export.
 
-A reward model carries `model.score` (`attach_score`: a bias-free linear, hidden -> 1, on the final hidden state of
+A reward model carries `model.score` (`CausalLM.attach_score`: a bias-free linear, hidden -> 1, on the final hidden state of
 each sequence's last token, as fasttune's reward objective trains it). It is exported as transformers'
 <Family>ForSequenceClassification (num_labels 1, `score.weight`, no LM head), which scores the last token that is
 not the pad token: the same token as fasttune's attention-mask rule whenever a sequence does not end in the pad
@@ -26,7 +26,6 @@ from ..adapters import LoraLinear
 from ..models.nf4_linear import NF4Linear
 from ..models.checkpoint import resolve_dtype, save_model
 from ..models.quantized import QuantizedLinear
-from ..models.score import score_head
 
 DEQUANTISED_NOTE = ("the base model was 4-bit (NF4): the merged weights are the dequantised NF4 base plus the "
                     "adapter, not the original 16-bit weights plus the adapter")
@@ -78,9 +77,9 @@ def iter_merged_tensors(model: nn.Module) -> Iterator[tuple[str, Callable[[], to
     """(checkpoint name, thunk returning the float32 merged tensor, shape) for every tensor of the plain model,
     with Hugging Face names (`model.layers.0.self_attn.q_proj.weight`), in model order; nothing is computed until
     a thunk is called, so a caller can hold one merged tensor at a time. lm_head is skipped when tied, and for a
-    reward model (`score_head`), whose checkpoint has `score.weight` instead."""
+    reward model (`model.score`), whose checkpoint has `score.weight` instead."""
     spec = model.spec
-    reward = score_head(model) is not None
+    reward = model.score is not None
     owned = set()
     for name, m in model.named_modules():
         if isinstance(m, (LoraLinear, QuantizedLinear)):
@@ -123,7 +122,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32,
 def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: str | torch.dtype = "bfloat16",
                   max_shard_size: int | str = "5GB", progress: Callable[[str], None] | None = None) -> ExportResult:
     """Write a transformers-loadable folder (config.json, safetensors shards, tokenizer files) of the merged model:
-    a causal LM, or for a reward model (`score_head`) a sequence-classification model."""
+    a causal LM, or for a reward model (`model.score`) a sequence-classification model."""
     path = Path(path)
     torch_dtype = resolve_dtype(dtype, model.spec)
     result = ExportResult()
@@ -134,7 +133,7 @@ def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None, dty
     cfg_file = path / "config.json"
     cfg = json.loads(cfg_file.read_text())
     changed = cfg.pop("quantization_config", None) is not None  # the weights written are dense
-    if score_head(model) is not None:
+    if model.score is not None:
         cfg = sequence_classification_config(cfg, getattr(tokenizer, "pad_token_id", None))
         changed = True
         result.notes.append(f"a reward model: written as {cfg['architectures'][0]} (AutoModelForSequenceClassification"

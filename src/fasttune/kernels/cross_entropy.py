@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..labels import IGNORE_INDEX
 from ._triton import tl, triton
 
 
@@ -285,7 +286,7 @@ def fused_linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
     softcap: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
@@ -329,7 +330,7 @@ def fused_linear_cross_entropy_reference(
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
     softcap: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,

@@ -5,10 +5,10 @@ Module and parameter names follow the Hugging Face checkpoints (`model.layers.N.
 ...), so a state dict maps one-to-one to a checkpoint (Phi-3's fused tensors are split at load time).
 
 Two optional hooks let other parts of fasttune take over a block without monkeypatching:
-- `Attention.fused_qkv(x) -> (q, k, v)` and `GatedMLP.fused_forward(x) -> y` (set by `fasttune.adapters` to use
-  the fused LoRA kernels);
-- `DecoderModel.layer_runner(layer, hidden, **kwargs) -> hidden` (set by the memory policy to checkpoint and
-  offload activations).
+- `Attention.fused_qkv(x) -> (q, k, v)` and `GatedMLP.fused_forward(x) -> y` (installed by `fasttune.adapters`
+  through `use_fused_qkv` / `use_fused_forward`, to run the fused LoRA kernels);
+- `DecoderModel.layer_runner(layer, hidden, attn_inputs) -> hidden` (installed by `CausalLM.apply_memory_plan`, to
+  checkpoint and offload activations).
 An LM head with a `fused_loss_inputs(h) -> (hidden, weight, extra_weight)` method (fasttune.adapters' `LoraLMHead`)
 gives the fused loss its own operands, logits = hidden @ [weight | extra_weight].T (a LoRA head widens hidden by
 its rank and passes B as the extra columns).
@@ -24,7 +24,7 @@ import torch.nn as nn
 from .. import kernels
 from ..kernels.attention import FALLBACKS, DocumentLayout, attention
 from .rope import RotaryTables, rotary_dim
-from ..data.tokenize import IGNORE_INDEX
+from ..labels import IGNORE_INDEX, next_token_targets
 from .spec import ArchSpec
 
 
@@ -117,6 +117,10 @@ class Attention(nn.Module):
         self.local_rope = spec.uses_local_rope(layer_idx)
         self.fused_qkv: Callable | None = None
 
+    def use_fused_qkv(self, hook: Callable | None) -> None:
+        """Compute q, k, v with `hook(x)` (None: the three projections one by one)."""
+        self.fused_qkv = hook
+
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
         d = self.spec.head_dim
@@ -166,6 +170,12 @@ class GatedMLP(nn.Module):
         # Long sequences: process this many tokens at a time so no (seq x intermediate) tensor of the whole
         # sequence lives at once. None = all at once.
         self.chunk_tokens: int | None = None
+        # Whether the fused LoRA MLP keeps its gate/up outputs for the backward (False: recomputes them there)
+        self.save_gate_up = True
+
+    def use_fused_forward(self, hook: Callable | None) -> None:
+        """Run the MLP as `hook(x)` (None: gate, up, activation, down one by one)."""
+        self.fused_forward = hook
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_forward is not None:
@@ -293,11 +303,52 @@ class CausalLM(nn.Module):
         # Logit bytes per chunk of the fused loss (None = the kernel's 128 MiB). Measured on H100 at the 1B shape:
         # 512 MiB chunks were no faster (66,150 vs 70,191 tokens/s in two runs), so nothing raises it by default.
         self.loss_chunk_bytes: int | None = None
-        # Adapters (fasttune.adapters.attach_lora sets them): the LoRA settings, and whether the input embeddings /
-        # the whole output layer train beside the adapters (a PEFT export carries them as modules_to_save).
+        # What the model carries beside its weights, each set through a method below:
+        self.max_seq_length: int | None = None  # the longest sequence it is prepared for (set_max_seq_length)
+        self.memory_plan = None  # the train.memory.MemoryPlan installed (apply_memory_plan); None: none
+        self.loaded_into_shards = False  # built on meta and loaded straight into FSDP2 shards (mark_loaded_into_shards)
+        # adapters (set_adapters, called by fasttune.adapters): the LoRA settings (adapters.LoraConfig), and whether
+        # the input embeddings / the whole output layer train beside them (a PEFT export saves them in full)
         self.lora_config = None
         self.trains_embeddings = False
         self.trains_lm_head = False
+        self.score: nn.Linear | None = None  # a reward model's head (attach_score)
+
+    def set_max_seq_length(self, n: int) -> None:
+        self.max_seq_length = n
+
+    def mark_loaded_into_shards(self) -> None:
+        self.loaded_into_shards = True
+
+    def set_adapters(self, lora_config, trains_embeddings: bool = False, trains_lm_head: bool = False) -> None:
+        """Record the adapters the model carries (the LoRA modules themselves are in its module tree)."""
+        self.lora_config = lora_config
+        self.trains_embeddings, self.trains_lm_head = trains_embeddings, trains_lm_head
+
+    def apply_memory_plan(self, plan, layer_runner: Callable | None = None) -> None:
+        """Install a memory plan (train.memory.plan_memory): `layer_runner(layer, hidden, attn_inputs)` runs each
+        decoder layer (checkpointing / offloading; None: plainly), each MLP processes at most `plan.chunk_tokens`
+        tokens at a time, and the fused LoRA MLP keeps its gate/up outputs only if `plan.mlp_saves_gate_up`."""
+        self.memory_plan = plan
+        self.model.layer_runner = layer_runner
+        for layer in self.model.layers:
+            layer.mlp.chunk_tokens = plan.chunk_tokens
+            layer.mlp.save_gate_up = plan.mlp_saves_gate_up
+
+    def attach_score(self, weight: torch.Tensor) -> nn.Linear:
+        """Give the model a reward head `score` (hidden -> 1, no bias, float32, frozen) holding `weight`: a linear on
+        the final hidden state of each sequence's last token, as the reward objective trains it and transformers'
+        <Family>ForSequenceClassification holds it. Returns the head."""
+        hidden = self.spec.hidden_size
+        if tuple(weight.shape) != (1, hidden):
+            raise ValueError(f"a reward head's weight has shape (1, {hidden}) for this model, got "
+                             f"{tuple(weight.shape)}")
+        device = self.model.embed_tokens.weight.device
+        self.score = nn.Linear(hidden, 1, bias=False, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            self.score.weight.copy_(weight)
+        self.score.weight.requires_grad_(False)
+        return self.score
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
@@ -347,11 +398,8 @@ class CausalLM(nn.Module):
         if return_logits or (return_logits is None and labels is None):
             out.logits = self.logits(h)
         if labels is not None:
-            targets = labels[:, 1:]
-            if attention_mask is None and position_ids is not None:
-                # packed documents: the last token of one document does not predict the first of the next
-                targets = targets.masked_fill(position_ids[:, 1:] == 0, IGNORE_INDEX)
-            targets = targets.reshape(-1)
+            packed = attention_mask is None and position_ids is not None  # documents restart their positions
+            targets = next_token_targets(labels, position_ids if packed else None).reshape(-1)
             h_loss = h[:, :-1].reshape(-1, h.shape[-1])
             if self.spec.logits_scaling is not None:  # (h / s) @ W.T == (h @ W.T) / s: the fused loss scales h
                 h_loss = h_loss / self.spec.logits_scaling

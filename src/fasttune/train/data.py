@@ -26,7 +26,8 @@ from ..data.packing import bucket_length, collate_padded, iter_batches
 from ..kernels.attention import DocumentLayout
 from ..data.readers import read_rows
 from ..data.template import PromptTemplate
-from ..data.tokenize import IGNORE_INDEX, tokenize_conversation
+from ..data.tokenize import tokenize_conversation
+from ..labels import IGNORE_INDEX, count_target_tokens, next_token_targets
 from .config import DataConfig
 
 BUNDLED = {"instructions": "instructions.jsonl", "conversations": "conversations.jsonl", "corpus": "corpus.txt",
@@ -147,7 +148,7 @@ def _fit_pair(pair: dict, max_len: int, mode: str, st: DataStats) -> dict | None
         st.truncated += 1
         pair = {side: {"input_ids": ex["input_ids"][:max_len], "labels": ex["labels"][:max_len]}
                 for side, ex in pair.items()}
-    targets = [sum(1 for x in pair[side]["labels"][1:] if x != IGNORE_INDEX) for side in ("chosen", "rejected")]
+    targets = [count_target_tokens(pair[side]["labels"]) for side in ("chosen", "rejected")]
     if min(targets) == 0:  # a side with no response token left: nothing to compare
         st.dropped_no_target += 1
         return None
@@ -268,13 +269,12 @@ def batch_shape(batch: dict) -> tuple[int, int]:
 
 def count_targets(batch: dict, kind: str) -> tuple[int, int]:
     """(target tokens, pairs). For preference batches the tokens are the chosen responses' (ORPO's NLL term)."""
-    labels = batch["labels"][:, 1:]
     if kind == "preference":
-        half = labels.shape[0] // 2
-        return int((labels[:half] != IGNORE_INDEX).sum()), half
-    if "position_ids" in batch and "attention_mask" not in batch:  # packed: no target across a document start
-        labels = labels.masked_fill(batch["position_ids"][:, 1:] == 0, IGNORE_INDEX)
-    return int((labels != IGNORE_INDEX).sum()), 0
+        half = batch["labels"].shape[0] // 2
+        return int((next_token_targets(batch["labels"][:half]) != IGNORE_INDEX).sum()), half
+    packed = "position_ids" in batch and "attention_mask" not in batch  # no target across a document start
+    targets = next_token_targets(batch["labels"], batch["position_ids"] if packed else None)
+    return int((targets != IGNORE_INDEX).sum()), 0
 
 
 def host_batch(batch: dict, pin: bool) -> dict:

@@ -99,6 +99,7 @@ def load_into_shards(path: str, info: DistInfo, device: torch.device, dtype=None
         initial = initial_lora_A(model)
     wrap(model, info, "fsdp")
     model.to_empty(device=device)
+    model.mark_loaded_into_shards()
     params = dict(model.named_parameters())
 
     def place(name: str, full: torch.Tensor) -> None:

@@ -309,18 +309,14 @@ def apply_memory_policy(model: nn.Module, policy: str = "auto", seq_len: int | N
                          "use: it needs LoRA on gate_proj, up_proj and down_proj with dropout 0; choose "
                          "'checkpoint' instead")
     if seq_len is None:
-        seq_len = getattr(model, "max_seq_length", None) or spec.max_position_embeddings
+        seq_len = model.max_seq_length or spec.max_position_embeddings
     device = next(model.parameters()).device
     if free_bytes is None and policy == "auto":
         free_bytes = free_device_bytes(device)
     dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
-    cfg = getattr(model, "lora_config", None)
+    cfg = model.lora_config
     plan = plan_memory(spec, policy, seq_len, batch_size, free_bytes, dtype_bytes,
                        lora_rank=cfg.r if cfg is not None else 0, **kwargs)
-    decoder.layer_runner = None if all(m == "none" for m in plan.modes) else LayerRunner(decoder.layers, plan.modes)
-    for layer in decoder.layers:
-        layer.mlp.chunk_tokens = plan.chunk_tokens
-        if isinstance(layer.mlp.fused_forward, FusedMLP):
-            layer.mlp.fused_forward.save_gate_up = plan.mlp_saves_gate_up
-    model.memory_plan = plan
+    runner = None if all(m == "none" for m in plan.modes) else LayerRunner(decoder.layers, plan.modes)
+    model.apply_memory_plan(plan, runner)
     return plan

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from ..labels import IGNORE_INDEX, next_token_targets
 
 
 def _row_logprobs(model, h_row: torch.Tensor, targets_row: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def sequence_logprobs(model, batch: dict, logits_model=None) -> tuple[torch.Tens
     logits_model = logits_model or model
     out = model(batch["input_ids"], return_logits=False)  # right padding: no mask needed (see the module doc)
     h = out.last_hidden_state[:, :-1]
-    targets = batch["labels"][:, 1:]
+    targets = next_token_targets(batch["labels"])
     sums = []
     for b in range(h.shape[0]):
         if torch.is_grad_enabled() and h.requires_grad:

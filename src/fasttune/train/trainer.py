@@ -28,7 +28,7 @@ from ..adapters.params import param_groups
 from ..build import build_model, prepare_for_training, recorded_model_path, resolve_model_path
 from ..data.errors import DataError
 from ..data.packing import iter_batches
-from ..data.tokenize import IGNORE_INDEX
+from ..labels import IGNORE_INDEX
 from ..models.checkpoint import save_tokenizer
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
@@ -603,7 +603,7 @@ class Trainer:
             f"device(s); {self.total_steps} steps"
             + (f"; the last {self.epoch_tail} micro-batch(es) of an epoch do not fill a step and wait for the next "
                "epoch's shuffle" if self.epoch_tail else "")
-            + ("; model loaded straight into FSDP2 shards" if getattr(self.model, "loaded_into_shards", False) else "")
+            + ("; model loaded straight into FSDP2 shards" if self.model.loaded_into_shards else "")
             + (f"; resumed from {resume_path} at step {self.step}" if resume_path else ""))
         say(self._batch_report())
         result = TrainResult(self.output_dir, None, self.step)
