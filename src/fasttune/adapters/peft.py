@@ -39,6 +39,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..models.checkpoint import FUSED_PARTS, fused_split_sizes
 from .attach import add_lora, lora_layers
 from .config import ALL_TARGETS, LM_HEAD, lora_alpha_for, lora_scaling
 from .files import PEFT_CONFIG, PEFT_WEIGHTS
@@ -46,7 +47,6 @@ from .layer import LoraLinear
 
 PEFT_PREFIX = "base_model.model."
 # fasttune's separate projections -> the fused module Phi-3 checkpoints have, and their order inside it
-FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 PART_TO_FUSED = {p: f for f, parts in FUSED_PARTS.items() for p in parts}
 
 
@@ -325,7 +325,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         setting = _module_settings(cfg, path, mod, a.shape[0])
         parent, _, leaf = mod.rpartition(".")
         if leaf in FUSED_PARTS and spec.fused_checkpoint:
-            for part, b_rows in zip(FUSED_PARTS[leaf], b.split(_fused_split_sizes(spec, leaf), dim=0)):
+            for part, b_rows in zip(FUSED_PARTS[leaf], b.split(fused_split_sizes(spec, leaf), dim=0)):
                 lora_pairs[parent + "." + part] = (a, b_rows)
                 settings[parent + "." + part] = setting
         else:
@@ -409,9 +409,3 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
             param.copy_(t)
             param.requires_grad_(trainable)
     return model
-
-
-def _fused_split_sizes(spec, fused: str) -> list[int]:
-    if fused == "qkv_proj":
-        return [spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim]
-    return [spec.intermediate_size, spec.intermediate_size]

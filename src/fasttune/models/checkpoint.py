@@ -105,19 +105,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, spec: ArchSpec) -> torch.dtyp
 
 # ---- Phi-3: fused checkpoint tensors <-> separate projections --------------------------------------------------
 
+# Phi-3 checkpoints fuse q/k/v into qkv_proj and gate/up into gate_up_proj (in this order: transformers' Phi3
+# modules); fasttune keeps the parts apart.
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fused_split_sizes(spec: ArchSpec, fused: str) -> list[int]:
+    """The output rows of each part of a fused module ("qkv_proj" or "gate_up_proj"), in FUSED_PARTS' order."""
+    if fused == "qkv_proj":
+        kv = spec.num_kv_heads * spec.head_dim
+        return [spec.num_heads * spec.head_dim, kv, kv]
+    return [spec.intermediate_size, spec.intermediate_size]
+
+
 def _unfuse(name: str, tensor: torch.Tensor, spec: ArchSpec) -> list[tuple[str, torch.Tensor]]:
     if not spec.fused_checkpoint:
         return [(name, tensor)]
-    if name.endswith("self_attn.qkv_proj.weight"):
-        q = spec.num_heads * spec.head_dim
-        kv = spec.num_kv_heads * spec.head_dim
-        base = name[: -len("qkv_proj.weight")]
-        qw, kw, vw = tensor.split([q, kv, kv], dim=0)
-        return [(base + "q_proj.weight", qw), (base + "k_proj.weight", kw), (base + "v_proj.weight", vw)]
-    if name.endswith("mlp.gate_up_proj.weight"):
-        base = name[: -len("gate_up_proj.weight")]
-        g, u = tensor.chunk(2, dim=0)  # transformers' Phi3MLP: gate first, then up
-        return [(base + "gate_proj.weight", g), (base + "up_proj.weight", u)]
+    for fused, owner in (("qkv_proj", "self_attn."), ("gate_up_proj", "mlp.")):
+        if name.endswith(owner + fused + ".weight"):
+            base = name[: -len(fused + ".weight")]
+            pieces = tensor.split(fused_split_sizes(spec, fused), dim=0)
+            return [(base + part + ".weight", t) for part, t in zip(FUSED_PARTS[fused], pieces)]
     return [(name, tensor)]
 
 
@@ -306,11 +314,7 @@ def load_model(
         from .gguf_linear import load_gguf_quantized
 
         return load_gguf_quantized(path, torch_dtype, device)
-    with torch.device("meta"):
-        model = CausalLM(spec)
-    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    if spec.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+    model, expected = meta_model(spec)
     loaded: set[str] = set()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
     pending: dict[str, set[str]] = {n: {n + "." + p for p, _ in m.named_parameters()} for n, m in linears.items()}
@@ -362,11 +366,26 @@ def load_model(
         owner, parts = next(iter(stored_4bit.items()))
         raise CheckpointError(f"{path}: incomplete 4-bit weights, e.g. {owner} has only {sorted(parts)} of "
                               f"{list(_BNB_PARTS)}")
+    check_all_loaded(path, expected, loaded)
+    model.tie_weights()
+    return model.eval()
+
+
+def meta_model(spec: ArchSpec) -> tuple[CausalLM, set[str]]:
+    """The model built on the meta device (no memory yet) and the names of the parameters a checkpoint must fill
+    (not lm_head.weight when the output layer is tied to the embeddings)."""
+    with torch.device("meta"):
+        model = CausalLM(spec)
+    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    if spec.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    return model, expected
+
+
+def check_all_loaded(path, expected: set[str], loaded: set[str]) -> None:
     missing = sorted(expected - loaded)
     if missing:
         raise CheckpointError(f"{path} is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
-    model.tie_weights()
-    return model.eval()
 
 
 # ---- saving ----------------------------------------------------------------------------------------------------

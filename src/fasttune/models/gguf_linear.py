@@ -92,18 +92,13 @@ def load_gguf_quantized(path: str | os.PathLike, dtype: torch.dtype, device: str
     """A `CausalLM` from a GGUF file whose decoder projections are `GGUFLinear` layers holding the file's blocks
     (copied once, q/k rows unpermuted, fused rows split); embeddings, norms, the LM head and biases are dequantised
     to `dtype` as `load_model` does. Eval mode, requires_grad left on (as load_model)."""
-    from .checkpoint import CheckpointError, _set_tensor, _unfuse
-    from .decoder import CausalLM
+    from .checkpoint import CheckpointError, _set_tensor, _unfuse, check_all_loaded, meta_model
     from .gguf_reader import GGUFError, check_tensors, gguf_arch_spec, hf_layout, read_gguf
 
     f = read_gguf(path)
     spec = gguf_arch_spec(f)
     device = torch.device(device)
-    with torch.device("meta"):
-        model = CausalLM(spec)
-    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    if spec.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+    model, expected = meta_model(spec)
     loaded: set[str] = set()
     kept: dict[str, tuple[torch.Tensor, int]] = {}  # linear -> (block rows, ggml type)
     for gname, name in check_tensors(f, spec).items():
@@ -128,9 +123,7 @@ def load_gguf_quantized(path: str | os.PathLike, dtype: torch.dtype, device: str
                 raise CheckpointError(f"unexpected tensor {n!r} in {path}: not part of a {spec.model_type} model")
             _set_tensor(model, n, t.to(device=device, dtype=dtype))
             loaded.add(n)
-    missing = sorted(expected - loaded)
-    if missing:
-        raise CheckpointError(f"{path} is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
+    check_all_loaded(path, expected, loaded)
     for owner, (rows, type_id) in kept.items():
         linear = model.get_submodule(owner)
         parent, _, child = owner.rpartition(".")
