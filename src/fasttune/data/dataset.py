@@ -16,15 +16,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from ..labels import count_target_tokens
 from .chat_templates import ChatTemplate, get_chat_template
 from .conversations import find_conversation_column, standardize_conversation
 from .errors import DataError, Location
 from .readers import MAX_FIELD_CHARS, MAX_LINE_BYTES, read_rows
 from .template import PromptTemplate
-from ..labels import count_target_tokens
 from .tokenize import TRAIN_ON, char_limit, tokenize_conversation, tokenize_text
 
 log = logging.getLogger("fasttune.data")
@@ -200,7 +200,17 @@ def _examples(source, pipeline: _Pipeline, stats: DataStats, on_error: str, read
     tokenised (a streaming pass over one split). With on_error="skip", lines and records the reader cannot make a
     row of are skipped and counted too."""
     on_bad_row = stats.skip if on_error == "skip" else None
-    for index, (location, row) in enumerate(read_rows(source, **reader_kwargs, on_bad_row=on_bad_row)):
+    yield from examples_from_rows(read_rows(source, **reader_kwargs, on_bad_row=on_bad_row), pipeline, stats,
+                                  on_error, max_rows, keep)
+
+
+def examples_from_rows(rows: Iterable[tuple[Location, dict]], pipeline, stats: DataStats, on_error: str,
+                       max_rows: int | None, keep=None) -> Iterator[tuple[int, dict]]:
+    """The loop every dataset runs (single sequences here, chosen/rejected pairs in train.data): read at most
+    `max_rows` rows, turn each into an example with `pipeline.example(location, row)`, skip and count the rows that
+    raise a DataError with a location when on_error="skip" (a DataError without one is a config error: raised),
+    and apply `pipeline.apply_length_policy(example, stats)` (None: dropped, counted there)."""
+    for index, (location, row) in enumerate(rows):
         if max_rows is not None and index >= max_rows:
             break
         stats.rows_read += 1

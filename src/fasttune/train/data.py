@@ -20,7 +20,7 @@ import torch
 
 from ..data.chat_templates import chat_template_for
 from ..data.conversations import find_conversation_column, standardize_conversation
-from ..data.dataset import DataStats, build_dataset
+from ..data.dataset import DataStats, build_dataset, examples_from_rows
 from ..data.errors import DataError
 from ..data.packing import bucket_length, collate_padded, iter_batches
 from ..kernels.attention import DocumentLayout
@@ -158,6 +158,29 @@ def _fit_pair(pair: dict, max_len: int, mode: str, st: DataStats) -> dict | None
     return pair
 
 
+class _PairPipeline:
+    """Rows -> chosen/rejected pairs, as the dataset loop (data.dataset.examples_from_rows) takes a pipeline."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, max_seq_length: int):
+        self.cfg, self.tokenizer, self.max_seq_length = cfg, tokenizer, max_seq_length
+        self.template = chat_template_for(tokenizer, cfg.chat_template)
+        self.prompt = PromptTemplate(cfg.prompt_template or DEFAULT_PROMPT)
+        self.seen_pair_columns = False  # whether any row had a chosen or rejected column
+
+    def example(self, loc, row: dict) -> dict:
+        cfg = self.cfg
+        has_pair_columns = "chosen" in row or "rejected" in row
+        if cfg.kind == "auto" and not self.seen_pair_columns and not has_pair_columns and cfg.on_error != "skip":
+            raise DataError(f"this objective needs chosen/rejected pairs, but {cfg.path} has no chosen/rejected "
+                            f"columns", location=loc, available=sorted(row),
+                            hint="use columns prompt (or instruction), chosen, rejected")
+        self.seen_pair_columns = self.seen_pair_columns or has_pair_columns
+        return _pair(cfg, self.tokenizer, self.template, self.prompt, loc, row)
+
+    def apply_length_policy(self, pair: dict, stats: DataStats) -> dict | None:
+        return _fit_pair(pair, self.max_seq_length, self.cfg.overlong, stats)
+
+
 def _preference_data(cfg: DataConfig, tokenizer, path: str, bundled: str | None, max_seq_length: int,
                      seed: int) -> PreparedData:
     st = DataStats()
@@ -168,33 +191,11 @@ def _preference_data(cfg: DataConfig, tokenizer, path: str, bundled: str | None,
         rows = iter(_preference_rows(list(read_rows(path, **limits))))
     else:
         rows = read_rows(path, **limits)  # streamed: each row is read, tokenised and let go
-    template = chat_template_for(tokenizer, cfg.chat_template)
-    prompt = PromptTemplate(cfg.prompt_template or DEFAULT_PROMPT)
-    seen_pair_columns = False  # whether any row had a chosen or rejected column
-    pairs: list = []
-    for index, (loc, row) in enumerate(rows):
-        if cfg.max_examples is not None and index >= cfg.max_examples:
-            break
-        st.rows_read += 1
-        has_pair_columns = "chosen" in row or "rejected" in row
-        if cfg.kind == "auto" and not seen_pair_columns and not has_pair_columns and cfg.on_error != "skip":
-            raise DataError(f"this objective needs chosen/rejected pairs, but {cfg.path} has no chosen/rejected "
-                            f"columns", location=loc, available=sorted(row),
-                            hint="use columns prompt (or instruction), chosen, rejected")
-        seen_pair_columns = seen_pair_columns or has_pair_columns
-        try:
-            pair = _pair(cfg, tokenizer, template, prompt, loc, row)
-        except DataError as e:
-            if cfg.on_error != "skip" or (e.file is None and e.line is None and e.row is None):  # config error
-                raise
-            st.skip(e)
-            continue
-        pair = _fit_pair(pair, max_seq_length, cfg.overlong, st)
-        if pair is not None:
-            pairs.append(pair)
+    pipeline = _PairPipeline(cfg, tokenizer, max_seq_length)
+    pairs = [pair for _, pair in examples_from_rows(rows, pipeline, st, cfg.on_error, cfg.max_examples)]
     summary = _pair_summary(st, max_seq_length)
     if not pairs:
-        if cfg.kind == "auto" and not seen_pair_columns:
+        if cfg.kind == "auto" and not pipeline.seen_pair_columns:
             raise DataError(f"this objective needs chosen/rejected pairs, but {cfg.path} has no chosen/rejected "
                             f"columns", file=path, hint="use columns prompt (or instruction), chosen, rejected")
         raise DataError(f"no usable pairs ({summary})", file=path,
