@@ -336,29 +336,6 @@ def test_glu_strided_halves_of_fused_projection(activation):
     _check_glu(gate, up, activation)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "fused_halves"])
-def test_glu_backward_in_place_for_fused_nodes(layout):
-    """glu_forward / glu_backward(in_place=True), the no-autograd entry points for a fused MLP node."""
-    _seed(7)
-    if layout == "contiguous":
-        gate, up = torch.randn(3, 45, device=DEVICE) * 3, torch.randn(3, 45, device=DEVICE)
-    else:
-        gate, up = (torch.randn(3, 90, device=DEVICE) * 3).chunk(2, dim=-1)
-    dy = torch.randn(3, 45, device=DEVICE)
-    g64, u64 = _f64(gate.requires_grad_()), _f64(up.requires_grad_())
-    y64 = glu_mod.glu_reference(g64, u64, "silu")
-    rdg, rdu = _grads(y64, (g64, u64), dy.double())
-    gate, up = gate.detach(), up.detach()
-    dgate_scale = (dy.abs() * up.abs() * (1 + gate.abs())).max().item()
-    _assert_close(glu_mod.glu_forward(gate, up, "silu"), y64, 1e-5, "glu_forward")
-    dg, du = glu_mod.glu_backward(gate, up, dy, "silu", in_place=True)
-    assert dg.data_ptr() == gate.data_ptr() and du.data_ptr() == up.data_ptr()
-    _assert_close(dg, rdg, 1e-5, "in-place dgate", min_scale=dgate_scale)
-    _assert_close(du, rdu, 1e-5, "in-place dup")
-    with pytest.raises(ValueError, match="in_place"):
-        glu_mod.glu_backward(gate.t(), up.t(), dy.t(), "silu", in_place=True)
-
-
 def test_glu_rejects_unknown_activation():
     with pytest.raises(ValueError, match="unknown GLU activation"):
         glu_mod.glu(torch.randn(2, 3, device=DEVICE), torch.randn(2, 3, device=DEVICE), "relu")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -343,17 +342,6 @@ def _run_bench(args) -> int:
 
 # ---- parser ----------------------------------------------------------------------------------------------------
 
-def _optional(module: str, add_name: str, run_name: str):
-    """(add_arguments, run) from a sibling package, or None when it is not present in this install."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module, __package__)
-        return getattr(mod, add_name), getattr(mod, run_name)
-    except (ImportError, AttributeError):
-        return None
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, unless its help already says what the default is or there is none to show."""
 
@@ -386,25 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
             _run_data)
     command("chat", "interactive chat with a model (+ adapter) through its chat template", _add_chat, _run_chat)
     command("generate", "generate replies to prompts (arguments or stdin)", _add_generate, _run_generate)
-    externals = [
-        ("export", "export an adapter or merged model (Hugging Face safetensors, GGUF, Ollama Modelfile)",
-         (".export.cli", "add_arguments", "run")),
-        ("doctor", "check a model folder (and data) for known problems, optionally repair a copy",
-         (".doctor.cli", "add_doctor_arguments", "run_doctor")),
-        ("compare", "per-layer error between two implementations or checkpoints (e.g. fasttune vs transformers)",
-         (".doctor.cli", "add_compare_arguments", "run_compare")),
-    ]
-    for name, help_text, (module, add_name, run_name) in externals:
-        found = _optional(module, add_name, run_name)
-        if found is None and module == ".doctor.cli":
-            found = _optional(module, "add_arguments", "run")
-        if found is not None:
-            command(name, help_text, *found)
-        else:
-            def unavailable(args, name=name, module=module):
-                print(f"fasttune {name}: not available in this install ({module[1:]} is missing)", file=sys.stderr)
-                return 2
-            command(name, help_text + " [not available in this install]", lambda p: None, unavailable)
+    from .doctor.cli import add_compare_arguments, add_doctor_arguments, run_compare, run_doctor
+    from .export.cli import add_arguments as add_export_arguments, run as run_export
+
+    command("export", "export an adapter or merged model (Hugging Face safetensors, GGUF, Ollama Modelfile)",
+            add_export_arguments, run_export)
+    command("doctor", "check a model folder (and data) for known problems, optionally repair a copy",
+            add_doctor_arguments, run_doctor)
+    command("compare", "per-layer error between two implementations or checkpoints (e.g. fasttune vs transformers)",
+            add_compare_arguments, run_compare)
     command("bench", "list or run the benchmarks in bench/ (CUDA)", _add_bench, _run_bench)
     return parser
 

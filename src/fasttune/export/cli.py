@@ -10,7 +10,6 @@ OUT_DIR may not be, contain or lie inside an input folder (not even with --force
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys

@@ -296,8 +296,8 @@ def fused_linear_cross_entropy(
     """Triton path of ``fused_linear_cross_entropy_reference`` (same arguments, same result).
 
     hidden: (N, H) (or (..., H)); weight: (V, H); labels: (N,) already shifted, int64. Returns a float32 scalar.
-    chunk_bytes: budget for one chunk's logits (default CHUNK_LOGITS_BYTES); larger chunks run the matmuls a
-    little faster for more memory, so the memory policy raises it when everything fits."""
+    chunk_bytes: budget for one chunk's logits (default CHUNK_LOGITS_BYTES); the model passes its
+    `loss_chunk_bytes`, None unless a caller sets it (CausalLM says why nothing raises it by default)."""
     if triton is None:
         raise RuntimeError("fused_linear_cross_entropy needs Triton; use fused_linear_cross_entropy_reference on CPU")
     _check_inputs(hidden, weight, labels, bias, extra_weight)

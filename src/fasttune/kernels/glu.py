@@ -11,9 +11,8 @@ Backward (dy given):  d_up = dy * a(g),  d_gate = dy * up * a'(g), with
 The backward recomputes a(g) from the saved gate instead of saving it (no extra activation memory).
 gelu_tanh is evaluated through (1 + tanh z) / 2 = sigmoid(2z): exact algebra, no tanh needed (not in every
 Triton version), and no cancellation in the negative tail where tanh z -> -1.
-glu() allocates fresh gradients (the inputs may be used elsewhere). A fused node that owns gate/up (e.g. a
-whole-MLP LoRA function) can call glu_forward / glu_backward(in_place=True) to write d_gate/d_up into gate/up,
-as Liger does, saving two activation-sized buffers in the backward.
+glu() allocates fresh gradients (the inputs may be used elsewhere; the fused LoRA MLP calls it too, under autograd
+in its backward).
 """
 from __future__ import annotations
 
@@ -80,17 +79,11 @@ def _as_rows(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [(t if t.stride(-1) == 1 else t.contiguous()).reshape(-1, t.shape[-1]) for t in tensors]
 
 
-def _glu_launch(gate, up, dy, act_id: int, backward: bool, in_place: bool = False):
+def _glu_launch(gate, up, dy, act_id: int, backward: bool):
     rows = _as_rows([gate, up] + ([dy] if backward else []))
     n_rows, n_cols = rows[0].shape
-    if in_place:  # each element is loaded before the same program overwrites it, so aliasing the inputs is safe
-        if rows[0].data_ptr() != gate.data_ptr() or rows[1].data_ptr() != up.data_ptr():
-            raise ValueError("glu_backward(in_place=True): gate and up must be viewable as (rows, cols) with unit "
-                             "column stride (a copy would receive the gradients); pass in_place=False")
-        out0, out1 = rows[0], rows[1]
-    else:
-        out0 = alloc((n_rows, n_cols), gate.dtype, gate.device)
-        out1 = alloc((n_rows, n_cols), up.dtype, up.device) if backward else out0
+    out0 = alloc((n_rows, n_cols), gate.dtype, gate.device)
+    out1 = alloc((n_rows, n_cols), up.dtype, up.device) if backward else out0
     dy_rows = rows[2] if backward else rows[0]
     n_col_blocks = triton.cdiv(n_cols, _BLOCK)
     if n_rows * n_cols > 0:
@@ -99,22 +92,9 @@ def _glu_launch(gate, up, dy, act_id: int, backward: bool, in_place: bool = Fals
             rows[0].stride(0), rows[1].stride(0), dy_rows.stride(0), out0.stride(0), out1.stride(0),
             n_cols, n_col_blocks, ACT=act_id, BACKWARD=backward, BLOCK=_BLOCK, num_warps=4,
         )
-    if in_place:
-        return gate, up
     if backward:
         return out0.view(gate.shape), out1.view(up.shape)
     return out0.view(gate.shape)
-
-
-def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) * up without autograd, for fused nodes (e.g. a whole-MLP LoRA function) that own the backward."""
-    return _glu_launch(gate, up, None, _activation_id(activation), backward=False)
-
-
-def glu_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor, activation: str, in_place: bool = False):
-    """(d_gate, d_up) for y = act(gate) * up, recomputing act(gate). ``in_place=True`` writes them into gate and up
-    (Liger's memory trick): only for a caller that owns gate/up and needs them no more, e.g. a fused MLP node."""
-    return _glu_launch(gate, up, dy, _activation_id(activation), backward=True, in_place=in_place)
 
 
 def _activation_id(activation: str) -> int:
