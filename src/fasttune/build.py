@@ -84,7 +84,7 @@ def prepare_for_training(model: CausalLM, lora_cfg: LoraConfig, memory_policy: s
     """A loaded model made ready to train (in place): the configured adapters added unless it has some, the
     trainable parameters chosen (the adapters; every weight when lora.enabled is false; the embeddings / output
     layer with `train_embeddings`), and the memory policy installed for `batch_rows` x `seq_len` tokens."""
-    from .adapters import attach_lora, lora_layers, lora_parameters
+    from .adapters import LoraLinear, attach_lora, lora_layers, lora_parameters
 
     if lora_cfg.enabled and not any(True for _ in lora_layers(model)):
         from .train.config import ConfigError
@@ -98,7 +98,7 @@ def prepare_for_training(model: CausalLM, lora_cfg: LoraConfig, memory_policy: s
         p.requires_grad_(True)
     if train_embeddings:
         model.model.embed_tokens.weight.requires_grad_(True)
-        if not hasattr(model.lm_head, "fused_loss_inputs"):  # a LoRA'd head is adapted, its base stays frozen
+        if not isinstance(model.lm_head, LoraLinear):  # a LoRA'd head is adapted, its base stays frozen
             model.lm_head.weight.requires_grad_(True)
     from .train.memory import apply_memory_policy
 

@@ -163,6 +163,7 @@ class Trainer:
         self.callbacks: list = []  # called as cb(trainer, record) after every step (tests use it to interrupt)
         self._shapes: set[tuple[int, int]] = set()  # distinct (rows, tokens) batch shapes the model has seen
         self._sigint = _SigintGuard()
+        self._start_weight_scale: float | None = None  # the trainable weights' scale when train() starts
 
     # ---- setup ---------------------------------------------------------------------------------------------
 
@@ -345,7 +346,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # "good": finite weights, not blown up against the run's start (see ckpt.last_good_checkpoint); a newer
         # checkpoint may hold weights that are finite but already ruined, which a plain --resume would pick
-        last = ckpt.last_good_checkpoint(self.output_dir, reference=getattr(self, "_start_weight_scale", None))
+        last = ckpt.last_good_checkpoint(self.output_dir, reference=self._start_weight_scale)
         raise TrainingDiverged(
             f"{what} at step {self.step + 1}; stopped without updating the weights. "
             + (f"The last good checkpoint is {last}: change the config, then resume from it with --resume {last}. "
