@@ -1,8 +1,10 @@
-"""Data parallelism through PyTorch's own engine: torch.distributed + DistributedDataParallel.
+"""Data parallelism through PyTorch's own engines: torch.distributed with DistributedDataParallel (train.parallel:
+ddp, a replica per rank) or FSDP2's fully_shard (train.parallel: fsdp, each rank holds a shard of the model).
 
 Under `torchrun --nproc_per_node N -m fasttune train config.yaml` (or `fasttune train --gpus N`, which starts
 torchrun), each rank builds the same list of micro-batches and trains on every N-th one of each step's group, so
-the data is split with no overlap and nothing lost; gradients are averaged by DDP (NCCL on GPUs, gloo on CPU).
+the data is split with no overlap and nothing lost; gradients are averaged across ranks by DDP or reduced by FSDP2
+(NCCL on GPUs, gloo on CPU).
 Without the torchrun environment everything here is a no-op and the trainer runs as one process.
 
 Checkpoints: under DDP, rank 0 writes the (replicated) trainable state; under FSDP2 every rank writes its shard
