@@ -122,6 +122,11 @@ def _oom_message(cfg: TrainConfig, err: BaseException, during: str = "training")
 
 
 class Trainer:
+    """The training loop, evaluation and checkpoints over a built model. `model` (with its `tokenizer`): a CausalLM
+    from fasttune.load or build.build_model, made ready here by build.prepare_for_training (the configured adapters
+    added if it has none, what trains, the memory policy); None: build.build_model from the config. The process
+    group and device come first (torchrun), so the model is built for this rank."""
+
     def __init__(self, config: TrainConfig, model: nn.Module | None = None, tokenizer=None,
                  data: PreparedData | None = None):
         self.cfg = config
