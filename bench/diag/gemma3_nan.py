@@ -38,9 +38,17 @@ def hook(name):
 for i, l in enumerate(model.model.layers):
     l.register_forward_hook(hook(f"layer{i}"))
 kw = {} if variant == "nodocs" else dict(position_ids=pos.cuda(), documents=DocumentLayout.from_position_ids(pos).to("cuda"))
-out = model(ids.cuda(), labels=ids.cuda(), **kw)
-out.loss.backward()
-bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-print(json.dumps({"variant": variant, "layers": layers, "loss": float(out.loss), "bad_grads": bad[:6], "n_bad": len(bad),
-                  "fallbacks": str(FALLBACKS.__dict__)[:300],
-                  "layer_max": {k: v for k, v in list(stats.items())}}), flush=True)
+from fasttune.train.memory import apply_memory_policy
+for policy in sys.argv[3].split(",") if len(sys.argv) > 3 else ["none"]:
+    plan = apply_memory_policy(model, policy, seq_len=2048, batch_size=2)
+    model.zero_grad(set_to_none=True)
+    torch.cuda.reset_peak_memory_stats()
+    out = model(ids.cuda(), labels=ids.cuda(), **kw)
+    out.loss.backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    gn = {n.split(".lora")[0][-40:]: float(p.grad.float().norm()) for n, p in model.named_parameters()
+          if p.grad is not None and n.endswith("lora_B.weight") and ("layers.0." in n or "layers.47." in n or "layers.24." in n)}
+    print(json.dumps({"variant": variant, "layers": layers, "policy": policy, "modes": sorted(set(plan.modes)),
+                      "chunk_tokens": plan.chunk_tokens, "loss": float(out.loss), "bad_grads": bad[:6], "n_bad": len(bad),
+                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "grad_norms": gn,
+                      "layer_max": {k: v for k, v in list(stats.items())[::8]}}), flush=True)
