@@ -28,7 +28,7 @@ for layers in [int(x) for x in sys.argv[1].split(",")]:
             if any(g is not None and not torch.isfinite(g).all() for g in list(gout) + list(gin)):
                 bad_mods.append(name)
         return f
-    hs = [m.register_full_backward_hook(hook(n)) for n, m in tr.model.named_modules() if n.count(".") <= 4 and n]
+    hs = [m.register_full_backward_hook(hook(n)) for n, m in tr.model.named_modules() if n.startswith("model.layers.") and n.count(".") <= 4]
     try:
         rec = tr.train_step(group)
         info["ok"] = {k: rec[k] for k in ("loss", "grad_norm")}
