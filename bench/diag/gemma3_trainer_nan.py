@@ -21,7 +21,9 @@ for layers in [int(x) for x in sys.argv[1].split(",")]:
     group = tr._epoch(0)[:1]
     b = group[0]
     info = {"layers": layers, "keys": sorted(b), "ids_max": int(b["input_ids"].max()), "ids_min": int(b["input_ids"].min()),
-            "pad_id": tr.pad_id, "n_target": int((b["labels"] != -100).sum())}
+            "pad_id": tr.pad_id, "n_target": int((b["labels"] != -100).sum()),
+            "pad_tokens_in_batch": int((b["input_ids"] == tr.pad_id).sum()),
+            "pad_embedding_norm": float(tr.model.model.embed_tokens.weight[tr.pad_id].float().norm())}
     bad_mods = []
     def hook(name):
         def f(mod, gin, gout):
