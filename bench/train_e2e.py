@@ -46,14 +46,22 @@ SHAPES = {
                num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, vocab_size=128256),
     "phi3": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, tie_word_embeddings=False, vocab_size=32064, sliding_window=2047),
+    # Gemma-3-12B's text tower: 5 sliding (1024) : 1 global layers, local RoPE base 10k, global 1M with linear x8
+    "gemma3-12b": dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=256, vocab_size=262208, sliding_window=1024,
+                       query_pre_attn_scalar=256, tie_word_embeddings=True),
+    # Phi-4 (14B): the phi3 architecture, fused qkv / gate_up, no sliding window
+    "phi4": dict(hidden_size=5120, intermediate_size=17920, num_hidden_layers=40, num_attention_heads=40,
+                 num_key_value_heads=10, tie_word_embeddings=False, vocab_size=100352, sliding_window=None),
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, vocab_size=4096),
 }
-PACKED_ROWS = {"1b": 4, "8b": 2, "phi3": 2, "tiny": 2}  # bench/train_speed.py's batch at seq 2048
+PACKED_ROWS = {"1b": 4, "8b": 2, "phi3": 2, "gemma3-12b": 2, "phi4": 2, "tiny": 2}  # bench/train_speed.py's batch at seq 2048
 
 
 def write_checkpoint(shape: str, folder: Path, device: str) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Phi3Config,
+                              Phi3ForCausalLM)
 
     from fasttune.build import tiny_model_path
 
@@ -61,6 +69,17 @@ def write_checkpoint(shape: str, folder: Path, device: str) -> None:
         cfg = Phi3Config(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
                          pad_token_id=2, torch_dtype="bfloat16")
         cls = Phi3ForCausalLM
+    elif shape == "phi4":
+        cfg = Phi3Config(**SHAPES[shape], max_position_embeddings=16384, rope_theta=250000.0, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2, torch_dtype="bfloat16")
+        cls = Phi3ForCausalLM
+    elif shape == "gemma3-12b":
+        cfg = Gemma3TextConfig(**SHAPES[shape], max_position_embeddings=131072, bos_token_id=1, eos_token_id=2,
+                               pad_token_id=0, torch_dtype="bfloat16",
+                               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                   "rope_theta": 1000000.0},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+        cls = Gemma3ForCausalLM
     else:
         cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
                           bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
