@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from ..adapters import lora_layers
+from ..adapters import disable_adapters, lora_layers
 from ..models.quantized import QuantizedLinear
 
 
@@ -44,10 +44,9 @@ def merged_lora(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
                 original.copy_(w)
                 saved.append((m, original))
                 w.copy_(m.merged_weight().to(w.dtype))
-                m.disabled = True
-        yield model
+        with disable_adapters(model):  # the merged base weights now carry the adapters
+            yield model
     finally:
         with torch.no_grad():
             for m, original in saved:
                 m.base.weight.copy_(original)
-                m.disabled = False
