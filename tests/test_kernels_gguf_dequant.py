@@ -22,8 +22,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarn
 
 import fasttune.kernels.gguf_dequant as gd  # noqa: E402
 from seeding import SESSION_SEED  # noqa: E402 - one seed for the whole session
-from test_models_gguf import F16_FIELDS  # noqa: E402
 
+# byte offsets of each format's f16 fields (kernels/gguf_dequant.py's docstring). Not imported from
+# test_models_gguf: that module skips itself without the `gguf` package, which would skip this one with it.
+F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
+              "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and type(gd._dequantize_gguf_kernel).__name__ != "InterpretedFunction":
     raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU; "
