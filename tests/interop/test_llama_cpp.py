@@ -54,8 +54,9 @@ from test_export_common import randomize_lora, save_tiny_hf  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 TINY_TOKENIZER = Path(fasttune.__file__).parent / "assets" / "tiny"
 TINY_VOCAB = 4013
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"]
-GELU_FAMILIES = ("gemma", "gemma2")
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gemma3_text", "olmo2", "granite",
+            "smollm3", "phi4mini"]
+GELU_FAMILIES = ("gemma", "gemma2", "gemma3_text")
 # hidden 256 so K-quant blocks (256 values) fit the rows; head_dim 64 for every family (and Gemma 2's
 # query_pre_attn_scalar with it, as Gemma 2 9B: llama.cpp takes the attention scale from head_dim)
 SHAPE = dict(hidden_size=256, intermediate_size=512, head_dim=64, max_position_embeddings=128)
@@ -98,7 +99,7 @@ def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
 
 def _model_dir(root: Path, family: str) -> Path:
     d = root / family
-    save_tiny_hf(d, family, vocab_size=TINY_VOCAB, **SHAPE, **(GEMMA2 if family == "gemma2" else {}))
+    save_tiny_hf(d, family, vocab_size=TINY_VOCAB, **SHAPE, **(GEMMA2 if family in ("gemma2", "gemma3_text") else {}))
     for f in TINY_TOKENIZER.glob("*token*.json"):
         shutil.copy(f, d / f.name)
     return d
@@ -178,9 +179,9 @@ def _q8_k(x):  # quantize_row_q8_K_ref: signed max, iscale = -127/max, q = min(1
 def _activation_types(model, path) -> dict:
     """weight data_ptr -> the activation format llama.cpp uses with that weight's type in the file."""
     spec = model.spec
-    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
-            "qwen3": gguf.MODEL_ARCH.QWEN3, "gemma": gguf.MODEL_ARCH.GEMMA, "gemma2": gguf.MODEL_ARCH.GEMMA2,
-            "phi3": gguf.MODEL_ARCH.PHI3}[spec.model_type]
+    from fasttune.export.gguf_writer import GGUF_ARCH
+
+    arch = GGUF_ARCH[spec.model_type]
     names = gguf.get_tensor_name_map(arch, spec.num_layers)
     types = {t.name: T(t.tensor_type) for t in gguf.GGUFReader(path).tensors}
     out = {}
