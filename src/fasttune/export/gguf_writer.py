@@ -470,37 +470,44 @@ def gemma3_llama_cpp_attn_scale(spec) -> float:
     return width ** -0.5
 
 
-def _add_family_hparams(w: gguf.GGUFWriter, spec) -> list[str]:
-    """Keys of Gemma 3, Granite and SmolLM3, and the refusals where llama.cpp fixes what the model sets."""
+def _llama_cpp_fixed_settings(spec) -> str | None:
+    """Why llama.cpp would run another model than `spec` (it fixes, instead of reading, settings this model sets
+    otherwise), or None. Gemma 3: the 5 sliding : 1 global pattern, the local RoPE (base 10000, unscaled), the
+    attention scale, no final soft-cap. SmolLM3: no RoPE on every fourth layer."""
     mt = spec.model_type
+    problems = []
     if mt == "gemma3_text":
-        problems = []
         pattern = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(spec.num_layers)]
         if spec.sliding_window is None or spec.layer_types != pattern:
             problems.append("its layers are not 5 sliding-window : 1 global (llama.cpp's fixed pattern)")
         local = spec.local_rope
         if local is None or local.theta != 10000.0 or local.kind != "default":
             problems.append("its sliding layers' RoPE is not base 10000 unscaled (llama.cpp's fixed local RoPE)")
-        if spec.attn_scale is not None and not math.isclose(spec.attn_scale, gemma3_llama_cpp_attn_scale(spec),
-                                                            rel_tol=1e-6):
+        want = gemma3_llama_cpp_attn_scale(spec)
+        if spec.attn_scale is not None and not math.isclose(spec.attn_scale, want, rel_tol=1e-6):
             problems.append(f"its query_pre_attn_scalar gives the attention scale {spec.attn_scale:.6g}, llama.cpp "
-                            f"uses {gemma3_llama_cpp_attn_scale(spec):.6g} for this size")
+                            f"uses {want:.6g} for this size")
         if spec.final_softcap is not None:
             problems.append("it soft-caps the final logits, which llama.cpp's gemma3 graph does not")
-        if problems:
-            raise GGUFExportError("this Gemma 3 model cannot be written as a llama.cpp gemma3 GGUF: "
-                                  + "; ".join(problems) + ". Export --format merged instead")
+    if mt == "smollm3" and spec.rope_layers and \
+            list(spec.rope_layers) != [(i + 1) % 4 != 0 for i in range(spec.num_layers)]:
+        problems.append("its RoPE-free layers are not every fourth layer, the pattern llama.cpp's smollm3 graph "
+                        "fixes")
+    if not problems:
+        return None
+    return (f"this {_ARCH_NAMES.get(mt, mt)} model cannot be written as a llama.cpp GGUF: " + "; ".join(problems)
+            + ". Export --format merged instead")
+
+
+def _add_family_hparams(w: gguf.GGUFWriter, spec) -> list[str]:
+    """Keys of Gemma 3 and Granite (what check_gguf_supported refuses never gets here)."""
+    if spec.model_type == "gemma3_text":
         w.add_sliding_window(spec.sliding_window)
-    elif mt == "granite":
+    elif spec.model_type == "granite":
         w.add_embedding_scale(spec.embedding_multiplier or 1.0)
         w.add_residual_scale(spec.residual_scale or 1.0)
         w.add_attention_scale(spec.attn_scale if spec.attn_scale is not None else spec.head_dim ** -0.5)
         w.add_logit_scale(spec.logits_scaling or 1.0)
-    elif mt == "smollm3":
-        every_fourth = [(i + 1) % 4 != 0 for i in range(spec.num_layers)]
-        if spec.rope_layers and list(spec.rope_layers) != every_fourth:
-            raise GGUFExportError("this SmolLM3 model's RoPE-free layers are not every fourth layer, which is the "
-                                  "pattern llama.cpp's smollm3 graph fixes: export --format merged instead")
     return []
 
 
@@ -540,6 +547,9 @@ def check_gguf_supported(spec) -> None:
             f"GGUF export of {spec.model_type} models is not supported (fasttune writes GGUF for "
             f"{', '.join(GGUF_ARCH)}): export with --format merged and convert that folder with llama.cpp's "
             "convert_hf_to_gguf.py")
+    problem = _llama_cpp_fixed_settings(spec)
+    if problem:
+        raise GGUFExportError(problem)
 
 
 def gguf_tensor_plan(model: nn.Module, quant: str = "q8_0") -> list[tuple[str, Callable[[], torch.Tensor], tuple, T]]:
