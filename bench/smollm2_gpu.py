@@ -68,9 +68,9 @@ def weight_bytes(model) -> int:
 
 
 def run_case(name: str, gguf: Path, keep_quantized: bool, args, demo, workdir: Path) -> dict:
-    from fasttune.lora import disable_adapters
+    from fasttune.adapters import disable_adapters
     from fasttune.models.gguf_linear import gguf_linears
-    from fasttune.train.chat import ChatSession
+    from fasttune.chat import ChatSession
     from fasttune.train.config import TrainConfig
     from fasttune.train.trainer import Trainer
 

@@ -134,7 +134,7 @@ def test_dispatch(monkeypatch):
 def test_gguf_linear_triton_path_equals_reference_path(monkeypatch, type_name):
     """A GGUFLinear with a LoRA adapter, in bf16: forward and every gradient identical whichever path dequantises
     (the Triton kernel writes bf16 directly; the reference dequantises to float32 and casts)."""
-    from fasttune.lora import LoraLinear
+    from fasttune.adapters import LoraLinear
     from fasttune.models.gguf_linear import GGUFLinear
 
     out_f, in_f = 24, 512
@@ -198,7 +198,7 @@ def _time(fn, reps: int = 20) -> float:
 def test_gpu_gguf_linear_never_holds_a_float32_weight():
     """A 14336 x 4096 Q4_K GGUFLinear with LoRA, bf16, forward + backward: the peak memory above the blocks and
     activations is one bf16 weight (117 MB), not a float32 one (235 MB) plus its cast."""
-    from fasttune.lora import LoraLinear
+    from fasttune.adapters import LoraLinear
     from fasttune.models.gguf_linear import GGUFLinear
 
     out_f, in_f = 14336, 4096

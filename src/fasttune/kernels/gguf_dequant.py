@@ -1,4 +1,4 @@
-"""Dequantisation of GGUF (ggml) tensor blocks to float32, in plain PyTorch.
+"""Dequantisation of GGUF (ggml) tensor blocks: the PyTorch reference (float32) and one Triton kernel.
 
 This is the reference (and CPU) path for reading GGUF files; it is bit-exact with the `gguf` package's numpy
 `gguf.quants.dequantize` because it performs the same float32 operations in the same order (products and sums
@@ -52,11 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs use the reference
-    triton = None
+from ._triton import tl, triton
 
 
 @dataclass(frozen=True)
