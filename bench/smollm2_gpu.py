@@ -151,7 +151,14 @@ def main() -> None:
         sys.exit("no CUDA device: run on a GPU, or --device cpu --dtype float32 for a smoke test")
 
     demo = _script("demo_smollm2")
-    gguf = Path(args.gguf) if args.gguf else _script("fetch_smollm2").fetch()
+    if args.gguf:
+        gguf = Path(args.gguf)
+    else:
+        fetch = _script("fetch_smollm2")
+        try:
+            gguf = fetch.fetch()
+        except fetch.FetchError as e:  # e.g. a GPU machine without network: carry the file and pass --gguf
+            sys.exit(f"SmolLM2-135M-Instruct GGUF not available ({e}); pass --gguf PATH")
     if not gguf.is_file():
         sys.exit(f"{gguf}: no such file")
     start = time.perf_counter()
