@@ -166,3 +166,11 @@ def test_tied_phi4_mini_with_a_separate_lm_head_in_the_files(tmp_path):
     save_file(state, str(f), metadata={"format": "pt"})
     [finding] = diagnose(p).by_check("tied-embeddings")
     assert finding.severity == "error"
+
+
+def test_cli_dtype_flag(gemma3_dir, capsys):
+    from fasttune.cli import main
+
+    assert main(["doctor", str(gemma3_dir), "--dtype", "fp16", "--quiet"]) == 1
+    assert "float16-overflow" in capsys.readouterr().out
+    assert main(["doctor", str(gemma3_dir), "--dtype", "bf16", "--quiet"]) == 0
