@@ -25,13 +25,28 @@ def tiny_config(family: str, **overrides):
                   bos_token_id=0, eos_token_id=1, pad_token_id=2)
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config, "gemma": transformers.GemmaConfig,
-           "gemma2": transformers.Gemma2Config, "phi3": transformers.Phi3Config}[family]
+           "gemma2": transformers.Gemma2Config, "phi3": transformers.Phi3Config, "phi4mini": transformers.Phi3Config,
+           "gemma3_text": transformers.Gemma3TextConfig, "olmo2": transformers.Olmo2Config,
+           "granite": transformers.GraniteConfig, "smollm3": transformers.SmolLM3Config}[family]
     extra = {"qwen3": dict(head_dim=16), "gemma": dict(head_dim=16),
              "gemma2": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
-                            final_logit_softcapping=3.0)}.get(family, {})
+                            final_logit_softcapping=3.0),
+             # six layers: llama.cpp's fixed 5 sliding : 1 global pattern; query_pre_attn_scalar = head_dim
+             "gemma3_text": dict(head_dim=16, num_hidden_layers=6, sliding_window=8, query_pre_attn_scalar=16),
+             "granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                             logits_scaling=8.0),
+             "smollm3": dict(num_hidden_layers=4),  # layer 3 has no RoPE
+             }.get(family, {})
+    if family == "phi4mini":  # Phi-4-mini's shape of the phi3 architecture: partial rotary, long-RoPE, tied
+        head_dim = overrides.get("head_dim") or overrides.get("hidden_size", common["hidden_size"]) // 4
+        n = int(head_dim * 0.75) // 2  # one factor per rotary frequency
+        extra = dict(partial_rotary_factor=0.75, tie_word_embeddings=True, original_max_position_embeddings=64,
+                     rope_scaling={"type": "longrope", "short_factor": [1.0 + i / 100 for i in range(n)],
+                                   "long_factor": [2.0 + i / 10 for i in range(n)]})
+        common.update({k: overrides[k] for k in ("hidden_size", "max_position_embeddings") if k in overrides})
     if family in ("llama", "qwen2", "phi3", "mistral"):
         extra["tie_word_embeddings"] = False
-    cfg = cls(**common, **extra)
+    cfg = cls(**{**common, **extra})
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg

@@ -95,3 +95,35 @@ def test_paths_that_are_not_repo_ids_come_back_unchanged(tmp_path):
     missing = tmp_path / "no" / "such" / "folder"
     assert resolve_pretrained(missing) == missing  # the loader reports it as missing, as before
     assert resolve_pretrained("model.gguf") == Path("model.gguf")
+
+
+# ---- the commands that take a model: doctor and export ----------------------------------------------------------
+
+def test_doctor_takes_a_repo_id_from_the_cache(offline_cache, tmp_path, capsys):
+    from fasttune.cli import main
+    from fasttune.doctor import diagnose
+
+    report = diagnose("acme/tiny-model")
+    assert report.folder.path == offline_cache / "snapshots" / MAIN_SHA
+    assert report.model_dir == "acme/tiny-model"
+    assert "internal" not in {f.check for f in report.findings}
+    assert main(["doctor", "acme/tiny-model", "--quiet", "--json", str(tmp_path / "r.json")]) in (0, 1)
+    assert "acme/tiny-model" in capsys.readouterr().out
+    # not cached, offline: the same one error as fasttune.load, exit code 2
+    assert main(["doctor", "acme/other-model"]) == 2
+    out = capsys.readouterr().out
+    assert "models--acme--other-model" in out and "HF_HUB_OFFLINE" in out
+
+
+def test_export_takes_a_repo_id_from_the_cache(offline_cache, tmp_path, capsys):
+    from fasttune.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["export", "acme/tiny-model", str(out), "--format", "merged", "--dtype", "float32"]) == 0, \
+        capsys.readouterr()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(load_model(out, dtype="float32")(ids).logits, load_model(TINY, dtype="float32")(ids).logits)
+    assert main(["export", "acme/other-model", str(tmp_path / "x"), "--format", "merged"]) == 2
+    err = capsys.readouterr().err
+    assert "models--acme--other-model" in err and "HF_HUB_OFFLINE" in err

@@ -321,16 +321,57 @@ def test_lora_merged_export_loads_in_transformers(tmp_path, family):
         assert rel_err(hf(ids).logits, ours) <= FP32_TOL
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "phi4mini"])
-def test_gguf_export_refused_with_what_to_do(tmp_path, family, capsys):
-    """No llama.cpp layout is written for these families yet: the CLI refuses before loading the model."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_export_through_the_cli(tmp_path, family, capsys):
+    """`fasttune export --format gguf` writes each new family in llama.cpp's architecture (tests/interop runs the
+    files in llama.cpp itself); the 2-D weights read back equal the model's (F32). Gemma 3 takes
+    query_pre_attn_scalar = head_dim here, as llama.cpp fixes the scale (the refusal of the others: next test)."""
+    gguf = pytest.importorskip("gguf")
+    from fasttune.export.cli import main
+    from fasttune.export.gguf_writer import GGUF_ARCH, read_gguf_weights
+    from fasttune.export.merged import iter_merged_tensors
+
+    import shutil
+    from pathlib import Path
+
+    import fasttune
+
+    tiny_tokenizer = Path(fasttune.__file__).parent / "assets" / "tiny"  # a real BPE tokenizer of 4013 tokens
+    overrides = {"query_pre_attn_scalar": 16} if family == "gemma3" else {}
+    build_pair(tmp_path / "base", family, vocab_size=4013, **overrides)
+    for f in tiny_tokenizer.glob("*token*.json"):
+        shutil.copy(f, tmp_path / "base" / f.name)
+    assert main(["--format", "gguf", "--quant", "f32", str(tmp_path / "base"), str(tmp_path / "out")]) == 0, \
+        capsys.readouterr().err
+    [path] = (tmp_path / "out").glob("*.gguf")
+    model = load_model(tmp_path / "base")
+    arch = gguf.GGUFReader(path).fields["general.architecture"]
+    assert bytes(arch.parts[-1]).decode() == gguf.MODEL_ARCH_NAMES[GGUF_ARCH[model.spec.model_type]]
+    back = read_gguf_weights(path, model)
+    merged = {n: fn() for n, fn, shape in iter_merged_tensors(model) if len(shape) == 2}
+    assert set(back) == set(merged)
+    for name, w in back.items():
+        assert torch.equal(w, merged[name]), name
+
+
+@pytest.mark.parametrize("case", ["gemma3 scale", "gemma3 pattern", "smollm3 nope"])
+def test_gguf_export_refuses_what_llama_cpp_fixes(tmp_path, case, capsys):
+    """llama.cpp fixes some settings instead of reading them (Gemma 3's attention scale, 5:1 layer pattern and
+    local RoPE; SmolLM3's every-fourth NoPE layer): a model that differs is refused before loading, saying why."""
     pytest.importorskip("gguf")
     from fasttune.export.cli import main
 
-    build_pair(tmp_path / "base", family)
+    family, overrides, reason = {
+        "gemma3 scale": ("gemma3", {}, "query_pre_attn_scalar gives the attention scale 0.223607, llama.cpp uses 0.25"),
+        "gemma3 pattern": ("gemma3", {"query_pre_attn_scalar": 16, "layer_types": ["sliding_attention",
+                                                                                    "full_attention"] * 3 +
+                                      ["sliding_attention"]}, "not 5 sliding-window : 1 global"),
+        "smollm3 nope": ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "not every fourth layer"),
+    }[case]
+    build_pair(tmp_path / "base", family, **overrides)
     assert main(["--format", "gguf", str(tmp_path / "base"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "GGUF export of" in err and "not supported" in err and "--format merged" in err
+    assert reason in err and "--format merged" in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -16,9 +16,10 @@ from .report import Finding, Report
 
 
 def diagnose(model_dir: str | os.PathLike, data: str | os.PathLike | None = None, max_data_rows: int = 1000,
-             checks: list[str] | None = None) -> Report:
-    """Run every check (or those named in `checks`) on `model_dir`; never raises for a broken model."""
-    folder = ModelFolder(model_dir, data=data, max_data_rows=max_data_rows)
+             checks: list[str] | None = None, dtype: str | None = None) -> Report:
+    """Run every check (or those named in `checks`) on `model_dir`; never raises for a broken model. `dtype`: the
+    dtype it is meant to be trained in (float16 / bfloat16 / float32), for the checks that depend on it."""
+    folder = ModelFolder(model_dir, data=data, max_data_rows=max_data_rows, dtype=dtype)
     report = Report(str(model_dir), folder=folder)
     for name, check in ALL_CHECKS:
         if checks is not None and name not in checks:

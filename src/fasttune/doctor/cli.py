@@ -13,10 +13,13 @@ from .compare_cli import add_compare_arguments, run_compare
 
 def add_doctor_arguments(parser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model folder (config.json, safetensors, "
-                                                               "tokenizer)")
+                                                               "tokenizer), a GGUF file, or a Hub repo id (org/name: "
+                                                               "the Hugging Face cache, else a download)")
     parser.add_argument("--data", default=None, help="dataset file to check for untrained tokens (jsonl, json, csv, "
                                                      "parquet, xlsx, txt)")
     parser.add_argument("--data-rows", type=int, default=1000, help="rows of --data to tokenize (default 1000)")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32", "fp16", "bf16", "fp32"], default=None,
+                        help="the dtype you mean to train in (checks families that overflow float16)")
     parser.add_argument("--fix", metavar="OUT_DIR", default=None, help="write a repaired copy of the model here")
     parser.add_argument("--json", default=None, help="also write the findings as JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="hide informational notes")
@@ -25,7 +28,7 @@ def add_doctor_arguments(parser) -> None:
 def run_doctor(args) -> int:
     """Exit code: 1 when an error remains (after --fix: in the repaired copy), else 0."""
     try:
-        report = diagnose(args.model_dir, data=args.data, max_data_rows=args.data_rows)
+        report = diagnose(args.model_dir, data=args.data, max_data_rows=args.data_rows, dtype=args.dtype)
     except FileNotFoundError as e:
         print(f"fasttune doctor: {e}")
         return 2
@@ -40,7 +43,7 @@ def run_doctor(args) -> int:
     print(f"\nrepairing into {args.fix}:")
     for line in repair(report, args.fix):
         print(f"  {line}")
-    after = diagnose(args.fix, data=args.data, max_data_rows=args.data_rows)
+    after = diagnose(args.fix, data=args.data, max_data_rows=args.data_rows, dtype=args.dtype)
     left = after.problems()
     print(f"\nafter repair: {len(left)} problem(s) left" + ("" if not left else ":"))
     for f in left:

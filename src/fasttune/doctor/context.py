@@ -110,16 +110,31 @@ def _gguf_as_folder(path: Path) -> Path:
     return gguf_to_hf_folder(path, tmp / path.stem, dtype=torch.bfloat16)
 
 
+def _resolve(path: str | os.PathLike) -> Path:
+    """A local folder or file as it is; a Hub repo id ("org/name") from the Hugging Face cache, else downloaded
+    unless HF_HUB_OFFLINE: the resolution fasttune.load uses (models.checkpoint.resolve_pretrained)."""
+    from ..models.checkpoint import CheckpointError, resolve_pretrained
+
+    try:
+        return resolve_pretrained(path)
+    except CheckpointError as e:
+        raise FileNotFoundError(str(e)) from None
+
+
 class ModelFolder:
-    def __init__(self, path: str | os.PathLike, data: str | os.PathLike | None = None, max_data_rows: int = 1000):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, data: str | os.PathLike | None = None, max_data_rows: int = 1000,
+                 dtype: str | None = None):
+        self.path = _resolve(path)
+        # the dtype the model is meant to be trained / run in (None: not said; the checks then go by the config)
+        self.dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
         self.notes: list[str] = []  # what could not be examined, for the report
         if self.path.suffix == ".gguf" and self.path.is_file():
             self.path = _gguf_as_folder(self.path)
             self.notes.append(f"{path} is a GGUF file: examined as the Hugging Face folder it converts to "
                               "(bf16 weights, its tokenizer and chat template)")
         if not self.path.is_dir():
-            raise FileNotFoundError(f"{self.path} is not a folder: point `fasttune doctor` at a Hugging Face model folder")
+            raise FileNotFoundError(f"{self.path} is not a folder: point `fasttune doctor` at a Hugging Face model "
+                                    "folder, a GGUF file or a Hub repo id (org/name)")
         cfg_file = self.path / "config.json"
         if not cfg_file.exists():
             raise FileNotFoundError(f"no config.json in {self.path}: point `fasttune doctor` at a Hugging Face model folder")

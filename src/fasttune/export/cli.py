@@ -22,7 +22,9 @@ QUANT_NAMES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="base model folder (or an adapter folder)")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="base model folder, GGUF file or Hub repo id "
+                                                               "(org/name: the Hugging Face cache, else a download), "
+                                                               "or an adapter folder")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must be empty or absent unless --force)")
     parser.add_argument("--format", required=True, choices=("adapter", "merged", "gguf"))
     parser.add_argument("--adapter", metavar="DIR", help="trained weights to apply: a run's adapter/ folder, one of "

@@ -5,7 +5,14 @@ convert_hf_to_gguf.py conventions:
 - Llama / Mistral: q_proj and k_proj rows are permuted from Hugging Face's "rotate halves" RoPE layout to
   llama.cpp's interleaved pairs:  W.reshape(heads, 2, d/2, in).swapaxes(1, 2)  (Qwen, Gemma, Phi-3 use NEOX RoPE
   in llama.cpp and are written as they are);
-- Gemma / Gemma 2: RMSNorm weights are stored as (1 + w), llama.cpp applies them as plain multipliers;
+- Gemma / Gemma 2 / Gemma 3: RMSNorm weights (q/k norms included) are stored as (1 + w), llama.cpp applies them
+  as plain multipliers;
+- Gemma 3: llama.cpp fixes the layer pattern (5 sliding : 1 global), the local RoPE base (10000, unscaled) and
+  the attention scale (head_dim^-1/2; hidden / heads on the 62-layer 27B) instead of reading them: a model that
+  differs is refused, as is a final logit soft-cap; a linear RoPE scaling of the global layers is written;
+- Granite: its four multipliers as general scale keys (embedding, residual, attention, logit);
+- SmolLM3: llama.cpp skips RoPE on every fourth layer (fixed), so another NoPE pattern is refused;
+- OLMo 2: q/k norms over the whole projection and post-norms map onto llama.cpp's olmo2 tensors as they are;
 - Phi-3: q/k/v and gate/up written fused (attn_qkv, ffn_up) as its checkpoints are;
 - 1-D tensors (norms, biases) always F32; a 2-D tensor whose rows do not split into the quant's blocks falls back
   to F16; Llama-3 RoPE scaling becomes a `rope_freqs` tensor, Phi-3 LongRoPE `rope_factors_long/short`.
@@ -51,7 +58,8 @@ from .merged import DEQUANTISED_NOTE, ExportResult, has_nf4, iter_merged_tensors
 T = gguf.GGMLQuantizationType
 GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
              "qwen3": gguf.MODEL_ARCH.QWEN3, "gemma": gguf.MODEL_ARCH.GEMMA, "gemma2": gguf.MODEL_ARCH.GEMMA2,
-             "phi3": gguf.MODEL_ARCH.PHI3}
+             "phi3": gguf.MODEL_ARCH.PHI3, "gemma3_text": gguf.MODEL_ARCH.GEMMA3, "olmo2": gguf.MODEL_ARCH.OLMO2,
+             "granite": gguf.MODEL_ARCH.GRANITE, "smollm3": gguf.MODEL_ARCH.SMOLLM3}
 QUANT_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1,
                "q5_0": T.Q5_0, "q5_1": T.Q5_1}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -67,7 +75,11 @@ FILE_TYPES.update({k: v[1] for k, v in K_PRESETS.items()})
 K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 # llama.cpp's tensor_type_fallback: a row length that is not a multiple of 256 takes a 32-value type
 _K_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
-PERMUTED_ROPE = ("llama", "mistral")
+# llama.cpp runs these with its "normal" (interleaved-pair) RoPE, so convert_hf_to_gguf permutes their q/k rows;
+# the other families use its NEOX RoPE (Hugging Face's rotate-halves layout) and are written as they are
+PERMUTED_ROPE = ("llama", "mistral", "granite", "smollm3")
+# families whose llama.cpp loader requires output.weight even when the embeddings are tied (OLMo 2)
+_OUTPUT_REQUIRED = ("olmo2",)
 # substrings of general.name that change llama.cpp's vocabulary loading (llama-vocab.cpp), and the tokens that the
 # "phi-3" rule looks up (a missing one is a load error: unordered_map::at)
 _NAME_TRIGGERS = ("phi-3", "phi3")
@@ -352,13 +364,14 @@ def _add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, spec, chat_template: str |
     if add_bos_eos is not None:  # what the tokenizer does, not gguf's reading of its config files
         special.add_special_token["bos"], special.add_special_token["eos"] = add_bos_eos
     special.add_to_gguf(w, quiet=True)
-    if spec.model_type in ("gemma", "gemma2"):
+    if spec.model_type in ("gemma", "gemma2", "gemma3_text"):
         w.add_add_space_prefix(False)
     return tokens
 
 
 _ARCH_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-               "gemma2": "Gemma 2", "phi3": "Phi-3"}
+               "gemma2": "Gemma 2", "phi3": "Phi-3", "gemma3_text": "Gemma 3", "olmo2": "OLMo 2",
+               "granite": "Granite", "smollm3": "SmolLM3"}
 
 
 def model_name(spec) -> str:
@@ -404,8 +417,9 @@ def _add_hparams(w: gguf.GGUFWriter, spec, file_type: int) -> list[str]:
     rot = int(spec.head_dim * spec.rope.partial_rotary_factor)
     w.add_rope_dimension_count(rot)
     w.add_file_type(file_type)
-    if spec.model_type in ("llama", "mistral"):
+    if spec.model_type in ("llama", "mistral", "granite", "smollm3"):
         w.add_vocab_size(spec.vocab_size)
+    notes += _add_family_hparams(w, spec)
     if spec.model_type == "gemma2":
         if spec.attn_softcap is None or spec.final_softcap is None or spec.sliding_window is None:
             # llama.cpp's gemma2 loader falls back to its own defaults (caps 50 / 30, window 4096) when a key is
@@ -419,7 +433,7 @@ def _add_hparams(w: gguf.GGUFWriter, spec, file_type: int) -> list[str]:
         if spec.attn_scale is not None and not math.isclose(spec.attn_scale, spec.head_dim ** -0.5):
             notes.append("Gemma 2 query_pre_attn_scalar != head_dim: llama.cpp picks the attention scale from the "
                          "model size, check it matches for this model")
-    if spec.sliding_window and spec.model_type not in ("gemma2", "phi3"):
+    if spec.sliding_window and spec.model_type not in ("gemma2", "phi3", "gemma3_text"):
         # llama.cpp's converter drops Mistral's (and Qwen2's) window too; say so rather than let outputs differ quietly
         notes.append(f"sliding-window attention ({spec.sliding_window} tokens) has no GGUF key for "
                      f"{spec.model_type}: llama.cpp attends to the whole context, so outputs differ from this model's "
@@ -435,7 +449,7 @@ def _add_hparams(w: gguf.GGUFWriter, spec, file_type: int) -> list[str]:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(spec.rope.factor)
         w.add_rope_scaling_orig_ctx_len(spec.rope.original_max_position_embeddings)
-    elif kind == "longrope" and spec.model_type == "phi3":
+    elif kind == "longrope" and spec.model_type == "phi3":  # Phi-3.5 / Phi-4-mini (factors: _extra_tensors)
         orig = spec.rope.original_max_position_embeddings
         scale = spec.max_position_embeddings / orig
         attn = spec.rope.attention_factor
@@ -447,6 +461,54 @@ def _add_hparams(w: gguf.GGUFWriter, spec, file_type: int) -> list[str]:
     elif kind not in ("default", "llama3"):
         raise GGUFExportError(f"RoPE scaling {kind!r} on {spec.model_type} cannot be expressed in GGUF")
     return notes
+
+
+def gemma3_llama_cpp_attn_scale(spec) -> float:
+    """The attention scale llama.cpp's gemma3 loader sets (it reads no key): by the model's size, from the layer
+    count, hidden / heads for the 62-layer 27B and head_dim for every other."""
+    width = spec.hidden_size // spec.num_heads if spec.num_layers == 62 else spec.head_dim
+    return width ** -0.5
+
+
+def _llama_cpp_fixed_settings(spec) -> str | None:
+    """Why llama.cpp would run another model than `spec` (it fixes, instead of reading, settings this model sets
+    otherwise), or None. Gemma 3: the 5 sliding : 1 global pattern, the local RoPE (base 10000, unscaled), the
+    attention scale, no final soft-cap. SmolLM3: no RoPE on every fourth layer."""
+    mt = spec.model_type
+    problems = []
+    if mt == "gemma3_text":
+        pattern = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(spec.num_layers)]
+        if spec.sliding_window is None or spec.layer_types != pattern:
+            problems.append("its layers are not 5 sliding-window : 1 global (llama.cpp's fixed pattern)")
+        local = spec.local_rope
+        if local is None or local.theta != 10000.0 or local.kind != "default":
+            problems.append("its sliding layers' RoPE is not base 10000 unscaled (llama.cpp's fixed local RoPE)")
+        want = gemma3_llama_cpp_attn_scale(spec)
+        if spec.attn_scale is not None and not math.isclose(spec.attn_scale, want, rel_tol=1e-6):
+            problems.append(f"its query_pre_attn_scalar gives the attention scale {spec.attn_scale:.6g}, llama.cpp "
+                            f"uses {want:.6g} for this size")
+        if spec.final_softcap is not None:
+            problems.append("it soft-caps the final logits, which llama.cpp's gemma3 graph does not")
+    if mt == "smollm3" and spec.rope_layers and \
+            list(spec.rope_layers) != [(i + 1) % 4 != 0 for i in range(spec.num_layers)]:
+        problems.append("its RoPE-free layers are not every fourth layer, the pattern llama.cpp's smollm3 graph "
+                        "fixes")
+    if not problems:
+        return None
+    return (f"this {_ARCH_NAMES.get(mt, mt)} model cannot be written as a llama.cpp GGUF: " + "; ".join(problems)
+            + ". Export --format merged instead")
+
+
+def _add_family_hparams(w: gguf.GGUFWriter, spec) -> list[str]:
+    """Keys of Gemma 3 and Granite (what check_gguf_supported refuses never gets here)."""
+    if spec.model_type == "gemma3_text":
+        w.add_sliding_window(spec.sliding_window)
+    elif spec.model_type == "granite":
+        w.add_embedding_scale(spec.embedding_multiplier or 1.0)
+        w.add_residual_scale(spec.residual_scale or 1.0)
+        w.add_attention_scale(spec.attn_scale if spec.attn_scale is not None else spec.head_dim ** -0.5)
+        w.add_logit_scale(spec.logits_scaling or 1.0)
+    return []
 
 
 def _extra_tensors(spec) -> list[tuple[str, torch.Tensor]]:
@@ -477,14 +539,17 @@ def _extra_tensors(spec) -> list[tuple[str, torch.Tensor]]:
 # ---- export ----------------------------------------------------------------------------------------------------
 
 def check_gguf_supported(spec) -> None:
-    """Refuse, before any work, a family this writer has no llama.cpp layout for: its quirks (OLMo 2's norm
-    placement, Granite's multipliers, SmolLM3's NoPE layers, Gemma 3's local RoPE base) would be dropped silently
-    and llama.cpp would run a different model."""
+    """Refuse, before any work, a family this writer has no llama.cpp layout for: its quirks would be dropped
+    silently and llama.cpp would run a different model. (Settings of a supported family that llama.cpp cannot
+    express are refused when the hyper-parameters are written, with the reason.)"""
     if spec.model_type not in GGUF_ARCH:
         raise GGUFExportError(
             f"GGUF export of {spec.model_type} models is not supported (fasttune writes GGUF for "
             f"{', '.join(GGUF_ARCH)}): export with --format merged and convert that folder with llama.cpp's "
             "convert_hf_to_gguf.py")
+    problem = _llama_cpp_fixed_settings(spec)
+    if problem:
+        raise GGUFExportError(problem)
 
 
 def gguf_tensor_plan(model: nn.Module, quant: str = "q8_0") -> list[tuple[str, Callable[[], torch.Tensor], tuple, T]]:
@@ -510,6 +575,9 @@ def gguf_tensor_plan(model: nn.Module, quant: str = "q8_0") -> list[tuple[str, C
         if spec.norm_unit_offset and hf_name.endswith("norm.weight"):
             fn = (lambda fn=fn: fn() + 1.0)
         plan.append((new, fn, shape, _tensor_type(new, shape, qtype)))
+    if spec.tie_word_embeddings and spec.model_type in _OUTPUT_REQUIRED:
+        embed = next(p for p in plan if p[0] == "token_embd.weight")
+        plan.append(("output.weight", embed[1], embed[2], _tensor_type("output.weight", embed[2], qtype)))
     for name, t in _extra_tensors(spec):
         plan.append((name, (lambda t=t: t.float()), tuple(t.shape), T.F32))
     if quant in K_PRESETS:

@@ -1,4 +1,4 @@
-"""Dequantisation of GGUF (ggml) tensor blocks to float32, in plain PyTorch.
+"""Dequantisation of GGUF (ggml) tensor blocks: the PyTorch reference (float32) and one Triton kernel.
 
 This is the reference (and CPU) path for reading GGUF files; it is bit-exact with the `gguf` package's numpy
 `gguf.quants.dequantize` because it performs the same float32 operations in the same order (products and sums
@@ -37,12 +37,22 @@ Block layouts (bytes) and math, per block:
           16 sub-blocks of 16 with int8 scales; 6-bit q = low 4 bits | high 2 bits << 4, minus 32. Low nibbles:
           ql[64*h + l] low nibble is value 128*h + l, high nibble value 128*h + 64 + l (l < 64); high bits:
           qh[32*h + l] bits 2s..2s+1 belong to value 128*h + 32*s + l.   x = (d * scale) * q
+
+Two implementations: `dequantize` (plain PyTorch, float32: the CPU path and the test oracle) and
+`dequantize_triton` (one Triton kernel for every block format, straight into float32, bfloat16 or float16). The
+kernel does the same float32 operations with fused multiply-add disabled, then rounds once to the output dtype
+(round to nearest even), so its output equals `dequantize(...).to(dtype)` bit for bit. `dequantize_gguf` picks
+between them (Triton on CUDA or FASTTUNE_KERNELS=triton), as every op in fasttune.kernels. No float32 copy of
+the whole weight exists on the Triton path: each program decodes ROWS blocks in registers and stores them in the
+output dtype.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from ._triton import tl, triton
 
 
 @dataclass(frozen=True)
@@ -230,3 +240,169 @@ def dequantize(data: torch.Tensor, type_id: int, shape: tuple[int, ...] | torch.
     for i in range(0, blocks.shape[0], chunk_blocks):
         out[i:i + chunk_blocks] = decode(blocks[i:i + chunk_blocks])
     return out.reshape(shape)
+
+
+
+# ---- Triton: one kernel, every block format; a program decodes ROWS blocks as a (ROWS, NSUB, SUB) tile ---------
+# Value v = SUB * j + l of a block (j the sub-block, l < SUB); per-sub-block scales are loaded once as
+# (ROWS, NSUB, 1) and broadcast over l. Bytes are loaded one per value (neighbouring lanes read neighbouring or the
+# same bytes, so the loads coalesce); f16 fields are assembled from their two little-endian bytes.
+
+_TILE = {  # type_id -> (NSUB, SUB): the tile shape of one block
+    8: (1, 32), 2: (2, 16), 3: (2, 16), 6: (2, 16), 7: (2, 16),
+    10: (16, 16), 11: (16, 16), 12: (8, 32), 13: (8, 32), 14: (16, 16),
+}
+
+if triton is not None:
+
+    @triton.jit
+    def _u8(ptr, off, mask):
+        return tl.load(ptr + off, mask=mask, other=0).to(tl.int32)
+
+    @triton.jit
+    def _f16_field(ptr, off, mask):
+        """The little-endian IEEE half at byte `off`, widened to float32 (exact)."""
+        bits = _u8(ptr, off, mask) | (_u8(ptr, off + 1, mask) << 8)
+        return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _k_scale_min_field(ptr, s, j, mask):
+        """Q4_K / Q5_K: six-bit scale and min of sub-block j (0..7) from the 12 bytes at s (module docstring)."""
+        lo = j < 4
+        a = _u8(ptr, s + j, mask)  # j < 4: s[j]
+        b = _u8(ptr, s + j + 4, mask)  # j < 4: s[j+4]; j >= 4: s[j+4] (bytes 8..11)
+        c = _u8(ptr, s + tl.where(lo, j, j - 4), mask)  # j >= 4: s[j-4]
+        sc = tl.where(lo, a & 63, (b & 15) | ((c >> 6) << 4))
+        mn = tl.where(lo, b & 63, (b >> 4) | ((a >> 6) << 4))
+        return sc.to(tl.float32), mn.to(tl.float32)
+
+    @triton.jit
+    def _dequantize_gguf_kernel(
+        blocks_ptr,  # uint8 (num_blocks * TYPE_SIZE,)
+        out_ptr,  # (num_blocks * NSUB * SUB,) float32 / bfloat16 / float16
+        num_blocks,
+        FMT: tl.constexpr,  # ggml type id
+        TYPE_SIZE: tl.constexpr,
+        NSUB: tl.constexpr,
+        SUB: tl.constexpr,
+        ROWS: tl.constexpr,  # blocks per program
+        OUT_BF16: tl.constexpr,
+    ):
+        blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        b = (blk * TYPE_SIZE)[:, None, None]  # (ROWS, 1, 1) byte offset of each block
+        ok = (blk < num_blocks)[:, None, None]
+        j = tl.arange(0, NSUB)[None, :, None]  # (1, NSUB, 1)
+        l = tl.arange(0, SUB)[None, None, :]  # (1, 1, SUB)
+        okj = ok & (j < NSUB)  # (ROWS, NSUB, 1)
+        m = okj & (l < SUB)  # (ROWS, NSUB, SUB)
+        if FMT == 8:  # Q8_0
+            d = _f16_field(blocks_ptr, b, ok)
+            q = tl.load(blocks_ptr + b + 2 + l, mask=m, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+            x = q * d
+        elif FMT == 2:  # Q4_0: x = d * (nibble - 8)
+            d = _f16_field(blocks_ptr, b, ok)
+            q = (_u8(blocks_ptr, b + 2 + l, m) >> (4 * j)) & 15
+            x = d * (q - 8).to(tl.float32)
+        elif FMT == 3:  # Q4_1: x = d * nibble + m
+            d = _f16_field(blocks_ptr, b, ok)
+            mn = _f16_field(blocks_ptr, b + 2, ok)
+            q = (_u8(blocks_ptr, b + 4 + l, m) >> (4 * j)) & 15
+            x = d * q.to(tl.float32) + mn
+        elif FMT == 6:  # Q5_0: bit v of the u32 qh is the fifth bit of value v = 16 j + l
+            d = _f16_field(blocks_ptr, b, ok)
+            hi = (_u8(blocks_ptr, b + 2 + 2 * j + l // 8, m) >> (l % 8)) & 1
+            q = ((_u8(blocks_ptr, b + 6 + l, m) >> (4 * j)) & 15) | (hi << 4)
+            x = d * (q - 16).to(tl.float32)
+        elif FMT == 7:  # Q5_1
+            d = _f16_field(blocks_ptr, b, ok)
+            mn = _f16_field(blocks_ptr, b + 2, ok)
+            hi = (_u8(blocks_ptr, b + 4 + 2 * j + l // 8, m) >> (l % 8)) & 1
+            q = ((_u8(blocks_ptr, b + 8 + l, m) >> (4 * j)) & 15) | (hi << 4)
+            x = d * q.to(tl.float32) + mn
+        elif FMT == 10:  # Q2_K: value 16 j + l = 128 h + 32 s + l2 lives in qs[32 h + l2] at bits 2s
+            d = _f16_field(blocks_ptr, b + 80, ok)
+            dmin = _f16_field(blocks_ptr, b + 82, ok)
+            sm = _u8(blocks_ptr, b + j, okj)
+            dl = d * (sm & 15).to(tl.float32)
+            ml = dmin * (sm >> 4).to(tl.float32)
+            q = (_u8(blocks_ptr, b + 16 + 32 * (j // 8) + 16 * (j % 2) + l, m) >> (2 * ((j % 8) // 2))) & 3
+            x = dl * q.to(tl.float32) - ml
+        elif FMT == 11:  # Q3_K
+            d = _f16_field(blocks_ptr, b + 108, ok)
+            low = (_u8(blocks_ptr, b + 96 + j % 8, okj) >> (4 * (j // 8))) & 15
+            high = (_u8(blocks_ptr, b + 104 + j % 4, okj) >> (2 * (j // 4))) & 3
+            dl = d * ((low | (high << 4)) - 32).to(tl.float32)
+            ql = (_u8(blocks_ptr, b + 32 + 32 * (j // 8) + 16 * (j % 2) + l, m) >> (2 * ((j % 8) // 2))) & 3
+            hbit = (_u8(blocks_ptr, b + 16 * (j % 2) + l, m) >> (j // 2)) & 1  # value 32 k + l2: bit k of hmask[l2]
+            x = dl * (ql - 4 * (1 - hbit)).to(tl.float32)
+        elif FMT == 12 or FMT == 13:  # Q4_K / Q5_K: value 32 j + l = 64 h + 32 (j % 2) + l in qs[32 h + l]
+            d = _f16_field(blocks_ptr, b, ok)
+            dmin = _f16_field(blocks_ptr, b + 2, ok)
+            sc, mn = _k_scale_min_field(blocks_ptr, b + 4, j, okj)
+            if FMT == 12:
+                q = (_u8(blocks_ptr, b + 16 + 32 * (j // 2) + l, m) >> (4 * (j % 2))) & 15
+            else:
+                q = (_u8(blocks_ptr, b + 48 + 32 * (j // 2) + l, m) >> (4 * (j % 2))) & 15
+                q = q | (((_u8(blocks_ptr, b + 16 + l, m) >> j) & 1) << 4)
+            x = (d * sc) * q.to(tl.float32) - (dmin * mn)
+        else:  # FMT == 14, Q6_K: value 16 j + l = 128 h + 64 n + l4 (low nibble n of ql[64 h + l4])
+            d = _f16_field(blocks_ptr, b + 208, ok)
+            sc = tl.load(blocks_ptr + b + 192 + j, mask=okj, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+            low = (_u8(blocks_ptr, b + 64 * (j // 8) + 16 * (j % 4) + l, m) >> (4 * ((j % 8) // 4))) & 15
+            high = (_u8(blocks_ptr, b + 128 + 32 * (j // 8) + 16 * (j % 2) + l, m) >> (2 * ((j % 8) // 2))) & 3
+            x = (d * sc) * ((low | (high << 4)) - 32).to(tl.float32)
+        out_idx = (blk[:, None, None] * NSUB + j) * SUB + l
+        if OUT_BF16:
+            # round to nearest even by hand: same bits as the GPU's cvt.rn, and the interpreter's cast truncates
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
+        tl.store(out_ptr + out_idx, x.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def dequantize_triton(data: torch.Tensor, type_id: int, shape: tuple[int, ...] | torch.Size,
+                      dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`dequantize(data, type_id, shape).to(dtype)` bit for bit, decoded by one Triton kernel straight into `dtype`
+    (or into `out`, contiguous, of `shape`). F32 / F16 / BF16 are converted by PyTorch (no decoding to do)."""
+    if triton is None:
+        raise RuntimeError("dequantize_triton needs Triton; use dequantize (the PyTorch reference)")
+    f = quant_format(type_id)
+    n_values = 1
+    for s in shape:
+        n_values *= int(s)
+    data = data.reshape(-1)
+    if data.dtype != torch.uint8:
+        raise TypeError(f"dequantize_triton expects raw uint8 bytes, got {data.dtype}")
+    if data.numel() != nbytes(type_id, n_values):
+        raise ValueError(f"{f.name} tensor of shape {tuple(shape)} needs {nbytes(type_id, n_values)} bytes, got "
+                         f"{data.numel()}")
+    if out is None:
+        out = torch.empty(tuple(shape), dtype=dtype, device=data.device)
+    elif tuple(out.shape) != tuple(shape) or not out.is_contiguous() or out.device != data.device:
+        raise ValueError(f"out must be a contiguous tensor of shape {tuple(shape)} on {data.device}; got "
+                         f"{tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")
+    if out.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"GGUF weights dequantise to float32, bfloat16 or float16, not {out.dtype}")
+    if type_id in (0, 1, 30):  # plain floats: F16 / BF16 widen exactly, so one cast is the single rounding
+        src = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}[type_id]
+        return out.copy_(data.view(src).reshape(out.shape))
+    nsub, sub = _TILE[type_id]
+    num_blocks = n_values // f.block_size
+    rows = max(1, 4096 // f.block_size)  # 4096 values per program
+    _dequantize_gguf_kernel[(triton.cdiv(num_blocks, rows),)](
+        data, out, num_blocks, FMT=type_id, TYPE_SIZE=f.type_size, NSUB=nsub, SUB=sub, ROWS=rows,
+        OUT_BF16=out.dtype == torch.bfloat16, num_warps=4,
+        enable_fp_fusion=False,  # (d * sc) * q - dmin * m: separate roundings, as numpy
+    )
+    return out
+
+
+def dequantize_gguf(data: torch.Tensor, type_id: int, shape: tuple[int, ...] | torch.Size,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The tensor of `shape` in `dtype` stored as ggml type `type_id` in `data`, bit-equal to
+    `dequantize(...).to(dtype)`: the Triton kernel on CUDA (or FASTTUNE_KERNELS=triton), else the reference."""
+    from . import use_triton  # late import: this module is imported by fasttune.kernels itself
+
+    if use_triton(data) and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return dequantize_triton(data, type_id, shape, dtype)
+    return dequantize(data, type_id, shape).to(dtype)  # CPU, or a float64 oracle (never a training dtype)

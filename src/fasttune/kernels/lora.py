@@ -52,9 +52,10 @@ class LoraProjection(NamedTuple):
 
 def dense_weight(w: torch.Tensor | NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The frozen weight as a dense tensor of `dtype` (a quantised weight - NF4Tensor, GGUFWeight, anything with
-    `dequantize()` per models.quantized - is dequantised into a temporary)."""
+    `dequantize(dtype=)` per models.quantized - is dequantised into a temporary, straight into `dtype` where its
+    kernel can)."""
     if not isinstance(w, torch.Tensor):
-        w = w.dequantize()
+        w = w.dequantize(dtype=dtype)
     return w if w.dtype == dtype else w.to(dtype)
 
 

@@ -64,7 +64,12 @@ class NF4Tensor:
     def device(self) -> torch.device:
         return self.packed.device
 
-    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+    def dequantize(self, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in `self.dtype` (or into `out`). `dtype` (models.quantized's protocol) is honoured directly
+        only when that is the same rounding: a float32 original dequantised straight into `dtype`; otherwise the
+        caller casts the `self.dtype` result (a bf16 original read in float32 must keep its bf16 values)."""
+        if out is None and dtype in (torch.bfloat16, torch.float16) and self.dtype == torch.float32:
+            out = torch.empty(self.shape, dtype=dtype, device=self.device)
         return dequantize_nf4(self, out)
 
     def to(self, device) -> "NF4Tensor":

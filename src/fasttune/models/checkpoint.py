@@ -8,6 +8,7 @@ model never holds its 16-bit weights all at once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -101,6 +102,23 @@ def resolve_dtype(dtype: str | torch.dtype | None, spec: ArchSpec) -> torch.dtyp
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def compute_dtype(dtype: str | torch.dtype | None, spec: ArchSpec) -> torch.dtype:
+    """The dtype to load a model in to run or train it: `resolve_dtype`, except that float16 is refused for a family
+    that overflows it (spec.float16_overflow) when asked for, and replaced by bfloat16, with a warning, when it only
+    comes from the checkpoint's own torch_dtype label."""
+    resolved = resolve_dtype(dtype, spec)
+    reason = spec.float16_overflow if resolved == torch.float16 else None
+    if reason is None:
+        return resolved
+    if dtype is None:
+        logging.getLogger("fasttune.models").warning(
+            "%s: the checkpoint is labelled float16, but %s; loading it in bfloat16 (pass dtype='float32' for "
+            "full precision)", spec.model_type, reason)
+        return torch.bfloat16
+    raise CheckpointError(f"{spec.model_type} cannot run in float16: {reason}. Load it in bfloat16 (or float32 on "
+                          "hardware without bfloat16)")
 
 
 # ---- Phi-3: fused checkpoint tensors <-> separate projections --------------------------------------------------
@@ -302,7 +320,7 @@ def load_model(
     path = Path(path)
     gguf_file = _is_gguf(path)
     spec = model_spec(path)
-    torch_dtype = resolve_dtype(dtype, spec)
+    torch_dtype = compute_dtype(dtype, spec)
     device = torch.device(device)
     if keep_quantized:
         if not gguf_file:

@@ -4,11 +4,12 @@ A GGUF weight W (out, in) is stored row by row: each row is in / B blocks of `ty
 values; see kernels.gguf_dequant for every layout). `GGUFLinear` keeps those bytes as they are in the file, as a
 uint8 buffer of shape (out, in / B * type_size), plus the ggml type and the shape. Then
 
-    forward   y  = x D(W)^T + b                 D = kernels.gguf_dequant.dequantize (float32, bit-exact with gguf)
+    forward   y  = x D(W)^T + b                 D = gguf.quants.dequantize's float32 values rounded to x's dtype
     backward  dx = dy D(W)                      W is frozen: no dW; D(W) is recomputed, never saved
 
-with D(W) cast to x's dtype, through the same fused LoRA path as NF4 (kernels.lora: a `quantized` object whose
-`dequantize()` gives the dense weight). The dense weight exists only as a per-layer temporary, so the model holds
+through the same fused LoRA path as NF4 (kernels.lora: a `quantized` object whose `dequantize(dtype)` gives the
+dense weight). On CUDA D is kernels.gguf_dequant's Triton kernel, which decodes the blocks straight into x's dtype
+(bf16: half the bytes of a float32 temporary, one pass); on CPU the PyTorch reference then a cast (same bits). The dense weight exists only as a per-layer temporary, so the model holds
 about the file's bytes (plus embeddings and norms, which are dequantised once at load).
 
 Rows are whole blocks, so the row-level operations a loader needs apply to the bytes unchanged: llama.cpp's q/k
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..kernels.gguf_dequant import dequantize, nbytes, quant_format
+from ..kernels.gguf_dequant import dequantize_gguf, nbytes, quant_format
 from .quantized import QuantizedLinear
 
 _DECODER_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.(q|k|v|o|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj)"
@@ -42,9 +43,10 @@ class GGUFWeight:
     def device(self) -> torch.device:
         return self.blocks.device
 
-    def dequantize(self) -> torch.Tensor:
-        """The dense weight, float32, bit-exact with gguf.quants.dequantize."""
-        return dequantize(self.blocks, self.type_id, self.shape)
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight in `dtype`: gguf.quants.dequantize's float32 values rounded once to `dtype`. On CUDA the
+        Triton kernel writes `dtype` directly (no float32 copy of the weight); elsewhere the PyTorch reference."""
+        return dequantize_gguf(self.blocks, self.type_id, self.shape, dtype)
 
 
 class GGUFLinear(QuantizedLinear):

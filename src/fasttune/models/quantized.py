@@ -6,8 +6,10 @@ and the exporters treat them alike:
 A subclass stores its weight in whatever packed form it likes (buffers, so `.to()` and `state_dict()` carry them)
 and exposes:
     in_features, out_features, bias     as nn.Linear
-    quantized                           an object with `.dequantize() -> Tensor (out, in)` and `.device`: what the
-                                        fused LoRA kernels (kernels.lora) are handed in place of a dense W
+    quantized                           an object with `.dequantize(dtype=...) -> Tensor (out, in)` and
+                                        `.device`: what the fused LoRA kernels (kernels.lora) are handed in place
+                                        of a dense W; `dtype` is the compute dtype the caller wants (a kernel
+                                        that can write it directly saves a full-precision temporary)
     dequantize()                        the dense weight (its natural dtype; callers cast)
     weight_device                       where the stored weight lives
 """

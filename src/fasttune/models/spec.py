@@ -100,6 +100,17 @@ class ArchSpec:
             return None
         return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
 
+    @property
+    def float16_overflow(self) -> str | None:
+        """Why this family cannot compute in float16 (None when it can). One home for the model doctor's warning
+        and the loader's refusal."""
+        if self.model_type in ("gemma2", "gemma3_text"):
+            name = "Gemma 2" if self.model_type == "gemma2" else "Gemma 3"
+            return (f"{name}'s activations grow past float16's largest finite value (65504) in the residual stream "
+                    "and the MLP, so float16 gives inf and then NaN logits and losses (bfloat16 has float32's "
+                    "range)")
+        return None
+
     def uses_rope(self, i: int) -> bool:
         return not self.rope_layers or self.rope_layers[i]
 
@@ -173,7 +184,8 @@ class ArchSpec:
 
         attn_scale = None
         if mt in ("gemma2", "gemma3_text"):
-            attn_scale = cfg.get("query_pre_attn_scalar", head_dim) ** -0.5
+            # transformers' default when the key is absent is 256 (the 2B/9B/1B..12B head_dim), not head_dim
+            attn_scale = cfg.get("query_pre_attn_scalar", 256) ** -0.5
         granite = mt == "granite"
         if granite:
             attn_scale = float(cfg.get("attention_multiplier", 1.0))
@@ -206,8 +218,9 @@ class ArchSpec:
             residual_scale=_granite_factor(cfg, "residual_multiplier") if granite else None,
             logits_scaling=_granite_factor(cfg, "logits_scaling") if granite else None,
             # Gemma 3 configs carry attn_logit_softcapping, but transformers' Gemma 3 attention never applies it
-            attn_softcap=cfg.get("attn_logit_softcapping") if mt == "gemma2" else None,
-            final_softcap=cfg.get("final_logit_softcapping") if mt in ("gemma2", "gemma3_text") else None,
+            attn_softcap=cfg.get("attn_logit_softcapping", 50.0) if mt == "gemma2" else None,
+            final_softcap=(cfg.get("final_logit_softcapping", 30.0) if mt == "gemma2" else
+                           cfg.get("final_logit_softcapping") if mt == "gemma3_text" else None),
             attn_scale=attn_scale,
             sliding_window=sliding_window,
             layer_types=list(layer_types),

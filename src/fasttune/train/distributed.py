@@ -86,12 +86,12 @@ def load_into_shards(path: str, info: DistInfo, device: torch.device, dtype=None
 
     from ..adapters import attach_lora
     from ..adapters.attach import initial_lora_A
-    from ..models.checkpoint import CheckpointError, iter_model_tensors, resolve_dtype
+    from ..models.checkpoint import CheckpointError, compute_dtype, iter_model_tensors
     from ..models.decoder import CausalLM
     from ..models.spec import ArchSpec
 
     spec = ArchSpec.from_pretrained(path)
-    torch_dtype = resolve_dtype(dtype, spec)
+    torch_dtype = compute_dtype(dtype, spec)
     with torch.device("meta"):
         model = CausalLM(spec).to(torch_dtype)
     model.tie_weights()

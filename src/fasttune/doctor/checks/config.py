@@ -13,7 +13,8 @@ def check_spec(folder: ModelFolder) -> Iterator[Finding]:
     spec, err = folder.spec_or_error
     if spec is None:
         yield Finding("config-unsupported", "error", "fasttune cannot build this architecture from config.json",
-                      [err or ""], "use a supported family (llama, mistral, qwen2, qwen3, gemma, gemma2, phi3) or "
+                      [err or ""], "use a supported family (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, "
+                      "olmo2, granite, smollm3) or "
                       "correct the config field named above")
 
 
