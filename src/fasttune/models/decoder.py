@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from .. import kernels
 from ..kernels.attention import FALLBACKS, DocumentLayout, attention
+from .moe import SparseMoE, load_balancing_loss
 from .rope import RotaryTables, rotary_dim
 from ..labels import IGNORE_INDEX, next_token_targets
 from .spec import ArchSpec
@@ -80,7 +81,7 @@ class KVCache:
 
 @dataclass
 class AttentionInputs:
-    """What every layer's attention needs besides its hidden states; built once per forward."""
+    """What every layer needs besides its hidden states (mostly for attention); built once per forward."""
     cos: torch.Tensor
     sin: torch.Tensor
     key_padding_mask: torch.Tensor | None
@@ -91,6 +92,8 @@ class AttentionInputs:
     local_sin: torch.Tensor | None = None
     # what attention derives from the masks once and every layer reuses (flash-attn's cu_seqlens, flex block masks)
     memo: dict = field(default_factory=dict)
+    # MoE layers append their router logits (tokens, E) here when the forward collects them (aux loss)
+    router_logits: list[torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -207,21 +210,25 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
         if self.placement != "pre":
             self.post_feedforward_layernorm = norm()
-        self.mlp = GatedMLP(spec)
+        # Qwen3-MoE, Mixtral: routed experts (Qwen3-MoE's mlp_only_layers keep the dense MLP)
+        self.mlp = SparseMoE(spec) if spec.is_moe_layer(layer_idx) else GatedMLP(spec)
         self.residual_scale = spec.residual_scale  # Granite's residual_multiplier
 
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x + y if self.residual_scale is None else x + y * self.residual_scale
 
+    def _mlp(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+        return self.mlp(x, a.router_logits) if isinstance(self.mlp, SparseMoE) else self.mlp(x)
+
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         if self.placement == "sandwich":
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), a))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.post_feedforward_layernorm(self._mlp(self.pre_feedforward_layernorm(x), a))
         if self.placement == "post":
             x = x + self.post_attention_layernorm(self.self_attn(x, a))
-            return x + self.post_feedforward_layernorm(self.mlp(x))
+            return x + self.post_feedforward_layernorm(self._mlp(x, a))
         x = self._add(x, self.self_attn(self.input_layernorm(x), a))
-        return self._add(x, self.mlp(self.post_attention_layernorm(x)))
+        return self._add(x, self._mlp(self.post_attention_layernorm(x), a))
 
 
 class DecoderModel(nn.Module):
@@ -238,10 +245,11 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 output_hidden_states: bool = False, inputs_embeds: torch.Tensor | None = None,
-                documents: DocumentLayout | None = None):
+                documents: DocumentLayout | None = None, router_logits: list[torch.Tensor] | None = None):
         """`documents`: where the packed documents of `position_ids` lie, built on the host
         (`DocumentLayout.from_position_ids(cpu_position_ids).to(device)`); without it, packed position ids on the
-        GPU are read back once per forward to find the documents."""
+        GPU are read back once per forward to find the documents. `router_logits`: a list the MoE layers append
+        their router logits to, in layer order."""
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.spec.embedding_multiplier is not None:  # Granite: after the embedding module, as transformers does
             h = h * self.spec.embedding_multiplier
@@ -267,7 +275,7 @@ class DecoderModel(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             key_padding_mask = attention_mask.bool()
         cos, sin = self.rotary(position_ids, max_position=max_position)
-        a = AttentionInputs(cos, sin, key_padding_mask, documents, cache, past)
+        a = AttentionInputs(cos, sin, key_padding_mask, documents, cache, past, router_logits=router_logits)
         if self.local_rotary is not None:
             a.local_cos, a.local_sin = self.local_rotary(position_ids, max_position=max_position)
         hidden_states = [h] if output_hidden_states else None
@@ -287,6 +295,10 @@ class CausalLMOutput:
     last_hidden_state: torch.Tensor | None = None  # after the final norm
     cache: KVCache | None = None
     num_target_tokens: torch.Tensor | None = None  # 0-d, on the model's device (not read back: no sync)
+    # MoE models, when router logits are collected: each MoE layer's (tokens, E) logits, and the load-balancing loss
+    # (added to `loss` times router_aux_loss_coef when labels are given)
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 class CausalLM(nn.Module):
@@ -386,15 +398,25 @@ class CausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
         documents: DocumentLayout | None = None,
+        output_router_logits: bool | None = None,
     ) -> CausalLMOutput:
         """labels: (B, T) aligned with input_ids (not shifted; -100 = no loss). The loss is the sum over target
         tokens divided by their count, or by `num_items_in_batch` when given (exact gradient accumulation);
         `label_smoothing` as in F.cross_entropy. `documents`: the layout of packed `position_ids`, built on the host
         (see DecoderModel.forward). Logits are returned when `return_logits` is True, or by default
-        when no labels are given."""
+        when no labels are given. MoE models: with `output_router_logits` (default: the config's), the router
+        logits are returned with the load-balancing loss, which is added to the loss (times router_aux_loss_coef)
+        when labels are given, as transformers does."""
+        if output_router_logits is None:
+            output_router_logits = self.spec.output_router_logits
+        router_logits = [] if output_router_logits and self.spec.is_moe else None
         h, hidden_states, position_ids = self.model(input_ids, attention_mask, position_ids, cache,
-                                                    output_hidden_states, inputs_embeds, documents)
+                                                    output_hidden_states, inputs_embeds, documents, router_logits)
         out = CausalLMOutput(hidden_states=hidden_states, last_hidden_state=h, cache=cache)
+        if router_logits is not None:
+            out.router_logits = tuple(router_logits)
+            out.aux_loss = load_balancing_loss(router_logits, self.spec.num_experts, self.spec.experts_per_token,
+                                               attention_mask)
         if return_logits or (return_logits is None and labels is None):
             out.logits = self.logits(h)
         if labels is not None:
@@ -409,6 +431,8 @@ class CausalLM(nn.Module):
                 hid, weight, targets, softcap=self.spec.final_softcap,
                 num_items_in_batch=num_items_in_batch, label_smoothing=label_smoothing,
                 chunk_bytes=self.loss_chunk_bytes, **({} if extra is None else {"extra_weight": extra}))
+            if out.aux_loss is not None:
+                out.loss = out.loss + self.spec.router_aux_loss_coef * out.aux_loss
         return out
 
     @property

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
-                         "granite", "smollm3")
+                         "granite", "smollm3", "qwen3_moe", "mixtral")
+# Mixture-of-Experts families: some or all layers route each token to `experts_per_token` of `num_experts` MLPs
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
 # families whose config.json may leave tie_word_embeddings out because their transformers default is True
 _TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3_text", "smollm3")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
@@ -89,6 +91,18 @@ class ArchSpec:
     # a multimodal checkpoint (Gemma 3 4B/12B/27B) of which only the language model is loaded: its tensors are
     # renamed from language_model.* and the vision tower's skipped; saved back as the text-only model
     text_tower: bool = False
+    # Mixture of Experts (Qwen3-MoE, Mixtral): 0 experts = a dense MLP in every layer
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    moe_layers: list[bool] = field(default_factory=list)  # per layer whether its MLP is the routed experts
+    norm_topk_prob: bool = True  # renormalise the top-k probabilities to sum to 1 (Mixtral always; Qwen3 by config)
+    # Qwen3-MoE casts the (float32) routing weights to the router logits' dtype before they scale the experts'
+    # outputs; Mixtral scales with the float32 weights
+    routing_weights_in_logits_dtype: bool = False
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight in the training loss
+    output_router_logits: bool = False  # the config's default: collect router logits and add the aux loss
+    router_jitter_noise: float = 0.0  # Mixtral: multiplicative uniform noise on the MoE input while training
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -99,6 +113,13 @@ class ArchSpec:
         if self.sliding_window is None:
             return None
         return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
+
+    def is_moe_layer(self, i: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[i]
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.moe_layers)
 
     def uses_rope(self, i: int) -> bool:
         return not self.rope_layers or self.rope_layers[i]
@@ -143,7 +164,7 @@ class ArchSpec:
             raise UnsupportedModelError(f"hidden activation {act_name!r} is not supported (silu, gelu, gelu_pytorch_tanh)")
 
         sliding_window = cfg.get("sliding_window")
-        if mt in ("qwen2", "qwen3", "smollm3") and not cfg.get("use_sliding_window", False):
+        if mt in ("qwen2", "qwen3", "smollm3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
             sliding_window = None
         if mt in ("llama", "olmo2", "granite"):  # no sliding window in these families' transformers code
             sliding_window = None
@@ -177,7 +198,8 @@ class ArchSpec:
         granite = mt == "granite"
         if granite:
             attn_scale = float(cfg.get("attention_multiplier", 1.0))
-        qk_norm = {"qwen3": "head", "gemma3_text": "head", "olmo2": "projection"}.get(mt)
+        qk_norm = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "olmo2": "projection"}.get(mt)
+        moe = _moe_settings(cfg, mt, n_layers)
         bias = bool(cfg.get("attention_bias", False))
         return cls(
             model_type=mt,
@@ -219,7 +241,39 @@ class ArchSpec:
             pad_token_id=cfg.get("pad_token_id"),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             raw_config=dict(cfg),
+            **moe,
         )
+
+
+def _moe_settings(cfg: dict[str, Any], mt: str, n_layers: int) -> dict[str, Any]:
+    """The ArchSpec MoE fields of a Qwen3-MoE or Mixtral config ({} for dense families).
+
+    Qwen3-MoE: layer i is sparse unless listed in mlp_only_layers, and only every decoder_sparse_step-th layer
+    ((i + 1) % step == 0); the others keep a dense MLP of intermediate_size. Its expert width is
+    moe_intermediate_size; transformers 5 saves the expert count as num_local_experts, older configs as
+    num_experts. Mixtral: every layer sparse, experts of intermediate_size, top-k always renormalised."""
+    if mt not in MOE_MODEL_TYPES:
+        return {}
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    if mt == "qwen3_moe":
+        step = cfg.get("decoder_sparse_step", 1) or 1
+        dense = set(cfg.get("mlp_only_layers") or [])
+        layers = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n_layers)]
+        width = cfg.get("moe_intermediate_size", 768)
+        norm_topk = bool(cfg.get("norm_topk_prob", False))
+        jitter = 0.0
+    else:
+        layers = [experts > 0] * n_layers
+        width = cfg["intermediate_size"]
+        norm_topk = True
+        jitter = float(cfg.get("router_jitter_noise", 0.0) or 0.0)
+    top_k = cfg.get("num_experts_per_tok", 2)
+    if experts and not 0 < top_k <= experts:
+        raise ValueError(f"config num_experts_per_tok={top_k} must be between 1 and the {experts} experts")
+    return dict(num_experts=int(experts), experts_per_token=int(top_k), expert_intermediate_size=int(width),
+                moe_layers=layers, norm_topk_prob=norm_topk, routing_weights_in_logits_dtype=mt == "qwen3_moe",
+                router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)),
+                output_router_logits=bool(cfg.get("output_router_logits", False)), router_jitter_noise=jitter)
 
 
 def _gemma3_text_config(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,114 @@
+"""Mixture-of-Experts MLP (Qwen3-MoE, Mixtral): a router picks k of E gated MLPs per token, and the experts run as
+grouped GEMMs over the tokens sorted by expert.
+
+For the T tokens of a layer, with router weight R (E, H):
+    logits = x R^T                                   (T, E), in the compute dtype
+    p      = softmax(float32(logits))                (T, E)
+    w, i   = topk(p, k)                              (T, k): torch.topk's order and tie-breaking, as transformers
+    w      = w / sum(w)                              when norm_topk_prob (Mixtral always)
+    y_t    = sum_j w_tj * Down_{i_tj}(act(Gate_{i_tj} x_t) * Up_{i_tj} x_t)
+Qwen3-MoE casts w to the logits' dtype before the product; Mixtral keeps it float32 (same values in float32).
+
+Expert compute: the T*k (token, slot) pairs are sorted by expert once per layer (`sort_by_expert`); the gathered
+rows go through gate_up = grouped_linear(x_sorted, W_gate_up (E, 2I, H)), the GLU, and down = grouped_linear(.,
+W_down (E, H, I)), one launch each for all experts; the rows return to (token, slot) order through the inverse
+permutation and are combined with their routing weights by one batched (1 x k) @ (k x H) product per token.
+
+Load-balancing loss (Switch Transformer, as transformers' `load_balancing_loss_func`), over the layers' logits
+stacked along the rows: with f_e the fraction of (token, slot) assignments to expert e over all layers' top-k
+and P_e the mean router probability of e (padding rows excluded when an attention mask is given),
+    aux = E * sum_e f_e * P_e.
+Only P_e carries a gradient (f_e counts a top-k selection).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import kernels
+from ..kernels.grouped_gemm import sort_by_expert
+from .spec import ArchSpec
+
+
+class Experts(nn.Module):
+    """E gated MLPs stored as transformers 5 holds them: gate_up_proj (E, 2I, H) with gate rows first, down_proj
+    (E, H, I). `forward` takes rows already sorted by expert."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        E, h, i = spec.num_experts, spec.hidden_size, spec.expert_intermediate_size
+        self.num_experts, self.intermediate_size, self.activation = E, i, spec.activation
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(E, h, i))
+
+    def adapters(self, name: str) -> dict:
+        """grouped_linear's LoRA arguments for the `name` projection (none on the plain experts)."""
+        return {}
+
+    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        gate_up = kernels.grouped_linear(x_sorted, self.gate_up_proj, offsets, **self.adapters("gate_up_proj"))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        return kernels.grouped_linear(kernels.glu(gate, up, self.activation), self.down_proj, offsets,
+                                      **self.adapters("down_proj"))
+
+
+class SparseMoE(nn.Module):
+    """The routed MLP of one layer: `gate` (the router, a bias-free linear H -> E) and `experts`."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.spec = spec
+        self.num_experts, self.top_k = spec.num_experts, spec.experts_per_token
+        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.experts = Experts(spec)
+        # Mixtral's router_jitter_noise: only while training (its parity is not testable: random)
+        self.jitter_noise = spec.router_jitter_noise
+        self.chunk_tokens: int | None = None  # set by the memory policy for dense MLPs; not used here
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (T, E), routing weights (T, k), expert ids (T, k)) for x (T, H)."""
+        logits = self.gate(x)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.spec.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.spec.routing_weights_in_logits_dtype:
+            weights = weights.to(logits.dtype)
+        return logits, weights, ids
+
+    def forward(self, x: torch.Tensor, router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """x (..., H). The layer's router logits (tokens, E) are appended to `router_logits` when it is given."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        logits, weights, ids = self.route(x)
+        if router_logits is not None:
+            router_logits.append(logits)
+        order, offsets, inverse = sort_by_expert(ids, self.num_experts)
+        y_sorted = self.experts(x[order // self.top_k], offsets)
+        y = y_sorted[inverse].view(x.shape[0], self.top_k, shape[-1])  # back in (token, slot) order
+        # sum_j w_tj y_tj, one (1 x k) @ (k x H) product per token
+        out = torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+        return out.reshape(shape)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The Switch-Transformer auxiliary loss of the layers' router logits (each (B*T, E)); see the module docstring.
+    `attention_mask` (B, T): rows of padding tokens count neither in f nor in P."""
+    if not router_logits:
+        raise ValueError("load_balancing_loss needs the router logits of at least one layer")
+    device = router_logits[0].device
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    rows = torch.zeros((), dtype=torch.float32, device=device)
+    mask = None if attention_mask is None else attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        selected = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
+        row_weight = torch.ones(probs.shape[0], device=device) if mask is None else mask
+        counts = counts.index_add(0, selected, row_weight.repeat_interleave(top_k))
+        prob_sum = prob_sum + (probs * row_weight[:, None]).sum(0)
+        rows = rows + row_weight.sum()
+    return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
