@@ -268,3 +268,26 @@ def test_triton_kernels_in_the_moe_model_match_transformers(tmp_path, monkeypatc
     hp = dict(hf.named_parameters())
     for name, p in ours.named_parameters():
         assert rel_err(p.grad, hp[name].grad) <= FP32_TOL, name
+
+
+@pytest.mark.parametrize("policy", ["checkpoint", "offload"])
+def test_checkpointed_layers_keep_the_aux_loss_gradient(tmp_path, policy):
+    """Under activation checkpointing the forward runs without a graph; the router logits come back as outputs of
+    the checkpointed node, so the aux loss still trains the routers: gradients equal the plain run's."""
+    from fasttune.train.memory import apply_memory_policy
+
+    _, ours = build_pair(tmp_path, "qwen3_moe")
+    ours.train()
+    ids = random_ids()
+    out = ours(ids, labels=ids, output_router_logits=True)
+    out.loss.backward()
+    plain = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad(set_to_none=True)
+    plan = apply_memory_policy(ours, policy, seq_len=SEQ, batch_size=2)
+    assert set(plan.modes) - {"none"}
+    out2 = ours(ids, labels=ids, output_router_logits=True)
+    assert all(t.requires_grad for t in out2.router_logits)
+    assert abs(out2.loss.item() - out.loss.item()) <= 1e-6 * out.loss.item()
+    out2.loss.backward()
+    for n, p in ours.named_parameters():
+        assert rel_err(p.grad, plain[n]) <= FP32_TOL, n

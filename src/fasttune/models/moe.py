@@ -63,7 +63,6 @@ class SparseMoE(nn.Module):
         self.experts = Experts(spec)
         # Mixtral's router_jitter_noise: only while training (its parity is not testable: random)
         self.jitter_noise = spec.router_jitter_noise
-        self.chunk_tokens: int | None = None  # set by the memory policy for dense MLPs; not used here
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits (T, E), routing weights (T, k), expert ids (T, k)) for x (T, H)."""

@@ -18,6 +18,7 @@ projections in the backward, so no tokens x intermediate tensor of the whole seq
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -101,7 +102,11 @@ class _CheckpointedLayer(torch.autograd.Function):
 
     The layer's trainable parameters are explicit inputs, so the backward returns their gradients through the
     autograd engine (both `loss.backward()` and `torch.autograd.grad` work), and the backward runs even when h
-    needs no gradient (the first layer over frozen embeddings)."""
+    needs no gradient (the first layer over frozen embeddings).
+
+    An MoE layer that appends its router logits to `attn_inputs.router_logits` (for the load-balancing loss) has
+    them returned as extra outputs of this node, so the aux loss's gradient comes back here with the layer's and
+    flows through the recomputed router."""
 
     @staticmethod
     def forward(ctx, hidden, layer, attn_inputs, offloader, offload, *params):
@@ -111,16 +116,20 @@ class _CheckpointedLayer(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.autocast = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")}
+        collected = attn_inputs.router_logits
+        before = len(collected) if collected is not None else 0
         with torch.no_grad():
             out = layer(hidden, attn_inputs)
+        router_logits = tuple(collected[before:]) if collected is not None else ()
+        ctx.num_router_logits = len(router_logits)
         if offload:
             ctx.slot = offloader.offload(hidden)
         else:
             ctx.save_for_backward(hidden)
-        return out
+        return (out, *router_logits)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *grad_router_logits):
         if ctx.offload:
             hidden = ctx.offloader.fetch(ctx.slot)
             ctx.slot = None
@@ -138,10 +147,17 @@ class _CheckpointedLayer(torch.autograd.Function):
                                                      dtype=ctx.autocast["cpu"][1]), \
                     torch.autocast("cuda", enabled=ctx.autocast["cuda"][0], dtype=ctx.autocast["cuda"][1]):
                 h = hidden.detach().requires_grad_(need_h)
-                out = ctx.layer(h, ctx.attn_inputs)
+                # the recompute's router logits go to a list of its own, not the finished forward's
+                recompute_inputs = (dataclasses.replace(ctx.attn_inputs, router_logits=[])
+                                    if ctx.num_router_logits else ctx.attn_inputs)
+                out = ctx.layer(h, recompute_inputs)
         del hidden
         inputs = ([h] if need_h else []) + params
-        grads = list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
+        outputs, grad_outputs = [out], [grad_out]
+        if ctx.num_router_logits:
+            outputs += recompute_inputs.router_logits
+            grad_outputs += list(grad_router_logits)
+        grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
         dh = grads.pop(0) if need_h else None
         param_grads = iter(grads)
         return (dh, None, None, None, None,
@@ -153,7 +169,12 @@ def _checkpointed(hidden, layer, attn_inputs, offloader: ActivationOffloader, of
     if not params and not hidden.requires_grad:
         with torch.no_grad():
             return layer(hidden, attn_inputs)
-    return _CheckpointedLayer.apply(hidden, layer, attn_inputs, offloader, offload, *params)
+    collected = attn_inputs.router_logits
+    before = len(collected) if collected is not None else 0
+    out, *router_logits = _CheckpointedLayer.apply(hidden, layer, attn_inputs, offloader, offload, *params)
+    if router_logits:  # the node's outputs replace the graph-less logits the no-grad forward appended
+        collected[before:] = router_logits
+    return out
 
 
 class LayerRunner:
@@ -300,10 +321,12 @@ def apply_memory_policy(model: nn.Module, policy: str = "auto", seq_len: int | N
     saved), "checkpoint" (every layer) or "offload" (every layer but the last). `free_bytes` overrides the
     measurement."""
     from ..adapters.attach import FusedMLP
+    from ..models.decoder import GatedMLP
 
     decoder = model.model
     spec = model.spec
-    if policy == "recompute-mlp" and not any(isinstance(layer.mlp.fused_forward, FusedMLP)
+    if policy == "recompute-mlp" and not any(isinstance(layer.mlp, GatedMLP) and isinstance(layer.mlp.fused_forward,
+                                                                                          FusedMLP)
                                              for layer in decoder.layers):
         raise ValueError("memory policy recompute-mlp works through the fused LoRA MLP, which this model does not "
                          "use: it needs LoRA on gate_proj, up_proj and down_proj with dropout 0; choose "
