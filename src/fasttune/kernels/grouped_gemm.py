@@ -134,8 +134,10 @@ if triton is not None:
         their raw bits (bf16 is stored as uint16 there), so the tiles are widened first; exact for bf16/fp16, whose
         products are exact in float32 - the same arithmetic as the tensor cores' float32 accumulation."""
         if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        return acc
 
     @triton.jit
     def _cast_out(acc, out_ty: tl.constexpr, UPCAST: tl.constexpr):
@@ -177,6 +179,7 @@ if triton is not None:
         alpha, lora_scale,
         HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_E: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        EVEN_K: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -193,22 +196,28 @@ if triton is not None:
         x_ptrs = x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk
         w_ptrs = w_ptr + e64 * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            k_ok = rk < K - k0
-            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _dot(a, b, acc, INPUT_PRECISION, UPCAST)
-            x_ptrs += BK * stride_xk
-            w_ptrs += BK * stride_wk
-        acc = acc * alpha
         if HAS_LORA:
+            # the rank-R term first, into the accumulator itself (a second BM x BN fp32 tile would double the
+            # registers of the widest tiles and spill)
             rr = tl.arange(0, BR)
             r_ok = rr < R
             u = tl.load(u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
             lw = tl.load(l_ptr + e64 * stride_le + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
                          mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += lora_scale * _dot(u, lw, tl.zeros((BM, BN), dtype=tl.float32), INPUT_PRECISION, UPCAST)
+            acc = _dot(u, lw, acc, INPUT_PRECISION, UPCAST) * lora_scale
+        for k0 in range(0, K, BK):
+            if EVEN_K:  # no mask along K: the common case (K = 768, 2048, 2880 with BK = 64)
+                a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = rk < K - k0
+                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, INPUT_PRECISION, UPCAST)
+            x_ptrs += BK * stride_xk
+            w_ptrs += BK * stride_wk
+        acc = acc * alpha
         if HAS_BIAS:
             bias = tl.load(bias_ptr + e64 * stride_be + rn * stride_bn, mask=col_ok, other=0.0)
             acc += bias.to(tl.float32)[None, :]
@@ -269,8 +278,10 @@ if triton is not None:
         tl.store(out_ptr + expert.to(tl.int64) * stride_oe + rn, _cast_out(acc, out_ptr.dtype.element_ty, UPCAST),
                  mask=n_ok)
 
-    # Hopper (H100/H200) candidates for the main grouped kernel: 128-row tiles, as wide as registers allow, K steps
-    # of 64 with 3-4 pipeline stages (~96-160 KB shared memory of the 227 KB). Keys are static per layer shape.
+    # Hopper (H100/H200) candidates for the main grouped kernel: 128- or 64-row tiles (64 wastes less of each
+    # expert's partial last tile: at ~256 rows per expert, 128-row tiles compute ~1.25x the rows), as wide as the
+    # registers allow, K steps of 64 with 3-4 pipeline stages (~64-200 KB of the 227 KB shared memory). The
+    # narrow configs serve the rank-r passes (u = x A^T, g = s dy B: N = r). Keys are static per layer shape.
     _MM_CONFIGS = [
         triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
         triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
@@ -278,9 +289,28 @@ if triton is not None:
         triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
         triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
         triton.Config({"BM": 64, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 128, "BN": 16, "BK": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 64, "BN": 16, "BK": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 128, "BN": 32, "BK": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 64, "BN": 32, "BK": 128}, num_warps=4, num_stages=4),
     ]
-    _grouped_mm_tuned = triton.autotune(configs=_MM_CONFIGS, key=["N", "K", "R", "HAS_LORA", "HAS_BIAS"])(
-        _grouped_mm_kernel)
+
+    def _prune_by_width(configs, named_args, **kwargs):
+        """Narrow tiles (BN < 64) for narrow outputs (N <= 32, the rank-r passes) and only there."""
+        narrow = named_args["N"] <= 32
+        kept = [c for c in configs if (c.kwargs["BN"] < 64) == narrow]
+        return kept or configs
+
+    def _prune_tn(configs, named_args, **kwargs):
+        """Tiles no wider than needed along a rank-r side (dA: P = r, dB: Q = r)."""
+        P, Q = named_args["P"], named_args["Q"]
+        kept = [c for c in configs if (c.kwargs["BP"] < 64) == (P <= 32) and (c.kwargs["BQ"] < 64) == (Q <= 32)]
+        return kept or configs
+
+    _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})
+    _grouped_mm_even = _even_k(_grouped_mm_kernel)
+    _grouped_mm_tuned = triton.autotune(configs=_MM_CONFIGS, key=["N", "K", "R", "HAS_LORA", "HAS_BIAS"],
+                                        prune_configs_by={"early_config_prune": _prune_by_width})(_grouped_mm_even)
 
     _TN_CONFIGS = [
         triton.Config({"BP": 128, "BQ": 128, "BM": 64}, num_warps=8, num_stages=3),
@@ -288,8 +318,16 @@ if triton is not None:
         triton.Config({"BP": 64, "BQ": 128, "BM": 64}, num_warps=4, num_stages=4),
         triton.Config({"BP": 128, "BQ": 64, "BM": 64}, num_warps=4, num_stages=4),
         triton.Config({"BP": 64, "BQ": 64, "BM": 64}, num_warps=4, num_stages=3),
+        # rank-r side (dA: P = r; dB: Q = r)
+        triton.Config({"BP": 16, "BQ": 128, "BM": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 32, "BQ": 128, "BM": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 16, "BQ": 256, "BM": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 128, "BQ": 16, "BM": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 128, "BQ": 32, "BM": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 256, "BQ": 16, "BM": 64}, num_warps=4, num_stages=4),
     ]
-    _grouped_tn_tuned = triton.autotune(configs=_TN_CONFIGS, key=["P", "Q"])(_grouped_tn_kernel)
+    _grouped_tn_tuned = triton.autotune(configs=_TN_CONFIGS, key=["P", "Q"],
+                                        prune_configs_by={"early_config_prune": _prune_tn})(_grouped_tn_kernel)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -306,7 +344,7 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int
                 offsets: torch.Tensor, bias: torch.Tensor | None = None, u: torch.Tensor | None = None,
                 lora_second: torch.Tensor | None = None, l_strides: tuple[int, int, int] = (0, 0, 0),
                 alpha: float = 1.0, lora_scale: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """y (M, N) = alpha x W_e^T (+ lora_scale u L_e) (+ b_e) per expert segment, W addressed by
+    """y (M, N) = alpha (x W_e^T + lora_scale u L_e) (+ b_e) per expert segment, W addressed by
     w_strides = (expert, n, k) strides and L by l_strides = (expert, r, n)."""
     M, K = x.shape
     E = offsets.shape[0] - 1
@@ -327,7 +365,7 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int
         _grouped_mm_tuned[grid](*args, **consts)
     else:
         b = INTERPRETER_BLOCKS
-        _grouped_mm_kernel[(triton.cdiv(N, b["BN"]), triton.cdiv(M, b["BM"]) + E)](
+        _grouped_mm_even[(triton.cdiv(N, b["BN"]), triton.cdiv(M, b["BM"]) + E)](
             *args, **consts, BM=b["BM"], BN=b["BN"], BK=b["BK"])
     return y
 
