@@ -1,4 +1,4 @@
-"""Parity of the one decoder's Mixture-of-Experts switch with transformers: Qwen3-MoE and Mixtral (issue 17).
+"""Parity of the one decoder's Mixture-of-Experts switch with transformers: Qwen3-MoE, Mixtral, gpt-oss (issue 17).
 
 Same method and error measure as tests/test_models_parity.py: a tiny random model built and saved by transformers
 (which writes the per-expert layout), loaded by fasttune, compared on the same inputs: fp32 logits, loss with the
@@ -39,6 +39,10 @@ def tiny_config(family: str, **overrides):
     elif family == "mixtral":  # sliding window shorter than the sequence
         cfg = transformers.MixtralConfig(**common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
                                          sliding_window=7)
+    elif family == "gpt_oss":  # sliding / full / sliding, YaRN (its defaults), sinks; a SwiGLU limit low enough to
+        # clamp some of the gate and up values of these small weights
+        cfg = transformers.GptOssConfig(**common, intermediate_size=24, head_dim=16, num_local_experts=5,
+                                        num_experts_per_tok=2, sliding_window=6, swiglu_limit=0.1)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -46,21 +50,25 @@ def tiny_config(family: str, **overrides):
     return cfg
 
 
-FAMILIES = ["qwen3_moe", "qwen3_moe_raw", "mixtral"]
+FAMILIES = ["qwen3_moe", "qwen3_moe_raw", "mixtral", "gpt_oss"]
+ROUTER = {"gpt_oss": "router"}  # the others' router is mlp.gate
 
 
 def build_pair(tmp_path, family: str, dtype=torch.float32, **overrides):
     torch.manual_seed(1234)
     cfg = tiny_config(family, **overrides)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    attn = "eager" if family == "gpt_oss" else "sdpa"  # transformers runs sinks in eager (or kernels) only
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
     with torch.no_grad():  # every weight off its default (norms at 1, Qwen3's router at 0) so every one matters
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.02)
         for n, p in hf.named_parameters():  # routers with logits spread wide enough that routing varies by token
-            if n.endswith("mlp.gate.weight"):
+            if n.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 p.normal_(0, 0.5)
     hf = hf.to(dtype).eval()
     hf.save_pretrained(tmp_path)
+    if dtype != torch.float32:  # reloaded: .to(dtype) would also round transformers' float32 RoPE buffers
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype, attn_implementation=attn).eval()
     return hf, load_model(tmp_path, dtype=dtype)
 
 
@@ -104,7 +112,7 @@ def test_fp32_logits_loss_aux_loss_router_logits_and_grads(tmp_path, family):
         assert rel_err(g, theirs[name]) <= FP32_TOL, name
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_aux_loss_off_by_default_and_its_gradient_reaches_the_router_only(tmp_path, family):
     hf, ours = build_pair(tmp_path, family)
     ids = random_ids()
@@ -116,11 +124,11 @@ def test_aux_loss_off_by_default_and_its_gradient_reaches_the_router_only(tmp_pa
     out = ours(ids, output_router_logits=True)
     out.aux_loss.backward()
     moe = [layer.mlp for layer in ours.model.layers if isinstance(layer.mlp, SparseMoE)]
-    assert all(m.gate.weight.grad.abs().sum() > 0 for m in moe)
+    assert all(m.router_linear.weight.grad.abs().sum() > 0 for m in moe)
     assert moe[-1].experts.gate_up_proj.grad is None
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batches_and_masked_aux_loss(tmp_path, family, side):
     hf, ours = build_pair(tmp_path, family)
@@ -140,11 +148,11 @@ def test_padded_batches_and_masked_aux_loss(tmp_path, family, side):
     assert rel_err(a.logits[real], b.logits[real]) <= FP32_TOL
     assert abs(a.aux_loss.item() - b.aux_loss.item()) <= FP32_TOL * b.aux_loss.item()
     # the padding rows are excluded: the unmasked aux loss differs
-    assert abs(load_balancing_loss(a.router_logits, 6 if family == "qwen3_moe" else 4,
+    assert abs(load_balancing_loss(a.router_logits, ours.spec.num_experts,
                                    ours.spec.experts_per_token).item() - a.aux_loss.item()) > 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_packed_documents(tmp_path, family):
     _, ours = build_pair(tmp_path, family, sliding_window=None)
     a_ids, b_ids = random_ids(1, 10, seed=1), random_ids(1, 14, seed=2)
@@ -159,26 +167,33 @@ def test_packed_documents(tmp_path, family):
     assert out.num_target_tokens == 9 + 13
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_routing_ties_pick_the_same_experts(tmp_path, family):
-    """Experts with identical router rows tie exactly; torch.topk's choice among them must be transformers'."""
+    """Experts with identical router rows tie exactly; torch.topk's choice among them must be transformers'. The
+    ties are set in the first MoE layer, whose input is bit-identical in both models (a later layer's input differs
+    by rounding, which turns exact ties into near-ties that either side may break differently)."""
     hf, ours = build_pair(tmp_path, family)
+    name = ROUTER.get(family, "gate")
     with torch.no_grad():
         for model in (hf, ours):
-            for layer in model.model.layers:
-                if hasattr(layer.mlp, "gate"):
-                    w = layer.mlp.gate.weight
-                    w[1:] = w[0]  # every expert ties; weights by index only
-                    w[2] = w[3] = w[0] * 1.5  # two tied leaders
+            router = next(getattr(l.mlp, name) for l in model.model.layers if hasattr(l.mlp, name))
+            w = router.weight
+            w[1:] = w[0]  # every expert ties ...
+            w[2] = w[3] = w[0] * 1.5  # ... and two lead, tied
+            if getattr(router, "bias", None) is not None:
+                router.bias.fill_(0.1)
     ids = random_ids()
     with torch.no_grad():
         mine = ours(ids, output_router_logits=True)
         theirs = hf(ids, output_router_logits=True)
+    assert torch.equal(mine.router_logits[0], theirs.router_logits[0])
     assert rel_err(mine.logits, theirs.logits) <= FP32_TOL
     layer = next(m for m in ours.modules() if isinstance(m, SparseMoE))
-    hf_gate = next(l.mlp.gate for l in hf.model.layers if hasattr(l.mlp, "gate"))
-    x = torch.randn(5, ours.spec.hidden_size)
-    assert torch.equal(layer.route(x)[2], hf_gate(x)[2])
+    hf_router = next(getattr(l.mlp, name) for l in hf.model.layers if hasattr(l.mlp, name))
+    x = torch.randn(64, ours.spec.hidden_size)
+    chosen = layer.route(x)[2]
+    assert torch.equal(chosen, hf_router(x)[2])
+    assert len({tuple(r) for r in chosen.tolist()}) > 1  # the tie-break is not one fixed pair
 
 
 def _fused_layout(src, dst, spec_family: str):
@@ -241,7 +256,7 @@ def test_bf16_logits_close(tmp_path):
     assert err <= 3e-2, err
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_triton_kernels_in_the_moe_model_match_transformers(tmp_path, monkeypatch, family):
     """Through the Triton path (the interpreter on CPU), the experts run as grouped GEMMs and every gradient still
     matches transformers."""
@@ -291,3 +306,90 @@ def test_checkpointed_layers_keep_the_aux_loss_gradient(tmp_path, policy):
     out2.loss.backward()
     for n, p in ours.named_parameters():
         assert rel_err(p.grad, plain[n]) <= FP32_TOL, n
+
+
+# ---- gpt-oss MXFP4 experts ---------------------------------------------------------------------------------------
+
+def _e2m1_direct(code: int) -> float:
+    """E2M1 from its bits: sign (bit 3), exponent (bits 2-1, bias 1), mantissa (bit 0); exponent 0 is subnormal."""
+    sign = -1.0 if code & 0b1000 else 1.0
+    exponent, mantissa = (code >> 1) & 0b11, code & 1
+    magnitude = mantissa * 0.5 if exponent == 0 else (1 + mantissa / 2) * 2.0 ** (exponent - 1)
+    return sign * magnitude
+
+
+def _mxfp4_direct(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Element by element: byte j of a block holds elements 2j (low nibble) and 2j + 1 (high nibble), times
+    2 ** (scale - 127)."""
+    flat_b = blocks.reshape(-1, 16).tolist()
+    flat_s = scales.reshape(-1).tolist()
+    out = []
+    for row, s in zip(flat_b, flat_s):
+        for byte in row:
+            out += [_e2m1_direct(byte & 0xF) * 2.0 ** (s - 127), _e2m1_direct(byte >> 4) * 2.0 ** (s - 127)]
+    return torch.tensor(out, dtype=torch.float64).reshape(*scales.shape[:-1], -1)
+
+
+def test_mxfp4_decode_matches_the_format():
+    from fasttune.models.mxfp4 import dequantize_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 5, 2, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(110, 140, (3, 5, 2), dtype=torch.uint8, generator=g)
+    scales[0, 0, 0] = 0  # the exponent's extremes that stay finite in float32 (254 would overflow 6 * 2 ** 127)
+    scales[0, 0, 1] = 250
+    blocks[1, 1, 0] = torch.arange(16, dtype=torch.uint8) * 17  # every code in both nibbles
+    decoded = dequantize_mxfp4(blocks, scales)
+    assert decoded.shape == (3, 5, 64) and decoded.dtype == torch.float32
+    assert torch.equal(decoded.double(), _mxfp4_direct(blocks, scales))
+    assert torch.equal(dequantize_mxfp4(blocks, scales, torch.bfloat16).float(), decoded)  # exact in bf16 too
+    with pytest.raises(ValueError, match="disagree"):
+        dequantize_mxfp4(blocks, scales[..., :1])
+
+
+def test_gpt_oss_mxfp4_checkpoint_loads_dequantised(tmp_path):
+    """A gpt-oss checkpoint whose experts are MXFP4 (as OpenAI ships it: *_blocks / *_scales, quantization_config
+    mxfp4) loads as the float model those codes stand for: the same logits as transformers running the decoded
+    weights, and it saves back as a plain checkpoint."""
+    hf, _ = build_pair(tmp_path / "ref", "gpt_oss", hidden_size=64, intermediate_size=32)  # blocks of 32 inputs
+    state = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "ref" / "config.json").read_text())
+    g = torch.Generator().manual_seed(1)
+    quantised, decoded = {}, {}
+    for k, t in state.items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            E, K, N = t.shape  # stored (E, in, out); MXFP4 blocks are (E, out, in / 32, 16)
+            blocks = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8, generator=g)
+            scales = torch.randint(118, 124, (E, N, K // 32), dtype=torch.uint8, generator=g)
+            quantised[k + "_blocks"], quantised[k + "_scales"] = blocks, scales
+            decoded[k] = _mxfp4_direct(blocks, scales).float().transpose(1, 2).contiguous()
+        else:
+            quantised[k] = decoded[k] = t
+    (tmp_path / "q").mkdir()
+    save_file(quantised, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "q" / "config.json").write_text(json.dumps(
+        {**cfg, "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                                          "model.layers.*.mlp.router",
+                                                                                          "model.embed_tokens",
+                                                                                          "lm_head"]}}))
+    ours = load_model(tmp_path / "q")
+    hf.load_state_dict(decoded)
+    ids = random_ids()
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, hf(ids).logits) <= FP32_TOL
+    save_model(ours, tmp_path / "out")
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))["model.layers.0.mlp.experts.down_proj"],
+                       decoded["model.layers.0.mlp.experts.down_proj"])
+
+
+def test_gpt_oss_round_trip(tmp_path):
+    hf, ours = build_pair(tmp_path / "src", "gpt_oss")
+    save_model(ours, tmp_path / "out")
+    assert set(load_file(str(tmp_path / "out" / "model.safetensors"))) == set(
+        load_file(str(tmp_path / "src" / "model.safetensors")))  # the 3-D stacks, biases and sinks, as saved
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(hf2(ids).logits, hf(ids).logits)
+        assert torch.equal(load_model(tmp_path / "out")(ids).logits, ours(ids).logits)

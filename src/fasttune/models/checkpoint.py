@@ -135,8 +135,11 @@ def _unfuse(name: str, tensor: torch.Tensor, spec: ArchSpec) -> list[tuple[str, 
 # mlp.experts.N.{gate,up,down}_proj.weight, Mixtral block_sparse_moe.experts.N.{w1,w3,w2}.weight (gate, up, down)
 # with its router as block_sparse_moe.gate. The model holds transformers 5's module layout instead, which some
 # checkpoints store too: mlp.experts.gate_up_proj (E, 2I, H), gate rows first, and mlp.experts.down_proj (E, H, I).
+# gpt-oss's MXFP4 checkpoints: mlp.experts.{gate_up,down}_proj_{blocks,scales}, each projection as (E, out, in)
+_MXFP4_PART = re.compile(r"(model\.layers\.\d+\.mlp\.experts\.(?:gate_up_proj|down_proj))_(blocks|scales)")
 _PER_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
 _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_PER_EXPERT_FAMILIES = ("qwen3_moe", "mixtral")  # what transformers 5 saves per expert
 
 
 class _ExpertStacker:
@@ -152,6 +155,16 @@ class _ExpertStacker:
         return name.replace(".block_sparse_moe.", ".mlp.") if self.spec.model_type == "mixtral" else name
 
     def take(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        q = _MXFP4_PART.fullmatch(name)
+        if q is not None:  # dequantised once both halves are in, as the model's (E, in, out) float32 tensor
+            parts = self.parts.setdefault(q.group(1), {})
+            parts[(q.group(2), 0)] = tensor
+            if len(parts) < 2:
+                return []
+            del self.parts[q.group(1)]
+            from .mxfp4 import dequantize_mxfp4
+
+            return [(q.group(1), dequantize_mxfp4(parts[("blocks", 0)], parts[("scales", 0)]).transpose(1, 2))]
         m = _PER_EXPERT.fullmatch(name)
         if m is None:
             return [(name, tensor)]
@@ -180,8 +193,9 @@ class _ExpertStacker:
 
 
 def _split_experts(state: dict[str, torch.Tensor], spec: ArchSpec) -> dict[str, torch.Tensor]:
-    """The model's 3-D expert stacks as the per-expert tensors transformers saves (and every version reads)."""
-    if not spec.is_moe:
+    """The model's 3-D expert stacks as the per-expert tensors transformers saves (and every version reads) for
+    Qwen3-MoE and Mixtral; gpt-oss checkpoints hold the 3-D stacks themselves."""
+    if not spec.is_moe or spec.model_type not in _PER_EXPERT_FAMILIES:
         return state
     out: dict[str, torch.Tensor] = {}
     mixtral = spec.model_type == "mixtral"
@@ -346,7 +360,7 @@ def _bnb_nf4_checkpoint(spec: ArchSpec, path: Path) -> bool:
     """Whether `path` holds decoder weights quantised to NF4 by bitsandbytes (a "...-bnb-4bit" folder, as saved by
     transformers); the quantisation kinds fasttune cannot read are refused here, with what to do instead."""
     q = spec.raw_config.get("quantization_config") or {}
-    if not q:
+    if not q or _mxfp4_checkpoint(spec):
         return False
     use_16bit = "load the 16-bit checkpoint instead (fasttune.load(..., load_in_4bit=True) quantises it to NF4)"
     if q.get("quant_method") != "bitsandbytes" or not q.get("load_in_4bit"):
@@ -363,6 +377,12 @@ def _bnb_nf4_checkpoint(spec: ArchSpec, path: Path) -> bool:
         raise CheckpointError(f"{path}: Phi-3's fused qkv/gate_up projections cannot be split once quantised: "
                               f"{use_16bit}")
     return True
+
+
+def _mxfp4_checkpoint(spec: ArchSpec) -> bool:
+    """A gpt-oss checkpoint with MXFP4 experts: they are dequantised as they are read (the rest is 16-bit)."""
+    q = spec.raw_config.get("quantization_config") or {}
+    return q.get("quant_method") == "mxfp4" and spec.model_type == "gpt_oss"
 
 
 def load_model(
@@ -524,6 +544,8 @@ def save_model(model: CausalLM, path: str | os.PathLike, tokenizer=None, dtype: 
         (path / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg = dict(spec.raw_config)
+    if _mxfp4_checkpoint(spec):  # loaded dequantised: written back as plain tensors
+        cfg.pop("quantization_config")
     saved_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[saved_dtype]
     cfg["torch_dtype"] = dtype_name

@@ -113,6 +113,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(spec.num_kv_heads * d, spec.rms_norm_eps, weight_float32=spec.norm_weight_float32)
         elif spec.qk_norm is not None:
             raise ValueError(f"qk_norm {spec.qk_norm!r}: expected 'head', 'projection' or None")
+        # gpt-oss: one learned sink logit per query head (see kernels.attention)
+        self.sinks = nn.Parameter(torch.empty(spec.num_heads)) if spec.attention_sinks else None
         self.scale = spec.attn_scale if spec.attn_scale is not None else d ** -0.5
         self.sliding_window = spec.window_for_layer(layer_idx)
         self.rot_dim = rotary_dim(spec)
@@ -148,7 +150,7 @@ class Attention(nn.Module):
             k, v = a.cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, scale=self.scale, q_offset=a.q_offset, sliding_window=self.sliding_window,
                         key_padding_mask=a.key_padding_mask, documents=a.documents,
-                        softcap=self.spec.attn_softcap, memo=a.memo)
+                        softcap=self.spec.attn_softcap, memo=a.memo, sinks=self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -1,5 +1,5 @@
-"""Mixture-of-Experts MLP (Qwen3-MoE, Mixtral): a router picks k of E gated MLPs per token, and the experts run as
-grouped GEMMs over the tokens sorted by expert.
+"""Mixture-of-Experts MLP (Qwen3-MoE, Mixtral, gpt-oss): a router picks k of E gated MLPs per token, and the
+experts run as grouped GEMMs over the tokens sorted by expert.
 
 For the T tokens of a layer, with router weight R (E, H):
     logits = x R^T                                   (T, E), in the compute dtype
@@ -8,6 +8,9 @@ For the T tokens of a layer, with router weight R (E, H):
     w      = w / sum(w)                              when norm_topk_prob (Mixtral always)
     y_t    = sum_j w_tj * Down_{i_tj}(act(Gate_{i_tj} x_t) * Up_{i_tj} x_t)
 Qwen3-MoE casts w to the logits' dtype before the product; Mixtral keeps it float32 (same values in float32).
+gpt-oss ("topk_softmax"): logits = x R^T + b, (l, i) = topk(logits, k), w = softmax(l) in the logits' dtype; its
+experts carry biases, are stored (E, in, out) (read in place: grouped_linear's `transposed`), interleave gate and up
+(gate = even columns) and use the clamped SwiGLU (spec.swiglu_alpha / swiglu_limit, see ArchSpec).
 
 Expert compute: the T*k (token, slot) pairs are sorted by expert once per layer (`sort_by_expert`); the gathered
 rows go through gate_up = grouped_linear(x_sorted, W_gate_up (E, 2I, H)), the GLU, and down = grouped_linear(.,
@@ -30,43 +33,78 @@ from ..kernels.grouped_gemm import sort_by_expert
 from .spec import ArchSpec
 
 
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's GLU: gate clamped above at `limit`, up clamped to [-limit, limit], (up + 1) * gate * sigmoid(alpha
+    gate) (plain autograd: elementwise on the experts' rows)."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 class Experts(nn.Module):
     """E gated MLPs stored as transformers 5 holds them: gate_up_proj (E, 2I, H) with gate rows first, down_proj
-    (E, H, I). `forward` takes rows already sorted by expert."""
+    (E, H, I); gpt-oss: gate_up_proj (E, H, 2I) with gate and up interleaved, down_proj (E, I, H), and biases
+    gate_up_proj_bias (E, 2I), down_proj_bias (E, H). `forward` takes rows already sorted by expert."""
 
     def __init__(self, spec: ArchSpec):
         super().__init__()
         E, h, i = spec.num_experts, spec.hidden_size, spec.expert_intermediate_size
         self.num_experts, self.intermediate_size, self.activation = E, i, spec.activation
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * i, h))
-        self.down_proj = nn.Parameter(torch.empty(E, h, i))
+        self.transposed, self.interleaved = spec.experts_transposed, spec.gate_up_interleaved
+        self.swiglu = (spec.swiglu_alpha, spec.swiglu_limit) if spec.swiglu_alpha is not None else None
+        self.gate_up_proj = nn.Parameter(torch.empty((E, h, 2 * i) if self.transposed else (E, 2 * i, h)))
+        self.down_proj = nn.Parameter(torch.empty((E, i, h) if self.transposed else (E, h, i)))
+        if spec.expert_bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * i))
+            self.down_proj_bias = nn.Parameter(torch.empty(E, h))
+        else:
+            self.gate_up_proj_bias = self.down_proj_bias = None
 
     def adapters(self, name: str) -> dict:
         """grouped_linear's LoRA arguments for the `name` projection (none on the plain experts)."""
         return {}
 
+    def project(self, name: str, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """One of the two grouped projections ("gate_up_proj" or "down_proj") of rows sorted by expert."""
+        return kernels.grouped_linear(x_sorted, getattr(self, name), offsets, bias=getattr(self, name + "_bias"),
+                                      transposed=self.transposed, **self.adapters(name))
+
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        gate_up = kernels.grouped_linear(x_sorted, self.gate_up_proj, offsets, **self.adapters("gate_up_proj"))
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return kernels.grouped_linear(kernels.glu(gate, up, self.activation), self.down_proj, offsets,
-                                      **self.adapters("down_proj"))
+        gate_up = self.project("gate_up_proj", x_sorted, offsets)
+        if self.interleaved:
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        act = kernels.glu(gate, up, self.activation) if self.swiglu is None else clamped_swiglu(gate, up, *self.swiglu)
+        return self.project("down_proj", act, offsets)
 
 
 class SparseMoE(nn.Module):
-    """The routed MLP of one layer: `gate` (the router, a bias-free linear H -> E) and `experts`."""
+    """The routed MLP of one layer: the router (a linear H -> E, named as the checkpoint names it: `gate`, gpt-oss
+    `router`) and `experts`."""
 
     def __init__(self, spec: ArchSpec):
         super().__init__()
         self.spec = spec
         self.num_experts, self.top_k = spec.num_experts, spec.experts_per_token
-        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        if spec.router_kind not in ("softmax_topk", "topk_softmax"):
+            raise ValueError(f"router_kind {spec.router_kind!r}: expected 'softmax_topk' or 'topk_softmax'")
+        self.router_name = "router" if spec.model_type == "gpt_oss" else "gate"
+        self.add_module(self.router_name, nn.Linear(spec.hidden_size, spec.num_experts, bias=spec.router_bias))
         self.experts = Experts(spec)
         # Mixtral's router_jitter_noise: only while training (its parity is not testable: random)
         self.jitter_noise = spec.router_jitter_noise
 
+    @property
+    def router_linear(self) -> nn.Module:
+        return getattr(self, self.router_name)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits (T, E), routing weights (T, k), expert ids (T, k)) for x (T, H)."""
-        logits = self.gate(x)
+        logits = self.router_linear(x)
+        if self.spec.router_kind == "topk_softmax":
+            top, ids = torch.topk(logits, self.top_k, dim=-1)
+            return logits, torch.softmax(top, dim=-1, dtype=top.dtype), ids
         probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.spec.norm_topk_prob:

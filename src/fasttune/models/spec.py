@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
-                         "granite", "smollm3", "qwen3_moe", "mixtral")
+                         "granite", "smollm3", "qwen3_moe", "mixtral", "gpt_oss")
 # Mixture-of-Experts families: some or all layers route each token to `experts_per_token` of `num_experts` MLPs
-MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral", "gpt_oss")
 # families whose config.json may leave tie_word_embeddings out because their transformers default is True
 _TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3_text", "smollm3")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
@@ -103,6 +103,18 @@ class ArchSpec:
     router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight in the training loss
     output_router_logits: bool = False  # the config's default: collect router logits and add the aux loss
     router_jitter_noise: float = 0.0  # Mixtral: multiplicative uniform noise on the MoE input while training
+    # gpt-oss: the router has a bias and takes the top-k of its logits, then a softmax over those k ("topk_softmax";
+    # the others: "softmax_topk"); its experts have biases, are stored (E, in, out) ("transposed"), interleave the
+    # gate and up columns (gate = even, up = odd) and use the clamped SwiGLU
+    #     a = min(gate, limit) * sigmoid(alpha * min(gate, limit)),  y = (clamp(up, -limit, limit) + 1) * a
+    router_kind: str = "softmax_topk"
+    router_bias: bool = False
+    expert_bias: bool = False
+    experts_transposed: bool = False
+    gate_up_interleaved: bool = False
+    swiglu_alpha: float | None = None  # set: the clamped SwiGLU (gpt-oss) instead of `activation`'s GLU
+    swiglu_limit: float | None = None
+    attention_sinks: bool = False  # gpt-oss: a learned per-head logit that joins every softmax (its value is zero)
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -170,8 +182,9 @@ class ArchSpec:
             sliding_window = None
         layer_types = cfg.get("layer_types")
         if not layer_types:
-            if mt in ("gemma2", "gemma3_text"):  # Gemma 2: 1 local : 1 global; Gemma 3: sliding_window_pattern 6
-                every = 2 if mt == "gemma2" else cfg.get("sliding_window_pattern", 6)
+            if mt in ("gemma2", "gemma3_text", "gpt_oss"):
+                # Gemma 2 and gpt-oss: 1 local : 1 global; Gemma 3: sliding_window_pattern 6
+                every = cfg.get("sliding_window_pattern", 6) if mt == "gemma3_text" else 2
                 layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
             elif mt in ("qwen2", "qwen3"):
                 mwl = cfg.get("max_window_layers", n_layers)
@@ -200,7 +213,7 @@ class ArchSpec:
             attn_scale = float(cfg.get("attention_multiplier", 1.0))
         qk_norm = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "olmo2": "projection"}.get(mt)
         moe = _moe_settings(cfg, mt, n_layers)
-        bias = bool(cfg.get("attention_bias", False))
+        bias = bool(cfg.get("attention_bias", mt == "gpt_oss"))
         return cls(
             model_type=mt,
             vocab_size=cfg["vocab_size"],
@@ -255,6 +268,7 @@ def _moe_settings(cfg: dict[str, Any], mt: str, n_layers: int) -> dict[str, Any]
     if mt not in MOE_MODEL_TYPES:
         return {}
     experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    gpt_oss = mt == "gpt_oss"
     if mt == "qwen3_moe":
         step = cfg.get("decoder_sparse_step", 1) or 1
         dense = set(cfg.get("mlp_only_layers") or [])
@@ -262,18 +276,24 @@ def _moe_settings(cfg: dict[str, Any], mt: str, n_layers: int) -> dict[str, Any]
         width = cfg.get("moe_intermediate_size", 768)
         norm_topk = bool(cfg.get("norm_topk_prob", False))
         jitter = 0.0
-    else:
+    else:  # Mixtral, gpt-oss
         layers = [experts > 0] * n_layers
         width = cfg["intermediate_size"]
-        norm_topk = True
+        norm_topk = not gpt_oss  # gpt-oss's softmax over the top k sums to 1 already
         jitter = float(cfg.get("router_jitter_noise", 0.0) or 0.0)
     top_k = cfg.get("num_experts_per_tok", 2)
     if experts and not 0 < top_k <= experts:
         raise ValueError(f"config num_experts_per_tok={top_k} must be between 1 and the {experts} experts")
-    return dict(num_experts=int(experts), experts_per_token=int(top_k), expert_intermediate_size=int(width),
-                moe_layers=layers, norm_topk_prob=norm_topk, routing_weights_in_logits_dtype=mt == "qwen3_moe",
-                router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)),
-                output_router_logits=bool(cfg.get("output_router_logits", False)), router_jitter_noise=jitter)
+    settings = dict(num_experts=int(experts), experts_per_token=int(top_k), expert_intermediate_size=int(width),
+                    moe_layers=layers, norm_topk_prob=norm_topk,
+                    routing_weights_in_logits_dtype=mt in ("qwen3_moe", "gpt_oss"),
+                    router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)),
+                    output_router_logits=bool(cfg.get("output_router_logits", False)), router_jitter_noise=jitter)
+    if gpt_oss:
+        settings.update(router_kind="topk_softmax", router_bias=True, expert_bias=True, experts_transposed=True,
+                        gate_up_interleaved=True, swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
+                        swiglu_limit=float(cfg.get("swiglu_limit", 7.0)), attention_sinks=True)
+    return settings
 
 
 def _gemma3_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
