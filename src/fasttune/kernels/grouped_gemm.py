@@ -7,8 +7,9 @@ M = T*k gathered rows x (M, K) come in E contiguous segments; expert_offsets (E+
 Forward:   y_m = x_m W_e^T + b_e + s (x_m A_e^T) B_e^T
            W (E, N, K) (or stored (E, K, N): `transposed`, gpt-oss), b (E, N), A_e (r, K), B_e (N, r),
            A and B either per expert ((E, r, K), (E, N, r)) or one pair shared by all experts ((r, K), (N, r)).
-           Let u = x A_e^T (M, r), computed first by the same grouped kernel (N = r), then added inside the
-           output tile of the main GEMM: acc = x_tile W_e^T + s u_tile B_e^T + b_e, one launch for all experts.
+           Let u = x A_e^T (M, r), computed first by the same grouped kernel (N = r); the main GEMM's output tile
+           starts its float32 accumulator at s u_tile B_e^T, adds x_tile W_e^T over K, then b_e: one launch for all
+           experts, and the rank-r term never leaves registers.
 Backward, given dy (M, N) in the same sorted order, with g = s dy B_e (M, r) (the same grouped kernel again):
            dx_m  = dy_m W_e + g_m A_e                     (grouped GEMM with W read as (E, K, N), LoRA term fused)
            dW_e  = sum_{m in e} dy_m^T x_m                (N, K) per expert: a grouped "TN" GEMM, reduction over
@@ -19,7 +20,7 @@ Backward, given dy (M, N) in the same sorted order, with g = s dy B_e (M, r) (th
 Empty experts get zero dW_e, dA_e, dB_e, db_e. Saved for the backward: x, u and the (small) adapters; W is read
 again (a quantised W is dequantised again, never saved), as in kernels/lora.py.
 
-The kernels. `_grouped_mm_kernel` computes y = alpha x W_e^T (+ lora_scale u L_e) (+ b_e) for every row segment:
+The kernels. `_grouped_mm_kernel` computes y = alpha (x W_e^T + lora_scale u L_e) + b_e for every row segment:
 the grid is (N tiles, cdiv(M, BM) + E M tiles), an upper bound from static sizes (the tiles of all segments,
 sum_e cdiv(m_e, BM) < M / BM + E). Each program maps its M-tile index to (expert, first row) from the offsets in
 registers: tiles_e = cdiv(m_e, BM), an inclusive cumulative sum over the E experts, expert = #{e : cum_e <= pid};
