@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from ..adapters import LoraLinear
+from ..adapters import LoraExperts, LoraLinear
 from ..models.nf4_linear import NF4Linear
 from ..models.checkpoint import resolve_dtype, save_model
 from ..models.quantized import QuantizedLinear
@@ -82,6 +82,13 @@ def iter_merged_tensors(model: nn.Module) -> Iterator[tuple[str, Callable[[], to
     reward = model.score is not None
     owned = set()
     for name, m in model.named_modules():
+        if isinstance(m, LoraExperts):  # MoE expert stacks: each adapter folded into its 3-D tensor
+            owned.add(name)
+            for pname, p in m.base.named_parameters(recurse=False):
+                thunk = (lambda m=m, n=pname: m.merged_weight(n)) if pname in m.adapters else (
+                    lambda p=p: p.detach().float())
+                yield f"{name}.{pname}", thunk, tuple(p.shape)
+            continue
         if isinstance(m, (LoraLinear, QuantizedLinear)):
             if any(name.startswith(o + ".") for o in owned):
                 continue  # a LoRA layer's quantised base: merged into the LoRA layer's weight already

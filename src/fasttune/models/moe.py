@@ -60,23 +60,24 @@ class Experts(nn.Module):
         else:
             self.gate_up_proj_bias = self.down_proj_bias = None
 
-    def adapters(self, name: str) -> dict:
-        """grouped_linear's LoRA arguments for the `name` projection (none on the plain experts)."""
-        return {}
-
-    def project(self, name: str, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """One of the two grouped projections ("gate_up_proj" or "down_proj") of rows sorted by expert."""
+    def project(self, name: str, x_sorted: torch.Tensor, offsets: torch.Tensor, adapter: dict | None = None
+                ) -> torch.Tensor:
+        """One of the two grouped projections ("gate_up_proj" or "down_proj") of rows sorted by expert; `adapter`:
+        grouped_linear's lora_A / lora_B / lora_scaling for it."""
         return kernels.grouped_linear(x_sorted, getattr(self, name), offsets, bias=getattr(self, name + "_bias"),
-                                      transposed=self.transposed, **self.adapters(name))
+                                      transposed=self.transposed, **(adapter or {}))
 
-    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        gate_up = self.project("gate_up_proj", x_sorted, offsets)
+    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor, adapters: dict[str, dict] | None = None
+                ) -> torch.Tensor:
+        """`adapters`: projection name -> its LoRA arguments (fasttune.adapters' LoraExperts passes them)."""
+        adapters = adapters or {}
+        gate_up = self.project("gate_up_proj", x_sorted, offsets, adapters.get("gate_up_proj"))
         if self.interleaved:
             gate, up = gate_up[..., ::2], gate_up[..., 1::2]
         else:
             gate, up = gate_up.split(self.intermediate_size, dim=-1)
         act = kernels.glu(gate, up, self.activation) if self.swiglu is None else clamped_swiglu(gate, up, *self.swiglu)
-        return self.project("down_proj", act, offsets)
+        return self.project("down_proj", act, offsets, adapters.get("down_proj"))
 
 
 class SparseMoE(nn.Module):
