@@ -56,16 +56,20 @@ def make_case(loads, K, N, r, dtype, bias=True, lora="expert", transposed=False,
 
 def run(fn, inputs, dy, offsets, scaling, transposed, dtype=None, weight_grad=True):
     """y and the gradients of every input (None where the input is absent or frozen)."""
-    leaves = {k: (None if v is None else v.detach().to(dtype or v.dtype).requires_grad_(k != "weight" or weight_grad))
-              for k, v in inputs.items()}
+    def leaf(k, v):
+        if v is None or not isinstance(v, torch.Tensor):  # absent, or a quantised weight (no gradient)
+            return v
+        return v.detach().to(dtype or v.dtype).requires_grad_(k != "weight" or weight_grad)
+
+    leaves = {k: leaf(k, v) for k, v in inputs.items()}
     y = fn(leaves["x"], leaves["weight"], offsets, leaves["bias"], leaves["lora_A"], leaves["lora_B"], scaling,
            transposed=transposed)
-    wrt = [v for v in leaves.values() if v is not None and v.requires_grad]
+    wrt = [v for v in leaves.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     grads = iter(torch.autograd.grad(y, wrt, dy.to(y.dtype)))
     out = {"y": y.detach()}
     for k, name in zip(leaves, NAMES[1:]):
         v = leaves[k]
-        out[name] = next(grads) if v is not None and v.requires_grad else None
+        out[name] = next(grads) if isinstance(v, torch.Tensor) and v.requires_grad else None
     return out
 
 
@@ -275,3 +279,24 @@ def test_gpu_real_size(shape, lora):
         for name in NAMES:
             if ref[name] is not None:
                 assert_rel_close(got[name].float(), ref[name].double(), 2e-2, f"{shape} K={K} N={N} {name}")
+
+
+def test_nf4_experts_dequantised_per_call():
+    """QLoRA experts: an NF4 (E, N, K) weight is dequantised into a temporary for the forward and again for dx
+    (never saved), and gives exactly the result of its dequantised dense weight."""
+    from fasttune.kernels import nf4
+
+    gen = generator("nf4-experts")
+    q = nf4.quantize_nf4((torch.randn(3, 20, 32, generator=gen) * 0.1).to(DEVICE, torch.bfloat16))
+    offsets = offsets_of([5, 0, 12]).to(DEVICE)
+    x = torch.randn(17, 32, generator=gen).to(DEVICE, torch.bfloat16)
+    A = (torch.randn(3, 4, 32, generator=gen) * 0.2).to(DEVICE).requires_grad_()
+    B = (torch.randn(3, 20, 4, generator=gen) * 0.2).to(DEVICE).requires_grad_()
+    dy = torch.randn(17, 20, generator=gen).to(DEVICE, torch.bfloat16)
+    inputs = {"x": x, "weight": q, "bias": None, "lora_A": A, "lora_B": B}
+    got = run(gg.grouped_linear, inputs, dy, offsets, 0.5, False, weight_grad=False)
+    dense = run(gg.grouped_linear, {**inputs, "weight": q.dequantize()}, dy, offsets, 0.5, False, weight_grad=False)
+    for name in NAMES:
+        assert (got[name] is None) == (dense[name] is None), name
+        if got[name] is not None:
+            assert torch.equal(got[name], dense[name]), name
