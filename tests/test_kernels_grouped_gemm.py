@@ -300,3 +300,29 @@ def test_nf4_experts_dequantised_per_call():
         assert (got[name] is None) == (dense[name] is None), name
         if got[name] is not None:
             assert torch.equal(got[name], dense[name]), name
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync():
+    """Routing order, forward and backward never wait for the device (after the first call has autotuned)."""
+    assert torch.cuda.is_available()
+    T, k, E, K, N = 512, 4, 16, 256, 384
+    ids = torch.rand(T, E, device="cuda").topk(k, dim=1).indices
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    A = torch.randn(E, 16, K, device="cuda").requires_grad_()
+    B = torch.randn(E, N, 16, device="cuda").requires_grad_()
+
+    def step():
+        order, offsets, inverse = gg.sort_by_expert(ids, E)
+        xs = x[order // k].requires_grad_()
+        y = gg.grouped_linear(xs, w, offsets, None, A, B, 2.0)[inverse]
+        torch.autograd.grad(y.float().square().sum(), (xs, w, A, B))
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
