@@ -9,7 +9,7 @@ Forward:   y_m = x_m W_e^T + b_e + s (x_m A_e^T) B_e^T
            A and B either per expert ((E, r, K), (E, N, r)) or one pair shared by all experts ((r, K), (N, r)).
            Let u = x A_e^T (M, r), computed first by the same grouped kernel (N = r); the main GEMM's output tile
            starts its float32 accumulator at s u_tile B_e^T, adds x_tile W_e^T over K, then b_e: one launch for all
-           experts, and the rank-r term never leaves registers.
+           experts, and the (M, N) LoRA update s u B_e^T never goes through memory.
 Backward, given dy (M, N) in the same sorted order, with g = s dy B_e (M, r) (the same grouped kernel again):
            dx_m  = dy_m W_e + g_m A_e                     (grouped GEMM with W read as (E, K, N), LoRA term fused)
            dW_e  = sum_{m in e} dy_m^T x_m                (N, K) per expert: a grouped "TN" GEMM, reduction over
