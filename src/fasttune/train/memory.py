@@ -216,13 +216,25 @@ def layer_activation_bytes(spec, tokens: int, dtype_bytes: int = 2, mlp_saves_ga
     """Estimated bytes one decoder layer keeps for its backward (fused LoRA path), for `tokens` tokens:
     the two norms' inputs and outputs (4 x hidden), attention q, k, v, output and the o_proj input
     (3 x q_dim + 2 x kv_dim), the MLP's gate and up outputs (2 x intermediate, unless recomputed), rank-r
-    products and float32 norm statistics."""
+    products and float32 norm statistics.
+
+    An MoE layer (the largest of a model's layers counts, for plans that treat layers alike) keeps, per token, its
+    k routed rows: the gathered input (hidden), gate_up output (2 x expert width), GLU output (expert width), down
+    output and its copy back in (token, slot) order (2 x hidden), the experts' rank-r LoRA products (2 x r), and
+    the router's float32 logits and probabilities (2 x E x 4 bytes); the gate/up recomputation does not apply."""
     q_dim = spec.num_heads * spec.head_dim
     kv_dim = spec.num_kv_heads * spec.head_dim
     per_token = 4 * spec.hidden_size + 3 * q_dim + 2 * kv_dim + 7 * lora_rank
-    if mlp_saves_gate_up:
-        per_token += 2 * spec.intermediate_size
-    return tokens * (per_token * dtype_bytes + 4 * (2 + spec.num_heads))
+    dense_mlp = 2 * spec.intermediate_size if mlp_saves_gate_up else 0
+    router_bytes = 0
+    if getattr(spec, "is_moe", False):
+        k, width = spec.experts_per_token, spec.expert_intermediate_size
+        moe_mlp = k * (3 * spec.hidden_size + 3 * width + 2 * lora_rank)
+        per_token += max(moe_mlp, dense_mlp if not all(spec.moe_layers) else 0)
+        router_bytes = 2 * spec.num_experts * 4
+    else:
+        per_token += dense_mlp
+    return tokens * (per_token * dtype_bytes + 4 * (2 + spec.num_heads) + router_bytes)
 
 
 @dataclass
