@@ -4,7 +4,8 @@ Without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set 
 16-row/column tiles, so the small shapes here span several tiles, partial tiles and segments that start mid-tile.
 Tolerances, relative to the largest magnitude of the expected tensor: float32 1e-5 (seen ~2e-7); bfloat16 1.5e-2
 (seen ~5e-3, the same as PyTorch's own bf16 per-expert loop on the same inputs: outputs and the rank-r products
-u = x A^T and g = s dy B are rounded to bf16, as in kernels/lora.py); float16 3e-3 (seen ~7e-4, as PyTorch's own fp16 loop).
+u = x A^T and g = s dy B are rounded to bf16, as in kernels/lora.py); float16 3e-3 (seen ~7e-4, as PyTorch's own
+fp16 loop).
 """
 import os
 
@@ -98,7 +99,8 @@ def assert_rel_close(actual, expected, tol, what):
     scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-30)
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol} * {scale:.3g} (FASTTUNE_TEST_SEED={SESSION_SEED})"
+    assert err <= tol * scale, (f"{what}: max abs error {err:.3g} > {tol} * {scale:.3g} "
+                                f"(FASTTUNE_TEST_SEED={SESSION_SEED})")
 
 
 def check(loads, K, N, r, dtype, bias=True, lora="expert", transposed=False, scaling=0.75, weight_grad=True,

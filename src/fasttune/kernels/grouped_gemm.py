@@ -409,7 +409,6 @@ class GroupedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, offsets, bias, lora_A, lora_B, scaling: float, transposed: bool):
-        E = offsets.shape[0] - 1
         w = dense_weight(weight, x.dtype)
         se, s1, s2 = w.stride()
         w_nk = (se, s2, s1) if transposed else (se, s1, s2)  # (expert, n, k) strides
@@ -431,9 +430,7 @@ class GroupedLinearFunction(torch.autograd.Function):
         x, offsets, u, bias, lora_A, lora_B = ctx.saved_tensors
         need_x, need_w, _, need_b, need_A, need_B, _, _ = ctx.needs_input_grad
         s = ctx.scaling
-        E = offsets.shape[0] - 1
-        M, K = x.shape
-        N = dy.shape[1]
+        K = x.shape[1]
         dx = dw = db = dA = dB = None
         g = A = None
         if lora_A is not None and (need_x or need_A):
