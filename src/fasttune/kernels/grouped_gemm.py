@@ -282,7 +282,8 @@ if triton is not None:
     # Hopper (H100/H200) candidates for the main grouped kernel: 128- or 64-row tiles (64 wastes less of each
     # expert's partial last tile: at ~256 rows per expert, 128-row tiles compute ~1.25x the rows), as wide as the
     # registers allow, K steps of 64 with 3-4 pipeline stages (~64-200 KB of the 227 KB shared memory). The
-    # narrow configs serve the rank-r passes (u = x A^T, g = s dy B: N = r). Keys are static per layer shape.
+    # narrow configs serve the rank-r passes (u = x A^T, g = s dy B: N = r). Keys are static per layer shape; the
+    # reduction stride tells the weight layouts apart (K-contiguous (E, N, K) forward vs N-contiguous dx / gpt-oss).
     _MM_CONFIGS = [
         triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
         triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
@@ -310,8 +311,9 @@ if triton is not None:
 
     _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})
     _grouped_mm_even = _even_k(_grouped_mm_kernel)
-    _grouped_mm_tuned = triton.autotune(configs=_MM_CONFIGS, key=["N", "K", "R", "HAS_LORA", "HAS_BIAS"],
-                                        prune_configs_by={"early_config_prune": _prune_by_width})(_grouped_mm_even)
+    _grouped_mm_tuned = triton.autotune(
+        configs=_MM_CONFIGS, key=["N", "K", "R", "stride_wk", "HAS_LORA", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": _prune_by_width})(_grouped_mm_even)
 
     _TN_CONFIGS = [
         triton.Config({"BP": 128, "BQ": 128, "BM": 64}, num_warps=8, num_stages=3),
