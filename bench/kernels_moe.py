@@ -17,7 +17,9 @@ when this torch has it; transformers' fastest expert path). Each row: median ms 
 warm-up (the first calls autotune the Triton kernels), TFLOP/s of the base GEMMs (2 M N K per GEMM; the LoRA
 row's extra rank-16 work is not counted), and vs_dense = that throughput / the dense row's in the same mode and
 shape (the issue's target: >= 0.6 for grouped). max_rel_err: each implementation's forward output against the
-loop's on the same bf16 inputs (max abs difference / max abs value). A failing case gives a row with ms
+loop's on the same bf16 inputs (max abs difference / max abs value). In "train W" the grouped dW writes E
+weight gradients (E x N x K) where the dense one writes one (N x K), so there it does inherently more memory
+traffic than the dense comparison at the same FLOPs. A failing case gives a row with ms
 None and an `error`.
 """
 from __future__ import annotations
