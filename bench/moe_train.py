@@ -258,19 +258,27 @@ def main(argv=None) -> int:
                     print(row["traceback"], flush=True)
                     free_everything(device)
                 rows.append(row)
+                write(args.out, info, rows, time.perf_counter() - t_start)  # partial results survive a timeout
     elapsed = time.perf_counter() - t_start
-    result = dict(date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), versions=info,
-                  command="python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-                  elapsed_s=elapsed, fasttune_fallbacks=fallbacks_logged(), rows=rows)
-    table = markdown(rows)
-    print("\n" + table + f"\n\n(total {elapsed:.0f} s)", flush=True)
-    out = args.out or (os.path.join(os.environ["OUT"], "moe_train.json") if os.environ.get("OUT") else None)
+    print("\n" + markdown(rows) + f"\n\n(total {elapsed:.0f} s)", flush=True)
+    out = write(args.out, info, rows, elapsed)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
-        Path(out).with_suffix(".md").write_text(table + "\n")
         print(f"wrote {out}", flush=True)
     return 0
+
+
+def write(out: str | None, info: dict, rows: list[dict], elapsed: float) -> str | None:
+    """JSON (and a markdown table beside it) of the rows so far; the path, or None without --out / $OUT."""
+    out = out or (os.path.join(os.environ["OUT"], "moe_train.json") if os.environ.get("OUT") else None)
+    if not out:
+        return None
+    result = dict(date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), versions=info,
+                  command="python " + " ".join(sys.argv), elapsed_s=elapsed,
+                  fasttune_fallbacks=fallbacks_logged(), rows=rows)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    Path(out).with_suffix(".md").write_text(markdown(rows) + "\n")
+    return out
 
 
 if __name__ == "__main__":
