@@ -14,6 +14,8 @@ LoRA r=16, alpha 16 on q/k/v/o and on the experts (gate_up_proj, down_proj: per-
 tokens/s = batch * seq / median step time over --steps timed steps after --warmup (forward, backward, AdamW step);
 peak = torch.cuda.max_memory_allocated() from just before the first step (weights included). Routers initialised
 N(0, 0.02) route near-uniformly (balanced expert loads, the favourable case for every tool alike).
+`--qlora` adds fasttune QLoRA rows: the expert stacks and decoder linears in NF4 as load_in_4bit stores them (router
+16-bit); transformers + bitsandbytes cannot quantise the 3-D expert stacks, so these rows have no HF baseline.
 `--layers N` builds N layers instead of the full depth (for a smaller GPU or a quick run); the row says so, and
 tokens/s of a full model is then about tokens/s x N / full layers (the per-layer cost dominates; the LM head's does
 not scale): say which when quoting.
@@ -83,10 +85,12 @@ def hf_config(case: str, layers: int | None, tiny: bool):
 
 # ---- model builders -----------------------------------------------------------------------------------------
 
-def build_fasttune(config, device, dtype, policy: str, seq: int, batch: int):
+def build_fasttune(config, device, dtype, policy: str, seq: int, batch: int, qlora: bool = False):
     import fasttune
+    from fasttune.models.nf4_linear import quantize_linear
     from fasttune.models import ArchSpec, CausalLM
     from fasttune.models.decoder import RMSNorm
+    from fasttune.models.moe import Experts
     from fasttune.train.memory import apply_memory_policy
 
     spec = ArchSpec.from_hf_config(config.to_dict())
@@ -104,11 +108,18 @@ def build_fasttune(config, device, dtype, policy: str, seq: int, batch: int):
             else:  # biases, attention sinks
                 t.zero_()
             setattr(module, name, nn.Parameter(t, requires_grad=False))
+        if qlora and isinstance(module, Experts):  # as load_in_4bit stores them, one module at a time
+            module.quantize_nf4_("gate_up_proj")
+            module.quantize_nf4_("down_proj")
+        elif (qlora and isinstance(module, nn.Linear) and mod_name.startswith("model.layers.")
+              and not mod_name.endswith((".mlp.gate", ".mlp.router"))):
+            parent, _, child = mod_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantize_linear(module))
     model = fasttune.add_lora(model, r=RANK, alpha=RANK, target_modules=ATTENTION + ["gate_proj", "up_proj",
                                                                                       "down_proj"])
     model.train()
     plan = apply_memory_policy(model, policy, seq_len=seq, batch_size=batch)
-    return model, f"memory policy {policy}: {plan.summary()}"
+    return model, f"{'QLoRA (NF4 experts and linears), ' if qlora else ''}memory policy {policy}: {plan.summary()}"
 
 
 def build_hf(config, device, dtype, gc_on: bool):
@@ -131,7 +142,7 @@ def build_hf(config, device, dtype, gc_on: bool):
 
 def make_optimizer(model, tool):
     if tool == "fasttune":
-        from fasttune.lora import param_groups
+        from fasttune.adapters import param_groups
 
         return torch.optim.AdamW(param_groups(model, lr=1e-4), lr=1e-4)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -145,11 +156,11 @@ def train_step(model, tool, ids, opt):
     return loss.detach()
 
 
-def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps) -> dict:
+def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlora=False) -> dict:
     free_everything(device)
     t_build = time.perf_counter()
     if tool == "fasttune":
-        model, setup = build_fasttune(config, device, dtype, setting, seq, batch)
+        model, setup = build_fasttune(config, device, dtype, setting, seq, batch, qlora)
     else:
         model, setup = build_hf(config, device, dtype, setting)
     opt = make_optimizer(model, tool)
@@ -214,6 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tools", default="fasttune,hf+peft", help="comma list of fasttune, hf+peft")
     ap.add_argument("--ft-policies", default="auto", help="fasttune memory policies to measure (comma list)")
     ap.add_argument("--hf-gc", default="on", help="HF+PEFT gradient checkpointing settings to measure: on,off")
+    ap.add_argument("--qlora", action="store_true", help="also fasttune QLoRA rows (NF4 experts and linears)")
     ap.add_argument("--layers", type=int, default=None, help="build this many layers instead of the full depth")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
@@ -239,26 +251,31 @@ def main(argv=None) -> int:
     for case in cases:
         config = hf_config(case, args.layers, args.tiny)
         full = CASES[case]["num_hidden_layers"]
+        jobs = []
         for tool in tools:
             settings = ([p.strip() for p in args.ft_policies.split(",")] if tool == "fasttune"
                         else [g.strip() == "on" for g in args.hf_gc.split(",")])
-            for setting in settings:
-                label = tool + (f" ({setting})" if tool == "fasttune" else f" (gc {'on' if setting else 'off'})")
-                row = dict(case=case, tool=label, seq=seq, batch=args.batch, layers=config.num_hidden_layers,
-                           full_layers=full)
-                print(f"[run] {case} {label} seq {seq} x batch {args.batch}, {config.num_hidden_layers} layers",
-                      flush=True)
-                try:
-                    row.update(measure(tool, config, device, dtype, setting, seq, args.batch, args.warmup,
-                                       args.steps))
-                    print("   ", json.dumps(row), flush=True)
-                except Exception as e:  # noqa: BLE001 - one failure must not stop the other measurements
-                    row["error"] = f"{type(e).__name__}: {e}"
-                    row["traceback"] = traceback.format_exc()
-                    print(row["traceback"], flush=True)
-                    free_everything(device)
-                rows.append(row)
-                write(args.out, info, rows, time.perf_counter() - t_start)  # partial results survive a timeout
+            jobs += [(tool, setting, False) for setting in settings]
+        if args.qlora:
+            jobs += [("fasttune", p.strip(), True) for p in args.ft_policies.split(",")]
+        for tool, setting, qlora in jobs:
+            label = tool + (" qlora" if qlora else "") + (
+                f" ({setting})" if tool == "fasttune" else f" (gc {'on' if setting else 'off'})")
+            row = dict(case=case, tool=label, seq=seq, batch=args.batch, layers=config.num_hidden_layers,
+                       full_layers=full)
+            print(f"[run] {case} {label} seq {seq} x batch {args.batch}, {config.num_hidden_layers} layers",
+                  flush=True)
+            try:
+                row.update(measure(tool, config, device, dtype, setting, seq, args.batch, args.warmup,
+                                   args.steps, qlora))
+                print("   ", json.dumps(row), flush=True)
+            except Exception as e:  # noqa: BLE001 - one failure must not stop the other measurements
+                row["error"] = f"{type(e).__name__}: {e}"
+                row["traceback"] = traceback.format_exc()
+                print(row["traceback"], flush=True)
+                free_everything(device)
+            rows.append(row)
+            write(args.out, info, rows, time.perf_counter() - t_start)  # partial results survive a timeout
     elapsed = time.perf_counter() - t_start
     print("\n" + markdown(rows) + f"\n\n(total {elapsed:.0f} s)", flush=True)
     out = write(args.out, info, rows, elapsed)

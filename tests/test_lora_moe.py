@@ -146,3 +146,41 @@ def test_disable_adapters_turns_the_experts_off_too(tmp_path):
         assert rel_err(ours(ids).logits, hf(ids).logits) <= FP32_TOL
     with torch.no_grad():
         assert rel_err(ours(ids).logits, hf(ids).logits) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_qlora_experts_are_nf4_and_train(tmp_path, family):
+    """load_in_4bit stores the expert stacks (the bulk of an MoE model) in NF4 as they are read; the model computes
+    exactly what the dequantised stacks give, LoRA on the experts trains over them, and a merged export holds the
+    dequantised stacks plus the adapters."""
+    from fasttune.kernels.nf4 import quantize_nf4
+    from fasttune.models.nf4_linear import quantize_linear
+    from fasttune.models.moe import NF4ExpertStack
+
+    _, dense = build_pair(tmp_path / "base", family, mlp_only_layers=[])
+    q = load_model(tmp_path / "base", dtype="float32", quantize=quantize_linear)  # what load_in_4bit passes
+    stacks = [m for m in q.modules() if isinstance(m, NF4ExpertStack)]
+    assert len(stacks) == 2 * sum(q.spec.moe_layers)
+    assert all(type(layer.mlp.router_linear) is torch.nn.Linear for layer in q.model.layers)  # the router: 16-bit
+    with torch.no_grad():  # the reference: the dense model with each stack and decoder linear (not the router)
+        for layer in dense.model.layers:  # replaced by its NF4 round trip
+            for name in ("gate_up_proj", "down_proj"):
+                w = getattr(layer.mlp.experts, name)
+                w.copy_(quantize_nf4(w).dequantize())
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                w = getattr(layer.self_attn, proj).weight
+                w.copy_(quantize_nf4(w).dequantize())
+    ids = random_ids()
+    with torch.no_grad():
+        assert rel_err(q(ids).logits, dense(ids).logits) <= FP32_TOL
+    add_lora(q, r=2, alpha=4, target_modules=TARGETS)
+    _randomise_adapters(q, seed=7)
+    q.train()
+    out = q(ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_parameters(q))
+    q.eval()
+    result = export_merged(q, tmp_path / "merged", dtype="float32")
+    assert any("4-bit" in n for n in result.notes)
+    with torch.no_grad():
+        assert rel_err(load_model(tmp_path / "merged")(ids).logits, q(ids).logits) <= FP32_TOL

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..models.moe import Experts
+from ..models.moe import EXPERT_STACKS, Experts, NF4ExpertStack
 from .config import lora_scaling
 from .layer import peft_initial_A
 
-EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")  # parameter order of the experts (PEFT nests them in this order)
+EXPERT_PROJECTIONS = EXPERT_STACKS  # parameter order of the experts (PEFT nests them in this order)
 
 
 class ExpertAdapter(nn.Module):
@@ -65,7 +65,9 @@ class LoraExperts(nn.Module):
                 continue
             w = getattr(base, name)
             E, out_f, in_f = self.logical_shape(name)
-            self.adapters[name] = ExpertAdapter(E, in_f, out_f, r, alpha, use_rslora, w.dtype, w.device, generator)
+            # an NF4 base: A is PEFT's draw as for a non-16-bit base (not rounded to the weight dtype)
+            base_dtype = None if isinstance(w, NF4ExpertStack) else w.dtype
+            self.adapters[name] = ExpertAdapter(E, in_f, out_f, r, alpha, use_rslora, base_dtype, w.device, generator)
 
     def logical_shape(self, name: str) -> tuple[int, int, int]:
         """(E, out_features, in_features) of a projection, whatever its storage order."""
@@ -79,7 +81,7 @@ class LoraExperts(nn.Module):
 
     def merged_weight(self, name: str) -> torch.Tensor:
         """The projection's stored tensor with its adapter added, float32, in the storage order."""
-        w = getattr(self.base, name).detach().float()
+        w = self.base.dense_stack(name).float()
         if name not in self.adapters:
             return w
         delta = self.adapters[name].delta_weight().detach()

@@ -139,7 +139,8 @@ def _unfuse(name: str, tensor: torch.Tensor, spec: ArchSpec) -> list[tuple[str, 
 _MXFP4_PART = re.compile(r"(model\.layers\.\d+\.mlp\.experts\.(?:gate_up_proj|down_proj))_(blocks|scales)")
 _PER_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
 _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_PER_EXPERT_FAMILIES = ("qwen3_moe", "mixtral")  # what transformers 5 saves per expert
+_PER_EXPERT_FAMILIES = ("qwen3_moe", "mixtral")
+_EXPERT_STACK = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")  # what transformers 5 saves per expert
 
 
 class _ExpertStacker:
@@ -399,6 +400,8 @@ def load_model(
     A bitsandbytes NF4 checkpoint (double-quantised, as transformers saves `load_in_4bit` models) loads its decoder
     linears as `NF4Linear` layers holding the stored codes and scales as they are (bit for bit). A GGUF file's
     tensors are dequantised to float32 (bit-exact with llama.cpp's gguf package) and then cast to `dtype`;
+    with `quantize` (load_in_4bit), an MoE model's expert stacks are stored in NF4 as they are read too
+    (models.moe.NF4ExpertStack), its router stays 16-bit;
     with `keep_quantized`, its decoder linears keep their blocks instead (models.gguf_linear.GGUFLinear)."""
     path = Path(path)
     gguf_file = _is_gguf(path)
@@ -419,7 +422,7 @@ def load_model(
     loaded: set[str] = set()
     # the MoE router (mlp.gate of an MoE layer) is never quantised: top-k selection is sensitive to its precision
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")
-               and not (n.endswith(".mlp.gate") and spec.is_moe)}
+               and not (spec.is_moe and n.endswith((".mlp.gate", ".mlp.router")))}
     pending: dict[str, set[str]] = {n: {n + "." + p for p, _ in m.named_parameters()} for n, m in linears.items()}
     stored_4bit: dict[str, dict[str, torch.Tensor]] = {}  # linear -> its bitsandbytes parts read so far
 
@@ -452,6 +455,10 @@ def load_model(
         _set_tensor(model, name, t.to(device=device, dtype=torch_dtype))
         loaded.add(name)
         del t
+        if quantize is not None and _EXPERT_STACK.search(name):  # load_in_4bit: the expert stacks go NF4 too
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner).quantize_nf4_(leaf)
+            continue
         if bnb and name.endswith(".bias") and name[:-5] in stored_4bit:
             place_4bit(name[:-5])
             continue

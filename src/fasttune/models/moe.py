@@ -30,7 +30,41 @@ import torch.nn as nn
 
 from .. import kernels
 from ..kernels.grouped_gemm import sort_by_expert
+from ..kernels.nf4 import NF4Tensor, quantize_nf4
 from .spec import ArchSpec
+
+EXPERT_STACKS = ("gate_up_proj", "down_proj")
+
+
+class NF4ExpertStack(nn.Module):
+    """A 3-D expert stack stored in NF4 (QLoRA's base for the experts, the bulk of an MoE model's weights); the
+    grouped GEMM dequantises it when it runs (forward and again in the backward, never saved). Buffers as NF4Linear
+    keeps them: the float32 scales bit-cast to int32, so `model.to(dtype)` cannot round them."""
+
+    def __init__(self, quantized: NF4Tensor):
+        super().__init__()
+        self.shape, self.dtype = quantized.shape, quantized.dtype
+        self.blocksize, self.blocksize2 = quantized.blocksize, quantized.blocksize2
+        self.register_buffer("packed", quantized.packed)
+        self.register_buffer("absmax_q", quantized.absmax_q)
+        self.register_buffer("absmax2_bits", quantized.absmax2.float().contiguous().view(torch.int32))
+        self.register_buffer("offset_bits", quantized.offset.float().reshape(1).view(torch.int32))
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def quantized(self) -> NF4Tensor:
+        return NF4Tensor(self.packed, self.absmax_q, self.absmax2_bits.view(torch.float32),
+                         self.offset_bits.view(torch.float32).reshape(()), self.shape, self.dtype, self.blocksize,
+                         self.blocksize2)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.quantized.dequantize()
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.shape)}, nf4 blocksize={self.blocksize}, dtype={self.dtype}"
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -60,11 +94,33 @@ class Experts(nn.Module):
         else:
             self.gate_up_proj_bias = self.down_proj_bias = None
 
+    def stack(self, name: str) -> torch.Tensor | NF4Tensor:
+        """The stored weight of "gate_up_proj" or "down_proj": a tensor, or an NF4Tensor once quantised."""
+        w = getattr(self, name)
+        return w.quantized if isinstance(w, NF4ExpertStack) else w
+
+    def dense_stack(self, name: str) -> torch.Tensor:
+        """The stored weight as a dense tensor (dequantised when NF4), in its storage order."""
+        w = getattr(self, name)
+        return w.dequantize() if isinstance(w, NF4ExpertStack) else w.detach()
+
+    def quantize_nf4_(self, name: str) -> None:
+        """Store the `name` stack in NF4 from now on (frozen; load_in_4bit does this as each stack is read)."""
+        if name not in EXPERT_STACKS:
+            raise ValueError(f"expert stacks are {EXPERT_STACKS}, got {name!r}")
+        w = getattr(self, name)
+        if isinstance(w, NF4ExpertStack):
+            return
+        if w.device.type == "meta":
+            raise ValueError(f"{name} is still on the meta device (not loaded yet)")
+        del self._parameters[name]
+        setattr(self, name, NF4ExpertStack(quantize_nf4(w.detach())))
+
     def project(self, name: str, x_sorted: torch.Tensor, offsets: torch.Tensor, adapter: dict | None = None
                 ) -> torch.Tensor:
         """One of the two grouped projections ("gate_up_proj" or "down_proj") of rows sorted by expert; `adapter`:
         grouped_linear's lora_A / lora_B / lora_scaling for it."""
-        return kernels.grouped_linear(x_sorted, getattr(self, name), offsets, bias=getattr(self, name + "_bias"),
+        return kernels.grouped_linear(x_sorted, self.stack(name), offsets, bias=getattr(self, name + "_bias"),
                                       transposed=self.transposed, **(adapter or {}))
 
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor, adapters: dict[str, dict] | None = None
