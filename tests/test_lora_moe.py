@@ -62,7 +62,7 @@ def test_peft_loads_the_exported_adapter_same_logits_loss_and_gradients(tmp_path
     mine = {}
     for p in lora_parameters(ours):
         p.data, p.grad = p.grad, None  # the exporter reads .data: route the gradient through it
-    from fasttune.export.adapter import adapter_state_dict
+    from fasttune.export import adapter_state_dict
 
     tensors, _ = adapter_state_dict(ours)
     mine = {k.replace("base_model.model.", ""): t for k, t in tensors.items()}

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from fasttune.lora import add_lora, lora_parameters, param_groups
+from fasttune.adapters import add_lora, lora_parameters, param_groups
 from fasttune.models import load_model
 
 
