@@ -60,7 +60,8 @@ class LoraConfig:
     r: int = 16  # adapter rank (>= 1)
     alpha: float = 16.0  # adapters are scaled by alpha / r (> 0)
     dropout: float = 0.0  # dropout on the adapters' input, in [0, 1)
-    # names (q_proj ... down_proj, lm_head; short q, k, v, o, gate, up, down), or "all-linear" for the seven projections
+    # names (q_proj ... down_proj, lm_head; short q, k, v, o, gate, up, down), or "all-linear" for the seven projections;
+    # MoE models: gate/up/down adapt every expert (gate and up together), "router" the router
     target_modules: Union[list[str], str] = field(default_factory=lambda: list(ALL_TARGETS))
     use_rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r
     seed: int = 0  # seed of the adapters' initialisation
