@@ -2,6 +2,7 @@
 
 Without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set before triton is imported) with
 16-row/column tiles, so the small shapes here span several tiles, partial tiles and segments that start mid-tile.
+Kernel outputs are NaN-filled allocations, so an element a kernel forgets to write fails the comparison.
 Tolerances, relative to the largest magnitude of the expected tensor: float32 1e-5 (seen ~2e-7); bfloat16 1.5e-2
 (seen ~5e-3, the same as PyTorch's own bf16 per-expert loop on the same inputs: outputs and the rank-r products
 u = x A^T and g = s dy B are rounded to bf16, as in kernels/lora.py); float16 3e-3 (seen ~7e-4, as PyTorch's own
@@ -26,6 +27,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and type(gg._grouped_mm_kernel).__name__ != "InterpretedFunction":
     raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU; "
                        "set it at the top of tests/conftest.py (before anything imports triton) on CPU-only machines")
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Kernel outputs start as NaN, so an element a kernel forgets to write (an empty expert's gradient, a row of
+    a partial tile) fails the comparison."""
+    monkeypatch.setattr(gg, "alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                              device=device))
+
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 NAMES = ("y", "dx", "dweight", "dbias", "dlora_A", "dlora_B")

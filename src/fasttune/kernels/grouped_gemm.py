@@ -43,13 +43,8 @@ from __future__ import annotations
 
 import torch
 
+from ._triton import alloc, tl, triton
 from .lora import dense_weight
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs use the reference
-    triton = None
 
 # Block sizes when the kernels run in Triton's interpreter (CPU tests): small, so test shapes span several tiles.
 INTERPRETER_BLOCKS = {"BM": 16, "BN": 16, "BK": 16}
@@ -351,7 +346,7 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int
     w_strides = (expert, n, k) strides and L by l_strides = (expert, r, n)."""
     M, K = x.shape
     E = offsets.shape[0] - 1
-    y = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    y = alloc((M, N), out_dtype or x.dtype, x.device)
     R = 0 if u is None else u.shape[1]
     has_lora, has_bias = u is not None, bias is not None
     args = [x, x.stride(0), x.stride(1), w, *w_strides, y, y.stride(0), y.stride(1),
@@ -393,7 +388,7 @@ def _grouped_tn(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: to
 
 def _segment_sum(dy: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     E, N = offsets.shape[0] - 1, dy.shape[1]
-    out = torch.empty(E, N, dtype=dtype, device=dy.device)
+    out = alloc((E, N), dtype, dy.device)
     BN = 128 if dy.is_cuda else INTERPRETER_BLOCKS["BN"]
     BM = 64 if dy.is_cuda else INTERPRETER_BLOCKS["BM"]
     _segment_sum_kernel[(triton.cdiv(N, BN), E)](dy, dy.stride(0), dy.stride(1), out, out.stride(0), offsets, N,
@@ -450,19 +445,21 @@ class GroupedLinearFunction(torch.autograd.Function):
                 dx = _grouped_mm(dy, w, w_kn, K, offsets)
         if need_w:
             weight = ctx.weight
-            dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            dw = alloc(weight.shape, weight.dtype, weight.device)
             se, s1, s2 = dw.stride()
             _grouped_tn(dy, x, offsets, dw, (se, s2, s1) if ctx.transposed else (se, s1, s2))
         if need_b:
             db = _segment_sum(dy, offsets, bias.dtype)
         if need_A:
             if lora_A.dim() == 3:
-                dA = _grouped_tn(g, x, offsets, torch.empty_like(lora_A), lora_A.stride())
+                dA = alloc(lora_A.shape, lora_A.dtype, lora_A.device)
+                _grouped_tn(g, x, offsets, dA, dA.stride())
             else:
                 dA = (g.t() @ x).to(lora_A.dtype)
         if need_B:
             if lora_B.dim() == 3:
-                dB = _grouped_tn(dy, u, offsets, torch.empty_like(lora_B), lora_B.stride(), alpha=s)
+                dB = alloc(lora_B.shape, lora_B.dtype, lora_B.device)
+                _grouped_tn(dy, u, offsets, dB, dB.stride(), alpha=s)
             else:
                 dB = (dy.t() @ u).mul_(s).to(lora_B.dtype)
         return dx, dw, None, db, dA, dB, None, None
