@@ -393,3 +393,19 @@ def test_gpt_oss_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(hf2(ids).logits, hf(ids).logits)
         assert torch.equal(load_model(tmp_path / "out")(ids).logits, ours(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_greedy_generation_matches_transformers(tmp_path, family):
+    """Decoding with the KV cache (gpt-oss: sinks and its sliding layers past the window) and left padding."""
+    from fasttune.models import generate
+
+    hf, ours = build_pair(tmp_path, family)
+    ids = random_ids(batch=2, seq=9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(got, expected)
