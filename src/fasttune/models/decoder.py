@@ -1,5 +1,6 @@
 """One decoder for every supported family: Transformer++ (RMSNorm, RoPE, GQA attention, gated MLP), with the
-families' quirks switched on by `ArchSpec`.
+families' quirks switched on by `ArchSpec` (Mixture-of-Experts families: the MLP of an MoE layer is models.moe's
+SparseMoE; attention sinks for gpt-oss).
 
 Module and parameter names follow the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj.weight`,
 ...), so a state dict maps one-to-one to a checkpoint (Phi-3's fused tensors are split at load time).
@@ -212,7 +213,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
         if self.placement != "pre":
             self.post_feedforward_layernorm = norm()
-        # Qwen3-MoE, Mixtral: routed experts (Qwen3-MoE's mlp_only_layers keep the dense MLP)
+        # Qwen3-MoE, Mixtral, gpt-oss: routed experts (Qwen3-MoE's mlp_only_layers keep the dense MLP)
         self.mlp = SparseMoE(spec) if spec.is_moe_layer(layer_idx) else GatedMLP(spec)
         self.residual_scale = spec.residual_scale  # Granite's residual_multiplier
 
