@@ -347,8 +347,9 @@ class CausalLM(nn.Module):
         self.memory_plan = plan
         self.model.layer_runner = layer_runner
         for layer in self.model.layers:
-            layer.mlp.chunk_tokens = plan.chunk_tokens
-            layer.mlp.save_gate_up = plan.mlp_saves_gate_up
+            if isinstance(layer.mlp, GatedMLP):  # an MoE layer's experts have neither setting
+                layer.mlp.chunk_tokens = plan.chunk_tokens
+                layer.mlp.save_gate_up = plan.mlp_saves_gate_up
 
     def attach_score(self, weight: torch.Tensor) -> nn.Linear:
         """Give the model a reward head `score` (hidden -> 1, no bias, float32, frozen) holding `weight`: a linear on

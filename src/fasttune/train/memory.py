@@ -229,7 +229,7 @@ def layer_activation_bytes(spec, tokens: int, dtype_bytes: int = 2, mlp_saves_ga
     per_token = 4 * spec.hidden_size + 3 * q_dim + 2 * kv_dim + 7 * lora_rank
     dense_mlp = 2 * spec.intermediate_size if mlp_saves_gate_up else 0
     router_bytes = 0
-    if getattr(spec, "is_moe", False):
+    if spec.is_moe:
         k, width = spec.experts_per_token, spec.expert_intermediate_size
         moe_mlp = k * (3 * spec.hidden_size + 3 * width + 2 * lora_rank)
         per_token += max(moe_mlp, dense_mlp if not all(spec.moe_layers) else 0)
@@ -237,7 +237,7 @@ def layer_activation_bytes(spec, tokens: int, dtype_bytes: int = 2, mlp_saves_ga
     else:
         per_token += dense_mlp
     eager_attention = 0
-    if getattr(spec, "attention_sinks", False) and seq_len:
+    if spec.attention_sinks and seq_len:
         eager_attention = seq_len * spec.num_heads * (4 + 2 * dtype_bytes)
     return tokens * (per_token * dtype_bytes + 4 * (2 + spec.num_heads) + router_bytes + eager_attention)
 
