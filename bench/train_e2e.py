@@ -11,11 +11,16 @@ log-normal, median ~260 tokens, ~1% over 2048). Then, side by side in this proce
   hf+peft [gc]        transformers + PEFT (SDPA, LoRA r=16 on all linear layers) on the same tokenised rows,
                       batched as TRL's SFTTrainer does by default (shuffled, batch 8, padded to the longest in
                       the batch), with and without gradient checkpointing
+MoE cases (issue 17): `qwen3-30b-a3b` and `gpt-oss-20b` shapes (bench/moe_train.py's configs) with --moe-layers
+layers (default 12 and 8: the checkpoint is written to disk; say so when quoting), LoRA on the attention
+projections and the experts ("all-linear" in fasttune's config; PEFT: attention target_modules plus
+target_parameters on the expert stacks), transformers' default experts implementation (gpt-oss: eager attention).
 TRL's SFTTrainer itself is not run: its wheels are not on the GPU machine.
 tokens/s = real tokens (padding excluded) / wall-clock seconds of the timed steps (data included; the first
 --warmup steps excluded); peak = torch.cuda.max_memory_allocated() during the run; first/last loss of the run.
 
     python bench/train_e2e.py --out $OUT --cases 1b,8b
+    python bench/train_e2e.py --out $OUT --cases qwen3-30b-a3b,gpt-oss-20b --tools packed,hf-gc
     python bench/train_e2e.py --tiny --device cpu --steps 3 --warmup 1     # smoke test without a GPU
 """
 from __future__ import annotations
@@ -59,13 +64,29 @@ SHAPES = {
 PACKED_ROWS = {"1b": 4, "8b": 2, "phi3": 2, "gemma3-12b": 2, "phi4": 2, "tiny": 2}  # bench/train_speed.py's batch at seq 2048
 
 
-def write_checkpoint(shape: str, folder: Path, device: str) -> None:
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Phi3Config,
-                              Phi3ForCausalLM)
+MOE_CASES = {"qwen3-30b-a3b": 12, "gpt-oss-20b": 8}  # case -> default number of layers written
+MOE_ROWS = 2
+
+
+def moe_config(shape: str, layers: int | None):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from moe_train import hf_config
+
+    return hf_config(shape, layers or MOE_CASES[shape], tiny=False)
+
+
+def write_checkpoint(shape: str, folder: Path, device: str, moe_layers: int | None = None) -> None:
+    from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                              Phi3Config, Phi3ForCausalLM)
 
     from fasttune.build import tiny_model_path
 
-    if shape == "phi3":  # Phi-3-mini-4k's shape: fused qkv / gate_up, sliding window 2047
+    if shape in MOE_CASES:
+        cfg = moe_config(shape, moe_layers)
+
+        def cls(config):
+            return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    elif shape == "phi3":  # Phi-3-mini-4k's shape: fused qkv / gate_up, sliding window 2047
         cfg = Phi3Config(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
                          pad_token_id=2, torch_dtype="bfloat16")
         cls = Phi3ForCausalLM
@@ -176,19 +197,26 @@ def run_fasttune(name, cfg, warmup, fixed_steps=0) -> list[dict]:
     return out
 
 
-def run_hf(name, model_dir, examples, batch, steps, warmup, gc_on, device, pad_id) -> dict:
+def run_hf(name, model_dir, examples, batch, steps, warmup, gc_on, device, pad_id, moe: bool = False) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
+    gpt_oss = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") == "gpt_oss"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                 attn_implementation="eager" if gpt_oss else "sdpa").to(device)
     model.config.use_cache = False
     if gc_on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
+    if moe:  # attention projections as modules, the expert stacks as parameters (PEFT's MoE path)
+        lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS[:4], task_type="CAUSAL_LM",
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        name += f" (experts {getattr(model.config, '_experts_implementation', None)})"
+    else:
+        lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=device == "cuda")
     order = list(range(len(examples)))
@@ -235,6 +263,9 @@ def main():
     ap.add_argument("--tools", default="packed,unpacked,fixed,hf,hf-gc")
     ap.add_argument("--work", default="/tmp/fasttune_e2e")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--moe-layers", type=int, default=None,
+                    help="layers of the MoE cases' checkpoints (default: " +
+                         ", ".join(f"{k} {v}" for k, v in MOE_CASES.items()) + ")")
     args = ap.parse_args()
     cases = ["tiny"] if args.tiny else args.cases.split(",")
     tools = args.tools.split(",")
@@ -254,11 +285,12 @@ def main():
             Path(args.out, "train_e2e.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
 
     for case in cases:
-        model_dir = work / f"llama-{case}"
+        moe = case in MOE_CASES
+        model_dir = work / (case if moe else f"llama-{case}")
         t0 = time.perf_counter()
-        write_checkpoint(case, model_dir, args.device)
+        write_checkpoint(case, model_dir, args.device, args.moe_layers)
         print(f"{case}: checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows = PACKED_ROWS[case]
+        rows = MOE_ROWS if moe else PACKED_ROWS[case]
         try:
             if "packed" in tools:
                 cfg = fasttune_config(model_dir, data, work / f"run-{case}-packed", True, rows, args.steps, args.device)
@@ -294,7 +326,7 @@ def main():
             for gc_on in (False, True):
                 if ("hf-gc" if gc_on else "hf") in tools:
                     record(run_hf("hf+peft batch 8" + (" +gc" if gc_on else ""), str(model_dir), examples, 8,
-                                  args.steps, args.warmup, gc_on, args.device, pad), case)
+                                  args.steps, args.warmup, gc_on, args.device, pad, moe=moe), case)
         shutil.rmtree(model_dir, ignore_errors=True)
     print("\n| case | tool | tokens/s | peak GiB | first loss | last loss |\n|---|---|---:|---:|---:|---:|")
     for r in results:

@@ -204,3 +204,68 @@ def test_offload_on_gpu_matches_and_saves_memory():
         print(policy, "peak activation MiB", peak / 2**20, "vs none", ref_peak / 2**20)
         assert peak < ref_peak
     assert results["offload"][2] < results["checkpoint"][2]
+
+
+def _moe_spec(**kw):
+    cfg = dict(model_type="qwen3_moe", vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+               num_experts_per_tok=4, norm_topk_prob=True, max_position_embeddings=256)
+    cfg.update(kw)
+    return ArchSpec.from_hf_config(cfg)
+
+
+def test_moe_activation_estimate_counts_routed_rows():
+    """An MoE layer's estimate grows with tokens x top-k x expert width (not the dense intermediate size), and the
+    bytes autograd really keeps for the MoE block are within the estimate's MoE share (measured, CPU path)."""
+    spec = _moe_spec()
+    top2 = _moe_spec(num_experts_per_tok=2)
+    tokens = 512
+    per_k = (layer_activation_bytes(spec, tokens, 4, lora_rank=0) - layer_activation_bytes(top2, tokens, 4, lora_rank=0))
+    assert per_k == tokens * 2 * (3 * 64 + 3 * 48) * 4  # two more routed rows per token
+    torch.manual_seed(0)
+    model = CausalLM(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    moe = model.model.layers[0].mlp
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(1, tokens, spec.hidden_size, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        moe(x).sum().backward()
+    measured = sum(saved.values())
+    attention_and_norms = layer_activation_bytes(_spec(hidden_size=64, intermediate_size=0, num_attention_heads=4,
+                                                       num_key_value_heads=2), tokens, 4, lora_rank=0)
+    estimate_moe_share = layer_activation_bytes(spec, tokens, 4, lora_rank=0) - attention_and_norms
+    assert 0.6 * estimate_moe_share <= measured <= 1.25 * estimate_moe_share, (measured, estimate_moe_share)
+
+
+def test_plan_at_qwen3_30b_a3b_shape():
+    """Qwen3-30B-A3B (48 layers, 128 experts, top-8, width 768) in bf16 on an H200 with ~61 GB of weights: seq 2048
+    fits without recomputation, 64K tokens needs checkpointing: the routed rows (8 x per token) are counted."""
+    spec = _moe_spec(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                     num_experts_per_tok=8, vocab_size=151936, max_position_embeddings=40960)
+    free = 75 * GiB
+    assert plan_memory(spec, "auto", 2048, 1, free).modes == ["none"] * 48
+    long = plan_memory(spec, "auto", 65536, 1, free)
+    assert long.modes.count("checkpoint") + long.modes.count("offload") > 0
+    per_token = layer_activation_bytes(spec, 1, 2, lora_rank=16)
+    assert per_token > 8 * (3 * 2048 + 3 * 768) * 2  # the routed rows dominate
+
+
+def test_attention_sinks_count_their_eager_attention_rows():
+    """gpt-oss's sinks run as eager attention: each token keeps seq_len scores and probabilities per head."""
+    spec = ArchSpec.from_hf_config(dict(model_type="gpt_oss", vocab_size=96, hidden_size=64, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8))
+    plain = layer_activation_bytes(spec, 2048, 2)
+    assert layer_activation_bytes(spec, 2048, 2, seq_len=2048) - plain == 2048 * 2048 * 4 * (4 + 2 * 2)
+    assert layer_activation_bytes(_moe_spec(), 2048, 2, seq_len=2048) == layer_activation_bytes(_moe_spec(), 2048, 2)

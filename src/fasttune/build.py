@@ -66,8 +66,8 @@ def build_model(model_cfg, lora_cfg: LoraConfig, memory_policy: str = "none", *,
 
 def load_base(path: str | os.PathLike, max_seq_length: int = 4096, dtype=None, device=None,
               load_in_4bit: bool = False, keep_quantized: bool = False, allow_pickle: bool = False) -> CausalLM:
-    """The base model of a resolved folder or GGUF file: `load_in_4bit` quantises every decoder linear to NF4 as it
-    is read (QLoRA), `keep_quantized` keeps a GGUF file's blocks. What `fasttune.load` returns beside the tokenizer."""
+    """The base model of a resolved folder or GGUF file: `load_in_4bit` quantises every decoder linear (and an MoE
+    model's expert stacks; not its routers) to NF4 as it is read (QLoRA), `keep_quantized` keeps a GGUF file's blocks. What `fasttune.load` returns beside the tokenizer."""
     from .models.checkpoint import load_model
 
     quantize = None
@@ -84,9 +84,9 @@ def prepare_for_training(model: CausalLM, lora_cfg: LoraConfig, memory_policy: s
     """A loaded model made ready to train (in place): the configured adapters added unless it has some, the
     trainable parameters chosen (the adapters; every weight when lora.enabled is false; the embeddings / output
     layer with `train_embeddings`), and the memory policy installed for `batch_rows` x `seq_len` tokens."""
-    from .adapters import LoraLinear, attach_lora, lora_layers, lora_parameters
+    from .adapters import LoraLinear, attach_lora, lora_parameters
 
-    if lora_cfg.enabled and not any(True for _ in lora_layers(model)):
+    if lora_cfg.enabled and not lora_parameters(model):  # (an MoE model's expert adapters count too)
         from .train.config import ConfigError
 
         try:

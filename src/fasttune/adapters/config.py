@@ -12,15 +12,18 @@ ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # (PEFT's "all-linear" also leaves the output layer out). PEFT visits it after the decoder layers, and so does
 # add_lora's seeded draw.
 LM_HEAD = "lm_head"
-TARGETS = ALL_TARGETS + (LM_HEAD,)
+# MoE models: gate_proj / up_proj / down_proj name the experts' projections (gate and up are one fused stack there,
+# so they are named together); the router (mlp.gate, gpt-oss mlp.router) carries an adapter only when named "router"
+ROUTER = "router"
+TARGETS = ALL_TARGETS + (LM_HEAD, ROUTER)
 _SHORT = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
           "down": "down_proj"}
 _ALL = ("all", "all-linear")
 
 
 def normalize_targets(target_modules) -> tuple[str, ...]:
-    """Accept "q" or "q_proj", "lm_head", and "all" / "all-linear" (the seven projections, also inside a list:
-    ["all-linear", "lm_head"]); return the module names in the order add_lora initialises them."""
+    """Accept "q" or "q_proj", "lm_head", "router" (MoE), and "all" / "all-linear" (the seven projections, also
+    inside a list: ["all-linear", "lm_head"]); return the module names in the order add_lora initialises them."""
     if target_modules is None or (isinstance(target_modules, str) and target_modules in _ALL):
         return ALL_TARGETS
     if isinstance(target_modules, str):
@@ -57,7 +60,8 @@ class LoraConfig:
     r: int = 16  # adapter rank (>= 1)
     alpha: float = 16.0  # adapters are scaled by alpha / r (> 0)
     dropout: float = 0.0  # dropout on the adapters' input, in [0, 1)
-    # names (q_proj ... down_proj, lm_head; short q, k, v, o, gate, up, down), or "all-linear" for the seven projections
+    # names (q_proj ... down_proj, lm_head; short q, k, v, o, gate, up, down), or "all-linear" for the seven projections;
+    # MoE models: gate/up/down adapt every expert (gate and up together), "router" the router
     target_modules: Union[list[str], str] = field(default_factory=lambda: list(ALL_TARGETS))
     use_rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r
     seed: int = 0  # seed of the adapters' initialisation

@@ -1,6 +1,7 @@
 """Which parameters train, and the optimizer groups over them: one rule for the trainer and for library users.
 
-An adapter parameter is a `lora_A` / `lora_B` of a `LoraLinear` (LoraLMHead included). Trained embeddings / a
+An adapter parameter is a `lora_A` / `lora_B` of a `LoraLinear` (LoraLMHead included) or of an MoE layer's
+per-expert adapters (`LoraExperts`). Trained embeddings / a
 trained LM head (add_lora's train_embeddings / train_lm_head, objective.train_embeddings) form their own group at
 `lr * embedding_lr_ratio`; everything else that requires a gradient (adapters, a full fine-tune's weights, a reward
 head) trains at `lr`.
@@ -12,7 +13,7 @@ from typing import Iterable
 import torch.nn as nn
 
 from ..models.decoder import CausalLM
-from .attach import lora_layers
+from .attach import lora_expert_layers, lora_layers
 
 # Learning rate of trained embeddings / LM head relative to the rest: the trainer's default
 # (objective.embedding_lr_ratio) and param_groups'. Embeddings are full matrices updated beside low-rank adapters,
@@ -21,8 +22,9 @@ EMBEDDING_LR_RATIO = 0.1
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every adapter parameter (lora_A, lora_B of each LoRA layer), in model order."""
-    return [p for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
+    """Every adapter parameter (lora_A, lora_B of each LoRA layer, then of each MoE layer's expert adapters)."""
+    return ([p for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
+            + [p for _, m in lora_expert_layers(model) for a in m.adapters.values() for p in (a.lora_A, a.lora_B)])
 
 
 def embedding_weights(model: CausalLM) -> list[nn.Parameter]:

@@ -25,6 +25,20 @@ give the fused module r' = 3r and an alpha' with alpha'/r' = alpha/r (alpha' / s
 a LoRA gets zero blocks. Loading goes the other way: each part gets the full A and its rows of B (rank r', alpha'),
 so one model may hold LoRAs of several ranks (qkv parts at 3r, gate/up at 2r, o/down at r); parts that share one A
 are saved back as that one A with their B rows stacked (rank r' again, not 3r').
+
+MoE models (Qwen3-MoE, Mixtral, gpt-oss): PEFT adapts the 3-D expert stacks through `target_parameters`
+(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`): one LoRA layer per stack whose lora_A is (r E, in) and
+lora_B (out, r E), expert e's factors being
+    A_e = lora_A[e r : (e + 1) r],   B_e[:, j] = lora_B[:, j E + e]    (B's columns interleave the experts),
+so fasttune's A (E, r, in) is lora_A reshaped and B (E, out, r) is lora_B viewed (out, r, E) and permuted. When both
+stacks are adapted PEFT nests the wrappers in parameter order: gate_up_proj's tensors are saved under
+`mlp.experts.base_layer.lora_*`, down_proj's under `mlp.experts.lora_*`. The router (Qwen3-MoE / Mixtral
+`mlp.gate`, gpt-oss `mlp.router`) is not an nn.Linear in transformers, so PEFT adapts its weight as the parameter
+target `mlp.gate.weight` (`mlp.router.weight`): an ordinary (r, in) / (out, r) pair saved under `mlp.gate.lora_*`.
+For Qwen3-MoE and Mixtral PEFT reads the names gate_proj / up_proj / down_proj / w1-w3 / gate in target_modules as
+transformers-4 adapters of the experts and remaps them onto the stacks (gate_up at rank 2r), so they never appear in
+target_modules here; a LoRA on a Qwen3-MoE dense MLP layer (mlp_only_layers) therefore cannot be written in a form
+PEFT loads, and export refuses it with that reason.
 """
 from __future__ import annotations
 
@@ -100,9 +114,12 @@ def _fused_unit(owner: nn.Module, parts: tuple[str, ...]) -> tuple[torch.Tensor,
     return torch.cat(a_blocks, 0), torch.block_diag(*b_blocks), r, alpha, rslora
 
 
-def _lora_units(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, int, float, bool]]:
+def _lora_units(model: nn.Module, allow_none: bool = False
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor, int, float, bool]]:
     """Module path (as PEFT names it: Phi-3's fused modules for the fused checkpoint) -> (A, B, r, alpha, rslora)."""
     mods = lora_modules(model)
+    if not mods and allow_none:
+        return {}
     if not mods:
         raise AdapterError("the model has no LoRA modules: call fasttune.add_lora(model, ...) or load an adapter first")
     for name, m in mods.items():
@@ -121,6 +138,50 @@ def _lora_units(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor,
         else:
             units[name] = (m.lora_A.detach(), m.lora_B.detach(), int(m.r), float(m.alpha), bool(m.use_rslora))
     return units
+
+
+# ---- MoE: per-expert adapters <-> PEFT's target_parameters tensors ---------------------------------------------
+
+# names PEFT remaps from target_modules onto the expert stacks for these model types (its v4 -> v5 conversion)
+_PEFT_REMAPPED_MOE = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w2", "w3")}
+_EXPERT_KEY = re.compile(r"(.*\.mlp\.experts)((?:\.base_layer)*)\.lora_([AB])\.weight")
+
+
+def _expert_units(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, int, float, bool]]:
+    """PEFT key prefix (e.g. model.layers.0.mlp.experts.base_layer) -> (lora_A (r E, in), lora_B (out, r E), r,
+    alpha, rslora) for every per-expert adapter, as PEFT's nested ParamWrappers save them."""
+    from .experts import LoraExperts
+
+    units = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, LoraExperts):
+            continue
+        present = list(m.adapters)  # EXPERT_PROJECTIONS order: the first one is the innermost wrapper
+        for depth, proj in enumerate(present):
+            a = m.adapters[proj]
+            E, r, K = a.lora_A.shape
+            key = name + ".base_layer" * (len(present) - 1 - depth)
+            units[key] = (a.lora_A.detach().reshape(E * r, K), a.lora_B.detach().permute(1, 2, 0).reshape(-1, r * E),
+                          int(a.r), float(a.alpha), bool(a.use_rslora))
+    return units
+
+
+def _expert_target_parameters(model: nn.Module) -> list[str]:
+    from .experts import LoraExperts
+
+    names = {f"mlp.experts.{proj}" for m in model.modules() if isinstance(m, LoraExperts) for proj in m.adapters}
+    return sorted(names)
+
+
+def _router_modules(model: nn.Module) -> set[str]:
+    """Module paths of the MoE routers that carry a LoRA (PEFT adapts them as parameter targets)."""
+    from ..models.moe import SparseMoE
+
+    out = set()
+    for name, m in model.named_modules():
+        if isinstance(m, SparseMoE) and isinstance(m.router_linear, LoraLinear):
+            out.add(f"{name}.{m.router_name}")
+    return out
 
 
 def _patterns(units: dict, r: int, alpha: float) -> tuple[dict, dict]:
@@ -145,7 +206,18 @@ def adapter_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> tu
 
     Trained embeddings / LM head go out as `modules_to_save`; a sequence-classification head (`model.score`, a
     reward model) makes it a SEQ_CLS adapter with `score` in modules_to_save, as PEFT saves one."""
-    units = _lora_units(model)
+    units = {**_lora_units(model, allow_none=True), **_expert_units(model)}
+    if not units:
+        raise AdapterError("the model has no LoRA modules: call fasttune.add_lora(model, ...) or load an adapter first")
+    routers = _router_modules(model)
+    if model.spec.model_type in _PEFT_REMAPPED_MOE:
+        dense = sorted(n for n in units if n.rpartition(".")[2] in _PEFT_REMAPPED_MOE[model.spec.model_type])
+        if dense:
+            raise AdapterError(
+                f"LoRA on the dense MLP of a {model.spec.model_type} layer ({dense[0]}, ...) cannot be exported for "
+                "PEFT: PEFT reads those names in target_modules as the experts' (transformers-4 adapters) and moves "
+                "them onto the expert stacks. Train without LoRA on those layers' gate_proj/up_proj/down_proj (or "
+                "export a merged model instead)")
     rslora = {u[4] for u in units.values()}
     if len(rslora) != 1:
         raise AdapterError("some LoRA modules use rsLoRA and others do not; PEFT's format has one use_rslora")
@@ -156,7 +228,7 @@ def adapter_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> tu
     configured = (int(cfg.r), float(cfg.alpha)) if cfg is not None else None
     r, alpha = configured if configured in counts else max(counts, key=counts.get)
     rank_pattern, alpha_pattern = _patterns(units, r, alpha)
-    store_dtype = mods_dtype(lora_modules(model))
+    store_dtype = next(iter(units.values()))[0].dtype
     tensors: dict[str, torch.Tensor] = {}
 
     def put(key: str, t: torch.Tensor) -> None:
@@ -187,7 +259,8 @@ def adapter_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> tu
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": float(getattr(cfg, "dropout", 0.0) or 0.0),
-        "target_modules": sorted({n.rpartition(".")[2] for n in units}),
+        "target_modules": sorted({n.rpartition(".")[2] for n in units
+                                  if n not in routers and not _EXPERT_KEY.fullmatch(n + ".lora_A.weight")}),
         "use_rslora": rslora.pop(),
         "use_dora": False,
         "bias": "none",
@@ -201,6 +274,10 @@ def adapter_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> tu
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
     }
+    target_parameters = _expert_target_parameters(model) + sorted(
+        {"mlp." + r.rpartition(".")[2] + ".weight" for r in routers})
+    if target_parameters:
+        config["target_parameters"] = target_parameters
     return tensors, config
 
 
@@ -312,6 +389,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         state = {k: f.get_tensor(k) for k in f.keys()}
     state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
     state = {re.sub(r"\.lora_([AB])\.default\.weight$", r".lora_\1.weight", k): v for k, v in state.items()}
+    expert_pairs, expert_settings = _read_expert_adapters(cfg, path, state)
+    router_targeted = any(t.endswith(("gate.weight", "router.weight")) for t in cfg.get("target_parameters") or [])
 
     # fused Phi-3 modules -> per-part LoRA at the fused module's rank and alpha (its A, its rows of B)
     lora_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -331,7 +410,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         else:
             lora_pairs[mod] = (a, b)
             settings[mod] = setting
-    if not lora_pairs:
+    if not lora_pairs and not expert_pairs:
         raise AdapterError(f"{path} holds no lora_A/lora_B tensors")
 
     # base weights of targeted modules (PEFT saves lm_head.base_layer.weight when lm_head is a target)
@@ -345,6 +424,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         targets = _target_leaf_names(cfg, model)
         present = {m.rpartition(".")[2] for m in lora_pairs}
         targets = [t for t in targets if t in present] or targets
+        routers = {m for m in lora_pairs if m.endswith((".mlp.gate", ".mlp.router"))}
+        if routers or router_targeted:
+            targets = [t for t in targets if t not in ("gate", "router")] + ["router"]
+        expert_projections = {proj for _, proj in expert_pairs}
+        targets += (["gate_proj", "up_proj"] if "gate_up_proj" in expert_projections else []) + (
+            ["down_proj"] if "down_proj" in expert_projections else [])
+        targets = list(dict.fromkeys(targets))
         counts: dict[tuple[int, float], int] = {}
         for s in settings.values():
             counts[s] = counts.get(s, 0) + 1
@@ -370,6 +456,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     if "score.weight" in modules_to_save:  # a SEQ_CLS adapter (a reward model): its head
         model.attach_score(modules_to_save.pop("score.weight"))
         model.score.weight.requires_grad_(trainable)
+    _place_expert_adapters(model, path, expert_pairs, expert_settings, trainable, rslora)
     mods = lora_modules(model)
     missing = sorted(set(mods) - set(lora_pairs))
     extra = sorted(set(lora_pairs) - set(mods))
@@ -409,3 +496,72 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
             param.copy_(t)
             param.requires_grad_(trainable)
     return model
+
+
+def _read_expert_adapters(cfg: dict, path: Path, state: dict[str, torch.Tensor]
+                          ) -> tuple[dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], dict]:
+    """Pop PEFT's expert-stack tensors from `state`: ((experts module path, projection) -> (A (E, r, in),
+    B (E, out, r))) and their (r, alpha). The nesting depth (`base_layer` count) tells the projection apart, in the
+    order PEFT wraps them (the experts' parameter order)."""
+    from .experts import EXPERT_PROJECTIONS
+
+    targeted = [proj for proj in EXPERT_PROJECTIONS
+                if any(t.endswith(f"experts.{proj}") for t in cfg.get("target_parameters") or [])]
+    pairs, settings = {}, {}
+    for key in [k for k in state if _EXPERT_KEY.fullmatch(k)]:
+        owner, nesting, which = _EXPERT_KEY.fullmatch(key).groups()
+        if which != "A":
+            continue
+        depth = nesting.count(".base_layer")
+        if depth >= len(targeted):
+            raise AdapterError(f"{path}: {key} is nested {depth} deep but target_parameters names "
+                               f"{len(targeted)} expert stack(s): {cfg.get('target_parameters')}")
+        proj = targeted[len(targeted) - 1 - depth]
+        b_key = key[: -len("A.weight")] + "B.weight"
+        if b_key not in state:
+            raise AdapterError(f"{path}: {key} has no matching lora_B")
+        a, b = state.pop(key), state.pop(b_key)
+        r = int(_pattern_value(cfg.get("rank_pattern") or {}, f"{owner}.{proj}", cfg["r"]))
+        alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, f"{owner}.{proj}", cfg["lora_alpha"]))
+        if a.shape[0] % r or b.shape[1] != a.shape[0]:
+            raise AdapterError(f"{path}: {owner} {proj}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
+                               f"split into experts of rank {r}")
+        E = a.shape[0] // r
+        pairs[(owner, proj)] = (a.reshape(E, r, a.shape[1]), b.reshape(b.shape[0], r, E).permute(2, 0, 1))
+        settings[(owner, proj)] = (r, alpha)
+    return pairs, settings
+
+
+def _place_expert_adapters(model: nn.Module, path: Path, pairs: dict, settings: dict, trainable: bool,
+                           rslora: bool) -> None:
+    from .experts import ExpertAdapter, LoraExperts
+
+    for (owner, proj), (a, b) in pairs.items():
+        try:
+            experts = model.get_submodule(owner)
+        except AttributeError:
+            raise AdapterError(f"{path} adapts {owner}.{proj}, which this model does not have") from None
+        if not isinstance(experts, LoraExperts) or proj not in experts.adapters:
+            raise AdapterError(f"{path} has LoRA weights for {owner}.{proj}, which the model has no adapter for")
+        adapter = experts.adapters[proj]
+        r, alpha = settings[(owner, proj)]
+        if (adapter.r, adapter.alpha) != (r, alpha):  # another rank than add_lora's (e.g. PEFT's 2r on gate_up)
+            w = getattr(experts.base, proj)
+            adapter = ExpertAdapter(adapter.num_experts, adapter.in_features, adapter.out_features, r, alpha, rslora,
+                                    w.dtype, w.device, None)
+            experts.adapters[proj] = adapter
+        if tuple(a.shape) != tuple(adapter.lora_A.shape) or tuple(b.shape) != tuple(adapter.lora_B.shape):
+            raise AdapterError(f"{owner}.{proj}: adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} != model's "
+                               f"A{tuple(adapter.lora_A.shape)} B{tuple(adapter.lora_B.shape)}")
+        with torch.no_grad():
+            adapter.lora_A.copy_(a)
+            adapter.lora_B.copy_(b)
+        adapter.lora_A.requires_grad_(trainable)
+        adapter.lora_B.requires_grad_(trainable)
+    for name, experts in model.named_modules():  # adapters the file does not cover stay at zero effect
+        if isinstance(experts, LoraExperts):
+            for proj, adapter in experts.adapters.items():
+                if (name, proj) not in pairs:
+                    with torch.no_grad():
+                        adapter.lora_B.zero_()
+

@@ -22,7 +22,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from ..adapters import LoraLinear
+from ..adapters import LoraExperts, LoraLinear
+from ..models.moe import EXPERT_STACKS, Experts, NF4ExpertStack
 from ..models.nf4_linear import NF4Linear
 from ..models.checkpoint import resolve_dtype, save_model
 from ..models.quantized import QuantizedLinear
@@ -61,7 +62,7 @@ def sequence_classification_config(config: dict, pad_token_id: int | None) -> di
 
 
 def has_nf4(model: nn.Module) -> bool:
-    return any(isinstance(m, NF4Linear) for m in model.modules())
+    return any(isinstance(m, (NF4Linear, NF4ExpertStack)) for m in model.modules())
 
 
 def _dense_module_weight(m: nn.Module) -> torch.Tensor:
@@ -82,6 +83,20 @@ def iter_merged_tensors(model: nn.Module) -> Iterator[tuple[str, Callable[[], to
     reward = model.score is not None
     owned = set()
     for name, m in model.named_modules():
+        if isinstance(m, (LoraExperts, Experts)) and not any(name.startswith(o + ".") for o in owned):
+            # MoE expert stacks: each adapter folded into its 3-D tensor, an NF4 stack dequantised
+            experts = m.base if isinstance(m, LoraExperts) else m
+            if isinstance(m, Experts) and not any(isinstance(getattr(m, n), NF4ExpertStack) for n in EXPERT_STACKS):
+                continue  # plain tensors: the parameter loop below takes them
+            owned.add(name)
+            for stack in EXPERT_STACKS:
+                thunk = ((lambda m=m, n=stack: m.merged_weight(n)) if isinstance(m, LoraExperts) else
+                         (lambda m=m, n=stack: m.dense_stack(n).float()))
+                yield f"{name}.{stack}", thunk, tuple(getattr(experts, stack).shape)
+            for pname, p in experts.named_parameters(recurse=False):  # the biases (gpt-oss)
+                if pname not in EXPERT_STACKS:
+                    yield f"{name}.{pname}", (lambda p=p: p.detach().float()), tuple(p.shape)
+            continue
         if isinstance(m, (LoraLinear, QuantizedLinear)):
             if any(name.startswith(o + ".") for o in owned):
                 continue  # a LoRA layer's quantised base: merged into the LoRA layer's weight already

@@ -74,8 +74,9 @@ class StaticKVCache:
         self._memo = {}
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-               sliding_window: int | None, softcap: float | None) -> torch.Tensor:
-        """q (B, Hq, T, D), k and v (B, Hk, T, D) of layer `layer` after RoPE -> attention output (B, Hq, T, D)."""
+               sliding_window: int | None, softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """q (B, Hq, T, D), k and v (B, Hk, T, D) of layer `layer` after RoPE -> attention output (B, Hq, T, D).
+        `sinks`: gpt-oss's per-head sink logits (None for the other families)."""
         if layer == 0:  # a new forward: what the previous one derived from the lengths / layout is stale
             self._memo = {}
         if self._mode == "prefill":
@@ -84,7 +85,7 @@ class StaticKVCache:
             self.keys[layer].index_put_((self._slot_index, self._position_index), rows[self._token_index])
             self.values[layer].index_put_((self._slot_index, self._position_index), vals[self._token_index])
             return attention(q, k, v, scale=scale, sliding_window=sliding_window, documents=self._documents,
-                             softcap=softcap, memo=self._memo)
+                             softcap=softcap, memo=self._memo, sinks=sinks)
         if self._mode == "decode":
             S = self._num_slots
             kc, vc = self.keys[layer, :S], self.values[layer, :S]
@@ -94,5 +95,5 @@ class StaticKVCache:
             kc.index_put_(where, k[:, :, 0])
             vc.index_put_(where, v[:, :, 0])
             return decode_attention(q, kc, vc, self._lengths, scale=scale, sliding_window=sliding_window,
-                                    softcap=softcap, memo=self._memo)
+                                    softcap=softcap, memo=self._memo, sinks=sinks)
         raise RuntimeError("StaticKVCache.attend before begin_prefill / begin_decode")

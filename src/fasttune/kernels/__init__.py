@@ -13,11 +13,13 @@ import torch
 from . import _triton
 from . import cross_entropy as _ce
 from . import glu as _glu
+from . import grouped_gemm as _gg
 from . import layer_norm as _ln
 from . import rms_norm as _rms
 from . import rope as _rope
 
-__all__ = ["use_triton", "rms_norm", "layer_norm", "apply_rope", "glu", "fused_linear_cross_entropy"]
+__all__ = ["use_triton", "rms_norm", "layer_norm", "apply_rope", "glu", "fused_linear_cross_entropy",
+           "grouped_linear"]
 
 
 
@@ -60,3 +62,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if use_triton(hidden):
         return _ce.fused_linear_cross_entropy(hidden, weight, labels, **kwargs)
     return _ce.fused_linear_cross_entropy_reference(hidden, weight, labels, **kwargs)
+
+
+def grouped_linear(x: torch.Tensor, weight, expert_offsets: torch.Tensor, bias: torch.Tensor | None = None,
+                   lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None, lora_scaling: float = 1.0,
+                   transposed: bool = False) -> torch.Tensor:
+    """Every expert's linear (+ LoRA) over rows sorted by expert: see kernels/grouped_gemm.py."""
+    if use_triton(x):
+        return _gg.grouped_linear(x, weight, expert_offsets, bias, lora_A, lora_B, lora_scaling, transposed)
+    return _gg.grouped_linear_reference(x, weight, expert_offsets, bias, lora_A, lora_B, lora_scaling, transposed)

@@ -1,4 +1,4 @@
-"""The one attention dispatch: causal, padding mask, sliding window, packed documents, logit soft-capping.
+"""The one attention dispatch: causal, padding mask, sliding window, packed documents, logit soft-capping, sinks.
 
 Shapes: q (B, Hq, Tq, D); k, v (B, Hk, Tk, D) with Hq a multiple of Hk (GQA). Query i sits at absolute
 position `q_offset + i` among the Tk keys (q_offset > 0 while decoding with a KV cache).
@@ -17,7 +17,10 @@ backward of one layer: bench/attention_paths.py, bench/RESULTS.md):
   `flash_attn_varlen_func` (it has softcap), `flash_attn_func` for windows without documents;
 - otherwise on CUDA: compiled `flex_attention` with a block mask built once per forward (memo) from the layout;
 - otherwise (padding masks, decoding with a window, CPU): an explicit boolean mask through SDPA, or eager math when
-  soft-capping.
+  soft-capping;
+- attention sinks (gpt-oss: a learned logit per head that joins every row's softmax, with a zero value, so
+  softmax([s_1..s_n, sink])[:n] weighs the values): eager math with a dense mask on every device for now (logged
+  once on CUDA). The fused kernels here have no sink input; the math is the reference's.
 
 Decoding over a static per-slot KV cache (`decode_attention`, fasttune.generation): one query per slot, keys
 (S, M, Hk, D) of which slot s holds `lengths[s]` valid ones. On CUDA in fp16/bf16 without soft-capping: the same
@@ -147,14 +150,23 @@ def attention(
     documents: DocumentLayout | None = None,
     softcap: float | None = None,
     memo: dict | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Returns (B, Hq, Tq, D). `memo`: a dict shared by every layer of one forward (and its recompute), where what
-    is derived from the masks (row cu_seqlens, flex block masks) is built once instead of per layer."""
+    is derived from the masks (row cu_seqlens, flex block masks) is built once instead of per layer. `sinks`
+    (Hq,): attention-sink logits (gpt-oss)."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     gqa = Hq != k.shape[1]
     if sliding_window is not None and Tk <= sliding_window:
         sliding_window = None  # the window covers every key: it changes nothing
+    if sinks is not None:
+        if q.is_cuda:
+            FALLBACKS.note("sinks", "attention sinks (gpt-oss) run as eager math with a dense (B, 1, Tq, Tk) mask: no "
+                           "fused kernel here takes a sink logit yet (slower, Tq x Tk scores per head in memory)")
+        document_ids = documents.document_ids if documents is not None else None
+        mask = build_mask(B, Tq, Tk, q.device, q_offset, sliding_window, key_padding_mask, document_ids)
+        return eager_attention(q, k, v, mask, scale, softcap, sinks)
     plain_causal = key_padding_mask is None and documents is None and sliding_window is None and softcap is None
     if plain_causal and q_offset == 0 and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -186,8 +198,10 @@ def attention(
     return eager_attention(q, k, v, mask, scale, softcap)
 
 
-def eager_attention(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
-    """Reference math, as transformers' eager path: scores, soft-cap, mask, softmax in float32, cast back."""
+def eager_attention(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference math, as transformers' eager path: scores, soft-cap, mask, softmax in float32, cast back. With
+    `sinks` (Hq,), each head's sink logit is one more softmax column whose probability is dropped (value zero)."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
@@ -196,6 +210,11 @@ def eager_attention(q, k, v, mask: torch.Tensor, scale: float, softcap: float | 
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if sinks is not None:
+        B, H, Tq, _ = scores.shape
+        sink = sinks.to(scores.dtype).reshape(1, H, 1, 1).expand(B, H, Tq, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+        return torch.matmul(probs.to(q.dtype), v)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
 
@@ -370,20 +389,21 @@ def decode_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     memo: dict | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoding step over a per-slot cache. q (S, Hq, 1, D); k_cache, v_cache (S, M, Hk, D) (the new token's key
     already written at lengths[s] - 1); lengths (S,) int32 on q's device: keys per slot, >= 1. Returns (S, Hq, 1, D).
     No host sync and static shapes on every path. `memo`: shared by the layers of one step (masks, cu_seqlens)."""
     S, Hq, _, D = q.shape
     M = k_cache.shape[1]
-    if softcap is None and _torch_flash_ok(q, k_cache, v_cache) and FALLBACKS.usable("torch-flash-decode"):
+    if sinks is None and softcap is None and _torch_flash_ok(q, k_cache, v_cache) and FALLBACKS.usable("torch-flash-decode"):
         out = _torch_flash_decode(q, k_cache, v_cache, lengths, scale, sliding_window, memo)
         if out is not None:
             return out
     if q.is_cuda:
-        FALLBACKS.note(f"decode-dense:{softcap is not None}:{q.dtype}",
-                       f"decoding attends through a dense (S, 1, 1, {M}) length mask with "
-                       f"{'eager math (soft-capping)' if softcap else 'SDPA'} ({q.dtype}): it reads all {M} cached "
+        eager = "eager math (sinks)" if sinks is not None else "eager math (soft-capping)" if softcap else "SDPA"
+        FALLBACKS.note(f"decode-dense:{softcap is not None}:{sinks is not None}:{q.dtype}",
+                       f"decoding attends through a dense (S, 1, 1, {M}) length mask with {eager} ({q.dtype}): it reads all {M} cached "
                        "positions of every slot each step")
     key = ("decode-mask", sliding_window)
     mask = memo.get(key) if memo is not None else None
@@ -392,9 +412,9 @@ def decode_attention(
         if memo is not None:
             memo[key] = mask
     k, v = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (S, Hk, M, D) views
-    if softcap is None:
+    if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != k.shape[1])
-    return eager_attention(q, k, v, mask, scale, softcap)
+    return eager_attention(q, k, v, mask, scale, softcap, sinks)
 
 
 def _torch_flash_decode(q, k_cache, v_cache, lengths, scale, sliding_window, memo):

@@ -147,6 +147,96 @@ def _unfuse(name: str, tensor: torch.Tensor, spec: ArchSpec) -> list[tuple[str, 
     return [(name, tensor)]
 
 
+# ---- MoE experts: per-expert checkpoint tensors <-> the 3-D expert stacks -------------------------------------
+
+# Checkpoints name each expert's projections (transformers 5 still saves this layout): Qwen3-MoE
+# mlp.experts.N.{gate,up,down}_proj.weight, Mixtral block_sparse_moe.experts.N.{w1,w3,w2}.weight (gate, up, down)
+# with its router as block_sparse_moe.gate. The model holds transformers 5's module layout instead, which some
+# checkpoints store too: mlp.experts.gate_up_proj (E, 2I, H), gate rows first, and mlp.experts.down_proj (E, H, I).
+# gpt-oss's MXFP4 checkpoints: mlp.experts.{gate_up,down}_proj_{blocks,scales}, each projection as (E, out, in)
+_MXFP4_PART = re.compile(r"(model\.layers\.\d+\.mlp\.experts\.(?:gate_up_proj|down_proj))_(blocks|scales)")
+_PER_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_PER_EXPERT_FAMILIES = ("qwen3_moe", "mixtral")
+_EXPERT_STACK = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")  # what transformers 5 saves per expert
+
+
+class _ExpertStacker:
+    """Collects the per-expert tensors of each layer as they stream in and hands out the stacked tensors once a
+    layer's are complete (shards hold whole layers in practice, so at most a layer's experts wait here)."""
+
+    def __init__(self, spec: ArchSpec):
+        self.spec = spec
+        self.parts: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
+
+    def rename(self, name: str) -> str:
+        """The name in the model's spelling (Mixtral's block_sparse_moe -> mlp)."""
+        return name.replace(".block_sparse_moe.", ".mlp.") if self.spec.model_type == "mixtral" else name
+
+    def take(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        q = _MXFP4_PART.fullmatch(name)
+        if q is not None:  # dequantised once both halves are in, as the model's (E, in, out) float32 tensor
+            parts = self.parts.setdefault(q.group(1), {})
+            parts[(q.group(2), 0)] = tensor
+            if len(parts) < 2:
+                return []
+            del self.parts[q.group(1)]
+            from .mxfp4 import dequantize_mxfp4
+
+            return [(q.group(1), dequantize_mxfp4(parts[("blocks", 0)], parts[("scales", 0)]).transpose(1, 2))]
+        m = _PER_EXPERT.fullmatch(name)
+        if m is None:
+            return [(name, tensor)]
+        prefix, expert, proj = m.group(1), int(m.group(2)), _MIXTRAL_PROJ.get(m.group(3), m.group(3))
+        E = self.spec.num_experts
+        if expert >= E:
+            raise CheckpointError(f"{name}: expert {expert} but the config has {E} experts")
+        parts = self.parts.setdefault(prefix, {})
+        parts[(proj, expert)] = tensor
+        out = []
+        if all(("gate_proj", e) in parts and ("up_proj", e) in parts for e in range(E)):
+            gate = torch.stack([parts.pop(("gate_proj", e)) for e in range(E)])
+            up = torch.stack([parts.pop(("up_proj", e)) for e in range(E)])
+            out.append((prefix + ".gate_up_proj", torch.cat([gate, up], dim=1)))
+        if all(("down_proj", e) in parts for e in range(E)):
+            out.append((prefix + ".down_proj", torch.stack([parts.pop(("down_proj", e)) for e in range(E)])))
+        if not parts:
+            del self.parts[prefix]
+        return out
+
+    def finish(self) -> None:
+        if self.parts:
+            prefix, parts = next(iter(self.parts.items()))
+            raise CheckpointError(f"incomplete experts in the checkpoint: {prefix} has only "
+                                  f"{len(parts)} of the per-expert tensors (e.g. {sorted(parts)[:3]})")
+
+
+def _split_experts(state: dict[str, torch.Tensor], spec: ArchSpec) -> dict[str, torch.Tensor]:
+    """The model's 3-D expert stacks as the per-expert tensors transformers saves (and every version reads) for
+    Qwen3-MoE and Mixtral; gpt-oss checkpoints hold the 3-D stacks themselves."""
+    if not spec.is_moe or spec.model_type not in _PER_EXPERT_FAMILIES:
+        return state
+    out: dict[str, torch.Tensor] = {}
+    mixtral = spec.model_type == "mixtral"
+    names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"} if mixtral else {}
+    for name, t in state.items():
+        if mixtral:
+            name = name.replace(".mlp.", ".block_sparse_moe.")
+        if name.endswith(".experts.gate_up_proj"):
+            base = name[: -len("gate_up_proj")]
+            gate, up = t.chunk(2, dim=1)
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.{names.get('gate_proj', 'gate_proj')}.weight"] = gate[e]
+                out[f"{base}{e}.{names.get('up_proj', 'up_proj')}.weight"] = up[e]
+        elif name.endswith(".experts.down_proj"):
+            base = name[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.{names.get('down_proj', 'down_proj')}.weight"] = t[e]
+        else:
+            out[name] = t
+    return out
+
+
 # ---- multimodal checkpoints: the language model's tensors only ------------------------------------------------
 
 _TEXT_TOWER_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
@@ -255,15 +345,21 @@ def iter_model_tensors(path: str | os.PathLike, spec: ArchSpec,
         source = iter_gguf_tensors(read_gguf(path), spec)
     else:
         source = _iter_tensors(_weight_files(Path(path), allow_pickle))
+    experts = _ExpertStacker(spec) if spec.is_moe else None
     for raw_name, tensor in source:
         if spec.text_tower:  # a multimodal checkpoint: its language model only
             raw_name = _text_tower_name(raw_name)
             if raw_name is None:
                 continue
-        for name, t in _unfuse(raw_name, tensor, spec):
+        pieces = _unfuse(raw_name, tensor, spec)
+        if experts is not None:
+            pieces = [out for n, t in pieces for out in experts.take(experts.rename(n), t)]
+        for name, t in pieces:
             if name.endswith("rotary_emb.inv_freq") or (spec.tie_word_embeddings and name == "lm_head.weight"):
                 continue
             yield name, t
+    if experts is not None:
+        experts.finish()
 
 
 # A bitsandbytes 4-bit weight (QuantState.as_dict(packed=True)): the packed codes under `<linear>.weight` and these
@@ -283,7 +379,7 @@ def _bnb_nf4_checkpoint(spec: ArchSpec, path: Path) -> bool:
     """Whether `path` holds decoder weights quantised to NF4 by bitsandbytes (a "...-bnb-4bit" folder, as saved by
     transformers); the quantisation kinds fasttune cannot read are refused here, with what to do instead."""
     q = spec.raw_config.get("quantization_config") or {}
-    if not q:
+    if not q or _mxfp4_checkpoint(spec):
         return False
     use_16bit = "load the 16-bit checkpoint instead (fasttune.load(..., load_in_4bit=True) quantises it to NF4)"
     if q.get("quant_method") != "bitsandbytes" or not q.get("load_in_4bit"):
@@ -302,6 +398,12 @@ def _bnb_nf4_checkpoint(spec: ArchSpec, path: Path) -> bool:
     return True
 
 
+def _mxfp4_checkpoint(spec: ArchSpec) -> bool:
+    """A gpt-oss checkpoint with MXFP4 experts: they are dequantised as they are read (the rest is 16-bit)."""
+    q = spec.raw_config.get("quantization_config") or {}
+    return q.get("quant_method") == "mxfp4" and spec.model_type == "gpt_oss"
+
+
 def load_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
@@ -316,6 +418,8 @@ def load_model(
     A bitsandbytes NF4 checkpoint (double-quantised, as transformers saves `load_in_4bit` models) loads its decoder
     linears as `NF4Linear` layers holding the stored codes and scales as they are (bit for bit). A GGUF file's
     tensors are dequantised to float32 (bit-exact with llama.cpp's gguf package) and then cast to `dtype`;
+    with `quantize` (load_in_4bit), an MoE model's expert stacks are stored in NF4 as they are read too
+    (models.moe.NF4ExpertStack), its router stays 16-bit;
     with `keep_quantized`, its decoder linears keep their blocks instead (models.gguf_linear.GGUFLinear)."""
     path = Path(path)
     gguf_file = _is_gguf(path)
@@ -334,7 +438,9 @@ def load_model(
         return load_gguf_quantized(path, torch_dtype, device)
     model, expected = meta_model(spec)
     loaded: set[str] = set()
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
+    # the MoE router (mlp.gate of an MoE layer) is never quantised: top-k selection is sensitive to its precision
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")
+               and not (spec.is_moe and n.endswith((".mlp.gate", ".mlp.router")))}
     pending: dict[str, set[str]] = {n: {n + "." + p for p, _ in m.named_parameters()} for n, m in linears.items()}
     stored_4bit: dict[str, dict[str, torch.Tensor]] = {}  # linear -> its bitsandbytes parts read so far
 
@@ -367,6 +473,10 @@ def load_model(
         _set_tensor(model, name, t.to(device=device, dtype=torch_dtype))
         loaded.add(name)
         del t
+        if quantize is not None and _EXPERT_STACK.search(name):  # load_in_4bit: the expert stacks go NF4 too
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner).quantize_nf4_(leaf)
+            continue
         if bnb and name.endswith(".bias") and name[:-5] in stored_4bit:
             place_4bit(name[:-5])
             continue
@@ -432,7 +542,7 @@ def save_model(model: CausalLM, path: str | os.PathLike, tokenizer=None, dtype: 
     target = resolve_dtype(dtype, spec) if dtype is not None else None
     state = {n: (t.to(target) if target is not None and t.is_floating_point() else t).contiguous().cpu()
              for n, t in state.items()}
-    state = _fuse(state, spec)
+    state = _split_experts(_fuse(state, spec), spec)
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -459,6 +569,8 @@ def save_model(model: CausalLM, path: str | os.PathLike, tokenizer=None, dtype: 
         (path / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg = dict(spec.raw_config)
+    if _mxfp4_checkpoint(spec):  # loaded dequantised: written back as plain tensors
+        cfg.pop("quantization_config")
     saved_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[saved_dtype]
     cfg["torch_dtype"] = dtype_name

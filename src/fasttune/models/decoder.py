@@ -1,5 +1,6 @@
 """One decoder for every supported family: Transformer++ (RMSNorm, RoPE, GQA attention, gated MLP), with the
-families' quirks switched on by `ArchSpec`.
+families' quirks switched on by `ArchSpec` (Mixture-of-Experts families: the MLP of an MoE layer is models.moe's
+SparseMoE; attention sinks for gpt-oss).
 
 Module and parameter names follow the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj.weight`,
 ...), so a state dict maps one-to-one to a checkpoint (Phi-3's fused tensors are split at load time).
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 from .. import kernels
 from ..kernels.attention import FALLBACKS, DocumentLayout, attention
+from .moe import SparseMoE, load_balancing_loss
 from .rope import RotaryTables, rotary_dim
 from ..labels import IGNORE_INDEX, next_token_targets
 from .spec import ArchSpec
@@ -73,7 +75,7 @@ class KVCache(Protocol):
 
 @dataclass
 class AttentionInputs:
-    """What every layer's attention needs besides its hidden states; built once per forward."""
+    """What every layer needs besides its hidden states (mostly for attention); built once per forward."""
     cos: torch.Tensor
     sin: torch.Tensor
     key_padding_mask: torch.Tensor | None
@@ -83,6 +85,8 @@ class AttentionInputs:
     local_sin: torch.Tensor | None = None
     # what attention derives from the masks once and every layer reuses (flash-attn's cu_seqlens, flex block masks)
     memo: dict = field(default_factory=dict)
+    # MoE layers append their router logits (tokens, E) here when the forward collects them (aux loss)
+    router_logits: list[torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -102,6 +106,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(spec.num_kv_heads * d, spec.rms_norm_eps, weight_float32=spec.norm_weight_float32)
         elif spec.qk_norm is not None:
             raise ValueError(f"qk_norm {spec.qk_norm!r}: expected 'head', 'projection' or None")
+        # gpt-oss: one learned sink logit per query head (see kernels.attention)
+        self.sinks = nn.Parameter(torch.empty(spec.num_heads)) if spec.attention_sinks else None
         self.scale = spec.attn_scale if spec.attn_scale is not None else d ** -0.5
         self.sliding_window = spec.window_for_layer(layer_idx)
         self.rot_dim = rotary_dim(spec)
@@ -135,11 +141,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if a.cache is not None:  # generation: the cache stores k, v and attends over what it holds
             out = a.cache.attend(self.layer_idx, q, k, v, scale=self.scale, sliding_window=self.sliding_window,
-                                 softcap=self.spec.attn_softcap)
+                                 softcap=self.spec.attn_softcap, sinks=self.sinks)
         else:
             out = attention(q, k, v, scale=self.scale, sliding_window=self.sliding_window,
                             key_padding_mask=a.key_padding_mask, documents=a.documents,
-                            softcap=self.spec.attn_softcap, memo=a.memo)
+                            softcap=self.spec.attn_softcap, memo=a.memo, sinks=self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -201,21 +207,25 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
         if self.placement != "pre":
             self.post_feedforward_layernorm = norm()
-        self.mlp = GatedMLP(spec)
+        # Qwen3-MoE, Mixtral, gpt-oss: routed experts (Qwen3-MoE's mlp_only_layers keep the dense MLP)
+        self.mlp = SparseMoE(spec) if spec.is_moe_layer(layer_idx) else GatedMLP(spec)
         self.residual_scale = spec.residual_scale  # Granite's residual_multiplier
 
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x + y if self.residual_scale is None else x + y * self.residual_scale
 
+    def _mlp(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+        return self.mlp(x, a.router_logits) if isinstance(self.mlp, SparseMoE) else self.mlp(x)
+
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         if self.placement == "sandwich":
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), a))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.post_feedforward_layernorm(self._mlp(self.pre_feedforward_layernorm(x), a))
         if self.placement == "post":
             x = x + self.post_attention_layernorm(self.self_attn(x, a))
-            return x + self.post_feedforward_layernorm(self.mlp(x))
+            return x + self.post_feedforward_layernorm(self._mlp(x, a))
         x = self._add(x, self.self_attn(self.input_layernorm(x), a))
-        return self._add(x, self.mlp(self.post_attention_layernorm(x)))
+        return self._add(x, self._mlp(self.post_attention_layernorm(x), a))
 
 
 class DecoderModel(nn.Module):
@@ -232,11 +242,12 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 output_hidden_states: bool = False, inputs_embeds: torch.Tensor | None = None,
-                documents: DocumentLayout | None = None):
+                documents: DocumentLayout | None = None, router_logits: list[torch.Tensor] | None = None):
         """`documents`: where the packed documents of `position_ids` lie, built on the host
         (`DocumentLayout.from_position_ids(cpu_position_ids).to(device)`); without it, packed position ids on the
         GPU are read back once per forward to find the documents. `cache` (generation): a `KVCache`, with the
-        position ids of every token given (the cache's slots know where each sequence is) and no attention mask."""
+        position ids of every token given (the cache's slots know where each sequence is) and no attention mask. `router_logits`: a list the MoE layers append
+        their router logits to, in layer order."""
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.spec.embedding_multiplier is not None:  # Granite: after the embedding module, as transformers does
             h = h * self.spec.embedding_multiplier
@@ -266,7 +277,7 @@ class DecoderModel(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             key_padding_mask = attention_mask.bool()
         cos, sin = self.rotary(position_ids, max_position=max_position)
-        a = AttentionInputs(cos, sin, key_padding_mask, documents, cache)
+        a = AttentionInputs(cos, sin, key_padding_mask, documents, cache, router_logits=router_logits)
         if self.local_rotary is not None:
             a.local_cos, a.local_sin = self.local_rotary(position_ids, max_position=max_position)
         hidden_states = [h] if output_hidden_states else None
@@ -286,6 +297,10 @@ class CausalLMOutput:
     last_hidden_state: torch.Tensor | None = None  # after the final norm
     cache: KVCache | None = None
     num_target_tokens: torch.Tensor | None = None  # 0-d, on the model's device (not read back: no sync)
+    # MoE models, when router logits are collected: each MoE layer's (tokens, E) logits, and the load-balancing loss
+    # (added to `loss` times router_aux_loss_coef when labels are given)
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 class CausalLM(nn.Module):
@@ -331,8 +346,9 @@ class CausalLM(nn.Module):
         self.memory_plan = plan
         self.model.layer_runner = layer_runner
         for layer in self.model.layers:
-            layer.mlp.chunk_tokens = plan.chunk_tokens
-            layer.mlp.save_gate_up = plan.mlp_saves_gate_up
+            if isinstance(layer.mlp, GatedMLP):  # an MoE layer's experts have neither setting
+                layer.mlp.chunk_tokens = plan.chunk_tokens
+                layer.mlp.save_gate_up = plan.mlp_saves_gate_up
 
     def attach_score(self, weight: torch.Tensor) -> nn.Linear:
         """Give the model a reward head `score` (hidden -> 1, no bias, float32, frozen) holding `weight`: a linear on
@@ -385,15 +401,25 @@ class CausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
         documents: DocumentLayout | None = None,
+        output_router_logits: bool | None = None,
     ) -> CausalLMOutput:
         """labels: (B, T) aligned with input_ids (not shifted; -100 = no loss). The loss is the sum over target
         tokens divided by their count, or by `num_items_in_batch` when given (exact gradient accumulation);
         `label_smoothing` as in F.cross_entropy. `documents`: the layout of packed `position_ids`, built on the host
         (see DecoderModel.forward). Logits are returned when `return_logits` is True, or by default
-        when no labels are given."""
+        when no labels are given. MoE models: with `output_router_logits` (default: the config's), the router
+        logits are returned with the load-balancing loss, which is added to the loss (times router_aux_loss_coef)
+        when labels are given, as transformers does."""
+        if output_router_logits is None:
+            output_router_logits = self.spec.output_router_logits
+        router_logits = [] if output_router_logits and self.spec.is_moe else None
         h, hidden_states, position_ids = self.model(input_ids, attention_mask, position_ids, cache,
-                                                    output_hidden_states, inputs_embeds, documents)
+                                                    output_hidden_states, inputs_embeds, documents, router_logits)
         out = CausalLMOutput(hidden_states=hidden_states, last_hidden_state=h, cache=cache)
+        if router_logits is not None:
+            out.router_logits = tuple(router_logits)
+            out.aux_loss = load_balancing_loss(router_logits, self.spec.num_experts, self.spec.experts_per_token,
+                                               attention_mask)
         if return_logits or (return_logits is None and labels is None):
             out.logits = self.logits(h)
         if labels is not None:
@@ -408,6 +434,8 @@ class CausalLM(nn.Module):
                 hid, weight, targets, softcap=self.spec.final_softcap,
                 num_items_in_batch=num_items_in_batch, label_smoothing=label_smoothing,
                 chunk_bytes=self.loss_chunk_bytes, **({} if extra is None else {"extra_weight": extra}))
+            if out.aux_loss is not None:
+                out.loss = out.loss + self.spec.router_aux_loss_coef * out.aux_loss
         return out
 
     @property

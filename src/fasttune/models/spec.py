@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
-                         "granite", "smollm3")
+                         "granite", "smollm3", "qwen3_moe", "mixtral", "gpt_oss")
+# Mixture-of-Experts families: some or all layers route each token to `experts_per_token` of `num_experts` MLPs
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral", "gpt_oss")
 # families whose config.json may leave tie_word_embeddings out because their transformers default is True
 _TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3_text", "smollm3")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
@@ -89,6 +91,30 @@ class ArchSpec:
     # a multimodal checkpoint (Gemma 3 4B/12B/27B) of which only the language model is loaded: its tensors are
     # renamed from language_model.* and the vision tower's skipped; saved back as the text-only model
     text_tower: bool = False
+    # Mixture of Experts (Qwen3-MoE, Mixtral): 0 experts = a dense MLP in every layer
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    moe_layers: list[bool] = field(default_factory=list)  # per layer whether its MLP is the routed experts
+    norm_topk_prob: bool = True  # renormalise the top-k probabilities to sum to 1 (Mixtral always; Qwen3 by config)
+    # Qwen3-MoE casts the (float32) routing weights to the router logits' dtype before they scale the experts'
+    # outputs; Mixtral scales with the float32 weights
+    routing_weights_in_logits_dtype: bool = False
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight in the training loss
+    output_router_logits: bool = False  # the config's default: collect router logits and add the aux loss
+    router_jitter_noise: float = 0.0  # Mixtral: multiplicative uniform noise on the MoE input while training
+    # gpt-oss: the router has a bias and takes the top-k of its logits, then a softmax over those k ("topk_softmax";
+    # the others: "softmax_topk"); its experts have biases, are stored (E, in, out) ("transposed"), interleave the
+    # gate and up columns (gate = even, up = odd) and use the clamped SwiGLU
+    #     a = min(gate, limit) * sigmoid(alpha * min(gate, limit)),  y = (clamp(up, -limit, limit) + 1) * a
+    router_kind: str = "softmax_topk"
+    router_bias: bool = False
+    expert_bias: bool = False
+    experts_transposed: bool = False
+    gate_up_interleaved: bool = False
+    swiglu_alpha: float | None = None  # set: the clamped SwiGLU (gpt-oss) instead of `activation`'s GLU
+    swiglu_limit: float | None = None
+    attention_sinks: bool = False  # gpt-oss: a learned per-head logit that joins every softmax (its value is zero)
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -110,6 +136,13 @@ class ArchSpec:
                     "and the MLP, so float16 gives inf and then NaN logits and losses (bfloat16 has float32's "
                     "range)")
         return None
+
+    def is_moe_layer(self, i: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[i]
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.moe_layers)
 
     def uses_rope(self, i: int) -> bool:
         return not self.rope_layers or self.rope_layers[i]
@@ -154,14 +187,15 @@ class ArchSpec:
             raise UnsupportedModelError(f"hidden activation {act_name!r} is not supported (silu, gelu, gelu_pytorch_tanh)")
 
         sliding_window = cfg.get("sliding_window")
-        if mt in ("qwen2", "qwen3", "smollm3") and not cfg.get("use_sliding_window", False):
+        if mt in ("qwen2", "qwen3", "smollm3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
             sliding_window = None
         if mt in ("llama", "olmo2", "granite"):  # no sliding window in these families' transformers code
             sliding_window = None
         layer_types = cfg.get("layer_types")
         if not layer_types:
-            if mt in ("gemma2", "gemma3_text"):  # Gemma 2: 1 local : 1 global; Gemma 3: sliding_window_pattern 6
-                every = 2 if mt == "gemma2" else cfg.get("sliding_window_pattern", 6)
+            if mt in ("gemma2", "gemma3_text", "gpt_oss"):
+                # Gemma 2 and gpt-oss: 1 local : 1 global; Gemma 3: sliding_window_pattern 6
+                every = cfg.get("sliding_window_pattern", 6) if mt == "gemma3_text" else 2
                 layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
             elif mt in ("qwen2", "qwen3"):
                 mwl = cfg.get("max_window_layers", n_layers)
@@ -189,8 +223,9 @@ class ArchSpec:
         granite = mt == "granite"
         if granite:
             attn_scale = float(cfg.get("attention_multiplier", 1.0))
-        qk_norm = {"qwen3": "head", "gemma3_text": "head", "olmo2": "projection"}.get(mt)
-        bias = bool(cfg.get("attention_bias", False))
+        qk_norm = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "olmo2": "projection"}.get(mt)
+        moe = _moe_settings(cfg, mt, n_layers)
+        bias = bool(cfg.get("attention_bias", mt == "gpt_oss"))
         return cls(
             model_type=mt,
             vocab_size=cfg["vocab_size"],
@@ -232,7 +267,46 @@ class ArchSpec:
             pad_token_id=cfg.get("pad_token_id"),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             raw_config=dict(cfg),
+            **moe,
         )
+
+
+def _moe_settings(cfg: dict[str, Any], mt: str, n_layers: int) -> dict[str, Any]:
+    """The ArchSpec MoE fields of a Qwen3-MoE or Mixtral config ({} for dense families).
+
+    Qwen3-MoE: layer i is sparse unless listed in mlp_only_layers, and only every decoder_sparse_step-th layer
+    ((i + 1) % step == 0); the others keep a dense MLP of intermediate_size. Its expert width is
+    moe_intermediate_size; transformers 5 saves the expert count as num_local_experts, older configs as
+    num_experts. Mixtral: every layer sparse, experts of intermediate_size, top-k always renormalised."""
+    if mt not in MOE_MODEL_TYPES:
+        return {}
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    gpt_oss = mt == "gpt_oss"
+    if mt == "qwen3_moe":
+        step = cfg.get("decoder_sparse_step", 1) or 1
+        dense = set(cfg.get("mlp_only_layers") or [])
+        layers = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n_layers)]
+        width = cfg.get("moe_intermediate_size", 768)
+        norm_topk = bool(cfg.get("norm_topk_prob", False))
+        jitter = 0.0
+    else:  # Mixtral, gpt-oss
+        layers = [experts > 0] * n_layers
+        width = cfg["intermediate_size"]
+        norm_topk = not gpt_oss  # gpt-oss's softmax over the top k sums to 1 already
+        jitter = float(cfg.get("router_jitter_noise", 0.0) or 0.0)
+    top_k = cfg.get("num_experts_per_tok", 2)
+    if experts and not 0 < top_k <= experts:
+        raise ValueError(f"config num_experts_per_tok={top_k} must be between 1 and the {experts} experts")
+    settings = dict(num_experts=int(experts), experts_per_token=int(top_k), expert_intermediate_size=int(width),
+                    moe_layers=layers, norm_topk_prob=norm_topk,
+                    routing_weights_in_logits_dtype=mt in ("qwen3_moe", "gpt_oss"),
+                    router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)),
+                    output_router_logits=bool(cfg.get("output_router_logits", False)), router_jitter_noise=jitter)
+    if gpt_oss:
+        settings.update(router_kind="topk_softmax", router_bias=True, expert_bias=True, experts_transposed=True,
+                        gate_up_interleaved=True, swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
+                        swiglu_limit=float(cfg.get("swiglu_limit", 7.0)), attention_sinks=True)
+    return settings
 
 
 def _gemma3_text_config(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ projections in the backward, so no tokens x intermediate tensor of the whole seq
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -101,7 +102,11 @@ class _CheckpointedLayer(torch.autograd.Function):
 
     The layer's trainable parameters are explicit inputs, so the backward returns their gradients through the
     autograd engine (both `loss.backward()` and `torch.autograd.grad` work), and the backward runs even when h
-    needs no gradient (the first layer over frozen embeddings)."""
+    needs no gradient (the first layer over frozen embeddings).
+
+    An MoE layer that appends its router logits to `attn_inputs.router_logits` (for the load-balancing loss) has
+    them returned as extra outputs of this node, so the aux loss's gradient comes back here with the layer's and
+    flows through the recomputed router."""
 
     @staticmethod
     def forward(ctx, hidden, layer, attn_inputs, offloader, offload, *params):
@@ -111,16 +116,20 @@ class _CheckpointedLayer(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.autocast = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")}
+        collected = attn_inputs.router_logits
+        before = len(collected) if collected is not None else 0
         with torch.no_grad():
             out = layer(hidden, attn_inputs)
+        router_logits = tuple(collected[before:]) if collected is not None else ()
+        ctx.num_router_logits = len(router_logits)
         if offload:
             ctx.slot = offloader.offload(hidden)
         else:
             ctx.save_for_backward(hidden)
-        return out
+        return (out, *router_logits)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *grad_router_logits):
         if ctx.offload:
             hidden = ctx.offloader.fetch(ctx.slot)
             ctx.slot = None
@@ -138,10 +147,17 @@ class _CheckpointedLayer(torch.autograd.Function):
                                                      dtype=ctx.autocast["cpu"][1]), \
                     torch.autocast("cuda", enabled=ctx.autocast["cuda"][0], dtype=ctx.autocast["cuda"][1]):
                 h = hidden.detach().requires_grad_(need_h)
-                out = ctx.layer(h, ctx.attn_inputs)
+                # the recompute's router logits go to a list of its own, not the finished forward's
+                recompute_inputs = (dataclasses.replace(ctx.attn_inputs, router_logits=[])
+                                    if ctx.num_router_logits else ctx.attn_inputs)
+                out = ctx.layer(h, recompute_inputs)
         del hidden
         inputs = ([h] if need_h else []) + params
-        grads = list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
+        outputs, grad_outputs = [out], [grad_out]
+        if ctx.num_router_logits:
+            outputs += recompute_inputs.router_logits
+            grad_outputs += list(grad_router_logits)
+        grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
         dh = grads.pop(0) if need_h else None
         param_grads = iter(grads)
         return (dh, None, None, None, None,
@@ -153,7 +169,12 @@ def _checkpointed(hidden, layer, attn_inputs, offloader: ActivationOffloader, of
     if not params and not hidden.requires_grad:
         with torch.no_grad():
             return layer(hidden, attn_inputs)
-    return _CheckpointedLayer.apply(hidden, layer, attn_inputs, offloader, offload, *params)
+    collected = attn_inputs.router_logits
+    before = len(collected) if collected is not None else 0
+    out, *router_logits = _CheckpointedLayer.apply(hidden, layer, attn_inputs, offloader, offload, *params)
+    if router_logits:  # the node's outputs replace the graph-less logits the no-grad forward appended
+        collected[before:] = router_logits
+    return out
 
 
 class LayerRunner:
@@ -191,17 +212,34 @@ class LayerRunner:
 # ---- the policy -----------------------------------------------------------------------------------------------
 
 def layer_activation_bytes(spec, tokens: int, dtype_bytes: int = 2, mlp_saves_gate_up: bool = True,
-                           lora_rank: int = 16) -> int:
+                           lora_rank: int = 16, seq_len: int | None = None) -> int:
     """Estimated bytes one decoder layer keeps for its backward (fused LoRA path), for `tokens` tokens:
     the two norms' inputs and outputs (4 x hidden), attention q, k, v, output and the o_proj input
     (3 x q_dim + 2 x kv_dim), the MLP's gate and up outputs (2 x intermediate, unless recomputed), rank-r
-    products and float32 norm statistics."""
+    products and float32 norm statistics.
+
+    An MoE layer (the largest of a model's layers counts, for plans that treat layers alike) keeps, per token, its
+    k routed rows: the gathered input (hidden), gate_up output (2 x expert width), GLU output (expert width), down
+    output and its copy back in (token, slot) order (2 x hidden), the experts' rank-r LoRA products (2 x r), and
+    the router's float32 logits and probabilities (2 x E x 4 bytes); the gate/up recomputation does not apply.
+    Attention with sinks (gpt-oss) runs as eager math (kernels.attention): with `seq_len`, each token also keeps its
+    row of float32 probabilities and 16-bit scores per head (seq_len x heads x (4 + 2 dtype) bytes)."""
     q_dim = spec.num_heads * spec.head_dim
     kv_dim = spec.num_kv_heads * spec.head_dim
     per_token = 4 * spec.hidden_size + 3 * q_dim + 2 * kv_dim + 7 * lora_rank
-    if mlp_saves_gate_up:
-        per_token += 2 * spec.intermediate_size
-    return tokens * (per_token * dtype_bytes + 4 * (2 + spec.num_heads))
+    dense_mlp = 2 * spec.intermediate_size if mlp_saves_gate_up else 0
+    router_bytes = 0
+    if spec.is_moe:
+        k, width = spec.experts_per_token, spec.expert_intermediate_size
+        moe_mlp = k * (3 * spec.hidden_size + 3 * width + 2 * lora_rank)
+        per_token += max(moe_mlp, dense_mlp if not all(spec.moe_layers) else 0)
+        router_bytes = 2 * spec.num_experts * 4
+    else:
+        per_token += dense_mlp
+    eager_attention = 0
+    if spec.attention_sinks and seq_len:
+        eager_attention = seq_len * spec.num_heads * (4 + 2 * dtype_bytes)
+    return tokens * (per_token * dtype_bytes + 4 * (2 + spec.num_heads) + router_bytes + eager_attention)
 
 
 @dataclass
@@ -246,14 +284,14 @@ def plan_memory(spec, policy: str, seq_len: int, batch_size: int, free_bytes: in
         chunk = max(16, mlp_chunk_bytes // (per_mlp_token * batch_size))
         chunk = 2 ** int(math.log2(chunk))
         chunk_tokens = chunk if chunk < seq_len else None
-    act = layer_activation_bytes(spec, tokens, dtype_bytes, True, lora_rank)
+    act = layer_activation_bytes(spec, tokens, dtype_bytes, True, lora_rank, seq_len)
     hidden_bytes = tokens * spec.hidden_size * dtype_bytes
     if policy == "none":
         return MemoryPlan(["none"] * L, None, True, act, free_bytes)
     if policy == "recompute-mlp":
         # every layer keeps its activations except the MLP's gate/up outputs (2 x intermediate per token, most of a
         # layer's saved bytes), which the fused LoRA MLP recomputes in its backward: two of the three MLP GEMMs again
-        lean_act = layer_activation_bytes(spec, tokens, dtype_bytes, False, lora_rank)
+        lean_act = layer_activation_bytes(spec, tokens, dtype_bytes, False, lora_rank, seq_len)
         return MemoryPlan(["none"] * L, None, False, lean_act, free_bytes,
                           ["MLP gate/up recomputed in the backward; no layer checkpointed"])
     if policy in ("checkpoint", "offload"):
@@ -265,7 +303,7 @@ def plan_memory(spec, policy: str, seq_len: int, batch_size: int, free_bytes: in
     # auto
     if free_bytes is None:
         return MemoryPlan(["none"] * L, None, True, act, None, ["no device memory limit (CPU): nothing recomputed"])
-    lean_act = layer_activation_bytes(spec, tokens, dtype_bytes, False, lora_rank)
+    lean_act = layer_activation_bytes(spec, tokens, dtype_bytes, False, lora_rank, seq_len)
     # working set while one checkpointed layer is in its backward: its activations plus transients. The analytic
     # count is short of what the allocator really holds (gradient buffers, SDPA workspaces, fragmentation):
     # on the H100, 8B LoRA at 131K tokens ran out of memory with 32 GB of checkpoints next to 16 GB of weights,
@@ -300,10 +338,12 @@ def apply_memory_policy(model: nn.Module, policy: str = "auto", seq_len: int | N
     saved), "checkpoint" (every layer) or "offload" (every layer but the last). `free_bytes` overrides the
     measurement."""
     from ..adapters.attach import FusedMLP
+    from ..models.decoder import GatedMLP
 
     decoder = model.model
     spec = model.spec
-    if policy == "recompute-mlp" and not any(isinstance(layer.mlp.fused_forward, FusedMLP)
+    if policy == "recompute-mlp" and not any(isinstance(layer.mlp, GatedMLP) and isinstance(layer.mlp.fused_forward,
+                                                                                          FusedMLP)
                                              for layer in decoder.layers):
         raise ValueError("memory policy recompute-mlp works through the fused LoRA MLP, which this model does not "
                          "use: it needs LoRA on gate_proj, up_proj and down_proj with dropout 0; choose "

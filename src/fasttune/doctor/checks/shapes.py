@@ -74,24 +74,53 @@ def check_config_sizes(folder: ModelFolder) -> Iterator[Finding]:
                       "headers show what the weights were made with")
 
 
-def _implied_shapes(folder: ModelFolder) -> dict[str, tuple[int, ...]] | None:
-    """Checkpoint name -> shape the loader demands, with `model.layers.0.` standing for every layer; None when
-    config.json cannot be turned into a model (reported by config-unsupported / config-sizes)."""
+def _implied_shapes(folder: ModelFolder, layer: int = 0, expert_layout: str = "saved"
+                    ) -> dict[str, tuple[int, ...]] | None:
+    """Checkpoint name -> shape the loader demands, with `model.layers.0.` standing for every layer of layer
+    `layer`'s kind (MoE models have MoE and dense layers); None when config.json cannot be turned into a model
+    (reported by config-unsupported / config-sizes). `expert_layout`: MoE experts as fasttune and transformers save
+    them ("saved": per expert for Qwen3-MoE / Mixtral, 3-D for gpt-oss) or as 3-D stacks ("stacked"), which the
+    loader reads too."""
     spec = folder.spec
     if spec is None or _config_size_problems(folder.config):
         return None
-    from ...models.checkpoint import _fuse
+    from ...models.checkpoint import _fuse, _split_experts
     from ...models.decoder import CausalLM
 
     # shapes do not depend on RoPE scaling, whose own mistakes (a missing factor) rope-scaling reports
-    one_layer = dataclasses.replace(spec, num_layers=1, layer_types=spec.layer_types[:1],
+    one_layer = dataclasses.replace(spec, num_layers=1, layer_types=spec.layer_types[layer:layer + 1],
+                                    moe_layers=spec.moe_layers[layer:layer + 1],
                                     rope=dataclasses.replace(spec.rope, kind="default"))
     with torch.device("meta"):  # shapes only: nothing is allocated, even for hidden_size 1e7
         model = CausalLM(one_layer)
     state = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
     if spec.tie_word_embeddings:
         state.pop(LM_HEAD, None)
-    return {n: tuple(t.shape) for n, t in _fuse(state, spec).items()}
+    state = _fuse(state, spec)
+    if expert_layout == "saved":
+        state = _split_experts(state, spec)
+    return {n: tuple(t.shape) for n, t in state.items()}
+
+
+# gpt-oss's MXFP4 experts: packed codes and scales instead of the 3-D stacks (dequantised on load)
+_MXFP4_EXPERTS = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)_(blocks|scales)$")
+
+
+def _layer_templates(folder: ModelFolder, spec) -> dict[bool, list[dict[str, tuple[int, ...]]]]:
+    """Per layer kind (MoE or not), the accepted per-layer layouts (suffix -> shape): for MoE layers the saved
+    per-expert layout and the 3-D stacks (and MXFP4 codes for gpt-oss), either of which the loader reads."""
+    kinds: dict[bool, list[dict[str, tuple[int, ...]]]] = {}
+    for i in range(spec.num_layers):
+        kind = spec.is_moe_layer(i)
+        if kind in kinds:
+            continue
+        layouts = []
+        for expert_layout in (("saved", "stacked") if kind else ("saved",)):
+            implied = _implied_shapes(folder, i, expert_layout)
+            layouts.append({n.removeprefix("model.layers.0."): s for n, s in implied.items()
+                            if n.startswith("model.layers.0.")})
+        kinds[kind] = layouts
+    return kinds
 
 
 def check_tensor_shapes(folder: ModelFolder) -> Iterator[Finding]:
@@ -103,6 +132,7 @@ def check_tensor_shapes(folder: ModelFolder) -> Iterator[Finding]:
         return
     spec = folder.spec
     quantized = bool(folder.config.get("quantization_config"))
+    templates = _layer_templates(folder, spec) if spec.is_moe else None
     wrong, unexpected = [], []
     layers: dict[int, set[str]] = {}
     for name, info in tensors.items():
@@ -110,12 +140,17 @@ def check_tensor_shapes(folder: ModelFolder) -> Iterator[Finding]:
             continue  # the loader skips these
         m = _LAYER.match(name)
         key = name
+        want = implied.get(key)
         if m:
             layers.setdefault(int(m.group(1)), set()).add(m.group(2))
-            if quantized and _QUANTIZED_LINEAR.match(m.group(2)):
+            if quantized and (_QUANTIZED_LINEAR.match(m.group(2)) or _MXFP4_EXPERTS.match(m.group(2))):
                 continue
             key = f"model.layers.0.{m.group(2)}"
-        want = implied.get(key)
+            if templates is not None and int(m.group(1)) < spec.num_layers:
+                layouts = templates[spec.is_moe_layer(int(m.group(1)))]
+                want = next((t[m.group(2)] for t in layouts if m.group(2) in t), None)
+            else:
+                want = implied.get(key)
         if want is None:
             unexpected.append(f"{name}: shape {info.shape}")
         elif info.shape != want:
@@ -144,8 +179,14 @@ def check_tensor_shapes(folder: ModelFolder) -> Iterator[Finding]:
                       f"set num_hidden_layers to {stored[-1] + 1}" if not gaps else
                       "re-download the checkpoint: layers are missing")
     per_layer = {n.removeprefix("model.layers.0.") for n in implied if n.startswith("model.layers.0.")}
-    incomplete = [f"layer {i}: missing {sorted(per_layer - names)[:4]}" for i, names in sorted(layers.items())
-                  if not quantized and per_layer - names]
+
+    def missing(i: int, names: set[str]) -> set[str]:
+        if templates is None or i >= spec.num_layers:
+            return per_layer - names
+        gaps = [set(t) - names for t in templates[spec.is_moe_layer(i)]]  # one complete layout is enough
+        return min(gaps, key=len)
+    incomplete = [f"layer {i}: missing {sorted(missing(i, names))[:4]}" for i, names in sorted(layers.items())
+                  if not quantized and missing(i, names)]
     if incomplete:
         yield Finding("weights-shape", "error", f"{len(incomplete)} layer(s) lack tensors the model needs",
                       _listed(incomplete), "re-export the checkpoint; loading fails on missing tensors")

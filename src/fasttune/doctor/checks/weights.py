@@ -27,8 +27,9 @@ def _scan(t: torch.Tensor) -> tuple[int, int, bool]:
 
 
 def _zero_is_legitimate(name: str, folder: ModelFolder) -> bool:
-    """Biases start at zero, and Gemma's norms are stored as w with (1 + w) applied, so w = 0 is the identity."""
-    if name.endswith(".bias"):
+    """Biases start at zero (gpt-oss's expert stacks: `*_bias`), and Gemma's norms are stored as w with (1 + w)
+    applied, so w = 0 is the identity."""
+    if name.endswith((".bias", "_bias")):
         return True
     spec = folder.spec
     unit_offset = spec.norm_unit_offset if spec is not None else folder.config.get("model_type", "").startswith("gemma")

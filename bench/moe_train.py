@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""MoE LoRA training speed and peak memory: fasttune vs transformers + PEFT, side by side in one process (issue 17).
+
+Random-initialised (bf16) shapes:
+    qwen3-30b-a3b   Qwen3-30B-A3B: 48 layers, hidden 2048, 128 experts, top-8, expert width 768, vocab 151936
+    gpt-oss-20b     gpt-oss-20b: 24 layers, hidden 2880, 32 experts, top-4, expert width 2880, sliding 128 / full
+                    alternating, attention sinks, vocab 201088 (16-bit experts: the MXFP4 checkpoint dequantised)
+LoRA r=16, alpha 16 on q/k/v/o and on the experts (gate_up_proj, down_proj: per-expert adapters), seq 2048.
+    fasttune        CausalLM + add_lora (experts as grouped GEMMs with the LoRA fused in), memory policy --ft-policies
+    hf+peft         transformers' model with its default (fastest available) experts implementation, recorded in
+                    the row (`grouped_mm` on torch >= 2.9 with a Hopper GPU, else `eager`), SDPA attention (gpt-oss:
+                    eager, transformers' only local path with sinks), PEFT LoRA on the attention projections and
+                    `target_parameters` on the expert stacks, gradient checkpointing on (--hf-gc on,off for both)
+tokens/s = batch * seq / median step time over --steps timed steps after --warmup (forward, backward, AdamW step);
+peak = torch.cuda.max_memory_allocated() from just before the first step (weights included). Routers initialised
+N(0, 0.02) route near-uniformly (balanced expert loads, the favourable case for every tool alike).
+`--qlora` adds fasttune QLoRA rows: the expert stacks and decoder linears in NF4 as load_in_4bit stores them (router
+16-bit); transformers + bitsandbytes cannot quantise the 3-D expert stacks, so these rows have no HF baseline.
+`--layers N` builds N layers instead of the full depth (for a smaller GPU or a quick run); the row says so, and
+tokens/s of a full model is then about tokens/s x N / full layers (the per-layer cost dominates; the LM head's does
+not scale): say which when quoting.
+
+    python bench/moe_train.py --out $OUT/moe_train.json                       # both shapes, full depth
+    python bench/moe_train.py --cases gpt-oss-20b --layers 8 --steps 5
+    python bench/moe_train.py --tiny --device cpu --steps 2 --warmup 1        # smoke test without a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_speed import GiB, default_dtype, free_everything, sync, versions  # noqa: E402
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+RANK = 16
+CASES = {
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    "gpt-oss-20b": dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                        num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                        max_position_embeddings=131072, rms_norm_eps=1e-5, attention_bias=True,
+                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+}
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_local_experts=8,
+            num_experts_per_tok=2, sliding_window=16)
+
+
+def hf_config(case: str, layers: int | None, tiny: bool):
+    import transformers
+
+    cfg = dict(CASES[case])
+    model_type = cfg.pop("model_type")
+    if tiny:
+        cfg.update({k: v for k, v in TINY.items() if k in cfg})
+        if model_type == "gpt_oss":
+            cfg["intermediate_size"] = 32
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    cls = {"qwen3_moe": transformers.Qwen3MoeConfig, "gpt_oss": transformers.GptOssConfig}[model_type]
+    config = cls(**cfg)
+    config.use_cache = False
+    return config
+
+
+# ---- model builders -----------------------------------------------------------------------------------------
+
+def build_fasttune(config, device, dtype, policy: str, seq: int, batch: int, qlora: bool = False):
+    import fasttune
+    from fasttune.models.nf4_linear import quantize_linear
+    from fasttune.models import ArchSpec, CausalLM
+    from fasttune.models.decoder import RMSNorm
+    from fasttune.models.moe import Experts
+    from fasttune.train.memory import apply_memory_policy
+
+    spec = ArchSpec.from_hf_config(config.to_dict())
+    with torch.device("meta"):
+        model = CausalLM(spec)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for mod_name in [n for n, _ in model.named_modules()]:
+        module = model.get_submodule(mod_name)
+        for name, p in list(module.named_parameters(recurse=False)):
+            t = torch.empty(p.shape, dtype=dtype, device=device)
+            if p.dim() >= 2:
+                t.normal_(0, 0.02, generator=gen)
+            elif isinstance(module, RMSNorm):
+                t.fill_(1.0)
+            else:  # biases, attention sinks
+                t.zero_()
+            setattr(module, name, nn.Parameter(t, requires_grad=False))
+        if qlora and isinstance(module, Experts):  # as load_in_4bit stores them, one module at a time
+            module.quantize_nf4_("gate_up_proj")
+            module.quantize_nf4_("down_proj")
+        elif (qlora and isinstance(module, nn.Linear) and mod_name.startswith("model.layers.")
+              and not mod_name.endswith((".mlp.gate", ".mlp.router"))):
+            parent, _, child = mod_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantize_linear(module))
+    model = fasttune.add_lora(model, r=RANK, alpha=RANK, target_modules=ATTENTION + ["gate_proj", "up_proj",
+                                                                                      "down_proj"])
+    model.train()
+    plan = apply_memory_policy(model, policy, seq_len=seq, batch_size=batch)
+    return model, f"{'QLoRA (NF4 experts and linears), ' if qlora else ''}memory policy {policy}: {plan.summary()}"
+
+
+def build_hf(config, device, dtype, gc_on: bool):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    attn = "eager" if config.model_type == "gpt_oss" else "sdpa"
+    with default_dtype(dtype), torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    experts = getattr(model.config, "_experts_implementation", None)
+    if gc_on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_cfg = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=ATTENTION,
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                          task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_cfg)
+    model.train()
+    return model, f"experts_implementation={experts}, attention {attn}, gradient checkpointing {'on' if gc_on else 'off'}"
+
+
+def make_optimizer(model, tool):
+    if tool == "fasttune":
+        from fasttune.adapters import param_groups
+
+        return torch.optim.AdamW(param_groups(model, lr=1e-4), lr=1e-4)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def train_step(model, tool, ids, opt):
+    loss = model(ids, labels=ids).loss if tool == "fasttune" else model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlora=False) -> dict:
+    free_everything(device)
+    t_build = time.perf_counter()
+    if tool == "fasttune":
+        model, setup = build_fasttune(config, device, dtype, setting, seq, batch, qlora)
+    else:
+        model, setup = build_hf(config, device, dtype, setting)
+    opt = make_optimizer(model, tool)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    build_s = time.perf_counter() - t_build
+    gen = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=gen)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    try:
+        for i in range(warmup + steps):
+            sync(device)
+            t0 = time.perf_counter()
+            loss = train_step(model, tool, ids, opt)
+            sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            losses.append(float(loss))
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        step_s = statistics.median(times)
+        return dict(setup=setup, tokens_per_s=batch * seq / step_s, step_s=step_s, peak_gib=peak / GiB,
+                    trainable_params=trainable, first_loss=losses[0], last_loss=losses[-1], build_s=build_s,
+                    finite=all(math.isfinite(x) for x in losses))
+    finally:
+        del model, opt
+        free_everything(device)
+
+
+def fallbacks_logged() -> list[str]:
+    """What fasttune's attention dispatch logged as slower paths during the run (e.g. gpt-oss's sinks)."""
+    from fasttune.kernels.attention import FALLBACKS
+
+    return sorted(FALLBACKS._said) + [f"{path} failed: {why}" for path, why in FALLBACKS.failed.items()]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case | layers | tool | setup | tokens/s | peak GiB | step s | loss first→last | speed vs HF+PEFT | "
+             "memory vs HF+PEFT |", "|---|---:|---|---|---:|---:|---:|---|---:|---:|"]
+    base = {}
+    for r in rows:  # the fastest HF+PEFT row of each case is the baseline
+        if r["tool"].startswith("hf+peft") and "tokens_per_s" in r:
+            if r["case"] not in base or r["tokens_per_s"] > base[r["case"]]["tokens_per_s"]:
+                base[r["case"]] = r
+    for r in rows:
+        if "tokens_per_s" not in r:
+            lines.append(f"| {r['case']} | {r['layers']} | {r['tool']} | failed: {r.get('error', '')[:90]} | | | | | | |")
+            continue
+        b = base.get(r["case"])
+        sp = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else ""
+        mem = f"{r['peak_gib'] / b['peak_gib']:.2f}" if b and b["peak_gib"] else ""
+        lines.append(f"| {r['case']} | {r['layers']} | {r['tool']} | {r['setup']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['peak_gib']:.1f} | {r['step_s']:.3f} | {r['first_loss']:.3f}→{r['last_loss']:.3f} | {sp} | "
+                     f"{mem} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="qwen3-30b-a3b,gpt-oss-20b", help="comma list of " + ", ".join(CASES))
+    ap.add_argument("--tools", default="fasttune,hf+peft", help="comma list of fasttune, hf+peft")
+    ap.add_argument("--ft-policies", default="auto", help="fasttune memory policies to measure (comma list)")
+    ap.add_argument("--hf-gc", default="on", help="HF+PEFT gradient checkpointing settings to measure: on,off")
+    ap.add_argument("--qlora", action="store_true", help="also fasttune QLoRA rows (NF4 experts and linears)")
+    ap.add_argument("--layers", type=int, default=None, help="build this many layers instead of the full depth")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test; CPU works)")
+    ap.add_argument("--out", default=None, help="JSON path (default: $OUT/moe_train.json when $OUT is set)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    seq = 64 if args.tiny and args.seq == 2048 else args.seq
+    info = versions()
+    print(json.dumps(info), flush=True)
+    rows = []
+    t_start = time.perf_counter()
+    for case in cases:
+        config = hf_config(case, args.layers, args.tiny)
+        full = CASES[case]["num_hidden_layers"]
+        jobs = []
+        for tool in tools:
+            settings = ([p.strip() for p in args.ft_policies.split(",")] if tool == "fasttune"
+                        else [g.strip() == "on" for g in args.hf_gc.split(",")])
+            jobs += [(tool, setting, False) for setting in settings]
+        if args.qlora:
+            jobs += [("fasttune", p.strip(), True) for p in args.ft_policies.split(",")]
+        for tool, setting, qlora in jobs:
+            label = tool + (" qlora" if qlora else "") + (
+                f" ({setting})" if tool == "fasttune" else f" (gc {'on' if setting else 'off'})")
+            row = dict(case=case, tool=label, seq=seq, batch=args.batch, layers=config.num_hidden_layers,
+                       full_layers=full)
+            print(f"[run] {case} {label} seq {seq} x batch {args.batch}, {config.num_hidden_layers} layers",
+                  flush=True)
+            try:
+                row.update(measure(tool, config, device, dtype, setting, seq, args.batch, args.warmup,
+                                   args.steps, qlora))
+                print("   ", json.dumps(row), flush=True)
+            except Exception as e:  # noqa: BLE001 - one failure must not stop the other measurements
+                row["error"] = f"{type(e).__name__}: {e}"
+                row["traceback"] = traceback.format_exc()
+                print(row["traceback"], flush=True)
+                free_everything(device)
+            rows.append(row)
+            write(args.out, info, rows, time.perf_counter() - t_start)  # partial results survive a timeout
+    elapsed = time.perf_counter() - t_start
+    print("\n" + markdown(rows) + f"\n\n(total {elapsed:.0f} s)", flush=True)
+    out = write(args.out, info, rows, elapsed)
+    if out:
+        print(f"wrote {out}", flush=True)
+    return 0
+
+
+def write(out: str | None, info: dict, rows: list[dict], elapsed: float) -> str | None:
+    """JSON (and a markdown table beside it) of the rows so far; the path, or None without --out / $OUT."""
+    out = out or (os.path.join(os.environ["OUT"], "moe_train.json") if os.environ.get("OUT") else None)
+    if not out:
+        return None
+    result = dict(date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), versions=info,
+                  command="python " + " ".join(sys.argv), elapsed_s=elapsed,
+                  fasttune_fallbacks=fallbacks_logged(), rows=rows)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    Path(out).with_suffix(".md").write_text(markdown(rows) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

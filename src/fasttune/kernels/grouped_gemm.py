@@ -1,0 +1,480 @@
+"""Grouped GEMM for Mixture-of-Experts layers, LoRA on the experts fused in, with a hand-written backward.
+
+Routing gives each token k experts. `sort_by_expert` orders the T*k (token, slot) pairs by expert (stable), so the
+M = T*k gathered rows x (M, K) come in E contiguous segments; expert_offsets (E+1,) holds the segment bounds
+(offsets[0] = 0, offsets[E] = M; an expert with no rows has an empty segment). For row m of expert e:
+
+Forward:   y_m = x_m W_e^T + b_e + s (x_m A_e^T) B_e^T
+           W (E, N, K) (or stored (E, K, N): `transposed`, gpt-oss), b (E, N), A_e (r, K), B_e (N, r),
+           A and B either per expert ((E, r, K), (E, N, r)) or one pair shared by all experts ((r, K), (N, r)).
+           Let u = x A_e^T (M, r), computed first by the same grouped kernel (N = r); the main GEMM's output tile
+           starts its float32 accumulator at s u_tile B_e^T, adds x_tile W_e^T over K, then b_e: one launch for all
+           experts, and the (M, N) LoRA update s u B_e^T never goes through memory.
+Backward, given dy (M, N) in the same sorted order, with g = s dy B_e (M, r) (the same grouped kernel again):
+           dx_m  = dy_m W_e + g_m A_e                     (grouped GEMM with W read as (E, K, N), LoRA term fused)
+           dW_e  = sum_{m in e} dy_m^T x_m                (N, K) per expert: a grouped "TN" GEMM, reduction over
+                                                           that expert's rows; only when the weight requires grad)
+           dA_e  = sum_{m in e} g_m^T x_m                 (r, K)    shared A: dA = g^T x   (all rows, one GEMM)
+           dB_e  = s sum_{m in e} dy_m^T u_m              (N, r)    shared B: dB = s dy^T u
+           db_e  = sum_{m in e} dy_m                      (N,)
+Empty experts get zero dW_e, dA_e, dB_e, db_e. Saved for the backward: x, u and the (small) adapters; W is read
+again (a quantised W is dequantised again, never saved), as in kernels/lora.py.
+
+The kernels. `_grouped_mm_kernel` computes y = alpha (x W_e^T + lora_scale u L_e) + b_e for every row segment:
+the grid is (N tiles, cdiv(M, BM) + E M tiles), an upper bound from static sizes (the tiles of all segments,
+sum_e cdiv(m_e, BM) < M / BM + E). Each program maps its M-tile index to (expert, first row) from the offsets in
+registers: tiles_e = cdiv(m_e, BM), an inclusive cumulative sum over the E experts, expert = #{e : cum_e <= pid};
+programs past the last tile return at once. No per-expert launch, no host read of the offsets. Every operand is
+addressed through its strides, so W^T (dx), (E, K, N) storage, a shared adapter (expert stride 0) and B^T (g) are
+the same kernel. `_grouped_tn_kernel` computes out_e = alpha sum_{m in e} a_m^T b_m over a grid of
+(P tiles x Q tiles, E), looping over the expert's rows; `_segment_sum_kernel` gives db. Accumulation is float32;
+outputs are rounded once to their dtype (bf16 / fp16 / fp32; fp32 inputs use IEEE products unless
+torch.backends.cuda.matmul.allow_tf32 is set, as torch.matmul does). The small LoRA products u and g are kept in
+x's dtype, as in kernels/lora.py; adapters may be float32 masters (cast for the GEMMs, grads in their dtype).
+
+Layout: transformers 5 stores Qwen3-MoE and Mixtral experts as gate_up_proj (E, 2I, H) and down_proj (E, H, I),
+i.e. (E, N, K) = this kernel's default; gpt-oss stores gate_up_proj (E, H, 2I) and down_proj (E, I, H), i.e.
+(E, K, N): pass transposed=True and the tensor is read in place through its strides (no copy at load).
+
+Load balance of the TN kernel: one program per (expert, output tile) loops over the expert's rows, so a very
+skewed routing (all rows on one expert) serialises that expert's reduction; correct, but slower than balanced.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import alloc, tl, triton
+from .lora import dense_weight
+
+# Block sizes when the kernels run in Triton's interpreter (CPU tests): small, so test shapes span several tiles.
+INTERPRETER_BLOCKS = {"BM": 16, "BN": 16, "BK": 16}
+
+
+# ---- routing: rows sorted by expert ------------------------------------------------------------------------
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order the (token, slot) pairs of `expert_ids` (T, k) by expert, stably (ties keep token, then slot order).
+
+    Returns order (T*k,) int64, the flat (token, slot) indices in expert order (token = order // k); expert_offsets
+    (E+1,) int32, the cumulative counts (expert e's rows are sorted[offsets[e]:offsets[e+1]]); inverse (T*k,)
+    int64 with sorted[inverse] back in (token, slot) order. No host sync (ids must lie in [0, num_experts): an
+    id outside it fails the device-side index check of the count)."""
+    flat = expert_ids.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    counts.index_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return order, offsets, inverse
+
+
+# ---- reference (CPU path and test oracle) ------------------------------------------------------------------
+
+def _check_shapes(x, weight, expert_offsets, bias, lora_A, lora_B, transposed) -> tuple[int, int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"grouped_linear takes x of shape (rows, in_features) sorted by expert, got {tuple(x.shape)}")
+    if len(weight.shape) != 3:
+        raise ValueError(f"grouped_linear takes a 3-D expert weight (E, N, K) (or (E, K, N) with transposed=True), "
+                         f"got {tuple(weight.shape)}")
+    E = weight.shape[0]
+    N, K = (weight.shape[2], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[2])
+    if x.shape[1] != K:
+        raise ValueError(f"x has {x.shape[1]} features but the expert weight {tuple(weight.shape)} "
+                         f"(transposed={transposed}) takes {K}")
+    if tuple(expert_offsets.shape) != (E + 1,):
+        raise ValueError(f"expert_offsets must have E + 1 = {E + 1} entries (from sort_by_expert), "
+                         f"got {tuple(expert_offsets.shape)}")
+    if bias is not None and tuple(bias.shape) != (E, N):
+        raise ValueError(f"bias must be (E, N) = {(E, N)}, got {tuple(bias.shape)}")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("pass both lora_A and lora_B, or neither")
+    if lora_A is not None:
+        r = lora_A.shape[-2]
+        if tuple(lora_A.shape) not in ((E, r, K), (r, K)) or tuple(lora_B.shape) not in ((E, N, r), (N, r)):
+            raise ValueError(f"LoRA shapes must be A (E, r, K) or (r, K) and B (E, N, r) or (N, r) with E={E}, "
+                             f"N={N}, K={K}; got A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}")
+    return E, N, K
+
+
+def grouped_linear_reference(x: torch.Tensor, weight, expert_offsets: torch.Tensor, bias: torch.Tensor | None = None,
+                             lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None,
+                             lora_scaling: float = 1.0, transposed: bool = False) -> torch.Tensor:
+    """The formula per expert segment with PyTorch ops under autograd (reads the offsets to the host once)."""
+    E, N, K = _check_shapes(x, weight, expert_offsets, bias, lora_A, lora_B, transposed)
+    bounds = [int(b) for b in expert_offsets.tolist()]
+    if bounds[0] != 0 or bounds[-1] != x.shape[0] or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"expert_offsets must rise from 0 to the number of rows {x.shape[0]}, got {bounds}")
+    w = dense_weight(weight, x.dtype)
+    outs = []
+    for e in range(E):
+        xe = x[bounds[e]:bounds[e + 1]]
+        we = w[e].t() if transposed else w[e]
+        y = torch.nn.functional.linear(xe, we, None if bias is None else bias[e].to(x.dtype))
+        if lora_A is not None:
+            a = (lora_A[e] if lora_A.dim() == 3 else lora_A).to(x.dtype)
+            b = (lora_B[e] if lora_B.dim() == 3 else lora_B).to(x.dtype)
+            y = y + lora_scaling * ((xe @ a.t()) @ b.t())
+        outs.append(y)
+    return torch.cat(outs, 0)
+
+
+# ---- Triton kernels ------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a b in float32. UPCAST (the interpreter only): Triton's interpreter multiplies 16-bit float tiles as
+        their raw bits (bf16 is stored as uint16 there), so the tiles are widened first; exact for bf16/fp16, whose
+        products are exact in float32 - the same arithmetic as the tensor cores' float32 accumulation."""
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        return acc
+
+    @triton.jit
+    def _cast_out(acc, out_ty: tl.constexpr, UPCAST: tl.constexpr):
+        """acc rounded to the output dtype. The interpreter's float32 -> bfloat16 cast truncates; there (UPCAST)
+        round to nearest even by hand, the GPU's cvt.rn, as kernels/nf4.py does."""
+        if UPCAST:
+            if out_ty == tl.bfloat16:
+                bits = acc.to(tl.uint32, bitcast=True)
+                bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+                acc = bits.to(tl.float32, bitcast=True)
+        return acc.to(out_ty)
+
+    @triton.jit
+    def _expert_of_tile(offsets_ptr, pid_m, E, BM: tl.constexpr, BLOCK_E: tl.constexpr):
+        """(expert, first row, end row) of the pid_m-th BM-row tile over all expert segments; expert = E when the
+        tile lies past the last one."""
+        e_idx = tl.arange(0, BLOCK_E)
+        in_range = e_idx < E
+        starts = tl.load(offsets_ptr + e_idx, mask=in_range, other=0)
+        ends = tl.load(offsets_ptr + e_idx + 1, mask=in_range, other=0)
+        tiles = (ends - starts + BM - 1) // BM
+        cum = tl.cumsum(tiles, axis=0)  # inclusive: tiles of experts 0..e
+        expert = tl.sum((in_range & (cum <= pid_m)).to(tl.int32), axis=0)
+        mine = e_idx == expert
+        first_tile = tl.sum(tl.where(mine, cum - tiles, 0), axis=0)
+        row_start = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BM
+        row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+        return expert, row_start, row_end
+
+    @triton.jit
+    def _grouped_mm_kernel(
+        x_ptr, stride_xm, stride_xk,                  # (M, K) rows sorted by expert
+        w_ptr, stride_we, stride_wn, stride_wk,       # element (e, n, k) of the expert weight
+        y_ptr, stride_ym, stride_yn,                  # (M, N) output
+        bias_ptr, stride_be, stride_bn,               # (E, N)
+        u_ptr, stride_um, stride_ur,                  # (M, R): the rank-R product (x A^T forward, g backward)
+        l_ptr, stride_le, stride_lr, stride_ln,       # element (e, r, n) of the second LoRA factor
+        offsets_ptr, M, N, K, E, R,
+        alpha, lora_scale,
+        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_E: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        expert, row_start, row_end = _expert_of_tile(offsets_ptr, pid_m, E, BM, BLOCK_E)
+        if expert >= E:
+            return
+        rm = row_start + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        row_ok = rm < row_end
+        col_ok = rn < N
+        rm64 = rm.to(tl.int64)
+        e64 = expert.to(tl.int64)
+        x_ptrs = x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk
+        w_ptrs = w_ptr + e64 * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if HAS_LORA:
+            # the rank-R term first, into the accumulator itself (a second BM x BN fp32 tile would double the
+            # registers of the widest tiles and spill)
+            rr = tl.arange(0, BR)
+            r_ok = rr < R
+            u = tl.load(u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
+                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            lw = tl.load(l_ptr + e64 * stride_le + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
+                         mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(u, lw, acc, INPUT_PRECISION, UPCAST) * lora_scale
+        for k0 in range(0, K, BK):
+            if EVEN_K:  # no mask along K: the common case (K = 768, 2048, 2880 with BK = 64)
+                a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = rk < K - k0
+                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, INPUT_PRECISION, UPCAST)
+            x_ptrs += BK * stride_xk
+            w_ptrs += BK * stride_wk
+        acc = acc * alpha
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + e64 * stride_be + rn * stride_bn, mask=col_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn
+        tl.store(y_ptrs, _cast_out(acc, y_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _grouped_tn_kernel(
+        a_ptr, stride_am, stride_ap,                  # (M, P)
+        b_ptr, stride_bm, stride_bq,                  # (M, Q)
+        out_ptr, stride_oe, stride_op, stride_oq,     # element (e, p, q) of the (E, P, Q) output
+        offsets_ptr, P, Q, alpha,
+        INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr,
+    ):
+        """out_e = alpha * sum over expert e's rows m of a_m^T b_m (zero for an empty expert)."""
+        pid = tl.program_id(0)
+        expert = tl.program_id(1)
+        tiles_q = tl.cdiv(Q, BQ)
+        pid_p = pid // tiles_q
+        pid_q = pid % tiles_q
+        row_start = tl.load(offsets_ptr + expert)
+        row_end = tl.load(offsets_ptr + expert + 1)
+        rp = pid_p * BP + tl.arange(0, BP)
+        rq = pid_q * BQ + tl.arange(0, BQ)
+        p_ok = rp < P
+        q_ok = rq < Q
+        acc = tl.zeros((BP, BQ), dtype=tl.float32)
+        for m0 in range(row_start, row_end, BM):
+            rm = m0 + tl.arange(0, BM)
+            m_ok = rm < row_end
+            rm64 = rm.to(tl.int64)
+            a = tl.load(a_ptr + rm64[None, :] * stride_am + rp[:, None] * stride_ap,
+                        mask=p_ok[:, None] & m_ok[None, :], other=0.0)  # (BP, BM) = a^T tile
+            b = tl.load(b_ptr + rm64[:, None] * stride_bm + rq[None, :] * stride_bq,
+                        mask=m_ok[:, None] & q_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, INPUT_PRECISION, UPCAST)
+        acc = acc * alpha
+        out_ptrs = (out_ptr + expert.to(tl.int64) * stride_oe + rp[:, None].to(tl.int64) * stride_op
+                    + rq[None, :] * stride_oq)
+        tl.store(out_ptrs, _cast_out(acc, out_ptr.dtype.element_ty, UPCAST), mask=p_ok[:, None] & q_ok[None, :])
+
+    @triton.jit
+    def _segment_sum_kernel(dy_ptr, stride_m, stride_n, out_ptr, stride_oe, offsets_ptr, N,
+                            UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """out[e, n] = sum over expert e's rows of dy[m, n] (float32 sum, deterministic)."""
+        pid_n = tl.program_id(0)
+        expert = tl.program_id(1)
+        row_start = tl.load(offsets_ptr + expert)
+        row_end = tl.load(offsets_ptr + expert + 1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < N
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for m0 in range(row_start, row_end, BM):
+            rm = m0 + tl.arange(0, BM)
+            tile = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * stride_m + rn[None, :] * stride_n,
+                           mask=(rm < row_end)[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.sum(tile.to(tl.float32), axis=0)
+        tl.store(out_ptr + expert.to(tl.int64) * stride_oe + rn, _cast_out(acc, out_ptr.dtype.element_ty, UPCAST),
+                 mask=n_ok)
+
+    # Hopper (H100/H200) candidates for the main grouped kernel: 128- or 64-row tiles (64 wastes less of each
+    # expert's partial last tile: at ~256 rows per expert, 128-row tiles compute ~1.25x the rows), as wide as the
+    # registers allow, K steps of 64 with 3-4 pipeline stages (~64-200 KB of the 227 KB shared memory). The
+    # narrow configs serve the rank-r passes (u = x A^T, g = s dy B: N = r). Keys are static per layer shape; the
+    # reduction stride tells the weight layouts apart (K-contiguous (E, N, K) forward vs N-contiguous dx / gpt-oss).
+    _MM_CONFIGS = [
+        triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 64, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 128, "BN": 16, "BK": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 64, "BN": 16, "BK": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 128, "BN": 32, "BK": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 64, "BN": 32, "BK": 128}, num_warps=4, num_stages=4),
+    ]
+
+    def _prune_by_width(configs, named_args, **kwargs):
+        """Narrow tiles (BN < 64) for narrow outputs (N <= 32, the rank-r passes) and only there."""
+        narrow = named_args["N"] <= 32
+        kept = [c for c in configs if (c.kwargs["BN"] < 64) == narrow]
+        return kept or configs
+
+    def _prune_tn(configs, named_args, **kwargs):
+        """Tiles no wider than needed along a rank-r side (dA: P = r, dB: Q = r)."""
+        P, Q = named_args["P"], named_args["Q"]
+        kept = [c for c in configs if (c.kwargs["BP"] < 64) == (P <= 32) and (c.kwargs["BQ"] < 64) == (Q <= 32)]
+        return kept or configs
+
+    _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})
+    _grouped_mm_even = _even_k(_grouped_mm_kernel)
+    _grouped_mm_tuned = triton.autotune(
+        configs=_MM_CONFIGS, key=["N", "K", "R", "stride_wk", "HAS_LORA", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": _prune_by_width})(_grouped_mm_even)
+
+    _TN_CONFIGS = [
+        triton.Config({"BP": 128, "BQ": 128, "BM": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BP": 128, "BQ": 128, "BM": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 64, "BQ": 128, "BM": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 128, "BQ": 64, "BM": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 64, "BQ": 64, "BM": 64}, num_warps=4, num_stages=3),
+        # rank-r side (dA: P = r; dB: Q = r)
+        triton.Config({"BP": 16, "BQ": 128, "BM": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 32, "BQ": 128, "BM": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 16, "BQ": 256, "BM": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 128, "BQ": 16, "BM": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 128, "BQ": 32, "BM": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BP": 256, "BQ": 16, "BM": 64}, num_warps=4, num_stages=4),
+    ]
+    _grouped_tn_tuned = triton.autotune(configs=_TN_CONFIGS, key=["P", "Q"],
+                                        prune_configs_by={"early_config_prune": _prune_tn})(_grouped_tn_kernel)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for 16-bit inputs
+
+
+def _rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension >= 16
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], N: int,
+                offsets: torch.Tensor, bias: torch.Tensor | None = None, u: torch.Tensor | None = None,
+                lora_second: torch.Tensor | None = None, l_strides: tuple[int, int, int] = (0, 0, 0),
+                alpha: float = 1.0, lora_scale: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y (M, N) = alpha (x W_e^T + lora_scale u L_e) (+ b_e) per expert segment, W addressed by
+    w_strides = (expert, n, k) strides and L by l_strides = (expert, r, n)."""
+    M, K = x.shape
+    E = offsets.shape[0] - 1
+    y = alloc((M, N), out_dtype or x.dtype, x.device)
+    R = 0 if u is None else u.shape[1]
+    has_lora, has_bias = u is not None, bias is not None
+    args = [x, x.stride(0), x.stride(1), w, *w_strides, y, y.stride(0), y.stride(1),
+            bias if has_bias else y, *(bias.stride() if has_bias else (0, 0)),
+            u if has_lora else y, *(u.stride() if has_lora else (0, 0)),
+            lora_second if has_lora else y, *l_strides,
+            offsets, M, N, K, E, R, float(alpha), float(lora_scale)]
+    consts = dict(HAS_BIAS=has_bias, HAS_LORA=has_lora, INPUT_PRECISION=_input_precision(x.dtype),
+                  UPCAST=not x.is_cuda,
+                  BLOCK_E=triton.next_power_of_2(E), BR=_rank_block(R))
+    if x.is_cuda:
+        def grid(meta):
+            return (triton.cdiv(N, meta["BN"]), triton.cdiv(M, meta["BM"]) + E)
+        _grouped_mm_tuned[grid](*args, **consts)
+    else:
+        b = INTERPRETER_BLOCKS
+        _grouped_mm_even[(triton.cdiv(N, b["BN"]), triton.cdiv(M, b["BM"]) + E)](
+            *args, **consts, BM=b["BM"], BN=b["BN"], BK=b["BK"])
+    return y
+
+
+def _grouped_tn(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
+                out_strides: tuple[int, int, int], alpha: float = 1.0) -> torch.Tensor:
+    """out[e] (P, Q), addressed by out_strides = (expert, p, q) = alpha * a_e^T b_e over expert e's rows."""
+    P, Q = a.shape[1], b.shape[1]
+    E = offsets.shape[0] - 1
+    args = [a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), out, *out_strides, offsets, P, Q, float(alpha)]
+    precision = _input_precision(a.dtype)
+    if a.is_cuda:
+        def grid(meta):
+            return (triton.cdiv(P, meta["BP"]) * triton.cdiv(Q, meta["BQ"]), E)
+        _grouped_tn_tuned[grid](*args, INPUT_PRECISION=precision, UPCAST=False)
+    else:
+        blk = INTERPRETER_BLOCKS
+        _grouped_tn_kernel[(triton.cdiv(P, blk["BN"]) * triton.cdiv(Q, blk["BK"]), E)](
+            *args, INPUT_PRECISION=precision, UPCAST=True, BP=blk["BN"], BQ=blk["BK"], BM=blk["BM"])
+    return out
+
+
+def _segment_sum(dy: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    E, N = offsets.shape[0] - 1, dy.shape[1]
+    out = alloc((E, N), dtype, dy.device)
+    BN = 128 if dy.is_cuda else INTERPRETER_BLOCKS["BN"]
+    BM = 64 if dy.is_cuda else INTERPRETER_BLOCKS["BM"]
+    _segment_sum_kernel[(triton.cdiv(N, BN), E)](dy, dy.stride(0), dy.stride(1), out, out.stride(0), offsets, N,
+                                                 UPCAST=not dy.is_cuda, BM=BM, BN=BN)
+    return out
+
+
+def _expert_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(expert, row, col) strides of a per-expert (E, a, b) tensor or of a shared (a, b) one (expert stride 0)."""
+    return tuple(t.stride()) if t.dim() == 3 else (0, *t.stride())
+
+
+class GroupedLinearFunction(torch.autograd.Function):
+    """y = x W_e^T + b_e + s (x A_e^T) B_e^T per expert segment; Triton forward and backward (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offsets, bias, lora_A, lora_B, scaling: float, transposed: bool):
+        w = dense_weight(weight, x.dtype)
+        se, s1, s2 = w.stride()
+        w_nk = (se, s2, s1) if transposed else (se, s1, s2)  # (expert, n, k) strides
+        N = w.shape[2] if transposed else w.shape[1]
+        u = A = B = None
+        if lora_A is not None:
+            A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+            u = _grouped_mm(x, A, _expert_strides(A), A.shape[-2], offsets)  # x A_e^T, (M, r)
+            b_se, b_sn, b_sr = _expert_strides(B)
+            y = _grouped_mm(x, w, w_nk, N, offsets, bias, u, B, (b_se, b_sr, b_sn), lora_scale=scaling)
+        else:
+            y = _grouped_mm(x, w, w_nk, N, offsets, bias)
+        ctx.weight, ctx.scaling, ctx.transposed = weight, scaling, transposed
+        ctx.save_for_backward(x, offsets, u, bias, lora_A, lora_B)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, offsets, u, bias, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_w, _, need_b, need_A, need_B, _, _ = ctx.needs_input_grad
+        s = ctx.scaling
+        K = x.shape[1]
+        dx = dw = db = dA = dB = None
+        g = A = None
+        if lora_A is not None and (need_x or need_A):
+            A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+            b_se, b_sn, b_sr = _expert_strides(B)
+            g = _grouped_mm(dy, B, (b_se, b_sr, b_sn), B.shape[-1], offsets, alpha=s)  # s dy B_e, (M, r)
+        if need_x:
+            w = dense_weight(ctx.weight, dy.dtype)
+            se, s1, s2 = w.stride()
+            w_kn = (se, s1, s2) if ctx.transposed else (se, s2, s1)  # W_e read as (K, N): element (e, k, n)
+            if g is not None:
+                a_se, a_sr, a_sk = _expert_strides(A)
+                dx = _grouped_mm(dy, w, w_kn, K, offsets, u=g, lora_second=A, l_strides=(a_se, a_sr, a_sk))
+            else:
+                dx = _grouped_mm(dy, w, w_kn, K, offsets)
+        if need_w:
+            weight = ctx.weight
+            dw = alloc(weight.shape, weight.dtype, weight.device)
+            se, s1, s2 = dw.stride()
+            _grouped_tn(dy, x, offsets, dw, (se, s2, s1) if ctx.transposed else (se, s1, s2))
+        if need_b:
+            db = _segment_sum(dy, offsets, bias.dtype)
+        if need_A:
+            if lora_A.dim() == 3:
+                dA = alloc(lora_A.shape, lora_A.dtype, lora_A.device)
+                _grouped_tn(g, x, offsets, dA, dA.stride())
+            else:
+                dA = (g.t() @ x).to(lora_A.dtype)
+        if need_B:
+            if lora_B.dim() == 3:
+                dB = alloc(lora_B.shape, lora_B.dtype, lora_B.device)
+                _grouped_tn(dy, u, offsets, dB, dB.stride(), alpha=s)
+            else:
+                dB = (dy.t() @ u).mul_(s).to(lora_B.dtype)
+        return dx, dw, None, db, dA, dB, None, None
+
+
+def grouped_linear(x: torch.Tensor, weight, expert_offsets: torch.Tensor, bias: torch.Tensor | None = None,
+                   lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None, lora_scaling: float = 1.0,
+                   transposed: bool = False) -> torch.Tensor:
+    """x (M, K), rows sorted by expert (sort_by_expert); weight (E, N, K), or (E, K, N) with transposed=True (read
+    in place); expert_offsets (E+1,) int32 from 0 to M; bias (E, N); lora_A (E, r, K) or shared (r, K); lora_B
+    (E, N, r) or shared (N, r). Returns y (M, N): row m of expert e is x_m W_e^T + b_e + s (x_m A_e^T) B_e^T.
+    Differentiable in x, weight (when it requires grad), bias, lora_A and lora_B. Triton path (CUDA or the
+    interpreter); `fasttune.kernels.grouped_linear` picks between this and the reference."""
+    _check_shapes(x, weight, expert_offsets, bias, lora_A, lora_B, transposed)
+    if expert_offsets.dtype != torch.int32:
+        raise ValueError(f"expert_offsets must be int32 (as sort_by_expert returns), got {expert_offsets.dtype}")
+    return GroupedLinearFunction.apply(x, weight, expert_offsets, bias, lora_A, lora_B, float(lora_scaling),
+                                       bool(transposed))

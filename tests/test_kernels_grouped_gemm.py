@@ -1,0 +1,339 @@
+"""Grouped GEMM for MoE experts (kernels/grouped_gemm.py) against a float64 per-row oracle.
+
+Without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set before triton is imported) with
+16-row/column tiles, so the small shapes here span several tiles, partial tiles and segments that start mid-tile.
+Kernel outputs are NaN-filled allocations, so an element a kernel forgets to write fails the comparison.
+Tolerances, relative to the largest magnitude of the expected tensor: float32 1e-5 (seen ~2e-7); bfloat16 1.5e-2
+(seen ~5e-3, the same as PyTorch's own bf16 per-expert loop on the same inputs: outputs and the rank-r products
+u = x A^T and g = s dy B are rounded to bf16, as in kernels/lora.py); float16 3e-3 (seen ~7e-4, as PyTorch's own
+fp16 loop).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import fasttune.kernels as kernels  # noqa: E402
+import fasttune.kernels.grouped_gemm as gg  # noqa: E402
+from seeding import SESSION_SEED, generator  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and type(gg._grouped_mm_kernel).__name__ != "InterpretedFunction":
+    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU; "
+                       "set it at the top of tests/conftest.py (before anything imports triton) on CPU-only machines")
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Kernel outputs start as NaN, so an element a kernel forgets to write (an empty expert's gradient, a row of
+    a partial tile) fails the comparison."""
+    monkeypatch.setattr(gg, "alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                              device=device))
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+NAMES = ("y", "dx", "dweight", "dbias", "dlora_A", "dlora_B")
+
+
+def offsets_of(loads):
+    return torch.tensor([0, *torch.tensor(loads).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def make_case(loads, K, N, r, dtype, bias=True, lora="expert", transposed=False, salt=0):
+    """Inputs for one grouped linear (float32 masters drawn once, cast to `dtype`), and an upstream gradient."""
+    gen = generator("grouped", tuple(loads), K, N, r, bias, lora, transposed, salt)
+    E, M = len(loads), sum(loads)
+
+    def draw(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+
+    w = draw(E, N, K, scale=K ** -0.5)
+    t = {"x": draw(M, K), "weight": w.transpose(1, 2).contiguous() if transposed else w,
+         "bias": draw(E, N) if bias else None, "lora_A": None, "lora_B": None}
+    if lora is not None:
+        lead = (E,) if lora == "expert" else ()
+        t["lora_A"] = draw(*lead, r, K, scale=K ** -0.5)
+        t["lora_B"] = draw(*lead, N, r)
+    dy = draw(M, N)
+    cast = {k: (None if v is None else v.to(DEVICE, dtype)) for k, v in t.items()}
+    return cast, dy.to(DEVICE, dtype), offsets_of(loads).to(DEVICE)
+
+
+def run(fn, inputs, dy, offsets, scaling, transposed, dtype=None, weight_grad=True):
+    """y and the gradients of every input (None where the input is absent or frozen)."""
+    def leaf(k, v):
+        if v is None or not isinstance(v, torch.Tensor):  # absent, or a quantised weight (no gradient)
+            return v
+        return v.detach().to(dtype or v.dtype).requires_grad_(k != "weight" or weight_grad)
+
+    leaves = {k: leaf(k, v) for k, v in inputs.items()}
+    y = fn(leaves["x"], leaves["weight"], offsets, leaves["bias"], leaves["lora_A"], leaves["lora_B"], scaling,
+           transposed=transposed)
+    wrt = [v for v in leaves.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    grads = iter(torch.autograd.grad(y, wrt, dy.to(y.dtype)))
+    out = {"y": y.detach()}
+    for k, name in zip(leaves, NAMES[1:]):
+        v = leaves[k]
+        out[name] = next(grads) if isinstance(v, torch.Tensor) and v.requires_grad else None
+    return out
+
+
+def oracle(x, weight, offsets, bias, lora_A, lora_B, scaling, transposed=False):
+    """float64 formula per row: y_m = W_{e(m)} x_m + b_{e(m)} + s B_{e(m)} A_{e(m)} x_m, gathering each row's expert
+    weights (independent of the per-segment slicing the implementations use)."""
+    M = x.shape[0]
+    E = offsets.numel() - 1
+    expert = torch.searchsorted(offsets[1:].long().cpu(), torch.arange(M), right=True).to(x.device)
+    assert int(expert.max()) < E if M else True
+    w = weight.transpose(1, 2) if transposed else weight  # (E, N, K)
+    y = torch.einsum("mk,mnk->mn", x, w[expert])
+    if bias is not None:
+        y = y + bias[expert]
+    if lora_A is not None:
+        A = lora_A[expert] if lora_A.dim() == 3 else lora_A.expand(M, *lora_A.shape)
+        B = lora_B[expert] if lora_B.dim() == 3 else lora_B.expand(M, *lora_B.shape)
+        y = y + scaling * torch.einsum("mnr,mr->mn", B, torch.einsum("mrk,mk->mr", A, x))
+    return y
+
+
+def assert_rel_close(actual, expected, tol, what):
+    assert actual is not None and expected is not None, what
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    actual = actual.double()
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-30)
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert err <= tol * scale, (f"{what}: max abs error {err:.3g} > {tol} * {scale:.3g} "
+                                f"(FASTTUNE_TEST_SEED={SESSION_SEED})")
+
+
+def check(loads, K, N, r, dtype, bias=True, lora="expert", transposed=False, scaling=0.75, weight_grad=True,
+          salt=0):
+    inputs, dy, offsets = make_case(loads, K, N, r, dtype, bias, lora, transposed, salt)
+    expected = run(oracle, inputs, dy, offsets, scaling, transposed, dtype=torch.float64, weight_grad=weight_grad)
+    got = run(gg.grouped_linear, inputs, dy, offsets, scaling, transposed, weight_grad=weight_grad)
+    for name in NAMES:
+        if expected[name] is None:
+            assert got[name] is None, name
+            continue
+        assert got[name].dtype == dtype, (name, got[name].dtype)
+        assert_rel_close(got[name], expected[name], TOL[dtype], f"{name} loads={loads} {dtype} lora={lora}")
+
+
+# ---- forward and every gradient ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lora", ["expert", "shared", None])
+def test_ragged_loads_with_empty_experts(dtype, lora):
+    # segments that start mid-tile, two empty experts (one last), one of a single row; N, K odd and not tile-sized
+    check([5, 0, 17, 1, 33, 0], K=40, N=21, r=4, dtype=dtype, lora=lora)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_rows_on_one_expert(dtype):
+    check([0, 0, 37, 0], K=24, N=33, r=3, dtype=dtype, bias=True)
+
+
+def test_single_expert_is_a_dense_lora_linear():
+    check([29], K=19, N=18, r=16, dtype=torch.float32, lora="expert")
+
+
+@pytest.mark.parametrize("lora", ["expert", "shared"])
+def test_without_bias_and_frozen_weight(lora):
+    check([3, 20, 0, 9], K=32, N=16, r=2, dtype=torch.float32, bias=False, lora=lora, weight_grad=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_layout_gpt_oss(dtype):
+    # weight stored (E, K, N) as transformers' gpt-oss keeps gate_up_proj / down_proj; dweight comes back in it
+    check([11, 0, 6, 20], K=35, N=24, r=4, dtype=dtype, transposed=True)
+
+
+def test_no_rows_at_all():
+    check([0, 0, 0], K=16, N=17, r=2, dtype=torch.float32)
+
+
+def test_rank_above_one_tile():
+    check([7, 12], K=16, N=20, r=20, dtype=torch.float32, lora="expert")  # BR = 32: two 16-wide rank blocks
+
+
+def test_float32_adapters_with_bf16_activations():
+    """LoRA float32 masters with a bf16 base: cast for the GEMMs, gradients returned in float32."""
+    inputs, dy, offsets = make_case([6, 0, 13], K=24, N=20, r=4, dtype=torch.bfloat16, salt=3)
+    inputs["lora_A"], inputs["lora_B"] = inputs["lora_A"].float(), inputs["lora_B"].float()
+    got = run(gg.grouped_linear, inputs, dy, offsets, 0.5, False)
+    ref = run(gg.grouped_linear_reference, inputs, dy, offsets, 0.5, False)
+    assert got["y"].dtype == torch.bfloat16
+    assert got["dlora_A"].dtype == torch.float32 and got["dlora_B"].dtype == torch.float32
+    for name in NAMES:
+        assert_rel_close(got[name], ref[name].double(), TOL[torch.bfloat16], name)
+
+
+# ---- the reference --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lora", ["expert", "shared"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_reference_equals_per_row_oracle(lora, transposed):
+    inputs, dy, offsets = make_case([4, 0, 9, 2], K=12, N=10, r=3, dtype=torch.float64, lora=lora,
+                                    transposed=transposed)
+    got = run(gg.grouped_linear_reference, inputs, dy, offsets, 1.25, transposed)
+    expected = run(oracle, inputs, dy, offsets, 1.25, transposed)
+    for name in NAMES:
+        assert_rel_close(got[name], expected[name], 1e-12, name)
+
+
+def test_reference_rejects_bad_offsets_and_shapes():
+    x, w = torch.randn(5, 8), torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="rise from 0 to the number of rows 5"):
+        gg.grouped_linear_reference(x, w, torch.tensor([0, 2, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="E \\+ 1 = 3 entries"):
+        gg.grouped_linear_reference(x, w, torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="takes 8"):
+        gg.grouped_linear_reference(torch.randn(5, 7), w, torch.tensor([0, 2, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32"):
+        gg.grouped_linear(x, w, torch.tensor([0, 2, 5]))
+    with pytest.raises(ValueError, match="both lora_A and lora_B"):
+        gg.grouped_linear(x, w, torch.tensor([0, 2, 5], dtype=torch.int32), lora_A=torch.randn(2, 8))
+
+
+def test_dispatch(monkeypatch):
+    inputs, dy, offsets = make_case([3, 5], K=16, N=16, r=2, dtype=torch.float32)
+    calls = []
+    monkeypatch.setattr(gg, "grouped_linear", lambda *a, **k: calls.append("triton"))
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    kernels.grouped_linear(inputs["x"], inputs["weight"], offsets)
+    assert calls == ["triton"]
+    monkeypatch.setenv("FASTTUNE_KERNELS", "reference")
+    y = kernels.grouped_linear(inputs["x"], inputs["weight"], offsets, inputs["bias"])
+    assert calls == ["triton"]
+    assert torch.equal(y, gg.grouped_linear_reference(inputs["x"], inputs["weight"], offsets, inputs["bias"]))
+
+
+# ---- routing order ---------------------------------------------------------------------------------------------
+
+def test_sort_by_expert_round_trip_and_stability():
+    T, k, E = 41, 3, 7
+    ids = torch.randint(0, E - 1, (T, k), generator=generator("sort", T, k))  # expert E-1 stays empty
+    ids[5] = 2  # ties inside one token, and across tokens
+    order, offsets, inverse = gg.sort_by_expert(ids.to(DEVICE), E)
+    order, offsets, inverse = order.cpu(), offsets.cpu(), inverse.cpu()
+    flat = ids.reshape(-1)
+    assert offsets.dtype == torch.int32 and offsets.shape == (E + 1,)
+    assert offsets.tolist() == [0, *torch.bincount(flat, minlength=E).cumsum(0).tolist()]
+    assert offsets[-1] == offsets[-2] == T * k
+    sorted_ids = flat[order]
+    assert (sorted_ids[1:] >= sorted_ids[:-1]).all()
+    for e in range(E):  # stable: within an expert, (token, slot) order is kept
+        seg = order[offsets[e]:offsets[e + 1]]
+        assert (seg[1:] > seg[:-1]).all()
+        assert (flat[seg] == e).all()
+    assert torch.equal(sorted_ids[inverse], flat)
+    assert torch.equal(order[inverse], torch.arange(T * k))
+    # all on one expert: the identity order
+    order1, offsets1, inverse1 = gg.sort_by_expert(torch.full((9, 2), 3, device=DEVICE), 5)
+    assert order1.cpu().tolist() == list(range(18)) and inverse1.cpu().tolist() == list(range(18))
+    assert offsets1.cpu().tolist() == [0, 0, 0, 0, 18, 18]
+
+
+def test_moe_layer_round_trip_through_sort():
+    """Gather by `order`, grouped linear, scatter back by `inverse`: equals each (token, slot)'s expert applied
+    directly (what the model does with the kernel)."""
+    T, k, E, K, N = 10, 2, 4, 16, 12
+    gen = generator("layer", T, k, E)
+    ids = torch.randint(0, E, (T, k), generator=gen)
+    h, w = torch.randn(T, K, generator=gen), torch.randn(E, N, K, generator=gen)
+    order, offsets, inverse = gg.sort_by_expert(ids, E)
+    y = gg.grouped_linear(h[order // k], w, offsets)[inverse].view(T, k, N)
+    direct = torch.einsum("tk,tsnk->tsn", h.double(), w.double()[ids])
+    assert_rel_close(y, direct, 1e-5, "layer")
+
+
+# ---- GPU, real sizes ---------------------------------------------------------------------------------------------
+
+REAL_SHAPES = {  # (tokens, top-k, experts, hidden, expert width) ; gate_up: K=hidden, N=2*width; down: K=width
+    "qwen3-30b-a3b": (4096, 8, 128, 2048, 768),
+    "gpt-oss-20b": (4096, 4, 32, 2880, 2880),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(REAL_SHAPES))
+@pytest.mark.parametrize("lora", [None, "expert"])
+def test_gpu_real_size(shape, lora):
+    assert torch.cuda.is_available()
+    T, k, E, H, I = REAL_SHAPES[shape]
+    gen = torch.Generator(device="cuda").manual_seed(SESSION_SEED)
+    ids = torch.rand(T, E, device="cuda", generator=gen).topk(k, dim=1).indices  # k distinct experts per token
+    order, offsets, _ = gg.sort_by_expert(ids, E)
+    transposed = shape == "gpt-oss-20b"
+    for K, N in ((H, 2 * I), (I, H)):  # gate_up, then down
+        x = torch.randn(T, K, device="cuda", generator=gen, dtype=torch.bfloat16)[order // k]
+        w = (torch.randn(E, N, K, device="cuda", generator=gen) * K ** -0.5).to(torch.bfloat16)
+        if transposed:
+            w = w.transpose(1, 2).contiguous()
+        bias = torch.randn(E, N, device="cuda", generator=gen, dtype=torch.bfloat16) if transposed else None
+        A = B = None
+        if lora:
+            A = (torch.randn(E, 16, K, device="cuda", generator=gen) * K ** -0.5).requires_grad_()
+            B = (torch.randn(E, N, 16, device="cuda", generator=gen) * 0.1).requires_grad_()
+        dy = torch.randn(x.shape[0], N, device="cuda", generator=gen, dtype=torch.bfloat16)
+        got = run(gg.grouped_linear, {"x": x, "weight": w, "bias": bias, "lora_A": A, "lora_B": B}, dy, offsets,
+                  2.0, transposed, weight_grad=lora is None)
+        ref = run(gg.grouped_linear_reference, {"x": x.float(), "weight": w.float(), "bias": bias, "lora_A": A,
+                                                "lora_B": B}, dy.float(), offsets, 2.0, transposed,
+                  weight_grad=lora is None)
+        for name in NAMES:
+            if ref[name] is not None:
+                assert_rel_close(got[name].float(), ref[name].double(), 2e-2, f"{shape} K={K} N={N} {name}")
+
+
+def test_nf4_experts_dequantised_per_call():
+    """QLoRA experts: an NF4 (E, N, K) weight is dequantised into a temporary for the forward and again for dx
+    (never saved), and gives exactly the result of its dequantised dense weight."""
+    from fasttune.kernels import nf4
+
+    gen = generator("nf4-experts")
+    q = nf4.quantize_nf4((torch.randn(3, 20, 32, generator=gen) * 0.1).to(DEVICE, torch.bfloat16))
+    offsets = offsets_of([5, 0, 12]).to(DEVICE)
+    x = torch.randn(17, 32, generator=gen).to(DEVICE, torch.bfloat16)
+    A = (torch.randn(3, 4, 32, generator=gen) * 0.2).to(DEVICE).requires_grad_()
+    B = (torch.randn(3, 20, 4, generator=gen) * 0.2).to(DEVICE).requires_grad_()
+    dy = torch.randn(17, 20, generator=gen).to(DEVICE, torch.bfloat16)
+    inputs = {"x": x, "weight": q, "bias": None, "lora_A": A, "lora_B": B}
+    got = run(gg.grouped_linear, inputs, dy, offsets, 0.5, False, weight_grad=False)
+    dense = run(gg.grouped_linear, {**inputs, "weight": q.dequantize()}, dy, offsets, 0.5, False, weight_grad=False)
+    for name in NAMES:
+        assert (got[name] is None) == (dense[name] is None), name
+        if got[name] is not None:
+            assert torch.equal(got[name], dense[name]), name
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync():
+    """Routing order, forward and backward never wait for the device (after the first call has autotuned)."""
+    assert torch.cuda.is_available()
+    T, k, E, K, N = 512, 4, 16, 256, 384
+    ids = torch.rand(T, E, device="cuda").topk(k, dim=1).indices
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    A = torch.randn(E, 16, K, device="cuda").requires_grad_()
+    B = torch.randn(E, N, 16, device="cuda").requires_grad_()
+
+    def step():
+        order, offsets, inverse = gg.sort_by_expert(ids, E)
+        xs = x[order // k].requires_grad_()
+        y = gg.grouped_linear(xs, w, offsets, None, A, B, 2.0)[inverse]
+        torch.autograd.grad(y.float().square().sum(), (xs, w, A, B))
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,0 +1,113 @@
+"""GPU tests of the MoE families (run on the device: pytest -m gpu tests/test_moe_gpu.py): the decoder's MoE switch
+through the Triton grouped GEMM at the Qwen3-30B-A3B expert shape (128 experts, top-8, width 768) against
+transformers, in float32 (tf32 off: the kernels' IEEE path) and bf16, with LoRA on experts and router trained a few
+steps; gpt-oss with sinks on CUDA (the logged eager fallback)."""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+from fasttune.adapters import add_lora, lora_parameters, param_groups
+from fasttune.models import load_model
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _qwen3_30b_layers(tmp_path, layers=1):
+    cfg = transformers.Qwen3MoeConfig(vocab_size=4096, hidden_size=2048, intermediate_size=6144,
+                                      moe_intermediate_size=768, num_hidden_layers=layers, num_attention_heads=32,
+                                      num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                                      norm_topk_prob=True, router_aux_loss_coef=0.01)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.05)  # routing that varies by token (the init's zeros would tie every expert)
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def test_qwen3_30b_a3b_expert_shape_fp32_parity_on_cuda(tmp_path):
+    """Logits, loss (with the aux loss) and router gradients of the full-width MoE layer through the Triton grouped
+    GEMM match transformers (its own experts implementation) in float32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hf = _qwen3_30b_layers(tmp_path).cuda().eval()
+    ours = load_model(tmp_path, dtype=torch.float32, device="cuda")
+    ids = torch.randint(3, 4096, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    out_hf = hf(ids, labels=ids, output_router_logits=True)
+    out = ours(ids, labels=ids, return_logits=True, output_router_logits=True)
+    err = _rel(out.logits, out_hf.logits)
+    print(f"fp32 logits rel err {err:.2e}, loss {out.loss.item():.6f} vs {out_hf.loss.item():.6f}")
+    assert err <= 1e-4
+    assert abs(out.loss.item() - out_hf.loss.item()) <= 1e-4 * out_hf.loss.item()
+    out.loss.backward()
+    out_hf.loss.backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        if name.endswith(("mlp.gate.weight", "experts.down_proj")):
+            g_err = _rel(p.grad, theirs[name].grad)
+            print(f"{name}: grad rel err {g_err:.2e}")
+            assert g_err <= 1e-3, name
+
+
+def test_qwen3_30b_a3b_expert_shape_bf16_lora_trains_on_cuda(tmp_path, caplog):
+    hf = _qwen3_30b_layers(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16,
+                                                           attn_implementation="sdpa").cuda().eval()
+    ours = load_model(tmp_path, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(3, 4096, (1, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        err = _rel(ours(ids).logits, hf(ids).logits.float())
+    print(f"bf16 logits rel err {err:.2e}")
+    assert err <= 3e-2
+    del hf
+    add_lora(ours, r=16, alpha=16, target_modules=["all-linear", "router"])
+    ours.train()
+    opt = torch.optim.AdamW(param_groups(ours, lr=1e-3))
+    losses = []
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        for _ in range(5):
+            loss = ours(ids, labels=ids, output_router_logits=True).loss
+            loss.backward()
+            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_parameters(ours))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    print("losses", losses)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert "sync" not in caplog.text  # no path read the layout back from the GPU
+
+
+def test_gpt_oss_sinks_on_cuda_match_transformers_and_log_the_fallback(tmp_path, caplog):
+    from fasttune.kernels.attention import FALLBACKS
+
+    cfg = transformers.GptOssConfig(vocab_size=4096, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
+                                    num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_local_experts=8,
+                                    num_experts_per_tok=2, sliding_window=64)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith(("sinks", "_bias", "router.weight", "router.bias")):
+                p.normal_(0, 0.3)
+    hf.save_pretrained(tmp_path)
+    hf = hf.cuda().eval()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ours = load_model(tmp_path, dtype=torch.float32, device="cuda")
+    ids = torch.randint(3, 4096, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    FALLBACKS.reset()
+    with caplog.at_level(logging.WARNING, logger="fasttune.attention"), torch.no_grad():
+        err = _rel(ours(ids).logits, hf(ids).logits)
+    print(f"gpt-oss fp32 logits rel err {err:.2e}")
+    assert err <= 1e-4
+    assert caplog.text.count("attention sinks") == 1
