@@ -425,7 +425,7 @@ def test_sampling_respects_top_k_and_stops_at_eos(tmp_path):
 def test_top_k_top_p_filter_matches_transformers(top_k, top_p):
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    from fasttune.models.generate import _filter_logits
+    from fasttune.generation import filter_logits
 
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(top_k + int(top_p * 10))) * 2
     want = logits.clone()
@@ -433,7 +433,7 @@ def test_top_k_top_p_filter_matches_transformers(top_k, top_p):
         want = TopKLogitsWarper(top_k)(None, want)
     if top_p < 1.0:
         want = TopPLogitsWarper(top_p)(None, want)
-    got = _filter_logits(logits, top_k, top_p)
+    got = filter_logits(logits, top_k, top_p if top_p < 1.0 else None)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     assert torch.equal(got[~torch.isinf(got)], logits[~torch.isinf(got)])
 

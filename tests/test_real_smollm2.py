@@ -40,7 +40,7 @@ def _prompt(tok, messages) -> torch.Tensor:
 
 def _answer(model, tok, messages, n: int = 12) -> str:
     ids = _prompt(tok, messages)
-    out = fasttune.generate(model, ids, max_new_tokens=n, eos_token_id=tok.eos_token_id)
+    out = fasttune.models.generate(model, ids, max_new_tokens=n, eos_token_id=tok.eos_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -2,12 +2,14 @@
 
     model, tokenizer = fasttune.load(path, max_seq_length=4096, load_in_4bit=True)
     model = fasttune.add_lora(model, r=16, alpha=16)
+    texts = fasttune.generate(model, tokenizer, ["Hello"], max_new_tokens=64, temperature=0.7)
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .models import ArchSpec, CausalLM, generate, load_model, load_tokenizer, save_model  # noqa: E402
+from .models import ArchSpec, CausalLM, load_model, load_tokenizer, save_model  # noqa: E402
+from .generation import Generator, SamplingParams, generate  # noqa: E402
 
 
 def auto_dtype(device) -> str:
@@ -49,4 +51,4 @@ def add_lora(model, r: int = 16, alpha: float = 16, **kwargs):
     return _add_lora(model, r=r, alpha=alpha, **kwargs)
 
 
-__all__ = ["ArchSpec", "CausalLM", "add_lora", "generate", "load", "load_model", "load_tokenizer", "save_model"]
+__all__ = ["ArchSpec", "CausalLM", "Generator", "SamplingParams", "add_lora", "generate", "load", "load_model", "load_tokenizer", "save_model"]

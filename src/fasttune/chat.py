@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
 from .data.chat_templates import chat_template_for
 from .data.tokenize import generation_prompt_ids
-from .models import generate
+from .generation import Generator, SamplingParams
 
 
 class ChatSession:
@@ -21,8 +19,9 @@ class ChatSession:
         self.system = system
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
-        self.generator = torch.Generator(device=model.device).manual_seed(seed)
+        self.seed, self.turns = seed, 0
         self.stop_ids = stop_token_ids(tokenizer, self.template)
+        self.generator: Generator | None = None  # one slot, its cache grown as the conversation grows
 
     def reply(self, text: str) -> str:
         self.messages.append({"role": "user", "content": text})
@@ -39,15 +38,19 @@ class ChatSession:
         return self._generate(ids)
 
     def _generate(self, ids: list[int]) -> str:
-        x = torch.tensor([ids], device=self.model.device)
-        out = generate(self.model, x, max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
-                       temperature=max(self.temperature, 1e-5), top_p=self.top_p, top_k=self.top_k,
-                       eos_token_id=self.stop_ids, generator=self.generator if self.temperature > 0 else None)
-        new = out[0, len(ids):].tolist()
-        for i, t in enumerate(new):
-            if t in self.stop_ids:
-                new = new[:i]
-                break
+        needed = len(ids) + self.max_new_tokens
+        if self.generator is None or self.generator.max_seq_len < needed:
+            if self.generator is not None:
+                self.generator.release()
+            size = max(needed, 2 * self.generator.max_seq_len if self.generator is not None else 1024)
+            self.generator = Generator(self.model, max_batch_size=1, max_seq_len=size, tokenizer=self.tokenizer)
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=max(self.temperature, 0.0),
+                                top_p=self.top_p, top_k=self.top_k, stop_token_ids=self.stop_ids,
+                                seed=self.seed + self.turns)
+        self.turns += 1
+        new = self.generator.generate([ids], params)[0][0]
+        if new and new[-1] in self.stop_ids:
+            new = new[:-1]
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 

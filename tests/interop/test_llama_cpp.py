@@ -428,7 +428,7 @@ def test_smollm2_export_greedy_generates_the_same_tokens(smollm2, tmp_path):
     print(f"\nSmolLM2 F32 export: llama.cpp vs fasttune max rel {rel:.3g} over {len(ids)} prompt tokens")
     assert rel <= 1e-4, rel
     n = 16
-    ours = fasttune.generate(model, torch.tensor([ids]), max_new_tokens=n, eos_token_id=[])[0, len(ids):].tolist()
+    ours = fasttune.generate(model, None, [ids], max_new_tokens=n, temperature=0.0, stop_token_ids=[])[0]
     theirs = _greedy_llama_cpp(llm, ids, n)
     print(f"greedy: fasttune {tok.decode(ours)!r}\n        llama.cpp {tok.decode(theirs)!r}")
     assert theirs == ours

@@ -18,6 +18,12 @@ backward of one layer: bench/attention_paths.py, bench/RESULTS.md):
 - otherwise on CUDA: compiled `flex_attention` with a block mask built once per forward (memo) from the layout;
 - otherwise (padding masks, decoding with a window, CPU): an explicit boolean mask through SDPA, or eager math when
   soft-capping.
+
+Decoding over a static per-slot KV cache (`decode_attention`, fasttune.generation): one query per slot, keys
+(S, M, Hk, D) of which slot s holds `lengths[s]` valid ones. On CUDA in fp16/bf16 without soft-capping: the same
+aten flash kernel as varlen, the cache seen as S blocks of M keys (cu_seqlens_k = 0, M, 2M, ...) of which it reads
+only `seqused_k = lengths`, so a step costs the valid keys, not M, and every shape is static (CUDA graphs).
+Otherwise the reference: a (S, 1, 1, M) boolean length/window mask through SDPA, or eager math when soft-capping.
 A fused path that raises is logged once with the reason and not tried again (`FALLBACKS`); a dense mask taken on
 CUDA is logged once too. `FASTTUNE_FLASH_ATTN=0` / `FASTTUNE_FLEX=0` switch the flash_attn package / flex off.
 """
@@ -341,3 +347,75 @@ def _compiled_flex():
         from torch.nn.attention.flex_attention import flex_attention
         _COMPILED = torch.compile(flex_attention, dynamic=False)
     return _COMPILED
+
+
+def decode_mask(lengths: torch.Tensor, max_len: int, sliding_window: int | None = None) -> torch.Tensor:
+    """(S, 1, 1, M) boolean: slot s's query (at position lengths[s] - 1) sees keys j < lengths[s], and with a window
+    only the last `sliding_window` of them (the query counts itself, as in `build_mask`)."""
+    j = torch.arange(max_len, device=lengths.device)
+    n = lengths.to(torch.long)[:, None]
+    allowed = j[None, :] < n
+    if sliding_window is not None:
+        allowed = allowed & (j[None, :] >= n - sliding_window)
+    return allowed[:, None, None, :]
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    memo: dict | None = None,
+) -> torch.Tensor:
+    """One decoding step over a per-slot cache. q (S, Hq, 1, D); k_cache, v_cache (S, M, Hk, D) (the new token's key
+    already written at lengths[s] - 1); lengths (S,) int32 on q's device: keys per slot, >= 1. Returns (S, Hq, 1, D).
+    No host sync and static shapes on every path. `memo`: shared by the layers of one step (masks, cu_seqlens)."""
+    S, Hq, _, D = q.shape
+    M = k_cache.shape[1]
+    if softcap is None and _torch_flash_ok(q, k_cache, v_cache) and FALLBACKS.usable("torch-flash-decode"):
+        out = _torch_flash_decode(q, k_cache, v_cache, lengths, scale, sliding_window, memo)
+        if out is not None:
+            return out
+    if q.is_cuda:
+        FALLBACKS.note(f"decode-dense:{softcap is not None}:{q.dtype}",
+                       f"decoding attends through a dense (S, 1, 1, {M}) length mask with "
+                       f"{'eager math (soft-capping)' if softcap else 'SDPA'} ({q.dtype}): it reads all {M} cached "
+                       "positions of every slot each step")
+    key = ("decode-mask", sliding_window)
+    mask = memo.get(key) if memo is not None else None
+    if mask is None:
+        mask = decode_mask(lengths, M, sliding_window)
+        if memo is not None:
+            memo[key] = mask
+    k, v = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (S, Hk, M, D) views
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != k.shape[1])
+    return eager_attention(q, k, v, mask, scale, softcap)
+
+
+def _torch_flash_decode(q, k_cache, v_cache, lengths, scale, sliding_window, memo):
+    S, Hq, _, D = q.shape
+    M, Hk = k_cache.shape[1], k_cache.shape[2]
+    key = ("decode-cu", S, M)
+    cu = memo.get(key) if memo is not None else None
+    if cu is None:
+        cu = (torch.arange(S + 1, dtype=torch.int32, device=q.device),
+              torch.arange(0, (S + 1) * M, M, dtype=torch.int32, device=q.device))
+        if memo is not None:
+            memo[key] = cu
+    window_left = None if sliding_window is None else sliding_window - 1
+    try:
+        out = torch.ops.aten._flash_attention_forward(
+            q.transpose(1, 2).reshape(S, Hq, D), k_cache.reshape(S * M, Hk, D), v_cache.reshape(S * M, Hk, D),
+            cu[0], cu[1], 1, M, 0.0, True, False, scale=scale, window_size_left=window_left,
+            window_size_right=0 if window_left is not None else None, seqused_k=lengths)[0]
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # a torch whose flash kernel lacks seqused_k, or a GPU it does not support
+        FALLBACKS.fail("torch-flash-decode", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return None
+    return out.reshape(S, 1, Hq, D).transpose(1, 2)

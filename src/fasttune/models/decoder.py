@@ -16,7 +16,7 @@ its rank and passes B as the extra columns).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -59,23 +59,15 @@ class ScaledEmbedding(nn.Embedding):
         return h * torch.tensor(self.scale, dtype=torch.float32, device=h.device).to(h.dtype)
 
 
-class KVCache:
-    """Keys and values of every layer, grown by concatenation; `length` tokens are cached."""
+class KVCache(Protocol):
+    """What a generation cache gives the decoder (fasttune.generation.StaticKVCache is the one implementation):
+    each layer hands it the rotated q, k, v and gets the attention output back; the cache decides where k and v
+    are stored and which keys each query sees. `max_position`: a host-side bound of the forward's position ids
+    (the RoPE table size, chosen without reading the ids back). Training passes no cache."""
+    max_position: int
 
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-
-    @property
-    def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
-
-    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[i] is not None:
-            k = torch.cat([self.keys[i], k], dim=2)
-            v = torch.cat([self.values[i], v], dim=2)
-        self.keys[i], self.values[i] = k, v
-        return k, v
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+               sliding_window: int | None, softcap: float | None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -86,7 +78,6 @@ class AttentionInputs:
     key_padding_mask: torch.Tensor | None
     documents: DocumentLayout | None
     cache: KVCache | None
-    q_offset: int
     local_cos: torch.Tensor | None = None  # Gemma 3's sliding layers: RoPE of their own base
     local_sin: torch.Tensor | None = None
     # what attention derives from the masks once and every layer reuses (flash-attn's cu_seqlens, flex block masks)
@@ -141,11 +132,13 @@ class Attention(nn.Module):
             else:
                 q, k = self._rope(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if a.cache is not None:
-            k, v = a.cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, scale=self.scale, q_offset=a.q_offset, sliding_window=self.sliding_window,
-                        key_padding_mask=a.key_padding_mask, documents=a.documents,
-                        softcap=self.spec.attn_softcap, memo=a.memo)
+        if a.cache is not None:  # generation: the cache stores k, v and attends over what it holds
+            out = a.cache.attend(self.layer_idx, q, k, v, scale=self.scale, sliding_window=self.sliding_window,
+                                 softcap=self.spec.attn_softcap)
+        else:
+            out = attention(q, k, v, scale=self.scale, sliding_window=self.sliding_window,
+                            key_padding_mask=a.key_padding_mask, documents=a.documents,
+                            softcap=self.spec.attn_softcap, memo=a.memo)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -241,18 +234,23 @@ class DecoderModel(nn.Module):
                 documents: DocumentLayout | None = None):
         """`documents`: where the packed documents of `position_ids` lie, built on the host
         (`DocumentLayout.from_position_ids(cpu_position_ids).to(device)`); without it, packed position ids on the
-        GPU are read back once per forward to find the documents."""
+        GPU are read back once per forward to find the documents. `cache` (generation): a `KVCache`, with the
+        position ids of every token given (the cache's slots know where each sequence is) and no attention mask."""
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.spec.embedding_multiplier is not None:  # Granite: after the embedding module, as transformers does
             h = h * self.spec.embedding_multiplier
         B, T = h.shape[:2]
-        past = cache.length if cache is not None else 0
-        max_position = past + T - 1  # known without reading the ids, except for position ids given by the caller
-        if position_ids is None:
+        max_position = T - 1  # known without reading the ids, except for position ids given by the caller
+        if cache is not None:
+            if position_ids is None or attention_mask is not None:
+                raise ValueError("a forward with a KV cache takes each token's position_ids and no attention_mask "
+                                 "(fasttune.generation.Generator builds both)")
+            max_position = cache.max_position
+        elif position_ids is None:
             if attention_mask is not None:  # left padding: real tokens count from 0
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
-                position_ids = torch.arange(past, past + T, device=h.device)[None].expand(B, T)
+                position_ids = torch.arange(T, device=h.device)[None].expand(B, T)
         elif documents is not None:
             max_position = documents.max_seqlen - 1
         else:
@@ -267,7 +265,7 @@ class DecoderModel(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             key_padding_mask = attention_mask.bool()
         cos, sin = self.rotary(position_ids, max_position=max_position)
-        a = AttentionInputs(cos, sin, key_padding_mask, documents, cache, past)
+        a = AttentionInputs(cos, sin, key_padding_mask, documents, cache)
         if self.local_rotary is not None:
             a.local_cos, a.local_sin = self.local_rotary(position_ids, max_position=max_position)
         hidden_states = [h] if output_hidden_states else None

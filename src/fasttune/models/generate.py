@@ -1,26 +1,12 @@
-"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), a batch of left-padded
-prompts, stopping at any EOS id."""
+"""`generate` over padded token tensors, kept for callers that hold a (B, T) batch: a thin wrapper over
+fasttune.generation.Generator (the one home of generation: static KV cache, packed prefill, CUDA-graph decode)."""
 from __future__ import annotations
 
 from typing import Iterable
 
 import torch
 
-from .decoder import CausalLM, KVCache
-
-
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass; always keep the first
-        drop = probs.cumsum(-1) - probs > top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
+from .decoder import CausalLM
 
 
 @torch.no_grad()
@@ -36,35 +22,33 @@ def generate(
     eos_token_id: int | Iterable[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    min_p: float = 0.0,
+    cuda_graphs: bool = False,
 ) -> torch.Tensor:
-    """Returns (B, prompt_len + generated) token ids; finished rows are filled with `pad_token_id`.
-    Prompts of different lengths must be left-padded with `attention_mask` marking real tokens."""
+    """Returns (B, T + generated) token ids: each row's prompt as given, then its completion, rows that stopped
+    earlier filled with `pad_token_id`. Prompts of different lengths are left-padded with `attention_mask` marking
+    real tokens. Sampling (`do_sample`) draws its seed from `generator` (or torch's default generator)."""
+    from ..generation import Generator, SamplingParams
+
     if eos_token_id is None:
         eos_token_id = model.spec.eos_ids
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                       device=input_ids.device, dtype=torch.long)
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
     if pad_token_id is None:
-        pad_token_id = model.spec.pad_token_id if model.spec.pad_token_id is not None else (
-            int(eos[0]) if eos.numel() else 0)
-    B = input_ids.shape[0]
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-    cache = KVCache(model.spec.num_layers)
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    out, step_ids = input_ids, input_ids
-    for _ in range(max_new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-        res = model(step_ids, attention_mask=mask, position_ids=positions, cache=cache, return_logits=False)
-        logits = model.logits(res.last_hidden_state[:, -1])
-        if do_sample:
-            logits = _filter_logits(logits / max(temperature, 1e-5), top_k, top_p)
-            next_ids = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-        else:
-            next_ids = logits.argmax(-1)
-        next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
-        out = torch.cat([out, next_ids[:, None]], dim=1)
-        finished |= torch.isin(next_ids, eos)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step_ids = next_ids[:, None]
-        if bool(finished.all()):
-            break
-    return out
+        pad_token_id = model.spec.pad_token_id if model.spec.pad_token_id is not None else (eos[0] if eos else 0)
+    B, T = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    rows, keep = input_ids.cpu(), mask.cpu().bool()
+    prompts = [rows[i][keep[i]].tolist() for i in range(B)]
+    seed = int(torch.randint(0, 2 ** 62, (), generator=generator).item()) if do_sample else 0
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                            top_k=top_k, top_p=top_p, min_p=min_p, stop_token_ids=eos, seed=seed)
+    gen = Generator(model, max_batch_size=B, max_seq_len=max(len(p) for p in prompts) + max_new_tokens,
+                    cuda_graphs=cuda_graphs)
+    completions = [c[0] for c in gen.generate(prompts, params)]
+    gen.release()
+    width = max(len(c) for c in completions)
+    out = torch.full((B, T + width), pad_token_id, dtype=input_ids.dtype)
+    out[:, :T] = rows
+    for i, c in enumerate(completions):
+        out[i, T:T + len(c)] = torch.tensor(c, dtype=input_ids.dtype)
+    return out.to(input_ids.device)
