@@ -230,7 +230,7 @@ class Generator:
                     b.finished[torch.tensor(hit, device=dev)] = True
             if steps % self.check_every == 0:
                 done.record()
-            if done.ready_and_all():
+            if done.all_finished():
                 break
         tokens = b.out[:n, :steps].tolist()
         stop_set = set(stop_ids)
@@ -350,30 +350,45 @@ class Generator:
 
 
 class _DoneFlag:
-    """Whether every row is finished, read without stalling the GPU: `record()` copies the flag to pinned host
-    memory asynchronously and records an event; `ready_and_all()` is true once a recorded copy has landed and said
-    so. On the CPU the copy is immediate."""
+    """Whether every row is finished, read without making the GPU wait for the host: `record()` copies the flag to
+    pinned host memory asynchronously behind the queued steps and records an event; `all_finished()` reads the
+    copies whose events have completed. At most `max_pending` copies are in flight: past that the host waits for
+    the oldest, which bounds how many steps it queues beyond the point where every row finished. On the CPU the
+    copy is immediate."""
 
-    def __init__(self, finished: torch.Tensor, device: torch.device):
-        self.finished, self.cuda = finished, device.type == "cuda"
-        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
-        self.event = None
-        self.pending = False
+    def __init__(self, finished: torch.Tensor, device: torch.device, max_pending: int = 2):
+        self.finished, self.cuda, self.max_pending = finished, device.type == "cuda", max_pending
+        self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=self.cuda) for _ in range(max_pending + 1)]
+        self.pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self.next = 0
 
     def record(self) -> None:
-        if self.pending:
-            return
-        self.host.copy_(self.finished.all(), non_blocking=self.cuda)
+        if len(self.pending) > self.max_pending:
+            self._wait_oldest()
+        flag = self.flags[self.next]
+        self.next = (self.next + 1) % len(self.flags)
+        flag.copy_(self.finished.all(), non_blocking=self.cuda)
+        event = None
         if self.cuda:
-            self.event = torch.cuda.Event()
-            self.event.record()
-        self.pending = True
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((flag, event))
 
-    def ready_and_all(self) -> bool:
-        if not self.pending or (self.event is not None and not self.event.query()):
-            return False
-        self.pending = False
-        return bool(self.host)
+    def _wait_oldest(self) -> bool:
+        flag, event = self.pending.pop(0)
+        if event is not None:
+            event.synchronize()
+        return bool(flag)
+
+    def all_finished(self) -> bool:
+        while self.pending:
+            event = self.pending[0][1]
+            if event is not None and not event.query() and len(self.pending) <= self.max_pending:
+                return False
+            if self._wait_oldest():
+                self.pending.clear()
+                return True
+        return False
 
 
 class _StopStrings:
