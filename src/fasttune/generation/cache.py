@@ -37,7 +37,10 @@ class StaticKVCache:
         # decode state
         self._num_slots = 0
         self._lengths: torch.Tensor | None = None  # (S,) int32 valid keys per slot after this step's write
-        self._rows: torch.Tensor | None = None  # arange(S)
+        # arange(slots), allocated once: a captured step must not read a tensor allocated at its capture that a
+        # later capture frees
+        self._all_rows = torch.arange(slots, device=device)
+        self._rows: torch.Tensor | None = None
         self._memo: dict = {}
 
     @property
@@ -60,7 +63,7 @@ class StaticKVCache:
         if S > self.slots:
             raise ValueError(f"{S} decoding slots, the cache has {self.slots}")
         self._mode, self._num_slots, self._lengths = "decode", S, lengths
-        self._rows = torch.arange(S, device=lengths.device)
+        self._rows = self._all_rows[:S]
         self.max_position = max_position
         self._memo = {}
 

@@ -86,7 +86,6 @@ class Generator:
         self._buf: _Buffers | None = None
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_state: tuple | None = None
-        self._pool = None
         self._tables: list = []  # the RoPE tables the captured steps read: kept alive with them
 
     # ---- memory ------------------------------------------------------------------------------------------------
@@ -95,7 +94,6 @@ class Generator:
         """Free the KV cache, the step buffers and the captured graphs (the next `generate` allocates them again)."""
         self._graphs.clear()
         self._graph_state = None
-        self._pool = None
         self._tables = []
         self.cache = None
         self._buf = None
@@ -318,8 +316,7 @@ class Generator:
         """Warm the step up twice eagerly on a side stream (Triton autotuning, cuBLAS workspaces), restore the
         buffers it advanced (its cache writes are the ones the real step makes again), then capture it."""
         b = self._buf
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        if not self._tables:
             rot = [self.model.model.rotary] + ([self.model.model.local_rotary]
                                                if self.model.model.local_rotary is not None else [])
             self._tables = [r.table(self.device, self.max_seq_len) for r in rot]  # full length before capture
@@ -333,8 +330,10 @@ class Generator:
         torch.cuda.current_stream().wait_stream(side)
         for t, s in zip((b.tokens, b.lengths, b.finished, b.out, b.step), saved):
             t.copy_(s)
+        # each graph its own memory pool: what one capture allocates (masks, cu_seqlens) and a later capture
+        # frees must not be handed to that later capture while the first graph still reads it
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph):
             self._decode_step(S, greedy, filters, max_position)
         return graph
 
