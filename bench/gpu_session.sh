@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, kernel benchmark, training benchmark. Usage (on the device, repo root):
-#   bash bench/gpu_session.sh [tests|kernels|train|all] [extra args for train_speed.py]
+#   bash bench/gpu_session.sh [tests|kernels|train|generate|all] [extra args for train_speed.py / generate_speed.py]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -19,4 +19,7 @@ if [[ $what == kernels || $what == all ]]; then
 fi
 if [[ $what == train || $what == all ]]; then
   timeout 420 python3 bench/train_speed.py --out "$OUT/train.json" "$@" 2>&1 | tee "$OUT/train.log" | tail -40
+fi
+if [[ $what == generate ]]; then  # not in "all": with its transformers baselines it takes most of a device call
+  timeout 580 python3 bench/generate_speed.py --out "$OUT/generate_speed.json" "$@" 2>&1 | tee "$OUT/generate.log" | tail -40
 fi

@@ -280,3 +280,16 @@ def test_errors_say_what_to_change(llama):
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="position_ids"):
         llama(torch.tensor([[5, 6]]), cache=gen.cache or object())
+
+
+def test_the_loop_ends_soon_after_every_row_finished(llama):
+    prompts = ragged_prompts((4, 9, 2))
+    gen = Generator(llama, max_batch_size=4, max_seq_len=64, check_every=4)
+    free = [c[0] for c in gen.generate(prompts, SamplingParams(max_new_tokens=40, temperature=0.0,
+                                                                stop_token_ids=[]))]
+    assert int(gen._buf.step) == 40  # nothing finished: every step ran
+    stops = {row[1] for row in free}  # every row stops at its second token
+    got = [c[0] for c in gen.generate(prompts, SamplingParams(max_new_tokens=40, temperature=0.0,
+                                                               stop_token_ids=stops))]
+    assert all(len(c) <= 2 and c[-1] in stops for c in got)
+    assert int(gen._buf.step) <= 4 + 1  # checked every 4 steps (on the CPU the flag is read at once)
