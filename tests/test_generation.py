@@ -191,6 +191,8 @@ def test_rounds_and_prefill_groups_give_the_same_tokens(llama):
     # 2 prompts x 3 samples per round; prefill groups of at most 8 tokens
     small = Generator(llama, max_batch_size=6, max_seq_len=20, prefill_tokens=8)
     assert small.generate(prompts, params, num_samples=3) == one
+    from fasttune.generation import kv_cache_bytes
+    assert small.cache.nbytes == kv_cache_bytes(llama.spec, 6, 20, torch.float32)
     small.release()
     assert small.cache is None
     assert small.generate(prompts, params, num_samples=3) == one  # allocated again
@@ -198,7 +200,7 @@ def test_rounds_and_prefill_groups_give_the_same_tokens(llama):
 
 def test_lora_unmerged_equals_recompute_and_merged_restores_the_base_exactly(tmp_path):
     model = _build(tmp_path, old_families, "llama")
-    fasttune.add_lora(model, r=4, alpha=8, target_modules=["all-linear"])
+    fasttune.add_lora(model, r=4, alpha=8, target_modules=["all-linear", "lm_head"])
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):

@@ -153,3 +153,28 @@ def test_release_frees_the_cache_and_generation_resumes(tmp_path):
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= held - cache_bytes  # the cache (and the graphs' pool) is gone
     assert gen.generate(_prompts(64), params) == a
+
+
+def test_graph_loop_ends_early_and_stop_strings_cut(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 1000)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+    model = _tiny(tmp_path)
+    prompts = _prompts(16)
+    gen = Generator(model, max_batch_size=16, max_seq_len=512, tokenizer=tok)
+    free = [c[0] for c in gen.generate(prompts, SamplingParams(max_new_tokens=200, temperature=0.0,
+                                                                stop_token_ids=[]))]
+    stops = {row[2] for row in free}
+    got = [c[0] for c in gen.generate(prompts, SamplingParams(max_new_tokens=200, temperature=0.0,
+                                                               stop_token_ids=stops))]
+    assert all(len(c) <= 3 for c in got)
+    assert int(gen._buf.step) <= 3 * gen.check_every + 2  # stopped, at most three pending flag copies late
+    stop = tok.decode(free[0][4:6])
+    cut = [c[0] for c in gen.generate(prompts, SamplingParams(max_new_tokens=200, temperature=0.0,
+                                                               stop_token_ids=[], stop_strings=[stop]))]
+    for row, c in zip(free, cut):
+        n = next((n for n in range(1, len(row) + 1) if stop in tok.decode(row[:n])), len(row))
+        assert c == row[:n]

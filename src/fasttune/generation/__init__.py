@@ -6,9 +6,9 @@ one prefill, LoRA unmerged or merged for a rollout.
     gen = Generator(model, max_batch_size=64, max_seq_len=2048, tokenizer=tok)
     out = gen.generate(prompt_ids, SamplingParams(max_new_tokens=256, temperature=0.8), num_samples=8)
 """
-from .cache import StaticKVCache
+from .cache import StaticKVCache, kv_cache_bytes
 from .generator import Generator, generate
 from .merge import merged_lora
 from .sampling import SamplingParams, filter_logits
 
-__all__ = ["Generator", "SamplingParams", "StaticKVCache", "filter_logits", "generate", "merged_lora"]
+__all__ = ["Generator", "SamplingParams", "StaticKVCache", "filter_logits", "generate", "kv_cache_bytes", "merged_lora"]

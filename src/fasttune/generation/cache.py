@@ -21,6 +21,12 @@ from ..kernels.attention import DocumentLayout, attention, decode_attention
 from ..models.spec import ArchSpec
 
 
+def kv_cache_bytes(spec: ArchSpec, slots: int, max_seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of a StaticKVCache (keys and values): what a generation phase holds besides the weights."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * spec.num_layers * slots * max_seq_len * spec.num_kv_heads * spec.head_dim * itemsize
+
+
 class StaticKVCache:
     def __init__(self, spec: ArchSpec, slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device):
         shape = (spec.num_layers, slots, max_seq_len, spec.num_kv_heads, spec.head_dim)

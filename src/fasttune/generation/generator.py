@@ -357,13 +357,11 @@ class _DoneFlag:
 
     def __init__(self, finished: torch.Tensor, device: torch.device, max_pending: int = 2):
         self.finished, self.cuda, self.max_pending = finished, device.type == "cuda", max_pending
-        self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=self.cuda) for _ in range(max_pending + 1)]
+        self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=self.cuda) for _ in range(max_pending + 2)]
         self.pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
         self.next = 0
 
     def record(self) -> None:
-        if len(self.pending) > self.max_pending:
-            self._wait_oldest()
         flag = self.flags[self.next]
         self.next = (self.next + 1) % len(self.flags)
         flag.copy_(self.finished.all(), non_blocking=self.cuda)
