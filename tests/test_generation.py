@@ -295,3 +295,51 @@ def test_the_loop_ends_soon_after_every_row_finished(llama):
                                                                stop_token_ids=stops))]
     assert all(len(c) <= 2 and c[-1] in stops for c in got)
     assert int(gen._buf.step) <= 4 + 1  # checked every 4 steps (on the CPU the flag is read at once)
+
+
+class _ReplayingGenerator(Generator):
+    """The captured-step logic on the CPU: warm-up (then restore), a 'graph' that re-runs the step exactly as
+    captured (RoPE bound max_seq_len - 1, the static buffers), keyed and dropped like the real ones."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.cuda_graphs = True
+        self.captures = 0
+
+    def _capture(self, S, greedy, filters):
+        self._warm_up(S, greedy, filters)
+        self.captures += 1
+        gen = self
+
+        class Replay:
+            def replay(self):
+                gen._decode_step(S, greedy, filters, gen.max_seq_len - 1)
+        return Replay()
+
+
+def test_captured_step_logic_equals_eager(tmp_path):
+    model = _build(tmp_path, old_families, "mistral")  # a sliding window (7) inside the 40 positions
+    fasttune.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    prompts = ragged_prompts((4, 9, 2, 7, 5))
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=11, stop_token_ids=[])
+    eager = Generator(model, max_batch_size=8, max_seq_len=40).generate(prompts, params, num_samples=2)
+    replaying = _ReplayingGenerator(model, max_batch_size=8, max_seq_len=40)
+    # 10 sequences in slots of 8: a round of 8 (S = 8) and one of 2 (S = 2), one capture each
+    assert replaying.generate(prompts, params, num_samples=2) == eager
+    assert replaying.captures == 2
+    assert replaying.generate(prompts[:1], params, num_samples=2) == eager[:1]  # S = 2 again: reused
+    assert replaying.generate(prompts, params, num_samples=2) == eager  # both reused
+    assert replaying.captures == 2
+    with torch.no_grad():  # new adapter values in place: the same 'graphs' see them
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.mul_(2)
+    again = Generator(model, max_batch_size=8, max_seq_len=40).generate(prompts, params, num_samples=2)
+    assert replaying.generate(prompts, params, num_samples=2) == again != eager
+    assert replaying.captures == 2
+    replaying.generate(prompts, params, num_samples=2, merge_lora=True)  # adapters off: captured again
+    assert replaying.captures == 4

@@ -313,29 +313,39 @@ class Generator:
         graph.replay()
 
     def _capture(self, S: int, greedy: bool, filters) -> torch.cuda.CUDAGraph:
-        """Warm the step up twice eagerly on a side stream (Triton autotuning, cuBLAS workspaces), restore the
-        buffers it advanced (its cache writes are the ones the real step makes again), then capture it."""
-        b = self._buf
-        if not self._tables:
-            rot = [self.model.model.rotary] + ([self.model.model.local_rotary]
-                                               if self.model.model.local_rotary is not None else [])
-            self._tables = [r.table(self.device, self.max_seq_len) for r in rot]  # full length before capture
-        max_position = self.max_seq_len - 1
-        saved = [t.clone() for t in (b.tokens, b.lengths, b.finished, b.out, b.step)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._decode_step(S, greedy, filters, max_position)
-        torch.cuda.current_stream().wait_stream(side)
-        for t, s in zip((b.tokens, b.lengths, b.finished, b.out, b.step), saved):
-            t.copy_(s)
+        """Warm the step up, then capture it (capturing runs nothing: the buffers stay as they are)."""
+        self._warm_up(S, greedy, filters)
         # each graph its own memory pool: what one capture allocates (masks, cu_seqlens) and a later capture
         # frees must not be handed to that later capture while the first graph still reads it
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._decode_step(S, greedy, filters, max_position)
+            self._decode_step(S, greedy, filters, self.max_seq_len - 1)
         return graph
+
+    def _warm_up(self, S: int, greedy: bool, filters) -> None:
+        """Run the step twice eagerly (on a side stream on CUDA: Triton autotuning, cuBLAS workspaces, lazily built
+        tables), then restore the buffers it advanced. Its cache writes are harmless: the first is the one the real
+        step makes again, the second lies beyond every slot's length. The RoPE tables are built for max_seq_len
+        first, so the captured step gathers from tables that no later call replaces."""
+        b = self._buf
+        if not self._tables:
+            rot = [self.model.model.rotary] + ([self.model.model.local_rotary]
+                                               if self.model.model.local_rotary is not None else [])
+            self._tables = [r.table(self.device, self.max_seq_len) for r in rot]
+        state = (b.tokens, b.lengths, b.finished, b.out, b.step)
+        saved = [t.clone() for t in state]
+        if self.device.type == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._decode_step(S, greedy, filters, self.max_seq_len - 1)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            for _ in range(2):
+                self._decode_step(S, greedy, filters, self.max_seq_len - 1)
+        for t, s in zip(state, saved):
+            t.copy_(s)
 
     def _drop_graphs(self) -> None:
         self._graphs.clear()
