@@ -54,7 +54,7 @@ class _Buffers:
     temperature: torch.Tensor  # 0-d float32
     top_p: torch.Tensor
     min_p: torch.Tensor
-    stop_ids: torch.Tensor  # (n,) long, padded with -1
+    stop_ids: torch.Tensor  # (capacity,) long, padded with -1
 
 
 def _pow2_at_least(n: int) -> int:
@@ -114,7 +114,7 @@ class Generator:
             temperature=torch.ones((), dtype=torch.float32, device=dev),
             top_p=torch.ones((), dtype=torch.float32, device=dev),
             min_p=torch.zeros((), dtype=torch.float32, device=dev),
-            stop_ids=torch.full((1,), -1, dtype=torch.long, device=dev))
+            stop_ids=torch.full((16,), -1, dtype=torch.long, device=dev))  # padded with -1 (matches nothing)
 
     def _rope_static(self) -> bool:
         """Whether the RoPE frequencies are the same for every length up to max_seq_len (a captured step bakes in
@@ -189,10 +189,10 @@ class Generator:
         if b.out.shape[1] < max_new:
             b.out = torch.zeros(self.max_batch_size, max_new, dtype=torch.long, device=dev)
             self._drop_graphs()  # they wrote into the old output buffer
-        n_stop = _pow2_at_least(max(len(stop_ids), 1))
-        if b.stop_ids.shape[0] != n_stop:
-            b.stop_ids = torch.full((n_stop,), -1, dtype=torch.long, device=dev)
-        stops = torch.full((n_stop,), -1, dtype=torch.long)
+        if b.stop_ids.shape[0] < len(stop_ids):
+            b.stop_ids = torch.full((_pow2_at_least(len(stop_ids)),), -1, dtype=torch.long, device=dev)
+            self._drop_graphs()  # they compared with the old buffer
+        stops = torch.full((b.stop_ids.shape[0],), -1, dtype=torch.long)
         stops[:len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.long)
         b.stop_ids.copy_(stops)
         b.seed.fill_(seed % (1 << 63))
@@ -306,7 +306,7 @@ class Generator:
         if not self.cuda_graphs:
             self._decode_step(S, greedy, filters, max_position)
             return
-        key = (S, greedy, filters, self._buf.stop_ids.shape[0], self._buf.out.shape[1])
+        key = (S, greedy, filters)  # buffers that are reallocated (out, stop_ids) drop every graph
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = self._capture(S, greedy, filters)
