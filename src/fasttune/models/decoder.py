@@ -56,7 +56,8 @@ class ScaledEmbedding(nn.Embedding):
         h = super().forward(input_ids)
         if self.scale is None:
             return h
-        return h * torch.tensor(self.scale, dtype=torch.float32, device=h.device).to(h.dtype)
+        # a CPU 0-d tensor enters the kernel as a scalar: no host-to-device copy (which a CUDA graph cannot capture)
+        return h * torch.tensor(self.scale, dtype=torch.float32).to(h.dtype)
 
 
 class KVCache(Protocol):
