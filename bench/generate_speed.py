@@ -230,14 +230,13 @@ def main() -> int:
     print(json.dumps(result["info"]), flush=True)
     outputs: dict[tuple[str, int], torch.Tensor] = {}
     lora_added = False
-    plan = []
-    for tool in tools:
-        for b in batches:
-            if tool == "fasttune+lora":
-                plan += [("fasttune+lora", b), ("fasttune+lora-merged", b)]
-            else:
-                plan.append((tool, b))
-    plan.sort(key=lambda tb: tb[0].startswith("fasttune+lora"))  # adapters change the shared weights' users last
+    # order: what the targets compare first (fasttune at every batch, then the baselines from the largest batch
+    # down), so a run cut short by --budget-s still has them; LoRA last (it wraps the shared model's projections)
+    plan = [("fasttune", b) for b in batches if "fasttune" in tools]
+    for b in sorted(batches, reverse=True):
+        plan += [(t, b) for t in ("hf-static", "hf-default") if t in tools]
+    if "fasttune+lora" in tools:
+        plan += [(t, b) for b in batches for t in ("fasttune+lora", "fasttune+lora-merged")]
     for tool, b in plan:
         if time.perf_counter() - start > args.budget_s:
             result["runs"].append(dict(tool=tool, batch=b, skipped=f"--budget-s {args.budget_s} s reached"))

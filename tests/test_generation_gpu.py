@@ -43,13 +43,26 @@ def _prompts(n=64, seed=0, longest=200):
     return [torch.randint(3, 1000, (int(L),), generator=g).tolist() for L in lengths]
 
 
+def _differences(a, b) -> str:
+    """Which (prompt, sample) completions differ and where, for the assertion message."""
+    lines = []
+    for p, (x, y) in enumerate(zip(a, b)):
+        for j, (u, w) in enumerate(zip(x, y)):
+            if u != w:
+                at = next((i for i, (s, t) in enumerate(zip(u, w)) if s != t), min(len(u), len(w)))
+                lines.append(f"prompt {p} sample {j}: lengths {len(u)} vs {len(w)}, first difference at token {at}: "
+                             f"{u[at:at + 4]} vs {w[at:at + 4]}")
+    return f"{len(lines)} completions differ:\n" + "\n".join(lines[:10])
+
+
 def _graph_vs_eager(model, prompts, params, num_samples=1, **kw):
+    FALLBACKS.reset()
     graphs = Generator(model, max_batch_size=64, max_seq_len=512, cuda_graphs=True, **kw)
     eager = Generator(model, max_batch_size=64, max_seq_len=512, cuda_graphs=False, **kw)
     a = graphs.generate(prompts, params, num_samples=num_samples)
     b = eager.generate(prompts, params, num_samples=num_samples)
-    assert graphs._graphs, "no CUDA graph was captured"
-    assert a == b
+    assert graphs._graphs and graphs.cuda_graphs, f"no CUDA graph was captured; fallbacks: {FALLBACKS.failed}"
+    assert a == b, _differences(a, b) + f"\nfallbacks: {FALLBACKS.failed}"
     graphs.release()
     eager.release()
     return a
@@ -89,13 +102,16 @@ def test_lora_graphs_follow_in_place_adapter_updates_and_nf4(tmp_path):
     gen = Generator(model, max_batch_size=64, max_seq_len=512)
     eager = Generator(model, max_batch_size=64, max_seq_len=512, cuda_graphs=False)
     first = gen.generate(prompts, params)
-    assert first == eager.generate(prompts, params)
+    expected = eager.generate(prompts, params)
+    assert first == expected, _differences(first, expected) + f"\nfallbacks: {FALLBACKS.failed}"
     with torch.no_grad():  # an optimiser step: in place, so the captured graphs read the new values
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):
                 p.mul_(-3.0)
     second = gen.generate(prompts, params)
-    assert second == eager.generate(prompts, params) and second != first
+    expected = eager.generate(prompts, params)
+    assert second == expected, _differences(second, expected)
+    assert second != first, "the in-place adapter update changed nothing: the graphs read stale adapters?"
     merged = gen.generate(prompts, params, merge_lora=True)  # other graphs (adapters off, merged weights)
     agree = sum(a == b for a, b in zip(merged, second)) / len(second)
     assert agree >= 0.5, agree  # bf16 merged weights round differently; most greedy paths stay identical

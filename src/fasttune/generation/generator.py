@@ -76,7 +76,7 @@ class Generator:
         self.spec = model.spec
         self.device = model.device
         self.dtype = model.model.embed_tokens.weight.dtype
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and FALLBACKS.usable("generation-cuda-graphs")
         if self.cuda_graphs and not self._rope_static():
             self.cuda_graphs = False
             FALLBACKS.note("generation-rope-regime",
@@ -309,7 +309,19 @@ class Generator:
         key = (S, greedy, filters)  # buffers that are reallocated (out, stop_ids) drop every graph
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[key] = self._capture(S, greedy, filters)
+            try:
+                graph = self._graphs[key] = self._capture(S, greedy, filters)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # an op that cannot be captured (a host sync, a pageable copy): decode eagerly
+                FALLBACKS.fail("generation-cuda-graphs",
+                               f"capturing the decode step failed, decoding runs eagerly (slower): "
+                               f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                self.cuda_graphs = False
+                self._graphs.clear()
+                torch.cuda.synchronize()
+                self._decode_step(S, greedy, filters, max_position)
+                return
         graph.replay()
 
     def _capture(self, S: int, greedy: bool, filters) -> torch.cuda.CUDAGraph:
@@ -318,8 +330,16 @@ class Generator:
         # each graph its own memory pool: what one capture allocates (masks, cu_seqlens) and a later capture
         # frees must not be handed to that later capture while the first graph still reads it
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._decode_step(S, greedy, filters, self.max_seq_len - 1)
+        cause: Exception | None = None
+        try:
+            with torch.cuda.graph(graph):
+                try:
+                    self._decode_step(S, greedy, filters, self.max_seq_len - 1)
+                except Exception as e:  # the op that broke the capture, not the capture_end error that follows
+                    cause = e
+                    raise
+        except Exception as e:
+            raise (cause or e) from None
         return graph
 
     def _warm_up(self, S: int, greedy: bool, filters) -> None:
