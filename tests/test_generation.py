@@ -13,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fasttune
+from fasttune.adapters import lora_layers
 from fasttune.generation import Generator, SamplingParams, filter_logits
 from fasttune.generation.sampling import next_tokens, sample_from_logits, uniform
 
@@ -218,17 +219,17 @@ def test_lora_unmerged_equals_recompute_and_merged_restores_the_base_exactly(tmp
     assert merged == unmerged
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
-    assert not any(m.disabled for m in model.modules() if hasattr(m, "lora_A"))
+    assert not any(m.disabled for _, m in lora_layers(model))
     # the merge is real: merged weights without the adapters running give the adapted model's tokens
     base = [c[0] for c in gen.generate(prompts, params, merge_lora=False)]
-    from fasttune.lora import disable_adapters
+    from fasttune.adapters import disable_adapters
     with disable_adapters(model):
         plain = [c[0] for c in gen.generate(prompts, params)]
     assert base == unmerged and plain != unmerged
 
 
 def test_nf4_base_decodes_through_its_dequant_path(tmp_path):
-    from fasttune.lora import quantize_linear
+    from fasttune.models.nf4_linear import quantize_linear
 
     model = _build(tmp_path, old_families, "qwen2")
     for layer in model.layers:

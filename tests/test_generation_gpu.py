@@ -116,7 +116,7 @@ def test_lora_graphs_follow_in_place_adapter_updates_and_nf4(tmp_path):
     agree = sum(a == b for a, b in zip(merged, second)) / len(second)
     assert agree >= 0.5, agree  # bf16 merged weights round differently; most greedy paths stay identical
 
-    from fasttune.lora import quantize_linear
+    from fasttune.models.nf4_linear import quantize_linear
     q = _tiny(tmp_path / "q")
     for layer in q.layers:
         for parent in (layer.self_attn, layer.mlp):

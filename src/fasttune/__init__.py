@@ -51,4 +51,5 @@ def add_lora(model, r: int = 16, alpha: float = 16, **kwargs):
     return _add_lora(model, r=r, alpha=alpha, **kwargs)
 
 
-__all__ = ["ArchSpec", "CausalLM", "Generator", "SamplingParams", "add_lora", "generate", "load", "load_model", "load_tokenizer", "save_model"]
+__all__ = ["ArchSpec", "CausalLM", "Generator", "SamplingParams", "add_lora", "generate", "load", "load_model",
+           "load_tokenizer", "save_model"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapters import lora_layers
 from ..kernels.attention import FALLBACKS, DocumentLayout
 from ..models.decoder import CausalLM
 from .cache import StaticKVCache
@@ -374,7 +375,7 @@ class Generator:
         """What a captured step depends on besides its buffers: where every weight lives and which adapters run."""
         ptrs = tuple(t.data_ptr() for t in self.model.parameters()) + tuple(
             t.data_ptr() for t in self.model.buffers())
-        flags = tuple(getattr(m, "disabled", None) for m in self.model.modules() if hasattr(m, "lora_A"))
+        flags = tuple(m.disabled for _, m in lora_layers(self.model))
         return ptrs, flags
 
 

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from ..lora import lora_layers
+from ..adapters import lora_layers
 from ..models.quantized import QuantizedLinear
 
 
