@@ -112,9 +112,14 @@ def test_lora_graphs_follow_in_place_adapter_updates_and_nf4(tmp_path):
     expected = eager.generate(prompts, params)
     assert second == expected, _differences(second, expected)
     assert second != first, "the in-place adapter update changed nothing: the graphs read stale adapters?"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     merged = gen.generate(prompts, params, merge_lora=True)  # other graphs (adapters off, merged weights)
-    agree = sum(a == b for a, b in zip(merged, second)) / len(second)
-    assert agree >= 0.5, agree  # bf16 merged weights round differently; most greedy paths stay identical
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} not restored exactly after the merged call"
+    # bf16 merged weights round differently from base + adapter, so greedy paths may part later; the first token
+    # of most rows agrees (exact merge math is the CPU test's job, in fp32)
+    agree = sum(a[0][0] == b[0][0] for a, b in zip(merged, second)) / len(second)
+    assert agree >= 0.75, agree
 
     from fasttune.models.nf4_linear import quantize_linear
     q = _tiny(tmp_path / "q")
