@@ -17,7 +17,8 @@ from . import layer_norm as _ln
 from . import rms_norm as _rms
 from . import rope as _rope
 
-__all__ = ["use_triton", "rms_norm", "layer_norm", "apply_rope", "glu", "fused_linear_cross_entropy"]
+__all__ = ["use_triton", "rms_norm", "layer_norm", "apply_rope", "glu", "fused_linear_cross_entropy",
+           "fused_linear_token_logprobs"]
 
 
 
@@ -60,3 +61,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if use_triton(hidden):
         return _ce.fused_linear_cross_entropy(hidden, weight, labels, **kwargs)
     return _ce.fused_linear_cross_entropy_reference(hidden, weight, labels, **kwargs)
+
+
+def fused_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                **kwargs) -> torch.Tensor:
+    """Per-token log p(label) through the LM head without the (tokens x vocab) logits (see cross_entropy.py)."""
+    if use_triton(hidden):
+        return _ce.fused_linear_token_logprobs(hidden, weight, labels, **kwargs)
+    return _ce.fused_linear_token_logprobs_reference(hidden, weight, labels, **kwargs)
