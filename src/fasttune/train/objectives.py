@@ -13,6 +13,16 @@ ORPO (reference-free by construction): with mean token log-probs a_c, a_r,
     log odds(y) = a - log(1 - exp(a)),  loss = NLL(chosen) + beta * -log sigmoid(log odds_c - log odds_r),
     NLL summed over chosen target tokens / (chosen target tokens of the step).
 
+SimPO (reference-free, length-normalised): with mean token log-probs a_c, a_r (as ORPO's),
+    loss = -log sigmoid(beta (a_c - a_r) - gamma), summed / (pairs of the step). Rewards beta * a; margin and
+    accuracy as DPO's.
+KTO (unpaired: each example is desirable or undesirable): r = logp(y|x) - ref(y|x) (sums over the response) and a
+    reference point z0 = max(0, mean_j [logp(y'_j|x_j) - ref(y'_j|x_j)]), an estimate of KL(policy || reference)
+    from mismatched pairs (each prompt with another example's response), with no gradient (as TRL); then
+    desirable: lambda_D (1 - sigmoid(beta (r - z0))),  undesirable: lambda_U (1 - sigmoid(beta (z0 - r))),
+    summed / (examples of the step). z0 is estimated per micro-batch (TRL: per device batch), so with several
+    micro-batches per step the loss is the sum of the micro-batches' losses, each with its own z0.
+
 Preference batches hold 2P rows: the P chosen sequences, then the P rejected ones, right-padded with an
 attention_mask; labels mark the response tokens (-100 elsewhere, not shifted).
 
@@ -129,3 +139,38 @@ def orpo_loss(model, batch: dict, num_pairs: int, num_chosen_tokens: int, beta: 
     return loss, {"nll": nll.detach(), "log_odds_ratio": ratio.detach().sum(),
                   "reward_margin": margin.sum(), "reward_accuracy": (margin > 0).sum(),
                   "pairs": pc.shape[0]}
+
+
+def simpo_loss(model, batch: dict, num_pairs: int, beta: float, gamma: float, logits_model=None
+               ) -> tuple[torch.Tensor, dict]:
+    logp, n = sequence_logprobs(model, batch, logits_model)
+    pc, pr = _split(logp)
+    nc, nr = _split(n.clamp(min=1).to(logp.dtype))
+    reward_c, reward_r = beta * pc / nc, beta * pr / nr
+    loss = -F.logsigmoid(reward_c - reward_r - gamma).sum() / num_pairs
+    margin = (reward_c - reward_r).detach()
+    return loss, {"reward_chosen": reward_c.detach().sum(), "reward_rejected": reward_r.detach().sum(),
+                  "reward_margin": margin.sum(), "reward_accuracy": (margin > 0).sum(), "pairs": pc.shape[0]}
+
+
+def kto_loss(model, batch: dict, num_examples: int, beta: float, desirable_weight: float, undesirable_weight: float,
+             reference_context, logits_model=None) -> tuple[torch.Tensor, dict]:
+    """`batch`: rows (input_ids, labels), `desirable` (B,) bool, and the mismatched rows kl_input_ids / kl_labels
+    for the reference point; `reference_context()` makes the model the reference (adapters off)."""
+    kl_batch = {"input_ids": batch["kl_input_ids"], "labels": batch["kl_labels"]}
+    with torch.no_grad():
+        with reference_context():
+            ref, _ = sequence_logprobs(model, batch, logits_model)
+            ref_kl, _ = sequence_logprobs(model, kl_batch, logits_model)
+        policy_kl, _ = sequence_logprobs(model, kl_batch, logits_model)
+        z0 = (policy_kl - ref_kl).mean().clamp(min=0)
+    logp, _ = sequence_logprobs(model, batch, logits_model)
+    r = logp - ref
+    good = batch["desirable"].bool()
+    per_row = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                          undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    loss = per_row.sum() / num_examples
+    rewards = (beta * r).detach()
+    return loss, {"kto_kl": z0 * r.shape[0],  # summed over rows: the step reports the row-weighted mean
+                  "reward_chosen": torch.where(good, rewards, 0.0).sum(),
+                  "reward_rejected": torch.where(good, 0.0, rewards).sum(), "pairs": r.shape[0]}
