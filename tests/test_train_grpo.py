@@ -226,10 +226,8 @@ def test_a_reward_preferring_one_token_raises_its_frequency(small_model_dir, tmp
     sampling = grpo.Sampling(6, 1.0, 1.0, 0, 0.0, trainer.rl.stop_ids, seed=11)
 
     def counts() -> torch.Tensor:
-        trainer.model.eval()
-        with torch.no_grad():
-            done = grpo.generate_completions(trainer.model, prompts, 16, sampling, trainer.pad_id)
-        trainer.model.train()
+        done = grpo.generate_completions(trainer.rl.generator, prompts, 16, sampling, merge_lora=True)
+        trainer.rl.generator.release()
         return torch.bincount(torch.tensor([t for group in done for c in group for t in c]), minlength=5000)
 
     before = counts()

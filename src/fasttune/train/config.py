@@ -108,7 +108,12 @@ class GrpoSection:
     length_target: Optional[int] = None  # the length reward's target, in characters of the completion
     length_mode: Literal["target", "penalty"] = "target"  # target: -|n - T| / T; penalty: -max(0, n - T) / T
     samples_every: int = 10  # steps between sample completions written to samples.jsonl in the run folder (0: never)
+    # sequences decoded at once, the KV cache's rows (>= num_generations); null: train.batch_size x num_generations
+    generation_batch_size: Optional[int] = None
     keep_kv_cache: bool = False  # keep the generation KV cache between rollouts (faster; the memory policy reserves it)
+    # merge the (frozen during the rollout) adapters into the dense base weights for generation, restored exactly
+    # after: faster decoding for one copy of the adapted weights in host memory; a quantised base runs unmerged
+    merge_lora: bool = True
 
 
 @dataclass
@@ -323,6 +328,9 @@ class TrainConfig:
                 ("beta", g.beta, g.beta >= 0, ">= 0"),
                 ("num_iterations", g.num_iterations, g.num_iterations >= 1, ">= 1"),
                 ("samples_every", g.samples_every, g.samples_every >= 0, ">= 0"),
+                ("generation_batch_size", g.generation_batch_size,
+                 g.generation_batch_size is None or g.generation_batch_size >= g.num_generations,
+                 ">= num_generations (a prompt's samples decode together), or null"),
                 ("length_target", g.length_target, g.length_target is None or g.length_target >= 1, ">= 1 or null")]:
             if not ok:
                 raise ConfigError(f"objective.grpo.{key} must be {allowed}, got {_short(v)}")

@@ -29,8 +29,9 @@ after generation, so the ratio measures how far the updates moved the policy.
 The log-probabilities come from `kernels.fused_linear_token_logprobs`: the LM head runs chunk by chunk and the
 (tokens x vocab) logits are never materialised for the whole batch, in the forward or the backward.
 
-Phases alternate on one copy of the weights: generation (no graph, adapters applied, the KV cache held only for the
-rollout and released before training unless `keep_kv_cache`), then the no-grad passes for old / reference
+Phases alternate on one copy of the weights: generation (fasttune.generation's Generator on the training model: no
+graph, adapters merged into dense weights for the rollout or applied unmerged over a quantised base; its static KV
+cache is released before training unless `keep_kv_cache`), then the no-grad passes for old / reference
 log-probabilities, then the training forward/backward.
 """
 from __future__ import annotations
@@ -136,52 +137,35 @@ class Sampling:
     seed: int
 
 
-_SAID: set[str] = set()
+def make_generator(model, max_batch_size: int, max_seq_len: int, tokenizer=None):
+    """fasttune.generation's Generator over the training model itself (no copy): a static KV cache of
+    max_batch_size x max_seq_len, CUDA-graph decode steps on CUDA."""
+    from ..generation import Generator
+
+    return Generator(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, tokenizer=tokenizer,
+                     cuda_graphs=True)
 
 
-def _note_once(key: str, message: str) -> None:
-    if key not in _SAID:
-        _SAID.add(key)
-        log.warning("grpo: %s", message)
+def uses_quantised_base(model) -> bool:
+    """Whether an adapted layer sits on a quantised base (NF4, GGUF blocks), which cannot hold a merged weight."""
+    from ..lora import lora_layers
+    from ..models.quantized import QuantizedLinear
+
+    return any(isinstance(m.base, QuantizedLinear) for _, m in lora_layers(model))
 
 
-def generate_completions(model, prompts: list[list[int]], num_samples: int, sampling: Sampling, pad_token_id: int,
-                         keep_kv_cache: bool = False) -> list[list[list[int]]]:
-    """For each prompt, `num_samples` completions (token ids, ending with the stop token when one was sampled).
+def generate_completions(generator, prompts: list[list[int]], num_samples: int, sampling: Sampling,
+                         merge_lora: bool = False) -> list[list[list[int]]]:
+    """For each prompt, `num_samples` completions (token ids, ending with the stop token when one was drawn), from
+    the model as it is now (the rollout policy), in eval mode and without a graph. `merge_lora` merges frozen
+    adapters into dense base weights for the call (restored exactly after)."""
+    from ..generation import SamplingParams
 
-    The slower path: fasttune.models.generate, on left-padded batches with a KV cache grown by concatenation and no
-    CUDA graphs (fasttune.generation's Generator, issue 18 item 1, was not merged into this branch in time). The KV
-    cache lives only inside the call, so it is freed before training whatever `keep_kv_cache` says."""
-    from ..models.generate import generate
-
-    _note_once("slow-generate", "rollouts use fasttune.models.generate (left-padded batches, a KV cache grown by "
-               "concatenation, no CUDA graphs): the fast Generator of fasttune.generation is not in this build, so "
-               "generation is slower than it will be")
-    if sampling.min_p > 0:
-        raise ValueError("objective.grpo.min_p needs fasttune.generation's Generator, which this build lacks; set "
-                         "min_p: 0")
-    device = model.device
-    rows = [p for p in prompts for _ in range(num_samples)]
-    width = max(len(p) for p in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, p in enumerate(rows):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    gen = torch.Generator(device=device).manual_seed(sampling.seed)
-    out = generate(model, ids.to(device), mask.to(device), max_new_tokens=sampling.max_new_tokens, do_sample=True,
-                   temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                   eos_token_id=sampling.stop_token_ids, pad_token_id=pad_token_id, generator=gen)
-    new = out[:, width:].tolist()
-    stops = set(sampling.stop_token_ids)
-    completions = []
-    for row in new:
-        for j, t in enumerate(row):
-            if t in stops:
-                row = row[:j + 1]
-                break
-        completions.append(row)
-    return [completions[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+    params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                            top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
+                            stop_token_ids=list(sampling.stop_token_ids), seed=sampling.seed)
+    with torch.no_grad():
+        return generator.generate(prompts, params, num_samples=num_samples, merge_lora=merge_lora)
 
 
 def kv_cache_bytes(spec, rows: int, tokens: int, dtype_bytes: int = 2) -> int:
@@ -301,6 +285,10 @@ class GrpoRunner:
                              "completions could only stop at max_new_tokens; set the tokenizer's eos_token")
         self.buffer: list[dict] | None = None
         self.samples_path = Path(trainer.output_dir) / "samples.jsonl"
+        self.generator = make_generator(trainer.model, generation_rows(trainer.cfg),
+                                        g.max_prompt_length + g.max_new_tokens, tok)
+        # frozen adapters merged into dense weights for a rollout (faster decode); a quantised base runs unmerged
+        self.merge_lora = g.merge_lora and trainer.cfg.lora.enabled and not uses_quantised_base(trainer.model)
 
     # -- rollout --
 
@@ -308,20 +296,28 @@ class GrpoRunner:
         g = self.cfg
         return Sampling(g.max_new_tokens, g.temperature, g.top_p, g.top_k, g.min_p, self.stop_ids, seed)
 
-    @torch.no_grad()
-    def rollout(self, batch: dict, seed: int) -> dict:
-        """Generate, score and tensorise one micro-batch of prompts: the training rows (right-padded prompt +
-        completion), advantages, and the old / reference log-probabilities when they are needed."""
-        t, g = self.trainer, self.cfg
-        model = t.model
-        examples = batch["examples"]
-        was_training = model.training
-        model.eval()
+    def generate(self, batches: list[dict], seed: int) -> list[list[list[list[int]]]]:
+        """Phase 1: every micro-batch's completions in one generator call (rounds of generation_batch_size
+        sequences), then the KV cache is released for the training phase (unless keep_kv_cache)."""
+        prompts = [e["prompt_ids"] for b in batches for e in b["examples"]]
         try:
-            completions = generate_completions(model, [e["prompt_ids"] for e in examples], g.num_generations,
-                                               self._sampling(seed), t.pad_id, g.keep_kv_cache)
+            done = generate_completions(self.generator, prompts, self.cfg.num_generations, self._sampling(seed),
+                                        self.merge_lora)
         finally:
-            model.train(was_training)
+            if not self.cfg.keep_kv_cache:
+                self.generator.release()
+        out, i = [], 0
+        for b in batches:
+            out.append(done[i:i + len(b["examples"])])
+            i += len(b["examples"])
+        return out
+
+    @torch.no_grad()
+    def rollout(self, batch: dict, completions: list[list[list[int]]]) -> dict:
+        """Phase 2, one micro-batch: score the completions and tensorise them — the training rows (right-padded
+        prompt + completion), advantages, and the old / reference log-probabilities when they are needed."""
+        t, g = self.trainer, self.cfg
+        examples = batch["examples"]
         texts, scores, rows = [], [], []
         for e, group in zip(examples, completions):
             for c in group:
@@ -361,8 +357,9 @@ class GrpoRunner:
         num_sequences = sum(len(b["examples"]) for b in group) * g.num_generations
         if self.buffer is None or t.step % g.num_iterations == 0:
             self.buffer = None  # the previous rollout's tensors go before the new generation
-            base = (t.cfg.train.seed * 1_000_003 + t.step) * 4099 + t.dist.rank * 97
-            self.buffer = [self.rollout(b, base + i) for i, b in enumerate(mine)]
+            seed = (t.cfg.train.seed * 1_000_003 + t.step) * 4099 + t.dist.rank * 97
+            completions = self.generate(mine, seed)
+            self.buffer = [self.rollout(b, c) for b, c in zip(mine, completions)]
             self._write_samples(self.buffer[0])
         total = torch.zeros((), dtype=torch.float64, device=t.device)
         sums: dict[str, torch.Tensor] = {}
@@ -427,9 +424,16 @@ def memory_plan_inputs(cfg, model) -> tuple[int, int, dict]:
     extra = {}
     if g.keep_kv_cache:
         dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
-        extra["reserve_bytes"] = 2 * GiB + kv_cache_bytes(model.spec, rows, length, dtype_bytes)
+        extra["reserve_bytes"] = 2 * GiB + kv_cache_bytes(model.spec, generation_rows(cfg), length, dtype_bytes)
     return rows, length, extra
 
 
+def generation_rows(cfg) -> int:
+    """Sequences decoded at once (the KV cache's rows): objective.grpo.generation_batch_size, else a micro-batch's
+    batch_size x num_generations."""
+    g = cfg.objective.grpo
+    return g.generation_batch_size or cfg.train.batch_size * g.num_generations
+
+
 __all__ = ["GrpoRunner", "grpo_loss", "group_advantages", "token_logprobs", "generate_completions",
-           "prompt_batches", "repeat_groups", "prepare_prompts", "kv_cache_bytes", "memory_plan_inputs", "LOSS_TYPES"]
+           "prompt_batches", "repeat_groups", "prepare_prompts", "kv_cache_bytes", "memory_plan_inputs", "generation_rows", "make_generator", "LOSS_TYPES"]
