@@ -128,10 +128,10 @@ class ObjectiveConfig:
     simpo_gamma: float = 0.5  # SimPO's target reward margin gamma (>= 0), in reward units: -log sigmoid(beta d - gamma)
     kto_desirable_weight: float = 1.0  # KTO's lambda_D: weight of desirable examples' loss (> 0)
     kto_undesirable_weight: float = 1.0  # KTO's lambda_U: weight of undesirable examples' loss (> 0)
-    grpo: GrpoSection = field(default_factory=GrpoSection)  # objective.type grpo: rollouts, rewards and the loss
     train_embeddings: Optional[bool] = None  # None: true for pretrain, false otherwise
     embedding_lr_ratio: float = 0.1  # learning rate of embeddings / LM head relative to train.lr
     label_smoothing: float = 0.0  # sft / pretrain: as F.cross_entropy's (0 = none), inside the fused loss
+    grpo: GrpoSection = field(default_factory=GrpoSection)  # rollouts, rewards and the loss of objective.type grpo
 
 
 @dataclass
