@@ -284,6 +284,8 @@ class GrpoRunner:
             raise ValueError("the tokenizer has no EOS token and the chat template no end-of-turn token: GRPO "
                              "completions could only stop at max_new_tokens; set the tokenizer's eos_token")
         self.buffer: list[dict] | None = None
+        self.buffer_step: int | None = None  # the step whose rollout the buffer holds
+        self.generate_seconds = 0.0  # wall time of the last rollout's generation
         self.samples_path = Path(trainer.output_dir) / "samples.jsonl"
         self.generator = make_generator(trainer.model, generation_rows(trainer.cfg),
                                         g.max_prompt_length + g.max_new_tokens, tok)
@@ -350,17 +352,30 @@ class GrpoRunner:
 
     # -- the step --
 
-    def accumulate(self, group: list[dict]) -> tuple[torch.Tensor, dict]:
-        """Trainer._accumulate for GRPO: (the step's loss as a float64 device tensor, metrics)."""
-        t, g = self.trainer, self.cfg
+    def prepare(self, group: list[dict]) -> None:
+        """The rollout phase of the coming step: generate for this rank's share of `group`, score, and compute the
+        old / reference log-probabilities; the buffer then serves num_iterations steps."""
+        import time
+
+        t = self.trainer
         mine = group[t.dist.rank::t.dist.world_size]
+        self.buffer = None  # the previous rollout's tensors go before the new generation
+        seed = (t.cfg.train.seed * 1_000_003 + t.step) * 4099 + t.dist.rank * 97
+        start = time.perf_counter()
+        completions = self.generate(mine, seed)  # token lists on the host: the generation has finished
+        self.generate_seconds = time.perf_counter() - start
+        self.buffer = [self.rollout(b, c) for b, c in zip(mine, completions)]
+        self.buffer_step = t.step
+        self._write_samples(self.buffer[0])
+
+    def accumulate(self, group: list[dict]) -> tuple[torch.Tensor, dict]:
+        """Trainer._accumulate for GRPO: (the step's loss as a float64 device tensor, metrics). A new rollout every
+        num_iterations steps (or when none is held, e.g. after a resume), unless `prepare` already made it."""
+        t, g = self.trainer, self.cfg
         num_sequences = sum(len(b["examples"]) for b in group) * g.num_generations
-        if self.buffer is None or t.step % g.num_iterations == 0:
-            self.buffer = None  # the previous rollout's tensors go before the new generation
-            seed = (t.cfg.train.seed * 1_000_003 + t.step) * 4099 + t.dist.rank * 97
-            completions = self.generate(mine, seed)
-            self.buffer = [self.rollout(b, c) for b, c in zip(mine, completions)]
-            self._write_samples(self.buffer[0])
+        fresh = self.buffer is not None and self.buffer_step == t.step
+        if not fresh and (self.buffer is None or t.step % g.num_iterations == 0):
+            self.prepare(group)
         total = torch.zeros((), dtype=torch.float64, device=t.device)
         sums: dict[str, torch.Tensor] = {}
         for i, r in enumerate(self.buffer):
@@ -396,6 +411,7 @@ class GrpoRunner:
             record[f"reward/{rw.name}"] = host[f"reward/{rw.name}"] / seqs
         record["completion_length"] = host["completion_tokens"] / seqs
         record["completion_length_max"] = max(max(r["lengths"]) for r in self.buffer)  # this rank's rollouts
+        record["generate_s"] = self.generate_seconds if self.buffer_step == t.step else 0.0
         return total, record
 
     def _write_samples(self, rollout: dict) -> None:
