@@ -188,7 +188,7 @@ def small_model_dir(tmp_path_factory):
     return make_small_model(tmp_path_factory.mktemp("grpo_model"), tied=False)
 
 
-def _peaked(model_dir: Path, out: Path) -> Path:
+def _peaked(model_dir: Path, out: Path, scale: float = 40.0) -> Path:
     """The small model with a larger LM head, so its next-token distribution has a few likely tokens to choose
     from (a near-uniform one over 4K tokens gives a group of 8 short completions nothing to compare)."""
     import shutil
@@ -198,7 +198,7 @@ def _peaked(model_dir: Path, out: Path) -> Path:
     shutil.copytree(model_dir, out)
     state = load_file(str(out / "model.safetensors"))
     key = next(k for k in state if k.endswith("lm_head.weight"))
-    state[key] = state[key] * 40
+    state[key] = state[key] * scale
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
@@ -250,3 +250,33 @@ def test_a_reward_preferring_one_token_raises_its_frequency(small_model_dir, tmp
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 3, 5} and len(samples) == 3 * 8
     assert result.adapter_dir is not None
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "gspo"])
+def test_num_iterations_reuses_each_rollout_and_measures_kl(small_model_dir, tmp_path, loss_type):
+    """mu = 2: each step's prompts come twice in a row and the second step trains on the first one's rollout (no
+    generation), where the ratio and the KL to the adapters-off reference are no longer trivial."""
+    from fasttune.train import Trainer
+
+    model_dir = _peaked(small_model_dir, tmp_path / "model", scale=10.0)
+    (tmp_path / "r.py").write_text("def r(prompt, completion, row):\n    return float(sum(map(ord, completion)) % 7)\n")
+    raw = {"model": {"path": str(model_dir), "max_seq_length": 96, "device": "cpu", "dtype": "float32"},
+           "lora": {"r": 4, "alpha": 8},
+           "data": {"path": "bundled:instructions", "max_examples": 4},
+           "objective": {"type": "grpo", "grpo": {"rewards": [f"{tmp_path / 'r.py'}:r"], "num_generations": 4,
+                                                  "max_new_tokens": 5, "max_prompt_length": 40, "beta": 0.1,
+                                                  "num_iterations": 2, "loss": loss_type, "samples_every": 0,
+                                                  "epsilon_low": 0.01, "epsilon_high": 0.01}},
+           "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 2, "grad_accum": 1,
+                     "lr": 2e-2, "progress": False, "tensorboard": False, "plot": False, "memory": "none"}}
+    trainer = Trainer(TrainConfig.from_dict(raw))
+    order = [tuple(e["prompt"] for e in b["examples"]) for b in trainer._epoch(0)]
+    assert order[0] == order[1] and order[2] == order[3] and order[0] != order[2]
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert [r["generate_s"] > 0 for r in steps] == [True, False, True, False]
+    assert steps[0]["kl"] == 0.0  # adapters start at B = 0: policy == reference
+    assert steps[1]["kl"] > 0 and all(math.isfinite(r["loss"]) for r in steps)
+    assert steps[0]["clip_fraction"] == 0.0  # ratio 1 on the rollout's first step
+    assert steps[1]["clip_fraction"] > 0  # the update moved the policy past a 1% clip range

@@ -387,6 +387,7 @@ class GrpoRunner:
                                     num_sequences=num_sequences, max_completion_length=g.max_new_tokens)
                 (loss * t.dist.world_size).backward()
             total += loss.detach().double()
+            t._shapes.add(tuple(r["input_ids"].shape))
             for k in ("kl", "clipped"):
                 sums[k] = sums.get(k, 0) + m[k].double()
         # host numbers of this rank's rollouts (rewards, lengths), summed over ranks (a collective under torchrun

@@ -715,7 +715,8 @@ class Trainer:
         shapes = sorted({batch_shape(b) for b in batches})
         real = sum(batch_tokens(b) for b in batches)
         slots = sum(b["input_ids"].numel() for b in batches)
-        kind = "packing" if self.cfg.data.packing and self.data.kind != "preference" else "padding"
+        kind = "packing" if self.cfg.data.packing and self.data.kind not in ("preference", "unpaired", "prompts") \
+            else "padding"
         return (f"batches: {len(batches)} per epoch in {len(shapes)} shape(s) "
                 f"{shapes if len(shapes) <= 12 else str(shapes[:12])[:-1] + ', ...]'}; {kind} fills "
                 f"{100 * real / max(slots, 1):.1f}% of the token slots (real tokens / rows x length)")
