@@ -26,7 +26,7 @@ detached, so rho = 1 but d rho = d logp: the plain policy gradient A_i d logp_it
 reused for mu optimizer steps (the prompt batches repeat mu times in the data order) and old is computed once, right
 after generation, so the ratio measures how far the updates moved the policy.
 
-The log-probabilities come from `kernels.fused_linear_token_logprobs`: the LM head runs chunk by chunk and the
+The log-probabilities come from `objectives.token_logprobs` through `kernels.fused_linear_token_logprobs`: the LM head runs chunk by chunk and the
 (tokens x vocab) logits are never materialised for the whole batch, in the forward or the backward.
 
 Phases alternate on one copy of the weights: generation (fasttune.generation's Generator on the training model: no
@@ -43,10 +43,10 @@ from pathlib import Path
 
 import torch
 
-from .. import kernels
 from ..data.packing import bucket_length
 from ..data.tokenize import IGNORE_INDEX
 from . import distributed as dist_utils
+from .objectives import token_logprobs
 from .rewards import build_rewards, score
 
 log = logging.getLogger("fasttune.train")
@@ -104,24 +104,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch
         clipped = (((rho < lo) & (a < 0)) | ((rho > hi) & (a > 0))) & mask.bool()
     metrics = {"kl": kl.detach().sum(), "clipped": clipped.sum(), "tokens": m.sum(), "sequences": logp.shape[0]}
     return loss, metrics
-
-
-def token_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                   logits_model=None) -> torch.Tensor:
-    """(B, T-1) float32: log p(labels[:, t+1] | input_ids[:, :t+1]) at `temperature`, 0 where the label is -100.
-    Right-padded rows (no mask needed, see objectives.py). `model` runs the forward (it may be a DDP wrapper);
-    `logits_model` (default: `model`) is the CausalLM whose LM head forms the log-probabilities, chunk by chunk."""
-    lm = logits_model or model
-    h = model(input_ids, return_logits=False).last_hidden_state[:, :-1]
-    B, T, H = h.shape
-    h = h.reshape(-1, H)
-    if lm.spec.logits_scaling is not None:  # (h / s) @ W.T == (h @ W.T) / s, as the fused loss
-        h = h / lm.spec.logits_scaling
-    hid, weight, extra = lm.loss_head_inputs(h)
-    logp = kernels.fused_linear_token_logprobs(
-        hid, weight, labels[:, 1:].reshape(-1), softcap=lm.spec.final_softcap, temperature=temperature,
-        chunk_bytes=lm.loss_chunk_bytes, **({} if extra is None else {"extra_weight": extra}))
-    return logp.view(B, T)
 
 
 # ---- generation (the one place that calls the generator) --------------------------------------------------------

@@ -38,33 +38,36 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from .. import kernels
 from ..labels import IGNORE_INDEX, next_token_targets
 
 
-def _row_logprobs(model, h_row: torch.Tensor, targets_row: torch.Tensor) -> torch.Tensor:
-    logits = model.logits(h_row)  # (T-1, V) float32
-    logp = logits.log_softmax(-1).gather(-1, targets_row.clamp(min=0)[:, None]).squeeze(-1)
-    return logp.masked_fill(targets_row == IGNORE_INDEX, 0.0).sum()
+def token_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                   logits_model=None) -> torch.Tensor:
+    """(B, T-1) float32: log p(labels[:, t+1] | input_ids[:, :t+1]) at `temperature`, 0 where the label is -100.
+    Right-padded rows (no mask needed, see the module doc). The LM head and the log-softmax run fused, chunk by
+    chunk (`kernels.fused_linear_token_logprobs`): the (tokens x vocab) logits are never materialised for the
+    whole batch, in the forward or the backward. `model` runs the forward (it may be a DDP wrapper);
+    `logits_model` (default: `model`) is the CausalLM whose LM head forms the log-probabilities."""
+    lm = logits_model or model
+    h = model(input_ids, return_logits=False).last_hidden_state[:, :-1]
+    B, T, H = h.shape
+    h = h.reshape(-1, H)
+    if lm.spec.logits_scaling is not None:  # (h / s) @ W.T == (h @ W.T) / s, as the fused loss
+        h = h / lm.spec.logits_scaling
+    hid, weight, extra = lm.loss_head_inputs(h)
+    logp = kernels.fused_linear_token_logprobs(
+        hid, weight, next_token_targets(labels).reshape(-1), softcap=lm.spec.final_softcap, temperature=temperature,
+        chunk_bytes=lm.loss_chunk_bytes, **({} if extra is None else {"extra_weight": extra}))
+    return logp.view(B, T)
 
 
 def sequence_logprobs(model, batch: dict, logits_model=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log p(label token) over each row's target tokens, and the number of targets per row.
-    The (T x vocab) logits are formed one row at a time under activation checkpointing, so only one row's logits
-    are ever alive, in the forward and in the backward. `model` runs the forward (it may be a DDP wrapper);
-    `logits_model` (default: `model`) is the CausalLM whose LM head forms the logits."""
-    logits_model = logits_model or model
-    out = model(batch["input_ids"], return_logits=False)  # right padding: no mask needed (see the module doc)
-    h = out.last_hidden_state[:, :-1]
-    targets = next_token_targets(batch["labels"])
-    sums = []
-    for b in range(h.shape[0]):
-        if torch.is_grad_enabled() and h.requires_grad:
-            sums.append(checkpoint(_row_logprobs, logits_model, h[b], targets[b], use_reentrant=False))
-        else:
-            sums.append(_row_logprobs(logits_model, h[b], targets[b]))
-    return torch.stack(sums), (targets != IGNORE_INDEX).sum(-1)
+    """Sum of log p(label token) over each row's target tokens, and the number of targets per row, through
+    `token_logprobs` (no logits tensor of the batch is ever formed)."""
+    logp = token_logprobs(model, batch["input_ids"], batch["labels"], logits_model=logits_model)
+    return logp.sum(-1), (next_token_targets(batch["labels"]) != IGNORE_INDEX).sum(-1)
 
 
 def lm_loss(model, batch: dict, num_items_in_batch: int, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
