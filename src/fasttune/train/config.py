@@ -92,7 +92,7 @@ class GrpoSection:
     temperature: float = 1.0  # sampling temperature (> 0); the log-probabilities are those of the same distribution
     top_p: float = 1.0  # nucleus sampling, in (0, 1]
     top_k: int = 0  # sample among the k most likely tokens (0: all)
-    min_p: float = 0.0  # drop tokens below min_p x the top probability, in [0, 1) (needs fasttune.generation)
+    min_p: float = 0.0  # drop tokens below min_p x the top probability, in [0, 1) (0: off)
     # grpo: per-sequence length normalisation, std-normalised advantages; dr_grpo: no length or std normalisation
     # (constant normaliser max_new_tokens); gspo: sequence-level importance ratio exp(mean token log-ratio)
     loss: Literal["grpo", "dr_grpo", "gspo"] = "grpo"
