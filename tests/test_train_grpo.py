@@ -223,7 +223,7 @@ def test_a_reward_preferring_one_token_raises_its_frequency(small_model_dir, tmp
                      "memory": "none", "seed": 3}}
     trainer = Trainer(TrainConfig.from_dict(raw))
     prompts = [e["prompt_ids"] for e in trainer.data.train[:4]]
-    sampling = grpo.Sampling(6, 1.0, 1.0, 0, 0.0, trainer.rl.stop_ids, seed=11)
+    sampling = trainer.rl.sampling(seed=11)
 
     def counts() -> torch.Tensor:
         done = grpo.generate_completions(trainer.rl.generator, prompts, 16, sampling, merge_lora=True)

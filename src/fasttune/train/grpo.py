@@ -9,7 +9,8 @@ Advantages, per group of G completions of one prompt:
     grpo, gspo:  A_i = (R_i - mean_g R) / (std_g R + 1e-4)      (std with Bessel's correction, as TRL)
     dr_grpo:     A_i = R_i - mean_g R                             (no std normalisation)
 Per completion token t (m_it = 1 on completion tokens, 0 elsewhere):
-    logp_it  = log softmax(z_it / tau)[o_it]                      (the sampling distribution's log-probability)
+    logp_it  = log softmax(z_it / tau)[o_it]     (the sampling distribution's log-probability; top-k / top-p /
+                                                  min-p truncation is not part of it, as in TRL)
     r_it     = logp_it - old_it,   rho_it = exp(r_it)             (old: pi_old's log-probability, no gradient)
     k_it     = exp(ref_it - logp_it) - (ref_it - logp_it) - 1     (k3 estimator of KL(pi_theta || pi_ref), >= 0)
     c_it     = min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i)
@@ -26,8 +27,9 @@ detached, so rho = 1 but d rho = d logp: the plain policy gradient A_i d logp_it
 reused for mu optimizer steps (the prompt batches repeat mu times in the data order) and old is computed once, right
 after generation, so the ratio measures how far the updates moved the policy.
 
-The log-probabilities come from `objectives.token_logprobs` through `kernels.fused_linear_token_logprobs`: the LM head runs chunk by chunk and the
-(tokens x vocab) logits are never materialised for the whole batch, in the forward or the backward.
+The log-probabilities come from `objectives.token_logprobs` (`kernels.fused_linear_token_logprobs`): the LM head
+runs chunk by chunk and the (tokens x vocab) logits are never materialised for the whole batch, in the forward or
+the backward.
 
 Phases alternate on one copy of the weights: generation (fasttune.generation's Generator on the training model: no
 graph, adapters merged into dense weights for the rollout or applied unmerged over a quantised base; its static KV
@@ -37,8 +39,6 @@ log-probabilities, then the training forward/backward.
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +49,6 @@ from . import distributed as dist_utils
 from .objectives import token_logprobs
 from .rewards import build_rewards, score
 
-log = logging.getLogger("fasttune.train")
 ADVANTAGE_EPS = 1e-4
 LOSS_TYPES = ("grpo", "dr_grpo", "gspo")
 
@@ -108,17 +107,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch
 
 # ---- generation (the one place that calls the generator) --------------------------------------------------------
 
-@dataclass
-class Sampling:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    stop_token_ids: list[int]
-    seed: int
-
-
 def make_generator(model, max_batch_size: int, max_seq_len: int, tokenizer=None):
     """fasttune.generation's Generator over the training model itself (no copy): a static KV cache of
     max_batch_size x max_seq_len, CUDA-graph decode steps on CUDA."""
@@ -136,16 +124,11 @@ def uses_quantised_base(model) -> bool:
     return any(isinstance(m.base, QuantizedLinear) for _, m in lora_layers(model))
 
 
-def generate_completions(generator, prompts: list[list[int]], num_samples: int, sampling: Sampling,
+def generate_completions(generator, prompts: list[list[int]], num_samples: int, params,
                          merge_lora: bool = False) -> list[list[list[int]]]:
     """For each prompt, `num_samples` completions (token ids, ending with the stop token when one was drawn), from
-    the model as it is now (the rollout policy), in eval mode and without a graph. `merge_lora` merges frozen
-    adapters into dense base weights for the call (restored exactly after)."""
-    from ..generation import SamplingParams
-
-    params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                            top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
-                            stop_token_ids=list(sampling.stop_token_ids), seed=sampling.seed)
+    the model as it is now (the rollout policy), in eval mode and without a graph. `params`: the generator's
+    SamplingParams. `merge_lora` merges frozen adapters into dense base weights for the call (restored exactly)."""
     with torch.no_grad():
         return generator.generate(prompts, params, num_samples=num_samples, merge_lora=merge_lora)
 
@@ -251,7 +234,7 @@ class GrpoRunner:
     """Rollouts and the GRPO loss for a Trainer: `accumulate(group)` has `Trainer._accumulate`'s contract."""
 
     def __init__(self, trainer):
-        from ..train.chat import stop_token_ids
+        from .chat import stop_token_ids
         from .data import chat_template_for
 
         self.trainer = trainer
@@ -276,16 +259,20 @@ class GrpoRunner:
 
     # -- rollout --
 
-    def _sampling(self, seed: int) -> Sampling:
+    def sampling(self, seed: int):
+        """The rollout's SamplingParams (the stop tokens: EOS and the chat template's end of turn)."""
+        from ..generation import SamplingParams
+
         g = self.cfg
-        return Sampling(g.max_new_tokens, g.temperature, g.top_p, g.top_k, g.min_p, self.stop_ids, seed)
+        return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                              top_k=g.top_k, min_p=g.min_p, stop_token_ids=list(self.stop_ids), seed=seed)
 
     def generate(self, batches: list[dict], seed: int) -> list[list[list[list[int]]]]:
         """Phase 1: every micro-batch's completions in one generator call (rounds of generation_batch_size
         sequences), then the KV cache is released for the training phase (unless keep_kv_cache)."""
         prompts = [e["prompt_ids"] for b in batches for e in b["examples"]]
         try:
-            done = generate_completions(self.generator, prompts, self.cfg.num_generations, self._sampling(seed),
+            done = generate_completions(self.generator, prompts, self.cfg.num_generations, self.sampling(seed),
                                         self.merge_lora)
         finally:
             if not self.cfg.keep_kv_cache:
@@ -418,12 +405,21 @@ def memory_plan_inputs(cfg, model) -> tuple[int, int, dict]:
     between rollouts (keep_kv_cache) is reserved on top of the planner's usual reserve."""
     from .memory import GiB
 
+    from .memory import free_device_bytes
+
     g = cfg.objective.grpo
     rows, length = cfg.train.batch_size * g.num_generations, g.max_prompt_length + g.max_new_tokens
+    dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    kv = kv_cache_bytes(model.spec, generation_rows(cfg), length, dtype_bytes)
+    free = free_device_bytes(next(model.parameters()).device)
+    if free is not None and kv > free - GiB:  # said now, not after the first step's minutes
+        raise ValueError(f"the generation KV cache ({generation_rows(cfg)} sequences x {length} tokens: "
+                         f"{kv / GiB:.1f} GiB) does not fit in the {free / GiB:.1f} GiB free beside the model; lower "
+                         "objective.grpo.generation_batch_size (>= num_generations), max_new_tokens or "
+                         "max_prompt_length")
     extra = {}
     if g.keep_kv_cache:
-        dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
-        extra["reserve_bytes"] = 2 * GiB + kv_cache_bytes(model.spec, generation_rows(cfg), length, dtype_bytes)
+        extra["reserve_bytes"] = 2 * GiB + kv
     return rows, length, extra
 
 
@@ -434,5 +430,6 @@ def generation_rows(cfg) -> int:
     return g.generation_batch_size or cfg.train.batch_size * g.num_generations
 
 
-__all__ = ["GrpoRunner", "grpo_loss", "group_advantages", "token_logprobs", "generate_completions",
-           "prompt_batches", "repeat_groups", "prepare_prompts", "kv_cache_bytes", "memory_plan_inputs", "generation_rows", "make_generator", "LOSS_TYPES"]
+__all__ = ["GrpoRunner", "grpo_loss", "group_advantages", "token_logprobs", "generate_completions", "prompt_batches",
+           "repeat_groups", "prepare_prompts", "kv_cache_bytes", "memory_plan_inputs", "generation_rows",
+           "make_generator", "LOSS_TYPES"]
