@@ -82,6 +82,9 @@ def test_kto_matches_its_formula_in_float64(small_model, tmp_path):
     loss, m = kto_loss(model, batch, 7, beta, ld, lu, lambda: disable_adapters(model))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     assert float(m["kto_kl"]) == pytest.approx(4 * z0.item(), rel=1e-3, abs=1e-6)
+    with torch.no_grad():
+        r = _direct_logprobs(model, plain) - ref
+    assert float(m["reward_accuracy"]) == int(torch.where(batch["desirable"], r > z0, r < z0).sum())
     p = next(p for name, p in model.named_parameters() if "lora_A" in name)
     (g,) = torch.autograd.grad(loss, [p])
     (want,) = torch.autograd.grad(formula().sum() / 7, [p])

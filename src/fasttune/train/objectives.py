@@ -20,7 +20,8 @@ KTO (unpaired: each example is desirable or undesirable): r = logp(y|x) - ref(y|
     reference point z0 = max(0, mean_j [logp(y'_j|x_j) - ref(y'_j|x_j)]), an estimate of KL(policy || reference)
     from mismatched pairs (each prompt with another example's response), with no gradient (as TRL); then
     desirable: lambda_D (1 - sigmoid(beta (r - z0))),  undesirable: lambda_U (1 - sigmoid(beta (z0 - r))),
-    summed / (examples of the step). z0 is estimated per micro-batch (TRL: per device batch), so with several
+    summed / (examples of the step); accuracy = share of examples on their side of z0 (desirable r > z0,
+    undesirable r < z0); kto_kl = z0. z0 is estimated per micro-batch (TRL: per device batch), so with several
     micro-batches per step the loss is the sum of the micro-batches' losses, each with its own z0.
 
 Preference batches hold 2P rows: the P chosen sequences, then the P rejected ones, right-padded with an
@@ -173,7 +174,6 @@ def kto_loss(model, batch: dict, num_examples: int, beta: float, desirable_weigh
     per_row = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
                           undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
     loss = per_row.sum() / num_examples
-    rewards = (beta * r).detach()
+    right_side = torch.where(good, r > z0, r < z0).detach()
     return loss, {"kto_kl": z0 * r.shape[0],  # summed over rows: the step reports the row-weighted mean
-                  "reward_chosen": torch.where(good, rewards, 0.0).sum(),
-                  "reward_rejected": torch.where(good, 0.0, rewards).sum(), "pairs": r.shape[0]}
+                  "reward_accuracy": right_side.sum(), "pairs": r.shape[0]}
