@@ -109,12 +109,11 @@ def run_case(name: str, args, device) -> dict:
         from fasttune.train.memory import apply_memory_policy
 
         rows, seq_len, extra = memory_plan_inputs(cfg, model)
-        trainer.memory_plan = apply_memory_policy(model, "auto", seq_len=seq_len, batch_size=rows,
-                                                  free_bytes=int(args.budget_gib * GiB - torch.cuda.memory_allocated()),
-                                                  **extra)
+        apply_memory_policy(model, "auto", seq_len=seq_len, batch_size=rows,
+                            free_bytes=int(args.budget_gib * GiB - torch.cuda.memory_allocated()), **extra)
     rl = trainer.rl
     rl.stop_ids = []  # every completion runs max_new_tokens: the worst case, and the same work every step
-    plan = getattr(trainer, "memory_plan", None)
+    plan = getattr(model, "memory_plan", None)  # what apply_memory_policy installed last
     steps = []
     for i in range(n_prompts):
         group = trainer._next_group()

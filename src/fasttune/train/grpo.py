@@ -256,6 +256,7 @@ class GrpoRunner:
                                         g.max_prompt_length + g.max_new_tokens, tok)
         # frozen adapters merged into dense weights for a rollout (faster decode); a quantised base runs unmerged
         self.merge_lora = g.merge_lora and trainer.cfg.lora.enabled and not uses_quantised_base(trainer.model)
+        self.memory_plan = plan_memory_for_grpo(trainer.cfg, trainer.model)
 
     # -- rollout --
 
@@ -398,6 +399,17 @@ class GrpoRunner:
                     "advantage": float(rollout["advantages"][j]), "tokens": rollout["lengths"][j]}) + "\n")
 
 
+def plan_memory_for_grpo(cfg, model):
+    """The memory policy (train.memory) installed again for what a GRPO step trains on (the load planned for
+    max_seq_length x batch_size rows); the plan, or None with train.memory: none."""
+    from .memory import apply_memory_policy
+
+    rows, length, extra = memory_plan_inputs(cfg, model)
+    if cfg.train.memory == "none":
+        return None
+    return apply_memory_policy(model, policy=cfg.train.memory, seq_len=length, batch_size=rows, **extra)
+
+
 def memory_plan_inputs(cfg, model) -> tuple[int, int, dict]:
     """What the memory policy plans a GRPO step for: (rows, tokens per row, extra plan arguments). The training
     micro-batch is batch_size prompts x G completions of up to max_prompt_length + max_new_tokens tokens. Generation
@@ -431,5 +443,5 @@ def generation_rows(cfg) -> int:
 
 
 __all__ = ["GrpoRunner", "grpo_loss", "group_advantages", "token_logprobs", "generate_completions", "prompt_batches",
-           "repeat_groups", "prepare_prompts", "kv_cache_bytes", "memory_plan_inputs", "generation_rows",
+           "repeat_groups", "prepare_prompts", "kv_cache_bytes", "memory_plan_inputs", "plan_memory_for_grpo", "generation_rows",
            "make_generator", "LOSS_TYPES"]
