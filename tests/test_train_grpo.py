@@ -314,3 +314,44 @@ def test_grpo_on_cuda_runs_generation_and_the_triton_log_probs(tmp_path, load_in
         want = trainer.model.logits(h).log_softmax(-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
         want = want * (b["labels"][:, 1:] != -100)
     assert (got - want).abs().max().item() < 2e-2
+
+
+def _interrupt_after_step_2(trainer, record):
+    if trainer.step == 2:
+        raise KeyboardInterrupt  # as Ctrl-C: the trainer saves a checkpoint and stops
+
+
+def test_resume_reproduces_the_uninterrupted_run(small_model_dir, tmp_path):
+    """Rollout seeds follow (train.seed, step, rank) and the checkpoint restores weights, optimizer and data
+    position, so a run stopped after step 2 and resumed makes the same rollouts and losses as one that was not
+    (mu = 2: the resumed step 3 is the second use of step 2's prompts and regenerates them, as step 2 did)."""
+    from fasttune.train import Trainer
+
+    model_dir = _peaked(small_model_dir, tmp_path / "model", scale=10.0)
+    (tmp_path / "r.py").write_text("def r(prompt, completion, row):\n    return float(sum(map(ord, completion)) % 7)\n")
+
+    def make(out, mu):
+        return Trainer(TrainConfig.from_dict({
+            "model": {"path": str(model_dir), "max_seq_length": 96, "device": "cpu", "dtype": "float32"},
+            "lora": {"r": 4, "alpha": 8}, "data": {"path": "bundled:instructions", "max_examples": 6},
+            "objective": {"type": "grpo", "grpo": {"rewards": [f"{tmp_path / 'r.py'}:r"], "num_generations": 3,
+                                                   "max_new_tokens": 4, "max_prompt_length": 40, "beta": 0.05,
+                                                   "num_iterations": mu, "samples_every": 1}},
+            "train": {"output_dir": str(out), "max_steps": 4, "batch_size": 1, "grad_accum": 1, "lr": 2e-2,
+                      "save_every": 1, "progress": False, "tensorboard": False, "plot": False, "memory": "none"}}))
+
+    for mu in (1, 2):
+        full = make(tmp_path / f"full{mu}", mu).train()
+        first = make(tmp_path / f"cut{mu}", mu)
+        first.callbacks.append(_interrupt_after_step_2)
+        part = first.train()
+        assert part.interrupted and part.step == 2
+        rest = make(tmp_path / f"cut{mu}", mu).train(resume=True)
+        if mu == 1:
+            assert part.losses + rest.losses == full.losses
+        else:  # step 3 regenerates the rollout the uninterrupted run reused: same prompts, another seed
+            assert part.losses == full.losses[:2] and len(rest.losses) == 2
+        samples = lambda run: [(s["step"], s["completion"]) for s in map(  # noqa: E731
+            json.loads, (tmp_path / run / "samples.jsonl").read_text().splitlines())]
+        if mu == 1:
+            assert samples(f"cut{mu}") == samples(f"full{mu}")
