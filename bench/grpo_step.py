@@ -12,12 +12,13 @@ not learning), beta 0.04 (the reference pass runs). The timed phases of each ste
     rollout_s    generation + scoring + the no-grad reference pass over the 8 x 1536 rows
     train_s      the rest of the optimizer step: forward + backward through the fused per-token log-prob head,
                  clipping, AdamW update (synchronised)
-Peaks: torch.cuda.max_memory_allocated() reset before each phase (generation, training) of the last timed step,
-weights included. `--budget-gib B` caps this process at B GiB (torch.cuda.set_per_process_memory_fraction) and
+Peaks: torch.cuda.max_memory_allocated() reset before each phase of the last timed step, weights included:
+peak_rollout_gib (generation with its KV cache, scoring, the reference pass), peak_training_gib (the rest). `--budget-gib B` caps this process at B GiB (torch.cuda.set_per_process_memory_fraction) and
 plans the memory policy for that budget: the 24 GB target for 8B QLoRA is checked by running under --budget-gib 24.
 
     python bench/grpo_step.py --out $OUT/grpo_step.json                     # 8b-qlora (budget 24) and 8b-lora
     python bench/grpo_step.py --cases 8b-qlora --budget-gib 24 --steps 2
+    python bench/grpo_step.py --cases 8b-qlora --new-tokens 4096 --budget-gib 0     # long completions, no cap
     python bench/grpo_step.py --quick --out $OUT/grpo_quick.json            # 1B shape, 256 new tokens, 1 step
     python bench/grpo_step.py --tiny --device cpu --steps 1 --warmup 0      # smoke test without a GPU
 """
@@ -80,8 +81,8 @@ def run_case(name: str, args, device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         if args.budget_gib:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gib * GiB / total), device)
+            total = torch.cuda.get_device_properties(cuda_index(device)).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gib * GiB / total), cuda_index(device))
     model = build_model(shape, qlora, device, dtype)
     weights_gib = torch.cuda.memory_allocated() / GiB if device.type == "cuda" else None
     tok = load_tokenizer(tiny_model_path())
@@ -124,7 +125,7 @@ def run_case(name: str, args, device) -> dict:
         rl.prepare(group)
         sync(device)
         t1 = time.perf_counter()
-        gen_peak = torch.cuda.max_memory_allocated() / GiB if device.type == "cuda" else None
+        rollout_peak = torch.cuda.max_memory_allocated() / GiB if device.type == "cuda" else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         record = trainer.train_step(group)
@@ -133,7 +134,7 @@ def run_case(name: str, args, device) -> dict:
         train_peak = torch.cuda.max_memory_allocated() / GiB if device.type == "cuda" else None
         trainer.step += 1
         steps.append({"generate_s": rl.generate_seconds, "rollout_s": t1 - t0, "train_s": t2 - t1,
-                      "step_s": t2 - t0, "peak_generation_gib": gen_peak, "peak_training_gib": train_peak,
+                      "step_s": t2 - t0, "peak_rollout_gib": rollout_peak, "peak_training_gib": train_peak,
                       "completion_tokens": record["target_tokens"], "loss": record["loss"], "kl": record["kl"],
                       "warmup": i < args.warmup})
         print(f"  {name} step {i}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
@@ -146,15 +147,19 @@ def run_case(name: str, args, device) -> dict:
               "memory_plan": plan.summary() if plan is not None else None, "budget_gib": args.budget_gib,
               "weights_gib": weights_gib, **mean,
               "generated_tokens_per_s": completion_tokens / mean["generate_s"] if mean["generate_s"] else None,
-              "peak_generation_gib": timed[-1]["peak_generation_gib"],
+              "peak_rollout_gib": timed[-1]["peak_rollout_gib"],
               "peak_training_gib": timed[-1]["peak_training_gib"], "steps": steps,
               "generator_cuda_graphs": getattr(rl.generator, "cuda_graphs", None), "merge_lora": rl.merge_lora}
     if device.type == "cuda" and args.budget_gib:
-        peak = max(result["peak_generation_gib"], result["peak_training_gib"])
+        peak = max(result["peak_rollout_gib"], result["peak_training_gib"])
         result["fits_budget"] = peak <= args.budget_gib
     del trainer, rl, model
     free(device)
     return result
+
+
+def cuda_index(device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def sync(device):
@@ -166,7 +171,16 @@ def free(device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, cuda_index(device))
+
+
+def write(out: str | None, device, results: list) -> None:
+    if not out:
+        return
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
 
 def main(argv=None) -> int:
@@ -176,11 +190,12 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=1024)
     p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--steps", type=int, default=2, help="timed steps")
+    p.add_argument("--steps", type=int, default=1, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (KV cache, CUDA graphs, autotune)")
     p.add_argument("--memory", default="auto", help="train.memory policy")
     p.add_argument("--budget-gib", type=float, default=None,
-                   help="cap GPU memory at this many GiB and plan for it (default: 24 for *-qlora cases, none else)")
+                   help="cap GPU memory at this many GiB and plan for it (default: 24 for *-qlora cases, none else; "
+                        "0: no cap)")
     p.add_argument("--quick", action="store_true", help="1b-lora, 256 new tokens, one timed step")
     p.add_argument("--tiny", action="store_true", help="the tiny shape (smoke test)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -200,6 +215,7 @@ def main(argv=None) -> int:
         case_args = argparse.Namespace(**vars(args))
         if case_args.budget_gib is None and name.endswith("qlora") and device.type == "cuda":
             case_args.budget_gib = 24.0
+        case_args.budget_gib = case_args.budget_gib or None  # 0: no cap
         print(f"{name}: G={args.G}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens", flush=True)
         try:
             results.append(run_case(name, case_args, device))
@@ -208,19 +224,14 @@ def main(argv=None) -> int:
             results.append({"case": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
                             "budget_gib": case_args.budget_gib})
             free(device)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    text = json.dumps({"meta": meta, "results": results}, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write(args.out, device, results)  # after every case: a run cut short still leaves what it measured
     for r in results:
         if "error" in r:
             print(f"{r['case']}: FAILED {r['error']}")
         else:
             print(f"{r['case']}: step {r['step_s']:.2f} s = generation {r['generate_s']:.2f} s "
                   f"(+ scoring/reference {r['rollout_s'] - r['generate_s']:.2f} s) + training {r['train_s']:.2f} s; "
-                  f"peak generation {r['peak_generation_gib']} GiB, training {r['peak_training_gib']} GiB"
+                  f"peak rollout {r['peak_rollout_gib']} GiB, training {r['peak_training_gib']} GiB"
                   + (f"; fits {r['budget_gib']} GiB: {r['fits_budget']}" if "fits_budget" in r else ""))
     return 0 if all("error" not in r for r in results) else 1
 

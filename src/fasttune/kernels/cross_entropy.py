@@ -448,8 +448,9 @@ def _chunk_logits(hidden, weight, bias, extra, start, end):
 def _launch_token_logprob(logits, labels, logp, lse, grad, ignore_index, softcap, temperature, backward):
     vocab = logits.shape[1]
     block = min(MAX_VOCAB_BLOCK, triton.next_power_of_2(vocab))
-    _token_logprob_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), labels, logp, lse, grad if grad is not None else lse, vocab, ignore_index,
+    _token_logprob_kernel[(logits.shape[0],)](  # a pass's unused output pointer gets `lse` as a stand-in
+        logits, logits.stride(0), labels, logp if logp is not None else lse, lse, grad if grad is not None else lse,
+        vocab, ignore_index,
         float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature),
         HAS_SOFTCAP=softcap is not None, BACKWARD=backward, BLOCK=block, num_warps=32 if block >= 8192 else 8)
 
