@@ -1,7 +1,8 @@
 """Reward functions for online RL (objective.type grpo): the built-ins, and loading the user's own.
 
-A reward function takes (prompt, completion, row) — the prompt as text, the completion as decoded text, the dataset
-row the prompt came from (a dict) — and returns a float. The config names them in `objective.grpo.rewards`:
+A reward function takes (prompt, completion, row) — the prompt as the model saw it (rendered through the chat
+template with objective.grpo.prompt_format chat), the completion as decoded text (special tokens dropped), the
+dataset row the prompt came from (a dict: its own columns, e.g. the reference answer) — and returns a float. The config names them in `objective.grpo.rewards`:
 
     exact_answer   1.0 when the answer the completion gives (after its last `####`, or inside its last `\\boxed{}`)
                    equals the row's answer column (itself read after a `####` when it has one, as GSM8K's do);
@@ -21,6 +22,7 @@ import importlib.util
 import math
 import re
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -121,7 +123,7 @@ def _load_user_function(spec: str, base_dir: Path | None) -> RewardFn:
         if path is None:
             raise RewardError(f"reward {spec!r}: no file {module_part} (looked in "
                               f"{', '.join(str(c.parent) for c in candidates)})")
-        mod_name = f"fasttune_user_reward_{abs(hash(str(path.resolve())))}"
+        mod_name = f"fasttune_user_reward_{zlib.crc32(str(path.resolve()).encode()):08x}"
         module = sys.modules.get(mod_name)
         if module is None:
             loader_spec = importlib.util.spec_from_file_location(mod_name, path)
