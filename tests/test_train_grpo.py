@@ -355,3 +355,19 @@ def test_resume_reproduces_the_uninterrupted_run(small_model_dir, tmp_path):
             json.loads, (tmp_path / run / "samples.jsonl").read_text().splitlines())]
         if mu == 1:
             assert samples(f"cut{mu}") == samples(f"full{mu}")
+
+
+def test_data_preview_shows_prompts_for_grpo_and_labels_for_kto():
+    import io
+
+    from fasttune.data.preview import preview
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    out = io.StringIO()
+    result = preview(TrainConfig.from_yaml(root / "grpo_tiny.yaml"), rows=2, out=out)
+    text = out.getvalue()
+    assert "--- prompt 1:" in text and "<|im_start|>assistant" in text and "8 completions of up to 64" in text
+    assert result["lengths"]["examples"] > 100 and "truncated to 128" in text
+    out = io.StringIO()
+    preview(TrainConfig.from_yaml(root / "kto_tiny.yaml"), rows=2, out=out)
+    assert "--- row 1 desirable:" in out.getvalue() and "undesirable" in out.getvalue()
