@@ -109,7 +109,7 @@ def test_group_advantages():
 
 def test_token_logprobs_of_the_model_match_its_logits(small_model_dir):
     from fasttune import load
-    from fasttune.lora import add_lora
+    from fasttune.adapters import add_lora
 
     model, _ = load(str(small_model_dir), device="cpu", dtype=torch.float32)
     model = add_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=1)

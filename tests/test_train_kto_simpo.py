@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fasttune.lora import disable_adapters
+from fasttune.adapters import disable_adapters
 from fasttune.train import Trainer
 from fasttune.train.config import ConfigError, TrainConfig
 from fasttune.train.objectives import kto_loss, simpo_loss

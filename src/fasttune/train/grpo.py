@@ -118,7 +118,7 @@ def make_generator(model, max_batch_size: int, max_seq_len: int, tokenizer=None)
 
 def uses_quantised_base(model) -> bool:
     """Whether an adapted layer sits on a quantised base (NF4, GGUF blocks), which cannot hold a merged weight."""
-    from ..lora import lora_layers
+    from ..adapters import lora_layers
     from ..models.quantized import QuantizedLinear
 
     return any(isinstance(m.base, QuantizedLinear) for _, m in lora_layers(model))
@@ -183,7 +183,8 @@ def prepare_prompts(cfg, tokenizer, max_prompt_length: int, seed: int, prompt_fo
     from ..data.readers import read_rows
     from ..data.template import PromptTemplate
     from ..data.tokenize import generation_prompt_ids
-    from .data import DEFAULT_PROMPT, PreparedData, _messages, chat_template_for, resolve_source
+    from ..data.chat_templates import chat_template_for
+    from .data import DEFAULT_PROMPT, PreparedData, _messages, resolve_source
 
     path, _ = resolve_source(cfg.path)
     template = chat_template_for(tokenizer, cfg.chat_template)
@@ -234,8 +235,8 @@ class GrpoRunner:
     """Rollouts and the GRPO loss for a Trainer: `accumulate(group)` has `Trainer._accumulate`'s contract."""
 
     def __init__(self, trainer):
-        from .chat import stop_token_ids
-        from .data import chat_template_for
+        from ..chat import stop_token_ids
+        from ..data.chat_templates import chat_template_for
 
         self.trainer = trainer
         self.cfg = trainer.cfg.objective.grpo
