@@ -133,11 +133,6 @@ def generate_completions(generator, prompts: list[list[int]], num_samples: int, 
         return generator.generate(prompts, params, num_samples=num_samples, merge_lora=merge_lora)
 
 
-def kv_cache_bytes(spec, rows: int, tokens: int, dtype_bytes: int = 2) -> int:
-    """Keys and values of every layer for `rows` sequences of `tokens` tokens."""
-    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype_bytes * rows * tokens
-
-
 # ---- data -------------------------------------------------------------------------------------------------------
 
 def prompt_batches(examples: list[dict], batch_size: int, pad_token_id: int, seed: int, shuffle: bool
@@ -422,8 +417,9 @@ def memory_plan_inputs(cfg, model) -> tuple[int, int, dict]:
 
     g = cfg.objective.grpo
     rows, length = cfg.train.batch_size * g.num_generations, g.max_prompt_length + g.max_new_tokens
-    dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
-    kv = kv_cache_bytes(model.spec, generation_rows(cfg), length, dtype_bytes)
+    from ..generation import kv_cache_bytes
+
+    kv = kv_cache_bytes(model.spec, generation_rows(cfg), length, model.model.embed_tokens.weight.dtype)
     free = free_device_bytes(next(model.parameters()).device)
     if free is not None and kv > free - GiB:  # said now, not after the first step's minutes
         raise ValueError(f"the generation KV cache ({generation_rows(cfg)} sequences x {length} tokens: "
@@ -444,5 +440,5 @@ def generation_rows(cfg) -> int:
 
 
 __all__ = ["GrpoRunner", "grpo_loss", "group_advantages", "token_logprobs", "generate_completions", "prompt_batches",
-           "repeat_groups", "prepare_prompts", "kv_cache_bytes", "memory_plan_inputs", "plan_memory_for_grpo", "generation_rows",
+           "repeat_groups", "prepare_prompts", "memory_plan_inputs", "plan_memory_for_grpo", "generation_rows",
            "make_generator", "LOSS_TYPES"]
