@@ -74,7 +74,7 @@ def run_case(name: str, args, device) -> dict:
     from fasttune.train import Trainer
     from fasttune.train.config import TrainConfig
     from fasttune.train.data import PreparedData
-    from fasttune.train.trainer import tiny_model_path
+    from fasttune.build import tiny_model_path
 
     shape, qlora = CASES[name]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
