@@ -114,7 +114,7 @@ def run_case(name: str, args, device) -> dict:
                             free_bytes=int(args.budget_gib * GiB - torch.cuda.memory_allocated()), **extra)
     rl = trainer.rl
     rl.stop_ids = []  # every completion runs max_new_tokens: the worst case, and the same work every step
-    plan = getattr(model, "memory_plan", None)  # what apply_memory_policy installed last
+    plan = model.memory_plan  # what apply_memory_policy installed last
     steps = []
     for i in range(n_prompts):
         group = trainer._next_group()

@@ -273,7 +273,7 @@ def _unpaired_data(cfg: DataConfig, tokenizer, path: str, bundled: str | None, m
                     continue
                 st.truncated += 1
                 ex = {**ex, "input_ids": ex["input_ids"][:max_seq_length], "labels": ex["labels"][:max_seq_length]}
-            targets = sum(1 for x in ex["labels"][1:] if x != IGNORE_INDEX)
+            targets = count_target_tokens(ex["labels"])
             if targets == 0:
                 st.dropped_no_target += 1
                 continue

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from ..data.packing import bucket_length
-from ..data.tokenize import IGNORE_INDEX
+from ..labels import IGNORE_INDEX, next_token_targets
 from . import distributed as dist_utils
 from .objectives import token_logprobs
 from .rewards import build_rewards, score
@@ -347,7 +347,7 @@ class GrpoRunner:
         for i, r in enumerate(self.buffer):
             with dist_utils.no_sync(t.engine, enabled=i != len(self.buffer) - 1):
                 logp = token_logprobs(t.engine, r["input_ids"], r["labels"], g.temperature, logits_model=t.model)
-                mask = r["labels"][:, 1:] != IGNORE_INDEX
+                mask = next_token_targets(r["labels"]) != IGNORE_INDEX
                 loss, m = grpo_loss(logp, r["old_logp"], r["ref_logp"], r["advantages"], mask, loss_type=g.loss,
                                     epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, beta=g.beta,
                                     num_sequences=num_sequences, max_completion_length=g.max_new_tokens)
