@@ -131,12 +131,12 @@ def test_print_defaults_documents_every_key_and_loads_back(capsys):
     assert main(["train", "--print-defaults"]) == 0
     out = capsys.readouterr().out
     assert yaml.safe_load(out) == TrainConfig().to_dict()
-    comment_of, section, previous = {}, "", ""
-    for line in out.splitlines():  # the comment line above each key, by dotted key
+    comment_of, path, previous = {}, [], ""
+    for line in out.splitlines():  # the comment line above each key, by dotted key (sections nest by indent)
         if line and not line.lstrip().startswith("#"):
-            name = line.strip().split(":", 1)[0]
-            section = section if line.startswith(" ") else name
-            comment_of[f"{section}.{name}" if line.startswith(" ") else name] = previous
+            depth = (len(line) - len(line.lstrip())) // 2
+            path = path[:depth] + [line.strip().split(":", 1)[0]]
+            comment_of[".".join(path)] = previous
         previous = line
     docs = key_docs()
     assert len(docs) > 60 and len(comment_of) == len(docs)

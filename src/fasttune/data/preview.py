@@ -108,10 +108,11 @@ def preview(cfg: "TrainConfig", rows: int = 3, out: TextIO = sys.stdout, color: 
     limit = max_rows or d.max_examples or (STREAMING_ROWS if d.streaming else None)
     note = f" (the first {limit:,} rows)" if limit and limit != d.max_examples else ""
     # the first rows, in file order; then every row as the run prepares them (its shuffle and eval split)
+    grpo = cfg.objective.grpo
     head = prepare_data(dataclasses.replace(d, shuffle=False, eval_fraction=0.0, max_examples=rows, streaming=False),
-                        tokenizer, seq, t.seed, objective).train if rows else []
+                        tokenizer, seq, t.seed, objective, grpo=grpo).train if rows else []
     data = prepare_data(dataclasses.replace(d, max_examples=limit, streaming=False), tokenizer, seq, t.seed,
-                        objective)
+                        objective, grpo=grpo)
     mark = markers(out)
     say = lambda text="": print(text, file=out)  # noqa: E731
 
@@ -119,14 +120,24 @@ def preview(cfg: "TrainConfig", rows: int = 3, out: TextIO = sys.stdout, color: 
     say("trained tokens (the loss is computed on them) are " +
         ("green" if color else f"between {mark[0]} and {mark[1]}") + "\n")
     for i, ex in enumerate(head[:rows]):
-        sides = [("chosen", ex["chosen"]), ("rejected", ex["rejected"])] if "chosen" in ex else [("", ex)]
+        if data.kind == "prompts":  # GRPO: the prompt as the model sees it; the completions are generated
+            say(f"--- prompt {i + 1}: {len(ex['prompt_ids'])} tokens ---")
+            say(tokenizer.decode(ex["prompt_ids"]))
+            continue
+        if data.kind == "unpaired":  # KTO: the label names the side
+            sides = [("desirable" if ex["desirable"] else "undesirable", ex)]
+        else:
+            sides = [("chosen", ex["chosen"]), ("rejected", ex["rejected"])] if "chosen" in ex else [("", ex)]
         for side, s in sides:
             trained = sum(1 for x in s["labels"] if x != IGNORE_INDEX)
             say(f"--- row {i + 1}{' ' + side if side else ''}: {len(s['input_ids'])} tokens, {trained} trained ---")
             say(render(tokenizer, s["input_ids"], s["labels"], mark, color))
     say()
 
-    if data.kind == "preference":
+    if data.kind == "prompts":
+        lengths = [len(ex["prompt_ids"]) for ex in data.train]
+        unit = "prompts"
+    elif data.kind == "preference":
         lengths = [max(len(p["chosen"]["input_ids"]), len(p["rejected"]["input_ids"])) for p in data.train + data.eval]
         unit = "pairs (longer side)"
     else:
@@ -135,13 +146,24 @@ def preview(cfg: "TrainConfig", rows: int = 3, out: TextIO = sys.stdout, color: 
     stats = length_summary(lengths)
     say(f"token lengths of {stats['examples']:,} {unit}{note}: min {stats['min']}, median {stats['median']}, "
         f"p90 {stats['p90']}, p99 {stats['p99']}, max {stats['max']}")
-    over = f"truncated to {seq}: {data.truncated:,}" if d.overlong == "truncate" else f"dropped (over {seq}): " \
+    cap = grpo.max_prompt_length if data.kind == "prompts" else seq
+    over = f"truncated to {cap}: {data.truncated:,}" if d.overlong == "truncate" else f"dropped (over {cap}): " \
                                                                                       f"{data.dropped:,}"
     say(f"{over}; skipped rows: {data.skipped:,}; nothing left to learn after truncation: {data.dropped_no_target:,}")
     result = {"lengths": stats, "truncated": data.truncated, "dropped": data.dropped, "skipped": data.skipped}
 
     if data.kind == "preference":
         say(f"batches: {t.batch_size} pairs per micro-batch, padded (pairs are not packed)")
+        return result
+    if data.kind == "prompts":
+        say(f"batches: {t.batch_size} prompts per micro-batch, each with {grpo.num_generations} completions of up to "
+            f"{grpo.max_new_tokens} tokens (prompts over objective.grpo.max_prompt_length={grpo.max_prompt_length} "
+            "keep their last tokens)")
+        return result
+    if data.kind == "unpaired":
+        good = sum(ex["desirable"] for ex in data.train + data.eval)
+        say(f"batches: {t.batch_size} examples per micro-batch, padded; {good:,} desirable, "
+            f"{len(data.train) + len(data.eval) - good:,} undesirable")
         return result
     fill = batch_fill(data.train, batch_size=t.batch_size, max_seq_length=seq, packing=d.packing, seed=t.seed,
                       shuffle=d.shuffle)

@@ -19,7 +19,7 @@ from . import rms_norm as _rms
 from . import rope as _rope
 
 __all__ = ["use_triton", "rms_norm", "layer_norm", "apply_rope", "glu", "fused_linear_cross_entropy",
-           "grouped_linear"]
+            "grouped_linear", "fused_linear_token_logprobs"]
 
 
 
@@ -71,3 +71,11 @@ def grouped_linear(x: torch.Tensor, weight, expert_offsets: torch.Tensor, bias: 
     if use_triton(x):
         return _gg.grouped_linear(x, weight, expert_offsets, bias, lora_A, lora_B, lora_scaling, transposed)
     return _gg.grouped_linear_reference(x, weight, expert_offsets, bias, lora_A, lora_B, lora_scaling, transposed)
+
+
+def fused_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                **kwargs) -> torch.Tensor:
+    """Per-token log p(label) through the LM head without the (tokens x vocab) logits (see cross_entropy.py)."""
+    if use_triton(hidden):
+        return _ce.fused_linear_token_logprobs(hidden, weight, labels, **kwargs)
+    return _ce.fused_linear_token_logprobs_reference(hidden, weight, labels, **kwargs)

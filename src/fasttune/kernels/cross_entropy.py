@@ -30,6 +30,18 @@ Extra weight columns (`extra_weight` E, (V, r)): hidden has H + r columns and z_
 i.e. the weight is [W | E] without forming that copy; dloss/dH = G [W | E] and dloss/dE = G^T H[:, H:]. A LoRA
 LM head passes its B here (the extra columns of hidden are s A drop(h)), so a frozen W never gets a gradient.
 
+Per-token log-probabilities (`fused_linear_token_logprobs`, what RL objectives need: reduction "none"):
+    s_i      = tau * c * tanh(z_i / c)    (tau = 1 / temperature: the sampling distribution's log-probabilities)
+    logp_i   = s_iy - lse_i               (0 for an ignored row)
+    With the upstream gradient g_i = dL/dlogp_i (one per token, known only in the backward):
+    dlogp_i/ds_ij = [j == y_i] - p_ij
+    dL/dz_ij      = g_i ([j == y_i] - p_ij) * tau * (1 - tanh^2(z_ij / c))
+    dL/dH = G W,  dL/dW = G^T H,  dL/db = sum_i G_i,  dL/dE = G^T H[:, H:]   (G = dL/dZ, chunk by chunk)
+Unlike the loss, G depends on g, so it cannot be formed in the forward: the forward keeps only lse_i (N floats),
+and the backward recomputes each chunk's logits (one extra matmul per chunk), overwrites them in place with G in
+one pass (p_ij = exp(s_ij - lse_i) needs no second reduction) and contracts G with W and H at once. As for the
+loss, only one chunk's logits are ever alive.
+
 Precision: logits are rounded to the weight dtype exactly as ``F.linear(...).float()`` does; all softmax and
 loss arithmetic is float32; every matmul accumulates in float32. For a 16-bit trainable weight, dW is
 accumulated across chunks in the weight dtype (one rounding per chunk, like Liger-Kernel); chunks are large
@@ -145,6 +157,75 @@ if triton is not None:
                 if HAS_SOFTCAP:
                     g = g * (1.0 - t * t)
                 tl.store(row_ptr + offs, (g * scale).to(row_ptr.dtype.element_ty), mask=mask)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _token_logprob_kernel(
+        logits_ptr,  # (rows, V), row stride `stride_row`; BACKWARD: overwritten with dL/dlogits
+        stride_row,
+        labels_ptr,  # (rows,) int64
+        logp_ptr,  # (rows,) float32: forward output
+        lse_ptr,  # (rows,) float32: written by the forward, read by the backward
+        grad_ptr,  # (rows,) float32: dL/dlogp (backward)
+        V,
+        ignore_index,
+        softcap,
+        inv_temperature,
+        HAS_SOFTCAP: tl.constexpr,
+        BACKWARD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * stride_row
+        label = tl.load(labels_ptr + row)
+        if label == ignore_index:
+            if BACKWARD:
+                for start in range(0, V, BLOCK):
+                    offs = start + tl.arange(0, BLOCK)
+                    tl.store(row_ptr + offs, tl.zeros((BLOCK,), dtype=tl.float32).to(row_ptr.dtype.element_ty),
+                             mask=offs < V)
+            else:
+                tl.store(logp_ptr + row, 0.0)
+                tl.store(lse_ptr + row, 0.0)
+            return
+        if BACKWARD:  # one pass: p from the stored lse, G written over the logits block by block
+            lse = tl.load(lse_ptr + row)
+            g = tl.load(grad_ptr + row).to(tl.float32) * inv_temperature
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                mask = offs < V
+                z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    t = _tanh(z / softcap)
+                    s = softcap * t * inv_temperature
+                else:
+                    s = z * inv_temperature
+                d = tl.where(offs == label, 1.0, 0.0) - tl.exp(s - lse)
+                d = d * g
+                if HAS_SOFTCAP:
+                    d = d * (1.0 - t * t)
+                tl.store(row_ptr + offs, d.to(row_ptr.dtype.element_ty), mask=mask)
+        else:  # online log-sum-exp, then s_y - lse
+            m = float("-inf")
+            dsum = 0.0
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                mask = offs < V
+                s = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                if HAS_SOFTCAP:
+                    s = tl.where(mask, softcap * _tanh(s / softcap), float("-inf"))
+                s = s * inv_temperature
+                m_new = tl.maximum(m, tl.max(s, axis=0))
+                dsum = dsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(dsum)
+            s_y = tl.load(row_ptr + label).to(tl.float32)
+            if HAS_SOFTCAP:
+                s_y = softcap * _tanh(s_y / softcap)
+            tl.store(logp_ptr + row, s_y * inv_temperature - lse)
+            tl.store(lse_ptr + row, lse)
 
 
 def _divisor(labels: torch.Tensor, ignore_index: int, num_items_in_batch, device) -> torch.Tensor:
@@ -351,3 +432,151 @@ def fused_linear_cross_entropy_reference(
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
                            reduction="sum", label_smoothing=label_smoothing)
     return loss / _divisor(labels, ignore_index, num_items_in_batch, loss.device).to(loss.dtype)
+
+
+# ---- per-token log-probabilities (reduction "none") ---------------------------------------------------------
+
+def _chunk_logits(hidden, weight, bias, extra, start, end):
+    width = weight.shape[1]
+    h = hidden[start:end] if extra is None else hidden[start:end, :width]
+    logits = F.linear(h, weight, bias)
+    if extra is not None:
+        logits.addmm_(hidden[start:end, width:], extra.t())
+    return h, logits
+
+
+def _launch_token_logprob(logits, labels, logp, lse, grad, ignore_index, softcap, temperature, backward):
+    vocab = logits.shape[1]
+    block = min(MAX_VOCAB_BLOCK, triton.next_power_of_2(vocab))
+    _token_logprob_kernel[(logits.shape[0],)](  # a pass's unused output pointer gets `lse` as a stand-in
+        logits, logits.stride(0), labels, logp if logp is not None else lse, lse, grad if grad is not None else lse,
+        vocab, ignore_index,
+        float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature),
+        HAS_SOFTCAP=softcap is not None, BACKWARD=backward, BLOCK=block, num_warps=32 if block >= 8192 else 8)
+
+
+class FusedLinearTokenLogprobFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, extra, ignore_index, softcap, temperature, chunk_bytes):
+        num_rows, vocab = hidden.shape[0], weight.shape[0]
+        logp = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
+        rows = _chunk_rows(num_rows, vocab, weight.element_size(), chunk_bytes)
+        for start in range(0, num_rows, rows):
+            end = min(start + rows, num_rows)
+            _, logits = _chunk_logits(hidden, weight, bias, extra, start, end)
+            _launch_token_logprob(logits, labels[start:end], logp[start:end], lse[start:end], None, ignore_index,
+                                  softcap, temperature, backward=False)
+        ctx.save_for_backward(hidden, weight, bias, extra, labels, lse)
+        ctx.settings = (ignore_index, softcap, temperature, chunk_bytes)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, extra, labels, lse = ctx.saved_tensors
+        ignore_index, softcap, temperature, chunk_bytes = ctx.settings
+        need_h, need_w, need_b, _, need_e = ctx.needs_input_grad[:5]
+        grad_logp = grad_logp.to(torch.float32).contiguous()
+        width = weight.shape[1]
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.empty_like(weight) if need_w else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_b else None
+        grad_extra = torch.empty_like(extra) if need_e else None
+        rows = _chunk_rows(hidden.shape[0], weight.shape[0], weight.element_size(), chunk_bytes)
+        for start in range(0, hidden.shape[0], rows):
+            end = min(start + rows, hidden.shape[0])
+            h, logits = _chunk_logits(hidden, weight, bias, extra, start, end)
+            _launch_token_logprob(logits, labels[start:end], None, lse[start:end], grad_logp[start:end],
+                                  ignore_index, softcap, temperature, backward=True)
+            # `logits` now holds dL/dlogits of this chunk
+            if need_h:
+                if extra is None:
+                    torch.mm(logits, weight, out=grad_hidden[start:end])
+                else:
+                    grad_hidden[start:end, :width] = logits @ weight
+                    grad_hidden[start:end, width:] = logits @ extra
+            if need_w:
+                if start == 0:
+                    torch.mm(logits.t(), h, out=grad_weight)
+                else:
+                    grad_weight.addmm_(logits.t(), h)
+            if need_e:
+                if start == 0:
+                    torch.mm(logits.t(), hidden[start:end, width:], out=grad_extra)
+                else:
+                    grad_extra.addmm_(logits.t(), hidden[start:end, width:])
+            if need_b:
+                grad_bias += logits.sum(0, dtype=torch.float32)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, grad_extra, None, None, None, None
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def fused_linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    chunk_bytes: int | None = None,
+    extra_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton path of ``fused_linear_token_logprobs_reference`` (same arguments, same result).
+
+    hidden: (N, H) (or (..., H)); weight: (V, H); labels: (N,) already shifted. Returns (N,) float32
+    log p(label_i), 0 where the label is ignore_index; differentiable in hidden, weight, bias and extra_weight."""
+    if triton is None:
+        raise RuntimeError("fused_linear_token_logprobs needs Triton; use fused_linear_token_logprobs_reference on "
+                           "CPU")
+    _check_inputs(hidden, weight, labels, bias, extra_weight)
+    _check_temperature(temperature)
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive (or None), got {softcap}")
+    shape = labels.shape
+    hidden2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    labels1d = labels.reshape(-1).to(torch.int64).contiguous()
+    bad = (labels1d != ignore_index) & ((labels1d < 0) | (labels1d >= weight.shape[0]))
+    poison = None
+    if labels1d.is_cuda:  # no sync, as the loss: bad labels are ignored and their log-probabilities made NaN
+        labels1d = labels1d.masked_fill(bad, ignore_index)
+        poison = torch.where(bad, float("nan"), 0.0)
+    elif bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
+    logp = FusedLinearTokenLogprobFunction.apply(
+        hidden2d, weight.contiguous(), bias, labels1d,
+        None if extra_weight is None else extra_weight.contiguous(), ignore_index, softcap, temperature, chunk_bytes)
+    if poison is not None:
+        logp = logp + poison
+    return logp.reshape(shape)
+
+
+def fused_linear_token_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    chunk_bytes: int | None = None,  # accepted for a common signature; the reference has no chunks
+    extra_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log softmax(softcap(hidden @ [weight | extra_weight]^T + bias) / temperature)[label] per row, float32, 0 where
+    the label is ignore_index. Logits in the weight dtype, upcast to float32, as the model's `logits`."""
+    _check_temperature(temperature)
+    if extra_weight is not None:
+        _check_inputs(hidden, weight, labels, bias, extra_weight)
+        weight = torch.cat([weight, extra_weight], dim=1)
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits / temperature
+    logp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logp.masked_fill(labels == ignore_index, 0.0)

@@ -78,14 +78,60 @@ class DataConfig:
 
 
 @dataclass
+class GrpoSection:
+    # reward functions, summed with reward_weights: exact_answer (the answer after the completion's last #### or in
+    # its last \boxed{} equals the row's answer_column), format (format_regex found in the completion), length
+    # (see length_target), or "file.py:function" / "package.module:function" called as function(prompt,
+    # completion, row) -> float. A relative file is looked up next to the config file, then in the working
+    # directory. User reward functions are the user's Python code, run in the training process as the config asks
+    rewards: list[str] = field(default_factory=list)
+    reward_weights: Optional[list[float]] = None  # one weight per reward; null: 1 each
+    num_generations: int = 8  # G: completions sampled per prompt (>= 2; advantages compare them within the group)
+    max_prompt_length: int = 512  # prompt tokens kept (longer prompts keep their last tokens, or data.overlong: drop)
+    max_new_tokens: int = 256  # longest completion in tokens (>= 1); dr_grpo's constant normaliser
+    temperature: float = 1.0  # sampling temperature (> 0); the log-probabilities are those of the same distribution
+    top_p: float = 1.0  # nucleus sampling, in (0, 1]
+    top_k: int = 0  # sample among the k most likely tokens (0: all)
+    min_p: float = 0.0  # drop tokens below min_p x the top probability, in [0, 1) (0: off)
+    # grpo: per-sequence length normalisation, std-normalised advantages; dr_grpo: no length or std normalisation
+    # (constant normaliser max_new_tokens); gspo: sequence-level importance ratio exp(mean token log-ratio)
+    loss: Literal["grpo", "dr_grpo", "gspo"] = "grpo"
+    epsilon_low: float = 0.2  # the ratio is clipped to [1 - epsilon_low, 1 + epsilon_high] (GSPO's paper: 3e-4, 4e-4)
+    epsilon_high: float = 0.2  # upper clip (DAPO's clip-higher uses e.g. 0.28)
+    # KL(policy || reference) coefficient, k3 estimator; the reference is the model with its adapters off (needs
+    # lora.enabled). 0 skips the reference pass
+    beta: float = 0.0
+    num_iterations: int = 1  # mu: optimizer steps on each rollout (>= 1); > 1 computes the rollout policy's log-probs
+    prompt_format: Literal["chat", "raw"] = "chat"  # chat: prompts through the chat template; raw: the text as is
+    answer_column: str = "answer"  # the column the exact_answer reward compares with
+    format_regex: Optional[str] = None  # the format reward's pattern (re.search, DOTALL), e.g. "<think>.*</think>"
+    length_target: Optional[int] = None  # the length reward's target, in characters of the completion
+    length_mode: Literal["target", "penalty"] = "target"  # target: -|n - T| / T; penalty: -max(0, n - T) / T
+    samples_every: int = 10  # steps between sample completions written to samples.jsonl in the run folder (0: never)
+    # sequences decoded at once, the KV cache's rows (>= num_generations); null: train.batch_size x num_generations
+    generation_batch_size: Optional[int] = None
+    keep_kv_cache: bool = False  # keep the generation KV cache between rollouts (faster; the memory policy reserves it)
+    # merge the (frozen during the rollout) adapters into the dense base weights for generation, restored exactly
+    # after: faster decoding for one copy of the adapted weights in host memory; a quantised base runs unmerged
+    merge_lora: bool = True
+
+
+@dataclass
 class ObjectiveConfig:
     # sft: supervised fine-tuning; pretrain: continued pre-training on text; reward: a reward model (scalar head);
-    # dpo / orpo: preference optimisation on chosen/rejected pairs
-    type: Literal["sft", "pretrain", "reward", "dpo", "orpo"] = "sft"
-    beta: float = 0.1  # DPO temperature; ORPO: weight of the odds-ratio term (lambda in the paper)
+    # dpo / orpo / simpo: preference optimisation on chosen/rejected pairs; kto: unpaired desirable/undesirable
+    # examples; grpo: online RL with reward functions (see objective.grpo)
+    type: Literal["sft", "pretrain", "reward", "dpo", "orpo", "simpo", "kto", "grpo"] = "sft"
+    # DPO / KTO temperature; ORPO: weight of the odds-ratio term (lambda in the paper); SimPO: reward scale (the
+    # paper uses 2 to 10)
+    beta: float = 0.1
+    simpo_gamma: float = 0.5  # SimPO's target reward margin gamma (>= 0), in reward units: -log sigmoid(beta d - gamma)
+    kto_desirable_weight: float = 1.0  # KTO's lambda_D: weight of desirable examples' loss (> 0)
+    kto_undesirable_weight: float = 1.0  # KTO's lambda_U: weight of undesirable examples' loss (> 0)
     train_embeddings: Optional[bool] = None  # None: true for pretrain, false otherwise
     embedding_lr_ratio: float = 0.1  # learning rate of embeddings / LM head relative to train.lr
     label_smoothing: float = 0.0  # sft / pretrain: as F.cross_entropy's (0 = none), inside the fused loss
+    grpo: GrpoSection = field(default_factory=GrpoSection)  # rollouts, rewards and the loss of objective.type grpo
 
 
 @dataclass
@@ -149,6 +195,10 @@ class TrainConfig:
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping with sections {_allowed(cls)}")
         cfg = cls.from_dict(raw, overrides)
+        from .rewards import resolve_spec
+
+        # a reward file named relative to the config is recorded absolute: the run works from any directory
+        cfg.objective.grpo.rewards = [resolve_spec(r, path.resolve().parent) for r in cfg.objective.grpo.rewards]
         if Path(cfg.train.output_dir).expanduser().resolve() == path.resolve().parent:
             raise ConfigError(f"train.output_dir {_short(cfg.train.output_dir)} is the folder of the config file "
                               f"{path.name}: a run writes its own config.yaml, metrics and checkpoints there; set a "
@@ -214,6 +264,17 @@ class TrainConfig:
             raise ConfigError(f"train.output_dir {_short(t.output_dir)} is the working directory, the home folder or "
                               "the filesystem root: a run writes config.yaml, metrics.jsonl, checkpoints/ and adapter/ "
                               "there (and --overwrite deletes them); set a folder of its own, e.g. runs/my-run")
+        if o.type in ("dpo", "kto") and not self.lora.enabled:
+            raise ConfigError(f"objective.type {o.type} needs lora.enabled: true — the reference model is the same "
+                              "base with adapters switched off (fasttune never keeps a second copy of the model)")
+        for key, v, ok, allowed in [
+                ("objective.simpo_gamma", o.simpo_gamma, o.simpo_gamma >= 0, ">= 0"),
+                ("objective.kto_desirable_weight", o.kto_desirable_weight, o.kto_desirable_weight > 0, "> 0"),
+                ("objective.kto_undesirable_weight", o.kto_undesirable_weight, o.kto_undesirable_weight > 0, "> 0")]:
+            if not ok:
+                raise ConfigError(f"{key} must be {allowed}, got {_short(v)}")
+        if o.type == "grpo":
+            self._check_grpo()
         if o.type == "dpo" and not self.lora.enabled:
             raise ConfigError("objective.type dpo needs lora.enabled: true — the reference model is the same base "
                               "with adapters switched off (fasttune never keeps a second copy of the model)")
@@ -242,9 +303,43 @@ class TrainConfig:
                               "use e.g. utf-8, utf-16, cp1252 or latin-1") from None
         if self.data.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.data.shuffle_buffer}")
-        if o.type in ("reward", "dpo", "orpo") and self.data.kind not in ("auto", "preference"):
+        if o.type in ("reward", "dpo", "orpo", "simpo") and self.data.kind not in ("auto", "preference"):
             raise ConfigError(f"objective.type {o.type} trains on chosen/rejected pairs: set data.kind to "
                               f"'preference' or 'auto' (got {self.data.kind!r})")
+
+    def _check_grpo(self) -> None:
+        g, t = self.objective.grpo, self.train
+        if not g.rewards:
+            raise ConfigError("objective.type grpo needs objective.grpo.rewards: e.g. [exact_answer] or "
+                              "[\"my_rewards.py:score\"]")
+        if g.reward_weights is not None and len(g.reward_weights) != len(g.rewards):
+            raise ConfigError(f"objective.grpo.reward_weights has {len(g.reward_weights)} entries for "
+                              f"{len(g.rewards)} rewards")
+        for key, v, ok, allowed in [
+                ("num_generations", g.num_generations, g.num_generations >= 2, ">= 2 (advantages compare them)"),
+                ("max_prompt_length", g.max_prompt_length, g.max_prompt_length >= 1, ">= 1"),
+                ("max_new_tokens", g.max_new_tokens, g.max_new_tokens >= 1, ">= 1"),
+                ("temperature", g.temperature, g.temperature > 0, "> 0"),
+                ("top_p", g.top_p, 0 < g.top_p <= 1, "in (0, 1]"),
+                ("top_k", g.top_k, g.top_k >= 0, ">= 0"),
+                ("min_p", g.min_p, 0 <= g.min_p < 1, "in [0, 1)"),
+                ("epsilon_low", g.epsilon_low, 0 <= g.epsilon_low < 1, "in [0, 1)"),
+                ("epsilon_high", g.epsilon_high, g.epsilon_high >= 0, ">= 0"),
+                ("beta", g.beta, g.beta >= 0, ">= 0"),
+                ("num_iterations", g.num_iterations, g.num_iterations >= 1, ">= 1"),
+                ("samples_every", g.samples_every, g.samples_every >= 0, ">= 0"),
+                ("generation_batch_size", g.generation_batch_size,
+                 g.generation_batch_size is None or g.generation_batch_size >= g.num_generations,
+                 ">= num_generations (a prompt's samples decode together), or null"),
+                ("length_target", g.length_target, g.length_target is None or g.length_target >= 1, ">= 1 or null")]:
+            if not ok:
+                raise ConfigError(f"objective.grpo.{key} must be {allowed}, got {_short(v)}")
+        if g.beta > 0 and not self.lora.enabled:
+            raise ConfigError("objective.grpo.beta > 0 needs lora.enabled: true — the KL reference is the same base "
+                              "with adapters switched off (fasttune never keeps a second copy); or set beta: 0")
+        if t.parallel == "fsdp":
+            raise ConfigError("objective.type grpo does not support train.parallel: fsdp (generation needs whole "
+                              "weights on every rank); use train.parallel: ddp")
 
     @property
     def train_embeddings(self) -> bool:

@@ -91,7 +91,8 @@ def defaults_yaml() -> str:
         depth = doc.key.count(".")
         pad, name = "  " * depth, doc.key.rsplit(".", 1)[-1]
         if doc.allowed == "section":
-            lines += ([""] if lines[-1] else []) + [f"# {doc.meaning}" if doc.meaning else "#", f"{name}:"]
+            lines += ([""] if lines[-1] else []) + [f"{pad}# {doc.meaning}" if doc.meaning else f"{pad}#",
+                                                      f"{pad}{name}:"]
             continue
         comment = f"{doc.meaning} [{doc.allowed}]" if doc.meaning else f"[{doc.allowed}]"
         lines += [f"{pad}# {comment}", f"{pad}{name}: {_yaml_value(doc.default)}"]

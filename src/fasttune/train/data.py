@@ -208,11 +208,128 @@ def _preference_data(cfg: DataConfig, tokenizer, path: str, bundled: str | None,
                         dropped_no_target=st.dropped_no_target)
 
 
-def prepare_data(cfg: DataConfig, tokenizer, max_seq_length: int, seed: int, objective: str) -> PreparedData:
-    """Tokenised train/eval examples for `objective` (single sequences for sft/pretrain, pairs otherwise)."""
+def _kto_label(value, loc) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise DataError(f"label {value!r:.40} is not true/false (or 1/0): KTO's label says whether the completion is "
+                    "desirable", location=loc, column="label")
+
+
+def _unpaired_examples(cfg: DataConfig, tokenizer, template, prompt: PromptTemplate, loc, row: dict) -> list[dict]:
+    """KTO rows: prompt + completion + label (true: desirable), or a chosen/rejected pair (chosen desirable,
+    rejected undesirable); each becomes {"input_ids", "labels", "desirable"}."""
+    if "chosen" in row and "rejected" in row:
+        items = [(row["chosen"], True), (row["rejected"], False)]
+    else:
+        column = next((c for c in ("completion", "response", "output") if c in row), None)
+        if column is None or "label" not in row:
+            raise DataError("KTO needs a completion column (completion, response or output) and a label column "
+                            "(true: desirable, false: undesirable), or chosen/rejected pairs", location=loc,
+                            available=sorted(row))
+        items = [(row[column], _kto_label(row["label"], loc))]
+    context = _messages(row["prompt"], loc) if "prompt" in row else \
+        [{"role": "user", "content": prompt.format(row, loc)}]
+    if cfg.system_prompt and context[0]["role"] != "system":
+        context = [{"role": "system", "content": cfg.system_prompt}] + context
+    out = []
+    for reply, good in items:
+        if not isinstance(reply, str):
+            reply = _messages(reply, loc)[-1]["content"]
+        ex = tokenize_conversation(context + [{"role": "assistant", "content": reply}], tokenizer, template,
+                                   train_on="responses", location=loc)
+        out.append({"input_ids": ex["input_ids"], "labels": ex["labels"], "desirable": good})
+    return out
+
+
+def _unpaired_data(cfg: DataConfig, tokenizer, path: str, bundled: str | None, max_seq_length: int,
+                   seed: int) -> PreparedData:
+    st = DataStats()
+    limits = dict(format=cfg.format, encoding=cfg.encoding, max_line_bytes=cfg.max_line_bytes,
+                  max_field_chars=cfg.max_field_chars, on_bad_row=st.skip if cfg.on_error == "skip" else None)
+    rows = iter(_preference_rows(list(read_rows(path, **limits)))) if bundled == "preferences" else \
+        read_rows(path, **limits)
+    template = chat_template_for(tokenizer, cfg.chat_template)
+    prompt = PromptTemplate(cfg.prompt_template or DEFAULT_PROMPT)
+    examples = []
+    for index, (loc, row) in enumerate(rows):
+        if cfg.max_examples is not None and index >= cfg.max_examples:
+            break
+        st.rows_read += 1
+        try:
+            made = _unpaired_examples(cfg, tokenizer, template, prompt, loc, row)
+        except DataError as e:
+            if cfg.on_error != "skip" or (e.file is None and e.line is None and e.row is None):
+                raise
+            st.skip(e)
+            continue
+        for ex in made:
+            if len(ex["input_ids"]) > max_seq_length:
+                if cfg.overlong == "drop":
+                    st.dropped_overlong += 1
+                    continue
+                st.truncated += 1
+                ex = {**ex, "input_ids": ex["input_ids"][:max_seq_length], "labels": ex["labels"][:max_seq_length]}
+            targets = count_target_tokens(ex["labels"])
+            if targets == 0:
+                st.dropped_no_target += 1
+                continue
+            st.examples += 1
+            st.tokens += len(ex["input_ids"])
+            st.target_tokens += targets
+            examples.append(ex)
+    if not examples:
+        raise DataError(f"no usable KTO examples ({st.summary()})", file=path,
+                        hint="; ".join(st.skip_reasons[:1]) or "check max_seq_length and the data")
+    good = sum(ex["desirable"] for ex in examples)
+    summary = st.summary() + f"; {good} desirable, {len(examples) - good} undesirable"
+    train, evals = _split(examples, cfg.eval_fraction, seed)
+    return PreparedData("unpaired", train, evals, st.truncated, st.dropped_overlong, summary,
+                        skipped=st.skipped_rows, skip_reasons=list(st.skip_reasons),
+                        dropped_no_target=st.dropped_no_target)
+
+
+def _mismatched(example: dict, other: dict, max_seq_length: int) -> dict:
+    """`example`'s prompt with `other`'s response (KTO's KL estimate): the prompt is the part before the first
+    target token."""
+    def split(ex):
+        k = next(i for i, x in enumerate(ex["labels"]) if x != IGNORE_INDEX)
+        return ex["input_ids"][:k], ex["input_ids"][k:], ex["labels"][k:]
+    prompt, _, _ = split(example)
+    _, ids, labels = split(other)
+    n = max_seq_length
+    return {"input_ids": (prompt + ids)[:n], "labels": ([IGNORE_INDEX] * len(prompt) + labels)[:n]}
+
+
+def collate_unpaired(examples: list[dict], mismatched: list[dict], pad_token_id: int, max_seq_length: int) -> dict:
+    """KTO's batch: the rows (right-padded to a length bucket), `desirable` (B,), and the mismatched rows for the
+    reference point as kl_input_ids / kl_labels."""
+    plain = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    batch = collate_padded(plain, pad_token_id, length=bucket_length(max(len(r["input_ids"]) for r in plain),
+                                                                     max_seq_length))
+    kl = collate_padded(mismatched, pad_token_id, length=bucket_length(
+        max(len(r["input_ids"]) for r in mismatched), max_seq_length))
+    batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
+    batch["kl_input_ids"], batch["kl_labels"] = kl["input_ids"], kl["labels"]
+    return batch
+
+
+def prepare_data(cfg: DataConfig, tokenizer, max_seq_length: int, seed: int, objective: str,
+                 grpo=None) -> PreparedData:
+    """Tokenised train/eval examples for `objective` (single sequences for sft/pretrain, pairs for reward / dpo /
+    orpo / simpo, labelled single responses for kto, prompts for grpo — `grpo` is its config section)."""
     path, bundled = resolve_source(cfg.path)
-    if objective in ("reward", "dpo", "orpo"):
+    if objective in ("reward", "dpo", "orpo", "simpo"):
         return _preference_data(cfg, tokenizer, path, bundled, max_seq_length, seed)
+    if objective == "kto":
+        return _unpaired_data(cfg, tokenizer, path, bundled, max_seq_length, seed)
+    if objective == "grpo":
+        from .grpo import prepare_prompts
+
+        return prepare_prompts(cfg, tokenizer, grpo.max_prompt_length, seed, grpo.prompt_format)
     if cfg.kind == "preference" or bundled == "preferences":
         raise DataError(f"objective {objective} trains on single sequences, but {cfg.path} holds chosen/rejected pairs",
                         hint="set objective.type to dpo, orpo or reward")
@@ -245,6 +362,19 @@ def collate_pairs(pairs: list[dict], pad_token_id: int, max_seq_length: int | No
 def epoch_batches(examples, *, kind: str, batch_size: int, packing: bool, max_seq_length: int,
                   pad_token_id: int, seed: int, shuffle: bool = True) -> list[dict]:
     """All micro-batches of one epoch, in a fixed order (a function of `seed` only)."""
+    if kind == "prompts":
+        from .grpo import prompt_batches
+
+        return prompt_batches(examples, batch_size, pad_token_id, seed, shuffle)
+    if kind == "unpaired":  # each example's mismatched partner is the next example in the epoch's order
+        order = list(range(len(examples)))
+        if shuffle:
+            random.Random(seed).shuffle(order)
+        partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+        return [collate_unpaired([examples[i] for i in order[s:s + batch_size]],
+                                 [_mismatched(examples[i], examples[partner[i]], max_seq_length)
+                                  for i in order[s:s + batch_size]], pad_token_id, max_seq_length)
+                for s in range(0, len(order), batch_size)]
     if kind == "preference":
         order = list(range(len(examples)))
         if shuffle:
@@ -270,6 +400,8 @@ def batch_shape(batch: dict) -> tuple[int, int]:
 
 def count_targets(batch: dict, kind: str) -> tuple[int, int]:
     """(target tokens, pairs). For preference batches the tokens are the chosen responses' (ORPO's NLL term)."""
+    if kind == "unpaired":  # KTO: every row is an example
+        return int((next_token_targets(batch["labels"]) != IGNORE_INDEX).sum()), batch["labels"].shape[0]
     if kind == "preference":
         half = batch["labels"].shape[0] // 2
         return int((next_token_targets(batch["labels"][:half]) != IGNORE_INDEX).sum()), half

@@ -13,6 +13,17 @@ ORPO (reference-free by construction): with mean token log-probs a_c, a_r,
     log odds(y) = a - log(1 - exp(a)),  loss = NLL(chosen) + beta * -log sigmoid(log odds_c - log odds_r),
     NLL summed over chosen target tokens / (chosen target tokens of the step).
 
+SimPO (reference-free, length-normalised): with mean token log-probs a_c, a_r (as ORPO's),
+    loss = -log sigmoid(beta (a_c - a_r) - gamma), summed / (pairs of the step). Rewards beta * a; margin and
+    accuracy as DPO's.
+KTO (unpaired: each example is desirable or undesirable): r = logp(y|x) - ref(y|x) (sums over the response) and a
+    reference point z0 = max(0, mean_j [logp(y'_j|x_j) - ref(y'_j|x_j)]), an estimate of KL(policy || reference)
+    from mismatched pairs (each prompt with another example's response), with no gradient (as TRL); then
+    desirable: lambda_D (1 - sigmoid(beta (r - z0))),  undesirable: lambda_U (1 - sigmoid(beta (z0 - r))),
+    summed / (examples of the step); accuracy = share of examples on their side of z0 (desirable r > z0,
+    undesirable r < z0); kto_kl = z0. z0 is estimated per micro-batch (TRL: per device batch), so with several
+    micro-batches per step the loss is the sum of the micro-batches' losses, each with its own z0.
+
 Preference batches hold 2P rows: the P chosen sequences, then the P rejected ones, right-padded with an
 attention_mask; labels mark the response tokens (-100 elsewhere, not shifted).
 
@@ -28,33 +39,36 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from .. import kernels
 from ..labels import IGNORE_INDEX, next_token_targets
 
 
-def _row_logprobs(model, h_row: torch.Tensor, targets_row: torch.Tensor) -> torch.Tensor:
-    logits = model.logits(h_row)  # (T-1, V) float32
-    logp = logits.log_softmax(-1).gather(-1, targets_row.clamp(min=0)[:, None]).squeeze(-1)
-    return logp.masked_fill(targets_row == IGNORE_INDEX, 0.0).sum()
+def token_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                   logits_model=None) -> torch.Tensor:
+    """(B, T-1) float32: log p(labels[:, t+1] | input_ids[:, :t+1]) at `temperature`, 0 where the label is -100.
+    Right-padded rows (no mask needed, see the module doc). The LM head and the log-softmax run fused, chunk by
+    chunk (`kernels.fused_linear_token_logprobs`): the (tokens x vocab) logits are never materialised for the
+    whole batch, in the forward or the backward. `model` runs the forward (it may be a DDP wrapper);
+    `logits_model` (default: `model`) is the CausalLM whose LM head forms the log-probabilities."""
+    lm = logits_model or model
+    h = model(input_ids, return_logits=False).last_hidden_state[:, :-1]
+    B, T, H = h.shape
+    h = h.reshape(-1, H)
+    if lm.spec.logits_scaling is not None:  # (h / s) @ W.T == (h @ W.T) / s, as the fused loss
+        h = h / lm.spec.logits_scaling
+    hid, weight, extra = lm.loss_head_inputs(h)
+    logp = kernels.fused_linear_token_logprobs(
+        hid, weight, next_token_targets(labels).reshape(-1), softcap=lm.spec.final_softcap, temperature=temperature,
+        chunk_bytes=lm.loss_chunk_bytes, **({} if extra is None else {"extra_weight": extra}))
+    return logp.view(B, T)
 
 
 def sequence_logprobs(model, batch: dict, logits_model=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log p(label token) over each row's target tokens, and the number of targets per row.
-    The (T x vocab) logits are formed one row at a time under activation checkpointing, so only one row's logits
-    are ever alive, in the forward and in the backward. `model` runs the forward (it may be a DDP wrapper);
-    `logits_model` (default: `model`) is the CausalLM whose LM head forms the logits."""
-    logits_model = logits_model or model
-    out = model(batch["input_ids"], return_logits=False)  # right padding: no mask needed (see the module doc)
-    h = out.last_hidden_state[:, :-1]
-    targets = next_token_targets(batch["labels"])
-    sums = []
-    for b in range(h.shape[0]):
-        if torch.is_grad_enabled() and h.requires_grad:
-            sums.append(checkpoint(_row_logprobs, logits_model, h[b], targets[b], use_reentrant=False))
-        else:
-            sums.append(_row_logprobs(logits_model, h[b], targets[b]))
-    return torch.stack(sums), (targets != IGNORE_INDEX).sum(-1)
+    """Sum of log p(label token) over each row's target tokens, and the number of targets per row, through
+    `token_logprobs` (no logits tensor of the batch is ever formed)."""
+    logp = token_logprobs(model, batch["input_ids"], batch["labels"], logits_model=logits_model)
+    return logp.sum(-1), (next_token_targets(batch["labels"]) != IGNORE_INDEX).sum(-1)
 
 
 def lm_loss(model, batch: dict, num_items_in_batch: int, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -129,3 +143,37 @@ def orpo_loss(model, batch: dict, num_pairs: int, num_chosen_tokens: int, beta: 
     return loss, {"nll": nll.detach(), "log_odds_ratio": ratio.detach().sum(),
                   "reward_margin": margin.sum(), "reward_accuracy": (margin > 0).sum(),
                   "pairs": pc.shape[0]}
+
+
+def simpo_loss(model, batch: dict, num_pairs: int, beta: float, gamma: float, logits_model=None
+               ) -> tuple[torch.Tensor, dict]:
+    logp, n = sequence_logprobs(model, batch, logits_model)
+    pc, pr = _split(logp)
+    nc, nr = _split(n.clamp(min=1).to(logp.dtype))
+    reward_c, reward_r = beta * pc / nc, beta * pr / nr
+    loss = -F.logsigmoid(reward_c - reward_r - gamma).sum() / num_pairs
+    margin = (reward_c - reward_r).detach()
+    return loss, {"reward_chosen": reward_c.detach().sum(), "reward_rejected": reward_r.detach().sum(),
+                  "reward_margin": margin.sum(), "reward_accuracy": (margin > 0).sum(), "pairs": pc.shape[0]}
+
+
+def kto_loss(model, batch: dict, num_examples: int, beta: float, desirable_weight: float, undesirable_weight: float,
+             reference_context, logits_model=None) -> tuple[torch.Tensor, dict]:
+    """`batch`: rows (input_ids, labels), `desirable` (B,) bool, and the mismatched rows kl_input_ids / kl_labels
+    for the reference point; `reference_context()` makes the model the reference (adapters off)."""
+    kl_batch = {"input_ids": batch["kl_input_ids"], "labels": batch["kl_labels"]}
+    with torch.no_grad():
+        with reference_context():
+            ref, _ = sequence_logprobs(model, batch, logits_model)
+            ref_kl, _ = sequence_logprobs(model, kl_batch, logits_model)
+        policy_kl, _ = sequence_logprobs(model, kl_batch, logits_model)
+        z0 = (policy_kl - ref_kl).mean().clamp(min=0)
+    logp, _ = sequence_logprobs(model, batch, logits_model)
+    r = logp - ref
+    good = batch["desirable"].bool()
+    per_row = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                          undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    loss = per_row.sum() / num_examples
+    right_side = torch.where(good, r > z0, r < z0).detach()
+    return loss, {"kto_kl": z0 * r.shape[0],  # summed over rows: the step reports the row-weighted mean
+                  "reward_accuracy": right_side.sum(), "pairs": r.shape[0]}

@@ -36,12 +36,12 @@ from . import run_folder
 from .config import ConfigError, TrainConfig, resume_conflicts
 from .data import (PreparedData, batch_shape, batch_tokens, count_targets, epoch_batches, host_batch, prepare_data,
                    to_device)
-from .objectives import RewardHead, dpo_loss, lm_loss, orpo_loss, reward_loss
+from .objectives import RewardHead, dpo_loss, kto_loss, lm_loss, orpo_loss, reward_loss, simpo_loss
 from .observe import MetricsLog, Progress, gpu_memory_gib, plot_losses
 from .schedule import make_scheduler
 
 # preference metrics summed over pairs and reported per pair (ORPO's nll is summed over tokens and reported as is)
-PAIR_METRICS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "log_odds_ratio")
+PAIR_METRICS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "log_odds_ratio", "kto_kl")
 
 
 class _SigintGuard:
@@ -141,12 +141,18 @@ class Trainer:
         if config.objective.type == "reward":
             self.reward_head = RewardHead(self.model.spec.hidden_size).to(self.device, torch.float32)
         self.data = data if data is not None else prepare_data(
-            config.data, self.tokenizer, config.model.max_seq_length, config.train.seed, config.objective.type)
+            config.data, self.tokenizer, config.model.max_seq_length, config.train.seed, config.objective.type,
+            grpo=config.objective.grpo)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # DDP or FSDP2 under torchrun, else the model itself; before the optimizer, since fully_shard replaces
         # the parameters with sharded ones
         self.engine = dist_utils.wrap(self.model, self.dist, config.train.parallel)
         self.optimizer = self._optimizer()
+        self.rl = None  # objective.type grpo: rollouts and the RL loss (fasttune.train.grpo)
+        if config.objective.type == "grpo":
+            from .grpo import GrpoRunner
+
+            self.rl = GrpoRunner(self)
         self._epoch_cache: tuple[int, list] | None = None
         self._stream: tuple[int, Iterator[dict]] | None = None  # (epoch, its micro-batches) when streaming
         if self.data.streaming:  # the length is unknown until read: train.max_steps (required) sets the run
@@ -187,7 +193,7 @@ class Trainer:
         o = cfg.objective
         packed = cfg.data.packing and o.type in ("sft", "pretrain")
         # the memory policy plans for the rows of one micro-batch: a packed row, or batch_size (pairs: two each)
-        rows = 1 if packed else cfg.train.batch_size * (2 if o.type in ("dpo", "orpo", "reward") else 1)
+        rows = 1 if packed else cfg.train.batch_size * (2 if o.type in ("dpo", "orpo", "simpo", "reward") else 1)
         if model is None:
             from ..models import load_tokenizer
 
@@ -231,6 +237,10 @@ class Trainer:
             batches = epoch_batches(self.data.train, kind=self.data.kind, batch_size=t.batch_size, packing=d.packing,
                                     max_seq_length=self.cfg.model.max_seq_length, pad_token_id=self.pad_id,
                                     seed=t.seed + epoch, shuffle=d.shuffle)
+            if self.rl is not None:  # num_iterations: each step's prompts are trained on for mu steps
+                from .grpo import repeat_groups
+
+                batches = repeat_groups(batches, self.micro_per_step, self.cfg.objective.grpo.num_iterations)
             self._epoch_cache = (epoch, batches)
         return self._epoch_cache[1]
 
@@ -285,6 +295,11 @@ class Trainer:
             return reward_loss(self.engine, self.reward_head, batch, num_pairs)
         if o.type == "dpo":
             return dpo_loss(self.engine, batch, num_pairs, o.beta, self._reference, logits_model=self.model)
+        if o.type == "simpo":
+            return simpo_loss(self.engine, batch, num_pairs, o.beta, o.simpo_gamma, logits_model=self.model)
+        if o.type == "kto":
+            return kto_loss(self.engine, batch, num_pairs, o.beta, o.kto_desirable_weight, o.kto_undesirable_weight,
+                            self._reference, logits_model=self.model)
         return orpo_loss(self.engine, batch, num_pairs, num_tokens, o.beta, logits_model=self.model)
 
     def accumulate(self, group: list[dict]) -> dict:
@@ -363,7 +378,7 @@ class Trainer:
     def train_step(self, group: list[dict]) -> dict:
         """One optimizer step: accumulate gradients over `group`, clip, step the optimizer and the schedule. The
         step's one host sync reads the loss and the gradient norm together, before the update."""
-        total, record = self._accumulate(group)
+        total, record = self._accumulate(group) if self.rl is None else self.rl.accumulate(group)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # the norm is taken even without clipping: a finite loss can still back-propagate inf/NaN gradients, and
         # one such update would poison the weights (and the next checkpoint) before the loss showed it
@@ -700,7 +715,8 @@ class Trainer:
         shapes = sorted({batch_shape(b) for b in batches})
         real = sum(batch_tokens(b) for b in batches)
         slots = sum(b["input_ids"].numel() for b in batches)
-        kind = "packing" if self.cfg.data.packing and self.data.kind != "preference" else "padding"
+        kind = "packing" if self.cfg.data.packing and self.data.kind not in ("preference", "unpaired", "prompts") \
+            else "padding"
         return (f"batches: {len(batches)} per epoch in {len(shapes)} shape(s) "
                 f"{shapes if len(shapes) <= 12 else str(shapes[:12])[:-1] + ', ...]'}; {kind} fills "
                 f"{100 * real / max(slots, 1):.1f}% of the token slots (real tokens / rows x length)")
