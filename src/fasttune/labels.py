@@ -21,6 +21,9 @@ def next_token_targets(labels: torch.Tensor, position_ids: torch.Tensor | None =
     return targets
 
 
-def count_target_tokens(labels: list[int]) -> int:
-    """How many tokens one tokenised sequence trains on (its targets that are not IGNORE_INDEX)."""
+def count_target_tokens(labels: list[int] | torch.Tensor) -> int:
+    """How many tokens train: the targets (labels after the one-token shift, along the last axis) that are not
+    IGNORE_INDEX — of one tokenised sequence (a list) or of a batch of rows (a tensor)."""
+    if isinstance(labels, torch.Tensor):
+        return int((labels[..., 1:] != IGNORE_INDEX).sum())
     return sum(1 for x in labels[1:] if x != IGNORE_INDEX)

@@ -25,14 +25,14 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from ..labels import IGNORE_INDEX
+from ..labels import IGNORE_INDEX, count_target_tokens
 from .errors import DataError
 
 
 def num_target_tokens(batch_or_labels) -> int:
     """Number of positions that contribute to the loss: labels[:, 1:] != -100 (after the model's shift)."""
     labels = batch_or_labels["labels"] if isinstance(batch_or_labels, dict) else batch_or_labels
-    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+    return count_target_tokens(labels)
 
 
 def length_buckets(max_seq_length: int, smallest: int = 64) -> list[int]:

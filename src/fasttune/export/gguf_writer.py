@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..models.checkpoint import save_tokenizer
+from ..models.checkpoint import FUSED_PARTS, save_tokenizer
 from . import gguf_quants
 from .merged import DEQUANTISED_NOTE, ExportResult, has_nf4, iter_merged_tensors
 
@@ -103,13 +103,17 @@ def permute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# Phi-3's fused modules under their parent module (their parts: models.checkpoint.FUSED_PARTS, the one list)
+_FUSED_MODULES = {("self_attn." if fused == "qkv_proj" else "mlp.") + fused: parts
+                  for fused, parts in FUSED_PARTS.items()}
+
+
 def _fused_plan(model: nn.Module, items: list) -> list:
     """Phi-3: concatenate q/k/v and gate/up back into the fused tensors llama.cpp's phi3 graph expects."""
     by_name = {n: (fn, shape) for n, fn, shape in items}
     out = []
     for name, fn, shape in items:
-        for fused, parts in (("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
-                             ("mlp.gate_up_proj", ("gate_proj", "up_proj"))):
+        for fused, parts in _FUSED_MODULES.items():
             group, _, leaf = fused.rpartition(".")
             m = re.fullmatch(rf"(model\.layers\.\d+\.{group}\.)(\w+)\.(weight|bias)", name)
             if m and m.group(2) in parts:
@@ -683,7 +687,6 @@ def read_gguf_weights(path: str | os.PathLike, model: nn.Module) -> dict[str, to
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     name_map = gguf.get_tensor_name_map(GGUF_ARCH[spec.model_type], spec.num_layers)
     shapes = {n: shape for n, _, shape in iter_merged_tensors(model)}
-    fused_parts = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
     cache: dict[str, np.ndarray] = {}
     out = {}
     for hf_name, shape in shapes.items():
@@ -692,7 +695,7 @@ def read_gguf_weights(path: str | os.PathLike, model: nn.Module) -> dict[str, to
         source, row0 = hf_name, 0
         m = re.fullmatch(r"(model\.layers\.\d+\.)(self_attn|mlp)\.(\w+)\.weight", hf_name)
         if spec.fused_checkpoint and m:
-            for fused, parts in fused_parts.items():
+            for fused, parts in _FUSED_MODULES.items():
                 if fused.startswith(m.group(2)) and m.group(3) in parts:
                     source = f"{m.group(1)}{fused}.weight"
                     for p in parts[:parts.index(m.group(3))]:
