@@ -258,11 +258,45 @@ def _launch_loss_and_grad(logits, labels, row_loss, grad_scale, ignore_index, la
     )
 
 
+def _chunk_logits(hidden, weight, bias, extra, start, end):
+    width = weight.shape[1]
+    h = hidden[start:end] if extra is None else hidden[start:end, :width]
+    logits = F.linear(h, weight, bias)
+    if extra is not None:
+        logits.addmm_(hidden[start:end, width:], extra.t())
+    return h, logits
+
+
+def _contract_chunk_grads(dlogits, hidden, h, weight, extra, start, end, grad_hidden, grad_weight, grad_extra,
+                          grad_bias) -> None:
+    """From one chunk's dL/dlogits (rows start:end): its rows of dL/dhidden = G [W | E], and its share of
+    dL/dW = G^T h, dL/dE = G^T hidden[:, H:], dL/db = sum_i G_i (the first chunk writes, later ones add). A gradient
+    passed as None is not wanted."""
+    width = weight.shape[1]
+    if grad_hidden is not None:
+        if extra is None:
+            torch.mm(dlogits, weight, out=grad_hidden[start:end])
+        else:
+            grad_hidden[start:end, :width] = dlogits @ weight
+            grad_hidden[start:end, width:] = dlogits @ extra
+    if grad_weight is not None:
+        if start == 0:
+            torch.mm(dlogits.t(), h, out=grad_weight)
+        else:
+            grad_weight.addmm_(dlogits.t(), h)
+    if grad_extra is not None:
+        if start == 0:
+            torch.mm(dlogits.t(), hidden[start:end, width:], out=grad_extra)
+        else:
+            grad_extra.addmm_(dlogits.t(), hidden[start:end, width:])
+    if grad_bias is not None:
+        grad_bias += dlogits.sum(0, dtype=torch.float32)
+
+
 def _forward_and_grads(hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, num_items_in_batch,
                        need_hidden_grad, need_weight_grad, need_bias_grad, chunk_bytes=None, extra=None,
                        need_extra_grad=False):
-    num_rows = hidden.shape[0]
-    vocab, width = weight.shape
+    num_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
     compute_grad = need_hidden_grad or need_weight_grad or need_bias_grad or need_extra_grad
     divisor = _divisor(labels, ignore_index, num_items_in_batch, device)
@@ -277,31 +311,12 @@ def _forward_and_grads(hidden, weight, bias, labels, ignore_index, label_smoothi
     rows = _chunk_rows(num_rows, vocab, weight.element_size(), chunk_bytes)
     for start in range(0, num_rows, rows):
         end = min(start + rows, num_rows)
-        h = hidden[start:end] if extra is None else hidden[start:end, :width]
-        logits = F.linear(h, weight, bias)  # (rows, V) in the weight dtype, as the reference
-        if extra is not None:  # + the extra columns' share: [W | E] without a copy of W
-            logits.addmm_(hidden[start:end, width:], extra.t())
+        h, logits = _chunk_logits(hidden, weight, bias, extra, start, end)  # in the weight dtype, as the reference
         _launch_loss_and_grad(logits, labels[start:end], row_loss[start:end], grad_scale,
                               ignore_index, label_smoothing, softcap, compute_grad)
         # `logits` now holds dloss/dlogits for this chunk
-        if need_hidden_grad:
-            if extra is None:
-                torch.mm(logits, weight, out=grad_hidden[start:end])
-            else:
-                grad_hidden[start:end, :width] = logits @ weight
-                grad_hidden[start:end, width:] = logits @ extra
-        if need_weight_grad:
-            if start == 0:
-                torch.mm(logits.t(), h, out=grad_weight)
-            else:
-                grad_weight.addmm_(logits.t(), h)
-        if need_extra_grad:
-            if start == 0:
-                torch.mm(logits.t(), hidden[start:end, width:], out=grad_extra)
-            else:
-                grad_extra.addmm_(logits.t(), hidden[start:end, width:])
-        if need_bias_grad:
-            grad_bias += logits.sum(0, dtype=torch.float32)
+        _contract_chunk_grads(logits, hidden, h, weight, extra, start, end, grad_hidden, grad_weight, grad_extra,
+                              grad_bias)
     loss = row_loss.sum() / divisor
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
@@ -436,15 +451,6 @@ def fused_linear_cross_entropy_reference(
 
 # ---- per-token log-probabilities (reduction "none") ---------------------------------------------------------
 
-def _chunk_logits(hidden, weight, bias, extra, start, end):
-    width = weight.shape[1]
-    h = hidden[start:end] if extra is None else hidden[start:end, :width]
-    logits = F.linear(h, weight, bias)
-    if extra is not None:
-        logits.addmm_(hidden[start:end, width:], extra.t())
-    return h, logits
-
-
 def _launch_token_logprob(logits, labels, logp, lse, grad, ignore_index, softcap, temperature, backward):
     vocab = logits.shape[1]
     block = min(MAX_VOCAB_BLOCK, triton.next_power_of_2(vocab))
@@ -477,7 +483,6 @@ class FusedLinearTokenLogprobFunction(torch.autograd.Function):
         ignore_index, softcap, temperature, chunk_bytes = ctx.settings
         need_h, need_w, need_b, _, need_e = ctx.needs_input_grad[:5]
         grad_logp = grad_logp.to(torch.float32).contiguous()
-        width = weight.shape[1]
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.empty_like(weight) if need_w else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_b else None
@@ -489,24 +494,8 @@ class FusedLinearTokenLogprobFunction(torch.autograd.Function):
             _launch_token_logprob(logits, labels[start:end], None, lse[start:end], grad_logp[start:end],
                                   ignore_index, softcap, temperature, backward=True)
             # `logits` now holds dL/dlogits of this chunk
-            if need_h:
-                if extra is None:
-                    torch.mm(logits, weight, out=grad_hidden[start:end])
-                else:
-                    grad_hidden[start:end, :width] = logits @ weight
-                    grad_hidden[start:end, width:] = logits @ extra
-            if need_w:
-                if start == 0:
-                    torch.mm(logits.t(), h, out=grad_weight)
-                else:
-                    grad_weight.addmm_(logits.t(), h)
-            if need_e:
-                if start == 0:
-                    torch.mm(logits.t(), hidden[start:end, width:], out=grad_extra)
-                else:
-                    grad_extra.addmm_(logits.t(), hidden[start:end, width:])
-            if need_b:
-                grad_bias += logits.sum(0, dtype=torch.float32)
+            _contract_chunk_grads(logits, hidden, h, weight, extra, start, end, grad_hidden, grad_weight,
+                                  grad_extra, grad_bias)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, grad_extra, None, None, None, None

@@ -212,21 +212,28 @@ _DECODERS = {2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0, 10: _q2_k, 11: _q
              14: _q6_k}
 
 
-def dequantize(data: torch.Tensor, type_id: int, shape: tuple[int, ...] | torch.Size,
-               chunk_values: int = 1 << 17) -> torch.Tensor:
-    """The float32 tensor of `shape` (torch order: rows last-dim-contiguous) stored as ggml type `type_id` in the
-    raw bytes `data` (uint8, any device). Decoded about `chunk_values` values at a time: small temporaries are
-    reused by the allocator, large ones cost a fresh zeroed mapping each (measured 2-3x slower on CPU)."""
+def _checked_bytes(data: torch.Tensor, type_id: int, shape, caller: str):
+    """(format, the bytes flattened, number of values) after checking that `data` is the raw uint8 bytes of a
+    `type_id` tensor of `shape`."""
     f = quant_format(type_id)
     n_values = 1
     for s in shape:
         n_values *= int(s)
     data = data.reshape(-1)
     if data.dtype != torch.uint8:
-        raise TypeError(f"dequantize expects raw uint8 bytes, got {data.dtype}")
+        raise TypeError(f"{caller} expects raw uint8 bytes, got {data.dtype}")
     expected = nbytes(type_id, n_values)
     if data.numel() != expected:
         raise ValueError(f"{f.name} tensor of shape {tuple(shape)} needs {expected} bytes, got {data.numel()}")
+    return f, data, n_values
+
+
+def dequantize(data: torch.Tensor, type_id: int, shape: tuple[int, ...] | torch.Size,
+               chunk_values: int = 1 << 17) -> torch.Tensor:
+    """The float32 tensor of `shape` (torch order: rows last-dim-contiguous) stored as ggml type `type_id` in the
+    raw bytes `data` (uint8, any device). Decoded about `chunk_values` values at a time: small temporaries are
+    reused by the allocator, large ones cost a fresh zeroed mapping each (measured 2-3x slower on CPU)."""
+    f, data, n_values = _checked_bytes(data, type_id, shape, "dequantize")
     if type_id == 0:
         return data.view(torch.float32).clone().reshape(shape)
     if type_id == 1:
@@ -366,16 +373,7 @@ def dequantize_triton(data: torch.Tensor, type_id: int, shape: tuple[int, ...] |
     (or into `out`, contiguous, of `shape`). F32 / F16 / BF16 are converted by PyTorch (no decoding to do)."""
     if triton is None:
         raise RuntimeError("dequantize_triton needs Triton; use dequantize (the PyTorch reference)")
-    f = quant_format(type_id)
-    n_values = 1
-    for s in shape:
-        n_values *= int(s)
-    data = data.reshape(-1)
-    if data.dtype != torch.uint8:
-        raise TypeError(f"dequantize_triton expects raw uint8 bytes, got {data.dtype}")
-    if data.numel() != nbytes(type_id, n_values):
-        raise ValueError(f"{f.name} tensor of shape {tuple(shape)} needs {nbytes(type_id, n_values)} bytes, got "
-                         f"{data.numel()}")
+    f, data, n_values = _checked_bytes(data, type_id, shape, "dequantize_triton")
     if out is None:
         out = torch.empty(tuple(shape), dtype=dtype, device=data.device)
     elif tuple(out.shape) != tuple(shape) or not out.is_contiguous() or out.device != data.device:
