@@ -73,6 +73,22 @@ if triton is not None:
         return tl.where(x >= 0, t, -t)
 
     @triton.jit
+    def _zero_row(row_ptr, V, BLOCK: tl.constexpr):
+        # an ignored row's gradient: zeros over its logits
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            tl.store(row_ptr + offs, tl.zeros((BLOCK,), dtype=tl.float32).to(row_ptr.dtype.element_ty),
+                     mask=offs < V)
+
+    @triton.jit
+    def _scores(row_ptr, offs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+        # one block of a row's (soft-capped) logits in float32, -inf past the vocabulary (for the online lse)
+        s = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:
+            s = tl.where(mask, softcap * _tanh(s / softcap), float("-inf"))
+        return s
+
+    @triton.jit
     def _scale_inplace_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
         # x *= scale, in float32, for a device scalar: the backward's grad_output without a host sync
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -104,10 +120,7 @@ if triton is not None:
         if label == ignore_index:
             tl.store(row_loss_ptr + row, 0.0)
             if COMPUTE_GRAD:
-                for start in range(0, V, BLOCK):
-                    offs = start + tl.arange(0, BLOCK)
-                    tl.store(row_ptr + offs, tl.zeros((BLOCK,), dtype=tl.float32).to(row_ptr.dtype.element_ty),
-                             mask=offs < V)
+                _zero_row(row_ptr, V, BLOCK)
             return
 
         # pass 1: online log-sum-exp (and the sum of logits needed by label smoothing)
@@ -117,9 +130,7 @@ if triton is not None:
         for start in range(0, V, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < V
-            s = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            if HAS_SOFTCAP:
-                s = tl.where(mask, softcap * _tanh(s / softcap), float("-inf"))
+            s = _scores(row_ptr, offs, mask, softcap, HAS_SOFTCAP)
             m_new = tl.maximum(m, tl.max(s, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
             if HAS_SMOOTHING:
@@ -182,10 +193,7 @@ if triton is not None:
         label = tl.load(labels_ptr + row)
         if label == ignore_index:
             if BACKWARD:
-                for start in range(0, V, BLOCK):
-                    offs = start + tl.arange(0, BLOCK)
-                    tl.store(row_ptr + offs, tl.zeros((BLOCK,), dtype=tl.float32).to(row_ptr.dtype.element_ty),
-                             mask=offs < V)
+                _zero_row(row_ptr, V, BLOCK)
             else:
                 tl.store(logp_ptr + row, 0.0)
                 tl.store(lse_ptr + row, 0.0)
@@ -213,10 +221,7 @@ if triton is not None:
             for start in range(0, V, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 mask = offs < V
-                s = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                if HAS_SOFTCAP:
-                    s = tl.where(mask, softcap * _tanh(s / softcap), float("-inf"))
-                s = s * inv_temperature
+                s = _scores(row_ptr, offs, mask, softcap, HAS_SOFTCAP) * inv_temperature
                 m_new = tl.maximum(m, tl.max(s, axis=0))
                 dsum = dsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
                 m = m_new
