@@ -42,3 +42,24 @@ def smollm2_gguf():
         return mod.fetch()
     except mod.FetchError as e:
         pytest.skip(f"SmolLM2-135M-Instruct GGUF not available: {e}")
+
+
+def tiny_cuda_model(tmp_path, family: str = "llama", dtype: str = "bfloat16", **config):
+    """A small random Llama / Mistral / Gemma 2 written by transformers (weights N(0, 0.02) on top of its init, so
+    no layer is the identity) and loaded by fasttune on CUDA, for the GPU tests. `config` overrides the shape."""
+    import transformers
+
+    from fasttune.models import load_model
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    common.update(config)
+    cfg = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "gemma2": transformers.Gemma2Config}[family](**common)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    hf.save_pretrained(tmp_path)
+    return load_model(tmp_path, dtype=dtype, device="cuda")

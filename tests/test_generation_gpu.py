@@ -19,22 +19,12 @@ transformers = pytest.importorskip("transformers")
 import fasttune  # noqa: E402
 from fasttune.generation import Generator, SamplingParams  # noqa: E402
 from fasttune.kernels.attention import FALLBACKS, decode_attention, decode_mask, eager_attention  # noqa: E402
-from fasttune.models import load_model  # noqa: E402
 
 
 def _tiny(tmp_path, family="llama", dtype="bfloat16", **kw):
-    torch.manual_seed(0)
-    common = dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=2)
-    common.update(kw)
-    cfg = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "gemma2": transformers.Gemma2Config}[family](**common)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    hf.save_pretrained(tmp_path)
-    return load_model(tmp_path, dtype=dtype, device="cuda").eval()
+    from conftest import tiny_cuda_model
+
+    return tiny_cuda_model(tmp_path, family, dtype, num_hidden_layers=3, eos_token_id=2, **kw).eval()
 
 
 def _prompts(n=64, seed=0, longest=200):

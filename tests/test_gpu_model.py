@@ -13,22 +13,12 @@ if not torch.cuda.is_available():
 
 transformers = pytest.importorskip("transformers")
 
-from fasttune.models import load_model  # noqa: E402
 
 
 def _tiny(tmp_path, family="llama", **kw):
-    torch.manual_seed(0)
-    common = dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    common.update(kw)
-    cfg = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "gemma2": transformers.Gemma2Config}[family](**common)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    hf.save_pretrained(tmp_path)
-    return load_model(tmp_path, dtype="bfloat16", device="cuda")
+    from conftest import tiny_cuda_model
+
+    return tiny_cuda_model(tmp_path, family, **kw)
 
 
 def _loss_and_grads(model, ids, **kw):
