@@ -95,8 +95,12 @@ def write_checkpoint(shape: str, folder: Path, device: str, moe_layers: int | No
                          eos_token_id=2, pad_token_id=2, torch_dtype="bfloat16")
         cls = Phi3ForCausalLM
     elif shape == "gemma3-12b":
+        # pad_token_id = the bundled tokenizer's <|pad|> (2). transformers' init zeroes the pad row; with 0 there
+        # it zeroed <|begin_of_text|>, which starts every document here: such a document's hidden state stays
+        # exactly zero through all layers, and RMSNorm's backward multiplies its gradient by 1/sqrt(eps) per norm,
+        # so 48 layers overflowed to a NaN gradient norm at step 1 (in transformers too: bench/RESULTS.md)
         cfg = Gemma3TextConfig(**SHAPES[shape], max_position_embeddings=131072, bos_token_id=1, eos_token_id=2,
-                               pad_token_id=0, torch_dtype="bfloat16",
+                               pad_token_id=2, torch_dtype="bfloat16",
                                rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
                                                                    "rope_theta": 1000000.0},
                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})

@@ -105,6 +105,25 @@ def test_fp32_logits_loss_and_grads(tmp_path, family):
         assert rel_err(p.grad, hf_params[name].grad) <= FP32_TOL, name
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_pad_row_of_the_embedding_gets_the_gradient_transformers_gives_it(tmp_path, family):
+    """transformers builds the embedding with padding_idx = pad_token_id: the input side sends that row no gradient
+    (with tied weights the LM head's share still reaches it). Inputs that contain the pad id must agree."""
+    hf, ours = build_pair(tmp_path, family)
+    ids = random_ids()
+    ids[:, ::5] = 0  # the config's pad_token_id
+    labels = ids.clone()
+    hf(ids, labels=labels).loss.backward()
+    ours(ids, labels=labels).loss.backward()
+    g_hf = hf.model.embed_tokens.weight.grad
+    g = ours.model.embed_tokens.weight.grad
+    assert rel_err(g, g_hf) <= FP32_TOL
+    if family == "llama":  # untied: no gradient at all for the pad row
+        assert g[0].abs().max() == 0 and g_hf[0].abs().max() == 0
+    else:
+        assert g[0].abs().max() > 0
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
 def test_attention_bias_configs(tmp_path, family):
     """`attention_bias: true` puts biases on q/k/v and o (Qwen3 too): every one is loaded and used."""

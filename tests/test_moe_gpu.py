@@ -61,16 +61,22 @@ def test_qwen3_30b_a3b_expert_shape_fp32_parity_on_cuda(tmp_path):
 
 
 def test_qwen3_30b_a3b_expert_shape_bf16_lora_trains_on_cuda(tmp_path, caplog):
-    hf = _qwen3_30b_layers(tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16,
-                                                           attn_implementation="sdpa").cuda().eval()
-    ours = load_model(tmp_path, dtype=torch.bfloat16, device="cuda")
+    """bf16 logits as close to the float32 truth as transformers' own bf16 run (two bf16 runs differ from each
+    other by more than either differs from the truth: 3.3e-2 was measured between them, with routing near ties
+    flipping top-8 choices), then LoRA on experts and router trains."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hf = _qwen3_30b_layers(tmp_path).cuda().eval()
     ids = torch.randint(3, 4096, (1, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     with torch.no_grad():
-        err = _rel(ours(ids).logits, hf(ids).logits.float())
-    print(f"bf16 logits rel err {err:.2e}")
-    assert err <= 3e-2
+        truth = hf(ids).logits.double()
+        hf = hf.to(torch.bfloat16)
+        err_hf = _rel(hf(ids).logits, truth)
     del hf
+    ours = load_model(tmp_path, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        err = _rel(ours(ids).logits, truth)
+    print(f"bf16 logits rel err vs float32: fasttune {err:.2e}, transformers {err_hf:.2e}")
+    assert err <= 1.25 * err_hf + 1e-3
     add_lora(ours, r=16, alpha=16, target_modules=["all-linear", "router"])
     ours.train()
     opt = torch.optim.AdamW(param_groups(ours, lr=1e-3))

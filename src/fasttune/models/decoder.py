@@ -48,10 +48,11 @@ class RMSNorm(nn.Module):
 
 class ScaledEmbedding(nn.Embedding):
     """Token embeddings, optionally multiplied by a scale (Gemma: sqrt(hidden)) that is rounded to the compute
-    dtype first (sqrt(3072) in bf16 is 55.5, not 55.43), as the reference does."""
+    dtype first (sqrt(3072) in bf16 is 55.5, not 55.43), as the reference does. `padding_idx` (the config's
+    pad_token_id) is transformers' too: that row gets no gradient when the embeddings train."""
 
-    def __init__(self, num_embeddings: int, dim: int, scale: float | None = None):
-        super().__init__(num_embeddings, dim)
+    def __init__(self, num_embeddings: int, dim: int, scale: float | None = None, padding_idx: int | None = None):
+        super().__init__(num_embeddings, dim, padding_idx=padding_idx)
         self.scale = scale
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -232,7 +233,8 @@ class DecoderModel(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
         self.spec = spec
-        self.embed_tokens = ScaledEmbedding(spec.vocab_size, spec.hidden_size, spec.embed_scale)
+        pad = spec.pad_token_id if spec.pad_token_id is not None and 0 <= spec.pad_token_id < spec.vocab_size else None
+        self.embed_tokens = ScaledEmbedding(spec.vocab_size, spec.hidden_size, spec.embed_scale, pad)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_unit_offset, spec.norm_weight_float32)
         self.rotary = RotaryTables(spec)

@@ -373,7 +373,9 @@ class Trainer:
                if last else "No checkpoint with sound weights was written yet. ")
             + "Usual causes: a learning rate too high (now "
             f"{self.cfg.train.lr}), no gradient clipping (train.max_grad_norm), fp16 overflow (use bfloat16), "
-            "or a data batch with no target tokens.")
+            "a data batch with no target tokens, or a token whose embedding row is untrained (all zero: a document "
+            "that starts with it keeps an all-zero hidden state, and RMSNorm's backward multiplies its gradient by "
+            "1/sqrt(eps) at every norm); `fasttune doctor MODEL --data DATA` lists such tokens.")
 
     def train_step(self, group: list[dict]) -> dict:
         """One optimizer step: accumulate gradients over `group`, clip, step the optimizer and the schedule. The
