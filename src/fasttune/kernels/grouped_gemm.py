@@ -452,14 +452,16 @@ def _tma_operand_ok(t: torch.Tensor) -> bool:
     """torch's operand rule for its grouped mm (aten GroupedMMUtils.h check_valid_strides_and_return_transposed,
     and the TMA descriptors GroupMMCommon.cuh builds per group): each matrix row- or column-major with its leading
     stride a multiple of 16 bytes, the base address 16-byte aligned, and for a 3-D stack every expert's matrix too
-    (the expert stride a multiple of 16 bytes: torch checks only the base)."""
+    (the expert stride a multiple of 16 bytes: torch checks only the base). The 2-D ragged operand (rows) must be
+    row-major here: column-major, every group's row count would have to be a multiple of 8, which torch asserts on
+    the device (a crash, not an error)."""
     align = 16 // t.element_size()
     st, n = t.stride(), t.shape
     if t.data_ptr() % 16 or (t.dim() == 3 and st[0] % align):
         return False
     if st[-1] == 1 and st[-2] >= max(1, n[-1]):
         return st[-2] % align == 0
-    if st[-2] == 1 and st[-1] >= max(1, n[-2]):
+    if t.dim() == 3 and st[-2] == 1 and st[-1] >= max(1, n[-2]):
         return st[-1] % align == 0
     return False
 
@@ -491,8 +493,8 @@ def torch_grouped_mm_blocker(x: torch.Tensor, w: torch.Tensor) -> str | None:
         return (f"expert weight strides {tuple(w.stride())} (or its address) are not what torch's grouped mm takes: "
                 "row- or column-major matrices at 16-byte aligned addresses")
     if not _tma_operand_ok(x):
-        return (f"rows' strides {tuple(x.stride())} (or their address) are not what torch's grouped mm takes: "
-                "row-major at a 16-byte aligned address")
+        return (f"rows' strides {tuple(x.stride())} (or their address) are not what torch's grouped mm takes here: "
+                "row-major, the row stride a multiple of 16 bytes, at a 16-byte aligned address")
     return None
 
 
