@@ -10,10 +10,14 @@ down (K = width, N = hidden). M = tokens x top-k rows.
 
 Modes: "fwd"; "fwd+bwd frozen W" (forward, then dx; the LoRA fine-tuning case, with dA and dB when LoRA is on);
 "fwd+bwd train W" (forward, then dx and dW). Implementations: dense (one torch.mm over M rows with one N x K
-weight: the same FLOPs, cuBLAS), grouped (Triton, no LoRA), grouped+lora16 (Triton, per-expert LoRA r=16, frozen
-W), loop (grouped_linear_reference: one F.linear per expert after one host read of the offsets; what
-transformers' eager expert loop does), torch_grouped_mm (torch.nn.functional.grouped_mm or torch._grouped_mm
-when this torch has it; transformers' fastest expert path). Each row: median ms over CUDA-event timings after
+weight: the same FLOPs, cuBLAS), grouped (fasttune's grouped_linear, base GEMMs in the Triton kernel
+(base_gemm="triton"), no LoRA), grouped+lora16 (the same with per-expert LoRA r=16, frozen W), grouped_torch_mm
+(grouped_linear with base_gemm="torch": forward and dx in torch's grouped mm, bias added by the Triton epilogue,
+dW Triton), torch_grouped_mm+lora16 (the same with per-expert LoRA r=16, frozen W: what the MoE layer runs for LoRA
+fine-tuning on an sm90 GPU in bf16, base_gemm="auto" choosing torch), loop (grouped_linear_reference: one F.linear
+per expert after one host read of the offsets; what transformers' eager expert loop does), torch_grouped_mm (the
+bare torch.nn.functional.grouped_mm or torch._grouped_mm when this torch has it, bias by repeat_interleave;
+transformers' fastest expert path). Each row: median ms over CUDA-event timings after
 warm-up (the first calls autotune the Triton kernels), TFLOP/s of the base GEMMs (2 M N K per GEMM; the LoRA
 row's extra rank-16 work is not counted), and vs_dense = that throughput / the dense row's in the same mode and
 shape (the issue's target: >= 0.6 for grouped). max_rel_err: each implementation's forward output against the
@@ -105,13 +109,16 @@ def projection_rows(shape: str, proj: str, warmup: int, iters: int) -> list[dict
 
     reference_y = gg.grouped_linear_reference(x0, weight, offsets, bias, transposed=gpt_oss)
     reference_lora_y = gg.grouped_linear_reference(x0, weight, offsets, bias, A, B, 2.0, transposed=gpt_oss)
+    # kind: None (dense), "reference", "torch" (the bare op), or (base_gemm, LoRA on) for fasttune's grouped_linear
     impls = {
         "dense": None,
-        "grouped": "triton",
-        "grouped+lora16": "triton-lora",
+        "grouped": ("triton", False),
+        "grouped+lora16": ("triton", True),
         "loop": "reference",
     }
     if _torch_grouped_mm() is not None:
+        impls["grouped_torch_mm"] = ("torch", False)
+        impls["torch_grouped_mm+lora16"] = ("torch", True)
         impls["torch_grouped_mm"] = "torch"
     rows = []
     for mode in MODES:
@@ -120,11 +127,12 @@ def projection_rows(shape: str, proj: str, warmup: int, iters: int) -> list[dict
         flops = flops_fwd * n_gemms
         dense_tflops = None
         for impl, kind in impls.items():
-            if kind == "triton-lora" and train_w:
+            lora = isinstance(kind, tuple) and kind[1]
+            if lora and train_w:
                 continue  # LoRA trains the adapters, not W
             row = {**meta, "mode": mode, "impl": impl}
             try:
-                x, w, b, a_, b_ = leaves(train_w, kind == "triton-lora")
+                x, w, b, a_, b_ = leaves(train_w, lora)
                 if kind is None:
                     xd = x0.clone().requires_grad_()
                     wd = dense_w.clone().requires_grad_(train_w)
@@ -145,17 +153,21 @@ def projection_rows(shape: str, proj: str, warmup: int, iters: int) -> list[dict
                         return y
                     grads = [t for t in (x, w, b) if t is not None and t.requires_grad]
                     y_check = fwd
+                elif kind == "reference":
+                    def fwd(x=x, w=w, b=b):
+                        return gg.grouped_linear_reference(x, w, offsets, b, transposed=gpt_oss)
+                    grads = [t for t in (x, w, b) if t is not None and t.requires_grad]
+                    y_check = fwd
                 else:
-                    fn = gg.grouped_linear if kind.startswith("triton") else gg.grouped_linear_reference
-
-                    def fwd(fn=fn, x=x, w=w, b=b, a_=a_, b_=b_):
-                        return fn(x, w, offsets, b, a_, b_, 2.0, transposed=gpt_oss)
+                    def fwd(base_gemm=kind[0], x=x, w=w, b=b, a_=a_, b_=b_):
+                        return gg.grouped_linear(x, w, offsets, b, a_, b_, 2.0, transposed=gpt_oss,
+                                                 base_gemm=base_gemm)
                     grads = [t for t in (x, w, b, a_, b_) if t is not None and t.requires_grad]
                     y_check = fwd
                 if y_check is not None and mode == "fwd":
                     with torch.no_grad():
                         got = y_check().float()
-                    ref = (reference_lora_y if kind == "triton-lora" else reference_y).float()
+                    ref = (reference_lora_y if lora else reference_y).float()
                     row["max_rel_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
                 ms = _median_ms(_step(fwd, grads, dy, mode), warmup, iters)
                 tflops = flops / ms / 1e9
@@ -188,13 +200,13 @@ def main(argv=None) -> list[dict]:
     for shape in args.shapes:
         for proj in ("gate_up", "down"):
             rows += projection_rows(shape, proj, args.warmup, args.iters)
-    head = f"{'shape':14} {'proj':8} {'mode':17} {'impl':17} {'ms':>8} {'TFLOP/s':>8} {'vs dense':>8} {'rel err':>8}"
+    head = f"{'shape':14} {'proj':8} {'mode':17} {'impl':24} {'ms':>8} {'TFLOP/s':>8} {'vs dense':>8} {'rel err':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
         def fmt(v, spec):
             return format(v, spec) if isinstance(v, float) else format("-" if v is None else str(v), ">8")
-        print(f"{r['shape']:14} {r['proj']:8} {r['mode']:17} {r['impl']:17} {fmt(r.get('ms'), '8.3f')} "
+        print(f"{r['shape']:14} {r['proj']:8} {r['mode']:17} {r['impl']:24} {fmt(r.get('ms'), '8.3f')} "
               f"{fmt(r.get('tflops'), '8.1f')} {fmt(r.get('vs_dense'), '8.2f')} {fmt(r.get('max_rel_err'), '8.1e')}"
               + (f"  ERROR {r['error']}" if r.get("error") else ""))
     if args.out:

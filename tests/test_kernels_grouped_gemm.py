@@ -6,8 +6,12 @@ Kernel outputs are NaN-filled allocations, so an element a kernel forgets to wri
 Tolerances, relative to the largest magnitude of the expected tensor: float32 1e-5 (seen ~2e-7); bfloat16 1.5e-2
 (seen ~5e-3, the same as PyTorch's own bf16 per-expert loop on the same inputs: outputs and the rank-r products
 u = x A^T and g = s dy B are rounded to bf16, as in kernels/lora.py); float16 3e-3 (seen ~7e-4, as PyTorch's own
-fp16 loop).
+fp16 loop). The torch-grouped-mm path (base_gemm="torch", bfloat16 only) is held to the same bf16 1.5e-2: it rounds y
+and dx to bf16 once more (the base product, then + LoRA + bias), at most one more bf16 rounding step; on CPU it runs
+torch's own CPU grouped mm and the Triton interpreter for everything else.
 """
+import functools
+import logging
 import os
 
 import torch
@@ -113,10 +117,11 @@ def assert_rel_close(actual, expected, tol, what):
 
 
 def check(loads, K, N, r, dtype, bias=True, lora="expert", transposed=False, scaling=0.75, weight_grad=True,
-          salt=0):
+          salt=0, base_gemm="auto"):
     inputs, dy, offsets = make_case(loads, K, N, r, dtype, bias, lora, transposed, salt)
     expected = run(oracle, inputs, dy, offsets, scaling, transposed, dtype=torch.float64, weight_grad=weight_grad)
-    got = run(gg.grouped_linear, inputs, dy, offsets, scaling, transposed, weight_grad=weight_grad)
+    got = run(functools.partial(gg.grouped_linear, base_gemm=base_gemm), inputs, dy, offsets, scaling, transposed,
+              weight_grad=weight_grad)
     for name in NAMES:
         if expected[name] is None:
             assert got[name] is None, name
@@ -172,6 +177,104 @@ def test_float32_adapters_with_bf16_activations():
     assert got["dlora_A"].dtype == torch.float32 and got["dlora_B"].dtype == torch.float32
     for name in NAMES:
         assert_rel_close(got[name], ref[name].double(), TOL[torch.bfloat16], name)
+
+
+# ---- the frozen-weight GEMMs through torch's grouped mm (base_gemm="torch"; on CPU torch's CPU grouped mm) ----
+
+@pytest.fixture
+def torch_mm_calls(monkeypatch):
+    """The (rows, weight view shape, weight view strides) of every torch grouped mm call."""
+    if gg._TORCH_GROUPED_MM is None:
+        pytest.skip(f"torch {torch.__version__} has no grouped mm")
+    calls, real = [], gg._TORCH_GROUPED_MM
+
+    def spy(a, b, offs):
+        calls.append((a.shape[0], tuple(b.shape), tuple(b.stride())))
+        return real(a, b, offs=offs)
+    monkeypatch.setattr(gg, "_TORCH_GROUPED_MM", spy)
+    return calls
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("lora,bias,weight_grad", [("expert", True, False), ("shared", False, False),
+                                                   (None, True, False), ("expert", False, True), (None, False, False)])
+def test_torch_base_gemm_ragged_loads(torch_mm_calls, transposed, lora, bias, weight_grad):
+    """Forward and every gradient against the float64 oracle: empty experts (one last), a single-row expert,
+    segments not tile-aligned; both weight layouts read as views (no copy); dW (trained W) from the Triton kernel."""
+    loads, K, N = [5, 0, 17, 1, 33, 0], 40, 24
+    check(loads, K=K, N=N, r=4, dtype=torch.bfloat16, bias=bias, lora=lora, transposed=transposed,
+          weight_grad=weight_grad, base_gemm="torch")
+    stored = (K * N, N, 1) if transposed else (N * K, K, 1)  # the stored tensor's strides
+    fwd_view = (stored[0], stored[1], 1) if transposed else (stored[0], 1, stored[1])  # (E, K, N)
+    dx_view = (stored[0], 1, stored[1]) if transposed else (stored[0], stored[1], 1)  # (E, N, K)
+    assert torch_mm_calls == [(56, (6, K, N), fwd_view), (56, (6, N, K), dx_view)]
+
+
+def test_torch_base_gemm_no_rows(torch_mm_calls):
+    check([0, 0, 0], K=16, N=16, r=2, dtype=torch.bfloat16, base_gemm="torch")
+    assert torch_mm_calls == []  # nothing to multiply: no launch
+
+
+def test_torch_base_gemm_equals_triton_up_to_one_rounding(torch_mm_calls):
+    """Same inputs through both base kernels: the torch path rounds the base product P = x W_e^T to bf16 before
+    adding LoRA and bias (the Triton path does not), so per element |y_torch - y_triton| <= u |P| + 2 u |y| with
+    u = 2^-8 the bf16 unit roundoff; checked with the bound eps (|P| + |y|), eps = 2u."""
+    t, dy, offsets = make_case([9, 3, 0, 20], K=32, N=16, r=8, dtype=torch.bfloat16, salt=5)
+    ys = {mode: gg.grouped_linear(t["x"], t["weight"], offsets, t["bias"], t["lora_A"], t["lora_B"], 0.5,
+                                  base_gemm=mode).double() for mode in ("torch", "triton")}
+    assert len(torch_mm_calls) == 1
+    base = gg.grouped_linear_reference(t["x"].double(), t["weight"].double(), offsets)
+    bound = torch.finfo(torch.bfloat16).eps * (base.abs() + ys["triton"].abs()) + 1e-6
+    diff = (ys["torch"] - ys["triton"]).abs()
+    assert (diff <= bound).all(), (diff - bound).max()
+    assert diff.max() > 0  # the two paths are distinct computations (the test compares two things)
+
+
+def _bf16_case(M=24, K=32, N=16, E=3):
+    x = torch.randn(M, K, generator=generator("blocker", M, K)).to(torch.bfloat16)
+    w = torch.randn(E, N, K, generator=generator("blocker-w", E, N, K)).to(torch.bfloat16)
+    return x, w
+
+
+def test_torch_grouped_mm_blocker_reasons(monkeypatch):
+    """Each condition torch's fused grouped mm has, checked from host metadata."""
+    x, w = _bf16_case()
+    assert gg.torch_grouped_mm_blocker(x, w) is None
+    assert gg.torch_grouped_mm_blocker(x, w.transpose(1, 2)) is None  # column-major matrices: the gpt-oss view
+    assert "bfloat16 only" in gg.torch_grouped_mm_blocker(x.half(), w.half())
+    assert "bfloat16 only" in gg.torch_grouped_mm_blocker(x.float(), w)
+    assert "multiples of 8" in gg.torch_grouped_mm_blocker(x[:, :20], w[:, :, :20].contiguous())
+    assert "fewer than 1024 groups" in gg.torch_grouped_mm_blocker(x, torch.zeros(1024, 16, 32, dtype=torch.bfloat16))
+    odd = torch.empty(24 * 32 + 1, dtype=torch.bfloat16)[1:].view(24, 32)  # 2 bytes past an aligned address
+    assert "rows' strides" in gg.torch_grouped_mm_blocker(odd, w)
+    # column-major rows: torch would need every expert's row count a multiple of 8 (a device assert otherwise)
+    assert "rows' strides" in gg.torch_grouped_mm_blocker(torch.empty(32, 24, dtype=torch.bfloat16).t(), w)
+    assert "rows' strides" in gg.torch_grouped_mm_blocker(torch.empty(24, 36, dtype=torch.bfloat16)[:, :32], w)
+    stack = torch.empty(3 * (16 * 32 + 4), dtype=torch.bfloat16).as_strided((3, 16, 32), (16 * 32 + 4, 32, 1))
+    assert "expert weight strides" in gg.torch_grouped_mm_blocker(x, stack)  # expert 1 starts 8 bytes off
+    strided = torch.empty(3, 16, 64, dtype=torch.bfloat16)[..., ::2]  # no unit stride in the matrix
+    assert "expert weight strides" in gg.torch_grouped_mm_blocker(x, strided)
+    monkeypatch.setattr(gg, "FALLBACKS", gg.Fallbacks("grouped GEMM", gg.log))
+    gg.FALLBACKS.fail("torch-grouped-mm", "RuntimeError: boom")
+    assert "failed earlier" in gg.torch_grouped_mm_blocker(x, w)
+    monkeypatch.setattr(gg, "_TORCH_GROUPED_MM", None)
+    assert "has no grouped mm" in gg.torch_grouped_mm_blocker(x, w)
+
+
+def test_base_gemm_choice_is_explicit(caplog):
+    """"auto" on CPU is the Triton (interpreter) path without a log; "torch" where it cannot run is an error that
+    says why, never a quiet switch; an unknown choice is rejected."""
+    x, w = _bf16_case()
+    offsets = offsets_of([10, 0, 14])
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        assert not gg._use_torch_grouped_mm("auto", x, w)
+        assert not gg._use_torch_grouped_mm("triton", x, w)
+        assert gg._use_torch_grouped_mm("torch", x, w)
+    assert caplog.text == ""
+    with pytest.raises(ValueError, match="base_gemm='torch' cannot run here: activations torch.float16"):
+        gg.grouped_linear(x.half(), w.half(), offsets, base_gemm="torch")
+    with pytest.raises(ValueError, match="base_gemm must be one of"):
+        gg.grouped_linear(x, w, offsets, base_gemm="cutlass")
 
 
 # ---- the reference --------------------------------------------------------------------------------------------
@@ -262,9 +365,13 @@ REAL_SHAPES = {  # (tokens, top-k, experts, hidden, expert width) ; gate_up: K=h
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("base_gemm", ["triton", "torch"])
 @pytest.mark.parametrize("shape", list(REAL_SHAPES))
 @pytest.mark.parametrize("lora", [None, "expert"])
-def test_gpu_real_size(shape, lora):
+def test_gpu_real_size(shape, lora, base_gemm):
+    """bf16 at the real expert shapes, forward and every gradient, against the float32 per-expert reference:
+    tolerance 2e-2 of the largest magnitude (outputs and the rank-16 products rounded to bf16; the torch path
+    rounds y and dx once more). base_gemm="torch" raises if torch's fused grouped mm cannot run here."""
     assert torch.cuda.is_available()
     T, k, E, H, I = REAL_SHAPES[shape]
     gen = torch.Generator(device="cuda").manual_seed(SESSION_SEED)
@@ -282,8 +389,9 @@ def test_gpu_real_size(shape, lora):
             A = (torch.randn(E, 16, K, device="cuda", generator=gen) * K ** -0.5).requires_grad_()
             B = (torch.randn(E, N, 16, device="cuda", generator=gen) * 0.1).requires_grad_()
         dy = torch.randn(x.shape[0], N, device="cuda", generator=gen, dtype=torch.bfloat16)
-        got = run(gg.grouped_linear, {"x": x, "weight": w, "bias": bias, "lora_A": A, "lora_B": B}, dy, offsets,
-                  2.0, transposed, weight_grad=lora is None)
+        got = run(functools.partial(gg.grouped_linear, base_gemm=base_gemm),
+                  {"x": x, "weight": w, "bias": bias, "lora_A": A, "lora_B": B}, dy, offsets, 2.0, transposed,
+                  weight_grad=lora is None)
         ref = run(gg.grouped_linear_reference, {"x": x.float(), "weight": w.float(), "bias": bias, "lora_A": A,
                                                 "lora_B": B}, dy.float(), offsets, 2.0, transposed,
                   weight_grad=lora is None)
@@ -292,21 +400,25 @@ def test_gpu_real_size(shape, lora):
                 assert_rel_close(got[name].float(), ref[name].double(), 2e-2, f"{shape} K={K} N={N} {name}")
 
 
-def test_nf4_experts_dequantised_per_call():
+@pytest.mark.parametrize("base_gemm", ["auto", "torch"])
+def test_nf4_experts_dequantised_per_call(base_gemm):
     """QLoRA experts: an NF4 (E, N, K) weight is dequantised into a temporary for the forward and again for dx
-    (never saved), and gives exactly the result of its dequantised dense weight."""
+    (never saved), and gives exactly the result of its dequantised dense weight (either base GEMM kernel)."""
     from fasttune.kernels import nf4
 
+    if base_gemm == "torch" and gg._TORCH_GROUPED_MM is None:
+        pytest.skip(f"torch {torch.__version__} has no grouped mm")
     gen = generator("nf4-experts")
-    q = nf4.quantize_nf4((torch.randn(3, 20, 32, generator=gen) * 0.1).to(DEVICE, torch.bfloat16))
+    q = nf4.quantize_nf4((torch.randn(3, 24, 32, generator=gen) * 0.1).to(DEVICE, torch.bfloat16))
     offsets = offsets_of([5, 0, 12]).to(DEVICE)
     x = torch.randn(17, 32, generator=gen).to(DEVICE, torch.bfloat16)
     A = (torch.randn(3, 4, 32, generator=gen) * 0.2).to(DEVICE).requires_grad_()
-    B = (torch.randn(3, 20, 4, generator=gen) * 0.2).to(DEVICE).requires_grad_()
-    dy = torch.randn(17, 20, generator=gen).to(DEVICE, torch.bfloat16)
+    B = (torch.randn(3, 24, 4, generator=gen) * 0.2).to(DEVICE).requires_grad_()
+    dy = torch.randn(17, 24, generator=gen).to(DEVICE, torch.bfloat16)
     inputs = {"x": x, "weight": q, "bias": None, "lora_A": A, "lora_B": B}
-    got = run(gg.grouped_linear, inputs, dy, offsets, 0.5, False, weight_grad=False)
-    dense = run(gg.grouped_linear, {**inputs, "weight": q.dequantize()}, dy, offsets, 0.5, False, weight_grad=False)
+    fn = functools.partial(gg.grouped_linear, base_gemm=base_gemm)
+    got = run(fn, inputs, dy, offsets, 0.5, False, weight_grad=False)
+    dense = run(fn, {**inputs, "weight": q.dequantize()}, dy, offsets, 0.5, False, weight_grad=False)
     for name in NAMES:
         assert (got[name] is None) == (dense[name] is None), name
         if got[name] is not None:
@@ -314,8 +426,11 @@ def test_nf4_experts_dequantised_per_call():
 
 
 @pytest.mark.gpu
-def test_gpu_no_host_sync():
-    """Routing order, forward and backward never wait for the device (after the first call has autotuned)."""
+@pytest.mark.parametrize("base_gemm", ["triton", "torch"])
+def test_gpu_no_host_sync(base_gemm):
+    """Routing order, forward and backward never wait for the device (after the first call has autotuned); with
+    torch's grouped mm too (its per-expert loop, which it runs off sm90/sm100 or for non-bf16, would copy the
+    offsets to the host and fail here)."""
     assert torch.cuda.is_available()
     T, k, E, K, N = 512, 4, 16, 256, 384
     ids = torch.rand(T, E, device="cuda").topk(k, dim=1).indices
@@ -327,7 +442,7 @@ def test_gpu_no_host_sync():
     def step():
         order, offsets, inverse = gg.sort_by_expert(ids, E)
         xs = x[order // k].requires_grad_()
-        y = gg.grouped_linear(xs, w, offsets, None, A, B, 2.0)[inverse]
+        y = gg.grouped_linear(xs, w, offsets, None, A, B, 2.0, base_gemm=base_gemm)[inverse]
         torch.autograd.grad(y.float().square().sum(), (xs, w, A, B))
 
     step()
@@ -337,3 +452,55 @@ def test_gpu_no_host_sync():
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _gpu_small_case():
+    gen = torch.Generator(device="cuda").manual_seed(SESSION_SEED)
+    x = torch.randn(64, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(4, 32, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+    return x, w, offsets_of([16, 0, 40, 8]).cuda()
+
+
+@pytest.mark.gpu
+def test_gpu_auto_takes_torch_grouped_mm_for_bf16_else_logs_why(torch_mm_calls, monkeypatch, caplog):
+    """On sm90/sm100 "auto" (what the MoE layer runs) puts bf16 base GEMMs (forward and dx) through torch's grouped
+    mm without a word; float16 and FASTTUNE_GROUPED_MM=triton take the Triton kernel, each reason logged once."""
+    assert torch.cuda.is_available()
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("torch's fused grouped mm runs on sm90 / sm100 only")
+    x, w, offsets = _gpu_small_case()
+    monkeypatch.setattr(gg, "FALLBACKS", gg.Fallbacks("grouped GEMM", gg.log))
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        xs = x.clone().requires_grad_()
+        torch.autograd.grad(kernels.grouped_linear(xs, w, offsets).float().square().sum(), xs)
+        assert len(torch_mm_calls) == 2 and caplog.text == ""
+        for _ in range(2):
+            gg.grouped_linear(x.half(), w.half(), offsets)
+        assert len(torch_mm_calls) == 2
+        assert caplog.text.count("run in the Triton grouped kernel") == 1 and "torch.float16" in caplog.text
+        monkeypatch.setenv("FASTTUNE_GROUPED_MM", "triton")
+        gg.grouped_linear(x, w, offsets)
+        assert len(torch_mm_calls) == 2 and "FASTTUNE_GROUPED_MM=triton" in caplog.text
+
+
+@pytest.mark.gpu
+def test_gpu_torch_grouped_mm_error_is_logged_once_and_triton_takes_over(monkeypatch, caplog):
+    """A torch grouped mm that raises (a build without the kernel, a check this code does not know) is logged once
+    with its reason and not tried again; the result is the Triton path's."""
+    assert torch.cuda.is_available()
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("torch's fused grouped mm runs on sm90 / sm100 only")
+    x, w, offsets = _gpu_small_case()
+    calls = []
+
+    def broken(a, b, offs):
+        calls.append(a.shape)
+        raise RuntimeError("cutlass cannot implement")
+    monkeypatch.setattr(gg, "FALLBACKS", gg.Fallbacks("grouped GEMM", gg.log))
+    monkeypatch.setattr(gg, "_TORCH_GROUPED_MM", broken)
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        ys = [gg.grouped_linear(x, w, offsets) for _ in range(2)]
+    assert len(calls) == 1 and not gg.FALLBACKS.usable("torch-grouped-mm")
+    assert caplog.text.count("torch-grouped-mm failed (RuntimeError: cutlass cannot implement)") == 1
+    expected = gg.grouped_linear(x, w, offsets, base_gemm="triton")
+    assert torch.equal(ys[0], expected) and torch.equal(ys[1], expected)

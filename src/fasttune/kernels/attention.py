@@ -76,10 +76,12 @@ class DocumentLayout:
 
 
 class Fallbacks:
-    """The fused attention paths that failed in this process, and why: each failure is logged once, and the path
-    is not tried again."""
+    """The fused paths that failed in this process, and why: each failure is logged once, and the path is not
+    tried again. One instance per kernel family (`scope` heads its log lines: attention here, the grouped GEMM's
+    in kernels/grouped_gemm.py)."""
 
-    def __init__(self):
+    def __init__(self, scope: str = "attention", logger: logging.Logger | None = None):
+        self.scope, self.log = scope, logger or log
         self.failed: dict[str, str] = {}
         self._said: set[str] = set()
 
@@ -88,13 +90,14 @@ class Fallbacks:
 
     def fail(self, path: str, reason: str) -> None:
         self.failed[path] = reason
-        log.warning("attention: %s failed (%s); a slower path is used for the rest of this process", path, reason)
+        self.log.warning("%s: %s failed (%s); a slower path is used for the rest of this process", self.scope, path,
+                         reason)
 
     def note(self, key: str, message: str) -> None:
         """Log `message` once per process: a slower path taken for a reason that is not a failure."""
         if key not in self._said:
             self._said.add(key)
-            log.warning("attention: %s", message)
+            self.log.warning("%s: %s", self.scope, message)
 
     def reset(self) -> None:
         self.failed.clear()

@@ -36,14 +36,31 @@ Layout: transformers 5 stores Qwen3-MoE and Mixtral experts as gate_up_proj (E, 
 i.e. (E, N, K) = this kernel's default; gpt-oss stores gate_up_proj (E, H, 2I) and down_proj (E, I, H), i.e.
 (E, K, N): pass transposed=True and the tensor is read in place through its strides (no copy at load).
 
+The frozen-weight GEMMs through torch's grouped mm (`base_gemm`, default "auto"): on CUDA, for bfloat16 on sm90 /
+sm100 with operands torch's kernel takes (`torch_grouped_mm_blocker`), the forward x W_e^T (W viewed (E, K, N)) and
+dx = dy W_e (W viewed (E, N, K)) run in torch's grouped mm (CUTLASS; faster than the Triton kernel on the
+Qwen3-30B-A3B shapes, bench/RESULTS.md), both as views of the stored tensor in either layout (torch takes row- and
+column-major matrices). Its `offs` are our offsets[1:]. It has no bias or LoRA input, so one more launch of the
+Triton kernel adds them over the output in place (ACCUMULATE, no K loop): y += s u B_e^T + b_e, dx += g A_e. The
+output is so rounded to bf16 twice (the base product, then the sum) where the fused Triton path rounds once. u, g,
+dW, dA, dB and db stay on the Triton kernels. Anything else on CUDA (float32 / float16, another GPU, unaligned
+operands, torch without the op) runs the Triton path with its reason logged once (`FALLBACKS`), never silently; on
+CPU "auto" is the Triton (interpreter) path and "torch" runs torch's CPU grouped mm, which is how the tests cover
+this path's offsets, views, epilogue and backward.
+
 Load balance of the TN kernel: one program per (expert, output tile) loops over the expert's rows, so a very
 skewed routing (all rows on one expert) serialises that expert's reduction; correct, but slower than balanced.
 """
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 
 from ._triton import alloc, tl, triton
+from .attention import Fallbacks
 from .lora import dense_weight
 
 # Block sizes when the kernels run in Triton's interpreter (CPU tests): small, so test shapes span several tiles.
@@ -173,9 +190,9 @@ if triton is not None:
         l_ptr, stride_le, stride_lr, stride_ln,       # element (e, r, n) of the second LoRA factor
         offsets_ptr, M, N, K, E, R,
         alpha, lora_scale,
-        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_E: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        EVEN_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, BLOCK_E: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        BK: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -218,6 +235,8 @@ if triton is not None:
             bias = tl.load(bias_ptr + e64 * stride_be + rn * stride_bn, mask=col_ok, other=0.0)
             acc += bias.to(tl.float32)[None, :]
         y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn
+        if ACCUMULATE:  # y += the above: the epilogue after torch's grouped mm wrote x W_e^T into y (K = 0 here)
+            acc += tl.load(y_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         tl.store(y_ptrs, _cast_out(acc, y_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
@@ -338,33 +357,47 @@ def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension >= 16
 
 
-def _grouped_mm(x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], N: int,
+# The epilogue launch (add_to): memory-bound (one read and one write of y), so one fixed tile shape; autotuning
+# would also run this in-place kernel once per candidate on the same y.
+EPILOGUE_BLOCKS = {"BM": 64, "BN": 128, "BK": 16}
+
+
+def _grouped_mm(x: torch.Tensor | None, w: torch.Tensor | None, w_strides: tuple[int, int, int], N: int,
                 offsets: torch.Tensor, bias: torch.Tensor | None = None, u: torch.Tensor | None = None,
                 lora_second: torch.Tensor | None = None, l_strides: tuple[int, int, int] = (0, 0, 0),
-                alpha: float = 1.0, lora_scale: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                alpha: float = 1.0, lora_scale: float = 1.0, out_dtype: torch.dtype | None = None,
+                add_to: torch.Tensor | None = None) -> torch.Tensor:
     """y (M, N) = alpha (x W_e^T + lora_scale u L_e) (+ b_e) per expert segment, W addressed by
-    w_strides = (expert, n, k) strides and L by l_strides = (expert, r, n)."""
-    M, K = x.shape
+    w_strides = (expert, n, k) strides and L by l_strides = (expert, r, n). With add_to (M, N) (x and w None):
+    add_to += alpha lora_scale u L_e (+ b_e) in place, no reduction over K (torch's grouped mm made x W_e^T)."""
+    if add_to is None:
+        M, K = x.shape
+        y = alloc((M, N), out_dtype or x.dtype, x.device)
+        x_strides = (x.stride(0), x.stride(1))
+        precision = _input_precision(x.dtype)
+    else:
+        y, M, K = add_to, add_to.shape[0], 0
+        x, w, x_strides, w_strides = y, y, (0, 0), (0, 0, 0)  # never read: the K loop is empty
+        precision = _input_precision(y.dtype)
     E = offsets.shape[0] - 1
-    y = alloc((M, N), out_dtype or x.dtype, x.device)
     R = 0 if u is None else u.shape[1]
     has_lora, has_bias = u is not None, bias is not None
-    args = [x, x.stride(0), x.stride(1), w, *w_strides, y, y.stride(0), y.stride(1),
+    args = [x, *x_strides, w, *w_strides, y, y.stride(0), y.stride(1),
             bias if has_bias else y, *(bias.stride() if has_bias else (0, 0)),
             u if has_lora else y, *(u.stride() if has_lora else (0, 0)),
             lora_second if has_lora else y, *l_strides,
             offsets, M, N, K, E, R, float(alpha), float(lora_scale)]
-    consts = dict(HAS_BIAS=has_bias, HAS_LORA=has_lora, INPUT_PRECISION=_input_precision(x.dtype),
-                  UPCAST=not x.is_cuda,
+    consts = dict(HAS_BIAS=has_bias, HAS_LORA=has_lora, ACCUMULATE=add_to is not None,
+                  INPUT_PRECISION=precision, UPCAST=not y.is_cuda,
                   BLOCK_E=triton.next_power_of_2(E), BR=_rank_block(R))
-    if x.is_cuda:
+    if y.is_cuda and add_to is None:
         def grid(meta):
             return (triton.cdiv(N, meta["BN"]), triton.cdiv(M, meta["BM"]) + E)
         _grouped_mm_tuned[grid](*args, **consts)
     else:
-        b = INTERPRETER_BLOCKS
+        b, launch = (EPILOGUE_BLOCKS, {"num_warps": 4}) if y.is_cuda else (INTERPRETER_BLOCKS, {})
         _grouped_mm_even[(triton.cdiv(N, b["BN"]), triton.cdiv(M, b["BM"]) + E)](
-            *args, **consts, BM=b["BM"], BN=b["BN"], BK=b["BK"])
+            *args, **consts, BM=b["BM"], BN=b["BN"], BK=b["BK"], **launch)
     return y
 
 
@@ -401,31 +434,135 @@ def _expert_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return tuple(t.stride()) if t.dim() == 3 else (0, *t.stride())
 
 
+# ---- the base GEMMs through torch's grouped mm ---------------------------------------------------------------
+
+log = logging.getLogger("fasttune.kernels")
+FALLBACKS = Fallbacks("grouped GEMM", log)
+# torch.nn.functional.grouped_mm is the public name of torch._grouped_mm in recent torch; either may be missing
+_TORCH_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+BASE_GEMMS = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _tma_operand_ok(t: torch.Tensor) -> bool:
+    """torch's operand rule for its grouped mm (aten GroupedMMUtils.h check_valid_strides_and_return_transposed,
+    and the TMA descriptors GroupMMCommon.cuh builds per group): each matrix row- or column-major with its leading
+    stride a multiple of 16 bytes, the base address 16-byte aligned, and for a 3-D stack every expert's matrix too
+    (the expert stride a multiple of 16 bytes: torch checks only the base). The 2-D ragged operand (rows) must be
+    row-major here: column-major, every group's row count would have to be a multiple of 8, which torch asserts on
+    the device (a crash, not an error)."""
+    align = 16 // t.element_size()
+    st, n = t.stride(), t.shape
+    if t.data_ptr() % 16 or (t.dim() == 3 and st[0] % align):
+        return False
+    if st[-1] == 1 and st[-2] >= max(1, n[-1]):
+        return st[-2] % align == 0
+    if t.dim() == 3 and st[-2] == 1 and st[-1] >= max(1, n[-2]):
+        return st[-1] % align == 0
+    return False
+
+
+def torch_grouped_mm_blocker(x: torch.Tensor, w: torch.Tensor) -> str | None:
+    """Why torch's fused grouped mm cannot run this call's base GEMMs (x W_e^T, and dy W_e for dx), or None when it
+    can. x (M, K) the sorted rows, w the dense 3-D weight in its stored layout. Reads host metadata only. torch runs
+    a fused kernel (CUTLASS) only for bfloat16 on sm90 / sm100; anything else takes its per-expert loop, which
+    copies the offsets to the host every call, so those cases stay on the Triton kernel."""
+    if _TORCH_GROUPED_MM is None:
+        return f"torch {torch.__version__} has no grouped mm (torch._grouped_mm)"
+    if not FALLBACKS.usable("torch-grouped-mm"):
+        return f"torch's grouped mm failed earlier in this process ({FALLBACKS.failed['torch-grouped-mm']})"
+    if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        return (f"activations {x.dtype}, weight {w.dtype}: torch's fused grouped mm takes bfloat16 only (other "
+                "dtypes run its per-expert loop, which copies the offsets to the host)")
+    if x.is_cuda:
+        if torch.version.hip is not None:
+            return "ROCm: torch's fused grouped mm used here is the CUDA (CUTLASS) one"
+        major, minor = _cuda_capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        if major not in (9, 10):
+            return (f"compute capability {major}.{minor}: torch builds its fused grouped mm for sm90 and sm100 only "
+                    "(elsewhere it runs a per-expert loop that copies the offsets to the host)")
+    if w.shape[0] >= 1024:
+        return f"{w.shape[0]} experts: torch's grouped mm takes fewer than 1024 groups"
+    if w.shape[1] % 8 or w.shape[2] % 8:
+        return f"expert weight {tuple(w.shape)}: torch's grouped mm needs both matrix sizes multiples of 8 (16 bytes)"
+    if not _tma_operand_ok(w):
+        return (f"expert weight strides {tuple(w.stride())} (or its address) are not what torch's grouped mm takes: "
+                "row- or column-major matrices at 16-byte aligned addresses")
+    if not _tma_operand_ok(x):
+        return (f"rows' strides {tuple(x.stride())} (or their address) are not what torch's grouped mm takes here: "
+                "row-major, the row stride a multiple of 16 bytes, at a 16-byte aligned address")
+    return None
+
+
+def _use_torch_grouped_mm(base_gemm: str, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The explicit choice of the base-GEMM kernel: "triton" always Triton; "torch" torch's grouped mm or a
+    ValueError saying why not (on CPU too: torch's per-expert loop, for the tests); "auto" torch's on CUDA whenever
+    `torch_grouped_mm_blocker` finds nothing (FASTTUNE_GROUPED_MM=triton turns it off), else Triton with the reason
+    logged once. CPU (the interpreter path) is Triton without a log."""
+    if base_gemm == "triton" or (base_gemm == "auto" and not x.is_cuda):
+        return False
+    reason = torch_grouped_mm_blocker(x, w)
+    if reason is None and base_gemm == "auto" and os.environ.get("FASTTUNE_GROUPED_MM") == "triton":
+        reason = "FASTTUNE_GROUPED_MM=triton"
+    if reason is None:
+        return True
+    if base_gemm == "torch":
+        raise ValueError(f"base_gemm='torch' cannot run here: {reason}")
+    FALLBACKS.note(f"triton:{reason}", f"the experts' base GEMMs run in the Triton grouped kernel: {reason}")
+    return False
+
+
+def _torch_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """out[m] = a[m] @ b[e] (K, N) for the rows m of expert e: torch's grouped mm, whose `offs` are the E
+    cumulative end offsets (our offsets[1:], int32; an empty expert is an empty group). No rows: no launch."""
+    if a.shape[0] == 0:
+        return a.new_empty((0, b.shape[2]))
+    return _TORCH_GROUPED_MM(a, b, offs=offsets[1:])
+
+
 class GroupedLinearFunction(torch.autograd.Function):
-    """y = x W_e^T + b_e + s (x A_e^T) B_e^T per expert segment; Triton forward and backward (module docstring)."""
+    """y = x W_e^T + b_e + s (x A_e^T) B_e^T per expert segment, with a hand-written backward (module docstring);
+    the frozen-weight GEMMs (forward and dx) through torch's grouped mm or the Triton kernel, the rest Triton."""
 
     @staticmethod
-    def forward(ctx, x, weight, offsets, bias, lora_A, lora_B, scaling: float, transposed: bool):
+    def forward(ctx, x, weight, offsets, bias, lora_A, lora_B, scaling: float, transposed: bool, base_gemm: str):
         w = dense_weight(weight, x.dtype)
         se, s1, s2 = w.stride()
         w_nk = (se, s2, s1) if transposed else (se, s1, s2)  # (expert, n, k) strides
         N = w.shape[2] if transposed else w.shape[1]
-        u = A = B = None
+        use_torch = _use_torch_grouped_mm(base_gemm, x, w)
+        u = None
+        lora = {}
         if lora_A is not None:
             A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
             u = _grouped_mm(x, A, _expert_strides(A), A.shape[-2], offsets)  # x A_e^T, (M, r)
             b_se, b_sn, b_sr = _expert_strides(B)
-            y = _grouped_mm(x, w, w_nk, N, offsets, bias, u, B, (b_se, b_sr, b_sn), lora_scale=scaling)
+            lora = dict(u=u, lora_second=B, l_strides=(b_se, b_sr, b_sn), lora_scale=scaling)
+        if use_torch:
+            try:
+                y = _torch_mm(x, w if transposed else w.transpose(1, 2), offsets)  # W_e^T as a (K, N) view
+            except RuntimeError as e:  # a torch build without the kernel, a check this file does not know
+                if base_gemm == "torch":
+                    raise
+                FALLBACKS.fail("torch-grouped-mm", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                use_torch = False
+        if use_torch:
+            if u is not None or bias is not None:  # + s u B_e^T + b_e in place: one pass over y
+                _grouped_mm(None, None, (0, 0, 0), N, offsets, bias, add_to=y, **lora)
         else:
-            y = _grouped_mm(x, w, w_nk, N, offsets, bias)
-        ctx.weight, ctx.scaling, ctx.transposed = weight, scaling, transposed
+            y = _grouped_mm(x, w, w_nk, N, offsets, bias, **lora)
+        ctx.weight, ctx.scaling, ctx.transposed, ctx.torch_mm = weight, scaling, transposed, use_torch
         ctx.save_for_backward(x, offsets, u, bias, lora_A, lora_B)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, offsets, u, bias, lora_A, lora_B = ctx.saved_tensors
-        need_x, need_w, _, need_b, need_A, need_B, _, _ = ctx.needs_input_grad
+        need_x, need_w, _, need_b, need_A, need_B, _, _, _ = ctx.needs_input_grad
         s = ctx.scaling
         K = x.shape[1]
         dx = dw = db = dA = dB = None
@@ -436,13 +573,19 @@ class GroupedLinearFunction(torch.autograd.Function):
             g = _grouped_mm(dy, B, (b_se, b_sr, b_sn), B.shape[-1], offsets, alpha=s)  # s dy B_e, (M, r)
         if need_x:
             w = dense_weight(ctx.weight, dy.dtype)
-            se, s1, s2 = w.stride()
-            w_kn = (se, s1, s2) if ctx.transposed else (se, s2, s1)  # W_e read as (K, N): element (e, k, n)
-            if g is not None:
-                a_se, a_sr, a_sk = _expert_strides(A)
-                dx = _grouped_mm(dy, w, w_kn, K, offsets, u=g, lora_second=A, l_strides=(a_se, a_sr, a_sk))
+            a_se, a_sr, a_sk = _expert_strides(A) if g is not None else (0, 0, 0)
+            lora = dict(u=g, lora_second=A, l_strides=(a_se, a_sr, a_sk)) if g is not None else {}
+            if ctx.torch_mm:
+                # dy_e (m, N) @ W_e (N, K): the stored tensor viewed (E, N, K); dy copied only if autograd handed
+                # over a layout torch's grouped mm does not take (e.g. an expanded gradient)
+                dy_mm = dy if _tma_operand_ok(dy) else dy.clone(memory_format=torch.contiguous_format)
+                dx = _torch_mm(dy_mm, w.transpose(1, 2) if ctx.transposed else w, offsets)
+                if g is not None:  # + g A_e in place
+                    _grouped_mm(None, None, (0, 0, 0), K, offsets, add_to=dx, **lora)
             else:
-                dx = _grouped_mm(dy, w, w_kn, K, offsets)
+                se, s1, s2 = w.stride()
+                w_kn = (se, s1, s2) if ctx.transposed else (se, s2, s1)  # W_e read as (K, N): element (e, k, n)
+                dx = _grouped_mm(dy, w, w_kn, K, offsets, **lora)
         if need_w:
             weight = ctx.weight
             dw = alloc(weight.shape, weight.dtype, weight.device)
@@ -462,19 +605,23 @@ class GroupedLinearFunction(torch.autograd.Function):
                 _grouped_tn(dy, u, offsets, dB, dB.stride(), alpha=s)
             else:
                 dB = (dy.t() @ u).mul_(s).to(lora_B.dtype)
-        return dx, dw, None, db, dA, dB, None, None
+        return dx, dw, None, db, dA, dB, None, None, None
 
 
 def grouped_linear(x: torch.Tensor, weight, expert_offsets: torch.Tensor, bias: torch.Tensor | None = None,
                    lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None, lora_scaling: float = 1.0,
-                   transposed: bool = False) -> torch.Tensor:
+                   transposed: bool = False, base_gemm: str = "auto") -> torch.Tensor:
     """x (M, K), rows sorted by expert (sort_by_expert); weight (E, N, K), or (E, K, N) with transposed=True (read
     in place); expert_offsets (E+1,) int32 from 0 to M; bias (E, N); lora_A (E, r, K) or shared (r, K); lora_B
     (E, N, r) or shared (N, r). Returns y (M, N): row m of expert e is x_m W_e^T + b_e + s (x_m A_e^T) B_e^T.
-    Differentiable in x, weight (when it requires grad), bias, lora_A and lora_B. Triton path (CUDA or the
-    interpreter); `fasttune.kernels.grouped_linear` picks between this and the reference."""
+    Differentiable in x, weight (when it requires grad), bias, lora_A and lora_B. base_gemm: the kernel of the
+    weight GEMMs (forward and dx): "auto" (torch's grouped mm on CUDA where it runs fused, else Triton with the
+    reason logged once), "torch" (or a ValueError why not), "triton"; everything else is Triton (CUDA or the
+    interpreter). `fasttune.kernels.grouped_linear` picks between this and the reference."""
     _check_shapes(x, weight, expert_offsets, bias, lora_A, lora_B, transposed)
     if expert_offsets.dtype != torch.int32:
         raise ValueError(f"expert_offsets must be int32 (as sort_by_expert returns), got {expert_offsets.dtype}")
+    if base_gemm not in BASE_GEMMS:
+        raise ValueError(f"base_gemm must be one of {BASE_GEMMS}, got {base_gemm!r}")
     return GroupedLinearFunction.apply(x, weight, expert_offsets, bias, lora_A, lora_B, float(lora_scaling),
-                                       bool(transposed))
+                                       bool(transposed), base_gemm)
