@@ -85,7 +85,8 @@ def hf_config(case: str, layers: int | None, tiny: bool):
 
 # ---- model builders -----------------------------------------------------------------------------------------
 
-def build_fasttune(config, device, dtype, policy: str, seq: int, batch: int, qlora: bool = False):
+def build_fasttune(config, device, dtype, policy: str, seq: int, batch: int, qlora: bool = False,
+                   budget_gib: float | None = None):
     import fasttune
     from fasttune.models.nf4_linear import quantize_linear
     from fasttune.models import ArchSpec, CausalLM
@@ -118,8 +119,12 @@ def build_fasttune(config, device, dtype, policy: str, seq: int, batch: int, qlo
     model = fasttune.add_lora(model, r=RANK, alpha=RANK, target_modules=ATTENTION + ["gate_proj", "up_proj",
                                                                                       "down_proj"])
     model.train()
-    plan = apply_memory_policy(model, policy, seq_len=seq, batch_size=batch)
-    return model, f"{'QLoRA (NF4 experts and linears), ' if qlora else ''}memory policy {policy}: {plan.summary()}"
+    # with a budget, plan for what a GPU of budget_gib has left after the weights, not for the H200's free memory
+    extra = ({"free_bytes": int(budget_gib * GiB - torch.cuda.memory_allocated(device))}
+             if budget_gib and device.type == "cuda" else {})
+    plan = apply_memory_policy(model, policy, seq_len=seq, batch_size=batch, **extra)
+    return model, (f"{'QLoRA (NF4 experts and linears), ' if qlora else ''}memory policy {policy}"
+                   f"{f' for a {budget_gib:g} GiB budget' if extra else ''}: {plan.summary()}")
 
 
 def build_hf(config, device, dtype, gc_on: bool):
@@ -156,11 +161,17 @@ def train_step(model, tool, ids, opt):
     return loss.detach()
 
 
-def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlora=False) -> dict:
+def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlora=False,
+            budget_gib: float | None = None) -> dict:
     free_everything(device)
+    capped = bool(budget_gib) and tool == "fasttune" and device.type == "cuda"
+    if capped:  # the process may not allocate beyond the budget: an out-of-memory error is the honest result
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GiB / total), device)
     t_build = time.perf_counter()
     if tool == "fasttune":
-        model, setup = build_fasttune(config, device, dtype, setting, seq, batch, qlora)
+        model, setup = build_fasttune(config, device, dtype, setting, seq, batch, qlora,
+                                      budget_gib if capped else None)
     else:
         model, setup = build_hf(config, device, dtype, setting)
     opt = make_optimizer(model, tool)
@@ -183,12 +194,17 @@ def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlo
             losses.append(float(loss))
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         step_s = statistics.median(times)
-        return dict(setup=setup, tokens_per_s=batch * seq / step_s, step_s=step_s, peak_gib=peak / GiB,
-                    trainable_params=trainable, first_loss=losses[0], last_loss=losses[-1], build_s=build_s,
-                    finite=all(math.isfinite(x) for x in losses))
+        row = dict(setup=setup, tokens_per_s=batch * seq / step_s, step_s=step_s, peak_gib=peak / GiB,
+                   trainable_params=trainable, first_loss=losses[0], last_loss=losses[-1], build_s=build_s,
+                   finite=all(math.isfinite(x) for x in losses))
+        if capped:
+            row.update(budget_gib=budget_gib, fits_budget=peak / GiB <= budget_gib)
+        return row
     finally:
         del model, opt
         free_everything(device)
+        if capped:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
 def fallbacks_logged() -> list[str]:
@@ -226,6 +242,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ft-policies", default="auto", help="fasttune memory policies to measure (comma list)")
     ap.add_argument("--hf-gc", default="on", help="HF+PEFT gradient checkpointing settings to measure: on,off")
     ap.add_argument("--qlora", action="store_true", help="also fasttune QLoRA rows (NF4 experts and linears)")
+    ap.add_argument("--budget-gib", type=float, default=None,
+                    help="cap fasttune rows at this many GiB (torch.cuda.set_per_process_memory_fraction) and plan "
+                         "their memory policy for it (the issue's 16 GB gpt-oss QLoRA target: --qlora --budget-gib 16)")
     ap.add_argument("--layers", type=int, default=None, help="build this many layers instead of the full depth")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
@@ -267,7 +286,7 @@ def main(argv=None) -> int:
                   flush=True)
             try:
                 row.update(measure(tool, config, device, dtype, setting, seq, args.batch, args.warmup,
-                                   args.steps, qlora))
+                                   args.steps, qlora, args.budget_gib))
                 print("   ", json.dumps(row), flush=True)
             except Exception as e:  # noqa: BLE001 - one failure must not stop the other measurements
                 row["error"] = f"{type(e).__name__}: {e}"
