@@ -15,7 +15,7 @@ if [[ $what == tests || $what == all ]]; then
   timeout 500 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 if [[ $what == kernels || $what == all ]]; then
-  timeout 200 python3 bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40
+  timeout 200 python3 bench/kernels_ops.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40
 fi
 if [[ $what == train || $what == all ]]; then
   timeout 420 python3 bench/train_speed.py --out "$OUT/train.json" "$@" 2>&1 | tee "$OUT/train.log" | tail -40

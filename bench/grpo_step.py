@@ -25,7 +25,6 @@ plans the memory policy for that budget: the 24 GB target for 8B QLoRA is checke
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-GiB = 2**30
+from common import GiB, cuda_index, free_everything, sync  # noqa: E402
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, vocab_size=128256),
@@ -158,19 +157,10 @@ def run_case(name: str, args, device) -> dict:
     return result
 
 
-def cuda_index(device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def free(device):
-    gc.collect()
+    """Free the GPU and lift the --budget-gib cap for the next case."""
+    free_everything(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0, cuda_index(device))
 
 

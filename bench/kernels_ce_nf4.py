@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import traceback
 
@@ -20,22 +19,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from common import median_cuda_ms  # noqa: E402
 from fasttune.kernels import cross_entropy as ce  # noqa: E402
 from fasttune.kernels import nf4  # noqa: E402
 
 
-def _median_ms(fn, warmup=3, iters=10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+_median_ms = median_cuda_ms
 
 
 def _peak_mib(fn) -> float:

@@ -1,6 +1,6 @@
 """GPU benchmark of the memory-bound kernels (RMSNorm, LayerNorm, RoPE, GLU): fasttune vs PyTorch eager vs Liger-Kernel.
 
-    PYTHONPATH=src python bench/kernels_elementwise.py [--out results.json]      (also called by bench/kernels.py)
+    PYTHONPATH=src python bench/kernels_elementwise.py [--out results.json]      (also called by bench/kernels_ops.py)
 
 Per op and implementation, in bf16 at Llama-3-8B sizes (32768 tokens):
   ms       median forward+backward time (triton.testing.do_bench, L2 flushed between runs)

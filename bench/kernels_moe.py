@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import traceback
 
@@ -39,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from common import median_cuda_ms  # noqa: E402
 from fasttune.kernels import grouped_gemm as gg  # noqa: E402
 
 SHAPES = {  # tokens, top-k, experts, hidden, width, biases + (E, K, N) storage
@@ -49,19 +49,7 @@ MODES = ("fwd", "fwd+bwd frozen W", "fwd+bwd train W")
 RANK = 16
 
 
-def _median_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+_median_ms = median_cuda_ms
 
 
 def _torch_grouped_mm():

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -44,7 +42,8 @@ import torch.nn as nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_speed import GiB, default_dtype, free_everything, sync, versions  # noqa: E402
+from common import (GiB, default_dtype, free_everything, make_optimizer, materialize_random_,  # noqa: E402
+                    timed_training, train_step, versions)
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANK = 16
@@ -90,32 +89,22 @@ def build_fasttune(config, device, dtype, policy: str, seq: int, batch: int, qlo
     import fasttune
     from fasttune.models.nf4_linear import quantize_linear
     from fasttune.models import ArchSpec, CausalLM
-    from fasttune.models.decoder import RMSNorm
     from fasttune.models.moe import Experts
     from fasttune.train.memory import apply_memory_policy
 
     spec = ArchSpec.from_hf_config(config.to_dict())
     with torch.device("meta"):
         model = CausalLM(spec)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for mod_name in [n for n, _ in model.named_modules()]:
-        module = model.get_submodule(mod_name)
-        for name, p in list(module.named_parameters(recurse=False)):
-            t = torch.empty(p.shape, dtype=dtype, device=device)
-            if p.dim() >= 2:
-                t.normal_(0, 0.02, generator=gen)
-            elif isinstance(module, RMSNorm):
-                t.fill_(1.0)
-            else:  # biases, attention sinks
-                t.zero_()
-            setattr(module, name, nn.Parameter(t, requires_grad=False))
-        if qlora and isinstance(module, Experts):  # as load_in_4bit stores them, one module at a time
+    def quantize(mod_name: str, module: nn.Module) -> None:  # as load_in_4bit stores them, one module at a time
+        if qlora and isinstance(module, Experts):
             module.quantize_nf4_("gate_up_proj")
             module.quantize_nf4_("down_proj")
         elif (qlora and isinstance(module, nn.Linear) and mod_name.startswith("model.layers.")
               and not mod_name.endswith((".mlp.gate", ".mlp.router"))):
             parent, _, child = mod_name.rpartition(".")
             setattr(model.get_submodule(parent), child, quantize_linear(module))
+
+    materialize_random_(model, device, dtype, after_module=quantize)
     model = fasttune.add_lora(model, r=RANK, alpha=RANK, target_modules=ATTENTION + ["gate_proj", "up_proj",
                                                                                       "down_proj"])
     model.train()
@@ -145,22 +134,6 @@ def build_hf(config, device, dtype, gc_on: bool):
     return model, f"experts_implementation={experts}, attention {attn}, gradient checkpointing {'on' if gc_on else 'off'}"
 
 
-def make_optimizer(model, tool):
-    if tool == "fasttune":
-        from fasttune.adapters import param_groups
-
-        return torch.optim.AdamW(param_groups(model, lr=1e-4), lr=1e-4)
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-
-def train_step(model, tool, ids, opt):
-    loss = model(ids, labels=ids).loss if tool == "fasttune" else model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
 def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlora=False,
             budget_gib: float | None = None) -> dict:
     free_everything(device)
@@ -179,29 +152,15 @@ def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlo
     build_s = time.perf_counter() - t_build
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=gen)
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
     try:
-        for i in range(warmup + steps):
-            sync(device)
-            t0 = time.perf_counter()
-            loss = train_step(model, tool, ids, opt)
-            sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-            losses.append(float(loss))
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-        step_s = statistics.median(times)
-        row = dict(setup=setup, tokens_per_s=batch * seq / step_s, step_s=step_s, peak_gib=peak / GiB,
-                   trainable_params=trainable, first_loss=losses[0], last_loss=losses[-1], build_s=build_s,
-                   finite=all(math.isfinite(x) for x in losses))
+        run = timed_training(lambda: train_step(model, tool, ids, opt), device, warmup, steps)
+        row = dict(setup=setup, tokens_per_s=batch * seq / run["step_s"], **run, trainable_params=trainable,
+                   build_s=build_s)
         if capped:
-            row.update(budget_gib=budget_gib, fits_budget=peak / GiB <= budget_gib)
+            row.update(budget_gib=budget_gib, fits_budget=run["peak_gib"] <= budget_gib)
         return row
     finally:
-        del model, opt
+        model = opt = None  # noqa: F841 - drop the references before freeing the memory
         free_everything(device)
         if capped:
             torch.cuda.set_per_process_memory_fraction(1.0, device)

@@ -80,20 +80,9 @@ import torch.nn as nn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
-# bench/ itself off the path: its kernels.py would shadow the `kernels` package that bitsandbytes imports
-sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != HERE]
+sys.path.insert(0, str(HERE))  # bench/ (no script here is named like a package it would shadow)
 
-
-def _load_train_speed():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_speed", HERE / "train_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ts = _load_train_speed()  # llama_config, build_fasttune, default_dtype, versions, SHAPES, TARGETS
+import train_speed as ts  # noqa: E402  llama_config, build_fasttune, default_dtype, versions, SHAPES, TARGETS
 
 GiB = 2**30
 SHAPES = {

@@ -20,12 +20,10 @@ peak = torch.cuda.max_memory_allocated() from just before the first step (weight
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -40,8 +38,10 @@ import torch.nn as nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import (GiB, default_dtype, free_everything, make_optimizer, materialize_random_,  # noqa: E402
+                    sync, timed_training, train_step, versions)
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GiB = 2**30
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -69,43 +69,21 @@ def llama_config(shape: str, vocab: int) -> dict:
 
 # ---- model builders -----------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def default_dtype(dtype):
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(prev)
-
-
 def build_fasttune(cfg: dict, device, dtype, qlora: bool, policy: str, seq: int, batch: int):
     from fasttune.adapters import LoraConfig
     from fasttune.build import prepare_for_training
     from fasttune.models import ArchSpec, CausalLM
-    from fasttune.models.decoder import RMSNorm
     from fasttune.models.nf4_linear import quantize_linear
 
     spec = ArchSpec.from_hf_config(cfg)
     with torch.device("meta"):
         model = CausalLM(spec)
-    # materialise parameter by parameter in the target dtype (random N(0, 0.02), norms 1); QLoRA quantises each
-    # decoder linear right away, as fasttune.load(load_in_4bit=True) does, so 16-bit weights never all coexist
-    gen = torch.Generator(device=device).manual_seed(0)
-    for mod_name in [n for n, _ in model.named_modules()]:  # names, not modules: a replaced Linear must be freed
-        module = model.get_submodule(mod_name)
-        for name, p in list(module.named_parameters(recurse=False)):
-            t = torch.empty(p.shape, dtype=dtype, device=device)
-            if p.dim() >= 2:
-                t.normal_(0, 0.02, generator=gen)
-            elif isinstance(module, RMSNorm):
-                t.fill_(0.0 if module.unit_offset else 1.0)
-            else:  # biases
-                t.zero_()
-            setattr(module, name, nn.Parameter(t, requires_grad=False))
+    def quantize(mod_name: str, module: nn.Module) -> None:  # as fasttune.load(load_in_4bit=True) does
         if qlora and isinstance(module, nn.Linear) and mod_name.startswith("model.layers."):
             parent, _, child = mod_name.rpartition(".")
             setattr(model.get_submodule(parent), child, quantize_linear(module))
+
+    materialize_random_(model, device, dtype, after_module=quantize)
     model.tie_weights()
     model = prepare_for_training(model, LoraConfig(r=16, alpha=16, target_modules=TARGETS), policy, seq_len=seq,
                                  batch_rows=batch)
@@ -163,38 +141,6 @@ def replace_with_bnb_4bit(model: nn.Module, device, dtype) -> None:
 
 # ---- one measurement ------------------------------------------------------------------------------------------
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_everything(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
-def make_optimizer(model, tool):
-    if tool == "fasttune":
-        from fasttune.adapters import param_groups
-
-        return torch.optim.AdamW(param_groups(model, lr=1e-4), lr=1e-4)
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-
-def train_step(model, tool, ids, opt):
-    if tool == "fasttune":
-        loss = model(ids, labels=ids).loss
-    else:
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    if opt is not None:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
 def build(tool, cfg, device, dtype, qlora, policy, seq, batch):
     if tool == "fasttune":
         return build_fasttune(cfg, device, dtype, qlora, policy, seq, batch)
@@ -209,26 +155,11 @@ def measure(tool, cfg, device, dtype, qlora, policy, seq, batch, warmup, steps, 
     build_s = time.perf_counter() - t_build
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
     try:
-        for i in range(warmup + steps):
-            sync(device)
-            t0 = time.perf_counter()
-            loss = train_step(model, tool, ids, opt)
-            sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-            losses.append(float(loss))
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-        step_s = statistics.median(times)
-        return dict(tool=tool, setup=setup, tokens_per_s=batch * seq / step_s, step_s=step_s,
-                    peak_gib=peak / GiB, first_loss=losses[0], last_loss=losses[-1], build_s=build_s,
-                    finite=all(math.isfinite(x) for x in losses))
+        run = timed_training(lambda: train_step(model, tool, ids, opt), device, warmup, steps)
+        return dict(tool=tool, setup=setup, tokens_per_s=batch * seq / run["step_s"], **run, build_s=build_s)
     finally:
-        del model, opt
+        model = opt = None  # noqa: F841 - drop the references before freeing the memory
         free_everything(device)
 
 
@@ -303,19 +234,6 @@ def max_context(tool, cfg, device, dtype, qlora, vocab, budget_s, start=8192, re
 
 
 # ---- main -----------------------------------------------------------------------------------------------------
-
-def versions() -> dict:
-    out = {"torch": torch.__version__, "python": sys.version.split()[0]}
-    for mod in ("transformers", "peft", "triton", "liger_kernel", "bitsandbytes"):
-        try:
-            m = __import__(mod)
-            out[mod] = getattr(m, "__version__", "?")
-        except Exception:  # noqa: BLE001 - optional
-            out[mod] = None
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-    return out
-
 
 def available(tool: str) -> str | None:
     """Why a tool cannot run here (None when it can)."""

@@ -1,6 +1,6 @@
 """Kernel benchmark (issue 3): every op against PyTorch eager and Liger-Kernel, on one GPU, in one process.
 
-    PYTHONPATH=src python bench/kernels.py --out $OUT/kernels.json
+    PYTHONPATH=src python bench/kernels_ops.py --out $OUT/kernels.json
 
 Prints a markdown table (ms = median forward+backward, peak MiB, achieved GB/s and % of the copy bandwidth
 measured here first)."""
