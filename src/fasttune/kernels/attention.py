@@ -450,7 +450,7 @@ def _flex(q, k, v, scale, sliding_window, documents, softcap, memo: dict | None 
     if not FALLBACKS.usable("flex"):
         return None
     try:
-        from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+        from torch.nn.attention.flex_attention import create_block_mask
     except Exception as e:
         FALLBACKS.fail("flex", f"flex_attention does not import: {type(e).__name__}")
         return None
@@ -485,6 +485,8 @@ def _flex(q, k, v, scale, sliding_window, documents, softcap, memo: dict | None 
         kw = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         if sinks is None:
             return _compiled_flex()(q, k, v, **kw)
+        from torch.nn.attention.flex_attention import AuxRequest  # torch >= 2.9
+
         o, aux = _compiled_flex()(q, k, v, return_aux=AuxRequest(lse=True), **kw)
         return _SinkCombine.apply(o, aux.lse, sinks)
     except torch.OutOfMemoryError:
