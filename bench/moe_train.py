@@ -167,7 +167,8 @@ def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlo
 
 
 def fallbacks_logged() -> list[str]:
-    """What fasttune's attention dispatch logged as slower paths during the run (e.g. gpt-oss's sinks)."""
+    """What fasttune's attention dispatch logged as slower paths or failed fused paths during the run (gpt-oss's
+    sinks should take neither since they run fused)."""
     from fasttune.kernels.attention import FALLBACKS
 
     return sorted(FALLBACKS._said) + [f"{path} failed: {why}" for path, why in FALLBACKS.failed.items()]

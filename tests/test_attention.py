@@ -8,7 +8,9 @@ import torch
 from fasttune.kernels.attention import FALLBACKS, DocumentLayout, attention, build_mask, eager_attention
 
 
-def naive(q, k, v, scale, q_offset=0, window=None, pad=None, docs=None, softcap=None):
+def naive(q, k, v, scale, q_offset=0, window=None, pad=None, docs=None, softcap=None, sinks=None):
+    """With `sinks` (H,): each row's softmax has one more column, the head's sink, whose value is zero; a row with no
+    allowed key is then all sink (zero output) instead of attending to itself."""
     B, H, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     out = torch.zeros_like(q, dtype=torch.float64)
@@ -20,10 +22,14 @@ def naive(q, k, v, scale, q_offset=0, window=None, pad=None, docs=None, softcap=
                 allowed = [j for j in range(Tk) if j <= qi and (window is None or qi - j < window)
                            and (pad is None or pad[b, j]) and (docs is None or docs[b, j] == docs[b, Tk - Tq + i])]
                 if not allowed:
+                    if sinks is not None:
+                        continue
                     allowed = [qi]
                 s = torch.stack([(q[b, h, i].double() @ k[b, kh, j].double()) * scale for j in allowed])
                 if softcap:
                     s = torch.tanh(s / softcap) * softcap
+                if sinks is not None:
+                    s = torch.cat([s, sinks[h].double().reshape(1)])
                 p = torch.softmax(s, 0)
                 out[b, h, i] = sum(p[n] * v[b, kh, j].double() for n, j in enumerate(allowed))
     return out
@@ -380,3 +386,259 @@ def test_flex_block_mask_is_built_once_per_window(monkeypatch):
     assert len(built) == 2
     attn_mod._flex(q, k, v, 0.3, None, layout, None)  # without a memo: built on every call
     assert len(built) == 3
+
+
+# ---- attention sinks (gpt-oss): the fused paths against the eager reference ----
+
+SINK_CASES = ["causal", "window", "docs", "docs_window", "padding", "padding_window", "gqa_window"]
+
+
+def _sink_inputs(case, dtype, B=2, T=13, D=8):
+    """q, k, v (B, T, H, D) storage seen as (B, H, T, D), as the model passes them; sink logits on the scale of the
+    scores so they take a real share of each row; the dispatch's and `naive`'s keyword arguments."""
+    H, Hk = (8, 2) if case.startswith("gqa") else (4, 2)
+    q = torch.randn(B, T, H, D).to(dtype).transpose(1, 2)
+    k = torch.randn(B, T, Hk, D).to(dtype).transpose(1, 2)
+    v = torch.randn(B, T, Hk, D).to(dtype).transpose(1, 2)
+    sinks = (1.5 * torch.randn(H)).to(dtype)
+    kw, nkw = {}, {}
+    if "window" in case:
+        kw["sliding_window"] = nkw["window"] = 4
+    if case.startswith("docs"):
+        layout = DocumentLayout.from_position_ids(torch.tensor(_PACKED_POSITIONS))
+        kw["documents"], nkw["docs"] = layout, layout.document_ids
+    if case.startswith("padding"):
+        pad = torch.ones(B, T, dtype=torch.bool)
+        pad[1, :3] = False  # left padding: queries 0-2 of row 1 see no key at all
+        pad[0, -2:] = False  # right padding: those queries still see the real keys before them
+        kw["key_padding_mask"] = nkw["pad"] = pad
+    return q, k, v, sinks, kw, nkw
+
+
+def _sink_oracle(q, k, v, sinks, scale, kw):
+    """The eager reference in float64 (what the CPU dispatch runs), with its gradients."""
+    B, H, T, D = q.shape
+    docs = kw["documents"].document_ids if "documents" in kw else None
+    mask = build_mask(B, T, T, q.device, 0, kw.get("sliding_window"), kw.get("key_padding_mask"), docs,
+                      empty_rows_see_self=False)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    return eager_attention(*leaves[:3], mask, scale, None, leaves[3]), leaves
+
+
+def _close(got, want, tol, what):
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= tol * want.abs().max().clamp_min(1.0).item(), f"{what}: max error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", SINK_CASES + ["decode"])
+def test_eager_sinks_match_naive(case, dtype):
+    """The reference itself (the CPU dispatch with sinks) against the per-element loop: forward and the gradients
+    of q, k, v and the sinks. Queries with no key at all give exactly zero and send no gradient."""
+    q, k, v, sinks, kw, nkw = _sink_inputs("window" if case == "decode" else case, dtype)
+    if case == "decode":  # 3 new queries after 10 cached keys
+        q = q[:, :, -3:]
+        kw["q_offset"] = nkw["q_offset"] = 10
+    leaves = [t.requires_grad_() for t in (q, k, v, sinks)]
+    got = attention(*leaves[:3], scale=0.35, sinks=leaves[3], **kw)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    want = naive(*ref_leaves[:3], 0.35, sinks=ref_leaves[3], **nkw)
+    dout = torch.randn_like(got)
+    grads = torch.autograd.grad(got, leaves, dout)
+    ref = torch.autograd.grad(want, ref_leaves, dout.double())
+    tol = 1e-6 if dtype == torch.float64 else 1e-5  # eager's softmax runs in float32, as transformers'
+    _close(got, want, tol, "out")
+    for name, g, r in zip(["dq", "dk", "dv", "dsinks"], grads, ref):
+        _close(g, r, tol, name)
+    if case.startswith("padding"):
+        assert torch.equal(got[1, :, :3], torch.zeros_like(got[1, :, :3]))
+        assert torch.equal(grads[0][1, :, :3], torch.zeros_like(grads[0][1, :, :3]))
+
+
+def _flash_standin_fwd(calls):
+    """aten's varlen flash forward with flash's documented semantics (causal aligned bottom-right, window
+    (left, 0), GQA, `seqused_k`), float64 math: out (N, Hq, D) in q's dtype, lse (Hq, N) float32 as the kernel's."""
+    def fwd(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale, window_left, seqused_k=None):
+        calls.append(dict(kind="fwd", cu_q=cu_q.tolist(), cu_k=cu_k.tolist(), max_q=max_q, max_k=max_k,
+                          window_left=window_left, seqused_k=None if seqused_k is None else seqused_k.tolist()))
+        outs, lses = [], []
+        for b in range(cu_q.numel() - 1):
+            qs = qf[cu_q[b]:cu_q[b + 1]].double()
+            used = int(cu_k[b + 1] - cu_k[b]) if seqused_k is None else int(seqused_k[b])
+            ks, vs = (t[cu_k[b]:cu_k[b] + used].double() for t in (kf, vf))
+            s, ok = _standin_scores(qs, ks, scale, window_left)
+            lse = torch.logsumexp(s, -1)  # (H, Sq)
+            p = torch.exp(s - lse[..., None]).masked_fill(~ok, 0.0)
+            outs.append(torch.einsum("hij,jhd->ihd", p, vs.repeat_interleave(qs.shape[1] // vs.shape[1], 1)))
+            lses.append(lse)
+        return (torch.cat(outs).to(qf.dtype), torch.cat(lses, 1).float(), torch.empty(0), torch.empty(0))
+    return fwd
+
+
+def _standin_scores(qs, ks, scale, window_left):
+    ok = _fa_mask(qs.shape[0], ks.shape[0], True, (-1 if window_left is None else window_left, 0))
+    kk = ks.repeat_interleave(qs.shape[1] // ks.shape[1], 1)
+    return (torch.einsum("ihd,jhd->hij", qs, kk) * scale).masked_fill(~ok, float("-inf")), ok
+
+
+def _flash_standin_bwd(calls):
+    """aten's flash backward as the kernel computes it from what it is given: P = exp(S - lse) (recomputed),
+    D = rowsum(dout * out), dS = P (dout . v - D); dk, dv summed over each KV head's query heads."""
+    def bwd(dout, qf, kf, vf, out, lse, cu, longest, scale, window_left, rng_state, unused):
+        calls.append(dict(kind="bwd", cu=cu.tolist(), longest=longest, window_left=window_left))
+        Hq, Hk = qf.shape[1], kf.shape[1]
+        dq, dk, dv = (torch.zeros_like(t, dtype=torch.float64) for t in (qf, kf, vf))
+        for a, b in zip(cu.tolist()[:-1], cu.tolist()[1:]):
+            qs, ks, vs, do, o = (t[a:b].double() for t in (qf, kf, vf, dout, out))
+            s, ok = _standin_scores(qs, ks, scale, window_left)
+            p = torch.exp(s - lse[:, a:b, None].double()).masked_fill(~ok, 0.0)
+            vv = vs.repeat_interleave(Hq // Hk, 1)
+            dp = torch.einsum("ihd,jhd->hij", do, vv)
+            ds = p * (dp - (do * o).sum(-1).t()[..., None])
+            kk = ks.repeat_interleave(Hq // Hk, 1)
+            dq[a:b] = torch.einsum("hij,jhd->ihd", ds, kk) * scale
+            dk[a:b] = (torch.einsum("hij,ihd->jhd", ds, qs) * scale).reshape(b - a, Hk, Hq // Hk, -1).sum(2)
+            dv[a:b] = torch.einsum("hij,ihd->jhd", p, do).reshape(b - a, Hk, Hq // Hk, -1).sum(2)
+        return dq.to(qf.dtype), dk.to(kf.dtype), dv.to(vf.dtype)
+    return bwd
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", [c for c in SINK_CASES if not c.startswith("padding")])
+def test_flash_sinks_path_matches_eager(monkeypatch, case, dtype):
+    """Training with sinks on CUDA in 16-bit runs `_FlashSinks`: aten's flash forward for (o, lse), its backward
+    handed the sinked output and L = logaddexp(lse, s). Here float64 stand-ins with the kernel's semantics take the
+    kernel's place on CPU, so the sink algebra and the layouts (lse (Hq, N), rows / documents, window) are checked
+    against the eager reference: forward and the gradients of q, k, v and the sinks. (The real kernel:
+    tests/test_attention_sinks_gpu.py.)"""
+    from fasttune.kernels import attention as attn_mod
+
+    FALLBACKS.reset()
+    calls = []
+    monkeypatch.setattr(attn_mod, "_torch_flash_ok", lambda q, k, v: True)
+    monkeypatch.setattr(attn_mod, "_torch_flash_fwd", _flash_standin_fwd(calls))
+    monkeypatch.setattr(attn_mod, "_torch_flash_bwd", _flash_standin_bwd(calls))
+    q, k, v, sinks, kw, _ = _sink_inputs(case, dtype)
+    leaves = [t.requires_grad_() for t in (q, k, v, sinks)]
+    got = attention(*leaves[:3], scale=0.35, sinks=leaves[3], **kw)
+    assert [c["kind"] for c in calls] == ["fwd"] and not FALLBACKS.failed
+    assert calls[0]["window_left"] == (3 if "sliding_window" in kw else None)
+    assert calls[0]["cu_q"] == ([0, 5, 6, 13, 21, 26] if "documents" in kw else [0, 13, 26])
+    want, ref_leaves = _sink_oracle(q, k, v, sinks, 0.35, kw)
+    dout = torch.randn_like(got)
+    grads = torch.autograd.grad(got, leaves, dout)
+    assert [c["kind"] for c in calls] == ["fwd", "bwd"]
+    ref = torch.autograd.grad(want, ref_leaves, dout.double())
+    tol = 1e-5  # lse is float32, as the kernel's
+    _close(got, want, tol, "out")
+    for name, g, r in zip(["dq", "dk", "dv", "dsinks"], grads, ref):
+        assert g.dtype == dtype
+        _close(g, r, tol, name)
+
+
+def test_flash_sinks_failure_is_logged_and_the_reference_answers(monkeypatch, caplog):
+    from fasttune.kernels import attention as attn_mod
+
+    FALLBACKS.reset()
+
+    def broken(*a, **kw):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    monkeypatch.setattr(attn_mod, "_torch_flash_ok", lambda q, k, v: True)
+    monkeypatch.setattr(attn_mod, "_torch_flash_fwd", broken)
+    q, k, v, sinks, kw, _ = _sink_inputs("docs_window", torch.float64)
+    with caplog.at_level("WARNING", logger="fasttune.attention"):
+        got = attention(q, k, v, scale=0.35, sinks=sinks, **kw)
+    assert "torch-flash-sinks failed" in caplog.text and not FALLBACKS.usable("torch-flash-sinks")
+    _close(got, _sink_oracle(q, k, v, sinks, 0.35, kw)[0], 1e-6, "out")
+    FALLBACKS.reset()
+
+
+def _masked_attention_with_lse(q, k, v, scale, kw):
+    """Differentiable (o, lse) of ordinary attention over the allowed keys, as flex_attention returns them: a row
+    with no key has o = 0 and lse = -inf (and no NaN anywhere in its backward)."""
+    B, H, T, D = q.shape
+    docs = kw["documents"].document_ids if "documents" in kw else None
+    mask = build_mask(B, T, T, q.device, 0, kw.get("sliding_window"), kw.get("key_padding_mask"), docs,
+                      empty_rows_see_self=False)
+    groups = H // k.shape[1]
+    s = (q @ k.repeat_interleave(groups, 1).transpose(-1, -2)) * scale
+    empty = ~mask.any(-1)  # (B, 1, T)
+    s = s.masked_fill(~mask, float("-inf")).masked_fill(empty[..., None], 0.0)
+    lse = torch.where(empty, float("-inf"), torch.logsumexp(s, -1))
+    o = torch.where(empty[..., None], 0.0, torch.softmax(s, -1) @ v.repeat_interleave(groups, 1))
+    return o, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", SINK_CASES)
+def test_sink_combine_backward_through_lse(case, dtype):
+    """The flex path's `_SinkCombine` (out = o * sigmoid(lse - s)) on a differentiable (o, lse): its gradients to
+    o, lse and the sinks, sent back through lse as flex_attention's backward does, give the eager reference's
+    gradients of q, k, v and the sinks; rows with no key give zero and no NaN. (flex_attention has no backward on
+    CPU; the real one: tests/test_attention_sinks_gpu.py.)"""
+    from fasttune.kernels.attention import _SinkCombine
+
+    q, k, v, sinks, kw, _ = _sink_inputs(case, dtype)
+    leaves = [t.requires_grad_() for t in (q, k, v, sinks)]
+    o, lse = _masked_attention_with_lse(*leaves[:3], 0.35, kw)
+    got = _SinkCombine.apply(o, lse, leaves[3])
+    want, ref_leaves = _sink_oracle(q, k, v, sinks, 0.35, kw)
+    dout = torch.randn_like(got)
+    grads = torch.autograd.grad(got, leaves, dout)
+    ref = torch.autograd.grad(want, ref_leaves, dout.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-6  # the oracle's softmax runs in float32
+    _close(got, want, tol, "out")
+    for name, g, r in zip(["dq", "dk", "dv", "dsinks"], grads, ref):
+        assert torch.isfinite(g).all(), name
+        _close(g, r, tol, name)
+
+
+@pytest.mark.parametrize("case", SINK_CASES)
+def test_flex_sinks_forward_matches_eager_on_cpu(monkeypatch, case):
+    """The flex path's block mask (window, documents, padding per row), GQA and lse use, end to end through
+    flex_attention itself (uncompiled: on CPU it runs forward only) against the eager reference."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from fasttune.kernels import attention as attn_mod
+
+    FALLBACKS.reset()
+    monkeypatch.setattr(attn_mod, "_compiled_flex", lambda: flex_attention)
+    q, k, v, sinks, kw, _ = _sink_inputs(case, torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        got = attn_mod._flex(q, k, v, 0.35, kw.get("sliding_window"), kw.get("documents"), None, {},
+                             kw.get("key_padding_mask"), sinks)
+    assert got is not None, FALLBACKS.failed
+    _close(got, _sink_oracle(q, k, v, sinks, 0.35, kw)[0], 1e-6, "out")  # lse comes back float32-rounded
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("flash", [False, True])
+def test_decode_with_sinks_matches_naive(monkeypatch, window, flash):
+    """One decoding step over a per-slot cache with sinks: the reference (eager, any device) and, with a stand-in
+    for aten's flash decode kernel, the fused path (its lse weighs the output) against the per-element loop."""
+    from fasttune.kernels import attention as attn_mod
+    from fasttune.kernels.attention import decode_attention
+
+    FALLBACKS.reset()
+    calls = []
+    if flash:
+        monkeypatch.setattr(attn_mod, "_torch_flash_ok", lambda q, k, v: True)
+        monkeypatch.setattr(attn_mod, "_torch_flash_fwd", _flash_standin_fwd(calls))
+    S, M, Hq, Hk, D = 3, 10, 8, 2, 8
+    lengths = torch.tensor([1, 6, 10], dtype=torch.int32)
+    q = torch.randn(S, Hq, 1, D, dtype=torch.float64)
+    kc, vc = torch.randn(S, M, Hk, D, dtype=torch.float64), torch.randn(S, M, Hk, D, dtype=torch.float64)
+    sinks = 1.5 * torch.randn(Hq, dtype=torch.float64)
+    got = decode_attention(q, kc, vc, lengths, scale=0.35, sliding_window=window, sinks=sinks)
+    if flash:
+        assert len(calls) == 1 and calls[0]["seqused_k"] == [1, 6, 10] and calls[0]["max_q"] == 1
+        assert calls[0]["window_left"] == (None if window is None else window - 1)
+    for s in range(S):
+        n = int(lengths[s])
+        want = naive(q[s:s + 1], kc[s:s + 1, :n].transpose(1, 2), vc[s:s + 1, :n].transpose(1, 2), 0.35,
+                     q_offset=n - 1, window=window, sinks=sinks)
+        _close(got[s:s + 1], want, 1e-6, f"slot {s}")  # float32: the kernel's lse, the reference's softmax

@@ -261,11 +261,18 @@ def test_plan_at_qwen3_30b_a3b_shape():
     assert per_token > 8 * (3 * 2048 + 3 * 768) * 2  # the routed rows dominate
 
 
-def test_attention_sinks_count_their_eager_attention_rows():
-    """gpt-oss's sinks run as eager attention: each token keeps seq_len scores and probabilities per head."""
+def test_attention_sinks_add_no_sequence_length_term():
+    """gpt-oss's sinks run fused (kernels.attention): a layer keeps what it keeps without sinks, linear in tokens,
+    and the plan at a long sequence is the same as for the same shapes without sinks."""
+    import dataclasses
+
     spec = ArchSpec.from_hf_config(dict(model_type="gpt_oss", vocab_size=96, hidden_size=64, intermediate_size=64,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                         head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8))
-    plain = layer_activation_bytes(spec, 2048, 2)
-    assert layer_activation_bytes(spec, 2048, 2, seq_len=2048) - plain == 2048 * 2048 * 4 * (4 + 2 * 2)
-    assert layer_activation_bytes(_moe_spec(), 2048, 2, seq_len=2048) == layer_activation_bytes(_moe_spec(), 2048, 2)
+    no_sinks = dataclasses.replace(spec, attention_sinks=False)
+    assert spec.attention_sinks
+    assert layer_activation_bytes(spec, 4096, 2) == 2 * layer_activation_bytes(spec, 2048, 2)
+    assert layer_activation_bytes(spec, 2048, 2) == layer_activation_bytes(no_sinks, 2048, 2)
+    for seq in (2048, 65536):
+        a, b = plan_memory(spec, "auto", seq, 1, 8 * GiB), plan_memory(no_sinks, "auto", seq, 1, 8 * GiB)
+        assert (a.modes, a.activation_bytes_per_layer) == (b.modes, b.activation_bytes_per_layer)

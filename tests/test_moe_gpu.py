@@ -1,7 +1,8 @@
 """GPU tests of the MoE families (run on the device: pytest -m gpu tests/test_moe_gpu.py): the decoder's MoE switch
 through the grouped GEMM at the Qwen3-30B-A3B expert shape (128 experts, top-8, width 768) against transformers, in
 float32 (tf32 off: the Triton kernels' IEEE path) and bf16 (base GEMMs in torch's grouped mm on sm90), with LoRA on
-experts and router trained a few steps; gpt-oss with sinks on CUDA (the logged eager fallback)."""
+experts and router trained a few steps; gpt-oss with sinks on CUDA through the fused sink paths (fp32: flex; bf16:
+aten's flash kernel)."""
 from __future__ import annotations
 
 import logging
@@ -96,9 +97,7 @@ def test_qwen3_30b_a3b_expert_shape_bf16_lora_trains_on_cuda(tmp_path, caplog):
         assert "Triton grouped kernel" not in caplog.text, caplog.text
 
 
-def test_gpt_oss_sinks_on_cuda_match_transformers_and_log_the_fallback(tmp_path, caplog):
-    from fasttune.kernels.attention import FALLBACKS
-
+def _gpt_oss_pair(tmp_path):
     cfg = transformers.GptOssConfig(vocab_size=4096, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
                                     num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_local_experts=8,
                                     num_experts_per_tok=2, sliding_window=64)
@@ -109,13 +108,56 @@ def test_gpt_oss_sinks_on_cuda_match_transformers_and_log_the_fallback(tmp_path,
             if n.endswith(("sinks", "_bias", "router.weight", "router.bias")):
                 p.normal_(0, 0.3)
     hf.save_pretrained(tmp_path)
-    hf = hf.cuda().eval()
+    return hf
+
+
+def test_gpt_oss_sinks_on_cuda_match_transformers_fp32(tmp_path, caplog):
+    """fp32 on CUDA: the sinks run through compiled flex_attention (its lse) with no eager fallback; logits, loss
+    and the gradients of the sinks and the attention projections match transformers' eager attention."""
+    from fasttune.kernels.attention import FALLBACKS
+
+    hf = _gpt_oss_pair(tmp_path).cuda().eval()
     torch.backends.cuda.matmul.allow_tf32 = False
     ours = load_model(tmp_path, dtype=torch.float32, device="cuda")
     ids = torch.randint(3, 4096, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     FALLBACKS.reset()
-    with caplog.at_level(logging.WARNING, logger="fasttune.attention"), torch.no_grad():
-        err = _rel(ours(ids).logits, hf(ids).logits)
+    with caplog.at_level(logging.WARNING, logger="fasttune.attention"):
+        out = ours(ids, labels=ids, return_logits=True)
+        out_hf = hf(ids, labels=ids)
+        out.loss.backward()
+        out_hf.loss.backward()
+    err = _rel(out.logits, out_hf.logits)
     print(f"gpt-oss fp32 logits rel err {err:.2e}")
     assert err <= 1e-4
-    assert caplog.text.count("attention sinks") == 1
+    slower = [r.getMessage() for r in caplog.records if r.name == "fasttune.attention"]
+    assert not slower and not FALLBACKS.failed, slower  # no slower path taken, no fused path failed
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        if name.endswith(("self_attn.sinks", "self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            g_err = _rel(p.grad, theirs[name].grad)
+            print(f"{name}: grad rel err {g_err:.2e}")
+            assert g_err <= 1e-3, name
+
+
+def test_gpt_oss_sinks_on_cuda_match_transformers_bf16(tmp_path, caplog):
+    """bf16 on CUDA: the sinks run through aten's flash kernel (`_FlashSinks`); logits against transformers' eager
+    attention in bf16 (the Qwen3 bf16 bound above), and a LoRA step's gradients are finite."""
+    from fasttune.kernels.attention import FALLBACKS
+
+    _gpt_oss_pair(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16,
+                                                           attn_implementation="eager").cuda().eval()
+    ours = load_model(tmp_path, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(3, 4096, (2, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    FALLBACKS.reset()
+    with caplog.at_level(logging.WARNING, logger="fasttune.attention"):
+        with torch.no_grad():
+            err = _rel(ours(ids).logits, hf(ids).logits.float())
+        add_lora(ours, r=16, alpha=16, target_modules=["all-linear"])
+        ours.train()
+        ours(ids, labels=ids).loss.backward()
+    print(f"gpt-oss bf16 logits rel err {err:.2e}")
+    assert err <= 3e-2
+    slower = [r.getMessage() for r in caplog.records if r.name == "fasttune.attention"]
+    assert not slower and not FALLBACKS.failed, slower
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_parameters(ours))

@@ -18,15 +18,33 @@ backward of one layer: bench/attention_paths.py, bench/RESULTS.md):
 - otherwise on CUDA: compiled `flex_attention` with a block mask built once per forward (memo) from the layout;
 - otherwise (padding masks, decoding with a window, CPU): an explicit boolean mask through SDPA, or eager math when
   soft-capping;
-- attention sinks (gpt-oss: a learned logit per head that joins every row's softmax, with a zero value, so
-  softmax([s_1..s_n, sink])[:n] weighs the values): eager math with a dense mask on every device for now (logged
-  once on CUDA). The fused kernels here have no sink input; the math is the reference's.
+- attention sinks (gpt-oss): see below.
+
+Attention sinks. gpt-oss gives each query head h a learned logit s_h that joins every row's softmax as one more
+column whose value is zero: out_i = sum_j P'_ij v_j with P' = softmax([S_i1 .. S_in, s_h]) over the n allowed keys.
+No kernel here takes a sink, but none needs to. With o_i and lse_i = log sum_j exp S_ij the output and log-sum-exp
+of ordinary attention over the same allowed keys, and L_i = logaddexp(lse_i, s_h) the log-sum-exp with the sink,
+    P'_ij = exp(S_ij - L_i),   out_i = exp(lse_i - L_i) o_i = w_i o_i,   w_i = sigmoid(lse_i - s_h).
+Backward (dOut the output's gradient). The sink is a softmax column of value zero, so softmax's usual backward over
+all n + 1 columns gives, with D_i = dOut_i . out_i:
+    dS_ij = P'_ij (dOut_i . v_j - D_i),   d s_h = sum_i P'_i,sink (0 - D_i) = -sum_i exp(s_h - L_i) D_i.
+That is a flash backward run with the sinked output `out` and L in place of lse (it recomputes P' = exp(S - L)
+and D from what it is given): `_FlashSinks`. Seen from (o, lse) instead (flex_attention, which differentiates its
+returned lse): dO_i = w_i dOut_i, d lse_i = (dOut_i . o_i) w_i (1 - w_i), d s_h = -sum_i d lse_i; a kernel that
+takes d lse subtracts it from D_i, which gives the same dS (`_SinkCombine`). A row with no allowed key (padding)
+has lse = -inf, hence w = 0: zero output and zero gradients, with no NaN; the eager reference agrees (the sink
+alone takes the row, so `build_mask` leaves it empty). Paths: training/prefill on CUDA in fp16/bf16 without a
+padding mask or soft-cap: aten's flash forward (it returns lse) and backward, as `_FlashSinks`; otherwise on CUDA
+(fp32, a padding mask, soft-capping) with whole rows: compiled flex_attention returning lse, then `_SinkCombine`;
+decoding on CUDA in fp16/bf16: the flash decode kernel below returns lse too. Everything else (CPU, queries at an
+offset, fp32 decoding) runs eager math with a dense mask, logged once on CUDA.
 
 Decoding over a static per-slot KV cache (`decode_attention`, fasttune.generation): one query per slot, keys
 (S, M, Hk, D) of which slot s holds `lengths[s]` valid ones. On CUDA in fp16/bf16 without soft-capping: the same
 aten flash kernel as varlen, the cache seen as S blocks of M keys (cu_seqlens_k = 0, M, 2M, ...) of which it reads
-only `seqused_k = lengths`, so a step costs the valid keys, not M, and every shape is static (CUDA graphs).
-Otherwise the reference: a (S, 1, 1, M) boolean length/window mask through SDPA, or eager math when soft-capping.
+only `seqused_k = lengths`, so a step costs the valid keys, not M, and every shape is static (CUDA graphs); with
+sinks, its lse weighs the output as above. Otherwise the reference: a (S, 1, 1, M) boolean length/window mask
+through SDPA, or eager math when soft-capping or with sinks (one query per slot: cheap, though it reads all M).
 A fused path that raises is logged once with the reason and not tried again (`FALLBACKS`); a dense mask taken on
 CUDA is logged once too. `FASTTUNE_FLASH_ATTN=0` / `FASTTUNE_FLEX=0` switch the flash_attn package / flex off.
 """
@@ -116,11 +134,14 @@ def build_mask(
     sliding_window: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
     document_ids: torch.Tensor | None = None,
+    empty_rows_see_self: bool = True,
 ) -> torch.Tensor:
     """Boolean (B, 1, Tq, Tk) mask, True where query may attend to key.
 
     A query row with no allowed key (a left-padding position) is allowed to attend to itself so softmax never
-    sees an empty row: its output is unused, but a NaN there would poison the backward pass."""
+    sees an empty row: its output is unused, but a NaN there would poison the backward pass. With
+    `empty_rows_see_self=False` it stays empty (attention sinks: the sink's column keeps such a row's softmax
+    finite, and the row's output is then zero, as the fused sink paths give)."""
     q_pos = torch.arange(q_len, device=device)[:, None] + q_offset
     k_pos = torch.arange(k_len, device=device)[None, :]
     allowed = k_pos <= q_pos
@@ -132,6 +153,8 @@ def build_mask(
     if document_ids is not None:  # (B, Tk); queries are the last Tq keys
         q_docs = document_ids[:, -q_len:]
         allowed = allowed & (q_docs[:, None, :, None] == document_ids[:, None, None, :])
+    if not empty_rows_see_self:
+        return allowed
     empty = ~allowed.any(-1, keepdim=True)
     if bool(empty.any()):
         diag = (k_pos == q_pos)[None, None]
@@ -164,12 +187,8 @@ def attention(
     if sliding_window is not None and Tk <= sliding_window:
         sliding_window = None  # the window covers every key: it changes nothing
     if sinks is not None:
-        if q.is_cuda:
-            FALLBACKS.note("sinks", "attention sinks (gpt-oss) run as eager math with a dense (B, 1, Tq, Tk) mask: no "
-                           "fused kernel here takes a sink logit yet (slower, Tq x Tk scores per head in memory)")
-        document_ids = documents.document_ids if documents is not None else None
-        mask = build_mask(B, Tq, Tk, q.device, q_offset, sliding_window, key_padding_mask, document_ids)
-        return eager_attention(q, k, v, mask, scale, softcap, sinks)
+        return _attention_with_sinks(q, k, v, sinks, scale, q_offset, sliding_window, key_padding_mask, documents,
+                                     softcap, memo)
     plain_causal = key_padding_mask is None and documents is None and sliding_window is None and softcap is None
     if plain_causal and q_offset == 0 and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -201,10 +220,37 @@ def attention(
     return eager_attention(q, k, v, mask, scale, softcap)
 
 
+def _attention_with_sinks(q, k, v, sinks, scale, q_offset, sliding_window, key_padding_mask, documents, softcap,
+                          memo):
+    """`attention` with sink logits (Hq,): the paths of the module docstring's "Attention sinks"."""
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    whole_rows = q_offset == 0 and Tq == Tk
+    if (whole_rows and key_padding_mask is None and softcap is None and _torch_flash_ok(q, k, v)
+            and FALLBACKS.usable("torch-flash-sinks")):
+        out = _torch_flash_varlen(q, k, v, scale, sliding_window, documents, memo, sinks)
+        if out is not None:
+            return out
+    if whole_rows and q.is_cuda and os.environ.get("FASTTUNE_FLEX", "1") == "1":
+        out = _flex(q, k, v, scale, sliding_window, documents, softcap, memo, key_padding_mask, sinks)
+        if out is not None:
+            return out
+    if q.is_cuda:
+        FALLBACKS.note(f"sinks-eager:{whole_rows}:{q.dtype}",
+                       f"attention sinks (gpt-oss) run as eager math with a dense (B, 1, Tq, Tk) mask "
+                       f"({q.dtype}, {'flex off or failed' if whole_rows else f'q_offset {q_offset}'}): "
+                       "slower, Tq x Tk scores per head in memory")
+    document_ids = documents.document_ids if documents is not None else None
+    mask = build_mask(B, Tq, Tk, q.device, q_offset, sliding_window, key_padding_mask, document_ids,
+                      empty_rows_see_self=False)
+    return eager_attention(q, k, v, mask, scale, softcap, sinks)
+
+
 def eager_attention(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None = None,
                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Reference math, as transformers' eager path: scores, soft-cap, mask, softmax in float32, cast back. With
-    `sinks` (Hq,), each head's sink logit is one more softmax column whose probability is dropped (value zero)."""
+    `sinks` (Hq,), each head's sink logit is one more softmax column whose probability is dropped (value zero); a
+    row whose mask is all False then gives zero (the sink takes all of it)."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
@@ -220,6 +266,62 @@ def eager_attention(q, k, v, mask: torch.Tensor, scale: float, softcap: float | 
         return torch.matmul(probs.to(q.dtype), v)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
+
+
+def _sink_weight(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """w = sigmoid(lse - s) in float32: the share of each row's softmax its real keys keep beside the sink. `sinks`
+    is already shaped to broadcast against `lse`. lse = -inf (a row with no key) gives 0."""
+    return torch.sigmoid(lse.float() - sinks.float())
+
+
+class _SinkCombine(torch.autograd.Function):
+    """out = o * w, w = sigmoid(lse - s): ordinary attention's (o, lse) over the real keys -> attention with sinks.
+    o (B, H, T, D), lse (B, H, T), sinks (H,). Backward (module docstring): dO = w dOut,
+    d lse = (dOut . o) w (1 - w), d s = -sum of d lse over B and T; lse's gradient goes back through the kernel
+    that returned it (flex_attention). Saves o and lse only (w is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, o, lse, sinks):
+        w = _sink_weight(lse, sinks[:, None])
+        ctx.save_for_backward(o, lse, sinks)
+        return (o.float() * w[..., None]).to(o.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        o, lse, sinks = ctx.saved_tensors
+        w = _sink_weight(lse, sinks[:, None])
+        do = (dout.float() * w[..., None]).to(o.dtype)
+        dlse = (dout.float() * o.float()).sum(-1) * w * (1 - w)
+        dsinks = -dlse.sum((0, 2))
+        return do, dlse.to(lse.dtype), dsinks.to(sinks.dtype)
+
+
+class _FlashSinks(torch.autograd.Function):
+    """Attention with sinks through aten's flash kernel, varlen layout: qf (N, Hq, D), kf, vf (N, Hk, D), sinks
+    (Hq,), cu_seqlens and the longest sequence, causal with an optional left window. The forward returns
+    out = w o (w from the kernel's lse, (Hq, N)); the backward is the kernel's own backward given `out` and
+    L = logaddexp(lse, s) (it recomputes the sink-inclusive P' = exp(S - L) and D = dOut . out from them), and
+    d s = -sum_i exp(s - L_i) (dOut_i . out_i): the derivation is in the module docstring."""
+
+    @staticmethod
+    def forward(ctx, qf, kf, vf, sinks, cu, longest, scale, window_left):
+        o, lse, rng_state, unused = _torch_flash_fwd(qf, kf, vf, cu, cu, longest, longest, scale, window_left)
+        s = sinks.float()[:, None]
+        full_lse = torch.logaddexp(lse, s)  # (Hq, N): the row's log-sum-exp with the sink column
+        out = (o.float() * _sink_weight(lse, s).t()[..., None]).to(o.dtype)
+        ctx.save_for_backward(qf, kf, vf, sinks, out, full_lse, cu, rng_state, unused)
+        ctx.longest, ctx.scale, ctx.window_left = longest, scale, window_left
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qf, kf, vf, sinks, out, full_lse, cu, rng_state, unused = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = _torch_flash_bwd(dout, qf, kf, vf, out, full_lse, cu, ctx.longest, ctx.scale, ctx.window_left,
+                                      rng_state, unused)
+        d_rows = (dout.float() * out.float()).sum(-1).t()  # (Hq, N): D_i of every row
+        dsinks = -(torch.exp(sinks.float()[:, None] - full_lse) * d_rows).sum(1)
+        return dq, dk, dv, dsinks.to(sinks.dtype), None, None, None, None
 
 
 
@@ -253,23 +355,43 @@ def _torch_flash_ok(q, k, v) -> bool:
             and hasattr(torch.ops.aten, "_flash_attention_forward"))
 
 
+def _torch_flash_fwd(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale, window_left, seqused_k=None):
+    """aten's causal flash forward with cu_seqlens -> (out (N, Hq, D), lse (Hq, N) float32, rng_state, unused).
+    The window, like flash-attn's, lets query i see keys [i - left, i]; `seqused_k` (decoding) reads only that many
+    keys of each sequence."""
+    out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+        qf, kf, vf, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale, window_size_left=window_left,
+        window_size_right=0 if window_left is not None else None, seqused_k=seqused_k)
+    return out, lse, rng_state, unused
+
+
+def _torch_flash_bwd(dout, qf, kf, vf, out, lse, cu, longest, scale, window_left, rng_state, unused):
+    """aten's flash backward for `_torch_flash_fwd`'s varlen training call (the arguments autograd passes it)."""
+    return torch.ops.aten._flash_attention_backward(
+        dout, qf, kf, vf, out, lse, cu, cu, longest, longest, 0.0, True, rng_state, unused, scale=scale,
+        window_size_left=window_left, window_size_right=0 if window_left is not None else None)
+
+
 def _torch_flash_op(qf, kf, vf, cu, longest, scale, window_left):
-    """aten's flash forward with cu_seqlens; autograd runs its flash backward. The window, like flash-attn's,
-    lets query i see keys [i - left, i]."""
-    return torch.ops.aten._flash_attention_forward(
-        qf, kf, vf, cu, cu, longest, longest, 0.0, True, False, scale=scale,
-        window_size_left=window_left, window_size_right=0 if window_left is not None else None)[0]
+    """aten's flash forward with cu_seqlens; autograd runs its flash backward."""
+    return _torch_flash_fwd(qf, kf, vf, cu, cu, longest, longest, scale, window_left)[0]
 
 
-def _torch_flash_varlen(q, k, v, scale, sliding_window, documents, memo):
+def _torch_flash_varlen(q, k, v, scale, sliding_window, documents, memo, sinks=None):
+    """With `sinks`: `_FlashSinks` (failures counted apart, as it calls the backward kernel itself)."""
     B, Hq, T, D = q.shape
     (qf, kf, vf), cu, longest = _varlen_inputs(q, k, v, documents, memo)
+    window_left = None if sliding_window is None else sliding_window - 1
+    path = "torch-flash-varlen" if sinks is None else "torch-flash-sinks"
     try:
-        out = _torch_flash_op(qf, kf, vf, cu, longest, scale, None if sliding_window is None else sliding_window - 1)
+        if sinks is None:
+            out = _torch_flash_op(qf, kf, vf, cu, longest, scale, window_left)
+        else:
+            out = _FlashSinks.apply(qf, kf, vf, sinks, cu, longest, scale, window_left)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # an old torch or a GPU its flash kernel does not support
-        FALLBACKS.fail("torch-flash-varlen", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        FALLBACKS.fail(path, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         return None
     return out.reshape(B, T, Hq, D).transpose(1, 2)
 
@@ -317,10 +439,14 @@ def _flash(q, k, v, scale, sliding_window, documents, softcap, memo: dict | None
         return None
 
 
-def _flex(q, k, v, scale, sliding_window, documents, softcap, memo: dict | None = None):
+def _flex(q, k, v, scale, sliding_window, documents, softcap, memo: dict | None = None,
+          key_padding_mask: torch.Tensor | None = None, sinks: torch.Tensor | None = None):
     """Compiled flex_attention for packed documents / sliding windows / soft-capping on CUDA. The block mask is built
     once per forward (memo) on the GPU from the layout's document ids; the compiled kernel sees one shape per
-    (B, T), so static batch shapes compile it a bounded number of times. None if unavailable or it raised."""
+    (B, T), so static batch shapes compile it a bounded number of times. None if unavailable or it raised.
+
+    With `sinks`: flex also returns lse (differentiable), and `_SinkCombine` adds the sinks; a padding mask is then
+    taken too (a query with no key gives zero, as the eager reference with sinks does)."""
     if not FALLBACKS.usable("flex"):
         return None
     try:
@@ -330,6 +456,7 @@ def _flex(q, k, v, scale, sliding_window, documents, softcap, memo: dict | None 
         return None
     B, Hq, T, D = q.shape
     docs = documents.document_ids if documents is not None else None
+    pad = key_padding_mask.bool() if key_padding_mask is not None else None
 
     def mask_mod(b, h, q_idx, kv_idx):
         ok = kv_idx <= q_idx
@@ -337,6 +464,8 @@ def _flex(q, k, v, scale, sliding_window, documents, softcap, memo: dict | None 
             ok = ok & (kv_idx > q_idx - sliding_window)
         if docs is not None:
             ok = ok & (docs[b, q_idx] == docs[b, kv_idx])
+        if pad is not None:
+            ok = ok & pad[b, kv_idx]
         return ok
 
     score_mod = None
@@ -344,15 +473,22 @@ def _flex(q, k, v, scale, sliding_window, documents, softcap, memo: dict | None 
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.tanh(score / softcap) * softcap
     try:
-        key = ("flex-block-mask", sliding_window, B, T)  # the same for every layer with this window
+        # the same for every layer with this window (the layout and padding are the forward's)
+        key = ("flex-block-mask", sliding_window, B, T, pad is not None)
         block_mask = memo.get(key) if memo is not None else None
         if block_mask is None:
-            block_mask = create_block_mask(mask_mod, B if docs is not None else None, None, T, T, device=q.device,
+            per_row = docs is not None or pad is not None
+            block_mask = create_block_mask(mask_mod, B if per_row else None, None, T, T, device=q.device,
                                            _compile=q.is_cuda)
             if memo is not None:
                 memo[key] = block_mask
-        return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                                enable_gqa=q.shape[1] != k.shape[1])
+        kw = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        if sinks is None:
+            return _compiled_flex()(q, k, v, **kw)
+        from torch.nn.attention.flex_attention import AuxRequest  # torch >= 2.9
+
+        o, aux = _compiled_flex()(q, k, v, return_aux=AuxRequest(lse=True), **kw)
+        return _SinkCombine.apply(o, aux.lse, sinks)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # an old torch or an unsupported head size
@@ -399,11 +535,11 @@ def decode_attention(
     No host sync and static shapes on every path. `memo`: shared by the layers of one step (masks, cu_seqlens)."""
     S, Hq, _, D = q.shape
     M = k_cache.shape[1]
-    if sinks is None and softcap is None and _torch_flash_ok(q, k_cache, v_cache) and FALLBACKS.usable("torch-flash-decode"):
-        out = _torch_flash_decode(q, k_cache, v_cache, lengths, scale, sliding_window, memo)
+    if softcap is None and _torch_flash_ok(q, k_cache, v_cache) and FALLBACKS.usable("torch-flash-decode"):
+        out = _torch_flash_decode(q, k_cache, v_cache, lengths, scale, sliding_window, memo, sinks)
         if out is not None:
             return out
-    if q.is_cuda:
+    if q.is_cuda:  # sinks: eager math costs little at one query per slot, but it reads all M positions
         eager = "eager math (sinks)" if sinks is not None else "eager math (soft-capping)" if softcap else "SDPA"
         FALLBACKS.note(f"decode-dense:{softcap is not None}:{sinks is not None}:{q.dtype}",
                        f"decoding attends through a dense (S, 1, 1, {M}) length mask with {eager} ({q.dtype}): it reads all {M} cached "
@@ -420,7 +556,8 @@ def decode_attention(
     return eager_attention(q, k, v, mask, scale, softcap, sinks)
 
 
-def _torch_flash_decode(q, k_cache, v_cache, lengths, scale, sliding_window, memo):
+def _torch_flash_decode(q, k_cache, v_cache, lengths, scale, sliding_window, memo, sinks=None):
+    """With `sinks`: the kernel's lse weighs its output (`_SinkCombine`'s forward; decoding needs no backward)."""
     S, Hq, _, D = q.shape
     M, Hk = k_cache.shape[1], k_cache.shape[2]
     key = ("decode-cu", S, M)
@@ -432,13 +569,15 @@ def _torch_flash_decode(q, k_cache, v_cache, lengths, scale, sliding_window, mem
             memo[key] = cu
     window_left = None if sliding_window is None else sliding_window - 1
     try:
-        out = torch.ops.aten._flash_attention_forward(
+        out, lse, _, _ = _torch_flash_fwd(
             q.transpose(1, 2).reshape(S, Hq, D), k_cache.reshape(S * M, Hk, D), v_cache.reshape(S * M, Hk, D),
-            cu[0], cu[1], 1, M, 0.0, True, False, scale=scale, window_size_left=window_left,
-            window_size_right=0 if window_left is not None else None, seqused_k=lengths)[0]
+            cu[0], cu[1], 1, M, scale, window_left, seqused_k=lengths)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # a torch whose flash kernel lacks seqused_k, or a GPU it does not support
         FALLBACKS.fail("torch-flash-decode", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         return None
-    return out.reshape(S, 1, Hq, D).transpose(1, 2)
+    out = out.reshape(S, 1, Hq, D).transpose(1, 2)  # (S, Hq, 1, D)
+    if sinks is not None:
+        out = _SinkCombine.apply(out, lse.t()[:, :, None], sinks)  # lse (Hq, S) -> (S, Hq, 1)
+    return out

@@ -212,7 +212,7 @@ class LayerRunner:
 # ---- the policy -----------------------------------------------------------------------------------------------
 
 def layer_activation_bytes(spec, tokens: int, dtype_bytes: int = 2, mlp_saves_gate_up: bool = True,
-                           lora_rank: int = 16, seq_len: int | None = None) -> int:
+                           lora_rank: int = 16) -> int:
     """Estimated bytes one decoder layer keeps for its backward (fused LoRA path), for `tokens` tokens:
     the two norms' inputs and outputs (4 x hidden), attention q, k, v, output and the o_proj input
     (3 x q_dim + 2 x kv_dim), the MLP's gate and up outputs (2 x intermediate, unless recomputed), rank-r
@@ -222,8 +222,8 @@ def layer_activation_bytes(spec, tokens: int, dtype_bytes: int = 2, mlp_saves_ga
     k routed rows: the gathered input (hidden), gate_up output (2 x expert width), GLU output (expert width), down
     output and its copy back in (token, slot) order (2 x hidden), the experts' rank-r LoRA products (2 x r), and
     the router's float32 logits and probabilities (2 x E x 4 bytes); the gate/up recomputation does not apply.
-    Attention with sinks (gpt-oss) runs as eager math (kernels.attention): with `seq_len`, each token also keeps its
-    row of float32 probabilities and 16-bit scores per head (seq_len x heads x (4 + 2 dtype) bytes)."""
+    Attention with sinks (gpt-oss) runs fused on CUDA (kernels.attention: the kernel's output and float32 lse, as
+    without sinks), so it adds nothing of the sequence length; only its eager fallback would."""
     q_dim = spec.num_heads * spec.head_dim
     kv_dim = spec.num_kv_heads * spec.head_dim
     per_token = 4 * spec.hidden_size + 3 * q_dim + 2 * kv_dim + 7 * lora_rank
@@ -236,10 +236,7 @@ def layer_activation_bytes(spec, tokens: int, dtype_bytes: int = 2, mlp_saves_ga
         router_bytes = 2 * spec.num_experts * 4
     else:
         per_token += dense_mlp
-    eager_attention = 0
-    if spec.attention_sinks and seq_len:
-        eager_attention = seq_len * spec.num_heads * (4 + 2 * dtype_bytes)
-    return tokens * (per_token * dtype_bytes + 4 * (2 + spec.num_heads) + router_bytes + eager_attention)
+    return tokens * (per_token * dtype_bytes + 4 * (2 + spec.num_heads) + router_bytes)
 
 
 @dataclass
@@ -284,14 +281,14 @@ def plan_memory(spec, policy: str, seq_len: int, batch_size: int, free_bytes: in
         chunk = max(16, mlp_chunk_bytes // (per_mlp_token * batch_size))
         chunk = 2 ** int(math.log2(chunk))
         chunk_tokens = chunk if chunk < seq_len else None
-    act = layer_activation_bytes(spec, tokens, dtype_bytes, True, lora_rank, seq_len)
+    act = layer_activation_bytes(spec, tokens, dtype_bytes, True, lora_rank)
     hidden_bytes = tokens * spec.hidden_size * dtype_bytes
     if policy == "none":
         return MemoryPlan(["none"] * L, None, True, act, free_bytes)
     if policy == "recompute-mlp":
         # every layer keeps its activations except the MLP's gate/up outputs (2 x intermediate per token, most of a
         # layer's saved bytes), which the fused LoRA MLP recomputes in its backward: two of the three MLP GEMMs again
-        lean_act = layer_activation_bytes(spec, tokens, dtype_bytes, False, lora_rank, seq_len)
+        lean_act = layer_activation_bytes(spec, tokens, dtype_bytes, False, lora_rank)
         return MemoryPlan(["none"] * L, None, False, lean_act, free_bytes,
                           ["MLP gate/up recomputed in the backward; no layer checkpointed"])
     if policy in ("checkpoint", "offload"):
@@ -303,7 +300,7 @@ def plan_memory(spec, policy: str, seq_len: int, batch_size: int, free_bytes: in
     # auto
     if free_bytes is None:
         return MemoryPlan(["none"] * L, None, True, act, None, ["no device memory limit (CPU): nothing recomputed"])
-    lean_act = layer_activation_bytes(spec, tokens, dtype_bytes, False, lora_rank, seq_len)
+    lean_act = layer_activation_bytes(spec, tokens, dtype_bytes, False, lora_rank)
     # working set while one checkpointed layer is in its backward: its activations plus transients. The analytic
     # count is short of what the allocator really holds (gradient buffers, SDPA workspaces, fragmentation):
     # on the H100, 8B LoRA at 131K tokens ran out of memory with 32 GB of checkpoints next to 16 GB of weights,
