@@ -80,6 +80,21 @@ def timed_training(step: Callable[[], torch.Tensor], device: torch.device, warmu
                 finite=all(math.isfinite(x) for x in losses))
 
 
+def profile_step(step: Callable[[], object], device: torch.device, top: int = 15) -> list[dict]:
+    """One more call of `step` under torch.profiler: the `top` device kernels by total time (name, calls, ms), so a
+    result row says where its step time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [{"name": e.key[:90], "calls": e.count, "ms": getattr(e, key) / 1e3} for e in events[:top]]
+
+
 def materialize_random_(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0,
                         after_module: Callable[[str, nn.Module], None] | None = None) -> None:
     """Give a model built on the meta device real, frozen tensors of `dtype`, parameter by parameter: matrices

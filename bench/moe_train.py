@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (GiB, default_dtype, free_everything, make_optimizer, materialize_random_,  # noqa: E402
-                    timed_training, train_step, versions)
+                    profile_step, timed_training, train_step, versions)
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANK = 16
@@ -135,7 +135,7 @@ def build_hf(config, device, dtype, gc_on: bool):
 
 
 def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlora=False,
-            budget_gib: float | None = None) -> dict:
+            budget_gib: float | None = None, profile: bool = False) -> dict:
     free_everything(device)
     capped = bool(budget_gib) and tool == "fasttune" and device.type == "cuda"
     if capped:  # the process may not allocate beyond the budget: an out-of-memory error is the honest result
@@ -156,6 +156,8 @@ def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlo
         run = timed_training(lambda: train_step(model, tool, ids, opt), device, warmup, steps)
         row = dict(setup=setup, tokens_per_s=batch * seq / run["step_s"], **run, trainable_params=trainable,
                    build_s=build_s)
+        if profile:
+            row["profile_top"] = profile_step(lambda: train_step(model, tool, ids, opt), device)
         if capped:
             row.update(budget_gib=budget_gib, fits_budget=run["peak_gib"] <= budget_gib)
         return row
@@ -202,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ft-policies", default="auto", help="fasttune memory policies to measure (comma list)")
     ap.add_argument("--hf-gc", default="on", help="HF+PEFT gradient checkpointing settings to measure: on,off")
     ap.add_argument("--qlora", action="store_true", help="also fasttune QLoRA rows (NF4 experts and linears)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more step of each row under torch.profiler: its top kernels in the row (profile_top)")
     ap.add_argument("--budget-gib", type=float, default=None,
                     help="cap fasttune rows at this many GiB (torch.cuda.set_per_process_memory_fraction) and plan "
                          "their memory policy for it (the issue's 16 GB gpt-oss QLoRA target: --qlora --budget-gib 16)")
@@ -246,7 +250,7 @@ def main(argv=None) -> int:
                   flush=True)
             try:
                 row.update(measure(tool, config, device, dtype, setting, seq, args.batch, args.warmup,
-                                   args.steps, qlora, args.budget_gib))
+                                   args.steps, qlora, args.budget_gib, args.profile))
                 print("   ", json.dumps(row), flush=True)
             except Exception as e:  # noqa: BLE001 - one failure must not stop the other measurements
                 row["error"] = f"{type(e).__name__}: {e}"
