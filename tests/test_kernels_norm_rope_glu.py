@@ -176,6 +176,71 @@ def test_rms_norm_mixed_dtypes_frozen_weight_and_strided_input():
     _check_rms(x, torch.randn(33, device=DEVICE), unit_offset=True, w_grad=False)
 
 
+# ------------------------------------------------------------------- residual add + RMSNorm (forward only)
+
+
+def _round_like_kernel(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 -> dtype as the kernels round: to nearest on the GPU (as torch), but the Triton interpreter (3.9)
+    truncates float32 to bfloat16, which this mirrors on the CPU so the checks stay bit for bit."""
+    if _ON_GPU or dtype != torch.bfloat16:
+        return t.to(dtype)
+    return (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)  # exact: low bits are zero
+
+
+def _check_add_rms(x, d, w, unit_offset, d_scale, eps=1e-6):
+    """z what the decoder's add gives (bit for bit on the GPU), y bit for bit the plain kernel's rms_norm(z), and y
+    against the float64 oracle of RMSNorm(z)."""
+    with torch.no_grad():
+        y, z = rms_mod.add_rms_norm(x, d, w, eps, unit_offset, d_scale)
+        want_z = x + d if d_scale is None else x + d * d_scale  # what the decoder's layer computes
+        dd = d.float() if d_scale is None else _round_like_kernel(d.float() * d_scale, x.dtype).float()
+        assert z.dtype == x.dtype and torch.equal(z, _round_like_kernel(x.float() + dd, x.dtype))
+        if _ON_GPU:
+            assert torch.equal(z, want_z), "add_rms_norm: z differs from the decoder's x + d"
+        assert torch.equal(y, rms_mod.rms_norm(z, w, eps, unit_offset)), "add_rms_norm: y differs from rms_norm(z)"
+        ref_y, ref_z = rms_mod.add_rms_norm_reference(x, d, w, eps, unit_offset, d_scale)
+        assert torch.equal(ref_z, want_z) and ref_y.dtype == y.dtype
+    y64 = _rms_oracle(z.double(), w.double(), eps, unit_offset, x.dtype)
+    _assert_close(y, y64, RTOL[x.dtype], "add_rms_norm y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("d_scale", [None, 0.22])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 37), (6, 96), (2, 3, 1000)])
+def test_add_rms_norm(shape, d_scale, unit_offset, dtype):
+    _seed((shape, d_scale, unit_offset, str(dtype), "add"))
+    x = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
+    d = (torch.randn(shape, device=DEVICE) * 2).to(dtype)
+    w = (torch.rand(shape[-1], device=DEVICE) + 0.5).to(dtype)
+    _check_add_rms(x, d, w, unit_offset, d_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d_scale", [None, 0.22])
+def test_add_rms_norm_rows_longer_than_one_block(monkeypatch, d_scale, dtype):
+    monkeypatch.setattr(triton_helpers, "MAX_BLOCK", 32)  # the looped path recomputes z in its second pass
+    _seed((d_scale, str(dtype), "add-looped"))
+    x = torch.randn(5, 200, device=DEVICE).to(dtype)
+    d = torch.randn(5, 200, device=DEVICE).to(dtype)
+    _check_add_rms(x, d, torch.randn(200, device=DEVICE).to(dtype), False, d_scale)
+    # strided (transposed) inputs, Gemma's unit offset
+    x, d = torch.randn(200, 5, device=DEVICE).to(dtype).t(), torch.randn(200, 5, device=DEVICE).to(dtype).t()
+    _check_add_rms(x, d, torch.randn(200, device=DEVICE).to(dtype), True, d_scale)
+
+
+def test_add_rms_norm_refuses_autograd_and_mismatched_inputs():
+    x = torch.randn(2, 8, device=DEVICE, requires_grad=True)
+    w = torch.ones(8, device=DEVICE)
+    for fn in (rms_mod.add_rms_norm, rms_mod.add_rms_norm_reference):
+        with pytest.raises(RuntimeError, match="no backward"):
+            fn(x, torch.randn(2, 8, device=DEVICE), w, 1e-6)
+        with pytest.raises(ValueError, match="same shape and dtype"):
+            fn(x.detach(), torch.randn(2, 8, device=DEVICE, dtype=torch.float64), w, 1e-6)
+    with torch.no_grad():  # under no_grad the same call runs
+        rms_mod.add_rms_norm(x, torch.randn(2, 8, device=DEVICE), w, 1e-6)
+
+
 # --------------------------------------------------------------------------------------------------- LayerNorm
 
 
@@ -294,6 +359,91 @@ def test_rope_rejects_bad_shapes():
     with pytest.raises(ValueError, match="even"):
         q = torch.randn(1, 2, 2, 5, device=DEVICE)
         rope_mod.apply_rope(q, q, torch.randn(1, 2, 5, device=DEVICE), torch.randn(1, 2, 5, device=DEVICE))
+
+
+# ------------------------------------------------------------------ RoPE + KV-cache write (decode, forward only)
+
+
+def _decode_inputs(S, Hq, Hk, D, dtype):
+    """q, k, v of one token per slot as (S, H, 1, D) views of one fused projection output (as the decoder makes)."""
+    qkv = torch.randn(S, 1, (Hq + 2 * Hk) * D, device=DEVICE).to(dtype)
+    q = qkv[..., : Hq * D].view(S, 1, Hq, D).transpose(1, 2)
+    k = qkv[..., Hq * D : (Hq + Hk) * D].view(S, 1, Hk, D).transpose(1, 2)
+    v = qkv[..., (Hq + Hk) * D :].view(S, 1, Hk, D).transpose(1, 2)
+    return q, k, v
+
+
+def _check_rope_cache_write(S, Hq, Hk, D, r, M, dtype):
+    q, k, v = _decode_inputs(S, Hq, Hk, D, dtype)
+    lengths = torch.randint(1, M + 1, (S,), device=DEVICE, dtype=torch.int32)
+    cos, sin = _cos_sin((lengths.long() - 1)[:, None], r)  # (S, 1, r): the rotary table rows of each slot
+    kc = torch.full((S, M, Hk, D), float("nan"), device=DEVICE).to(dtype)
+    vc = kc.clone()
+    with torch.no_grad():
+        qo = rope_mod.rope_cache_write(q, k, v, cos, sin, kc, vc, lengths)
+        # bit for bit the training kernel on the rotated features, the rest passed through
+        qe, ke = rope_mod.apply_rope(q.transpose(1, 2)[..., :r], k.transpose(1, 2)[..., :r], cos, sin)
+    assert qo.shape == q.shape and qo.dtype == dtype
+    rows = torch.arange(S, device=DEVICE)
+    pos = lengths.long() - 1
+    assert torch.equal(qo.transpose(1, 2)[..., :r], qe) and torch.equal(qo[..., r:], q[..., r:])
+    assert torch.equal(kc[rows, pos][..., :r], ke[:, 0]) and torch.equal(kc[rows, pos][..., r:], k[:, :, 0, r:])
+    assert torch.equal(vc[rows, pos], v[:, :, 0])
+    untouched = torch.ones(S, M, dtype=torch.bool, device=DEVICE)
+    untouched[rows, pos] = False
+    assert torch.isnan(kc[untouched]).all() and torch.isnan(vc[untouched]).all(), "a cache row outside p_s written"
+    # against float64
+    q64, k64 = q.transpose(1, 2).double(), k.transpose(1, 2).double()
+    r64 = rope_mod.apply_rope_reference(q64[..., :r], k64[..., :r], cos.double(), sin.double())
+    _assert_close(qo.transpose(1, 2)[..., :r], r64[0], RTOL[dtype], "rope_cache_write q")
+    _assert_close(kc[rows, pos][..., :r], r64[1][:, 0], RTOL[dtype], "rope_cache_write k")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S,Hq,Hk,D,r,M", [(1, 1, 1, 2, 2, 1), (3, 4, 2, 16, 16, 9), (5, 6, 2, 10, 6, 7),
+                                          (2, 32, 8, 128, 128, 33), (4, 8, 8, 64, 48, 5)])
+def test_rope_cache_write(S, Hq, Hk, D, r, M, dtype):
+    _seed((S, Hq, Hk, D, r, M, str(dtype), "rope-write"))
+    _check_rope_cache_write(S, Hq, Hk, D, r, M, dtype)
+
+
+@pytest.mark.parametrize("float32", [False, True])
+def test_rope_cache_write_dispatcher_reference_path_agrees(float32):
+    """kernels.rope_cache_write without Triton (apply_rotary + the index writes) against the kernel."""
+    import fasttune.kernels as K
+
+    _seed(("rope-write-ref", float32))
+    S, Hq, Hk, D, r, M = 3, 4, 2, 12, 8, 6
+    q, k, v = _decode_inputs(S, Hq, Hk, D, torch.bfloat16)
+    lengths = torch.tensor([1, 6, 3], device=DEVICE, dtype=torch.int32)
+    cos, sin = _cos_sin((lengths.long() - 1)[:, None], r)
+    caches = [torch.zeros(S, M, Hk, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(4)]
+    with torch.no_grad():
+        want = rope_mod.rope_cache_write(q, k, v, cos, sin, caches[0], caches[1], lengths)
+        os.environ["FASTTUNE_KERNELS"] = "reference"
+        try:
+            got = K.rope_cache_write(q, k, v, cos, sin, caches[2], caches[3], lengths, float32)
+        finally:
+            del os.environ["FASTTUNE_KERNELS"]
+    # the reference rounds cos/sin and each product to bf16 unless float32 (then it rounds once, as the kernel);
+    # one bf16 rounding step is ~4e-3 relative
+    tol = 1e-2 if float32 else 2e-2
+    _assert_close(got, want.float(), tol, "reference q")
+    _assert_close(caches[2], caches[0].float(), tol, "reference k cache")
+    assert torch.equal(caches[3], caches[1])
+
+
+def test_rope_cache_write_refuses_autograd_and_bad_shapes():
+    q, k, v = _decode_inputs(2, 2, 1, 8, torch.float32)
+    lengths = torch.tensor([1, 2], device=DEVICE, dtype=torch.int32)
+    cos, sin = _cos_sin((lengths.long() - 1)[:, None], 8)
+    kc = torch.zeros(2, 4, 1, 8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="no backward"):
+        rope_mod.rope_cache_write(q.detach().requires_grad_(), k, v, cos, sin, kc, kc.clone(), lengths)
+    with torch.no_grad(), pytest.raises(ValueError, match="caches"):
+        rope_mod.rope_cache_write(q, k, v, cos, sin, kc[:, :, :, :4], kc[:, :, :, :4], lengths)
+    with torch.no_grad(), pytest.raises(ValueError, match="one new token"):
+        rope_mod.rope_cache_write(q.expand(2, 2, 3, 8), k, v, cos, sin, kc, kc.clone(), lengths)
 
 
 # --------------------------------------------------------------------------------------------------------- GLU
@@ -429,3 +579,34 @@ def test_gpu_rope_real_size(dtype):
         _assert_close(ko[bi : bi + 1], r[1], rtol, "rope k")
         _assert_close(dq[bi : bi + 1], rdq, rtol, "rope dq")
         _assert_close(dk[bi : bi + 1], rdk, rtol, "rope dk")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 64, 32768])
+def test_gpu_add_rms_norm_real_size(rows, dtype):
+    """Decode (1 and 64 rows) and prefill sizes at hidden 4096: z and y bit for bit the unfused add and kernel."""
+    _seed(rows)
+    H = 4096
+    x = torch.randn(rows, H, device="cuda").to(dtype)
+    d = torch.randn(rows, H, device="cuda").to(dtype)
+    w = (torch.rand(H, device="cuda") + 0.5).to(dtype)
+    with torch.no_grad():
+        y, z = rms_mod.add_rms_norm(x, d, w, 1e-5)
+        assert torch.equal(z, x + d)
+        assert torch.equal(y, rms_mod.rms_norm(x + d, w, 1e-5))
+        y, z = rms_mod.add_rms_norm(x, d, w, 1e-5, d_scale=0.22)  # Granite's scaled residual
+        assert torch.equal(z, x + d * 0.22)
+    _assert_close(y[:4096], _rms_oracle(z[:4096].double(), w.double(), 1e-5, False, dtype), GPU_RTOL[dtype][0],
+                  "add_rms_norm y")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S", [1, 64])
+def test_gpu_rope_cache_write_8b_shape(S, dtype):
+    """Llama-3.1-8B decode shape (32 q heads, 8 kv heads, head_dim 128, 2048 cached positions)."""
+    _seed(S)
+    _check_rope_cache_write(S, 32, 8, 128, 128, 2048, dtype)

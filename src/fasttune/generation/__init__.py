@@ -7,8 +7,10 @@ one prefill, LoRA unmerged or merged for a rollout.
     out = gen.generate(prompt_ids, SamplingParams(max_new_tokens=256, temperature=0.8), num_samples=8)
 """
 from .cache import StaticKVCache, kv_cache_bytes
+from .fused import fused_projection_bytes
 from .generator import Generator, generate
 from .merge import merged_lora
 from .sampling import SamplingParams, filter_logits
 
-__all__ = ["Generator", "SamplingParams", "StaticKVCache", "filter_logits", "generate", "kv_cache_bytes", "merged_lora"]
+__all__ = ["Generator", "SamplingParams", "StaticKVCache", "filter_logits", "fused_projection_bytes", "generate",
+           "kv_cache_bytes", "merged_lora"]

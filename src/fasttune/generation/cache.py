@@ -12,12 +12,17 @@ modes, set by the generator before each forward:
   sibling slots at once), then ordinary packed attention (flash varlen on CUDA);
 - decode: one token per slot of the first S slots, written at position lengths[s] - 1, then `decode_attention`
   over each slot's valid keys. Every tensor it touches is preallocated, so the step can be captured in a CUDA graph.
+  With `fused` (the default), a decode step takes q and k unrotated: one kernel (kernels.rope_cache_write) rotates
+  q, rotates k into its cache row and copies v into its row; the decoder also fuses its residual adds into the
+  RMSNorms after them (`fused` is what it reads). fused=False: RoPE, then two index_put writes (the old path).
 """
 from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..kernels.attention import DocumentLayout, attention, decode_attention
+from ..kernels.rope import cache_write_reference
 from ..models.spec import ArchSpec
 
 
@@ -28,11 +33,13 @@ def kv_cache_bytes(spec: ArchSpec, slots: int, max_seq_len: int, dtype: torch.dt
 
 
 class StaticKVCache:
-    def __init__(self, spec: ArchSpec, slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, spec: ArchSpec, slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device,
+                 fused: bool = True):
         shape = (spec.num_layers, slots, max_seq_len, spec.num_kv_heads, spec.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.slots, self.max_seq_len = slots, max_seq_len
+        self.fused = fused  # the forward-only fused kernels (see the module docstring)
         self.max_position = 0  # host bound of the positions of the current forward (RoPE table size)
         self._mode: str | None = None
         # prefill state
@@ -52,6 +59,11 @@ class StaticKVCache:
     @property
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
+
+    @property
+    def rotates(self) -> bool:
+        """Whether `attend` takes q and k unrotated (with `rope=`): fused decode steps."""
+        return self.fused and self._mode == "decode"
 
     def begin_prefill(self, documents: DocumentLayout | None, token_index: torch.Tensor, slot_index: torch.Tensor,
                       position_index: torch.Tensor, max_position: int) -> None:
@@ -74,11 +86,15 @@ class StaticKVCache:
         self._memo = {}
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-               sliding_window: int | None, softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
-        """q (B, Hq, T, D), k and v (B, Hk, T, D) of layer `layer` after RoPE -> attention output (B, Hq, T, D).
-        `sinks`: gpt-oss's per-head sink logits (None for the other families)."""
+               sliding_window: int | None, softcap: float | None, sinks: torch.Tensor | None = None,
+               rope: tuple[torch.Tensor, torch.Tensor, bool] | None = None) -> torch.Tensor:
+        """q (B, Hq, T, D), k and v (B, Hk, T, D) of layer `layer` -> attention output (B, Hq, T, D). q and k come
+        after RoPE, except when `rotates` (a fused decode step): then `rope` = (cos, sin, float32) and the cache
+        rotates them. `sinks`: gpt-oss's per-head sink logits (None for the other families)."""
         if layer == 0:  # a new forward: what the previous one derived from the lengths / layout is stale
             self._memo = {}
+        if rope is not None and not self.rotates:
+            raise RuntimeError("StaticKVCache.attend got rope= outside a fused decode step (the decoder rotates then)")
         if self._mode == "prefill":
             rows = k[0].transpose(0, 1)  # (T, Hk, D)
             vals = v[0].transpose(0, 1)
@@ -89,11 +105,14 @@ class StaticKVCache:
         if self._mode == "decode":
             S = self._num_slots
             kc, vc = self.keys[layer, :S], self.values[layer, :S]
-            where = self._memo.get("write-at")
-            if where is None:
-                where = self._memo["write-at"] = (self._rows, self._lengths.to(torch.long) - 1)
-            kc.index_put_(where, k[:, :, 0])
-            vc.index_put_(where, v[:, :, 0])
+            if rope is not None:
+                cos, sin, float32 = rope
+                q = kernels.rope_cache_write(q, k, v, cos, sin, kc, vc, self._lengths, float32)
+            else:
+                where = self._memo.get("write-at")
+                if where is None:
+                    where = self._memo["write-at"] = (self._rows, self._lengths.to(torch.long) - 1)
+                cache_write_reference(k, v, kc, vc, self._lengths, where)
             return decode_attention(q, kc, vc, self._lengths, scale=scale, sliding_window=sliding_window,
                                     softcap=softcap, memo=self._memo, sinks=sinks)
         raise RuntimeError("StaticKVCache.attend before begin_prefill / begin_decode")

@@ -11,6 +11,12 @@ Backward (m = dy * w', everything in float32; the cast of n is treated as the id
 The forward saves only r (one float per row). The backward runs a persistent grid of ~SM-count programs, each
 walking a contiguous range of rows and keeping its partial dw in float32 registers; the partials are summed at the end.
 Rows wider than one block (H > _triton.MAX_BLOCK) loop over column blocks instead of holding the row in registers.
+
+Residual add fused in front (forward only, for generation's no-grad forwards), with residual stream x and a block's
+output d (Granite: times a residual scale c, the product rounded first as `d * c` rounds):
+    z = round(x + round(d * c)),   y = RMSNorm(z)            (z in x.dtype, the value `x + d * c` gives)
+z is written out (it is the next residual stream) and normalised by the same code as above, so y is bit for bit
+RMSNorm(z) of the plain kernel; one launch reads x and d once instead of an add kernel plus a norm kernel.
 """
 from __future__ import annotations
 
@@ -22,17 +28,35 @@ from ._triton import alloc, as_rows, block_and_warps, num_programs, tl, triton
 if triton is not None:
 
     @triton.jit
+    def _residual_sum(X, D, Z, cols, mask, d_scale, HAS_RESIDUAL: tl.constexpr, SCALE_D: tl.constexpr,
+                      STORE_Z: tl.constexpr):
+        """The float32 row block the norm sees: x, or z = round(x + round(d * c)) (stored to Z when STORE_Z)."""
+        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            d = tl.load(D + cols, mask=mask, other=0.0).to(tl.float32)
+            if SCALE_D:
+                d = (d * d_scale).to(X.dtype.element_ty).to(tl.float32)
+            z = (x + d).to(X.dtype.element_ty)
+            if STORE_Z:
+                tl.store(Z + cols, z, mask=mask)
+            x = z.to(tl.float32)
+        return x
+
+    @triton.jit
     def _rms_norm_fwd_kernel(
-        X, W, Y, RSTD, x_row_stride, y_row_stride, n_cols, eps,
+        X, W, Y, RSTD, D, Z, x_row_stride, y_row_stride, d_row_stride, z_row_stride, n_cols, eps, d_scale,
         UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, SCALE_D: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         X += row * x_row_stride
         Y += row * y_row_stride
+        D += row * d_row_stride
+        Z += row * z_row_stride
         if SINGLE_BLOCK:
             cols = tl.arange(0, BLOCK)
             mask = cols < n_cols
-            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            x = _residual_sum(X, D, Z, cols, mask, d_scale, HAS_RESIDUAL, SCALE_D, True)
             rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
             n = x * rstd
@@ -45,13 +69,14 @@ if triton is not None:
             sum_sq = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                x = tl.load(X + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+                x = _residual_sum(X, D, Z, cols, cols < n_cols, d_scale, HAS_RESIDUAL, SCALE_D, True)
                 sum_sq += x * x
             rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / n_cols + eps)
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
-                x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+                # z is recomputed from x and d (the same rounding), not read back from Z: no ordering to rely on
+                x = _residual_sum(X, D, Z, cols, mask, d_scale, HAS_RESIDUAL, SCALE_D, False)
                 w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
                 n = x * rstd
                 if UNIT_OFFSET:
@@ -142,8 +167,9 @@ class RMSNormFunction(torch.autograd.Function):
         block, num_warps, single = block_and_warps(n_cols)
         if n_rows > 0:
             _rms_norm_fwd_kernel[(n_rows,)](
-                x2, weight_c, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
-                UNIT_OFFSET=unit_offset, BLOCK=block, SINGLE_BLOCK=single, num_warps=num_warps,
+                x2, weight_c, y, rstd, x2, x2, x2.stride(0), y.stride(0), 0, 0, n_cols, eps, 1.0,
+                UNIT_OFFSET=unit_offset, BLOCK=block, SINGLE_BLOCK=single, HAS_RESIDUAL=False, SCALE_D=False,
+                num_warps=num_warps,
             )
         ctx.save_for_backward(x2, weight_c, rstd)
         ctx.unit_offset = unit_offset
@@ -186,6 +212,52 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
     return RMSNormFunction.apply(x, weight, float(eps), bool(unit_offset))
+
+
+def add_rms_norm(x: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False,
+                 d_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(z), z) with z = x + d (or x + d * d_scale) in x's dtype, one Triton launch; forward only (no
+    autograd: it refuses inputs that require grad while grad mode is on). Same values as
+    ``add_rms_norm_reference``: z bit for bit, y as `rms_norm(z)`."""
+    if triton is None:
+        raise RuntimeError("add_rms_norm: Triton is not installed; use add_rms_norm_reference (or pip install triton)")
+    _check_add_rms_norm(x, d, weight)
+    shape = x.shape
+    x2, d2 = as_rows(x), as_rows(d)
+    n_rows, n_cols = x2.shape
+    out_dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
+    y = alloc((n_rows, n_cols), out_dtype, x.device)
+    z = alloc((n_rows, n_cols), x.dtype, x.device)
+    rstd = alloc((n_rows,), torch.float32, x.device)  # written, unused: the kernel is the training forward's
+    block, num_warps, single = block_and_warps(n_cols)
+    if n_rows > 0:
+        _rms_norm_fwd_kernel[(n_rows,)](
+            x2, weight.contiguous(), y, rstd, d2, z, x2.stride(0), y.stride(0), d2.stride(0), z.stride(0), n_cols,
+            float(eps), 1.0 if d_scale is None else float(d_scale),
+            UNIT_OFFSET=bool(unit_offset), BLOCK=block, SINGLE_BLOCK=single, HAS_RESIDUAL=True,
+            SCALE_D=d_scale is not None, num_warps=num_warps,
+        )
+    return y.view(shape), z.view(shape)
+
+
+def _check_add_rms_norm(x: torch.Tensor, d: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"add_rms_norm: weight shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
+    if d.shape != x.shape or d.dtype != x.dtype:
+        raise ValueError(f"add_rms_norm: the residual input {tuple(x.shape)} {x.dtype} and the added block output "
+                         f"{tuple(d.shape)} {d.dtype} must have the same shape and dtype")
+    if torch.is_grad_enabled() and (x.requires_grad or d.requires_grad or weight.requires_grad):
+        raise RuntimeError("add_rms_norm has no backward (it serves generation's no-grad forwards): call it under "
+                           "torch.no_grad(), or use x + d followed by rms_norm for training")
+
+
+def add_rms_norm_reference(x: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: float,
+                           unit_offset: bool = False, d_scale: float | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """z = x + d (or x + d * d_scale, as the decoder layer writes it), then ``rms_norm_reference(z)``: (y, z)."""
+    _check_add_rms_norm(x, d, weight)
+    z = x + d if d_scale is None else x + d * d_scale
+    return rms_norm_reference(z, weight, eps, unit_offset), z
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn as nn
 from .. import kernels
 from ..kernels.attention import FALLBACKS, DocumentLayout, attention
 from .moe import SparseMoE, load_balancing_loss
-from .rope import RotaryTables, rotary_dim
+from .rope import RotaryTables
 from ..labels import IGNORE_INDEX, next_token_targets
 from .spec import ArchSpec
 
@@ -44,6 +44,12 @@ class RMSNorm(nn.Module):
         if self.weight_float32 and x.dtype != torch.float32:
             return kernels.rms_norm(x.float(), self.weight.float(), self.eps, self.unit_offset).to(x.dtype)
         return kernels.rms_norm(x, self.weight, self.eps, self.unit_offset)
+
+    def add_forward(self, x: torch.Tensor, d: torch.Tensor, d_scale: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(z), z) for z = x + d (x + d * d_scale) in one kernel: forward only (generation's no-grad forwards;
+        not for float32-weight norms, see `DecoderLayer.fuses_adds`)."""
+        return kernels.add_rms_norm(x, d, self.weight, self.eps, self.unit_offset, d_scale)
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -65,13 +71,19 @@ class ScaledEmbedding(nn.Embedding):
 
 class KVCache(Protocol):
     """What a generation cache gives the decoder (fasttune.generation.StaticKVCache is the one implementation):
-    each layer hands it the rotated q, k, v and gets the attention output back; the cache decides where k and v
+    each layer hands it q, k, v and gets the attention output back; the cache decides where k and v
     are stored and which keys each query sees. `max_position`: a host-side bound of the forward's position ids
-    (the RoPE table size, chosen without reading the ids back). Training passes no cache."""
+    (the RoPE table size, chosen without reading the ids back). Training passes no cache.
+    `fused`: the forward may use the forward-only fused kernels (each residual add fused into the RMSNorm after it).
+    `rotates`: the cache applies RoPE itself (a decode step: rotation and cache write in one kernel), so `attend`
+    gets q and k unrotated with `rope=(cos, sin, float32)`; otherwise they come rotated and `rope` is None."""
     max_position: int
+    fused: bool
+    rotates: bool
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-               sliding_window: int | None, softcap: float | None) -> torch.Tensor: ...
+               sliding_window: int | None, softcap: float | None, sinks: torch.Tensor | None = None,
+               rope: tuple[torch.Tensor, torch.Tensor, bool] | None = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -111,7 +123,6 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.empty(spec.num_heads)) if spec.attention_sinks else None
         self.scale = spec.attn_scale if spec.attn_scale is not None else d ** -0.5
         self.sliding_window = spec.window_for_layer(layer_idx)
-        self.rot_dim = rotary_dim(spec)
         self.use_rope = spec.uses_rope(layer_idx)
         self.local_rope = spec.uses_local_rope(layer_idx)
         self.fused_qkv: Callable | None = None
@@ -131,32 +142,22 @@ class Attention(nn.Module):
         v = v.view(B, T, -1, d)
         if self.spec.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        rope = None
         if self.use_rope:  # SmolLM3's NoPE layers skip it
             cos, sin = (a.local_cos, a.local_sin) if self.local_rope else (a.cos, a.sin)
-            if self.spec.rope_float32 and q.dtype != torch.float32:
-                dt = q.dtype
-                q, k = self._rope(q.float(), k.float(), cos, sin)
-                q, k = q.to(dt), k.to(dt)
+            if a.cache is not None and a.cache.rotates:  # decode: rotated as the cache writes k (one kernel)
+                rope = (cos, sin, self.spec.rope_float32)
             else:
-                q, k = self._rope(q, k, cos, sin)
+                q, k = kernels.apply_rotary(q, k, cos, sin, self.spec.rope_float32)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if a.cache is not None:  # generation: the cache stores k, v and attends over what it holds
             out = a.cache.attend(self.layer_idx, q, k, v, scale=self.scale, sliding_window=self.sliding_window,
-                                 softcap=self.spec.attn_softcap, sinks=self.sinks)
+                                 softcap=self.spec.attn_softcap, sinks=self.sinks, rope=rope)
         else:
             out = attention(q, k, v, scale=self.scale, sliding_window=self.sliding_window,
                             key_padding_mask=a.key_padding_mask, documents=a.documents,
                             softcap=self.spec.attn_softcap, memo=a.memo, sinks=self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-
-
-    def _rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rot_dim == q.shape[-1]:
-            return kernels.apply_rope(q, k, cos, sin)
-        r = self.rot_dim  # partial rotary: only the first rot_dim features of each head rotate
-        qr, kr = kernels.apply_rope(q[..., :r], k[..., :r], cos, sin)
-        return torch.cat([qr, q[..., r:]], -1), torch.cat([kr, k[..., r:]], -1)
 
 
 class GatedMLP(nn.Module):
@@ -228,6 +229,31 @@ class DecoderLayer(nn.Module):
         x = self._add(x, self.self_attn(self.input_layernorm(x), a))
         return self._add(x, self._mlp(self.post_attention_layernorm(x), a))
 
+    @property
+    def fuses_adds(self) -> bool:
+        """Whether `forward_deferred` applies: every residual add of the layer is followed by an RMSNorm ("pre" and
+        "sandwich"; not "post", whose adds end the layer) of a weight in the compute dtype."""
+        norms = [m for m in self.children() if isinstance(m, RMSNorm)]
+        return self.placement != "post" and not any(n.weight_float32 for n in norms)
+
+    def forward_deferred(self, x: torch.Tensor, pending: torch.Tensor | None, a: AttentionInputs
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with each residual add fused into the RMSNorm that reads its sum (forward only: generation).
+        The residual stream is x + pending (the previous layer's last addend, None for the first layer); returns
+        this layer's (x, pending) likewise, so its last add is fused into the next layer's input norm (or the final
+        norm). Same values as `forward`: the adds round as `_add` does, the norms see the same sums."""
+        scale = self.residual_scale if self.placement == "pre" else None  # sandwich layers add unscaled
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            h, x = self.input_layernorm.add_forward(x, pending, scale)
+        y = self.self_attn(h, a)
+        if self.placement == "sandwich":
+            h, x = self.pre_feedforward_layernorm.add_forward(x, self.post_attention_layernorm(y))
+            return x, self.post_feedforward_layernorm(self._mlp(h, a))
+        h, x = self.post_attention_layernorm.add_forward(x, y, scale)
+        return x, self._mlp(h, a)
+
 
 class DecoderModel(nn.Module):
     def __init__(self, spec: ArchSpec):
@@ -283,12 +309,25 @@ class DecoderModel(nn.Module):
         if self.local_rotary is not None:
             a.local_cos, a.local_sin = self.local_rotary(position_ids, max_position=max_position)
         hidden_states = [h] if output_hidden_states else None
+        if cache is not None and cache.fused and not output_hidden_states and self._fuses_adds():
+            # generation (no grad): each residual add runs inside the norm after it, the last in the final norm.
+            # The layer runner (checkpointing, offloading) is for autograd; with a cache it runs layers plainly.
+            pending = None
+            for layer in self.layers:
+                h, pending = layer.forward_deferred(h, pending, a)
+            if pending is None:  # no layers
+                return self.norm(h), None, position_ids
+            scale = self.spec.residual_scale if self.spec.norm_placement == "pre" else None
+            return self.norm.add_forward(h, pending, scale)[0], None, position_ids
         for layer in self.layers:
             h = layer(h, a) if self.layer_runner is None else self.layer_runner(layer, h, a)
             if output_hidden_states:
                 hidden_states.append(h)
         h = self.norm(h)
         return h, hidden_states, position_ids
+
+    def _fuses_adds(self) -> bool:
+        return all(layer.fuses_adds for layer in self.layers) and not self.norm.weight_float32
 
 
 @dataclass
