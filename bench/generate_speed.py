@@ -15,7 +15,12 @@ Per (tool, batch):
     tokens_s     batch * N / time_full (end to end);   decode_tokens_s = batch / step time
     hbm          weight bytes read per step (every linear and the LM head; the embedding reads one row per
                  token) / step time, and that as a fraction of the H200's 4.8 TB/s (meaningful at batch 1)
-Tools: fasttune (Generator, CUDA graphs), fasttune+lora (r=16 adapters on all seven projections, unmerged, and
+    kernels_per_step  (fasttune tools on CUDA) GPU activities (kernels, copies, memsets) of one decode step, counted
+                 by the profiler as those of an eager 3-token call minus those of a 2-token call
+Tools: fasttune (Generator, CUDA graphs, its defaults: concatenated q/k/v and gate/up weights, residual add fused
+into RMSNorm, RoPE fused with the KV-cache write), fasttune-unfused (the same Generator with fused=False,
+fuse_projections=False: one launch per projection, add, norm, RoPE and cache write, as before issue 18's fusions),
+fasttune+lora (r=16 adapters on all seven projections, unmerged, and
 merged for the call), hf-default (generate, DynamicCache), hf-static (cache_implementation="static": transformers
 compiles the forward, fullgraph, "reduce-overhead"; the first call of each shape compiles and is a warmup).
 A failing tool is recorded with its error and the rest continue; the JSON is rewritten after every measurement.
@@ -23,6 +28,7 @@ A failing tool is recorded with its error and the rest continue; the JSON is rew
     python bench/generate_speed.py --out $OUT/generate_speed.json              # batch 1, 16, 64; 512 new tokens
     python bench/generate_speed.py --quick                                     # 64 new tokens, batch 1 and 16
     python bench/generate_speed.py --tools fasttune,hf-static --batches 64
+    python bench/generate_speed.py --tools fasttune,fasttune-unfused,hf-static --batches 1,64   # the fusions' gain
     python bench/generate_speed.py --tiny --device cpu --tools fasttune,hf-default --quick   # smoke test
 """
 from __future__ import annotations
@@ -49,7 +55,7 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
 }
-TOOLS = ("fasttune", "fasttune+lora", "hf-default", "hf-static")
+TOOLS = ("fasttune", "fasttune-unfused", "fasttune+lora", "hf-default", "hf-static")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -139,7 +145,8 @@ def runner(tool: str, model, hf, batch: int, prompt_len: int, max_seq_len: int, 
     if tool.startswith("fasttune"):
         from fasttune.generation import Generator, SamplingParams
 
-        gen = Generator(model, max_batch_size=batch, max_seq_len=max_seq_len, cuda_graphs=device.type == "cuda")
+        gen = Generator(model, max_batch_size=batch, max_seq_len=max_seq_len, cuda_graphs=device.type == "cuda",
+                        **fasttune_kwargs(tool))
         merge = tool.endswith("merged")
 
         def run(ids, n):
@@ -156,6 +163,36 @@ def runner(tool: str, model, hf, batch: int, prompt_len: int, max_seq_len: int, 
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         return out[:, ids.shape[1]:]
     return run, lambda: None
+
+
+def fasttune_kwargs(tool: str) -> dict:
+    unfused = tool == "fasttune-unfused"
+    return dict(fused=not unfused, fuse_projections=not unfused)
+
+
+def kernels_per_step(tool: str, model, ids: torch.Tensor, max_seq_len: int) -> int:
+    """GPU activities of one eager decode step: profile a 2-token and a 3-token call (each after an unprofiled
+    warm-up call of its own length) and subtract (prefill and the per-call weight refresh cancel)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from fasttune.generation import Generator, SamplingParams
+
+    gen = Generator(model, max_batch_size=ids.shape[0], max_seq_len=max_seq_len, cuda_graphs=False,
+                    **fasttune_kwargs(tool))
+    counts = []
+    try:
+        for n in (2, 3):
+            params = SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=[])
+            gen.generate(ids.tolist(), params)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                gen.generate(ids.tolist(), params)
+                torch.cuda.synchronize()
+            counts.append(sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA))
+    finally:
+        gen.release()
+    return counts[1] - counts[0]
 
 
 def measure(tool, model, hf, batch, args, device, wbytes) -> dict:
@@ -178,6 +215,11 @@ def measure(tool, model, hf, batch, args, device, wbytes) -> dict:
                generated_shape=list(out.shape))
     row["hbm_gb_s"] = round(wbytes / step / 1e9, 1)
     row["hbm_fraction_of_4.8TBs"] = round(wbytes / step / H200_HBM_BYTES_S, 3)
+    if tool in ("fasttune", "fasttune-unfused") and device.type == "cuda" and args.count_kernels:
+        try:
+            row["kernels_per_step"] = kernels_per_step(tool, model, ids, args.prompt_len + 3)
+        except Exception as e:  # the profiler is a diagnostic: the timings stand without it
+            row["kernels_per_step_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return row, out.cpu()
 
 
@@ -193,6 +235,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test; CPU works)")
     ap.add_argument("--quick", action="store_true", help="64 new tokens, batch 1 and 16, one timed call")
+    ap.add_argument("--no-count-kernels", dest="count_kernels", action="store_false",
+                    help="skip the profiler's count of GPU activities per decode step (fasttune tools, CUDA)")
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="skip the measurements left once this much wall time has passed (recorded as skipped)")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/generate_speed.json when $OUT is set)")
@@ -227,6 +271,9 @@ def main() -> int:
     model = fasttune_from_hf(hf, cfg)
     wbytes = weight_bytes(model)
     result["info"]["weight_bytes_per_step"] = wbytes
+    from fasttune.generation import fused_projection_bytes
+
+    result["info"]["fused_projection_bytes"] = fused_projection_bytes(model)  # fasttune's extra copy (its default)
     print(json.dumps(result["info"]), flush=True)
     outputs: dict[tuple[str, int], torch.Tensor] = {}
     lora_added = False
@@ -235,6 +282,7 @@ def main() -> int:
     plan = [("fasttune", b) for b in batches if "fasttune" in tools]
     for b in sorted(batches, reverse=True):
         plan += [(t, b) for t in ("hf-static", "hf-default") if t in tools]
+    plan += [("fasttune-unfused", b) for b in batches if "fasttune-unfused" in tools]
     if "fasttune+lora" in tools:
         plan += [(t, b) for b in batches for t in ("fasttune+lora", "fasttune+lora-merged")]
     for tool, b in plan:
@@ -265,16 +313,21 @@ def main() -> int:
         save()
     for row in result["runs"]:  # same weights, greedy: how long each tool's rows follow transformers' default
         ref, out = outputs.get(("hf-default", row.get("batch"))), outputs.get((row.get("tool"), row.get("batch")))
-        if ref is not None and out is not None and row["tool"] in ("fasttune", "hf-static") and ref.shape == out.shape:
+        if ref is not None and out is not None and row["tool"] in ("fasttune", "fasttune-unfused", "hf-static") \
+                and ref.shape == out.shape:
             same = (ref == out).long().cumprod(-1).sum(-1).float()  # equal tokens before the first difference
             row["greedy_prefix_agreeing_with_hf_default"] = round(float(same.mean()), 1)
+        fused = outputs.get(("fasttune", row.get("batch")))
+        if row["tool"] == "fasttune-unfused" and fused is not None and out is not None and fused.shape == out.shape:
+            same = (fused == out).long().cumprod(-1).sum(-1).float()
+            row["greedy_prefix_agreeing_with_fasttune"] = round(float(same.mean()), 1)
     summary = {}
     for b in batches:
         rows = {r["tool"]: r for r in result["runs"] if r.get("batch") == b and "tokens_s" in r}
         ft = rows.get("fasttune")
         if ft is None:
             continue
-        for base in ("hf-default", "hf-static"):
+        for base in ("hf-default", "hf-static", "fasttune-unfused"):
             if base in rows:
                 summary[f"batch{b}_fasttune_over_{base}"] = round(ft["tokens_s"] / rows[base]["tokens_s"], 2)
                 summary[f"batch{b}_decode_fasttune_over_{base}"] = round(

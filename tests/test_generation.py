@@ -344,3 +344,92 @@ def test_captured_step_logic_equals_eager(tmp_path):
     assert replaying.captures == 2
     replaying.generate(prompts, params, num_samples=2, merge_lora=True)  # adapters off: captured again
     assert replaying.captures == 4
+
+
+# ---- the fused decode paths (issue 18): concatenated projections, residual add + norm, RoPE + cache write -------
+
+def _counting(monkeypatch, owner, name: str) -> list:
+    """Wrap owner.name so its calls are counted (the returned list gets one entry per call)."""
+    calls, real = [], getattr(owner, name)
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # pre-norm and sandwich layers
+@pytest.mark.parametrize("fused,groups", [(True, True), (False, False), (True, ("qkv",)), (False, ("gate_up",))])
+def test_every_fusion_setting_equals_full_recompute_and_takes_its_path(tmp_path, monkeypatch, family, fused, groups):
+    from fasttune import kernels
+    from fasttune.generation import fused_projection_bytes
+    from fasttune.generation.fused import GROUPS, _Group
+
+    model = _build(tmp_path, old_families, family)
+    adds = _counting(monkeypatch, kernels, "add_rms_norm")
+    writes = _counting(monkeypatch, kernels, "rope_cache_write")
+    projects = _counting(monkeypatch, _Group, "project")
+    prompts = ragged_prompts((3, 13, 8, 1))
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=[])
+    gen = Generator(model, max_batch_size=8, max_seq_len=32, fused=fused, fuse_projections=groups)
+    got = [c[0] for c in gen.generate(prompts, params)]
+    n_adds, n_writes, n_projects = len(adds), len(writes), len(projects)
+    assert got == [recompute(model, p, params, stop_ids=[]) for p in prompts]
+    L = model.spec.num_layers
+    # per forward: 2 adds per layer fused into norms (the first layer's input norm has none, the final norm one)
+    assert n_adds == (2 * L * 10 if fused else 0)  # 1 prefill + 9 decode steps
+    assert n_writes == (L * 9 if fused else 0)  # decode steps only (the prefill writes through index_put)
+    names = GROUPS if groups is True else () if groups is False else groups
+    assert n_projects == len(names) * L * 10
+    if names:
+        assert gen.projections.nbytes == fused_projection_bytes(model, names) > 0
+    else:
+        assert gen.projections is None
+    for layer in model.layers:  # the model's own hooks are back after the call
+        assert layer.self_attn.fused_qkv is None and layer.mlp.fused_forward is None
+    gen.release()
+    assert gen.projections is None
+
+
+def test_fused_projections_carry_unmerged_adapters_on_some_projections_with_their_own_scalings(tmp_path):
+    from fasttune.adapters.attach import FusedMLP, FusedQKV
+
+    model = _build(tmp_path, old_families, "qwen2")  # q/k/v biases
+    fasttune.add_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    model.layers[0].self_attn.q_proj.scaling = 0.7  # unequal scalings within a group: folded into B's blocks
+    prompts = ragged_prompts((4, 9, 2))
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=[])
+    gen = Generator(model, max_batch_size=4, max_seq_len=24)
+    got = [c[0] for c in gen.generate(prompts, params)]
+    assert got == [recompute(model, p, params, stop_ids=[]) for p in prompts]
+    assert got == [c[0] for c in Generator(model, 4, 24, fuse_projections=False).generate(prompts, params)]
+    groups = gen.projections.groups
+    assert groups[0].lora is not None and groups[0].lora[2] == 1.0  # folded: unequal scalings
+    assert groups[2].lora is not None and groups[2].lora[2] == 2.0  # layer 1's q/v: the common scaling
+    # the LoRA kernels' hooks are restored after the call
+    full = _build(tmp_path / "full", old_families, "llama")
+    fasttune.add_lora(full, r=4, alpha=8)
+    hooks = [(l.self_attn.fused_qkv, l.mlp.fused_forward) for l in full.layers]
+    assert all(isinstance(q, FusedQKV) and isinstance(m, FusedMLP) for q, m in hooks)
+    Generator(full, 4, 24).generate(prompts, params)
+    assert hooks == [(l.self_attn.fused_qkv, l.mlp.fused_forward) for l in full.layers]
+
+
+def test_projection_copies_follow_weights_changed_in_place_between_calls(tmp_path):
+    model = _build(tmp_path, old_families, "llama")
+    prompts = ragged_prompts((4, 9, 2))
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=[])
+    gen = Generator(model, max_batch_size=4, max_seq_len=24)
+    first = [c[0] for c in gen.generate(prompts, params)]
+    with torch.no_grad():  # an optimiser step on the dense weights (full fine-tuning), in place
+        for layer in model.layers:
+            layer.self_attn.k_proj.weight.mul_(-2.0)
+            layer.mlp.up_proj.weight.mul_(1.5)
+    second = [c[0] for c in gen.generate(prompts, params)]
+    assert second == [recompute(model, p, params, stop_ids=[]) for p in prompts]
+    assert second != first, "the weight change changed nothing: the test cannot see stale copies"

@@ -3,7 +3,8 @@
 CUDA-graph decode must give exactly the eager decode's tokens (the same kernels, replayed), at batch 64, greedy
 and sampled, dense, LoRA (fused hooks, adapters updated in place between calls as an optimiser does), NF4, with
 sliding windows and soft-capping; the flash decode kernel (seqused_k) must agree with the masked reference; fp32
-generation on the GPU must equal full recompute token for token."""
+generation on the GPU must equal full recompute token for token, with the fused decode kernels and concatenated
+projections (the defaults) and without them."""
 from __future__ import annotations
 
 import pytest
@@ -127,6 +128,31 @@ def test_fp32_generation_on_gpu_equals_full_recompute(tmp_path):
     prompts = _prompts(8, longest=40)
     params = SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=[])
     got = Generator(model, max_batch_size=8, max_seq_len=64).generate(prompts, params)
+    for prompt, c in zip(prompts, got):
+        ids, want = list(prompt), []
+        with torch.no_grad():
+            for _ in range(16):
+                t = int(model(torch.tensor([ids], device="cuda")).logits[0, -1].argmax())
+                want.append(t)
+                ids.append(t)
+        assert c[0] == want
+
+
+@pytest.mark.parametrize("family,kw", [("llama", {}), ("gemma2", {"head_dim": 64, "sliding_window": 64})])
+def test_fused_decode_equals_unfused_and_full_recompute_in_fp32(tmp_path, family, kw):
+    """The Triton add + norm and RoPE + cache-write kernels and the concatenated projections (the defaults), in CUDA
+    graphs, against the unfused generator and against full recompute, token for token."""
+    model = _tiny(tmp_path, family, dtype="float32", **kw)
+    prompts = _prompts(8, longest=40)
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=[])
+    FALLBACKS.reset()
+    fused = Generator(model, max_batch_size=8, max_seq_len=64)
+    got = fused.generate(prompts, params)
+    assert fused._graphs and fused.cuda_graphs, f"no CUDA graph was captured; fallbacks: {FALLBACKS.failed}"
+    assert fused.cache.fused and len(fused.projections.groups) == 2 * model.spec.num_layers
+    assert "generation-unfused-projections" not in FALLBACKS._said
+    plain = Generator(model, max_batch_size=8, max_seq_len=64, fused=False, fuse_projections=False)
+    assert plain.generate(prompts, params) == got, _differences(plain.generate(prompts, params), got)
     for prompt, c in zip(prompts, got):
         ids, want = list(prompt), []
         with torch.no_grad():

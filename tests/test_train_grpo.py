@@ -179,6 +179,27 @@ def test_config_parses_and_checks_grpo(tmp_path):
                                "lora": {"enabled": False}})
 
 
+def test_a_kept_kv_cache_reserves_the_generators_projection_copies_too():
+    """With keep_kv_cache the generator holds its KV cache and its concatenated q/k/v, gate/up weights through the
+    training phase: the memory plan reserves both."""
+    from fasttune.generation import fused_projection_bytes, kv_cache_bytes
+    from fasttune.models import ArchSpec, CausalLM
+    from fasttune.train.memory import GiB
+
+    spec = ArchSpec.from_hf_config(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    model = CausalLM(spec)
+    raw = {"objective": {"type": "grpo", "grpo": {"rewards": ["format"], "keep_kv_cache": True}}}
+    cfg = TrainConfig.from_dict(raw)
+    rows, length, extra = grpo.memory_plan_inputs(cfg, model)
+    kv = kv_cache_bytes(spec, grpo.generation_rows(cfg), length, torch.float32)
+    fused = fused_projection_bytes(model)
+    assert fused == 2 * (32 + 16 + 16 + 48 + 48) * 32 * 4
+    assert extra["reserve_bytes"] == 2 * GiB + kv + fused
+    raw["objective"]["grpo"]["keep_kv_cache"] = False
+    assert grpo.memory_plan_inputs(TrainConfig.from_dict(raw), model)[2] == {}
+
+
 # ---- end to end ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

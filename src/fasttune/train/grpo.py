@@ -410,7 +410,8 @@ def memory_plan_inputs(cfg, model) -> tuple[int, int, dict]:
     """What the memory policy plans a GRPO step for: (rows, tokens per row, extra plan arguments). The training
     micro-batch is batch_size prompts x G completions of up to max_prompt_length + max_new_tokens tokens. Generation
     and training alternate, so a KV cache released after each rollout needs no room during training; one kept
-    between rollouts (keep_kv_cache) is reserved on top of the planner's usual reserve."""
+    between rollouts (keep_kv_cache) is reserved on top of the planner's usual reserve, with the generator's
+    concatenated projection weights, which it keeps and releases with the cache."""
     from .memory import GiB
 
     from .memory import free_device_bytes
@@ -428,7 +429,9 @@ def memory_plan_inputs(cfg, model) -> tuple[int, int, dict]:
                          "max_prompt_length")
     extra = {}
     if g.keep_kv_cache:
-        extra["reserve_bytes"] = 2 * GiB + kv
+        from ..generation import fused_projection_bytes
+
+        extra["reserve_bytes"] = 2 * GiB + kv + fused_projection_bytes(model)
     return rows, length, extra
 
 
