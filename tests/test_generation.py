@@ -433,3 +433,30 @@ def test_projection_copies_follow_weights_changed_in_place_between_calls(tmp_pat
     second = [c[0] for c in gen.generate(prompts, params)]
     assert second == [recompute(model, p, params, stop_ids=[]) for p in prompts]
     assert second != first, "the weight change changed nothing: the test cannot see stale copies"
+
+
+def test_a_merged_call_merges_into_the_copies_and_leaves_their_base_weights_alone(tmp_path):
+    model = _build(tmp_path, old_families, "llama")
+    fasttune.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    prompts = ragged_prompts((4, 9, 2))
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=[])
+    gen = Generator(model, max_batch_size=4, max_seq_len=24)
+    unmerged = [c[0] for c in gen.generate(prompts, params)]
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    in_copies = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+    versions = [m.base.weight._version for m in in_copies]
+    o_version = attn.o_proj.base.weight._version
+    merged = [c[0] for c in gen.generate(prompts, params, merge_lora=True)]
+    assert merged == unmerged  # fp32: the merged weights compute what the adapters do
+    assert [m.base.weight._version for m in in_copies] == versions  # never written (nor saved and restored)
+    assert attn.o_proj.base.weight._version > o_version  # merged in place and restored, as before
+    assert merged == [c[0] for c in Generator(model, 4, 24, fuse_projections=False).generate(
+        prompts, params, merge_lora=True)]
+    # the copies hold W + s B A, as merged_lora would write it
+    group = gen.projections.groups[0]
+    assert torch.equal(group.weight[:attn.q_proj.out_features], attn.q_proj.merged_weight().to(group.weight.dtype))
+    assert not any(m.disabled for _, m in lora_layers(model))

@@ -16,9 +16,11 @@ Adapters: a projection whose LoRA adapter is active (unmerged) adds its update i
     y = x W_cat^T + b_cat + c (x A_cat^T) B_blk^T
 with A_cat = [A_q; A_k; A_v] (sum of ranks, hidden) and B_blk block-diagonal (the blocks off the diagonal are zeros,
 which add exact zeros), c the adapters' common scaling (each B block pre-multiplied by its own scaling when they
-differ); a group of projections without active adapters is the one matmul. Disabled or merged adapters compute
-as the base, which `merged_lora` has already overwritten with W + s B A when the refresh copies it.
-The projections are computed in the weights' dtype, as the per-projection path does (A and B cast to it).
+differ); a group of projections without active adapters is the one matmul. Disabled adapters compute as the
+base. A merged call (`merge_lora`) writes W + s B A (rounded to W's dtype, as `merged_lora` rounds it) straight
+into the copies and leaves those base weights alone (`merged_lora(..., elsewhere=adapted_members())`): no host
+round trip for them. The projections are computed in the weights' dtype, as the per-projection path does (A and B
+cast to it).
 
 Layers whose projections are not all dense (an NF4 / GGUF quantised base, a sharded weight) keep their own path
 (noted once). The groups run through the decoder's hooks, `Attention.use_fused_qkv` and
@@ -108,10 +110,11 @@ class _Group:
         return tuple(t.data_ptr() for t in tensors if t is not None)
 
     @torch.no_grad()
-    def refresh(self) -> None:
+    def refresh(self, merged: set[int]) -> None:
         offset = 0
-        for base, n in zip(self.bases, self.sizes):
-            self.weight[offset:offset + n].copy_(base.weight)
+        for member, base, n in zip(self.members, self.bases, self.sizes):
+            # a merged member: its merged weight, rounded to the dtype as merged_lora writes it into the base
+            self.weight[offset:offset + n].copy_(member.merged_weight() if id(member) in merged else base.weight)
             if base.bias is not None:
                 self.bias[offset:offset + n].copy_(base.bias)
             offset += n
@@ -198,9 +201,16 @@ class FusedProjections:
         """Where the buffers live (a captured decode step reads them)."""
         return tuple(p for g in self.groups for p in g.data_ptrs())
 
-    def refresh(self) -> None:
+    def adapted_members(self) -> list[LoraLinear]:
+        """The projections in the copies whose LoRA adapter is active now (what a merged call merges into them)."""
+        return [m for g in self.groups for m in g.members if isinstance(m, LoraLinear) and not m.disabled]
+
+    def refresh(self, merged: Sequence[LoraLinear] = ()) -> None:
+        """Copy the model's current weights and active adapters in; `merged`: adapted projections whose merged weight
+        W + s B A is written instead (their adapters disabled for the call by merged_lora)."""
+        ids = {id(m) for m in merged}
         for g in self.groups:
-            g.refresh()
+            g.refresh(ids)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:

@@ -21,8 +21,9 @@ How a call runs:
    strings, every `stop_check_interval` steps (the tokens so far are read and decoded).
 
 Adapters: the model's own forward runs, so LoRA layers compute unmerged. With `merge_lora=True` (adapters frozen
-for a rollout) the adapters are merged into dense base weights for the call and the base weights are restored bit
-for bit after (see `merged_lora`); quantised bases cannot be merged (refused).
+for a rollout) the adapters are merged into dense weights for the call: into the concatenated q/k/v and gate/up
+copies (below) for those projections, into the base weights for the others, which are restored bit for bit after
+(see `merged_lora`); quantised bases cannot be merged (refused).
 
 Fewer, larger launches per decode step (what batch 1 is bound by), all on by default:
 - `fuse_projections`: q, k, v as one matmul and gate, up as one, over concatenated copies of those weights (see
@@ -178,11 +179,13 @@ class Generator:
         was_training = self.model.training
         self.model.eval()
         try:
-            with merged_lora(self.model, merge_lora):
-                self._allocate()
-                projections = self.projections
+            self._allocate()
+            projections = self.projections
+            # a merge writes the concatenated copies' merged weights itself (no base weight round trip for those)
+            elsewhere = projections.adapted_members() if projections is not None and merge_lora else []
+            with merged_lora(self.model, merge_lora, elsewhere):
                 if projections is not None:
-                    projections.refresh()  # the weights as they are now (an optimiser step, a merge, in place)
+                    projections.refresh(elsewhere)  # the weights as they are now (an optimiser step, in place)
                 if self.cuda_graphs:
                     state = self._model_state()
                     if state != self._graph_state:  # weights moved, adapters switched or merged: the graphs

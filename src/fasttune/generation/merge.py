@@ -9,11 +9,15 @@ on exit. Cost: one device-to-host and one host-to-device copy of the adapted wei
 
 Quantised bases (NF4, GGUF blocks) cannot hold a merged weight without re-quantising, which changes the base:
 `merged_lora` refuses them (generate unmerged: their forward dequantises on the fly anyway).
+
+`elsewhere`: layers whose merged weight the caller writes somewhere else (the generator's concatenated q/k/v and
+gate/up copies, generation.fused): their adapters are switched off for the block like the others, but their base
+weights are neither written nor saved and restored, which spares those copies to and from the host.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Collection, Iterator
 
 import torch
 import torch.nn as nn
@@ -23,13 +27,16 @@ from ..models.quantized import QuantizedLinear
 
 
 @contextlib.contextmanager
-def merged_lora(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+def merged_lora(model: nn.Module, enabled: bool = True, elsewhere: Collection[nn.Module] = ()
+                ) -> Iterator[nn.Module]:
     """Within the block, every active LoRA layer of `model` computes as its merged dense weight (adapter disabled,
-    base weight = W + s B A in W's dtype); on exit the base weights are restored exactly and the flags reset."""
+    base weight = W + s B A in W's dtype); on exit the base weights are restored exactly and the flags reset.
+    Layers in `elsewhere` are only disabled: the caller computes with their merged weight (module docstring)."""
     if not enabled:
         yield model
         return
-    active = [m for _, m in lora_layers(model) if not m.disabled]
+    skip = {id(m) for m in elsewhere}
+    active = [m for _, m in lora_layers(model) if not m.disabled and id(m) not in skip]
     quantised = [type(m.base).__name__ for m in active if isinstance(m.base, QuantizedLinear)]
     if quantised:
         raise ValueError(f"merge_lora: {len(quantised)} adapted layers sit on a quantised base ({quantised[0]}), "
