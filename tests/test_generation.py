@@ -460,3 +460,25 @@ def test_a_merged_call_merges_into_the_copies_and_leaves_their_base_weights_alon
     group = gen.projections.groups[0]
     assert torch.equal(group.weight[:attn.q_proj.out_features], attn.q_proj.merged_weight().to(group.weight.dtype))
     assert not any(m.disabled for _, m in lora_layers(model))
+
+
+def test_projection_copies_are_skipped_with_a_note_when_they_would_leave_too_little_memory(tmp_path, monkeypatch,
+                                                                                           caplog):
+    import fasttune.train.memory as memory
+    from fasttune.generation import fused_projection_bytes
+    from fasttune.kernels.attention import FALLBACKS
+
+    model = _build(tmp_path, old_families, "llama")
+    need = fused_projection_bytes(model)
+    prompts = ragged_prompts((4, 9, 2))
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=[])
+    FALLBACKS.reset()
+    monkeypatch.setattr(memory, "free_device_bytes", lambda device: need + 2 * memory.GiB - 1)
+    gen = Generator(model, max_batch_size=4, max_seq_len=24)
+    with caplog.at_level("WARNING"):
+        got = [c[0] for c in gen.generate(prompts, params)]
+    assert gen.projections is None and "no room for the concatenated" in caplog.text
+    assert got == [recompute(model, p, params, stop_ids=[]) for p in prompts]
+    monkeypatch.setattr(memory, "free_device_bytes", lambda device: need + 2 * memory.GiB)
+    roomy = Generator(model, max_batch_size=4, max_seq_len=24)
+    assert [c[0] for c in roomy.generate(prompts, params)] == got and roomy.projections is not None

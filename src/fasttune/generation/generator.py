@@ -47,7 +47,7 @@ from ..adapters import lora_layers
 from ..kernels.attention import FALLBACKS, DocumentLayout
 from ..models.decoder import CausalLM
 from .cache import StaticKVCache
-from .fused import GROUPS, FusedProjections, check_groups
+from .fused import GROUPS, FusedProjections, check_groups, fused_projection_bytes
 from .merge import merged_lora
 from .sampling import SamplingParams, next_tokens
 
@@ -127,15 +127,6 @@ class Generator:
             return
         S, dev = self.max_batch_size, self.device
         self.cache = StaticKVCache(self.spec, S, self.max_seq_len, self.dtype, dev, fused=self.fused)
-        if self.projection_groups:
-            try:
-                self.projections = FusedProjections(self.model, self.projection_groups)
-            except torch.OutOfMemoryError:
-                FALLBACKS.note("generation-fused-projections-memory",
-                               "generation: no memory for the concatenated q/k/v and gate/up weights beside the KV "
-                               "cache, so every projection runs on its own (slower decode steps; "
-                               "Generator(fuse_projections=False) says so up front, or lower max_batch_size)")
-                self.projections = None
         self._buf = _Buffers(
             tokens=torch.zeros(S, dtype=torch.long, device=dev),
             lengths=torch.ones(S, dtype=torch.int32, device=dev),
@@ -148,6 +139,31 @@ class Generator:
             top_p=torch.ones((), dtype=torch.float32, device=dev),
             min_p=torch.zeros((), dtype=torch.float32, device=dev),
             stop_ids=torch.full((16,), -1, dtype=torch.long, device=dev))  # padded with -1 (matches nothing)
+        self._allocate_projections()
+
+    def _allocate_projections(self) -> None:
+        if not self.projection_groups:
+            return
+        from ..train.memory import GiB, free_device_bytes  # late: the train package is heavy
+
+        need = fused_projection_bytes(self.model, self.projection_groups)
+        free = free_device_bytes(self.device)
+        # the copies are a speed-up: they must not take the room the prefill's activations need
+        # (the 2 GiB kept free is the memory planner's usual reserve)
+        if free is not None and need + 2 * GiB > free:
+            self._no_room_for_projections(f"{need / GiB:.1f} GiB needed, {free / GiB:.1f} GiB free")
+            return
+        try:
+            self.projections = FusedProjections(self.model, self.projection_groups)
+        except torch.OutOfMemoryError:
+            self.projections = None
+            self._no_room_for_projections("out of memory allocating them")
+
+    def _no_room_for_projections(self, why: str) -> None:
+        FALLBACKS.note("generation-fused-projections-memory",
+                       f"generation: no room for the concatenated q/k/v and gate/up weights beside the KV cache "
+                       f"({why}, 2 GiB kept free), so every projection runs on its own (slower decode steps; "
+                       "Generator(fuse_projections=False) skips them up front)")
 
     def _rope_static(self) -> bool:
         """Whether the RoPE frequencies are the same for every length up to max_seq_len (a captured step bakes in
