@@ -163,6 +163,29 @@ def test_fused_decode_equals_unfused_and_full_recompute_in_fp32(tmp_path, family
         assert c[0] == want
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_decode_step_makes_no_host_sync(tmp_path, monkeypatch, temperature):
+    """Every op of an eager decode step (the fused kernels, the projections, sampling with top-k, top-p and min-p)
+    under CUDA's sync debug mode set to raise: a sync anywhere in the step fails the test."""
+    model = _tiny(tmp_path)
+    params = SamplingParams(max_new_tokens=12, temperature=temperature, top_k=50, top_p=0.9, min_p=0.01, seed=1,
+                            stop_token_ids=[2])
+    gen = Generator(model, max_batch_size=16, max_seq_len=512, cuda_graphs=False)
+    gen.generate(_prompts(16), params)  # first calls: Triton compiles, lazily built tables
+    real, steps = Generator._decode_step, []
+
+    def strict_step(self, *a, **kw):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            real(self, *a, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        steps.append(1)
+    monkeypatch.setattr(Generator, "_decode_step", strict_step)
+    gen.generate(_prompts(16, seed=1), params)
+    assert steps and gen.projections is not None and gen.cache.fused
+
+
 @pytest.mark.parametrize("window", [None, 300])
 def test_flash_decode_matches_the_masked_reference_at_8b_shape(window):
     torch.manual_seed(0)
