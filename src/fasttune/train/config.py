@@ -110,9 +110,12 @@ class GrpoSection:
     samples_every: int = 10  # steps between sample completions written to samples.jsonl in the run folder (0: never)
     # sequences decoded at once, the KV cache's rows (>= num_generations); null: train.batch_size x num_generations
     generation_batch_size: Optional[int] = None
-    keep_kv_cache: bool = False  # keep the generation KV cache between rollouts (faster; the memory policy reserves it)
+    # keep the generation KV cache between rollouts (faster; the memory policy reserves it, with the generator's
+    # concatenated q/k/v and gate/up weight copies)
+    keep_kv_cache: bool = False
     # merge the (frozen during the rollout) adapters into the dense base weights for generation, restored exactly
-    # after: faster decoding for one copy of the adapted weights in host memory; a quantised base runs unmerged
+    # after: faster decoding for one copy of the adapted weights in host memory (q/k/v and gate/up merge into the
+    # generator's concatenated copies instead, with no host copy); a quantised base runs unmerged
     merge_lora: bool = True
 
 
