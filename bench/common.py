@@ -95,6 +95,22 @@ def profile_step(step: Callable[[], object], device: torch.device, top: int = 15
     return [{"name": e.key[:90], "calls": e.count, "ms": getattr(e, key) / 1e3} for e in events[:top]]
 
 
+def device_activity_counts(step: Callable[[], object], device: torch.device) -> dict[str, int]:
+    """One more call of `step` under torch.profiler (CUDA only): how many times each GPU activity ran (kernels,
+    copies, memsets, by name). Two calls that differ by one unit of work (one decode step) differ by its launches."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    counts: dict[str, int] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            counts[e.name] = counts.get(e.name, 0) + 1
+    return counts
+
+
 def materialize_random_(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0,
                         after_module: Callable[[str, nn.Module], None] | None = None) -> None:
     """Give a model built on the meta device real, frozen tensors of `dtype`, parameter by parameter: matrices

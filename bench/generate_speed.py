@@ -170,11 +170,11 @@ def fasttune_kwargs(tool: str) -> dict:
     return dict(fused=not unfused, fuse_projections=not unfused)
 
 
-def kernels_per_step(tool: str, model, ids: torch.Tensor, max_seq_len: int) -> int:
-    """GPU activities of one eager decode step: profile a 2-token and a 3-token call (each after an unprofiled
-    warm-up call of its own length) and subtract (prefill and the per-call weight refresh cancel)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+def kernels_per_step(tool: str, model, ids: torch.Tensor, max_seq_len: int) -> tuple[int, dict[str, int]]:
+    """GPU activities of one eager decode step: a 3-token call's minus a 2-token call's (each counted after an
+    unprofiled call of its own length; the prefill and the per-call weight refresh cancel). Returns the total and
+    the 12 most launched kernels of the step, by name."""
+    from common import device_activity_counts
 
     from fasttune.generation import Generator, SamplingParams
 
@@ -185,14 +185,12 @@ def kernels_per_step(tool: str, model, ids: torch.Tensor, max_seq_len: int) -> i
         for n in (2, 3):
             params = SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=[])
             gen.generate(ids.tolist(), params)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                gen.generate(ids.tolist(), params)
-                torch.cuda.synchronize()
-            counts.append(sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA))
+            counts.append(device_activity_counts(lambda: gen.generate(ids.tolist(), params), ids.device))
     finally:
         gen.release()
-    return counts[1] - counts[0]
+    step = {k: counts[1].get(k, 0) - counts[0].get(k, 0) for k in counts[1].keys() | counts[0].keys()}
+    top = sorted(((k[:80], v) for k, v in step.items() if v), key=lambda kv: -kv[1])[:12]
+    return sum(step.values()), dict(top)
 
 
 def measure(tool, model, hf, batch, args, device, wbytes) -> dict:
@@ -217,7 +215,7 @@ def measure(tool, model, hf, batch, args, device, wbytes) -> dict:
     row["hbm_fraction_of_4.8TBs"] = round(wbytes / step / H200_HBM_BYTES_S, 3)
     if tool in ("fasttune", "fasttune-unfused") and device.type == "cuda" and args.count_kernels:
         try:
-            row["kernels_per_step"] = kernels_per_step(tool, model, ids, args.prompt_len + 3)
+            row["kernels_per_step"], row["step_kernels_top"] = kernels_per_step(tool, model, ids, args.prompt_len + 3)
         except Exception as e:  # the profiler is a diagnostic: the timings stand without it
             row["kernels_per_step_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return row, out.cpu()
