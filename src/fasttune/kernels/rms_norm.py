@@ -13,7 +13,8 @@ walking a contiguous range of rows and keeping its partial dw in float32 registe
 Rows wider than one block (H > _triton.MAX_BLOCK) loop over column blocks instead of holding the row in registers.
 
 Residual add fused in front (forward only, for generation's no-grad forwards), with residual stream x and a block's
-output d (Granite: times a residual scale c, the product rounded first as `d * c` rounds):
+output d (Granite: times a residual scale c, the product rounded first as `d * c` rounds; in float32 the wrapper
+forms d * c with torch first, since without a cast in between the compiler may fuse the product into the add):
     z = round(x + round(d * c)),   y = RMSNorm(z)            (z in x.dtype, the value `x + d * c` gives)
 z is written out (it is the next residual stream) and normalised by the same code as above, so y is bit for bit
 RMSNorm(z) of the plain kernel; one launch reads x and d once instead of an add kernel plus a norm kernel.
@@ -222,6 +223,10 @@ def add_rms_norm(x: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: fl
     if triton is None:
         raise RuntimeError("add_rms_norm: Triton is not installed; use add_rms_norm_reference (or pip install triton)")
     _check_add_rms_norm(x, d, weight)
+    if d_scale is not None and x.dtype == torch.float32:
+        # in float32 no cast separates d * c from the add, and the compiler may fuse them into one FMA (one
+        # rounding, not the two of `x + d * c`): the product is formed first, as the decoder forms it
+        d, d_scale = d * d_scale, None
     shape = x.shape
     x2, d2 = as_rows(x), as_rows(d)
     n_rows, n_cols = x2.shape
