@@ -42,7 +42,7 @@ import torch.nn as nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (GiB, default_dtype, free_everything, make_optimizer, materialize_random_,  # noqa: E402
+from common import (GiB, cuda_index, default_dtype, free_everything, make_optimizer, materialize_random_,  # noqa: E402
                     profile_step, timed_training, train_step, versions)
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -140,7 +140,7 @@ def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlo
     capped = bool(budget_gib) and tool == "fasttune" and device.type == "cuda"
     if capped:  # the process may not allocate beyond the budget: an out-of-memory error is the honest result
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GiB / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GiB / total), cuda_index(device))
     t_build = time.perf_counter()
     if tool == "fasttune":
         model, setup = build_fasttune(config, device, dtype, setting, seq, batch, qlora,
@@ -165,7 +165,7 @@ def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlo
         model = opt = None  # noqa: F841 - drop the references before freeing the memory
         free_everything(device)
         if capped:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            torch.cuda.set_per_process_memory_fraction(1.0, cuda_index(device))
 
 
 def fallbacks_logged() -> list[str]:

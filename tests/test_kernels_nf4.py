@@ -127,6 +127,19 @@ def test_layout_and_nibble_order():
     assert deq[0] > 0.98 and deq[1] < -0.98 and deq[128] < -2.9
 
 
+@pytest.mark.parametrize("chunk", [64, 128, 192, 1 << 20])
+def test_quantising_in_chunks_gives_the_same_bits(chunk):
+    """quantize_nf4 works through whole blocks a chunk at a time (bounded temporaries for a gpt-oss expert stack):
+    every chunk size, with a partial last block and an odd count, gives what one pass gives."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(7, 5, 37, generator=g) * torch.linspace(0.1, 9, 37)).to(torch.bfloat16)  # 1,295 values
+    whole = nf4.quantize_nf4(w, chunk_elements=w.numel() + 64)
+    parts = nf4.quantize_nf4(w, chunk_elements=chunk)
+    for name in ("packed", "absmax_q", "absmax2", "offset"):
+        assert torch.equal(getattr(parts, name), getattr(whole, name)), name
+    assert parts.shape == whole.shape and parts.dtype == whole.dtype
+
+
 def test_nearest_code_of_exact_values():
     # block absmax 1, so x / a = x: every table value must map to its own index
     w = torch.zeros(64)
