@@ -33,12 +33,35 @@ SAME_METRICS = ("loss", "grad_norm", "reward", "reward_std", "reward/r", "kl", "
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """The small test model with a peaked LM head (so a group's completions differ, and so do their rewards)."""
+    """The small test model with a peaked LM head (so a group's completions differ, and so do their rewards) whose
+    EOS row points along the mean final hidden state of generated text, so that completions stop after varying
+    numbers of tokens (the length normalisations and token means then differ between ranks and sequences)."""
+    from safetensors.torch import save_file
+
+    from fasttune import load
+    from fasttune.generation import Generator, SamplingParams
+    from fasttune.train.grpo import prepare_prompts
     from test_train import make_small_model
     from test_train_grpo import _peaked
 
     root = tmp_path_factory.mktemp("grpo_ddp_model")
-    return _peaked(make_small_model(root / "base", tied=False), root / "model", scale=10.0)
+    path = _peaked(make_small_model(root / "base", tied=False), root / "model", scale=10.0)
+    model, tok = load(str(path), device="cpu", dtype=torch.float32)
+    data = TrainConfig.from_dict({"data": {"path": "bundled:instructions", "max_examples": 12}}).data
+    prompts = [e["prompt_ids"] for e in prepare_prompts(data, tok, 40, 0, "chat").train]
+    done = Generator(model, max_batch_size=36, max_seq_len=64).generate(
+        prompts, SamplingParams(max_new_tokens=5, stop_token_ids=[], seed=5), num_samples=3)
+    with torch.no_grad():
+        hidden = torch.cat([model(torch.tensor([p + c]), return_logits=False).last_hidden_state[0, len(p) - 1:]
+                            for p, group in zip(prompts, done) for c in group])
+        mean = hidden.mean(0)
+        # |h| ~ 5.7 and cos(h, mean) ~ 0.7 +- 0.15 on these contexts: an EOS logit around 9 +- 2, beside a largest
+        # logit around 10
+        eos_row = 2.6 * mean / mean.norm()
+    state = load_file(str(path / "model.safetensors"))
+    state["lm_head.weight"][tok.eos_token_id] = eos_row
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
 
 
 def _raw(model: Path, reward: Path, out: Path, grad_accum: int, loss: str = "grpo", mu: int = 1,
@@ -47,13 +70,13 @@ def _raw(model: Path, reward: Path, out: Path, grad_accum: int, loss: str = "grp
             "lora": {"r": 4, "alpha": 8},
             "data": {"path": "bundled:instructions", "max_examples": 12},
             "objective": {"type": "grpo", "grpo": {
-                "rewards": [f"{reward}:r"], "num_generations": 3, "max_new_tokens": 5, "max_prompt_length": 40,
+                "rewards": [f"{reward}:r"], "num_generations": 3, "max_new_tokens": 6, "max_prompt_length": 40,
                 "beta": 0.05, "loss": loss, "num_iterations": mu, "samples_every": 1,
                 "epsilon_low": 0.01, "epsilon_high": 0.01,  # small: the second use of a rollout clips some tokens
                 "generation_batch_size": generation_batch_size}},
             "train": {"output_dir": str(out), "max_steps": max_steps, "batch_size": 1, "grad_accum": grad_accum,
                       "lr": 2e-2, "save_every": 1, "progress": False, "tensorboard": False, "plot": False,
-                      "memory": "none", "parallel": "ddp"}}
+                      "memory": "none", "parallel": "ddp", "seed": 10}}
 
 
 def _reward(tmp_path: Path) -> Path:
@@ -116,8 +139,11 @@ def test_two_ranks_roll_out_different_prompts_and_give_one_process_gradient(mode
         assert rank0[0][0] != rank1[0][0]  # different prompts on the two ranks ...
         assert rank0[0][1] != rank1[0][1]  # ... and different completions
         assert [rank0[0], rank1[0]] == alone  # the rollouts one process makes of both prompts
-        rewards = b["record"]["reward_std"]
-        assert rewards > 0  # the groups' rewards differ: the advantages are not all 0
+        # the case is not degenerate: completions of one group stop at different lengths, and rank 0's longest is
+        # shorter than rank 1's (a length maximum or token count left rank-local would disagree)
+        assert len(set(rank0[0][2])) > 1 and len(set(rank1[0][2])) > 1
+        assert max(rank0[0][2]) < max(rank1[0][2])
+        assert b["record"]["reward_std"] > 0  # the groups' rewards differ: the advantages are not all 0
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-8)
         for k in ("reward", "reward_std", "reward/r", "kl", "clip_fraction", "completion_length",
                   "completion_length_max", "tokens", "target_tokens"):
