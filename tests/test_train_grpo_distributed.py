@@ -11,6 +11,7 @@ FSDP2 cannot run GRPO yet (the config refuses it): generation needs whole weight
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -238,6 +239,41 @@ def test_grpo_refuses_fsdp(tmp_path):
     with pytest.raises(ConfigError, match=r"grpo does not support train.parallel: fsdp yet: generation needs the "
                                           r"whole weights.*use train.parallel: ddp"):
         TrainConfig.from_dict(raw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_grpo_ddp_on_two_gpus_matches_one(tmp_path):
+    """The bundled tiny model in bf16 on CUDA (NCCL, CUDA-graph rollouts, LoRA merged for generation): 2 GPUs x 1
+    accumulation against 1 GPU x 2. A rank's generation rounds hold the same prompts as the one process's (the
+    rounds are batch_size prompts), so step 1's rollouts, rewards and samples are identical; the loss and the
+    gradient norm agree to bf16 summation order. (Run with NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+    NVSHMEM_DISABLE_NVLS=1 exported on the lent machines.)"""
+    reward = _reward(tmp_path)
+
+    def raw(out: Path, grad_accum: int) -> dict:
+        r = _raw(Path("tiny"), reward, out, grad_accum, loss="dr_grpo", max_steps=2)
+        r["model"].update({"path": "tiny", "max_seq_length": 256, "device": "cuda", "dtype": "bfloat16"})
+        r["objective"]["grpo"].update({"num_generations": 4, "max_new_tokens": 32, "max_prompt_length": 64})
+        r["train"]["batch_size"] = 2
+        return r
+
+    train(TrainConfig.from_dict(raw(tmp_path / "one", 2)))
+    (tmp_path / "two.json").write_text(json.dumps(raw(tmp_path / "two", 1)))
+    proc = subprocess.run([sys.executable, "-m", "fasttune", "train", str(tmp_path / "two.json"), "--gpus", "2"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows1, rows2 = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert len(rows1) == len(rows2) == 2
+    for k in ("reward", "reward_std", "completion_length", "completion_length_max", "tokens"):
+        assert rows2[0][k] == pytest.approx(rows1[0][k], rel=1e-9), k
+    assert rows1[0]["reward_std"] > 0
+    for k in ("loss", "grad_norm"):
+        assert rows2[0][k] == pytest.approx(rows1[0][k], rel=2e-2, abs=1e-4), k
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows2)
+    first = lambda out: [line for line in (out / "samples.jsonl").read_text().splitlines()  # noqa: E731
+                         if json.loads(line)["step"] == 1]
+    assert first(tmp_path / "two") == first(tmp_path / "one") and len(first(tmp_path / "one")) == 4
 
 
 if __name__ == "__main__":  # a torchrun worker of the gradient test: CONFIG.json OUT.pt
