@@ -343,9 +343,10 @@ def _interrupt_after_step_2(trainer, record):
 
 
 def test_resume_reproduces_the_uninterrupted_run(small_model_dir, tmp_path):
-    """Rollout seeds follow (train.seed, step, rank) and the checkpoint restores weights, optimizer and data
-    position, so a run stopped after step 2 and resumed makes the same rollouts and losses as one that was not
-    (mu = 2: the resumed step 3 is the second use of step 2's prompts and regenerates them, as step 2 did)."""
+    """Rollouts follow (train.seed, step) and each prompt's place in the step, and the checkpoint restores weights,
+    optimizer and data position, so a run stopped after step 2 and resumed makes the same rollouts and losses as one
+    that was not (mu = 2: the resumed step 3 is the second use of step 2's prompts and regenerates them, as step 2
+    did)."""
     from fasttune.train import Trainer
 
     model_dir = _peaked(small_model_dir, tmp_path / "model", scale=10.0)

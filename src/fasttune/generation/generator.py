@@ -181,13 +181,21 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, num_samples: int = 1,
-                 merge_lora: bool = False) -> list[list[list[int]]]:
+                 merge_lora: bool = False, prompt_indices: list[int] | None = None) -> list[list[list[int]]]:
         """For each prompt, `num_samples` completions: the generated token ids only, ending with the stop token
         when one was drawn (or cut after the token that completed a stop string). `merge_lora`: merge frozen LoRA
-        adapters into the dense base weights for this call (restored exactly after)."""
+        adapters into the dense base weights for this call (restored exactly after). `prompt_indices`: each
+        prompt's index for the sampler (default 0, 1, ...): sample j of a prompt with index i draws from
+        (seed, i * num_samples + j, step), so prompts of one batch split over several calls or processes (data
+        parallel rollouts) draw what one call over the whole batch would, given their indices in it."""
         params = params or SamplingParams()
         prompts = [list(map(int, p)) for p in prompts]
         self._check(prompts, params, num_samples)
+        if prompt_indices is None:
+            prompt_indices = list(range(len(prompts)))
+        elif len(prompt_indices) != len(prompts) or any(int(i) < 0 for i in prompt_indices):
+            raise ValueError(f"prompt_indices must hold one index >= 0 per prompt ({len(prompts)}), got "
+                             f"{len(prompt_indices)} entries")
         if not prompts:
             return []
         stop_ids = sorted(set(self.spec.eos_ids if params.stop_token_ids is None else map(int, params.stop_token_ids)))
@@ -212,7 +220,8 @@ class Generator:
                     per_round = max(1, self.max_batch_size // num_samples)
                     for start in range(0, len(prompts), per_round):
                         chunk = prompts[start:start + per_round]
-                        results += self._round(chunk, start, params, num_samples, stop_ids, seed)
+                        results += self._round(chunk, prompt_indices[start:start + per_round], params,
+                                               num_samples, stop_ids, seed)
                     return results
         finally:
             self.model.train(was_training)
@@ -235,7 +244,7 @@ class Generator:
 
     # ---- one round: prefill, then decode ----------------------------------------------------------------------
 
-    def _round(self, prompts: list[list[int]], first_prompt: int, params: SamplingParams, G: int,
+    def _round(self, prompts: list[list[int]], indices: list[int], params: SamplingParams, G: int,
                stop_ids: list[int], seed: int) -> list[list[list[int]]]:
         b, dev = self._buf, self.device
         n = len(prompts) * G
@@ -254,7 +263,8 @@ class Generator:
         b.temperature.fill_(params.temperature if params.temperature > 0 else 1.0)
         b.top_p.fill_(params.top_p)
         b.min_p.fill_(params.min_p)
-        rows = torch.arange(S, dtype=torch.long) + first_prompt * G
+        rows = torch.arange(S, dtype=torch.long) + indices[0] * G  # slots past n: finished, their draws unused
+        rows[:n] = torch.tensor([i * G + j for i in indices for j in range(G)], dtype=torch.long)
         b.rows[:S].copy_(rows)
         greedy, filters = params.greedy, params.filters(self.spec.vocab_size)
 

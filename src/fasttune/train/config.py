@@ -341,8 +341,13 @@ class TrainConfig:
             raise ConfigError("objective.grpo.beta > 0 needs lora.enabled: true — the KL reference is the same base "
                               "with adapters switched off (fasttune never keeps a second copy); or set beta: 0")
         if t.parallel == "fsdp":
-            raise ConfigError("objective.type grpo does not support train.parallel: fsdp (generation needs whole "
-                              "weights on every rank); use train.parallel: ddp")
+            # a rollout runs a different number of decode steps on each rank, while every forward of an FSDP2
+            # model is a collective (the all-gather of its shards), and merging adapters needs whole weights
+            raise ConfigError("objective.type grpo does not support train.parallel: fsdp yet: generation needs the "
+                              "whole weights on every rank, and FSDP2 gathers them in a collective every forward "
+                              "while each rank's rollout stops after its own number of decode steps; use "
+                              "train.parallel: ddp (with model.load_in_4bit: true, a replicated base takes a quarter "
+                              "of the memory)")
 
     @property
     def train_embeddings(self) -> bool:

@@ -171,6 +171,21 @@ def all_reduce_dict(values: dict[str, float], info: DistInfo, device) -> dict[st
     return dict(zip(keys, t.tolist()))
 
 
+def reduce_host_numbers(values: dict[str, float], info: DistInfo, device,
+                        maximum: tuple[str, ...] = ()) -> dict[str, float]:
+    """Host numbers of every rank in one collective (an all-gather): summed over ranks, or their maximum for the
+    keys in `maximum`. Every rank must pass the same keys."""
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    mine = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    every = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(every, mine)
+    stacked = torch.stack(every)
+    sums, peaks = torch.stack([stacked.sum(0), stacked.amax(0)]).tolist()  # one read
+    return {k: p if k in maximum else s for k, s, p in zip(keys, sums, peaks)}
+
+
 def all_reduce_grads(params, info: DistInfo) -> None:
     """Average gradients of parameters that live outside the DDP-wrapped model (the reward head)."""
     if not info.enabled:

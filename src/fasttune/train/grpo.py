@@ -125,12 +125,15 @@ def uses_quantised_base(model) -> bool:
 
 
 def generate_completions(generator, prompts: list[list[int]], num_samples: int, params,
-                         merge_lora: bool = False) -> list[list[list[int]]]:
+                         merge_lora: bool = False, prompt_indices: list[int] | None = None
+                         ) -> list[list[list[int]]]:
     """For each prompt, `num_samples` completions (token ids, ending with the stop token when one was drawn), from
     the model as it is now (the rollout policy), in eval mode and without a graph. `params`: the generator's
-    SamplingParams. `merge_lora` merges frozen adapters into dense base weights for the call (restored exactly)."""
+    SamplingParams. `merge_lora` merges frozen adapters into dense base weights for the call (restored exactly).
+    `prompt_indices`: each prompt's place in the whole step (all ranks), which picks its sampler rows."""
     with torch.no_grad():
-        return generator.generate(prompts, params, num_samples=num_samples, merge_lora=merge_lora)
+        return generator.generate(prompts, params, num_samples=num_samples, merge_lora=merge_lora,
+                                  prompt_indices=prompt_indices)
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -264,13 +267,15 @@ class GrpoRunner:
         return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                               top_k=g.top_k, min_p=g.min_p, stop_token_ids=list(self.stop_ids), seed=seed)
 
-    def generate(self, batches: list[dict], seed: int) -> list[list[list[list[int]]]]:
+    def generate(self, batches: list[dict], seed: int, prompt_indices: list[int] | None = None
+                 ) -> list[list[list[list[int]]]]:
         """Phase 1: every micro-batch's completions in one generator call (rounds of generation_batch_size
-        sequences), then the KV cache is released for the training phase (unless keep_kv_cache)."""
+        sequences), then the KV cache is released for the training phase (unless keep_kv_cache).
+        `prompt_indices`: the prompts' places in the step's whole group (default 0, 1, ...)."""
         prompts = [e["prompt_ids"] for b in batches for e in b["examples"]]
         try:
             done = generate_completions(self.generator, prompts, self.cfg.num_generations, self.sampling(seed),
-                                        self.merge_lora)
+                                        self.merge_lora, prompt_indices)
         finally:
             if not self.cfg.keep_kv_cache:
                 self.generator.release()
@@ -320,15 +325,26 @@ class GrpoRunner:
 
     def prepare(self, group: list[dict]) -> None:
         """The rollout phase of the coming step: generate for this rank's share of `group`, score, and compute the
-        old / reference log-probabilities; the buffer then serves num_iterations steps."""
+        old / reference log-probabilities; the buffer then serves num_iterations steps.
+
+        Data parallel (as TRL): each rank takes its own micro-batches of the step's group (different prompts), and
+        the G completions of a prompt stay on its rank, so the group advantages need no communication. The seed
+        depends on (train.seed, step) only and each prompt samples from the rows of its place in the whole group,
+        so the ranks draw different completions (their prompts' rows differ) and a step's rollouts are the same at
+        any world size: N ranks x P prompts train on what one process x N P prompts would."""
         import time
 
         t = self.trainer
-        mine = group[t.dist.rank::t.dist.world_size]
+        W, rank = t.dist.world_size, t.dist.rank
+        firsts = [0]  # each micro-batch's first prompt's place in the group
+        for b in group[:-1]:
+            firsts.append(firsts[-1] + len(b["examples"]))
+        mine = group[rank::W]
+        indices = [f + k for b, f in zip(mine, firsts[rank::W]) for k in range(len(b["examples"]))]
         self.buffer = None  # the previous rollout's tensors go before the new generation
-        seed = (t.cfg.train.seed * 1_000_003 + t.step) * 4099 + t.dist.rank * 97
+        seed = (t.cfg.train.seed * 1_000_003 + t.step) * 4099
         start = time.perf_counter()
-        completions = self.generate(mine, seed)  # token lists on the host: the generation has finished
+        completions = self.generate(mine, seed, indices)  # token lists on the host: the generation has finished
         self.generate_seconds = time.perf_counter() - start
         self.buffer = [self.rollout(b, c) for b, c in zip(mine, completions)]
         self.buffer_step = t.step
@@ -356,9 +372,11 @@ class GrpoRunner:
             t._shapes.add(tuple(r["input_ids"].shape))
             for k in ("kl", "clipped"):
                 sums[k] = sums.get(k, 0) + m[k].double()
-        # host numbers of this rank's rollouts (rewards, lengths), summed over ranks (a collective under torchrun
-        # only; the rollout has synchronised with the host anyway); the loss and device sums stay on the device
-        host = {"completion_tokens": 0.0, "tokens": 0.0, "reward": 0.0, "reward_std": 0.0}
+        # host numbers of this rank's rollouts (rewards, lengths), summed (the longest completion and the generation
+        # time: the maximum) over ranks in one collective under torchrun; the loss and device sums stay on the device
+        host = {"completion_tokens": 0.0, "tokens": 0.0, "reward": 0.0, "reward_std": 0.0,
+                "completion_length_max": float(max(max(r["lengths"]) for r in self.buffer)),
+                "generate_s": self.generate_seconds if self.buffer_step == t.step else 0.0}
         for r in self.buffer:
             host["completion_tokens"] += sum(r["lengths"])
             host["tokens"] += sum(len(e["prompt_ids"]) for e in r["examples"]) * g.num_generations + sum(r["lengths"])
@@ -366,7 +384,7 @@ class GrpoRunner:
                 host[f"reward/{rw.name}"] = host.get(f"reward/{rw.name}", 0.0) + float(r["rewards"][:, j].sum())
             host["reward"] += float(r["total_rewards"].sum())
             host["reward_std"] += float(r["total_rewards"].reshape(-1, g.num_generations).std(-1).sum())
-        host = dist_utils.all_reduce_dict(host, t.dist, t.device)
+        host = dist_utils.reduce_host_numbers(host, t.dist, t.device, maximum=("completion_length_max", "generate_s"))
         stacked = dist_utils.all_reduce_sum(torch.stack([total, sums["kl"], sums["clipped"]]), t.dist)
         total, kl, clipped = stacked[0], stacked[1], stacked[2]
         seqs, ctoks = float(num_sequences), max(host["completion_tokens"], 1.0)
@@ -377,8 +395,8 @@ class GrpoRunner:
         for rw in self.rewards:
             record[f"reward/{rw.name}"] = host[f"reward/{rw.name}"] / seqs
         record["completion_length"] = host["completion_tokens"] / seqs
-        record["completion_length_max"] = max(max(r["lengths"]) for r in self.buffer)  # this rank's rollouts
-        record["generate_s"] = self.generate_seconds if self.buffer_step == t.step else 0.0
+        record["completion_length_max"] = int(host["completion_length_max"])
+        record["generate_s"] = host["generate_s"]  # the slowest rank's: the step waits for it
         return total, record
 
     def _write_samples(self, rollout: dict) -> None:
