@@ -22,6 +22,8 @@ not scale): say which when quoting.
 
     python bench/moe_train.py --out $OUT/moe_train.json                       # both shapes, full depth
     python bench/moe_train.py --cases gpt-oss-20b --layers 8 --steps 5
+    python bench/moe_train.py --layers 8 --grouped-mm triton,torch --profile   # experts' base GEMM: both kernels
+    python bench/moe_train.py --cases gpt-oss-20b --tools "" --qlora --budget-gib 16   # the 16 GB QLoRA target
     python bench/moe_train.py --tiny --device cpu --steps 2 --warmup 1        # smoke test without a GPU
 """
 from __future__ import annotations
@@ -204,6 +206,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ft-policies", default="auto", help="fasttune memory policies to measure (comma list)")
     ap.add_argument("--hf-gc", default="on", help="HF+PEFT gradient checkpointing settings to measure: on,off")
     ap.add_argument("--qlora", action="store_true", help="also fasttune QLoRA rows (NF4 experts and linears)")
+    ap.add_argument("--grouped-mm", default="",
+                    help="fasttune rows once per experts' base-GEMM kernel in this comma list (triton, torch: "
+                         "FASTTUNE_GROUPED_MM), side by side; default: the library's default only")
     ap.add_argument("--profile", action="store_true",
                     help="one more step of each row under torch.profiler: its top kernels in the row (profile_top)")
     ap.add_argument("--budget-gib", type=float, default=None,
@@ -226,6 +231,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    grouped_mms = [g.strip() for g in args.grouped_mm.split(",") if g.strip()] or [None]
     seq = 64 if args.tiny and args.seq == 2048 else args.seq
     info = versions()
     print(json.dumps(info), flush=True)
@@ -238,12 +244,16 @@ def main(argv=None) -> int:
         for tool in tools:
             settings = ([p.strip() for p in args.ft_policies.split(",")] if tool == "fasttune"
                         else [g.strip() == "on" for g in args.hf_gc.split(",")])
-            jobs += [(tool, setting, False) for setting in settings]
+            jobs += [(tool, setting, False, gm) for setting in settings
+                     for gm in (grouped_mms if tool == "fasttune" else [None])]
         if args.qlora:
-            jobs += [("fasttune", p.strip(), True) for p in args.ft_policies.split(",")]
-        for tool, setting, qlora in jobs:
+            jobs += [("fasttune", p.strip(), True, gm) for p in args.ft_policies.split(",") for gm in grouped_mms]
+        for tool, setting, qlora, grouped_mm in jobs:
             label = tool + (" qlora" if qlora else "") + (
-                f" ({setting})" if tool == "fasttune" else f" (gc {'on' if setting else 'off'})")
+                f" ({setting})" if tool == "fasttune" else f" (gc {'on' if setting else 'off'})") + (
+                f" experts {grouped_mm}" if grouped_mm else "")
+            if grouped_mm:  # read by kernels.grouped_gemm at every call: this row's base-GEMM kernel
+                os.environ["FASTTUNE_GROUPED_MM"] = grouped_mm
             row = dict(case=case, tool=label, seq=seq, batch=args.batch, layers=config.num_hidden_layers,
                        full_layers=full)
             print(f"[run] {case} {label} seq {seq} x batch {args.batch}, {config.num_hidden_layers} layers",

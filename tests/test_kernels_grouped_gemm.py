@@ -462,25 +462,27 @@ def _gpu_small_case():
 
 
 @pytest.mark.gpu
-def test_gpu_auto_takes_torch_grouped_mm_for_bf16_else_logs_why(torch_mm_calls, monkeypatch, caplog):
-    """On sm90/sm100 "auto" (what the MoE layer runs) puts bf16 base GEMMs (forward and dx) through torch's grouped
-    mm without a word; float16 and FASTTUNE_GROUPED_MM=triton take the Triton kernel, each reason logged once."""
+def test_gpu_auto_is_triton_unless_torch_grouped_mm_is_asked_for(torch_mm_calls, monkeypatch, caplog):
+    """"auto" (what the MoE layer runs) is the Triton kernel without a word; with FASTTUNE_GROUPED_MM=torch on
+    sm90/sm100 it puts bf16 base GEMMs (forward and dx) through torch's grouped mm, and float16 takes the Triton
+    kernel with the reason logged once."""
     assert torch.cuda.is_available()
     if torch.cuda.get_device_capability()[0] not in (9, 10):
         pytest.skip("torch's fused grouped mm runs on sm90 / sm100 only")
     x, w, offsets = _gpu_small_case()
     monkeypatch.setattr(gg, "FALLBACKS", gg.Fallbacks("grouped GEMM", gg.log))
+    monkeypatch.delenv("FASTTUNE_GROUPED_MM", raising=False)
     with caplog.at_level(logging.WARNING, logger="fasttune"):
         xs = x.clone().requires_grad_()
+        torch.autograd.grad(kernels.grouped_linear(xs, w, offsets).float().square().sum(), xs)
+        assert len(torch_mm_calls) == 0 and caplog.text == ""
+        monkeypatch.setenv("FASTTUNE_GROUPED_MM", "torch")
         torch.autograd.grad(kernels.grouped_linear(xs, w, offsets).float().square().sum(), xs)
         assert len(torch_mm_calls) == 2 and caplog.text == ""
         for _ in range(2):
             gg.grouped_linear(x.half(), w.half(), offsets)
         assert len(torch_mm_calls) == 2
         assert caplog.text.count("run in the Triton grouped kernel") == 1 and "torch.float16" in caplog.text
-        monkeypatch.setenv("FASTTUNE_GROUPED_MM", "triton")
-        gg.grouped_linear(x, w, offsets)
-        assert len(torch_mm_calls) == 2 and "FASTTUNE_GROUPED_MM=triton" in caplog.text
 
 
 @pytest.mark.gpu
@@ -497,6 +499,7 @@ def test_gpu_torch_grouped_mm_error_is_logged_once_and_triton_takes_over(monkeyp
         calls.append(a.shape)
         raise RuntimeError("cutlass cannot implement")
     monkeypatch.setattr(gg, "FALLBACKS", gg.Fallbacks("grouped GEMM", gg.log))
+    monkeypatch.setenv("FASTTUNE_GROUPED_MM", "torch")
     monkeypatch.setattr(gg, "_TORCH_GROUPED_MM", broken)
     with caplog.at_level(logging.WARNING, logger="fasttune"):
         ys = [gg.grouped_linear(x, w, offsets) for _ in range(2)]

@@ -93,8 +93,6 @@ def test_qwen3_30b_a3b_expert_shape_bf16_lora_trains_on_cuda(tmp_path, caplog):
     print("losses", losses)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert "sync" not in caplog.text  # no path read the layout back from the GPU
-    if torch.cuda.get_device_capability()[0] in (9, 10):  # bf16 on sm90/sm100: torch's grouped mm, no fallback
-        assert "Triton grouped kernel" not in caplog.text, caplog.text
 
 
 def _gpt_oss_pair(tmp_path):

@@ -36,16 +36,18 @@ Layout: transformers 5 stores Qwen3-MoE and Mixtral experts as gate_up_proj (E, 
 i.e. (E, N, K) = this kernel's default; gpt-oss stores gate_up_proj (E, H, 2I) and down_proj (E, I, H), i.e.
 (E, K, N): pass transposed=True and the tensor is read in place through its strides (no copy at load).
 
-The frozen-weight GEMMs through torch's grouped mm (`base_gemm`, default "auto"): on CUDA, for bfloat16 on sm90 /
-sm100 with operands torch's kernel takes (`torch_grouped_mm_blocker`), the forward x W_e^T (W viewed (E, K, N)) and
-dx = dy W_e (W viewed (E, N, K)) run in torch's grouped mm (CUTLASS; faster than the Triton kernel on the
-Qwen3-30B-A3B shapes, bench/RESULTS.md), both as views of the stored tensor in either layout (torch takes row- and
-column-major matrices). Its `offs` are our offsets[1:]. It has no bias or LoRA input, so one more launch of the
+The frozen-weight GEMMs through torch's grouped mm (`base_gemm="torch"`, or "auto" with FASTTUNE_GROUPED_MM=torch):
+on CUDA, for bfloat16 on sm90 / sm100 with operands torch's kernel takes (`torch_grouped_mm_blocker`), the forward
+x W_e^T (W viewed (E, K, N)) and dx = dy W_e (W viewed (E, N, K)) run in torch's grouped mm (CUTLASS), both as views
+of the stored tensor in either layout (torch takes row- and column-major matrices). Not the default: alone, torch's
+base GEMM beat the Triton kernel on the Qwen3-30B-A3B shapes (bench/RESULTS.md, kernels_moe), but the Qwen3 LoRA
+training step measured slower with it (24.5K vs 28.1K tokens/s, 8 layers, two runs of bench/moe_train.py on one
+H200, not side by side); `bench/moe_train.py --grouped-mm triton,torch` measures both in one process. Its `offs` are our offsets[1:]. It has no bias or LoRA input, so one more launch of the
 Triton kernel adds them over the output in place (ACCUMULATE, no K loop): y += s u B_e^T + b_e, dx += g A_e. The
 output is so rounded to bf16 twice (the base product, then the sum) where the fused Triton path rounds once. u, g,
-dW, dA, dB and db stay on the Triton kernels. Anything else on CUDA (float32 / float16, another GPU, unaligned
-operands, torch without the op) runs the Triton path with its reason logged once (`FALLBACKS`), never silently; on
-CPU "auto" is the Triton (interpreter) path and "torch" runs torch's CPU grouped mm, which is how the tests cover
+dW, dA, dB and db stay on the Triton kernels. Where torch's path is asked for through "auto" and cannot run (float32 /
+float16, another GPU, unaligned operands, torch without the op), the Triton path runs with its reason logged once
+(`FALLBACKS`), never silently; on CPU "auto" is the Triton (interpreter) path and "torch" runs torch's CPU grouped mm, which is how the tests cover
 this path's offsets, views, epilogue and backward.
 
 Load balance of the TN kernel: one program per (expert, output tile) loops over the expert's rows, so a very
@@ -500,14 +502,13 @@ def torch_grouped_mm_blocker(x: torch.Tensor, w: torch.Tensor) -> str | None:
 
 def _use_torch_grouped_mm(base_gemm: str, x: torch.Tensor, w: torch.Tensor) -> bool:
     """The explicit choice of the base-GEMM kernel: "triton" always Triton; "torch" torch's grouped mm or a
-    ValueError saying why not (on CPU too: torch's per-expert loop, for the tests); "auto" torch's on CUDA whenever
-    `torch_grouped_mm_blocker` finds nothing (FASTTUNE_GROUPED_MM=triton turns it off), else Triton with the reason
-    logged once. CPU (the interpreter path) is Triton without a log."""
-    if base_gemm == "triton" or (base_gemm == "auto" and not x.is_cuda):
+    ValueError saying why not (on CPU too: torch's per-expert loop, for the tests); "auto" Triton, unless
+    FASTTUNE_GROUPED_MM=torch asks for torch's on CUDA: then torch's whenever `torch_grouped_mm_blocker` finds
+    nothing, else Triton with the reason logged once. CPU (the interpreter path) is Triton without a log."""
+    if base_gemm == "triton" or (base_gemm == "auto" and (not x.is_cuda
+                                                          or os.environ.get("FASTTUNE_GROUPED_MM") != "torch")):
         return False
     reason = torch_grouped_mm_blocker(x, w)
-    if reason is None and base_gemm == "auto" and os.environ.get("FASTTUNE_GROUPED_MM") == "triton":
-        reason = "FASTTUNE_GROUPED_MM=triton"
     if reason is None:
         return True
     if base_gemm == "torch":
@@ -615,8 +616,8 @@ def grouped_linear(x: torch.Tensor, weight, expert_offsets: torch.Tensor, bias: 
     in place); expert_offsets (E+1,) int32 from 0 to M; bias (E, N); lora_A (E, r, K) or shared (r, K); lora_B
     (E, N, r) or shared (N, r). Returns y (M, N): row m of expert e is x_m W_e^T + b_e + s (x_m A_e^T) B_e^T.
     Differentiable in x, weight (when it requires grad), bias, lora_A and lora_B. base_gemm: the kernel of the
-    weight GEMMs (forward and dx): "auto" (torch's grouped mm on CUDA where it runs fused, else Triton with the
-    reason logged once), "torch" (or a ValueError why not), "triton"; everything else is Triton (CUDA or the
+    weight GEMMs (forward and dx): "auto" (Triton; torch's grouped mm on CUDA where it runs fused when
+    FASTTUNE_GROUPED_MM=torch, else Triton with the reason logged once), "torch" (or a ValueError why not), "triton"; everything else is Triton (CUDA or the
     interpreter). `fasttune.kernels.grouped_linear` picks between this and the reference."""
     _check_shapes(x, weight, expert_offsets, bias, lora_A, lora_B, transposed)
     if expert_offsets.dtype != torch.int32:
