@@ -221,7 +221,10 @@ def test_frozen_weight_and_grad_output_scaling():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_incoming_gradient_scales_every_gradient_in_float32(dtype):
     """The backward multiplies the stored gradients by grad_output read from the device (a Triton kernel, no host
-    sync), in float32 with one rounding: every gradient equals scale x the float64 oracle's within the dtype's bound."""
+    sync), in float32: every gradient equals scale x the float64 oracle's within the dtype's bound. In 16 bits the
+    stored gradient was already rounded to the dtype in the forward, so the scaled one is rounded twice: the bound
+    is the unscaled one plus half an ulp of the largest value (eps / 2). Without that term this failed for 5 of 30
+    session seeds in bfloat16 (measured: 1.51e-2 against 1.50e-2 allowed at FASTTUNE_TEST_SEED=2082604996)."""
     hidden, weight, bias, labels = make_inputs(21, 24, 1003, dtype, ignore_every=3, with_bias=True, seed=8)
     scale = 3.3  # not a power of two: a multiply in the 16-bit dtype would round it
     loss = ce.fused_linear_cross_entropy(hidden, weight, labels, bias=bias)
@@ -233,7 +236,8 @@ def test_incoming_gradient_scales_every_gradient_in_float32(dtype):
     for name, g, r, t in zip(("hidden", "weight", "bias"), grads, ref[1:], torch_grads):
         assert g.dtype == dtype
         torch_err = (t.double() - scale * r).abs().max().item() / max((scale * r).abs().max().item(), 1e-30)
-        allowed = TOL[dtype] if dtype == torch.float32 else max(TOL[dtype], TORCH_ERROR_FACTOR * torch_err)
+        allowed = (TOL[dtype] if dtype == torch.float32 else
+                   max(TOL[dtype], TORCH_ERROR_FACTOR * torch_err) + torch.finfo(dtype).eps / 2)
         assert_rel_close(g, scale * r, allowed, f"scaled grad {name}")
 
 
