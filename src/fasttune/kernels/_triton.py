@@ -47,3 +47,16 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     if t.stride(-1) != 1:
         t = t.contiguous()
     return t.reshape(-1, t.shape[-1])
+
+
+if triton is not None:
+
+    @triton.jit
+    def round_bf16(x):
+        """float32 x rounded to the nearest bfloat16 (ties to even), still as float32: the GPU's cvt.rn bits, done by
+        hand because the interpreter's float32 -> bfloat16 cast truncates. Finite x (NaN payloads are not kept)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+else:
+    round_bf16 = None

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import tl, triton
+from ._triton import round_bf16, tl, triton
 
 
 @dataclass(frozen=True)
@@ -361,9 +361,7 @@ if triton is not None:
         out_idx = (blk[:, None, None] * NSUB + j) * SUB + l
         if OUT_BF16:
             # round to nearest even by hand: same bits as the GPU's cvt.rn, and the interpreter's cast truncates
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = bits.to(tl.float32, bitcast=True)
+            x = round_bf16(x)
         tl.store(out_ptr + out_idx, x.to(out_ptr.dtype.element_ty), mask=m)
 
 

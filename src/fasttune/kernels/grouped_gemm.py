@@ -61,7 +61,7 @@ import os
 
 import torch
 
-from ._triton import alloc, tl, triton
+from ._triton import alloc, round_bf16, tl, triton
 from .attention import Fallbacks
 from .lora import dense_weight
 
@@ -160,9 +160,7 @@ if triton is not None:
         round to nearest even by hand, the GPU's cvt.rn, as kernels/nf4.py does."""
         if UPCAST:
             if out_ty == tl.bfloat16:
-                bits = acc.to(tl.uint32, bitcast=True)
-                bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-                acc = bits.to(tl.float32, bitcast=True)
+                acc = round_bf16(acc)
         return acc.to(out_ty)
 
     @triton.jit

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import tl, triton
+from ._triton import round_bf16, tl, triton
 from .dynamic_map import create_dynamic_map
 
 # bitsandbytes' NF4 table (functional.get_4bit_type("nf4")), sorted, so the code index is the table position.
@@ -184,9 +184,7 @@ if triton is not None:
         out_idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         if OUT_BF16:
             # round to nearest even by hand: same bits as the GPU's cvt.rn, and the interpreter's cast truncates
-            bits = values.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            values = bits.to(tl.float32, bitcast=True)
+            values = round_bf16(values)
         tl.store(out_ptr + out_idx, values.to(out_ptr.dtype.element_ty), mask=out_idx < n)
 
     _TABLES: dict = {}
