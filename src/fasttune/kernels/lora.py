@@ -28,8 +28,9 @@ sets `save_gate_up=False` together with MLP token chunking: then only x is saved
 chunk in the backward.
 
 There is no Triton kernel here: every step is a GEMM (cuBLAS is the fastest there is for these shapes) except
-the GLU, which calls `fasttune.kernels.glu` (Triton on CUDA), and the NF4 dequantisation (Triton on CUDA). The
-same Functions therefore run on CPU. The `*_reference` functions are the plain formulas under autograd (the
+the GLU, which calls `fasttune.kernels.glu` (Triton on CUDA), and the NF4 dequantisation (Triton on CUDA); an NF4
+base over at most nf4_matmul.MAX_ROWS rows (decode steps) skips the dequantisation and runs the fused NF4 matmul
+(kernels/nf4_matmul.py, Triton on CUDA) for x W^T. The same Functions therefore run on CPU. The `*_reference` functions are the plain formulas under autograd (the
 test oracle). LoRA matrices may be float32 masters while x is bf16: they are cast to x's dtype for the GEMMs
 and their gradients are returned in their own dtype.
 """
@@ -40,6 +41,7 @@ from typing import NamedTuple
 import torch
 
 from .nf4 import NF4Tensor
+from .nf4_matmul import nf4_matmul_triton, nf4_matmul_wanted
 
 class LoraProjection(NamedTuple):
     """One projection's operands: frozen weight (dense or NF4), optional bias, adapters (None = no adapter)."""
@@ -60,6 +62,11 @@ def dense_weight(w: torch.Tensor | NF4Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 def _base(x2: torch.Tensor, w: torch.Tensor | NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 W^T + b. An NF4 W over few rows (decode) runs the fused NF4 matmul (kernels/nf4_matmul.py): it reads the
+    packed weight once instead of dequantising all of it for a handful of rows; the weights it multiplies by are
+    the dequantised ones bit for bit."""
+    if isinstance(w, NF4Tensor) and nf4_matmul_wanted(x2, w):
+        return nf4_matmul_triton(x2, w, bias)
     wd = dense_weight(w, x2.dtype)
     if bias is None:
         return x2 @ wd.t()
