@@ -228,9 +228,17 @@ def test_lora_unmerged_equals_recompute_and_merged_restores_the_base_exactly(tmp
     assert base == unmerged and plain != unmerged
 
 
-def test_nf4_base_decodes_through_its_dequant_path(tmp_path):
+@pytest.mark.parametrize("kernels", ["auto", "triton"])
+def test_nf4_base_decodes_through_its_dequant_path(tmp_path, monkeypatch, kernels):
+    """"auto" on CPU: dequantise then matmul; "triton" (the interpreter): the CUDA path, where every NF4 projection
+    of a decode step runs the fused NF4 matmul. The recompute oracle always dequantises (the plain-PyTorch path)."""
+    import fasttune.kernels.lora as lora_kernels
     from fasttune.models.nf4_linear import quantize_linear
 
+    monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
+    fused = []
+    real = lora_kernels.nf4_matmul_triton
+    monkeypatch.setattr(lora_kernels, "nf4_matmul_triton", lambda *a, **k: fused.append(a[0].shape[0]) or real(*a, **k))
     model = _build(tmp_path, old_families, "qwen2")
     for layer in model.layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -241,8 +249,12 @@ def test_nf4_base_decodes_through_its_dequant_path(tmp_path):
     prompts = ragged_prompts((4, 9, 2))
     params = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=[])
     gen = Generator(model, max_batch_size=4, max_seq_len=24)
-    assert [c[0] for c in gen.generate(prompts, params)] == [recompute(model, p, params, stop_ids=[])
-                                                              for p in prompts]
+    got = [c[0] for c in gen.generate(prompts, params)]
+    # the decode steps' 4 slots (3 prompts) went through the fused kernel, 7 projections a layer
+    assert fused.count(4) == (7 * len(model.layers) * (params.max_new_tokens - 1) if kernels == "triton" else 0)
+    monkeypatch.setenv("FASTTUNE_KERNELS", "reference")
+    assert got == [recompute(model, p, params, stop_ids=[]) for p in prompts]
+    monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     with pytest.raises(ValueError, match="quantised base"):
         gen.generate(prompts, params, merge_lora=True)
 

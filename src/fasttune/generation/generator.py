@@ -32,6 +32,9 @@ Fewer, larger launches per decode step (what batch 1 is bound by), all on by def
 - `fused`: each residual add fused into the RMSNorm after it, and in a decode step RoPE fused with the KV-cache
   write (one kernel rotates q, rotates k into its cache row, copies v) - no memory cost.
 The sampling path makes no host sync (it is captured in the step's graph, where a sync could not be captured).
+A QLoRA (NF4) base computes each projection of a decode step of at most kernels.nf4_matmul.MAX_ROWS slots in the
+fused NF4 matmul (the packed weight read once, never dequantised into a dense copy); larger steps dequantise and
+run a GEMM (noted once).
 """
 from __future__ import annotations
 
@@ -45,7 +48,9 @@ import torch
 
 from ..adapters import lora_layers
 from ..kernels.attention import FALLBACKS, DocumentLayout
+from ..kernels.nf4_matmul import MAX_ROWS as NF4_MATMUL_MAX_ROWS
 from ..models.decoder import CausalLM
+from ..models.nf4_linear import NF4Linear
 from .cache import StaticKVCache
 from .fused import GROUPS, FusedProjections, check_groups, fused_projection_bytes
 from .merge import merged_lora
@@ -105,6 +110,8 @@ class Generator:
             FALLBACKS.note("generation-rope-regime",
                            f"generation: RoPE '{self.spec.rope.kind}' changes its frequencies with the sequence "
                            f"length within max_seq_len {max_seq_len}, so decode steps run eagerly (no CUDA graphs)")
+        # NF4 projections run the fused NF4 matmul in decode steps of at most NF4_MATMUL_MAX_ROWS slots
+        self._nf4 = any(isinstance(m, NF4Linear) for m in model.modules())
         self.cache: StaticKVCache | None = None
         self._buf: _Buffers | None = None
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -249,6 +256,12 @@ class Generator:
         b, dev = self._buf, self.device
         n = len(prompts) * G
         S = min(self.max_batch_size, _pow2_at_least(n))
+        if self._nf4 and S > NF4_MATMUL_MAX_ROWS and dev.type == "cuda":
+            FALLBACKS.note("generation-nf4-rows",
+                           f"generation: decode steps over {S} slots exceed the fused NF4 matmul's "
+                           f"{NF4_MATMUL_MAX_ROWS} rows (kernels/nf4_matmul.py), so every NF4 projection dequantises "
+                           f"its whole weight and runs a GEMM at each step; rounds of at most {NF4_MATMUL_MAX_ROWS} "
+                           "sequences (max_batch_size) keep the fused kernel")
         max_new = params.max_new_tokens
         if b.out.shape[1] < max_new:
             b.out = torch.zeros(self.max_batch_size, max_new, dtype=torch.long, device=dev)

@@ -85,7 +85,7 @@ def default_config(M: int, N: int, K: int, device: torch.device) -> NF4MatmulCon
     tiles = triton.cdiv(N, block_n)
     target = 2 * _multiprocessors(device)
     subs = triton.cdiv(K, SUB)
-    nb = 4
+    nb = min(4, subs)  # a sub-block past K is masked, yet computed (and the interpreter computes it too)
     # each split at least two loop iterations; each split adds 8 M bytes of partial sums per weight row (L2 traffic)
     split = max(1, min(triton.cdiv(target, tiles), subs // (2 * nb)))
     return NF4MatmulConfig(block_n=block_n, split=split, subs_per_iter=nb)
