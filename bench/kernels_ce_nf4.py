@@ -1,11 +1,18 @@
-"""Benchmark: fused linear cross-entropy and NF4 dequantisation on one CUDA GPU.
+"""Benchmark: fused linear cross-entropy, NF4 dequantisation and the fused NF4 matmul on one CUDA GPU.
 
     python bench/kernels_ce_nf4.py            # prints a table; writes $OUT/kernels_ce_nf4.json when OUT is set
+    python bench/kernels_ce_nf4.py --only nf4-matmul [--sweep]   # just the NF4 matmul rows (+ launch-shape sweep)
 
 Rows: {op, impl, ms, peak_mib, gbps}. ms is the median of CUDA-event timings; peak_mib is the peak of
 allocated memory above what was allocated before the call (inputs excluded, gradients included); gbps is
 bytes read + written per second for memory-bound ops (None otherwise). Cross-entropy rows also carry
 ``mem_vs_eager`` (peak_mib / eager's peak_mib). A failing case gives a row with ms None and an ``error``.
+NF4 matmul rows (y = x W^T at the Llama-3.1-8B projection shapes, M = 1, 8, 64 rows of x, bf16): the fused kernel
+against dequantise + cuBLAS, each timed as 20 calls replayed from one CUDA graph (as a decode step runs them: no
+launch gaps), ms per call; gbps counts the NF4 weight's bytes only (packed codes + absmax codes + absmax2: what any
+implementation must read), so both impls are on one scale, and ``frac_of_4.8TBps`` compares it with the H200's
+HBM bound. ``--sweep`` adds a row per launch shape tried (kernels/nf4_matmul.NF4MatmulConfig) for tuning
+`default_config`.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from common import median_cuda_ms  # noqa: E402
 from fasttune.kernels import cross_entropy as ce  # noqa: E402
 from fasttune.kernels import nf4  # noqa: E402
+from fasttune.kernels import nf4_matmul as nm  # noqa: E402
 
 
 _median_ms = median_cuda_ms
@@ -140,6 +148,92 @@ def nf4_rows(shape=(4096, 14336)) -> list[dict]:
     return rows
 
 
+HBM_BOUND_GBPS = 4800.0  # H200 HBM3e, the datasheet figure
+NF4_MATMUL_SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))  # (N, K): q/o, k/v, gate/up, down
+
+
+def _graph_ms(fn, reps: int = 20) -> float:
+    """ms per call of fn, `reps` calls captured in one CUDA graph and replayed (no launch gaps between calls)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()  # compile, autotune, allocate outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return _median_ms(graph.replay, warmup=2, iters=20) / reps
+
+
+def _sweep_configs(M: int, N: int, K: int) -> list:
+    configs = []
+    subs = (K + nm.SUB - 1) // nm.SUB
+    for block_n in (32, 64, 128):
+        for split in (1, 2, 4, 8):
+            for nb in (2, 4):
+                if split > 1 and subs // split < nb:
+                    continue
+                for warps in (4, 8):
+                    configs.append(nm.NF4MatmulConfig(block_n, split, nb, warps, 2))
+    return configs
+
+
+def nf4_matmul_rows(sweep: bool = False) -> list[dict]:
+    rows = []
+    for N, K in NF4_MATMUL_SHAPES:
+        torch.manual_seed(0)
+        q = nf4.quantize_nf4((torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16))
+        nbytes = q.packed.numel() + q.absmax_q.numel() + 4 * q.absmax2.numel()
+        for M in (1, 8, 64):
+            op = f"NF4 matmul y = x W^T, W {N}x{K} NF4, x {M}x{K} bf16"
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            ref = nm.nf4_matmul_reference(x, q)
+
+            def row(impl, fn, **extra):
+                ms = _graph_ms(fn)
+                gbps = nbytes / ms / 1e6
+                return _row(op, impl, ms, None, gbps, **{"frac_of_4.8TBps": gbps / HBM_BOUND_GBPS}, **extra)
+
+            def fused(config=None, impl="fused (default config)"):
+                y = nm.nf4_matmul_triton(x, q, config=config)
+                err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                cfg = config or nm.default_config(M, N, K, x.device)
+                return row(impl, lambda: nm.nf4_matmul_triton(x, q, config=config), max_err_rel_to_max=err,
+                           config=str(cfg))
+
+            _case(rows, op, "dequant + mm", lambda: row("dequant + mm", lambda: nm.nf4_matmul_reference(x, q)))
+            _case(rows, op, "fused (default config)", fused)
+            if sweep:
+                tried = []
+                for cfg in _sweep_configs(M, N, K):
+                    _case(tried, op, "fused sweep", lambda cfg=cfg: fused(cfg, "fused sweep"))
+                timed = [r for r in tried if isinstance(r.get("ms"), float)]
+                if timed:
+                    rows.append({**min(timed, key=lambda r: r["ms"]), "impl": "fused (best of sweep)"})
+                rows += tried
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _frac_of_copy(rows: list[dict]) -> None:
+    copy_gbps = rows[0].get("gbps") if rows and rows[0]["op"].startswith("copy") else None
+    for r in rows:
+        if r["op"].startswith("NF4") and isinstance(r.get("gbps"), float) and copy_gbps:
+            r["frac_of_copy_bw"] = r["gbps"] / copy_gbps
+
+
+def run_nf4_matmul(sweep: bool = False) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench/kernels_ce_nf4.py needs a CUDA GPU")
+    rows: list[dict] = []
+    _case(rows, "copy 1 GiB (bandwidth reference)", "torch", bandwidth_reference)
+    rows += nf4_matmul_rows(sweep)
+    _frac_of_copy(rows)
+    return rows
+
+
 def run_all() -> list[dict]:
     if not torch.cuda.is_available():
         raise RuntimeError("bench/kernels_ce_nf4.py needs a CUDA GPU")
@@ -156,15 +250,23 @@ def run_all() -> list[dict]:
     except Exception as e:
         traceback.print_exc()
         rows.append(_row("NF4 dequant", "all", error=f"{type(e).__name__}: {e}"))
-    copy_gbps = rows[0].get("gbps")
-    for r in rows:
-        if r["op"].startswith("NF4") and isinstance(r.get("gbps"), float) and copy_gbps:
-            r["frac_of_copy_bw"] = r["gbps"] / copy_gbps
+    try:
+        rows += nf4_matmul_rows()
+    except Exception as e:
+        traceback.print_exc()
+        rows.append(_row("NF4 matmul", "all", error=f"{type(e).__name__}: {e}"))
+    _frac_of_copy(rows)
     return rows
 
 
 def main() -> None:
-    rows = run_all()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["nf4-matmul"], help="run only these rows (and the copy reference)")
+    parser.add_argument("--sweep", action="store_true", help="NF4 matmul: also time every launch shape of the sweep")
+    args = parser.parse_args()
+    rows = run_nf4_matmul(args.sweep) if args.only == "nf4-matmul" else run_all()
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:
         import triton
