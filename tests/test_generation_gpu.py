@@ -238,3 +238,49 @@ def test_graph_loop_ends_early_and_stop_strings_cut(tmp_path):
     for row, c in zip(free, cut):
         n = next((n for n in range(1, len(row) + 1) if stop in tok.decode(row[:n])), len(row))
         assert c == row[:n]
+
+
+def test_qlora_decode_runs_the_fused_nf4_matmul(tmp_path, monkeypatch):
+    """An NF4 base with unmerged adapters, fp32: the decode steps' projections run the fused NF4 matmul (counted),
+    captured in CUDA graphs, with no host sync in an eager step; the tokens equal a full recompute through the
+    dequantise-then-matmul path (FASTTUNE_KERNELS=reference), token for token."""
+    import fasttune.kernels.lora as lora_kernels
+    from fasttune.kernels.nf4_matmul import MAX_ROWS
+    from fasttune.models.nf4_linear import quantize_linear
+
+    model = _tiny(tmp_path, dtype="float32")
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                if hasattr(parent, name):
+                    setattr(parent, name, quantize_linear(getattr(parent, name)))
+    fasttune.add_lora(model, r=8, alpha=16)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.02)
+    rows, real = [], lora_kernels.nf4_matmul_triton
+    monkeypatch.setattr(lora_kernels, "nf4_matmul_triton", lambda *a, **k: rows.append(a[0].shape[0]) or real(*a, **k))
+    prompts = _prompts(8, longest=40)
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=[])
+    FALLBACKS.reset()
+    gen = Generator(model, max_batch_size=8, max_seq_len=64)
+    got = gen.generate(prompts, params)
+    assert gen._graphs and gen.cuda_graphs, f"no CUDA graph was captured; fallbacks: {FALLBACKS.failed}"
+    assert rows.count(8) >= 7 * len(model.layers) and 8 <= MAX_ROWS  # warm-up and capture ran the fused kernel
+    eager = Generator(model, max_batch_size=8, max_seq_len=64, cuda_graphs=False)
+    assert eager.generate(prompts, params) == got
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager._decode_step(8, True, params.filters(model.spec.vocab_size), 63)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    monkeypatch.setenv("FASTTUNE_KERNELS", "reference")
+    for prompt, c in zip(prompts, got):
+        ids, want = list(prompt), []
+        with torch.no_grad():
+            for _ in range(16):
+                t = int(model(torch.tensor([ids], device="cuda")).logits[0, -1].argmax())
+                want.append(t)
+                ids.append(t)
+        assert c[0] == want

@@ -30,8 +30,8 @@ chunk in the backward.
 There is no Triton kernel here: every step is a GEMM (cuBLAS is the fastest there is for these shapes) except
 the GLU, which calls `fasttune.kernels.glu` (Triton on CUDA), and the NF4 dequantisation (Triton on CUDA); an NF4
 base over at most nf4_matmul.MAX_ROWS rows (decode steps) skips the dequantisation and runs the fused NF4 matmul
-(kernels/nf4_matmul.py, Triton on CUDA) for x W^T. The same Functions therefore run on CPU. The `*_reference` functions are the plain formulas under autograd (the
-test oracle). LoRA matrices may be float32 masters while x is bf16: they are cast to x's dtype for the GEMMs
+(kernels/nf4_matmul.py, Triton on CUDA) for x W^T. The same Functions therefore run on CPU. The `*_reference`
+functions are the plain formulas under autograd (the test oracle). LoRA matrices may be float32 masters while x is bf16: they are cast to x's dtype for the GEMMs
 and their gradients are returned in their own dtype.
 """
 from __future__ import annotations
