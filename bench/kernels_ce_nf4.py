@@ -176,7 +176,8 @@ def _sweep_configs(M: int, N: int, K: int) -> list:
                 if split > 1 and subs // split < nb:
                     continue
                 for warps in (4, 8):
-                    configs.append(nm.NF4MatmulConfig(block_n, split, nb, warps, 2))
+                    for use_dot in ((False, True) if M == 1 else (True,)):  # M = 1: the FMA path and the MMA one
+                        configs.append(nm.NF4MatmulConfig(block_n, split, nb, warps, 2, use_dot))
     return configs
 
 

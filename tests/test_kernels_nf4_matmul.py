@@ -86,14 +86,17 @@ def test_kernel_against_float64(poisoned, shape, M, dtype):
 @pytest.mark.parametrize("shape", [(70, 200), (96, 320), (129, 192)])
 @pytest.mark.parametrize("config", [nm.NF4MatmulConfig(block_n=16, split=3, subs_per_iter=2),
                                     nm.NF4MatmulConfig(block_n=32, split=1, subs_per_iter=1),
-                                    nm.NF4MatmulConfig(block_n=64, split=64, subs_per_iter=4)],
-                         ids=["split3", "nosplit", "split-all"])
+                                    nm.NF4MatmulConfig(block_n=64, split=64, subs_per_iter=4),
+                                    nm.NF4MatmulConfig(block_n=32, split=2, subs_per_iter=2, use_dot=False),
+                                    nm.NF4MatmulConfig(block_n=16, split=1, subs_per_iter=4, use_dot=True)],
+                         ids=["split3", "nosplit", "split-all", "fma-split2", "dot-one-row"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_launch_shapes(poisoned, shape, config, bias):
-    """Split-K (the workspace and its reduction, empty K ranges dropped) and row tiles wider than N or narrower."""
+    """Split-K (the workspace and its reduction, empty K ranges dropped), row tiles wider than N or narrower, and
+    one row of x through the FMA path and through the MMA path."""
     N, K = shape
     q = nf4.quantize_nf4(weight(shape, seed=2))
-    x = rows(5, K, torch.bfloat16, seed=3)
+    x = rows(1 if config.use_dot is not None else 5, K, torch.bfloat16, seed=3)
     b = weight((N,), torch.bfloat16, seed=4) if bias else None
     assert_within(nm.nf4_matmul_triton(x, q, b, config=config), x, q, b, f"{shape} {config}")
 
@@ -113,6 +116,8 @@ def test_weights_are_the_dequantised_ones_bit_for_bit(shape, x_dtype, w_dtype):
     expected = dense_weight(q, x_dtype)[:, cols.to(DEVICE)].t()
     for config in (None, nm.NF4MatmulConfig(block_n=16, split=2, subs_per_iter=1)):
         assert torch.equal(nm.nf4_matmul_triton(x, q, config=config), expected)
+    for i in (0, len(cols) - 1):  # one row: the FMA path
+        assert torch.equal(nm.nf4_matmul_triton(x[i:i + 1], q), expected[i:i + 1])
 
 
 def test_strided_rows_and_no_rows():
@@ -131,6 +136,8 @@ def test_bad_arguments():
         nm.nf4_matmul_triton(rows(2, 64, torch.float64), q)
     with pytest.raises(ValueError, match="bias"):
         nm.nf4_matmul_triton(rows(2, 64, torch.bfloat16), q, torch.zeros(7, device=DEVICE))
+    with pytest.raises(ValueError, match="one row"):
+        nm.nf4_matmul_triton(rows(2, 64, torch.bfloat16), q, config=nm.NF4MatmulConfig(use_dot=False))
 
 
 def test_default_config_covers_the_device():

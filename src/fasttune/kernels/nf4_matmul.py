@@ -24,6 +24,9 @@ one value per row: one absmax code, one absmax2 and one DYN8 lookup per row per 
 holds columns 2j (high nibble) and 2j+1 (low): rather than interleave the two nibble planes into one tile, x is
 read at the even and at the odd columns and
     acc += W_even (BLOCK_N, 32) x_even^T (32, BLOCK_M) + W_odd (BLOCK_N, 32) x_odd^T (32, BLOCK_M).
+One row of x (M = 1, batch-1 decode) skips the MMA by default: each lane keeps float32 partial sums of its weights
+times x (FMAs on the CUDA cores, no padding to 16 rows, no reshuffle of the weight tile into an MMA operand
+layout), reduced across the tile once at the end.
 Any other layout (K or B not a multiple of 64: odd shapes, tests) takes each element's byte, nibble and scale from
 its own flat index (gathers: slower, the same values).
 Split-K: a weight with few row tiles (k/v projections, large M) is also split along K, SPLIT programs per row tile;
@@ -62,12 +65,15 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 @dataclass(frozen=True)
 class NF4MatmulConfig:
     """Launch shape: `block_n` rows of W per program, `split` programs along K per row tile, `subs_per_iter`
-    64-column sub-blocks per loop iteration (loads in flight), and Triton's num_warps / num_stages."""
+    64-column sub-blocks per loop iteration (loads in flight), Triton's num_warps / num_stages, and `use_dot`:
+    tensor-core MMAs (x padded to 16 rows) or, for one row of x only, FMAs on the CUDA cores (no padding, no
+    shuffle of the weight tile into an MMA layout); None: FMAs for M = 1, MMAs otherwise."""
     block_n: int = 64
     split: int = 1
     subs_per_iter: int = 4
     num_warps: int = 4
     num_stages: int = 2
+    use_dot: bool | None = None
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -117,12 +123,13 @@ if triton is not None:
         return tl.load(nf4_ptr + code) * (tl.load(dyn8_ptr + aq) * a2 + offset)
 
     @triton.jit
-    def _operand(v, W_DT: tl.constexpr, X_DT: tl.constexpr, x_ty: tl.constexpr, UPCAST: tl.constexpr):
-        """w = round_x(round_W(v)) as the MMA operand: x's dtype, or float32 holding those values under the
-        interpreter (UPCAST: it would multiply 16-bit tiles as raw bits, see grouped_gemm._dot)."""
+    def _operand(v, W_DT: tl.constexpr, X_DT: tl.constexpr, x_ty: tl.constexpr, AS_F32: tl.constexpr,
+                 UPCAST: tl.constexpr):
+        """w = round_x(round_W(v)): in x's dtype (the MMA operand), or (AS_F32) float32 holding those values - the
+        FMA path, and the interpreter's MMA (it would multiply 16-bit tiles as raw bits, see grouped_gemm._dot)."""
         if W_DT != 0 and W_DT != X_DT:
             v = _round_to(v, W_DT, UPCAST)
-        if UPCAST:
+        if AS_F32:
             return _round_to(v, X_DT, UPCAST)
         return v.to(x_ty)
 
@@ -146,7 +153,7 @@ if triton is not None:
         subs_per_split,
         BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         NB: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-        W_DT: tl.constexpr, X_DT: tl.constexpr, UPCAST: tl.constexpr,
+        W_DT: tl.constexpr, X_DT: tl.constexpr, UPCAST: tl.constexpr, USE_DOT: tl.constexpr,
     ):
         HALF: tl.constexpr = 32  # bytes of one row of a 64-column sub-block
         pid_n = tl.program_id(0)
@@ -162,6 +169,7 @@ if triton is not None:
         s_end = tl.minimum(s_begin + subs_per_split, tl.cdiv(K, 64))
         x_ty = x_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_fma = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)  # not USE_DOT (M = 1): per-lane partial sums
         for s0 in range(s_begin, s_end, NB):
             for b in tl.static_range(NB):
                 s = s0 + b
@@ -170,9 +178,14 @@ if triton is not None:
                 k_lim = tl.where(s < s_end, K, 0)
                 n_lim = tl.where(s < s_end, N, 0)
                 k_even = s.to(tl.int64) * 64 + 2 * j  # (HALF,) the sub-block's even columns
-                xe_ok = m_ok[None, :] & (k_even[:, None] < k_lim)
-                xo_ok = m_ok[None, :] & (k_even[:, None] + 1 < k_lim)
-                x_ptrs = x_ptr + rm[None, :] * stride_xm + k_even[:, None] * stride_xk  # (HALF, BLOCK_M)
+                if USE_DOT:
+                    xe_ok = m_ok[None, :] & (k_even[:, None] < k_lim)
+                    xo_ok = m_ok[None, :] & (k_even[:, None] + 1 < k_lim)
+                    x_ptrs = x_ptr + rm[None, :] * stride_xm + k_even[:, None] * stride_xk  # (HALF, BLOCK_M)
+                else:  # the one row of x
+                    xe_ok = k_even < k_lim
+                    xo_ok = k_even + 1 < k_lim
+                    x_ptrs = x_ptr + k_even * stride_xk  # (HALF,)
                 xe = tl.load(x_ptrs, mask=xe_ok, other=0.0)
                 xo = tl.load(x_ptrs + stride_xk, mask=xo_ok, other=0.0)
                 if ALIGNED:
@@ -192,13 +205,19 @@ if triton is not None:
                     vo = _nf4_element(flat + 1, n_ok[:, None] & (k_even[None, :] + 1 < k_lim), packed_ptr,
                                       absmax_q_ptr, absmax2_ptr, nf4_ptr, dyn8_ptr, offset, BLOCKSIZE, BLOCKSIZE2)
                 # masked weights are finite (code 0 times a scale of `offset`) and meet x = 0: they add exact zeros
-                we = _operand(ve, W_DT, X_DT, x_ty, UPCAST)
-                wo = _operand(vo, W_DT, X_DT, x_ty, UPCAST)
-                if UPCAST:
-                    xe = xe.to(tl.float32)
-                    xo = xo.to(tl.float32)
-                acc = tl.dot(we, xe, acc, input_precision="ieee")
-                acc = tl.dot(wo, xo, acc, input_precision="ieee")
+                we = _operand(ve, W_DT, X_DT, x_ty, UPCAST or not USE_DOT, UPCAST)
+                wo = _operand(vo, W_DT, X_DT, x_ty, UPCAST or not USE_DOT, UPCAST)
+                if USE_DOT:
+                    if UPCAST:
+                        xe = xe.to(tl.float32)
+                        xo = xo.to(tl.float32)
+                    acc = tl.dot(we, xe, acc, input_precision="ieee")
+                    acc = tl.dot(wo, xo, acc, input_precision="ieee")
+                else:  # an explicit FMA: exact products of 16-bit values, one rounding per add
+                    acc_fma = tl.fma(we, xe.to(tl.float32)[None, :], acc_fma)
+                    acc_fma = tl.fma(wo, xo.to(tl.float32)[None, :], acc_fma)
+        if not USE_DOT:
+            acc = tl.sum(acc_fma, axis=1)[:, None]  # (BLOCK_N, 1): BLOCK_M is 1 on this path
         if PARTIAL:
             part = out_ptr + pid_k.to(tl.int64) * stride_os
             tl.store(part + rm[None, :] * stride_om + rn[:, None], acc, mask=n_ok[:, None] & m_ok[None, :])
@@ -263,7 +282,10 @@ def nf4_matmul_triton(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None =
     subs = triton.cdiv(K, SUB)
     per = triton.cdiv(subs, max(1, cfg.split))
     split = triton.cdiv(subs, per)  # no empty K ranges
-    block_m = max(16, triton.next_power_of_2(M))
+    use_dot = M > 1 if cfg.use_dot is None else cfg.use_dot
+    if not use_dot and M != 1:
+        raise ValueError(f"nf4_matmul: the FMA path (use_dot=False) takes one row of x, got {M}")
+    block_m = max(16, triton.next_power_of_2(M)) if use_dot else 1
     nf4, dyn8 = _tables(q.device)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)  # addmm's rounding of b (the reference's bias.to(x.dtype))
@@ -275,6 +297,7 @@ def nf4_matmul_triton(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None =
         M, N, K, x.stride(0), x.stride(1), target.stride(0) if split > 1 else 0, target.stride(-2), per,
         BLOCKSIZE=q.blocksize, BLOCKSIZE2=q.blocksize2, BLOCK_M=block_m, BLOCK_N=cfg.block_n, NB=cfg.subs_per_iter,
         ALIGNED=K % SUB == 0 and q.blocksize % SUB == 0, PARTIAL=split > 1, W_DT=_DTYPE_CODE.get(q.dtype, 0),
+        USE_DOT=use_dot,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=False,  # (code * absmax2) + offset and the bias add: separate roundings, as the reference
         **consts)
