@@ -8,12 +8,12 @@ b (N,) or none, y (M, N) in x's dtype. The math, per output:
     w_{n,k} = round_x(round_W(v_{n,k}))                             (to W's dtype, then x's: exactly the values
                                                                      lora.dense_weight(W, x.dtype) holds)
     y_{m,n} = round_x(sum_k x_{m,k} w_{n,k} + round_x(b_n))         (products and sum in float32, one rounding)
-So the weights are those of the dequantise-then-matmul path (`nf4_matmul_reference`, the CPU path and the oracle),
-bit for bit; only the order of the float32 sum differs from a cuBLAS GEMM's.
+So the weights are those of the dequantise-then-matmul path (`nf4_matmul_reference`: the oracle, and what the CPU
+path computes), bit for bit; only the order of the float32 sum differs from a cuBLAS GEMM's.
 
 Why: at decode the dequantise-then-matmul path reads the 0.5 B of each packed weight, writes a 2 B bf16 copy and
 reads it again in the GEMM (~4.5 B moved per weight, for 0.5 B of information); this kernel reads the 0.5 B (+ 1/64 B
-of absmax code per weight) once. With M <= 64 a GEMM against W is bound by reading W, so bytes are time.
+of absmax code per weight) once. For few rows a GEMM against W is bound by reading W, so bytes are time.
 
 Tiling. The MMA is taken transposed, acc (BLOCK_N, BLOCK_M) = W_tile x^T: W's rows are the large side, x's few rows
 the small one (padded to 16, the smallest tl.dot size; the padding rows are masked, never read). A program owns
@@ -53,9 +53,10 @@ from .nf4 import NF4Tensor
 log = logging.getLogger("fasttune.kernels")
 FALLBACKS = Fallbacks("NF4 matmul", log)
 
-# The fused kernel runs for x with at most this many rows (decode: the number of sequences in the step). At 64 rows
-# a bf16 GEMM against W is still far from compute-bound on an H200 (64 x 2 FLOPs per 0.5 B weight read); above it,
-# dequantise + cuBLAS (the bench's M=64 rows against dequant+mm say whether to move it).
+# The fused kernel runs for x with at most this many rows (decode: the number of sequences in the step); above it,
+# dequantise + cuBLAS. At 64 rows the product does 128 FLOPs per 0.5 B weight read (256 FLOP/B), about an H200's
+# ridge point (~989 bf16 TFLOP/s over 4.8 TB/s, ~206 FLOP/B): past it, reading W stops being the bound the fused
+# kernel removes. A guess at the crossover, not a measurement: the bench's M=64 rows say whether to move it.
 MAX_ROWS = 64
 
 SUB = 64  # columns per sub-block: the kernel's unit along K (two 32-wide MMAs)
@@ -330,9 +331,3 @@ def nf4_matmul_wanted(x: torch.Tensor, q: NF4Tensor) -> bool:
                                          f"and runs a GEMM instead of the fused NF4 matmul: {why}")
     return False
 
-
-def nf4_matmul(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) W^T + b: the fused kernel when `nf4_matmul_wanted`, else dequantise-then-matmul."""
-    if nf4_matmul_wanted(x, q):
-        return nf4_matmul_triton(x, q, bias)
-    return nf4_matmul_reference(x, q, bias)
