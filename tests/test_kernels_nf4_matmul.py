@@ -206,6 +206,34 @@ def test_nf4_linear_module_takes_the_fused_path(monkeypatch):
     assert_within(y.reshape(6, 40), x.reshape(6, 96), layer.quantized, layer.bias, "NF4Linear")
 
 
+def test_a_failing_fused_kernel_is_logged_once_and_the_dequantised_path_answers(monkeypatch, caplog):
+    """The fused kernel has checks only where it was run; a compiler or launch error elsewhere must not stop a run:
+    it is logged once with its reason, the dequantise-then-matmul result is returned, and it is not tried again."""
+    import logging
+
+    import fasttune.kernels.lora as kl
+    from fasttune.models.nf4_linear import quantize_linear
+
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    monkeypatch.setattr(nm, "FALLBACKS", nm.Fallbacks("NF4 matmul", nm.log))
+    monkeypatch.setattr(kl, "NF4_MATMUL_FALLBACKS", nm.FALLBACKS)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")
+    monkeypatch.setattr(kl, "nf4_matmul_triton", broken)
+    layer = quantize_linear(torch.nn.Linear(64, 24, bias=True).to(DEVICE, torch.float32))
+    x = rows(3, 64, torch.float32, seed=12)
+    with caplog.at_level(logging.WARNING, logger="fasttune"), torch.no_grad():
+        ys = [layer(x) for _ in range(3)]
+    assert calls == [1]
+    assert caplog.text.count("nf4-matmul failed (RuntimeError: PassManager::run failed)") == 1
+    expected = x @ dense_weight(layer.quantized, torch.float32).t() + layer.bias
+    for y in ys:
+        torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+
+
 # ---- GPU, 8B sizes ------------------------------------------------------------------------------------------------
 
 GPU_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # q/o, k/v, gate/up, down (N, K)

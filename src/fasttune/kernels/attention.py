@@ -57,6 +57,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fallbacks import Fallbacks
+
 log = logging.getLogger("fasttune.attention")
 
 
@@ -93,36 +95,7 @@ class DocumentLayout:
         return DocumentLayout(self.document_ids.pin_memory(), self.cu_seqlens.pin_memory(), self.max_seqlen)
 
 
-class Fallbacks:
-    """The fused paths that failed in this process, and why: each failure is logged once, and the path is not
-    tried again. One instance per kernel family (`scope` heads its log lines: attention here, the grouped GEMM's
-    in kernels/grouped_gemm.py)."""
-
-    def __init__(self, scope: str = "attention", logger: logging.Logger | None = None):
-        self.scope, self.log = scope, logger or log
-        self.failed: dict[str, str] = {}
-        self._said: set[str] = set()
-
-    def usable(self, path: str) -> bool:
-        return path not in self.failed
-
-    def fail(self, path: str, reason: str) -> None:
-        self.failed[path] = reason
-        self.log.warning("%s: %s failed (%s); a slower path is used for the rest of this process", self.scope, path,
-                         reason)
-
-    def note(self, key: str, message: str) -> None:
-        """Log `message` once per process: a slower path taken for a reason that is not a failure."""
-        if key not in self._said:
-            self._said.add(key)
-            self.log.warning("%s: %s", self.scope, message)
-
-    def reset(self) -> None:
-        self.failed.clear()
-        self._said.clear()
-
-
-FALLBACKS = Fallbacks()
+FALLBACKS = Fallbacks("attention", log)
 
 
 def build_mask(

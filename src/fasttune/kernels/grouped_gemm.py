@@ -62,7 +62,7 @@ import os
 import torch
 
 from ._triton import alloc, round_bf16, tl, triton
-from .attention import Fallbacks
+from .fallbacks import Fallbacks
 from .lora import dense_weight
 
 # Block sizes when the kernels run in Triton's interpreter (CPU tests): small, so test shapes span several tiles.

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 
 from .nf4 import NF4Tensor
+from .nf4_matmul import FALLBACKS as NF4_MATMUL_FALLBACKS
 from .nf4_matmul import nf4_matmul_triton, nf4_matmul_wanted
 
 class LoraProjection(NamedTuple):
@@ -66,7 +67,10 @@ def _base(x2: torch.Tensor, w: torch.Tensor | NF4Tensor, bias: torch.Tensor | No
     packed weight once instead of dequantising all of it for a handful of rows; the weights it multiplies by are
     the dequantised ones bit for bit."""
     if isinstance(w, NF4Tensor) and nf4_matmul_wanted(x2, w):
-        return nf4_matmul_triton(x2, w, bias)
+        try:
+            return nf4_matmul_triton(x2, w, bias)
+        except Exception as e:  # noqa: BLE001 - a compiler or launch failure on some GPU: logged, not tried again
+            NF4_MATMUL_FALLBACKS.fail("nf4-matmul", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     wd = dense_weight(w, x2.dtype)
     if bias is None:
         return x2 @ wd.t()

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from ._triton import alloc, round_bf16, tl, triton
-from .attention import Fallbacks
+from .fallbacks import Fallbacks
 from .nf4 import NF4Tensor
 
 log = logging.getLogger("fasttune.kernels")
@@ -317,7 +317,7 @@ def nf4_matmul_wanted(x: torch.Tensor, q: NF4Tensor) -> bool:
     from . import use_triton  # late: this module is imported by fasttune.kernels' own imports
 
     M = x.shape[0] if x.dim() == 2 else -1
-    if M > MAX_ROWS or M < 0 or len(q.shape) != 2:
+    if M > MAX_ROWS or M < 0 or len(q.shape) != 2 or not FALLBACKS.usable("nf4-matmul"):
         return False
     if use_triton(x) and x.dtype in _DTYPE_CODE:
         return True
