@@ -343,6 +343,48 @@ def test_sort_by_expert_round_trip_and_stability():
     assert offsets1.cpu().tolist() == [0, 0, 0, 0, 18, 18]
 
 
+def test_permutations_and_their_backwards_match_indexing():
+    """to_expert_order / to_token_order give x[order // k] and y[inverse] and the gradients autograd's indexing
+    gives (integer-valued floats: every sum exact, so the comparison is exact whatever the summation order)."""
+    T, k, E, H = 13, 3, 5, 6
+    gen = generator("perm", T, k, E)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(DEVICE)
+    order, offsets, inverse = gg.sort_by_expert(ids, E)
+    x = torch.randint(-8, 8, (T, H), generator=gen).float().to(DEVICE).requires_grad_()
+    ys = torch.randint(-8, 8, (T * k, H), generator=gen).float().to(DEVICE).requires_grad_()
+    dxs = torch.randint(-8, 8, (T * k, H), generator=gen).float().to(DEVICE)
+    ours = gg.to_expert_order(x, order, inverse, k)
+    ref = x[order // k]
+    assert torch.equal(ours, ref)
+    assert torch.equal(torch.autograd.grad(ours, x, dxs)[0], torch.autograd.grad(ref, x, dxs)[0])
+    ours, ref = gg.to_token_order(ys, order, inverse), ys[inverse]
+    assert torch.equal(ours, ref)
+    assert torch.equal(torch.autograd.grad(ours, ys, dxs)[0], torch.autograd.grad(ref, ys, dxs)[0])
+
+
+@pytest.mark.parametrize("base_gemm", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_master_adapters_are_rounded_in_the_kernel(dtype, base_gemm):
+    """float32 adapters with 16-bit activations (what LoraExperts passes) are read as they are and rounded to the
+    activations' dtype inside the kernels: y and dx equal those of adapters cast beforehand bit for bit, and their
+    float32 gradients round to the cast adapters' gradients (the same float32 accumulation, rounded once)."""
+    if base_gemm == "torch" and (gg._TORCH_GROUPED_MM is None or dtype != torch.bfloat16):
+        pytest.skip("torch's grouped mm path takes bfloat16 only (and needs torch's grouped mm)")
+    inputs, dy, offsets = make_case([5, 0, 17, 1, 9], K=40, N=24, r=4, dtype=dtype, bias=False)
+    gen = generator("masters", str(dtype))
+    A = torch.randn(5, 4, 40, generator=gen).to(DEVICE) * 0.2  # float32 values not representable in 16 bits
+    B = torch.randn(5, 24, 4, generator=gen).to(DEVICE) * 0.2
+    fn = functools.partial(gg.grouped_linear, base_gemm=base_gemm)
+    masters = run(fn, {**inputs, "lora_A": A, "lora_B": B}, dy, offsets, 0.5, False, weight_grad=False)
+    cast = run(fn, {**inputs, "lora_A": A.to(dtype), "lora_B": B.to(dtype)}, dy, offsets, 0.5, False,
+               weight_grad=False)
+    assert masters["dlora_A"].dtype == torch.float32 and cast["dlora_A"].dtype == dtype
+    for name in ("y", "dx"):
+        assert torch.equal(masters[name], cast[name]), name
+    for name in ("dlora_A", "dlora_B"):
+        assert torch.equal(masters[name].to(dtype), cast[name]), name
+
+
 def test_moe_layer_round_trip_through_sort():
     """Gather by `order`, grouped linear, scatter back by `inverse`: equals each (token, slot)'s expert applied
     directly (what the model does with the kernel)."""

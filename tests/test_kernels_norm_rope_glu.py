@@ -486,6 +486,27 @@ def test_glu_strided_halves_of_fused_projection(activation):
     _check_glu(gate, up, activation)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 2 * 37), (1, 2 * 50), (2, 3, 2 * 40)])
+def test_glu_packed_equals_glu_of_the_halves_and_returns_one_gradient(shape, dtype):
+    """glu_packed(gate_up) is glu on the two halves, bit for bit, and its gradient is [dgate | dup] as one tensor
+    (written by the kernel in place of the concatenation a split's backward makes); checked against the float64
+    oracle through _check_glu's path too."""
+    _seed((shape, str(dtype)))
+    gate_up = _leaf((torch.randn(shape, device=DEVICE) * 3).to(dtype))
+    y = glu_mod.glu_packed(gate_up, "silu")
+    dy = torch.randn_like(y)
+    (d,) = _grads(y, (gate_up,), dy)
+    assert d.shape == gate_up.shape and d.is_contiguous()
+    gate, up = (_leaf(t) for t in gate_up.detach().chunk(2, dim=-1))
+    y_halves = glu_mod.glu(gate, up, "silu")
+    dg, du = _grads(y_halves, (gate, up), dy)
+    assert torch.equal(y, y_halves)
+    assert torch.equal(d, torch.cat([dg, du], dim=-1))
+    with pytest.raises(ValueError, match="even"):
+        glu_mod.glu_packed(torch.randn(2, 5, device=DEVICE), "silu")
+
+
 def test_glu_rejects_unknown_activation():
     with pytest.raises(ValueError, match="unknown GLU activation"):
         glu_mod.glu(torch.randn(2, 3, device=DEVICE), torch.randn(2, 3, device=DEVICE), "relu")

@@ -19,7 +19,7 @@ from . import rms_norm as _rms
 from . import rope as _rope
 
 __all__ = ["use_triton", "rms_norm", "add_rms_norm", "layer_norm", "apply_rope", "apply_rotary", "rope_cache_write",
-           "glu", "fused_linear_cross_entropy", "grouped_linear", "fused_linear_token_logprobs"]
+           "glu", "glu_packed", "fused_linear_cross_entropy", "grouped_linear", "fused_linear_token_logprobs"]
 
 
 
@@ -91,6 +91,13 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     if use_triton(gate):
         return _glu.glu(gate, up, activation)
     return _glu.glu_reference(gate, up, activation)
+
+
+def glu_packed(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """glu of the halves [gate | up] of one fused projection output, its gradient one tensor (kernels/glu.py)."""
+    if use_triton(gate_up):
+        return _glu.glu_packed(gate_up, activation)
+    return _glu.glu_packed_reference(gate_up, activation)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -12,7 +12,10 @@ The backward recomputes a(g) from the saved gate instead of saving it (no extra 
 gelu_tanh is evaluated through (1 + tanh z) / 2 = sigmoid(2z): exact algebra, no tanh needed (not in every
 Triton version), and no cancellation in the negative tail where tanh z -> -1.
 glu() allocates fresh gradients (the inputs may be used elsewhere; the fused LoRA MLP calls it too, under autograd
-in its backward).
+in its backward). glu_packed(gate_up) takes one fused projection output (..., 2I), gate = the first I features, up =
+the last I: the same kernel on its two halves (views), and its backward writes d gate and d up into one (..., 2I)
+gradient, which two separate inputs would need concatenated (a copy of the whole gradient: what a split's backward
+does).
 """
 from __future__ import annotations
 
@@ -79,11 +82,15 @@ def _as_rows(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [(t if t.stride(-1) == 1 else t.contiguous()).reshape(-1, t.shape[-1]) for t in tensors]
 
 
-def _glu_launch(gate, up, dy, act_id: int, backward: bool):
-    rows = _as_rows([gate, up] + ([dy] if backward else []))
+def _glu_launch(gate, up, dy, act_id: int, backward: bool, grads: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """grads (backward only): (dgate, dup) to write into, views with unit column stride shaped as gate and up."""
+    rows = _as_rows([gate, up] + ([dy] if backward else []) + (list(grads) if grads is not None else []))
     n_rows, n_cols = rows[0].shape
-    out0 = alloc((n_rows, n_cols), gate.dtype, gate.device)
-    out1 = alloc((n_rows, n_cols), up.dtype, up.device) if backward else out0
+    if grads is not None:
+        out0, out1 = rows[-2], rows[-1]
+    else:
+        out0 = alloc((n_rows, n_cols), gate.dtype, gate.device)
+        out1 = alloc((n_rows, n_cols), up.dtype, up.device) if backward else out0
     dy_rows = rows[2] if backward else rows[0]
     n_col_blocks = triton.cdiv(n_cols, _BLOCK)
     if n_rows * n_cols > 0:
@@ -92,6 +99,8 @@ def _glu_launch(gate, up, dy, act_id: int, backward: bool):
             rows[0].stride(0), rows[1].stride(0), dy_rows.stride(0), out0.stride(0), out1.stride(0),
             n_cols, n_col_blocks, ACT=act_id, BACKWARD=backward, BLOCK=_BLOCK, num_warps=4,
         )
+    if grads is not None:
+        return grads
     if backward:
         return out0.view(gate.shape), out1.view(up.shape)
     return out0.view(gate.shape)
@@ -117,6 +126,27 @@ class GLUFunction(torch.autograd.Function):
         return dgate, dup, None
 
 
+class PackedGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, act_id: int) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        ctx.act_id = act_id
+        gate, up = _halves(gate_up)
+        return _glu_launch(gate, up, None, act_id, backward=False)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (gate_up,) = ctx.saved_tensors
+        d = alloc(gate_up.shape, gate_up.dtype, gate_up.device)
+        _glu_launch(*_halves(gate_up), dy, ctx.act_id, backward=True, grads=_halves(d))
+        return d, None
+
+
+def _halves(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    i = gate_up.shape[-1] // 2
+    return gate_up[..., :i], gate_up[..., i:]
+
+
 def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """act(gate) * up fused in one Triton kernel (and one for the backward); output in gate's dtype."""
     if triton is None:
@@ -135,3 +165,24 @@ def glu_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torc
     if activation == "gelu_tanh":
         return F.gelu(gate, approximate="tanh") * up
     raise ValueError(f"unknown GLU activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+
+
+def glu_packed(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up of gate_up (..., 2I) = [gate | up], one Triton kernel each way; the gradient comes back as one
+    (..., 2I) tensor (module docstring). Same values as `glu` on the two halves."""
+    if triton is None:
+        raise RuntimeError("glu_packed: Triton is not installed; use glu_packed_reference (or pip install triton)")
+    act_id = _activation_id(activation)
+    _check_packed(gate_up)
+    return PackedGLUFunction.apply(gate_up, act_id)
+
+
+def glu_packed_reference(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    _check_packed(gate_up)
+    return glu_reference(*_halves(gate_up), activation)
+
+
+def _check_packed(gate_up: torch.Tensor) -> None:
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"glu_packed: the last dimension holds gate and up halves, so it must be even; got "
+                         f"{tuple(gate_up.shape)}")

@@ -30,7 +30,9 @@ the same kernel. `_grouped_tn_kernel` computes out_e = alpha sum_{m in e} a_m^T 
 (P tiles x Q tiles, E), looping over the expert's rows; `_segment_sum_kernel` gives db. Accumulation is float32;
 outputs are rounded once to their dtype (bf16 / fp16 / fp32; fp32 inputs use IEEE products unless
 torch.backends.cuda.matmul.allow_tf32 is set, as torch.matmul does). The small LoRA products u and g are kept in
-x's dtype, as in kernels/lora.py; adapters may be float32 masters (cast for the GEMMs, grads in their dtype).
+x's dtype, as in kernels/lora.py; adapters may be float32 masters, read as they are and rounded to x's dtype in the
+kernels' registers (CAST_W / CAST_L: the values `.to(dtype)` gives, without a cast launch and copy per adapter and
+pass), gradients in their dtype.
 
 Layout: transformers 5 stores Qwen3-MoE and Mixtral experts as gate_up_proj (E, 2I, H) and down_proj (E, H, I),
 i.e. (E, N, K) = this kernel's default; gpt-oss stores gate_up_proj (E, H, 2I) and down_proj (E, I, H), i.e.
@@ -76,17 +78,64 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Te
 
     Returns order (T*k,) int64, the flat (token, slot) indices in expert order (token = order // k); expert_offsets
     (E+1,) int32, the cumulative counts (expert e's rows are sorted[offsets[e]:offsets[e+1]]); inverse (T*k,)
-    int64 with sorted[inverse] back in (token, slot) order. No host sync (ids must lie in [0, num_experts): an
-    id outside it fails the device-side index check of the count)."""
+    int64 with sorted[inverse] back in (token, slot) order. Four ops, static shapes, no host sync: the stable
+    sort; one arange serving as both the experts' bounds and the row positions; offsets[e] = #{ids < e}, a binary
+    search of e in the sorted ids; inverse[order[m]] = m, a scatter. The ids must lie in [0, num_experts), as the
+    router's top-k gives them: they are not checked (a check would cost a host sync or another launch), and a row
+    with an id outside would fall outside every expert's segment."""
     flat = expert_ids.reshape(-1)
-    order = torch.sort(flat, stable=True).indices
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
-    counts.index_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
+    if flat.dtype != torch.int64:
+        flat = flat.long()
+    sorted_ids, order = torch.sort(flat, stable=True)
+    M = flat.numel()
+    positions = torch.arange(max(M, num_experts + 1), device=flat.device)
+    offsets = torch.searchsorted(sorted_ids, positions[:num_experts + 1], out_int32=True)
+    inverse = torch.empty_like(order).scatter_(0, order, positions[:M])
     return order, offsets, inverse
+
+
+class _ToExpertOrder(torch.autograd.Function):
+    """x_sorted = x[order // k]. Backward: dx_t = sum_j dx_sorted[inverse[t k + j]], a gather and a sum over the
+    k slots (float32 accumulation, one rounding; deterministic), instead of the index_put with accumulation that
+    autograd's indexing backward runs (zeros, then a sort of the indices on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, top_k: int):
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x.index_select(0, order // top_k)
+
+    @staticmethod
+    def backward(ctx, dxs):
+        (inverse,) = ctx.saved_tensors
+        k = ctx.top_k
+        return dxs.index_select(0, inverse).view(inverse.numel() // k, k, dxs.shape[-1]).sum(1), None, None, None
+
+
+class _ToTokenOrder(torch.autograd.Function):
+    """y = y_sorted[inverse] (a permutation). Backward: dy_sorted = dy[order], one gather (its inverse permutation)."""
+
+    @staticmethod
+    def forward(ctx, y_sorted, order, inverse):
+        ctx.save_for_backward(order)
+        return y_sorted.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (order,) = ctx.saved_tensors
+        return dy.index_select(0, order), None, None
+
+
+def to_expert_order(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The rows the experts take: x (T, H) -> x[order // top_k] (T*k, H), each token once per slot, sorted by
+    expert (`order`, `inverse` from sort_by_expert). Differentiable in x, with a static-shape backward."""
+    return _ToExpertOrder.apply(x, order, inverse, int(top_k))
+
+
+def to_token_order(y_sorted: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """The experts' rows back in (token, slot) order: y_sorted[inverse] (T*k, N). Differentiable, its backward one
+    gather by `order`."""
+    return _ToTokenOrder.apply(y_sorted, order, inverse)
 
 
 # ---- reference (CPU path and test oracle) ------------------------------------------------------------------
@@ -191,8 +240,8 @@ if triton is not None:
         offsets_ptr, M, N, K, E, R,
         alpha, lora_scale,
         HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, BLOCK_E: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        BK: tl.constexpr, EVEN_K: tl.constexpr,
+        UPCAST: tl.constexpr, CAST_W: tl.constexpr, CAST_L: tl.constexpr, BLOCK_E: tl.constexpr, BR: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -218,6 +267,8 @@ if triton is not None:
                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
             lw = tl.load(l_ptr + e64 * stride_le + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
                          mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            if CAST_L:  # a float32 master adapter, rounded to u's dtype here (as .to(dtype) rounds it)
+                lw = _cast_out(lw.to(tl.float32), u_ptr.dtype.element_ty, UPCAST)
             acc = _dot(u, lw, acc, INPUT_PRECISION, UPCAST) * lora_scale
         for k0 in range(0, K, BK):
             if EVEN_K:  # no mask along K: the common case (K = 768, 2048, 2880 with BK = 64)
@@ -227,6 +278,8 @@ if triton is not None:
                 k_ok = rk < K - k0
                 a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if CAST_W:  # a float32 master adapter as the weight (u = x A^T, g = s dy B): rounded to x's dtype
+                b = _cast_out(b.to(tl.float32), x_ptr.dtype.element_ty, UPCAST)
             acc = _dot(a, b, acc, INPUT_PRECISION, UPCAST)
             x_ptrs += BK * stride_xk
             w_ptrs += BK * stride_wk
@@ -389,6 +442,8 @@ def _grouped_mm(x: torch.Tensor | None, w: torch.Tensor | None, w_strides: tuple
             offsets, M, N, K, E, R, float(alpha), float(lora_scale)]
     consts = dict(HAS_BIAS=has_bias, HAS_LORA=has_lora, ACCUMULATE=add_to is not None,
                   INPUT_PRECISION=precision, UPCAST=not y.is_cuda,
+                  CAST_W=add_to is None and w.dtype != x.dtype,
+                  CAST_L=has_lora and lora_second.dtype != u.dtype,
                   BLOCK_E=triton.next_power_of_2(E), BR=_rank_block(R))
     if y.is_cuda and add_to is None:
         def grid(meta):
@@ -536,11 +591,10 @@ class GroupedLinearFunction(torch.autograd.Function):
         use_torch = _use_torch_grouped_mm(base_gemm, x, w)
         u = None
         lora = {}
-        if lora_A is not None:
-            A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-            u = _grouped_mm(x, A, _expert_strides(A), A.shape[-2], offsets)  # x A_e^T, (M, r)
-            b_se, b_sn, b_sr = _expert_strides(B)
-            lora = dict(u=u, lora_second=B, l_strides=(b_se, b_sr, b_sn), lora_scale=scaling)
+        if lora_A is not None:  # float32 masters are read as they are and rounded to x's dtype in the kernel
+            u = _grouped_mm(x, lora_A, _expert_strides(lora_A), lora_A.shape[-2], offsets)  # x A_e^T, (M, r)
+            b_se, b_sn, b_sr = _expert_strides(lora_B)
+            lora = dict(u=u, lora_second=lora_B, l_strides=(b_se, b_sr, b_sn), lora_scale=scaling)
         if use_torch:
             try:
                 y = _torch_mm(x, w if transposed else w.transpose(1, 2), offsets)  # W_e^T as a (K, N) view
@@ -565,15 +619,14 @@ class GroupedLinearFunction(torch.autograd.Function):
         s = ctx.scaling
         K = x.shape[1]
         dx = dw = db = dA = dB = None
-        g = A = None
-        if lora_A is not None and (need_x or need_A):
-            A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
-            b_se, b_sn, b_sr = _expert_strides(B)
-            g = _grouped_mm(dy, B, (b_se, b_sr, b_sn), B.shape[-1], offsets, alpha=s)  # s dy B_e, (M, r)
+        g = None
+        if lora_A is not None and (need_x or need_A):  # adapters rounded to dy's dtype in the kernels
+            b_se, b_sn, b_sr = _expert_strides(lora_B)
+            g = _grouped_mm(dy, lora_B, (b_se, b_sr, b_sn), lora_B.shape[-1], offsets, alpha=s)  # s dy B_e, (M, r)
         if need_x:
             w = dense_weight(ctx.weight, dy.dtype)
-            a_se, a_sr, a_sk = _expert_strides(A) if g is not None else (0, 0, 0)
-            lora = dict(u=g, lora_second=A, l_strides=(a_se, a_sr, a_sk)) if g is not None else {}
+            a_se, a_sr, a_sk = _expert_strides(lora_A) if g is not None else (0, 0, 0)
+            lora = dict(u=g, lora_second=lora_A, l_strides=(a_se, a_sr, a_sk)) if g is not None else {}
             if ctx.torch_mm:
                 # dy_e (m, N) @ W_e (N, K): the stored tensor viewed (E, N, K); dy copied only if autograd handed
                 # over a layout torch's grouped mm does not take (e.g. an expanded gradient)

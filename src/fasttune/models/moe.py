@@ -13,9 +13,11 @@ experts carry biases, are stored (E, in, out) (read in place: grouped_linear's `
 (gate = even columns) and use the clamped SwiGLU (spec.swiglu_alpha / swiglu_limit, see ArchSpec).
 
 Expert compute: the T*k (token, slot) pairs are sorted by expert once per layer (`sort_by_expert`); the gathered
-rows go through gate_up = grouped_linear(x_sorted, W_gate_up (E, 2I, H)), the GLU, and down = grouped_linear(.,
-W_down (E, H, I)), one launch each for all experts; the rows return to (token, slot) order through the inverse
-permutation and are combined with their routing weights by one batched (1 x k) @ (k x H) product per token.
+rows (`to_expert_order`) go through gate_up = grouped_linear(x_sorted, W_gate_up (E, 2I, H)), the GLU, and down =
+grouped_linear(., W_down (E, H, I)), one launch each for all experts; the rows return to (token, slot) order through
+the inverse permutation (`to_token_order`) and are combined with their routing weights by one batched
+(1 x k) @ (k x H) product per token. The permutations' backwards are gathers (no index_put with accumulation), and
+nothing on this path reads a device value on the host.
 
 Load-balancing loss (Switch Transformer, as transformers' `load_balancing_loss_func`), over the layers' logits
 stacked along the rows: with f_e the fraction of (token, slot) assignments to expert e over all layers' top-k
@@ -29,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .. import kernels
-from ..kernels.grouped_gemm import sort_by_expert
+from ..kernels.grouped_gemm import sort_by_expert, to_expert_order, to_token_order
 from ..kernels.nf4 import NF4Tensor, quantize_nf4
 from .spec import ArchSpec
 
@@ -128,11 +130,14 @@ class Experts(nn.Module):
         """`adapters`: projection name -> its LoRA arguments (fasttune.adapters' LoraExperts passes them)."""
         adapters = adapters or {}
         gate_up = self.project("gate_up_proj", x_sorted, offsets, adapters.get("gate_up_proj"))
-        if self.interleaved:
-            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        if self.swiglu is None and not self.interleaved:
+            # gate and up halves in one call: the backward writes d gate_up whole (no concatenation of two halves)
+            act = kernels.glu_packed(gate_up, self.activation)
         else:
-            gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        act = kernels.glu(gate, up, self.activation) if self.swiglu is None else clamped_swiglu(gate, up, *self.swiglu)
+            gate, up = ((gate_up[..., ::2], gate_up[..., 1::2]) if self.interleaved
+                        else gate_up.split(self.intermediate_size, dim=-1))
+            act = (kernels.glu(gate, up, self.activation) if self.swiglu is None
+                   else clamped_swiglu(gate, up, *self.swiglu))
         return self.project("down_proj", act, offsets, adapters.get("down_proj"))
 
 
@@ -180,8 +185,8 @@ class SparseMoE(nn.Module):
         if router_logits is not None:
             router_logits.append(logits)
         order, offsets, inverse = sort_by_expert(ids, self.num_experts)
-        y_sorted = self.experts(x[order // self.top_k], offsets)
-        y = y_sorted[inverse].view(x.shape[0], self.top_k, shape[-1])  # back in (token, slot) order
+        y_sorted = self.experts(to_expert_order(x, order, inverse, self.top_k), offsets)
+        y = to_token_order(y_sorted, order, inverse).view(x.shape[0], self.top_k, shape[-1])
         # sum_j w_tj y_tj, one (1 x k) @ (k x H) product per token
         out = torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
         return out.reshape(shape)
