@@ -85,14 +85,13 @@ def _missing(op: str, impl: str, why: str | None = None) -> dict:
     return {"op": op, "impl": impl, "ms": "n/a", "peak_mib": "n/a", "gbps": "n/a", "note": why}
 
 
-def bench_rms_norm() -> list[dict]:
+def bench_rms_norm(rows: int = N_TOKENS, hidden: int = HIDDEN, op: str = "rms_norm (llama)") -> list[dict]:
     rms = _fasttune("rms_norm")
-    x = torch.randn(N_TOKENS, HIDDEN, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    w = (torch.rand(HIDDEN, device=DEVICE) + 0.5).to(DTYPE).requires_grad_()
+    x = torch.randn(rows, hidden, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    w = (torch.rand(hidden, device=DEVICE) + 0.5).to(DTYPE).requires_grad_()
     dy = torch.randn_like(x)
     e = x.element_size()
-    nbytes = 5 * x.numel() * e + 3 * HIDDEN * e + 2 * N_TOKENS * 4  # x,y,dy,x,dx + w,w,dw + rstd written/read
-    op = "rms_norm (llama)"
+    nbytes = 5 * x.numel() * e + 3 * hidden * e + 2 * rows * 4  # x,y,dy,x,dx + w,w,dw + rstd written/read
     with torch.no_grad():
         ref = rms.rms_norm_reference(x, w, 1e-6)
     rows = [
@@ -105,7 +104,7 @@ def bench_rms_norm() -> list[dict]:
         rows.append(_missing(op, "liger"))
     else:
         try:
-            mod = LigerRMSNorm(HIDDEN, eps=1e-6).to(device=DEVICE, dtype=DTYPE)
+            mod = LigerRMSNorm(hidden, eps=1e-6).to(device=DEVICE, dtype=DTYPE)
             with torch.no_grad():
                 mod.weight.copy_(w)
             rows.append(_measure(op, "liger", lambda a, b: mod(a), (x, mod.weight), dy, nbytes, ref))
@@ -233,7 +232,9 @@ def run_all() -> list[dict]:
         print("kernels_elementwise: no CUDA device, nothing to measure", file=sys.stderr)
         return []
     rows: list[dict] = []
-    cases = [bench_rms_norm, bench_layer_norm, bench_rope] + [
+    # many short rows: Qwen3's q_norm over 2048 tokens x 32 heads of 128 (the MoE training step's case, issue 17)
+    qk_norm = lambda: bench_rms_norm(65536, 128, "rms_norm (qwen3 q_norm, 65536 x 128)")  # noqa: E731
+    cases = [bench_rms_norm, qk_norm, bench_layer_norm, bench_rope] + [
         (lambda a=a: bench_glu(a)) for a in ("silu", "gelu_tanh", "gelu")
     ]
     for case in cases:

@@ -147,8 +147,10 @@ def _check_rms(x, w, unit_offset, eps=1e-6, w_grad=True):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("unit_offset", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 37), (6, 96), (2, 3, 1000), (9, 256)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 37), (6, 96), (2, 3, 1000), (9, 256), (3, 100, 128)])
 def test_rms_norm(shape, unit_offset, dtype):
+    # (3, 100, 128): many short rows (as Qwen3's q_norm / k_norm), 300 rows in tiles of 32, the last one partial,
+    # over more tiles than the backward has programs, some of which get no rows
     _seed((shape, unit_offset, str(dtype)))
     x = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
     w = (torch.rand(shape[-1], device=DEVICE) + 0.5).to(dtype)
@@ -561,6 +563,23 @@ def test_gpu_norms_real_size(op, dtype):
     dy = torch.randn_like(y)
     grads = _grads(y, inputs, dy)
     _chunked_oracle_check(y, grads, oracle, inputs, dy, (0,) + (None,) * (len(inputs) - 1), GPU_RTOL[dtype], op)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, width", [(65536, 128), (8192, 128), (2048, 2048), (3000, 96)])
+def test_gpu_rms_norm_row_tiles(rows, width, dtype):
+    """The row-tile paths at the Qwen3-30B-A3B step's norms (q_norm 2048 x 32 heads of 128, k_norm 2048 x 4, the
+    hidden 2048 x 2048) and a width that is not a power of two, forward, dx and dw, against float64."""
+    _seed(rows, width)
+    x = _leaf((torch.randn(rows, width, device="cuda") * 3).to(dtype))
+    w = _leaf((torch.rand(width, device="cuda") + 0.5).to(dtype))
+    y = rms_mod.rms_norm(x, w, 1e-6)
+    dy = torch.randn_like(y)
+    grads = _grads(y, (x, w), dy)
+    oracle = lambda x_, w_: _rms_oracle(x_, w_, 1e-6, False, dtype)  # noqa: E731
+    _chunked_oracle_check(y, grads, oracle, (x, w), dy, (0, None), GPU_RTOL[dtype], f"rms {rows}x{width}")
 
 
 @pytest.mark.gpu

@@ -33,13 +33,14 @@ def block_and_warps(n_cols: int) -> tuple[int, int, bool]:
     return block, num_warps, block >= n_cols
 
 
-def num_programs(device: torch.device, n_rows: int) -> int:
-    """Persistent-grid size for row reductions: one program per SM on CUDA (a few in the CPU interpreter)."""
+def num_programs(device: torch.device, n_rows: int, per_sm: int = 1) -> int:
+    """Persistent-grid size for row reductions: `per_sm` programs per SM on CUDA (a few in the CPU interpreter),
+    at most one per row (or per tile of rows, for a kernel that walks tiles)."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 4
-    return max(1, min(sms, n_rows))
+    return max(1, min(sms * per_sm, n_rows))
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

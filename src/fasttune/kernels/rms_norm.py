@@ -8,9 +8,12 @@ dtype of x and w); Gemma multiplies by (1 + w) in float32 and rounds once at the
 Backward (m = dy * w', everything in float32; the cast of n is treated as the identity, as autograd does):
     dr/dx_j = -r^3 x_j / H  =>  dx = r * (m - n * sum(m * n) / H)
     dw      = sum over rows of dy * n        (Llama uses the rounded n, the value that multiplied w)
-The forward saves only r (one float per row). The backward runs a persistent grid of ~SM-count programs, each
-walking a contiguous range of rows and keeping its partial dw in float32 registers; the partials are summed at the end.
-Rows wider than one block (H > _triton.MAX_BLOCK) loop over column blocks instead of holding the row in registers.
+The forward saves only r (one float per row). Rows that fit one block go through the kernels as tiles of BLOCK_ROWS
+rows (~TILE_ELEMENTS elements, see rows_per_tile): the forward is one program per tile; the backward a persistent
+grid of BWD_PROGRAMS_PER_SM programs per SM, each walking a contiguous range of tiles and keeping its partial dw in
+float32 registers, one (H,) partial per program summed at the end. Rows wider than one block (H > _triton.MAX_BLOCK)
+are one row per program (backward: per loop step), looping over column blocks instead of holding the row in
+registers.
 
 Residual add fused in front (forward only, for generation's no-grad forwards), with residual stream x and a block's
 output d (Granite: times a residual scale c, the product rounded first as `d * c` rounds; in float32 the wrapper
@@ -29,55 +32,62 @@ from ._triton import alloc, as_rows, block_and_warps, num_programs, tl, triton
 if triton is not None:
 
     @triton.jit
-    def _residual_sum(X, D, Z, cols, mask, d_scale, HAS_RESIDUAL: tl.constexpr, SCALE_D: tl.constexpr,
+    def _residual_sum(x_ptrs, d_ptrs, z_ptrs, mask, d_scale, HAS_RESIDUAL: tl.constexpr, SCALE_D: tl.constexpr,
                       STORE_Z: tl.constexpr):
-        """The float32 row block the norm sees: x, or z = round(x + round(d * c)) (stored to Z when STORE_Z)."""
-        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        """The float32 block the norm sees: x, or z = round(x + round(d * c)) (stored to z_ptrs when STORE_Z)."""
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            d = tl.load(D + cols, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
             if SCALE_D:
-                d = (d * d_scale).to(X.dtype.element_ty).to(tl.float32)
-            z = (x + d).to(X.dtype.element_ty)
+                d = (d * d_scale).to(x_ptrs.dtype.element_ty).to(tl.float32)
+            z = (x + d).to(x_ptrs.dtype.element_ty)
             if STORE_Z:
-                tl.store(Z + cols, z, mask=mask)
+                tl.store(z_ptrs, z, mask=mask)
             x = z.to(tl.float32)
         return x
 
     @triton.jit
     def _rms_norm_fwd_kernel(
-        X, W, Y, RSTD, D, Z, x_row_stride, y_row_stride, d_row_stride, z_row_stride, n_cols, eps, d_scale,
-        UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+        X, W, Y, RSTD, D, Z, x_row_stride, y_row_stride, d_row_stride, z_row_stride, n_rows, n_cols, eps, d_scale,
+        UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr, SCALE_D: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        X += row * x_row_stride
-        Y += row * y_row_stride
-        D += row * d_row_stride
-        Z += row * z_row_stride
-        if SINGLE_BLOCK:
+        if SINGLE_BLOCK:  # a tile of BLOCK_ROWS whole rows
+            rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            row_ok = rows < n_rows
             cols = tl.arange(0, BLOCK)
-            mask = cols < n_cols
-            x = _residual_sum(X, D, Z, cols, mask, d_scale, HAS_RESIDUAL, SCALE_D, True)
-            rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            n = x * rstd
+            col_ok = cols < n_cols
+            mask = row_ok[:, None] & col_ok[None, :]
+            x = _residual_sum(X + rows[:, None] * x_row_stride + cols[None, :],
+                              D + rows[:, None] * d_row_stride + cols[None, :],
+                              Z + rows[:, None] * z_row_stride + cols[None, :], mask, d_scale, HAS_RESIDUAL, SCALE_D,
+                              True)
+            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            n = x * rstd[:, None]
             if UNIT_OFFSET:
-                y = n * (1.0 + w)
+                y = n * (1.0 + w[None, :])
             else:
-                y = n.to(X.dtype.element_ty).to(tl.float32) * w
-            tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
-        else:
+                y = n.to(X.dtype.element_ty).to(tl.float32) * w[None, :]
+            tl.store(Y + rows[:, None] * y_row_stride + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+            tl.store(RSTD + rows, rstd, mask=row_ok)
+        else:  # one row per program, wider than a block: loops over column blocks
+            row = tl.program_id(0).to(tl.int64)
+            X += row * x_row_stride
+            Y += row * y_row_stride
+            D += row * d_row_stride
+            Z += row * z_row_stride
             sum_sq = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                x = _residual_sum(X, D, Z, cols, cols < n_cols, d_scale, HAS_RESIDUAL, SCALE_D, True)
+                x = _residual_sum(X + cols, D + cols, Z + cols, cols < n_cols, d_scale, HAS_RESIDUAL, SCALE_D, True)
                 sum_sq += x * x
             rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / n_cols + eps)
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
                 # z is recomputed from x and d (the same rounding), not read back from Z: no ordering to rely on
-                x = _residual_sum(X, D, Z, cols, mask, d_scale, HAS_RESIDUAL, SCALE_D, False)
+                x = _residual_sum(X + cols, D + cols, Z + cols, mask, d_scale, HAS_RESIDUAL, SCALE_D, False)
                 w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
                 n = x * rstd
                 if UNIT_OFFSET:
@@ -85,40 +95,46 @@ if triton is not None:
                 else:
                     y = n.to(X.dtype.element_ty).to(tl.float32) * w
                 tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
-        tl.store(RSTD + row, rstd)
+            tl.store(RSTD + row, rstd)
 
     @triton.jit
     def _rms_norm_bwd_kernel(
         DY, X, W, RSTD, DX, DW_PARTIAL,
         dy_row_stride, x_row_stride, dx_row_stride, n_rows, n_cols, rows_per_program,
         UNIT_OFFSET: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         row_start = pid.to(tl.int64) * rows_per_program
         row_end = tl.minimum(row_start + rows_per_program, n_rows)
         DW_PARTIAL += pid.to(tl.int64) * n_cols
         if SINGLE_BLOCK:
+            # tiles of BLOCK_ROWS whole rows (rows_per_program is a multiple of BLOCK_ROWS); rows past row_end load
+            # as zeros (dy = 0: no dw contribution) and are not stored
             cols = tl.arange(0, BLOCK)
-            mask = cols < n_cols
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            col_ok = cols < n_cols
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
             if UNIT_OFFSET:
                 w = w + 1.0
-            dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for row in range(row_start, row_end):
-                dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-                rstd = tl.load(RSTD + row)
-                n = x * rstd
-                m = dy * w
-                dx = rstd * (m - n * (tl.sum(m * n, axis=0) / n_cols))
-                tl.store(DX + row * dx_row_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw_acc = tl.zeros([BLOCK_ROWS, BLOCK], dtype=tl.float32)
+            for r0 in range(row_start, row_end, BLOCK_ROWS):
+                rows = r0 + tl.arange(0, BLOCK_ROWS)
+                row_ok = rows < row_end
+                mask = row_ok[:, None] & col_ok[None, :]
+                dy = tl.load(DY + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+                n = x * rstd[:, None]
+                m = dy * w[None, :]
+                dx = rstd[:, None] * (m - n * (tl.sum(m * n, axis=1) / n_cols)[:, None])
+                tl.store(DX + rows[:, None] * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
                 if COMPUTE_DW:
                     if UNIT_OFFSET:
                         dw_acc += dy * n
                     else:
                         dw_acc += dy * n.to(X.dtype.element_ty).to(tl.float32)
             if COMPUTE_DW:
-                tl.store(DW_PARTIAL + cols, dw_acc, mask=mask)
+                tl.store(DW_PARTIAL + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
         else:
             # Wide rows: two passes over column blocks per row; the partial dw lives in global memory (zeroed by
             # the caller) and each element is read-modified-written by the same program, so no atomics are needed.
@@ -166,11 +182,12 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = alloc((n_rows,), torch.float32, x.device)
         weight_c = weight.contiguous()
         block, num_warps, single = block_and_warps(n_cols)
+        block_rows = rows_per_tile(block) if single else 1
         if n_rows > 0:
-            _rms_norm_fwd_kernel[(n_rows,)](
-                x2, weight_c, y, rstd, x2, x2, x2.stride(0), y.stride(0), 0, 0, n_cols, eps, 1.0,
-                UNIT_OFFSET=unit_offset, BLOCK=block, SINGLE_BLOCK=single, HAS_RESIDUAL=False, SCALE_D=False,
-                num_warps=num_warps,
+            _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+                x2, weight_c, y, rstd, x2, x2, x2.stride(0), y.stride(0), 0, 0, n_rows, n_cols, eps, 1.0,
+                UNIT_OFFSET=unit_offset, BLOCK=block, SINGLE_BLOCK=single, BLOCK_ROWS=block_rows,
+                HAS_RESIDUAL=False, SCALE_D=False, num_warps=num_warps,
             )
         ctx.save_for_backward(x2, weight_c, rstd)
         ctx.unit_offset = unit_offset
@@ -186,8 +203,10 @@ class RMSNormFunction(torch.autograd.Function):
         dx = alloc((n_rows, n_cols), x2.dtype, x2.device)
         compute_dw = ctx.needs_input_grad[1]
         block, num_warps, single = block_and_warps(n_cols)
-        n_programs = num_programs(x2.device, n_rows)
-        rows_per_program = triton.cdiv(n_rows, n_programs) if n_rows else 0
+        block_rows = rows_per_tile(block) if single else 1
+        n_tiles = triton.cdiv(n_rows, block_rows)
+        n_programs = num_programs(x2.device, n_tiles, per_sm=BWD_PROGRAMS_PER_SM if single else 1)
+        rows_per_program = triton.cdiv(n_tiles, n_programs) * block_rows if n_rows else 0
         if compute_dw:
             make = alloc if single else torch.zeros  # looped path accumulates into it
             dw_partial = make((n_programs, n_cols), dtype=torch.float32, device=x2.device)
@@ -198,12 +217,29 @@ class RMSNormFunction(torch.autograd.Function):
                 dy2, x2, weight, rstd, dx, dw_partial,
                 dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
                 UNIT_OFFSET=ctx.unit_offset, COMPUTE_DW=compute_dw, BLOCK=block, SINGLE_BLOCK=single,
-                num_warps=num_warps,
+                BLOCK_ROWS=block_rows, num_warps=num_warps,
             )
         dw = None
         if compute_dw:
             dw = (dw_partial.sum(0) if n_rows else torch.zeros(n_cols, device=x2.device)).to(ctx.weight_dtype)
         return dx.view(ctx.x_shape), dw, None, None
+
+
+# Rows that fit one block are processed TILE_ELEMENTS at a time, as a (BLOCK_ROWS, BLOCK) tile: many short rows
+# (Qwen3's q_norm / k_norm: 2048 tokens x 32 heads = 65,536 rows of 128) would otherwise be one 128-element row per
+# program (forward) or per loop step of a one-program-per-SM backward, a few hundred bytes in flight per SM (the
+# loads of one step wait on the previous step), far from what hides the memory latency. The backward keeps a
+# persistent grid (each program's dw partial is one (n_cols,) row of the buffer summed at the end), at
+# BWD_PROGRAMS_PER_SM programs per SM so loads from several tiles are in flight on each SM.
+TILE_ELEMENTS = 4096
+MAX_BLOCK_ROWS = 64
+BWD_PROGRAMS_PER_SM = 2
+
+
+def rows_per_tile(block: int) -> int:
+    """BLOCK_ROWS for rows of `block` columns (a power of two, as tl.arange needs): 32 rows of 128, 2 of 2048,
+    1 from 4096 up."""
+    return max(1, min(MAX_BLOCK_ROWS, TILE_ELEMENTS // block))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
@@ -235,12 +271,13 @@ def add_rms_norm(x: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: fl
     z = alloc((n_rows, n_cols), x.dtype, x.device)
     rstd = alloc((n_rows,), torch.float32, x.device)  # written, unused: the kernel is the training forward's
     block, num_warps, single = block_and_warps(n_cols)
+    block_rows = rows_per_tile(block) if single else 1
     if n_rows > 0:
-        _rms_norm_fwd_kernel[(n_rows,)](
-            x2, weight.contiguous(), y, rstd, d2, z, x2.stride(0), y.stride(0), d2.stride(0), z.stride(0), n_cols,
-            float(eps), 1.0 if d_scale is None else float(d_scale),
-            UNIT_OFFSET=bool(unit_offset), BLOCK=block, SINGLE_BLOCK=single, HAS_RESIDUAL=True,
-            SCALE_D=d_scale is not None, num_warps=num_warps,
+        _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+            x2, weight.contiguous(), y, rstd, d2, z, x2.stride(0), y.stride(0), d2.stride(0), z.stride(0), n_rows,
+            n_cols, float(eps), 1.0 if d_scale is None else float(d_scale),
+            UNIT_OFFSET=bool(unit_offset), BLOCK=block, SINGLE_BLOCK=single, BLOCK_ROWS=block_rows,
+            HAS_RESIDUAL=True, SCALE_D=d_scale is not None, num_warps=num_warps,
         )
     return y.view(shape), z.view(shape)
 
