@@ -159,3 +159,41 @@ def test_gpt_oss_sinks_on_cuda_match_transformers_bf16(tmp_path, caplog):
     slower = [r.getMessage() for r in caplog.records if r.name == "fasttune.attention"]
     assert not slower and not FALLBACKS.failed, slower
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_parameters(ours))
+
+
+@pytest.mark.parametrize("base_gemm", ["triton", "torch"])
+def test_qwen3_30b_a3b_moe_layer_lora_step_never_syncs(tmp_path, monkeypatch, base_gemm):
+    """One MoE layer at the Qwen3-30B-A3B shape (2048 tokens, 128 experts, top-8), LoRA on the experts and the
+    router, forward + load-balancing loss + backward: no host sync (torch.cuda.set_sync_debug_mode("error") turns
+    any into an error) once the first call has autotuned the kernels; with either base-GEMM kernel."""
+    from fasttune.kernels import grouped_gemm as gg
+    from fasttune.models.moe import load_balancing_loss
+
+    if base_gemm == "torch":
+        if gg.torch_grouped_mm_blocker(torch.empty(8, 8, device="cuda", dtype=torch.bfloat16),
+                                       torch.empty(2, 8, 8, device="cuda", dtype=torch.bfloat16)) is not None:
+            pytest.skip("torch's fused grouped mm does not run here")
+        monkeypatch.setenv("FASTTUNE_GROUPED_MM", "torch")
+    _qwen3_30b_layers(tmp_path)
+    ours = load_model(tmp_path, dtype=torch.bfloat16, device="cuda")
+    add_lora(ours, r=16, alpha=16, target_modules=["all-linear", "router"])
+    ours.train()
+    mlp = ours.model.layers[0].mlp
+    spec = ours.spec
+    x = torch.randn(1, 2048, spec.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        logits = []
+        y = mlp(x, logits)
+        aux = load_balancing_loss(logits, spec.num_experts, spec.experts_per_token)
+        (y.float().square().mean() + aux).backward()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_parameters(mlp))
