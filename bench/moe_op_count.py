@@ -9,6 +9,7 @@ nothing, are listed apart). On a GPU (--device cuda) the same counts come from t
 
     python bench/moe_op_count.py                    # experts' LoRA (as bench/moe_train.py's fasttune rows)
     python bench/moe_op_count.py --router-lora      # and the router's
+    python bench/moe_op_count.py --scope model      # a one-layer model's whole step (attention, norms, loss too)
     python bench/moe_op_count.py --json $OUT/ops.json
 """
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _launch_hook(counter: _OpCounter):
     return hook
 
 
-def build_layer(device: torch.device, router_lora: bool, dtype: torch.dtype):
+def build_model(device: torch.device, targets: list[str], dtype: torch.dtype):
     import transformers
 
     import fasttune
@@ -102,41 +103,57 @@ def build_layer(device: torch.device, router_lora: bool, dtype: torch.dtype):
         for p in model.parameters():
             p.normal_(0, 0.05)
     model = model.to(device, dtype)
-    targets = ["gate_proj", "up_proj", "down_proj"] + (["router"] if router_lora else [])
     fasttune.add_lora(model, r=4, alpha=4, target_modules=targets)
     with torch.no_grad():  # B starts at zero; nonzero so nothing is skipped as trivially zero
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     model.train()
-    return model.model.layers[0].mlp
+    return model
 
 
-def count(device: torch.device, router_lora: bool, dtype: torch.dtype, tokens: int = 24) -> dict:
-    mlp = build_layer(device, router_lora, dtype)
-    x = torch.randn(1, tokens, mlp.spec.hidden_size, device=device, dtype=dtype, requires_grad=True)
-    dy = torch.randn(1, tokens, mlp.spec.hidden_size, device=device, dtype=dtype)
+def count(device: torch.device, router_lora: bool, dtype: torch.dtype, scope: str = "moe", tokens: int = 24) -> dict:
+    """scope "moe": the MoE layer (router + experts) alone, LoRA on the experts (and router); "model": a one-layer
+    model's whole training step, LoRA as bench/moe_train.py puts it (q, k, v, o and the experts; and router)."""
+    experts = ["gate_proj", "up_proj", "down_proj"] + (["router"] if router_lora else [])
+    model = build_model(device, experts + (["q_proj", "k_proj", "v_proj", "o_proj"] if scope == "model" else []),
+                        dtype)
+    if scope == "moe":
+        mlp = model.model.layers[0].mlp
+        x = torch.randn(1, tokens, mlp.spec.hidden_size, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(1, tokens, mlp.spec.hidden_size, device=device, dtype=dtype)
+        leaves = [x]
 
-    def step():
-        y = mlp(x)
-        y.backward(dy)
+        def forward():
+            return mlp(x)
 
-    step()  # first call: autotuning / compilation
-    mlp.zero_grad(set_to_none=True)  # as the optimizer leaves them: the counted backward's AccumulateGrad copies none
-    x.grad = None
+        def backward(y):
+            y.backward(dy)
+    else:
+        ids = torch.randint(0, model.spec.vocab_size, (1, tokens), device=device)
+        leaves = []
+
+        def forward():
+            return model(ids, labels=ids).loss
+
+        def backward(loss):
+            loss.backward()
+
+    backward(forward())  # first call: autotuning / compilation
+    model.zero_grad(set_to_none=True)  # as the optimizer leaves them: the counted backward's AccumulateGrad copies none
+    for t in leaves:
+        t.grad = None
     counts = {}
     for phase in ("forward", "backward"):
         counter = _OpCounter()
-        y = None
-        if phase == "backward":
-            y = mlp(x)
+        y = forward() if phase == "backward" else None
         sys.setprofile(_launch_hook(counter))
         try:
             with counter:
                 if phase == "forward":
-                    mlp(x)
+                    forward()
                 else:
-                    y.backward(dy)
+                    backward(y)
         finally:
             sys.setprofile(None)
         counts[phase] = dict(aten=dict(counter.ops.most_common()), views=dict(counter.views.most_common()),
@@ -149,6 +166,8 @@ def count(device: torch.device, router_lora: bool, dtype: torch.dtype, tokens: i
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--router-lora", action="store_true", help="LoRA on the router too")
+    ap.add_argument("--scope", choices=("moe", "model"), default="moe",
+                    help="moe: the MoE layer alone; model: a one-layer model's whole step (attention, norms, loss)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="bfloat16", help="bfloat16 (as the GPU step) or float32")
     ap.add_argument("--trace", action="store_true", help="also list where each op comes from")
@@ -156,7 +175,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    counts = count(device, args.router_lora, dtype)
+    counts = count(device, args.router_lora, dtype, args.scope)
     for phase, c in counts.items():
         print(f"{phase}: {c['aten_total']} aten ops (+{c['views_total']} views), {c['triton_total']} Triton launches")
         for name, n in c["aten"].items():

@@ -92,30 +92,32 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
         x2 = x.reshape(-1, x.shape[-1])
         y = _base(x2, weight, bias)
-        u = None
+        u = A = B = None
         if lora_A is not None:
             A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
             u = x2 @ A.t()
             y.addmm_(u, B.t(), alpha=scaling)
+            ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
         ctx.weight, ctx.scaling, ctx.x_shape = weight, scaling, x.shape
-        ctx.save_for_backward(x2, u, bias, lora_A, lora_B)
+        # the adapters in x's dtype, as the forward cast them (r (k + n) elements): the backward does not cast again
+        ctx.save_for_backward(x2, u, bias, A, B)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, u, bias, lora_A, lora_B = ctx.saved_tensors
+        x2, u, bias, A, B = ctx.saved_tensors
         need_x, _, need_b, need_A, need_B, _ = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])
         s = ctx.scaling
         dx = dA = dB = None
         g = None
-        if lora_A is not None:
-            A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+        if A is not None:
+            A, B = A.to(dy.dtype), B.to(dy.dtype)  # no-ops unless dy's dtype differs from x's
             g = (dy2 @ B).mul_(s) if (need_x or need_A) else None
             if need_A:
-                dA = (g.t() @ x2).to(lora_A.dtype)
+                dA = (g.t() @ x2).to(ctx.adapter_dtypes[0])
             if need_B:
-                dB = (dy2.t() @ u).mul_(s).to(lora_B.dtype)
+                dB = (dy2.t() @ u).mul_(s).to(ctx.adapter_dtypes[1])
         if need_x:
             dx = dy2 @ dense_weight(ctx.weight, dy.dtype)
             if g is not None:
