@@ -207,7 +207,7 @@ def load_balancing_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, 
         probs = torch.softmax(logits.float(), dim=-1)
         selected = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
         row_weight = torch.ones(probs.shape[0], device=device) if mask is None else mask
-        counts = counts.index_add(0, selected, row_weight.repeat_interleave(top_k))
+        counts = counts.index_add(0, selected, row_weight[:, None].expand(-1, top_k).reshape(-1))
         prob_sum = prob_sum + (probs * row_weight[:, None]).sum(0)
         rows = rows + row_weight.sum()
     return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
