@@ -116,15 +116,19 @@ def materialize_random_(model: nn.Module, device: torch.device, dtype: torch.dty
     """Give a model built on the meta device real, frozen tensors of `dtype`, parameter by parameter: matrices
     N(0, 0.02), RMSNorm weights at their identity (1, or 0 for the (1 + w) kind), other vectors (biases, sinks)
     zero. `after_module(name, module)` runs once a module's own parameters exist (QLoRA quantises there), so a
-    large model's 16-bit weights never all coexist."""
+    large model's 16-bit weights never all coexist. On the meta device the tensors get `dtype` and no values (the
+    layout, for memory accounting)."""
     from fasttune.models.decoder import RMSNorm
 
-    gen = torch.Generator(device=device).manual_seed(seed)
+    meta = device.type == "meta"
+    gen = None if meta else torch.Generator(device=device).manual_seed(seed)
     for mod_name in [n for n, _ in model.named_modules()]:  # names, not modules: after_module may replace one
         module = model.get_submodule(mod_name)
         for name, p in list(module.named_parameters(recurse=False)):
             t = torch.empty(p.shape, dtype=dtype, device=device)
-            if p.dim() >= 2:
+            if meta:
+                pass
+            elif p.dim() >= 2:
                 t.normal_(0, 0.02, generator=gen)
             elif isinstance(module, RMSNorm):
                 t.fill_(0.0 if module.unit_offset else 1.0)
@@ -135,12 +139,19 @@ def materialize_random_(model: nn.Module, device: torch.device, dtype: torch.dty
             after_module(mod_name, module)
 
 
-def make_optimizer(model: nn.Module, tool: str) -> torch.optim.Optimizer:
-    """AdamW at lr 1e-4 over what trains: fasttune's own parameter groups, or every trainable parameter."""
+def make_optimizer(model: nn.Module, tool: str, optimizer: str | None = None) -> torch.optim.Optimizer:
+    """AdamW at lr 1e-4 over what trains: fasttune's own parameter groups, or every trainable parameter.
+    `optimizer` (fasttune rows): the trainer's `train.optimizer`, "adamw" (torch's, fused on CUDA) or "adamw8bit",
+    made as the trainer makes it (train.trainer.make_optimizer); None: torch's AdamW with its defaults."""
     if tool == "fasttune":
         from fasttune.adapters import param_groups
 
-        return torch.optim.AdamW(param_groups(model, lr=1e-4), lr=1e-4)
+        groups = param_groups(model, lr=1e-4)
+        if optimizer is None:
+            return torch.optim.AdamW(groups, lr=1e-4)
+        from fasttune.train.trainer import make_optimizer as make_fasttune_optimizer
+
+        return make_fasttune_optimizer(groups, optimizer, lr=1e-4, device=next(model.parameters()).device)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -86,36 +87,182 @@ def hf_config(case: str, layers: int | None, tiny: bool):
 
 # ---- model builders -----------------------------------------------------------------------------------------
 
-def build_fasttune(config, device, dtype, policy: str, seq: int, batch: int, qlora: bool = False,
-                   budget_gib: float | None = None):
+def build_lora_model(config, device, dtype, qlora: bool = False):
+    """The fasttune CausalLM of `config` with LoRA r=16 on q/k/v/o and the experts, weights random N(0, 0.02) in
+    `dtype`; with `qlora` the expert stacks and the decoder linears (routers aside) in NF4 as load_in_4bit stores
+    them, quantised one module at a time. On the meta device: the same modules and tensors (NF4 ones laid out by
+    NF4Tensor.empty), no values and no memory: what `memory_breakdown` counts."""
     import fasttune
-    from fasttune.models.nf4_linear import quantize_linear
+    from fasttune.kernels.nf4 import NF4Tensor
     from fasttune.models import ArchSpec, CausalLM
-    from fasttune.models.moe import Experts
-    from fasttune.train.memory import apply_memory_policy
+    from fasttune.models.moe import EXPERT_STACKS, Experts
+    from fasttune.models.nf4_linear import NF4Linear, quantize_linear
 
     spec = ArchSpec.from_hf_config(config.to_dict())
     with torch.device("meta"):
         model = CausalLM(spec)
+    meta = device.type == "meta"
+
     def quantize(mod_name: str, module: nn.Module) -> None:  # as load_in_4bit stores them, one module at a time
         if qlora and isinstance(module, Experts):
-            module.quantize_nf4_("gate_up_proj")
-            module.quantize_nf4_("down_proj")
+            for name in EXPERT_STACKS:
+                module.quantize_nf4_(name, NF4Tensor.empty(getattr(module, name).shape, dtype) if meta else None)
         elif (qlora and isinstance(module, nn.Linear) and mod_name.startswith("model.layers.")
               and not mod_name.endswith((".mlp.gate", ".mlp.router"))):
             parent, _, child = mod_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, quantize_linear(module))
+            setattr(model.get_submodule(parent), child,
+                    NF4Linear(NF4Tensor.empty(module.weight.shape, dtype), module.bias) if meta
+                    else quantize_linear(module))
 
     materialize_random_(model, device, dtype, after_module=quantize)
     model = fasttune.add_lora(model, r=RANK, alpha=RANK, target_modules=ATTENTION + ["gate_proj", "up_proj",
                                                                                       "down_proj"])
-    model.train()
-    # with a budget, plan for what a GPU of budget_gib has left after the weights, not for the H200's free memory
-    extra = ({"free_bytes": int(budget_gib * GiB - torch.cuda.memory_allocated(device))}
+    return model.train()
+
+
+def planned_free_bytes(model, budget_gib: float, optimizer: str, allocated: int) -> int:
+    """What a GPU of `budget_gib` has left for activations once the model holds `allocated` bytes and the
+    training state it has not made yet exists: the trainable parameters' gradients and the optimizer's moments."""
+    from fasttune.train.trainer import optimizer_state_bytes
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    return int(budget_gib * GiB) - allocated - grads - optimizer_state_bytes(trainable, optimizer)
+
+
+def build_fasttune(config, device, dtype, policy: str, seq: int, batch: int, qlora: bool = False,
+                   budget_gib: float | None = None, optimizer: str = "adamw"):
+    from fasttune.train.memory import apply_memory_policy
+
+    model = build_lora_model(config, device, dtype, qlora)
+    # with a budget, plan for what a GPU of budget_gib has left after the weights, the gradients and the optimizer
+    # state (made after the plan, so not yet allocated), not for the H200's free memory
+    extra = ({"free_bytes": planned_free_bytes(model, budget_gib, optimizer, torch.cuda.memory_allocated(device))}
              if budget_gib and device.type == "cuda" else {})
     plan = apply_memory_policy(model, policy, seq_len=seq, batch_size=batch, **extra)
     return model, (f"{'QLoRA (NF4 experts and linears), ' if qlora else ''}memory policy {policy}"
                    f"{f' for a {budget_gib:g} GiB budget' if extra else ''}: {plan.summary()}")
+
+
+# ---- memory accounting (--plan-only) ------------------------------------------------------------------------
+
+def resident_bytes(model: nn.Module) -> dict[str, int]:
+    """The bytes of every parameter and buffer of a built model (each tensor once), by component. On the meta
+    device too: the same count a built model holds, without building it (tests/test_bench_moe_memory.py checks
+    the two agree on the tiny shapes)."""
+    from fasttune.adapters import lora_parameters
+    from fasttune.models.decoder import RMSNorm
+    from fasttune.models.moe import Experts, NF4ExpertStack
+    from fasttune.models.nf4_linear import NF4Linear
+
+    lora = {id(p) for p in lora_parameters(model)}
+    embed, head = model.model.embed_tokens, getattr(model.lm_head, "base", model.lm_head)
+    routers = {id(layer.mlp.router_linear) for layer in model.model.layers if hasattr(layer.mlp, "router_linear")}
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+
+    def add(key: str, t: torch.Tensor) -> None:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[key] = out.get(key, 0) + t.numel() * t.element_size()
+
+    for module in model.modules():
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if id(t) in lora:
+                key = f"LoRA parameters ({t.dtype})".replace("torch.", "")
+            elif module is embed:
+                key = "embedding (vocab x hidden)"
+            elif module is head:
+                key = "lm_head (vocab x hidden, untied)"
+            elif isinstance(module, NF4ExpertStack):
+                key = "expert stacks NF4 codes" if name == "packed" else "expert stacks NF4 scales (double-quantised)"
+            elif isinstance(module, Experts):
+                key = "expert biases" if name.endswith("_bias") else "expert stacks (16-bit)"
+            elif isinstance(module, NF4Linear):
+                key = ("attention linears NF4 codes" if name == "packed" else
+                       "attention linears biases" if name == "bias" else
+                       "attention linears NF4 scales (double-quantised)")
+            elif id(module) in routers:
+                key = "routers"
+            elif isinstance(module, nn.Linear):
+                key = "attention linears biases" if name == "bias" else "attention linears (16-bit)"
+            elif isinstance(module, RMSNorm):
+                key = "norms"
+            elif name == "sinks":
+                key = "attention sinks"
+            else:
+                key = f"other ({type(module).__name__}.{name})"
+            add(key, t)
+    return out
+
+
+def memory_breakdown(config, dtype: torch.dtype, seq: int, batch: int, qlora: bool, optimizer: str,
+                     budget_gib: float | None, policy: str = "auto") -> dict:
+    """Where the memory of a fasttune training step goes, from the model built on the meta device exactly as the
+    rows build it. Exact: the resident weights and adapters, the gradients and the optimizer moments (from the
+    trainable shapes and the optimizer's state layout). Estimated: the activations the memory plan made for
+    `budget_gib` keeps (train.memory's per-layer estimate), one layer's backward working set (the planner's own
+    allowance, without its reserve). Exact sizes of transients: the largest NF4 expert stack dequantised by the
+    grouped GEMM (forward and backward), the fused loss head's chunk. The expected peak is the static state plus
+    the kept activations plus the larger of the loss head's and one layer's backward transients (they do not
+    coexist)."""
+    from fasttune.kernels.cross_entropy import loss_workspace_bytes
+    from fasttune.models.moe import NF4ExpertStack
+    from fasttune.train.memory import plan_memory, working_set_bytes
+    from fasttune.train.trainer import optimizer_state_bytes
+
+    model = build_lora_model(config, torch.device("meta"), dtype, qlora)
+    spec = model.spec
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    tokens = seq * batch
+    rows = [(k, v, "exact") for k, v in sorted(resident_bytes(model).items(), key=lambda kv: -kv[1])]
+    weights = sum(v for _, v, _ in rows)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    state = optimizer_state_bytes(trainable, optimizer)
+    grad_dtype = str(trainable[0].dtype).removeprefix("torch.")
+    rows += [(f"gradients of the trainable parameters ({grad_dtype})", grads, "exact"),
+             (f"optimizer moments ({optimizer})", state, "exact")]
+    static = weights + grads + state
+    free = int(budget_gib * GiB) - static if budget_gib else None
+    plan = plan_memory(spec, policy, seq, batch, free, dtype_bytes, lora_rank=RANK)
+    kept = plan.resident_activation_bytes(tokens * spec.hidden_size * dtype_bytes)
+    layer = plan.activation_bytes_per_layer
+    working = working_set_bytes(spec, tokens, layer, dtype_bytes, reserve_bytes=0)
+    stacks = [m for m in model.modules() if isinstance(m, NF4ExpertStack)]
+    dequant = max((math.prod(m.shape) * dtype_bytes for m in stacks), default=0)
+    loss = loss_workspace_bytes(tokens - batch, spec.vocab_size, spec.hidden_size, dtype_bytes)
+    rows += [(f"activations kept by the plan ({plan.summary()}; {layer / GiB:.3f} GiB per kept layer)", kept,
+              "planner estimate"),
+             ("one layer's backward working set (planner: factor x (activations + 4 x hidden))", working,
+              "planner estimate"),
+             ("largest NF4 expert stack dequantised for a grouped GEMM (transient)", dequant, "exact size"),
+             ("fused loss head: one chunk of logits, dL/dhidden, row losses (transient)", loss, "exact size")]
+    expected = static + kept + max(working + dequant, loss)
+    return dict(rows=rows, weights_bytes=weights, gradient_bytes=grads, optimizer_bytes=state, static_bytes=static,
+                expected_peak_bytes=expected,
+                budget_bytes=int(budget_gib * GiB) if budget_gib else None, free_for_activations=free,
+                planner_reserve_bytes=2 * GiB, plan=plan.summary(), plan_notes=plan.notes,
+                activation_bytes_per_layer=layer, trainable_params=sum(p.numel() for p in trainable),
+                layers=spec.num_layers)
+
+
+def breakdown_table(case: str, qlora: bool, optimizer: str, b: dict) -> str:
+    budget = f", budget {b['budget_bytes'] / GiB:g} GiB" if b["budget_bytes"] else ""
+    lines = [f"### {case}, {b['layers']} layers, {'QLoRA' if qlora else 'LoRA on a 16-bit base'}, optimizer "
+             f"{optimizer}{budget}; {b['trainable_params']:,} trainable parameters", "",
+             "| component | bytes | GiB | kind |", "|---|---:|---:|---|"]
+    for name, n, kind in b["rows"]:
+        lines.append(f"| {name} | {n:,} | {n / GiB:.3f} | {kind} |")
+    for label, key in (("weights and adapters", "weights_bytes"), ("+ gradients + optimizer moments", "static_bytes"),
+                       ("expected peak: static + kept + max(layer backward + dequant, loss head)",
+                        "expected_peak_bytes")):
+        lines.append(f"| **{label}** | {b[key]:,} | {b[key] / GiB:.3f} | |")
+    if b["budget_bytes"]:
+        lines.append(f"\nLeft for activations under the budget: {b['free_for_activations'] / GiB:.3f} GiB (the "
+                     f"planner also keeps a {b['planner_reserve_bytes'] / GiB:g} GiB reserve beside its working "
+                     f"set). Plan: {b['plan']}{'; ' + '; '.join(b['plan_notes']) if b['plan_notes'] else ''}.")
+    return "\n".join(lines)
 
 
 def build_hf(config, device, dtype, gc_on: bool):
@@ -137,7 +284,7 @@ def build_hf(config, device, dtype, gc_on: bool):
 
 
 def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlora=False,
-            budget_gib: float | None = None, profile: bool = False) -> dict:
+            budget_gib: float | None = None, profile: bool = False, optimizer: str | None = None) -> dict:
     free_everything(device)
     capped = bool(budget_gib) and tool == "fasttune" and device.type == "cuda"
     if capped:  # the process may not allocate beyond the budget: an out-of-memory error is the honest result
@@ -146,10 +293,10 @@ def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlo
     t_build = time.perf_counter()
     if tool == "fasttune":
         model, setup = build_fasttune(config, device, dtype, setting, seq, batch, qlora,
-                                      budget_gib if capped else None)
+                                      budget_gib if capped else None, optimizer or "adamw")
     else:
         model, setup = build_hf(config, device, dtype, setting)
-    opt = make_optimizer(model, tool)
+    opt = make_optimizer(model, tool, optimizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     build_s = time.perf_counter() - t_build
     gen = torch.Generator(device=device).manual_seed(1)
@@ -214,6 +361,14 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-gib", type=float, default=None,
                     help="cap fasttune rows at this many GiB (torch.cuda.set_per_process_memory_fraction) and plan "
                          "their memory policy for it (the issue's 16 GB gpt-oss QLoRA target: --qlora --budget-gib 16)")
+    ap.add_argument("--optimizer", default="adamw",
+                    help="fasttune rows once per optimizer in this comma list, made as the trainer makes "
+                         "train.optimizer: adamw (torch's, fused on CUDA), adamw8bit (8-bit moments); HF+PEFT rows "
+                         "use torch's AdamW with its defaults")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="build nothing on the device: print where the memory of each fasttune row would go (the "
+                         "model built on the meta device, exact weights / gradients / optimizer state, the memory "
+                         "planner's activation estimate for --budget-gib) and exit")
     ap.add_argument("--layers", type=int, default=None, help="build this many layers instead of the full depth")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
@@ -233,6 +388,12 @@ def main(argv=None) -> int:
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     grouped_mms = [g.strip() for g in args.grouped_mm.split(",") if g.strip()] or [None]
     seq = 64 if args.tiny and args.seq == 2048 else args.seq
+    optimizers = [o.strip() for o in args.optimizer.split(",") if o.strip()]
+    bad = sorted(set(optimizers) - {"adamw", "adamw8bit"})
+    if bad or not optimizers:
+        ap.error(f"--optimizer: choose from adamw, adamw8bit (got {args.optimizer!r})")
+    if args.plan_only:
+        return plan_only(args, cases, seq, optimizers)
     info = versions()
     print(json.dumps(info), flush=True)
     rows = []
@@ -244,23 +405,25 @@ def main(argv=None) -> int:
         for tool in tools:
             settings = ([p.strip() for p in args.ft_policies.split(",")] if tool == "fasttune"
                         else [g.strip() == "on" for g in args.hf_gc.split(",")])
-            jobs += [(tool, setting, False, gm) for setting in settings
-                     for gm in (grouped_mms if tool == "fasttune" else [None])]
+            jobs += [(tool, setting, False, gm, opt) for setting in settings
+                     for gm in (grouped_mms if tool == "fasttune" else [None])
+                     for opt in (optimizers if tool == "fasttune" else [None])]
         if args.qlora:
-            jobs += [("fasttune", p.strip(), True, gm) for p in args.ft_policies.split(",") for gm in grouped_mms]
-        for tool, setting, qlora, grouped_mm in jobs:
+            jobs += [("fasttune", p.strip(), True, gm, opt) for p in args.ft_policies.split(",") for gm in grouped_mms
+                     for opt in optimizers]
+        for tool, setting, qlora, grouped_mm, optimizer in jobs:
             label = tool + (" qlora" if qlora else "") + (
                 f" ({setting})" if tool == "fasttune" else f" (gc {'on' if setting else 'off'})") + (
-                f" experts {grouped_mm}" if grouped_mm else "")
+                f" experts {grouped_mm}" if grouped_mm else "") + (f" {optimizer}" if optimizer else "")
             if grouped_mm:  # read by kernels.grouped_gemm at every call: this row's base-GEMM kernel
                 os.environ["FASTTUNE_GROUPED_MM"] = grouped_mm
             row = dict(case=case, tool=label, seq=seq, batch=args.batch, layers=config.num_hidden_layers,
-                       full_layers=full)
+                       full_layers=full, optimizer=optimizer or "adamw (torch defaults)")
             print(f"[run] {case} {label} seq {seq} x batch {args.batch}, {config.num_hidden_layers} layers",
                   flush=True)
             try:
                 row.update(measure(tool, config, device, dtype, setting, seq, args.batch, args.warmup,
-                                   args.steps, qlora, args.budget_gib, args.profile))
+                                   args.steps, qlora, args.budget_gib, args.profile, optimizer))
                 print("   ", json.dumps(row), flush=True)
             except Exception as e:  # noqa: BLE001 - one failure must not stop the other measurements
                 row["error"] = f"{type(e).__name__}: {e}"
@@ -273,6 +436,26 @@ def main(argv=None) -> int:
     print("\n" + markdown(rows) + f"\n\n(total {elapsed:.0f} s)", flush=True)
     out = write(args.out, info, rows, elapsed)
     if out:
+        print(f"wrote {out}", flush=True)
+    return 0
+
+
+def plan_only(args, cases: list[str], seq: int, optimizers: list[str]) -> int:
+    """--plan-only: the memory breakdown of each fasttune row the other options describe (bf16, as on the GPU),
+    printed as tables; JSON beside them with --out / $OUT."""
+    results = []
+    for case in cases:
+        config = hf_config(case, args.layers, args.tiny)
+        for qlora in ([False] if not args.qlora or args.tools else []) + ([True] if args.qlora else []):
+            for optimizer in optimizers:
+                b = memory_breakdown(config, torch.bfloat16, seq, args.batch, qlora, optimizer, args.budget_gib,
+                                     args.ft_policies.split(",")[0].strip())
+                print(breakdown_table(case, qlora, optimizer, b) + "\n", flush=True)
+                results.append(dict(case=case, qlora=qlora, optimizer=optimizer, seq=seq, batch=args.batch, **b))
+    out = args.out or (os.path.join(os.environ["OUT"], "moe_memory_plan.json") if os.environ.get("OUT") else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(dict(command="python " + " ".join(sys.argv), results=results), indent=2))
         print(f"wrote {out}", flush=True)
     return 0
 

@@ -140,6 +140,23 @@ def test_quantising_in_chunks_gives_the_same_bits(chunk):
     assert parts.shape == whole.shape and parts.dtype == whole.dtype
 
 
+@pytest.mark.parametrize("shape", [(1,), (63,), (64,), (129,), (7, 5, 37), (3, 64, 257), (70000,)])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_empty_has_the_layout_quantize_returns(shape, blocksize):
+    """NF4Tensor.empty (meta-device memory accounting) allocates exactly the tensors quantize_nf4 makes: shapes and
+    dtypes of packed, absmax_q, absmax2 and offset, odd counts and partial blocks included (70,000 values: more than
+    one nested block of 256 scales)."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    real = nf4.quantize_nf4(w, blocksize=blocksize)
+    layout = nf4.NF4Tensor.empty(shape, torch.bfloat16, blocksize=blocksize)
+    for name in ("packed", "absmax_q", "absmax2", "offset"):
+        a, b = getattr(real, name), getattr(layout, name)
+        assert (a.shape, a.dtype) == (b.shape, b.dtype), name
+        assert b.device.type == "meta"
+    assert (layout.shape, layout.dtype, layout.blocksize, layout.blocksize2) == (
+        real.shape, real.dtype, real.blocksize, real.blocksize2)
+
+
 def test_nearest_code_of_exact_values():
     # block absmax 1, so x / a = x: every table value must map to its own index
     w = torch.zeros(64)

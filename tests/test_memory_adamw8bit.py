@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from fasttune.train.adamw8bit import AdamW8bit, dequantize_blockwise, quantize_blockwise, state_bytes
+from fasttune.train.adamw8bit import (AdamW8bit, dequantize_blockwise, quantize_blockwise, state_bytes,
+                                     tensor_state_bytes)
 
 
 # one thread: exact float comparisons need a fixed summation order (see conftest.one_thread)
@@ -76,3 +77,15 @@ def test_bf16_parameters_and_state_dict_roundtrip():
     assert torch.equal(opt2.state[opt2.param_groups[0]["params"][0]]["m_q"], opt.state[p]["m_q"])
     with pytest.raises(ValueError):
         AdamW8bit([p], lr=-1)
+
+
+def test_tensor_state_bytes_is_what_a_step_allocates():
+    """tensor_state_bytes (memory planning before the first step) equals the state one step really keeps, for
+    quantised tensors with a partial last block, the min_8bit_size boundary, and float32-state small ones."""
+    for numel in (100, 4095, 4096, 4097, 3 * 256 + 1, 70_000):
+        p = torch.nn.Parameter(torch.randn(numel))
+        opt = AdamW8bit([p], lr=1e-3)
+        p.grad = torch.randn(numel)
+        opt.step()
+        assert state_bytes(opt) == tensor_state_bytes(numel), numel
+    assert tensor_state_bytes(4096) == 2 * 4096 + 2 * 4 * 16 and tensor_state_bytes(4095) == 8 * 4095

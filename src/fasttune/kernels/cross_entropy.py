@@ -252,6 +252,15 @@ def _chunk_rows(num_rows: int, vocab: int, element_size: int, chunk_bytes: int |
     return min(num_rows, rows)
 
 
+def loss_workspace_bytes(num_rows: int, vocab: int, hidden: int, element_size: int,
+                         chunk_bytes: int | None = None) -> int:
+    """Bytes `fused_linear_cross_entropy` allocates beyond its inputs for `num_rows` rows of a frozen (vocab x
+    hidden) head (memory planning): one chunk's logits, dL/dhidden (kept for the backward) and the float32 row
+    losses."""
+    rows = _chunk_rows(num_rows, vocab, element_size, chunk_bytes)
+    return rows * vocab * element_size + num_rows * hidden * element_size + 4 * num_rows
+
+
 def _launch_loss_and_grad(logits, labels, row_loss, grad_scale, ignore_index, label_smoothing, softcap, compute_grad):
     vocab = logits.shape[1]
     block = min(MAX_VOCAB_BLOCK, triton.next_power_of_2(vocab))

@@ -72,6 +72,18 @@ class NF4Tensor:
             out = torch.empty(self.shape, dtype=dtype, device=self.device)
         return dequantize_nf4(self, out)
 
+    @classmethod
+    def empty(cls, shape, dtype: torch.dtype, device="meta", blocksize: int = 64) -> "NF4Tensor":
+        """The tensors `quantize_nf4` returns for a weight of `shape`, uninitialised (on the meta device: no
+        memory): the layout a model will hold once loaded in 4 bits, for memory accounting before loading."""
+        n = math.prod(shape)
+        blocks = -(-n // blocksize)
+        return cls(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device),
+                   torch.empty(blocks, dtype=torch.uint8, device=device),
+                   torch.empty(-(-blocks // NESTED_BLOCKSIZE), dtype=torch.float32, device=device),
+                   torch.empty((), dtype=torch.float32, device=device), torch.Size(shape), dtype, blocksize,
+                   NESTED_BLOCKSIZE)
+
     def to(self, device) -> "NF4Tensor":
         return NF4Tensor(self.packed.to(device), self.absmax_q.to(device), self.absmax2.to(device),
                          self.offset.to(device), self.shape, self.dtype, self.blocksize, self.blocksize2)

@@ -106,17 +106,23 @@ class Experts(nn.Module):
         w = getattr(self, name)
         return w.dequantize() if isinstance(w, NF4ExpertStack) else w.detach()
 
-    def quantize_nf4_(self, name: str) -> None:
-        """Store the `name` stack in NF4 from now on (frozen; load_in_4bit does this as each stack is read)."""
+    def quantize_nf4_(self, name: str, quantized: NF4Tensor | None = None) -> None:
+        """Store the `name` stack in NF4 from now on (frozen; load_in_4bit does this as each stack is read).
+        `quantized`: its NF4 form when already made, e.g. `NF4Tensor.empty` of its shape for a model kept on the
+        meta device to count its memory."""
         if name not in EXPERT_STACKS:
             raise ValueError(f"expert stacks are {EXPERT_STACKS}, got {name!r}")
         w = getattr(self, name)
         if isinstance(w, NF4ExpertStack):
             return
-        if w.device.type == "meta":
+        if quantized is not None:
+            if tuple(quantized.shape) != tuple(w.shape):
+                raise ValueError(f"{name}: an NF4 form of shape {tuple(quantized.shape)} for a stack of shape "
+                                 f"{tuple(w.shape)}")
+        elif w.device.type == "meta":
             raise ValueError(f"{name} is still on the meta device (not loaded yet)")
         del self._parameters[name]
-        setattr(self, name, NF4ExpertStack(quantize_nf4(w.detach())))
+        setattr(self, name, NF4ExpertStack(quantized if quantized is not None else quantize_nf4(w.detach())))
 
     def project(self, name: str, x_sorted: torch.Tensor, offsets: torch.Tensor, adapter: dict | None = None
                 ) -> torch.Tensor:

@@ -111,10 +111,19 @@ class AdamW8bit(torch.optim.Optimizer):
         return loss
 
 
+def tensor_state_bytes(numel: int, min_8bit_size: int = 4096) -> int:
+    """Bytes of state `AdamW8bit.step` keeps for one parameter of `numel` values (memory planning before the
+    first step): m and v as uint8 codes plus a float32 absmax per block of BLOCK values, or float32 m and v below
+    `min_8bit_size`."""
+    if numel >= min_8bit_size:
+        return 2 * (numel + 4 * -(-numel // BLOCK))
+    return 2 * 4 * numel
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by the optimizer's state tensors (for memory reports and tests)."""
     return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                if isinstance(v, torch.Tensor))
 
 
-__all__ = ["AdamW8bit", "dequantize_blockwise", "quantize_blockwise", "state_bytes"]
+__all__ = ["AdamW8bit", "dequantize_blockwise", "quantize_blockwise", "state_bytes", "tensor_state_bytes"]

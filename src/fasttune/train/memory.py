@@ -248,6 +248,13 @@ class MemoryPlan:
     budget_bytes: int | None
     notes: list[str] = field(default_factory=list)
 
+    def resident_activation_bytes(self, layer_input_bytes: int) -> int:
+        """Estimated bytes the plan keeps on the device from the forward to the backward: every plain layer's
+        activations and every checkpointed layer's input (`layer_input_bytes`, tokens x hidden); an offloaded
+        layer keeps nothing there."""
+        return (self.modes.count("none") * self.activation_bytes_per_layer
+                + self.modes.count("checkpoint") * layer_input_bytes)
+
     def summary(self) -> str:
         counts = {m: self.modes.count(m) for m in MODES if self.modes.count(m)}
         parts = [f"{n} {m}" for m, n in counts.items()]
@@ -264,7 +271,20 @@ def free_device_bytes(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-WORKSPACE_FACTOR = 1.6  # measured correction to the analytic working-set estimate (see plan_memory)
+WORKSPACE_FACTOR = 1.6  # measured correction to the analytic working-set estimate (see working_set_bytes)
+
+
+def working_set_bytes(spec, tokens: int, layer_bytes: int, dtype_bytes: int = 2, mlp_chunk_bytes: int = 2 * GiB,
+                      reserve_bytes: int = 2 * GiB) -> int:
+    """What the auto policy leaves free beside the kept activations: the working set while one checkpointed layer
+    (`layer_bytes` of activations) is in its backward, with its transients, plus `reserve_bytes`. The analytic
+    count is short of what the allocator really holds (gradient buffers, SDPA workspaces, fragmentation): on the
+    H100, 8B LoRA at 131K tokens ran out of memory with 32 GB of checkpoints next to 16 GB of weights, so the true
+    working set was over 30 GB where the plain estimate said 22.5 GB; hence WORKSPACE_FACTOR."""
+    hidden_bytes = tokens * spec.hidden_size * dtype_bytes
+    per_mlp_token = 6 * spec.intermediate_size * dtype_bytes  # one MLP chunk's backward: ~6 x intermediate
+    return int(reserve_bytes + WORKSPACE_FACTOR * (layer_bytes + 4 * hidden_bytes)
+               + min(tokens * per_mlp_token, mlp_chunk_bytes))
 
 
 def plan_memory(spec, policy: str, seq_len: int, batch_size: int, free_bytes: int | None, dtype_bytes: int = 2,
@@ -301,13 +321,7 @@ def plan_memory(spec, policy: str, seq_len: int, batch_size: int, free_bytes: in
     if free_bytes is None:
         return MemoryPlan(["none"] * L, None, True, act, None, ["no device memory limit (CPU): nothing recomputed"])
     lean_act = layer_activation_bytes(spec, tokens, dtype_bytes, False, lora_rank)
-    # working set while one checkpointed layer is in its backward: its activations plus transients. The analytic
-    # count is short of what the allocator really holds (gradient buffers, SDPA workspaces, fragmentation):
-    # on the H100, 8B LoRA at 131K tokens ran out of memory with 32 GB of checkpoints next to 16 GB of weights,
-    # so the true working set was over 30 GB where the plain estimate said 22.5 GB.
-    workspace = reserve_bytes + WORKSPACE_FACTOR * (act + 4 * hidden_bytes) + min(tokens * per_mlp_token,
-                                                                                  mlp_chunk_bytes)
-    budget = free_bytes - workspace
+    budget = free_bytes - working_set_bytes(spec, tokens, act, dtype_bytes, mlp_chunk_bytes, reserve_bytes)
     if L * act <= budget:
         return MemoryPlan(["none"] * L, None, True, act, free_bytes, ["everything fits: nothing recomputed"])
     n_ckpt = math.ceil((L * act - budget) / max(1, act - hidden_bytes))
@@ -315,8 +329,7 @@ def plan_memory(spec, policy: str, seq_len: int, batch_size: int, free_bytes: in
         modes = ["checkpoint"] * n_ckpt + ["none"] * (L - n_ckpt)
         return MemoryPlan(modes, None, True, act, free_bytes, [f"checkpoint {n_ckpt} of {L} layers"])
     # every layer checkpointed; shrink the working set (chunked MLP, gate/up recomputed), then offload inputs
-    budget = free_bytes - (reserve_bytes + WORKSPACE_FACTOR * (lean_act + 4 * hidden_bytes)
-                           + min(tokens * per_mlp_token, mlp_chunk_bytes))
+    budget = free_bytes - working_set_bytes(spec, tokens, lean_act, dtype_bytes, mlp_chunk_bytes, reserve_bytes)
     lean = chunk_tokens is not None
     n_off = 0 if L * hidden_bytes <= budget else math.ceil((L * hidden_bytes - budget) / hidden_bytes)
     n_off = min(n_off, L - 1)

@@ -121,6 +121,35 @@ def _oom_message(cfg: TrainConfig, err: BaseException, during: str = "training")
             "memory:\n  - " + "\n  - ".join(options) + "\nRun `fasttune doctor` for what this GPU holds.")
 
 
+
+def make_optimizer(groups: list[dict], optimizer: str, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                   weight_decay: float = 0.0, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """The optimizer `train.optimizer` names over parameter groups (adapters.param_groups): "adamw8bit" (8-bit
+    blockwise state, train.adamw8bit) or "adamw" (torch's AdamW, fused on CUDA when every parameter is a float
+    dtype: no multi-tensor temporaries of the size of the whole state). The trainer's, and the benchmarks'."""
+    if optimizer == "adamw8bit":
+        from .adamw8bit import AdamW8bit
+
+        return AdamW8bit(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    if optimizer != "adamw":
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose adamw or adamw8bit")
+    fused = (device is not None and device.type == "cuda"
+             and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for g in groups for p in g["params"]))
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
+
+
+def optimizer_state_bytes(params, optimizer: str) -> int:
+    """Bytes of the moments `make_optimizer(..., optimizer)` keeps for `params` once it has stepped (memory
+    planning before it exists): adamw keeps exp_avg and exp_avg_sq in each parameter's dtype, adamw8bit what
+    train.adamw8bit.tensor_state_bytes says. The 0-d step counters (one per tensor, a few bytes) are left out."""
+    if optimizer == "adamw8bit":
+        from .adamw8bit import tensor_state_bytes
+
+        return sum(tensor_state_bytes(p.numel()) for p in params)
+    if optimizer != "adamw":
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose adamw or adamw8bit")
+    return sum(2 * p.numel() * p.element_size() for p in params)
+
 class Trainer:
     """The training loop, evaluation and checkpoints over a built model. `model` (with its `tokenizer`): a CausalLM
     from fasttune.load or build.build_model, made ready here by build.prepare_for_training (the configured adapters
@@ -216,14 +245,7 @@ class Trainer:
         t, o = self.cfg.train, self.cfg.objective
         groups = param_groups(self.model, t.lr, o.embedding_lr_ratio, t.weight_decay,
                               extra_modules=[m for k, m in self.trainable_modules().items() if k != "model"])
-        betas = (t.betas[0], t.betas[1])
-        if t.optimizer == "adamw8bit":
-            from .adamw8bit import AdamW8bit
-
-            return AdamW8bit(groups, lr=t.lr, betas=betas, weight_decay=t.weight_decay)
-        fused = self.device.type == "cuda" and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                                                   for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=t.lr, betas=betas, weight_decay=t.weight_decay, fused=fused or None)
+        return make_optimizer(groups, t.optimizer, t.lr, (t.betas[0], t.betas[1]), t.weight_decay, self.device)
 
     # ---- data ----------------------------------------------------------------------------------------------
 
