@@ -221,7 +221,9 @@ def test_moe_activation_estimate_counts_routed_rows():
     top2 = _moe_spec(num_experts_per_tok=2)
     tokens = 512
     per_k = (layer_activation_bytes(spec, tokens, 4, lora_rank=0) - layer_activation_bytes(top2, tokens, 4, lora_rank=0))
-    assert per_k == tokens * 2 * (3 * 64 + 3 * 48) * 4  # two more routed rows per token
+    # two more routed rows per token (input and output rows, gate_up and GLU output, two int64 indices), two more
+    # top-k ids, routing weights and top-k values
+    assert per_k == tokens * 2 * ((2 * 64 + 3 * 48) * 4 + 2 * 8 + 8 + 4 + 4)
     torch.manual_seed(0)
     model = CausalLM(spec)
     with torch.no_grad():
@@ -245,6 +247,57 @@ def test_moe_activation_estimate_counts_routed_rows():
                                                        num_key_value_heads=2), tokens, 4, lora_rank=0)
     estimate_moe_share = layer_activation_bytes(spec, tokens, 4, lora_rank=0) - attention_and_norms
     assert 0.6 * estimate_moe_share <= measured <= 1.25 * estimate_moe_share, (measured, estimate_moe_share)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for the backward while fn() runs and back-propagates, the
+    module's parameters and buffers excluded (they are resident anyway)."""
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_activation_estimate_matches_what_the_kernels_keep(family, dtype, monkeypatch):
+    """The planner's MoE estimate (tokens x top-k routed rows, issue 17) against the bytes autograd really keeps
+    for an MoE block with LoRA on its experts, through the autograd functions the GPU runs (grouped GEMM with the
+    adapters fused in, gpt-oss's ClampedSwiGLU, the GLU kernel; Triton's interpreter on CPU): equal but for the
+    (E + 1) int32 expert offsets."""
+    import dataclasses
+
+    from fasttune.train.memory import moe_activation_bytes
+
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    if family == "gpt_oss":
+        spec = ArchSpec.from_hf_config(dict(model_type="gpt_oss", vocab_size=96, hidden_size=64, intermediate_size=48,
+                                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=16, num_local_experts=8, num_experts_per_tok=4, sliding_window=8))
+    else:
+        spec = _moe_spec(num_hidden_layers=1)
+    torch.manual_seed(0)
+    model = CausalLM(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model = model.to(dtype)
+    add_lora(model, r=4, alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"])
+    moe = model.model.layers[0].mlp
+    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    tokens = 32  # the interpreter runs every program in Python: few rows
+    x = torch.randn(1, tokens, spec.hidden_size, dtype=dtype, requires_grad=True)
+    saved = _saved_bytes(lambda: moe(x).float().sum().backward())
+    measured = sum(n for ptr, n in saved.items() if ptr not in resident)
+    offsets = 4 * (spec.num_experts + 1)
+    estimate = moe_activation_bytes(spec, tokens, dtype.itemsize, lora_rank=4)
+    assert measured == estimate + offsets, (measured, estimate)
+    assert moe_activation_bytes(dataclasses.replace(spec, experts_per_token=2), tokens, dtype.itemsize, 4) < estimate
 
 
 def test_plan_at_qwen3_30b_a3b_shape():

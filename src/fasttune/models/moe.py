@@ -71,10 +71,61 @@ class NF4ExpertStack(nn.Module):
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """gpt-oss's GLU: gate clamped above at `limit`, up clamped to [-limit, limit], (up + 1) * gate * sigmoid(alpha
-    gate) (plain autograd: elementwise on the experts' rows)."""
+    gate), as transformers computes it (elementwise ops in the input dtype). Under autograd this keeps four
+    tensors of the width beside its inputs; `ClampedSwiGLU` is the training path."""
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def split_gate_up(gate_up: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) views of a fused gate_up projection output (..., 2I): even / odd columns when `interleaved`
+    (gpt-oss), else the first / second half."""
+    if interleaved:
+        return gate_up[..., ::2], gate_up[..., 1::2]
+    return gate_up.split(gate_up.shape[-1] // 2, dim=-1)
+
+
+class ClampedSwiGLU(torch.autograd.Function):
+    """y = clamped_swiglu(gate, up) of a fused gate_up (M, 2I), saving gate_up alone for the backward: 2I values
+    per routed row, where autograd over the elementwise ops keeps 6I (the clamped gate, the sigmoid, up + 1 and the
+    gate product beside gate_up). The forward is clamped_swiglu itself (same values); the backward recomputes in
+    float32 (float64 inputs: in float64), CHUNK_ELEMENTS values of the width at a time (temporaries bounded
+    whatever the token count), and rounds each gradient once:
+        g = min(gate, limit),  u = clamp(up, -limit, limit),  s = sigmoid(alpha g)
+        d gate = dy (u + 1) s (1 + alpha g (1 - s)) [gate <= limit]
+        d up   = dy g s [-limit <= up <= limit]
+    (torch.clamp passes the gradient where its input lies within the bounds, ends included: the same masks.)"""
+
+    CHUNK_ELEMENTS = 1 << 21
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, interleaved: bool, alpha: float, limit: float) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        ctx.interleaved, ctx.alpha, ctx.limit = interleaved, alpha, limit
+        return clamped_swiglu(*split_gate_up(gate_up, interleaved), alpha, limit)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (gate_up,) = ctx.saved_tensors
+        alpha, limit = ctx.alpha, ctx.limit
+        width = gate_up.shape[-1] // 2
+        rows_in = gate_up.reshape(-1, 2 * width)
+        grad = torch.empty_like(rows_in)
+        gate, up = split_gate_up(rows_in, ctx.interleaved)
+        dgate, dup = split_gate_up(grad, ctx.interleaved)
+        dy = dy.reshape(-1, width)
+        step = max(1, ClampedSwiGLU.CHUNK_ELEMENTS // max(1, width))
+        compute = torch.promote_types(gate_up.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        for a in range(0, rows_in.shape[0], step):
+            b = min(a + step, rows_in.shape[0])
+            g_in, u_in, d = (t[a:b].to(compute) for t in (gate, up, dy))
+            g = g_in.clamp(max=limit)
+            s = torch.sigmoid(alpha * g)
+            dg = d * (u_in.clamp(min=-limit, max=limit) + 1) * s * (1 + alpha * g * (1 - s))
+            dgate[a:b] = dg.masked_fill_(g_in > limit, 0)
+            dup[a:b] = (d * g * s).masked_fill_((u_in < -limit) | (u_in > limit), 0)
+        return grad.view(gate_up.shape), None, None, None
 
 
 class Experts(nn.Module):
@@ -136,14 +187,13 @@ class Experts(nn.Module):
         """`adapters`: projection name -> its LoRA arguments (fasttune.adapters' LoraExperts passes them)."""
         adapters = adapters or {}
         gate_up = self.project("gate_up_proj", x_sorted, offsets, adapters.get("gate_up_proj"))
-        if self.swiglu is None and not self.interleaved:
+        if self.swiglu is not None:
+            act = ClampedSwiGLU.apply(gate_up, self.interleaved, *self.swiglu)
+        elif not self.interleaved:
             # gate and up halves in one call: the backward writes d gate_up whole (no concatenation of two halves)
             act = kernels.glu_packed(gate_up, self.activation)
         else:
-            gate, up = ((gate_up[..., ::2], gate_up[..., 1::2]) if self.interleaved
-                        else gate_up.split(self.intermediate_size, dim=-1))
-            act = (kernels.glu(gate, up, self.activation) if self.swiglu is None
-                   else clamped_swiglu(gate, up, *self.swiglu))
+            act = kernels.glu(*split_gate_up(gate_up, self.interleaved), self.activation)
         return self.project("down_proj", act, offsets, adapters.get("down_proj"))
 
 

@@ -211,32 +211,42 @@ class LayerRunner:
 
 # ---- the policy -----------------------------------------------------------------------------------------------
 
+def moe_activation_bytes(spec, tokens: int, dtype_bytes: int = 2, lora_rank: int = 16) -> int:
+    """Estimated bytes an MoE block (router and experts, LoRA on the experts) keeps for its backward, for `tokens`
+    tokens. Per token, its k routed rows: the gathered input (hidden), the gate_up output (2 x expert width: the GLU
+    keeps only it, gpt-oss's clamped SwiGLU too), the GLU output (expert width), the down output back in (token,
+    slot) order for the weighted sum (hidden), the rank-r LoRA products of both projections (2 x r) and two int64
+    row indices (the gather and its inverse); then the router's top-k ids (int64) and routing weights (k), and for
+    softmax-then-top-k routers the float32 probabilities (E), top-k values (k) and their sum. This is what autograd
+    keeps through the kernels' autograd functions (tests/test_memory.py measures it through Triton's interpreter):
+    the down output in expert order, the inputs' norm output and the weights are not counted here (not saved, or
+    counted with the norms)."""
+    k, width = spec.experts_per_token, spec.expert_intermediate_size
+    rows = k * ((2 * spec.hidden_size + 3 * width + 2 * lora_rank) * dtype_bytes + 2 * 8)
+    router = k * (8 + dtype_bytes)
+    if spec.router_kind == "softmax_topk":
+        router += 4 * spec.num_experts + 4 * k + 4
+    return tokens * (rows + router)
+
+
 def layer_activation_bytes(spec, tokens: int, dtype_bytes: int = 2, mlp_saves_gate_up: bool = True,
                            lora_rank: int = 16) -> int:
     """Estimated bytes one decoder layer keeps for its backward (fused LoRA path), for `tokens` tokens:
     the two norms' inputs and outputs (4 x hidden), attention q, k, v, output and the o_proj input
     (3 x q_dim + 2 x kv_dim), the MLP's gate and up outputs (2 x intermediate, unless recomputed), rank-r
-    products and float32 norm statistics.
-
-    An MoE layer (the largest of a model's layers counts, for plans that treat layers alike) keeps, per token, its
-    k routed rows: the gathered input (hidden), gate_up output (2 x expert width), GLU output (expert width), down
-    output and its copy back in (token, slot) order (2 x hidden), the experts' rank-r LoRA products (2 x r), and
-    the router's float32 logits and probabilities (2 x E x 4 bytes); the gate/up recomputation does not apply.
+    products and float32 norm statistics. An MoE layer's MLP: `moe_activation_bytes` (the largest of a model's
+    layers counts, for plans that treat layers alike; the gate/up recomputation does not apply to experts).
     Attention with sinks (gpt-oss) runs fused on CUDA (kernels.attention: the kernel's output and float32 lse, as
     without sinks), so it adds nothing of the sequence length; only its eager fallback would."""
     q_dim = spec.num_heads * spec.head_dim
     kv_dim = spec.num_kv_heads * spec.head_dim
     per_token = 4 * spec.hidden_size + 3 * q_dim + 2 * kv_dim + 7 * lora_rank
-    dense_mlp = 2 * spec.intermediate_size if mlp_saves_gate_up else 0
-    router_bytes = 0
+    dense_mlp = tokens * (2 * spec.intermediate_size if mlp_saves_gate_up else 0) * dtype_bytes
+    mlp = dense_mlp
     if spec.is_moe:
-        k, width = spec.experts_per_token, spec.expert_intermediate_size
-        moe_mlp = k * (3 * spec.hidden_size + 3 * width + 2 * lora_rank)
-        per_token += max(moe_mlp, dense_mlp if not all(spec.moe_layers) else 0)
-        router_bytes = 2 * spec.num_experts * 4
-    else:
-        per_token += dense_mlp
-    return tokens * (per_token * dtype_bytes + 4 * (2 + spec.num_heads) + router_bytes)
+        moe = moe_activation_bytes(spec, tokens, dtype_bytes, lora_rank)
+        mlp = max(moe, dense_mlp if not all(spec.moe_layers) else 0)
+    return tokens * (per_token * dtype_bytes + 4 * (2 + spec.num_heads)) + mlp
 
 
 @dataclass
