@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -207,6 +206,7 @@ def memory_breakdown(config, dtype: torch.dtype, seq: int, batch: int, qlora: bo
     the kept activations plus the larger of the loss head's and one layer's backward transients (they do not
     coexist)."""
     from fasttune.kernels.cross_entropy import loss_workspace_bytes
+    from fasttune.kernels.grouped_gemm import dequant_temporary_bytes
     from fasttune.models.moe import NF4ExpertStack
     from fasttune.train.memory import plan_memory, working_set_bytes
     from fasttune.train.trainer import optimizer_state_bytes
@@ -229,14 +229,15 @@ def memory_breakdown(config, dtype: torch.dtype, seq: int, batch: int, qlora: bo
     kept = plan.resident_activation_bytes(tokens * spec.hidden_size * dtype_bytes)
     layer = plan.activation_bytes_per_layer
     working = working_set_bytes(spec, tokens, layer, dtype_bytes, reserve_bytes=0)
-    stacks = [m for m in model.modules() if isinstance(m, NF4ExpertStack)]
-    dequant = max((math.prod(m.shape) * dtype_bytes for m in stacks), default=0)
+    dequant = max((dequant_temporary_bytes(m.quantized, dtype) for m in model.modules()
+                   if isinstance(m, NF4ExpertStack)), default=0)
     loss = loss_workspace_bytes(tokens - batch, spec.vocab_size, spec.hidden_size, dtype_bytes)
     rows += [(f"activations kept by the plan ({plan.summary()}; {layer / GiB:.3f} GiB per kept layer)", kept,
               "planner estimate"),
              ("one layer's backward working set (planner: factor x (activations + 4 x hidden))", working,
               "planner estimate"),
-             ("largest NF4 expert stack dequantised for a grouped GEMM (transient)", dequant, "exact size"),
+             ("largest NF4 expert range dequantised for a grouped GEMM (transient; Triton base GEMM)", dequant,
+              "exact size"),
              ("fused loss head: one chunk of logits, dL/dhidden, row losses (transient)", loss, "exact size")]
     expected = static + kept + max(working + dequant, loss)
     return dict(rows=rows, weights_bytes=weights, gradient_bytes=grads, optimizer_bytes=state, static_bytes=static,

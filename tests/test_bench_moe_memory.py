@@ -69,7 +69,7 @@ def test_gradients_and_optimizer_state_match_a_real_step(optimizer):
 def test_plan_only_prints_the_full_depth_breakdown(capsys):
     """--plan-only at gpt-oss-20b's full depth builds nothing on a device and reports the 16 GiB QLoRA budget's
     breakdown: 184,909,824 trainable parameters (7,704,576 per layer), the NF4 expert codes at half a byte per
-    weight, and 8-bit moments at a quarter of AdamW's."""
+    weight, AdamW's float32 moments, and the dequantised expert range of the grouped GEMM."""
     assert moe_train.main(["--cases", "gpt-oss-20b", "--tools", "", "--qlora", "--budget-gib", "16",
                            "--optimizer", "adamw,adamw8bit", "--plan-only"]) == 0
     out = capsys.readouterr().out
@@ -78,3 +78,5 @@ def test_plan_only_prints_the_full_depth_breakdown(capsys):
     assert f"| expert stacks NF4 codes | {experts // 2:,} |" in out
     assert "| optimizer moments (adamw) | 1,479,278,592 |" in out  # 2 x 4 bytes x 184,909,824
     assert "optimizer moments (adamw8bit)" in out
+    # the grouped GEMM dequantises gate_up 8 experts (256 MiB of bf16) at a time, not the whole 1.06 GB stack
+    assert f"(transient; Triton base GEMM) | {8 * 2880 * 5760 * 2:,} |" in out

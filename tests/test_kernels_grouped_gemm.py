@@ -467,6 +467,58 @@ def test_nf4_experts_dequantised_per_call(base_gemm):
             assert torch.equal(got[name], dense[name]), name
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("lora", ["expert", "shared", None])
+def test_nf4_experts_dequantised_a_few_experts_at_a_time(transposed, lora, monkeypatch):
+    """A stack over DEQUANT_CHUNK_BYTES is dequantised an expert range at a time (never whole) for the forward and
+    for dx, each launch writing its experts' rows of one output (NaN-poisoned: a forgotten row fails), and gives
+    the same bits as dequantising it whole: y and every gradient, empty experts, a partial last range, the gpt-oss
+    layout, per-expert and shared adapters, bias."""
+    from fasttune.kernels import nf4
+
+    gen = generator("nf4-chunks", transposed, lora)
+    E, N, K = 5, 24, 32
+    stored = (E, K, N) if transposed else (E, N, K)
+    q = nf4.quantize_nf4((torch.randn(*stored, generator=gen) * 0.1).to(DEVICE, torch.bfloat16))
+    offsets = offsets_of([5, 0, 12, 3, 7]).to(DEVICE)
+    lead = (E,) if lora == "expert" else ()
+    inputs = {"x": torch.randn(27, K, generator=gen).to(DEVICE, torch.bfloat16), "weight": q,
+              "bias": torch.randn(E, N, generator=gen).to(DEVICE, torch.bfloat16),
+              "lora_A": None if lora is None else (torch.randn(*lead, 4, K, generator=gen) * 0.2).to(DEVICE),
+              "lora_B": None if lora is None else (torch.randn(*lead, N, 4, generator=gen) * 0.2).to(DEVICE)}
+    dy = torch.randn(27, N, generator=gen).to(DEVICE, torch.bfloat16)
+    fn = functools.partial(gg.grouped_linear, base_gemm="triton")
+    whole = run(fn, inputs, dy, offsets, 0.5, transposed, weight_grad=False)
+    per_expert = N * K * 2
+    monkeypatch.setattr(gg, "DEQUANT_CHUNK_BYTES", 2 * per_expert)  # ranges of 2, 2, 1 experts
+    assert gg._expert_chunks(q, torch.bfloat16) == [(0, 2), (2, 4), (4, 5)]
+    ranges = []
+    real = nf4.NF4Tensor.dequantize_rows
+    monkeypatch.setattr(nf4.NF4Tensor, "dequantize_rows", lambda self, a, b, dtype=None: ranges.append((a, b))
+                        or real(self, a, b, dtype))
+    monkeypatch.setattr(nf4.NF4Tensor, "dequantize", lambda *a, **k: pytest.fail("dequantised whole"))
+    chunked = run(fn, inputs, dy, offsets, 0.5, transposed, weight_grad=False)
+    assert ranges == [(0, 2), (2, 4), (4, 5)] * 2  # forward, then dx
+    for name in NAMES:
+        assert (chunked[name] is None) == (whole[name] is None), name
+        if chunked[name] is not None:
+            assert torch.equal(chunked[name], whole[name]), name
+
+
+def test_stack_of_blocks_straddling_experts_is_dequantised_whole_and_says_so(monkeypatch, caplog):
+    from fasttune.kernels import nf4
+
+    q = nf4.quantize_nf4(torch.randn(3, 8, 5).to(DEVICE, torch.bfloat16))  # 40 values per expert: not whole blocks
+    monkeypatch.setattr(gg, "DEQUANT_CHUNK_BYTES", 1)
+    monkeypatch.setattr(gg, "FALLBACKS", gg.Fallbacks("grouped GEMM", gg.log))
+    with caplog.at_level(logging.INFO, logger="fasttune.kernels"):
+        assert gg._expert_chunks(q, torch.bfloat16) is None
+        assert gg._expert_chunks(q, torch.bfloat16) is None
+    said = [r.getMessage() for r in caplog.records if "dequantised whole" in r.getMessage()]
+    assert len(said) == 1 and "straddle" in said[0]
+    assert gg._expert_chunks(q.dequantize(), torch.bfloat16) is None  # a dense stack: nothing to chunk
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("base_gemm", ["triton", "torch"])
 def test_gpu_no_host_sync(base_gemm):

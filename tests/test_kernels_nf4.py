@@ -171,7 +171,7 @@ def test_nearest_code_of_exact_values():
 def test_dispatch(monkeypatch):
     q = nf4.quantize_nf4(random_weight((16, 64), torch.bfloat16, seed=1))
     calls = []
-    monkeypatch.setattr(nf4, "dequantize_nf4_triton", lambda q, out=None: calls.append("triton"))
+    monkeypatch.setattr(nf4, "dequantize_nf4_triton", lambda q, out=None, start=0: calls.append("triton"))
     monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
     nf4.dequantize_nf4(q)
     assert calls == ["triton"]
@@ -285,3 +285,27 @@ def test_gpu_dequant_real_size():
     bq, st = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     assert torch.equal(q.packed, bq) and torch.equal(q.absmax_q, st.absmax)
     assert torch.equal(got, bnb_f.dequantize_4bit(bq, st))
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_rows_equals_the_slice_of_the_whole(path, dtype, monkeypatch):
+    """dequantize_rows (an expert range of a stack, dequantised alone) gives exactly dequantize()[start:stop] for
+    ranges inside, at either end and over the whole tensor, with blocks whose nested (256-block) scales straddle
+    the range bounds (rows of 3 x 64 values: 768 blocks)."""
+    monkeypatch.setenv("FASTTUNE_KERNELS", path)
+    w = torch.randn(256, 3, 64, generator=torch.Generator().manual_seed(5)).to(dtype) * torch.linspace(0.1, 4, 256)[
+        :, None, None].to(dtype)
+    q = nf4.quantize_nf4(w)
+    whole = q.dequantize()
+    assert q.rows_dequantizable
+    for start, stop in [(0, 1), (0, 85), (85, 171), (170, 256), (255, 256), (0, 256)]:
+        part = q.dequantize_rows(start, stop)
+        assert part.shape == (stop - start, 3, 64) and part.dtype == dtype
+        assert torch.equal(part, whole[start:stop]), (start, stop)
+    odd = nf4.quantize_nf4(torch.randn(4, 3, 7))  # rows of 21 values: not whole blocks
+    assert not odd.rows_dequantizable
+    with pytest.raises(ValueError, match="whole blocks"):
+        odd.dequantize_rows(0, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        q.dequantize_rows(3, 3)

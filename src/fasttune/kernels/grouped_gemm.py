@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 
 import torch
@@ -419,13 +420,15 @@ def _grouped_mm(x: torch.Tensor | None, w: torch.Tensor | None, w_strides: tuple
                 offsets: torch.Tensor, bias: torch.Tensor | None = None, u: torch.Tensor | None = None,
                 lora_second: torch.Tensor | None = None, l_strides: tuple[int, int, int] = (0, 0, 0),
                 alpha: float = 1.0, lora_scale: float = 1.0, out_dtype: torch.dtype | None = None,
-                add_to: torch.Tensor | None = None) -> torch.Tensor:
+                add_to: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y (M, N) = alpha (x W_e^T + lora_scale u L_e) (+ b_e) per expert segment, W addressed by
     w_strides = (expert, n, k) strides and L by l_strides = (expert, r, n). With add_to (M, N) (x and w None):
-    add_to += alpha lora_scale u L_e (+ b_e) in place, no reduction over K (torch's grouped mm made x W_e^T)."""
+    add_to += alpha lora_scale u L_e (+ b_e) in place, no reduction over K (torch's grouped mm made x W_e^T).
+    The offsets hold absolute row numbers, so a slice offsets[e0:e1 + 1] with w, b, L of experts e0:e1 computes
+    only those experts' rows: written into `out` (M, N), the other rows untouched."""
     if add_to is None:
         M, K = x.shape
-        y = alloc((M, N), out_dtype or x.dtype, x.device)
+        y = out if out is not None else alloc((M, N), out_dtype or x.dtype, x.device)
         x_strides = (x.stride(0), x.stride(1))
         precision = _input_precision(x.dtype)
     else:
@@ -482,6 +485,13 @@ def _segment_sum(dy: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) ->
     _segment_sum_kernel[(triton.cdiv(N, BN), E)](dy, dy.stride(0), dy.stride(1), out, out.stride(0), offsets, N,
                                                  UPCAST=not dy.is_cuda, BM=BM, BN=BN)
     return out
+
+
+def _weight_strides(w: torch.Tensor, transposed: bool, as_kn: bool = False) -> tuple[int, int, int]:
+    """Strides of a dense stack stored (E, N, K) (or (E, K, N) when `transposed`) read as element (e, n, k): the
+    forward's x W_e^T; with `as_kn` read as (e, k, n): the backward's dy W_e."""
+    se, s1, s2 = w.stride()
+    return (se, s2, s1) if transposed != as_kn else (se, s1, s2)
 
 
 def _expert_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -578,17 +588,74 @@ def _torch_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.
     return _TORCH_GROUPED_MM(a, b, offs=offsets[1:])
 
 
+# A quantised expert stack (NF4) is dequantised for the frozen-weight GEMMs into a temporary of the compute dtype:
+# at most this many bytes of it at a time (a few experts per launch), not the whole stack (gpt-oss-20b's gate_up in
+# bf16: 1.06 GB, the largest transient of its 16 GB QLoRA step).
+DEQUANT_CHUNK_BYTES = 256 * 2**20
+
+
+def _expert_chunks(weight, dtype: torch.dtype) -> list[tuple[int, int]] | None:
+    """The expert ranges a quantised stack is dequantised in, one after another, for the Triton base GEMM; None
+    when it is dequantised whole: dense, within one chunk, or stored in blocks that straddle experts (which can
+    only be dequantised whole: logged once)."""
+    if isinstance(weight, torch.Tensor):
+        return None
+    E = weight.shape[0]
+    step = max(1, DEQUANT_CHUNK_BYTES // (math.prod(weight.shape[1:]) * dtype.itemsize))
+    if step >= E:
+        return None
+    if not getattr(weight, "rows_dequantizable", False):
+        FALLBACKS.note(f"dequant-whole:{type(weight).__name__}:{tuple(weight.shape)}",
+                       f"a {type(weight).__name__} expert stack {tuple(weight.shape)} is dequantised whole for each "
+                       "grouped GEMM (its quantisation blocks straddle experts), not a few experts at a time")
+        return None
+    return [(e, min(e + step, E)) for e in range(0, E, step)]
+
+
+def dequant_temporary_bytes(weight, dtype: torch.dtype) -> int:
+    """Bytes of the largest temporary the Triton base GEMMs dequantise a quantised stack into (memory planning):
+    its largest expert range, or the whole stack when it is not dequantised in ranges; 0 for a dense stack of
+    `dtype`. (torch's grouped mm path, FASTTUNE_GROUPED_MM=torch, dequantises whole.)"""
+    if isinstance(weight, torch.Tensor):
+        return 0 if weight.dtype == dtype else weight.numel() * dtype.itemsize
+    per_expert = math.prod(weight.shape[1:]) * dtype.itemsize
+    chunks = _expert_chunks(weight, dtype)
+    return per_expert * (weight.shape[0] if chunks is None else max(b - a for a, b in chunks))
+
+
+def _chunked_base_mm(x: torch.Tensor, weight, chunks: list[tuple[int, int]], transposed: bool, as_kn: bool,
+                     N: int, offsets: torch.Tensor, bias: torch.Tensor | None, lora: dict) -> torch.Tensor:
+    """The Triton grouped GEMM (x W_e^T, or with `as_kn` x W_e) with a quantised stack dequantised `chunks` (expert
+    ranges) at a time: each launch reads its experts' offsets, weight, bias and per-expert adapter (a shared one
+    whole), and writes their rows of one output."""
+    y = alloc((x.shape[0], N), x.dtype, x.device)
+    for e0, e1 in chunks:
+        w = weight.dequantize_rows(e0, e1, x.dtype)
+        w = w if w.dtype == x.dtype else w.to(x.dtype)
+        part = dict(lora)
+        if "lora_second" in part and part["lora_second"].dim() == 3:
+            part["lora_second"] = part["lora_second"][e0:e1]
+        _grouped_mm(x, w, _weight_strides(w, transposed, as_kn), N, offsets[e0:e1 + 1],
+                    None if bias is None else bias[e0:e1], out=y, **part)
+    return y
+
+
 class GroupedLinearFunction(torch.autograd.Function):
     """y = x W_e^T + b_e + s (x A_e^T) B_e^T per expert segment, with a hand-written backward (module docstring);
-    the frozen-weight GEMMs (forward and dx) through torch's grouped mm or the Triton kernel, the rest Triton."""
+    the frozen-weight GEMMs (forward and dx) through torch's grouped mm or the Triton kernel, the rest Triton.
+    A quantised W is dequantised for them, DEQUANT_CHUNK_BYTES at a time on the Triton path (`_expert_chunks`)."""
 
     @staticmethod
     def forward(ctx, x, weight, offsets, bias, lora_A, lora_B, scaling: float, transposed: bool, base_gemm: str):
-        w = dense_weight(weight, x.dtype)
-        se, s1, s2 = w.stride()
-        w_nk = (se, s2, s1) if transposed else (se, s1, s2)  # (expert, n, k) strides
+        # the kernel choice reads shapes, dtype, strides and alignment only: a dequantised stack is a fresh
+        # contiguous (aligned) tensor of x's dtype, as this stand-in on the meta device (address 0)
+        w = dense_weight(weight, x.dtype) if isinstance(weight, torch.Tensor) else torch.empty(
+            weight.shape, dtype=x.dtype, device="meta")
         N = w.shape[2] if transposed else w.shape[1]
         use_torch = _use_torch_grouped_mm(base_gemm, x, w)
+        chunks = None if use_torch else _expert_chunks(weight, x.dtype)
+        if chunks is None and w.is_meta:
+            w = dense_weight(weight, x.dtype)
         u = None
         lora = {}
         if lora_A is not None:  # float32 masters are read as they are and rounded to x's dtype in the kernel
@@ -606,8 +673,10 @@ class GroupedLinearFunction(torch.autograd.Function):
         if use_torch:
             if u is not None or bias is not None:  # + s u B_e^T + b_e in place: one pass over y
                 _grouped_mm(None, None, (0, 0, 0), N, offsets, bias, add_to=y, **lora)
+        elif chunks is not None:
+            y = _chunked_base_mm(x, weight, chunks, transposed, False, N, offsets, bias, lora)
         else:
-            y = _grouped_mm(x, w, w_nk, N, offsets, bias, **lora)
+            y = _grouped_mm(x, w, _weight_strides(w, transposed), N, offsets, bias, **lora)
         ctx.weight, ctx.scaling, ctx.transposed, ctx.torch_mm = weight, scaling, transposed, use_torch
         ctx.save_for_backward(x, offsets, u, bias, lora_A, lora_B)
         return y
@@ -624,20 +693,21 @@ class GroupedLinearFunction(torch.autograd.Function):
             b_se, b_sn, b_sr = _expert_strides(lora_B)
             g = _grouped_mm(dy, lora_B, (b_se, b_sr, b_sn), lora_B.shape[-1], offsets, alpha=s)  # s dy B_e, (M, r)
         if need_x:
-            w = dense_weight(ctx.weight, dy.dtype)
             a_se, a_sr, a_sk = _expert_strides(lora_A) if g is not None else (0, 0, 0)
             lora = dict(u=g, lora_second=lora_A, l_strides=(a_se, a_sr, a_sk)) if g is not None else {}
-            if ctx.torch_mm:
+            chunks = None if ctx.torch_mm else _expert_chunks(ctx.weight, dy.dtype)
+            w = dense_weight(ctx.weight, dy.dtype) if chunks is None else None
+            if chunks is not None:
+                dx = _chunked_base_mm(dy, ctx.weight, chunks, ctx.transposed, True, K, offsets, None, lora)
+            elif ctx.torch_mm:
                 # dy_e (m, N) @ W_e (N, K): the stored tensor viewed (E, N, K); dy copied only if autograd handed
                 # over a layout torch's grouped mm does not take (e.g. an expanded gradient)
                 dy_mm = dy if _tma_operand_ok(dy) else dy.clone(memory_format=torch.contiguous_format)
                 dx = _torch_mm(dy_mm, w.transpose(1, 2) if ctx.transposed else w, offsets)
                 if g is not None:  # + g A_e in place
                     _grouped_mm(None, None, (0, 0, 0), K, offsets, add_to=dx, **lora)
-            else:
-                se, s1, s2 = w.stride()
-                w_kn = (se, s1, s2) if ctx.transposed else (se, s2, s1)  # W_e read as (K, N): element (e, k, n)
-                dx = _grouped_mm(dy, w, w_kn, K, offsets, **lora)
+            else:  # W_e read as (K, N): element (e, k, n)
+                dx = _grouped_mm(dy, w, _weight_strides(w, ctx.transposed, as_kn=True), K, offsets, **lora)
         if need_w:
             weight = ctx.weight
             dw = alloc(weight.shape, weight.dtype, weight.device)

@@ -14,6 +14,8 @@ Double quantisation of the n/64 scales (blocks of B2 = 256 scales):
 Dequantise (what the Triton kernel does in one pass, float32 arithmetic, no fused multiply-add):
     a_k = DYN8[aq_k] * A_{k // 256} + offset;   x_i = NF4[q_i] * a_{i // 64}   -> cast to the output dtype
 The maximum error is half the largest gap of the NF4 table times a_k (plus the 8-bit error of a_k itself).
+A range of whole blocks (some experts of a stack: `NF4Tensor.dequantize_rows`) dequantises alone, each block k
+by its index in the whole tensor: the same values as dequantising everything and slicing.
 
 Storage follows bitsandbytes' ``Params4bit`` / ``QuantState`` (``compress_statistics=True``): packed uint8 of
 shape (ceil(n/2), 1), absmax uint8 (n/64), nested_absmax float32 (n/64/256), offset float32, and the serialized
@@ -71,6 +73,25 @@ class NF4Tensor:
         if out is None and dtype in (torch.bfloat16, torch.float16) and self.dtype == torch.float32:
             out = torch.empty(self.shape, dtype=dtype, device=self.device)
         return dequantize_nf4(self, out)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows start:stop of the first dimension (experts start:stop of a 3-D stack) dequantised, shape
+        (stop - start, *shape[1:]): the same values as `dequantize()[start:stop]` without the rest (a grouped GEMM
+        dequantises an expert stack a few experts at a time). `dtype` as in `dequantize`. A row must span whole
+        quantisation blocks (`rows_dequantizable`)."""
+        if not self.rows_dequantizable:
+            raise ValueError(f"NF4 rows of {math.prod(self.shape[1:])} values do not span whole blocks of "
+                             f"{self.blocksize}: dequantise the whole tensor")
+        if not 0 <= start < stop <= self.shape[0]:
+            raise ValueError(f"rows {start}:{stop} out of range for {self.shape[0]} rows")
+        out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) and self.dtype == torch.float32 else self.dtype
+        out = torch.empty((stop - start, *self.shape[1:]), dtype=out_dtype, device=self.device)
+        return dequantize_nf4(self, out, start * math.prod(self.shape[1:]))
+
+    @property
+    def rows_dequantizable(self) -> bool:
+        """Whether `dequantize_rows` applies: rows (of the first dimension) of whole quantisation blocks."""
+        return len(self.shape) >= 2 and math.prod(self.shape[1:]) % self.blocksize == 0
 
     @classmethod
     def empty(cls, shape, dtype: torch.dtype, device="meta", blocksize: int = 64) -> "NF4Tensor":
@@ -135,30 +156,40 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, chunk_elements: int = 1 <
     return NF4Tensor(packed, absmax_q, absmax2, offset, w.shape, w.dtype, blocksize, NESTED_BLOCKSIZE)
 
 
-def _check_out(q: NF4Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def _check_out(q: NF4Tensor, out: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+    """`out` for values start:start + out.numel() of q (the whole tensor by default): contiguous, on q's device,
+    a float dtype; a range starts on a block and ends on one or at the end."""
     if out is None:
+        if start:
+            raise ValueError("a range of an NF4 tensor is dequantised into an `out` of its size")
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if out.shape != q.shape or not out.is_contiguous() or out.device != q.device:
-        raise ValueError(f"out must be a contiguous tensor of shape {tuple(q.shape)} on {q.device}; got "
-                         f"{tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")
+    in_range = (start % q.blocksize == 0 and start + out.numel() <= q.numel
+                and ((start + out.numel()) % q.blocksize == 0 or start + out.numel() == q.numel))
+    ok = in_range and (out.numel() != q.numel or out.shape == q.shape)
+    if not ok or not out.is_contiguous() or out.device != q.device:
+        raise ValueError(f"out must be a contiguous tensor of shape {tuple(q.shape)} on {q.device} (or, from a start "
+                         f"on a block, of whole blocks); got {tuple(out.shape)} from {start} on {out.device} "
+                         f"(contiguous={out.is_contiguous()})")
     if out.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"out must be bf16/fp16/fp32, got {out.dtype}")
     return out
 
 
-def dequantize_nf4_reference(q: NF4Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain PyTorch dequantisation (the CPU path and the test oracle)."""
-    out = _check_out(q, out)
-    n = q.numel
-    absmax = DYNAMIC_CODE.to(q.device)[q.absmax_q.long()] * q.absmax2.repeat_interleave(q.blocksize2)[
-        : q.absmax_q.numel()]
+def dequantize_nf4_reference(q: NF4Tensor, out: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+    """Plain PyTorch dequantisation (the CPU path and the test oracle); with `start`, values start:start +
+    out.numel() into `out`."""
+    out = _check_out(q, out, start)
+    n = out.numel()
+    first = start // q.blocksize
+    blocks = torch.arange(first, first + -(-n // q.blocksize), device=q.device)
+    absmax = DYNAMIC_CODE.to(q.device)[q.absmax_q[blocks].long()] * q.absmax2[blocks // q.blocksize2]
     absmax = absmax + q.offset  # separate op: no fused multiply-add, like bitsandbytes
-    byte = q.packed.reshape(-1)
+    byte = q.packed.reshape(-1)[start // 2:(start + n + 1) // 2]
     codes = torch.stack([byte >> 4, byte & 0xF], dim=1).reshape(-1)[:n].long()
     values = NF4_CODE.to(q.device)[codes]
     pad = absmax.numel() * q.blocksize - n
     values = torch.nn.functional.pad(values, (0, pad)).reshape(-1, q.blocksize) * absmax.view(-1, 1)
-    out.copy_(values.reshape(-1)[:n].reshape(q.shape))  # float32 -> out dtype, round to nearest even
+    out.copy_(values.reshape(-1)[:n].reshape(out.shape))  # float32 -> out dtype, round to nearest even
     return out
 
 
@@ -173,27 +204,30 @@ if triton is not None:
         nf4_ptr,  # float32 (16,)
         dyn8_ptr,  # float32 (256,)
         out_ptr,
-        n,
-        num_blocks,
+        n,  # values written: out[0:n] = the tensor's values first_block * BLOCKSIZE + (0:n)
+        n_end,  # first_block * BLOCKSIZE + n: where the range ends in the whole tensor
+        num_blocks,  # blocks of the range
+        first_block,
         BLOCKSIZE: tl.constexpr,
         BLOCKSIZE2: tl.constexpr,
         ROWS: tl.constexpr,  # quantisation blocks per program
         OUT_BF16: tl.constexpr,
     ):
         HALF: tl.constexpr = BLOCKSIZE // 2
-        blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-        block_ok = blocks < num_blocks
+        local = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) blocks of the range
+        block_ok = local < num_blocks
+        blocks = local + first_block  # blocks of the whole tensor
         # second-level dequantisation of the block scales (float32; fp fusion disabled at launch)
         aq = tl.load(absmax_q_ptr + blocks, mask=block_ok, other=0).to(tl.int32)
         a2 = tl.load(absmax2_ptr + blocks // BLOCKSIZE2, mask=block_ok, other=0.0)
         absmax = tl.load(dyn8_ptr + aq) * a2 + tl.load(offset_ptr)
         # one row of HALF packed bytes per block
         byte_idx = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
-        byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n + 1) // 2, other=0)
+        byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n_end + 1) // 2, other=0)
         hi = tl.load(nf4_ptr + (byte >> 4).to(tl.int32)) * absmax[:, None]
         lo = tl.load(nf4_ptr + (byte & 0xF).to(tl.int32)) * absmax[:, None]
         values = tl.interleave(hi, lo)  # (ROWS, BLOCKSIZE): element 2j from the high nibble
-        out_idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        out_idx = local[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         if OUT_BF16:
             # round to nearest even by hand: same bits as the GPU's cvt.rn, and the interpreter's cast truncates
             values = round_bf16(values)
@@ -207,28 +241,30 @@ if triton is not None:
         return _TABLES[device]
 
 
-def dequantize_nf4_triton(q: NF4Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_nf4_triton(q: NF4Tensor, out: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("dequantize_nf4_triton needs Triton; use dequantize_nf4_reference")
-    out = _check_out(q, out)
-    num_blocks = q.absmax_q.numel()
+    out = _check_out(q, out, start)
+    n = out.numel()
+    num_blocks = -(-n // q.blocksize)
     nf4, dyn8 = _tables(q.device)
     rows = max(1, 4096 // q.blocksize)  # 4096 outputs per program
     _dequantize_nf4_kernel[(triton.cdiv(num_blocks, rows),)](
-        q.packed, q.absmax_q, q.absmax2, q.offset, nf4, dyn8, out, q.numel, num_blocks,
+        q.packed, q.absmax_q, q.absmax2, q.offset, nf4, dyn8, out, n, start + n, num_blocks, start // q.blocksize,
         BLOCKSIZE=q.blocksize, BLOCKSIZE2=q.blocksize2, ROWS=rows, OUT_BF16=out.dtype == torch.bfloat16, num_warps=4,
         enable_fp_fusion=False,  # keep (code * absmax2) + offset two roundings, as bitsandbytes
     )
     return out
 
 
-def dequantize_nf4(q: NF4Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantise to ``q.dtype`` (or into ``out``): Triton on CUDA (or FASTTUNE_KERNELS=triton), else PyTorch."""
+def dequantize_nf4(q: NF4Tensor, out: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+    """Dequantise to ``q.dtype`` (or into ``out``; with `start`, the values start:start + out.numel(), from a block
+    boundary): Triton on CUDA (or FASTTUNE_KERNELS=triton), else PyTorch."""
     from . import use_triton  # late import: this module is imported by fasttune.kernels itself
 
     if use_triton(q.packed):
-        return dequantize_nf4_triton(q, out)
-    return dequantize_nf4_reference(q, out)
+        return dequantize_nf4_triton(q, out, start)
+    return dequantize_nf4_reference(q, out, start)
 
 
 # ---- bitsandbytes serialized form (Params4bit / QuantState.as_dict(packed=True)) -------------------------
