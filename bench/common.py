@@ -142,14 +142,14 @@ def materialize_random_(model: nn.Module, device: torch.device, dtype: torch.dty
 def make_optimizer(model: nn.Module, tool: str, optimizer: str | None = None) -> torch.optim.Optimizer:
     """AdamW at lr 1e-4 over what trains: fasttune's own parameter groups, or every trainable parameter.
     `optimizer` (fasttune rows): the trainer's `train.optimizer`, "adamw" (torch's, fused on CUDA) or "adamw8bit",
-    made as the trainer makes it (train.trainer.make_optimizer); None: torch's AdamW with its defaults."""
+    made as the trainer makes it (train.optimizers.make_optimizer); None: torch's AdamW with its defaults."""
     if tool == "fasttune":
         from fasttune.adapters import param_groups
 
         groups = param_groups(model, lr=1e-4)
         if optimizer is None:
             return torch.optim.AdamW(groups, lr=1e-4)
-        from fasttune.train.trainer import make_optimizer as make_fasttune_optimizer
+        from fasttune.train.optimizers import make_optimizer as make_fasttune_optimizer
 
         return make_fasttune_optimizer(groups, optimizer, lr=1e-4, device=next(model.parameters()).device)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -122,11 +122,9 @@ def build_lora_model(config, device, dtype, qlora: bool = False):
 def planned_free_bytes(model, budget_gib: float, optimizer: str, allocated: int) -> int:
     """What a GPU of `budget_gib` has left for activations once the model holds `allocated` bytes and the
     training state it has not made yet exists: the trainable parameters' gradients and the optimizer's moments."""
-    from fasttune.train.trainer import optimizer_state_bytes
+    from fasttune.train.optimizers import training_state_bytes
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    grads = sum(p.numel() * p.element_size() for p in trainable)
-    return int(budget_gib * GiB) - allocated - grads - optimizer_state_bytes(trainable, optimizer)
+    return int(budget_gib * GiB) - allocated - training_state_bytes(model, optimizer)
 
 
 def build_fasttune(config, device, dtype, policy: str, seq: int, batch: int, qlora: bool = False,
@@ -209,7 +207,7 @@ def memory_breakdown(config, dtype: torch.dtype, seq: int, batch: int, qlora: bo
     from fasttune.kernels.grouped_gemm import dequant_temporary_bytes
     from fasttune.models.moe import NF4ExpertStack
     from fasttune.train.memory import plan_memory, working_set_bytes
-    from fasttune.train.trainer import optimizer_state_bytes
+    from fasttune.train.optimizers import optimizer_state_bytes
 
     model = build_lora_model(config, torch.device("meta"), dtype, qlora)
     spec = model.spec

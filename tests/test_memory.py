@@ -143,6 +143,31 @@ def test_auto_policy_chunked_mlp_and_recompute_match():
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
+def test_auto_plans_for_the_training_state_made_after_it(monkeypatch):
+    """The gradients and optimizer moments do not exist when the plan is made (the trainer makes the optimizer
+    after the model): with `optimizer` given, prepare_for_training takes them off the measured free memory, so a
+    budget that fits the activations only without them checkpoints a layer."""
+    import fasttune.train.memory as memory
+    from fasttune.adapters import LoraConfig
+    from fasttune.build import prepare_for_training
+    from fasttune.train.optimizers import training_state_bytes
+
+    model = _model()
+    spec = model.spec
+    act = layer_activation_bytes(spec, 128, 8, True, 4)
+    pending = training_state_bytes(model, "adamw")
+    assert pending == 3 * 8 * sum(p.numel() for p in lora_parameters(model))  # gradient + two moments, float64
+    free = memory.working_set_bytes(spec, 128, act, 8) + 3 * act  # everything fits, but for the training state
+    monkeypatch.setattr(memory, "free_device_bytes", lambda device: free)
+    kept = prepare_for_training(model, LoraConfig(r=4, alpha=8), "auto", seq_len=64, batch_rows=2).memory_plan
+    assert kept.modes == ["none"] * 3
+    planned = prepare_for_training(model, LoraConfig(r=4, alpha=8), "auto", seq_len=64, batch_rows=2,
+                                   optimizer="adamw").memory_plan
+    assert planned.modes == plan_memory(spec, "auto", 64, 2, free - pending, 8, lora_rank=4).modes
+    assert planned.modes.count("checkpoint") == 1
+    assert training_state_bytes(model, "adamw8bit") < pending
+
+
 def test_plan_at_issue_shapes():
     """Llama-3.1-8B shapes on an 80 GB GPU with 16 GB of weights: bs 2 x 2048 fits without recomputation;
     400K tokens at batch 1 needs every layer checkpointed, offloaded and the MLP chunked."""

@@ -89,3 +89,19 @@ def test_tensor_state_bytes_is_what_a_step_allocates():
         opt.step()
         assert state_bytes(opt) == tensor_state_bytes(numel), numel
     assert tensor_state_bytes(4096) == 2 * 4096 + 2 * 4 * 16 and tensor_state_bytes(4095) == 8 * 4095
+
+
+def test_make_optimizer_names_and_refusals():
+    """train.optimizer's names make what they say (the trainer's and the benchmarks' one factory); an unknown name
+    is refused by both the factory and the state-size planner."""
+    from fasttune.train.optimizers import make_optimizer, optimizer_state_bytes
+
+    p = torch.nn.Parameter(torch.randn(5000))
+    groups = [{"params": [p], "lr": 1e-3}]
+    assert isinstance(make_optimizer(groups, "adamw8bit", 1e-3), AdamW8bit)
+    plain = make_optimizer(groups, "adamw", 1e-3, device=torch.device("cpu"))
+    assert type(plain) is torch.optim.AdamW and not plain.defaults.get("fused")
+    for bad in (lambda: make_optimizer(groups, "sgd", 1e-3), lambda: optimizer_state_bytes([p], "sgd")):
+        with pytest.raises(ValueError, match="adamw, adamw8bit"):
+            bad()
+    assert optimizer_state_bytes([p], "adamw8bit") == tensor_state_bytes(5000)

@@ -24,13 +24,14 @@ from .models.decoder import CausalLM
 
 def build_model(model_cfg, lora_cfg: LoraConfig, memory_policy: str = "none", *, batch_rows: int = 1,
                 train_embeddings: bool = False, device: str | torch.device | None = None, dist=None,
-                parallel: str = "ddp") -> CausalLM:
+                parallel: str = "ddp", optimizer: str | None = None) -> CausalLM:
     """The model a run trains, from the config's `model:` (train.config.ModelConfig) and `lora:` sections: loaded
     (the base resolved, pickle-only folders refused unless allowed; under torchrun with `parallel` "fsdp", straight
     into FSDP2 shards), quantised (model.load_in_4bit / keep_quantized), adapters added (lora.enabled), trainable
     parameters chosen (adapters, or every weight for a full fine-tune; `train_embeddings`) and the memory policy
-    planned for `batch_rows` rows of model.max_seq_length tokens. `device`: model.device when None; `dist`: the
-    train.distributed.DistInfo of this process (None: one process). In train mode."""
+    planned for `batch_rows` rows of model.max_seq_length tokens (and, with `optimizer`, the gradients and
+    moments training will add). `device`: model.device when None; `dist`: the train.distributed.DistInfo of this
+    process (None: one process). In train mode."""
     if device is None:
         want = model_cfg.device
         device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
@@ -61,7 +62,7 @@ def build_model(model_cfg, lora_cfg: LoraConfig, memory_policy: str = "none", *,
                           load_in_4bit=model_cfg.load_in_4bit, keep_quantized=model_cfg.keep_quantized,
                           allow_pickle=model_cfg.allow_pickle)
     return prepare_for_training(model, lora_cfg, memory_policy, seq_len=model_cfg.max_seq_length,
-                                batch_rows=batch_rows, train_embeddings=train_embeddings)
+                                batch_rows=batch_rows, train_embeddings=train_embeddings, optimizer=optimizer)
 
 
 def load_base(path: str | os.PathLike, max_seq_length: int = 4096, dtype=None, device=None,
@@ -80,10 +81,13 @@ def load_base(path: str | os.PathLike, max_seq_length: int = 4096, dtype=None, d
 
 
 def prepare_for_training(model: CausalLM, lora_cfg: LoraConfig, memory_policy: str = "none", *,
-                         seq_len: int | None = None, batch_rows: int = 1, train_embeddings: bool = False) -> CausalLM:
+                         seq_len: int | None = None, batch_rows: int = 1, train_embeddings: bool = False,
+                         optimizer: str | None = None) -> CausalLM:
     """A loaded model made ready to train (in place): the configured adapters added unless it has some, the
     trainable parameters chosen (the adapters; every weight when lora.enabled is false; the embeddings / output
-    layer with `train_embeddings`), and the memory policy installed for `batch_rows` x `seq_len` tokens."""
+    layer with `train_embeddings`), and the memory policy installed for `batch_rows` x `seq_len` tokens. With
+    `optimizer` (train.optimizer), "auto" plans for the memory left once the gradients and that optimizer's
+    moments exist (they are made after the plan)."""
     from .adapters import LoraLinear, attach_lora, lora_parameters
 
     if lora_cfg.enabled and not lora_parameters(model):  # (an MoE model's expert adapters count too)
@@ -101,8 +105,11 @@ def prepare_for_training(model: CausalLM, lora_cfg: LoraConfig, memory_policy: s
         if not isinstance(model.lm_head, LoraLinear):  # a LoRA'd head is adapted, its base stays frozen
             model.lm_head.weight.requires_grad_(True)
     from .train.memory import apply_memory_policy
+    from .train.optimizers import training_state_bytes
 
-    apply_memory_policy(model, policy=memory_policy, seq_len=seq_len, batch_size=batch_rows)  # "none": the defaults
+    pending = training_state_bytes(model, optimizer) if optimizer is not None and memory_policy == "auto" else 0
+    apply_memory_policy(model, policy=memory_policy, seq_len=seq_len, batch_size=batch_rows,  # "none": the defaults
+                        pending_bytes=pending)
     return model.train()
 
 

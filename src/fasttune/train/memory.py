@@ -350,13 +350,14 @@ def plan_memory(spec, policy: str, seq_len: int, batch_size: int, free_bytes: in
 
 
 def apply_memory_policy(model: nn.Module, policy: str = "auto", seq_len: int | None = None, batch_size: int = 1,
-                        free_bytes: int | None = None, **kwargs) -> MemoryPlan:
+                        free_bytes: int | None = None, pending_bytes: int = 0, **kwargs) -> MemoryPlan:
     """Install the memory policy on a fasttune CausalLM (in place) and return the plan.
 
     policy: "auto" (from free GPU memory and the activation estimate for `batch_size` x `seq_len`), "none",
     "recompute-mlp" (nothing checkpointed, but the MLP's gate/up outputs are recomputed in its backward instead of
     saved), "checkpoint" (every layer) or "offload" (every layer but the last). `free_bytes` overrides the
-    measurement."""
+    measurement; `pending_bytes` is what training will allocate before the step that is not allocated yet
+    (gradients, optimizer moments: optimizers.training_state_bytes), taken off the measured free memory."""
     from ..adapters.attach import FusedMLP
     from ..models.decoder import GatedMLP
 
@@ -373,6 +374,8 @@ def apply_memory_policy(model: nn.Module, policy: str = "auto", seq_len: int | N
     device = next(model.parameters()).device
     if free_bytes is None and policy == "auto":
         free_bytes = free_device_bytes(device)
+        if free_bytes is not None:
+            free_bytes -= pending_bytes
     dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
     cfg = model.lora_config
     plan = plan_memory(spec, policy, seq_len, batch_size, free_bytes, dtype_bytes,

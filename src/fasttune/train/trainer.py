@@ -36,6 +36,7 @@ from . import run_folder
 from .config import ConfigError, TrainConfig, resume_conflicts
 from .data import (PreparedData, batch_shape, batch_tokens, count_targets, epoch_batches, host_batch, prepare_data,
                    to_device)
+from .optimizers import make_optimizer
 from .objectives import RewardHead, dpo_loss, kto_loss, lm_loss, orpo_loss, reward_loss, simpo_loss
 from .observe import MetricsLog, Progress, gpu_memory_gib, plot_losses
 from .schedule import make_scheduler
@@ -122,33 +123,6 @@ def _oom_message(cfg: TrainConfig, err: BaseException, during: str = "training")
 
 
 
-def make_optimizer(groups: list[dict], optimizer: str, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                   weight_decay: float = 0.0, device: torch.device | None = None) -> torch.optim.Optimizer:
-    """The optimizer `train.optimizer` names over parameter groups (adapters.param_groups): "adamw8bit" (8-bit
-    blockwise state, train.adamw8bit) or "adamw" (torch's AdamW, fused on CUDA when every parameter is a float
-    dtype: no multi-tensor temporaries of the size of the whole state). The trainer's, and the benchmarks'."""
-    if optimizer == "adamw8bit":
-        from .adamw8bit import AdamW8bit
-
-        return AdamW8bit(groups, lr=lr, betas=betas, weight_decay=weight_decay)
-    if optimizer != "adamw":
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose adamw or adamw8bit")
-    fused = (device is not None and device.type == "cuda"
-             and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for g in groups for p in g["params"]))
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
-
-
-def optimizer_state_bytes(params, optimizer: str) -> int:
-    """Bytes of the moments `make_optimizer(..., optimizer)` keeps for `params` once it has stepped (memory
-    planning before it exists): adamw keeps exp_avg and exp_avg_sq in each parameter's dtype, adamw8bit what
-    train.adamw8bit.tensor_state_bytes says. The 0-d step counters (one per tensor, a few bytes) are left out."""
-    if optimizer == "adamw8bit":
-        from .adamw8bit import tensor_state_bytes
-
-        return sum(tensor_state_bytes(p.numel()) for p in params)
-    if optimizer != "adamw":
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose adamw or adamw8bit")
-    return sum(2 * p.numel() * p.element_size() for p in params)
 
 class Trainer:
     """The training loop, evaluation and checkpoints over a built model. `model` (with its `tokenizer`): a CausalLM
@@ -228,12 +202,20 @@ class Trainer:
 
             model = build_model(cfg.model, cfg.lora, cfg.train.memory, batch_rows=rows,
                                 train_embeddings=cfg.train_embeddings, device=self.device, dist=self.dist,
-                                parallel=cfg.train.parallel)
+                                parallel=cfg.train.parallel, optimizer=self._planned_optimizer())
             return model, tokenizer or load_tokenizer(resolve_model_path(cfg.model.path))
         if tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")
         return prepare_for_training(model, cfg.lora, cfg.train.memory, seq_len=cfg.model.max_seq_length,
-                                    batch_rows=rows, train_embeddings=cfg.train_embeddings), tokenizer
+                                    batch_rows=rows, train_embeddings=cfg.train_embeddings,
+                                    optimizer=self._planned_optimizer()), tokenizer
+
+    def _planned_optimizer(self) -> str | None:
+        """The optimizer whose state the memory plan makes room for; None under FSDP2, where the gradients and
+        moments are sharded after the plan (a whole copy would over-reserve by the world size)."""
+        if self.cfg.train.parallel == "fsdp" and self.dist.enabled:
+            return None
+        return self.cfg.train.optimizer
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         mods = {"model": self.model}
