@@ -16,6 +16,12 @@ peak = torch.cuda.max_memory_allocated() from just before the first step (weight
 N(0, 0.02) route near-uniformly (balanced expert loads, the favourable case for every tool alike).
 `--qlora` adds fasttune QLoRA rows: the expert stacks and decoder linears in NF4 as load_in_4bit stores them (router
 16-bit); transformers + bitsandbytes cannot quantise the 3-D expert stacks, so these rows have no HF baseline.
+`--optimizer adamw,adamw8bit` gives each fasttune row once per optimizer, made as the trainer makes train.optimizer
+(torch's AdamW fused on CUDA; fasttune's 8-bit AdamW); HF+PEFT rows keep torch's AdamW with its defaults.
+`--plan-only` builds nothing on a device: the model is built on the meta device exactly as the rows build it, and
+the memory of a training step is printed component by component (exact weights, adapters, gradients, optimizer
+moments; the memory planner's activation estimate for --budget-gib; the sizes of the largest transients). Budget
+rows record that prediction (planned_*_gib) beside the measured peak.
 `--layers N` builds N layers instead of the full depth (for a smaller GPU or a quick run); the row says so, and
 tokens/s of a full model is then about tokens/s x N / full layers (the per-layer cost dominates; the LM head's does
 not scale): say which when quoting.
@@ -23,7 +29,9 @@ not scale): say which when quoting.
     python bench/moe_train.py --out $OUT/moe_train.json                       # both shapes, full depth
     python bench/moe_train.py --cases gpt-oss-20b --layers 8 --steps 5
     python bench/moe_train.py --layers 8 --grouped-mm triton,torch --profile   # experts' base GEMM: both kernels
-    python bench/moe_train.py --cases gpt-oss-20b --tools "" --qlora --budget-gib 16   # the 16 GB QLoRA target
+    python bench/moe_train.py --cases gpt-oss-20b --tools "" --qlora --budget-gib 16 --optimizer adamw,adamw8bit
+                                                                               # the 16 GB QLoRA target
+    python bench/moe_train.py --cases gpt-oss-20b --tools "" --qlora --budget-gib 16 --optimizer adamw8bit --plan-only
     python bench/moe_train.py --tiny --device cpu --steps 2 --warmup 1        # smoke test without a GPU
 """
 from __future__ import annotations
@@ -289,21 +297,23 @@ def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlo
     if capped:  # the process may not allocate beyond the budget: an out-of-memory error is the honest result
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GiB / total), cuda_index(device))
-    t_build = time.perf_counter()
-    if tool == "fasttune":
-        model, setup = build_fasttune(config, device, dtype, setting, seq, batch, qlora,
-                                      budget_gib if capped else None, optimizer or "adamw")
-    else:
-        model, setup = build_hf(config, device, dtype, setting)
-    opt = make_optimizer(model, tool, optimizer)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    build_s = time.perf_counter() - t_build
-    gen = torch.Generator(device=device).manual_seed(1)
-    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=gen)
+    model = opt = None
     try:
+        t_build = time.perf_counter()
+        if tool == "fasttune":
+            model, setup = build_fasttune(config, device, dtype, setting, seq, batch, qlora,
+                                          budget_gib if capped else None, optimizer or "adamw")
+        else:
+            model, setup = build_hf(config, device, dtype, setting)
+        built = torch.cuda.memory_allocated(device) / GiB if device.type == "cuda" else 0.0
+        opt = make_optimizer(model, tool, optimizer)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        build_s = time.perf_counter() - t_build
+        gen = torch.Generator(device=device).manual_seed(1)
+        ids = torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=gen)
         run = timed_training(lambda: train_step(model, tool, ids, opt), device, warmup, steps)
         row = dict(setup=setup, tokens_per_s=batch * seq / run["step_s"], **run, trainable_params=trainable,
-                   build_s=build_s)
+                   build_s=build_s, allocated_after_build_gib=built)
         if profile:
             row["profile_top"] = profile_step(lambda: train_step(model, tool, ids, opt), device)
         if capped:
@@ -339,8 +349,9 @@ def markdown(rows: list[dict]) -> str:
         b = base.get(r["case"])
         sp = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else ""
         mem = f"{r['peak_gib'] / b['peak_gib']:.2f}" if b and b["peak_gib"] else ""
+        peak = f"{r['peak_gib']:.1f}" + (f" (planned {r['planned_peak_gib']:.1f})" if "planned_peak_gib" in r else "")
         lines.append(f"| {r['case']} | {r['layers']} | {r['tool']} | {r['setup']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['peak_gib']:.1f} | {r['step_s']:.3f} | {r['first_loss']:.3f}→{r['last_loss']:.3f} | {sp} | "
+                     f"{peak} | {r['step_s']:.3f} | {r['first_loss']:.3f}→{r['last_loss']:.3f} | {sp} | "
                      f"{mem} |")
     return "\n".join(lines)
 
@@ -420,6 +431,10 @@ def main(argv=None) -> int:
                        full_layers=full, optimizer=optimizer or "adamw (torch defaults)")
             print(f"[run] {case} {label} seq {seq} x batch {args.batch}, {config.num_hidden_layers} layers",
                   flush=True)
+            if args.budget_gib and tool == "fasttune" and device.type == "cuda":  # --plan-only's prediction
+                b = memory_breakdown(config, dtype, seq, args.batch, qlora, optimizer, args.budget_gib, setting)
+                row.update(planned_weights_gib=b["weights_bytes"] / GiB, planned_static_gib=b["static_bytes"] / GiB,
+                           planned_peak_gib=b["expected_peak_bytes"] / GiB, planned_plan=b["plan"])
             try:
                 row.update(measure(tool, config, device, dtype, setting, seq, args.batch, args.warmup,
                                    args.steps, qlora, args.budget_gib, args.profile, optimizer))
