@@ -18,7 +18,8 @@ Backward, given dy (M, N) in the same sorted order, with g = s dy B_e (M, r) (th
            dB_e  = s sum_{m in e} dy_m^T u_m              (N, r)    shared B: dB = s dy^T u
            db_e  = sum_{m in e} dy_m                      (N,)
 Empty experts get zero dW_e, dA_e, dB_e, db_e. Saved for the backward: x, u and the (small) adapters; W is read
-again (a quantised W is dequantised again, never saved), as in kernels/lora.py.
+again (a quantised W is dequantised again, never saved, a few experts at a time on the Triton path:
+DEQUANT_CHUNK_BYTES), as in kernels/lora.py.
 
 The kernels. `_grouped_mm_kernel` computes y = alpha (x W_e^T + lora_scale u L_e) + b_e for every row segment:
 the grid is (N tiles, cdiv(M, BM) + E M tiles), an upper bound from static sizes (the tiles of all segments,
