@@ -122,8 +122,6 @@ def _oom_message(cfg: TrainConfig, err: BaseException, during: str = "training")
             "memory:\n  - " + "\n  - ".join(options) + "\nRun `fasttune doctor` for what this GPU holds.")
 
 
-
-
 class Trainer:
     """The training loop, evaluation and checkpoints over a built model. `model` (with its `tokenizer`): a CausalLM
     from fasttune.load or build.build_model, made ready here by build.prepare_for_training (the configured adapters
