@@ -63,3 +63,15 @@ def tiny_cuda_model(tmp_path, family: str = "llama", dtype: str = "bfloat16", **
             p.add_(torch.randn_like(p) * 0.02)
     hf.save_pretrained(tmp_path)
     return load_model(tmp_path, dtype=dtype, device="cuda")
+
+
+def nf4_projections_(model) -> None:
+    """Every decoder projection of a fasttune model stored in NF4 in place (what load_in_4bit does at load), for
+    the tests of the QLoRA paths."""
+    from fasttune.models.nf4_linear import quantize_linear
+
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                if hasattr(parent, name):
+                    setattr(parent, name, quantize_linear(getattr(parent, name)))

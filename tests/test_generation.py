@@ -233,18 +233,14 @@ def test_nf4_base_decodes_through_its_dequant_path(tmp_path, monkeypatch, kernel
     """"auto" on CPU: dequantise then matmul; "triton" (the interpreter): the CUDA path, where every NF4 projection
     of a decode step runs the fused NF4 matmul. The recompute oracle always dequantises (the plain-PyTorch path)."""
     import fasttune.kernels.lora as lora_kernels
-    from fasttune.models.nf4_linear import quantize_linear
+    from conftest import nf4_projections_
 
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     fused = []
     real = lora_kernels.nf4_matmul_triton
     monkeypatch.setattr(lora_kernels, "nf4_matmul_triton", lambda *a, **k: fused.append(a[0].shape[0]) or real(*a, **k))
     model = _build(tmp_path, old_families, "qwen2")
-    for layer in model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-                if hasattr(parent, name):
-                    setattr(parent, name, quantize_linear(getattr(parent, name)))
+    nf4_projections_(model)
     fasttune.add_lora(model, r=4, alpha=8)
     prompts = ragged_prompts((4, 9, 2))
     params = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=[])

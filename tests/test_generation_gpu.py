@@ -46,6 +46,17 @@ def _differences(a, b) -> str:
     return f"{len(lines)} completions differ:\n" + "\n".join(lines[:10])
 
 
+def _full_recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens by running the whole sequence again for each one (no cache): the oracle of generation."""
+    ids, want = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([ids], device="cuda")).logits[0, -1].argmax())
+            want.append(t)
+            ids.append(t)
+    return want
+
+
 def _graph_vs_eager(model, prompts, params, num_samples=1, **kw):
     FALLBACKS.reset()
     graphs = Generator(model, max_batch_size=64, max_seq_len=512, cuda_graphs=True, **kw)
@@ -112,13 +123,9 @@ def test_lora_graphs_follow_in_place_adapter_updates_and_nf4(tmp_path):
     agree = sum(a[0][0] == b[0][0] for a, b in zip(merged, second)) / len(second)
     assert agree >= 0.75, agree
 
-    from fasttune.models.nf4_linear import quantize_linear
+    from conftest import nf4_projections_
     q = _tiny(tmp_path / "q")
-    for layer in q.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-                if hasattr(parent, name):
-                    setattr(parent, name, quantize_linear(getattr(parent, name)))
+    nf4_projections_(q)
     fasttune.add_lora(q, r=8, alpha=16)
     _graph_vs_eager(q, prompts, params)
 
@@ -129,13 +136,7 @@ def test_fp32_generation_on_gpu_equals_full_recompute(tmp_path):
     params = SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=[])
     got = Generator(model, max_batch_size=8, max_seq_len=64).generate(prompts, params)
     for prompt, c in zip(prompts, got):
-        ids, want = list(prompt), []
-        with torch.no_grad():
-            for _ in range(16):
-                t = int(model(torch.tensor([ids], device="cuda")).logits[0, -1].argmax())
-                want.append(t)
-                ids.append(t)
-        assert c[0] == want
+        assert c[0] == _full_recompute_greedy(model, prompt, 16)
 
 
 @pytest.mark.parametrize("family,kw", [("llama", {}), ("gemma2", {"head_dim": 64, "sliding_window": 64})])
@@ -154,13 +155,7 @@ def test_fused_decode_equals_unfused_and_full_recompute_in_fp32(tmp_path, family
     plain = Generator(model, max_batch_size=8, max_seq_len=64, fused=False, fuse_projections=False)
     assert plain.generate(prompts, params) == got, _differences(plain.generate(prompts, params), got)
     for prompt, c in zip(prompts, got):
-        ids, want = list(prompt), []
-        with torch.no_grad():
-            for _ in range(16):
-                t = int(model(torch.tensor([ids], device="cuda")).logits[0, -1].argmax())
-                want.append(t)
-                ids.append(t)
-        assert c[0] == want
+        assert c[0] == _full_recompute_greedy(model, prompt, 16)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
@@ -246,14 +241,10 @@ def test_qlora_decode_runs_the_fused_nf4_matmul(tmp_path, monkeypatch):
     dequantise-then-matmul path (FASTTUNE_KERNELS=reference), token for token."""
     import fasttune.kernels.lora as lora_kernels
     from fasttune.kernels.nf4_matmul import MAX_ROWS
-    from fasttune.models.nf4_linear import quantize_linear
+    from conftest import nf4_projections_
 
     model = _tiny(tmp_path, dtype="float32")
-    for layer in model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-                if hasattr(parent, name):
-                    setattr(parent, name, quantize_linear(getattr(parent, name)))
+    nf4_projections_(model)
     fasttune.add_lora(model, r=8, alpha=16)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -277,10 +268,4 @@ def test_qlora_decode_runs_the_fused_nf4_matmul(tmp_path, monkeypatch):
         torch.cuda.set_sync_debug_mode("default")
     monkeypatch.setenv("FASTTUNE_KERNELS", "reference")
     for prompt, c in zip(prompts, got):
-        ids, want = list(prompt), []
-        with torch.no_grad():
-            for _ in range(16):
-                t = int(model(torch.tensor([ids], device="cuda")).logits[0, -1].argmax())
-                want.append(t)
-                ids.append(t)
-        assert c[0] == want
+        assert c[0] == _full_recompute_greedy(model, prompt, 16)
