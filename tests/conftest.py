@@ -75,3 +75,30 @@ def nf4_projections_(model) -> None:
             for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
                 if hasattr(parent, name):
                     setattr(parent, name, quantize_linear(getattr(parent, name)))
+
+
+def padded_batch(ids: torch.Tensor, side: str, pads=(0, 5, 11)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) with pads[i] padding positions (id 0) on `side` ("left" or "right") of row i: the
+    padded batches of the parity tests."""
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(pads):
+        if n:
+            if side == "left":
+                mask[row, :n] = 0
+            else:
+                mask[row, -n:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def assert_greedy_generation_matches(hf, ours, ids: torch.Tensor) -> None:
+    """fasttune's generate and transformers' greedy generate give the same 12 tokens after `ids` with row 1
+    left-padded by 3 (pad id 0, no EOS)."""
+    from fasttune.models import generate
+
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(got, expected)

@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fasttune
+from conftest import assert_greedy_generation_matches
 from fasttune.models import generate, load_model, save_model
 from fasttune.models.spec import ArchSpec, UnsupportedModelError
 
@@ -417,14 +418,7 @@ def test_tokenizer_saved_beside_the_model_and_loaded_back(tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_transformers(tmp_path, family):
     hf, ours = build_pair(tmp_path, family)
-    ids = random_ids(batch=2, seq=9)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    ids = ids.masked_fill(mask == 0, 0)
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                           eos_token_id=None)
-    got = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
-    assert torch.equal(got, expected)
+    assert_greedy_generation_matches(hf, ours, random_ids(batch=2, seq=9))
 
 
 def test_sampling_respects_top_k_and_stops_at_eos(tmp_path):

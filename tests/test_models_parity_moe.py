@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import padded_batch, assert_greedy_generation_matches
 from fasttune.models import load_model, save_model
 from fasttune.models.moe import SparseMoE, load_balancing_loss
 from fasttune.models.spec import ArchSpec
@@ -133,14 +134,7 @@ def test_aux_loss_off_by_default_and_its_gradient_reaches_the_router_only(tmp_pa
 def test_padded_batches_and_masked_aux_loss(tmp_path, family, side):
     hf, ours = build_pair(tmp_path, family)
     ids = random_ids(batch=3)
-    mask = torch.ones_like(ids)
-    for row, n in enumerate([0, 5, 11]):
-        if n:
-            if side == "left":
-                mask[row, :n] = 0
-            else:
-                mask[row, -n:] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = padded_batch(ids, side)
     with torch.no_grad():
         a = ours(ids, attention_mask=mask, output_router_logits=True)
         b = hf(ids, attention_mask=mask, output_router_logits=True)
@@ -398,14 +392,5 @@ def test_gpt_oss_round_trip(tmp_path):
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_greedy_generation_matches_transformers(tmp_path, family):
     """Decoding with the KV cache (gpt-oss: sinks and its sliding layers past the window) and left padding."""
-    from fasttune.models import generate
-
     hf, ours = build_pair(tmp_path, family)
-    ids = random_ids(batch=2, seq=9)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    ids = ids.masked_fill(mask == 0, 0)
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                           eos_token_id=None)
-    got = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
-    assert torch.equal(got, expected)
+    assert_greedy_generation_matches(hf, ours, random_ids(batch=2, seq=9))

@@ -12,7 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from fasttune.models import generate, load_model, save_model
+from conftest import assert_greedy_generation_matches, padded_batch
+from fasttune.models import load_model, save_model
 from fasttune.models.spec import ArchSpec
 
 from test_models_parity import FP32_TOL, SEQ, VOCAB, random_ids, rel_err
@@ -123,14 +124,7 @@ def test_bf16_logits_same_casts_as_transformers(tmp_path, family):
 def test_padded_batches(tmp_path, family, side):
     hf, ours = build_pair(tmp_path, family)
     ids = random_ids(batch=3)
-    mask = torch.ones_like(ids)
-    for row, n in enumerate([0, 5, 11]):
-        if n:
-            if side == "left":
-                mask[row, :n] = 0
-            else:
-                mask[row, -n:] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = padded_batch(ids, side)
     with torch.no_grad():
         a = ours(ids, attention_mask=mask).logits
         b = hf(ids, attention_mask=mask).logits
@@ -180,14 +174,7 @@ def test_round_trip_fasttune_save_transformers_load(tmp_path, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_transformers(tmp_path, family):
     hf, ours = build_pair(tmp_path, family)
-    ids = random_ids(batch=2, seq=9)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    ids = ids.masked_fill(mask == 0, 0)
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                           eos_token_id=None)
-    got = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
-    assert torch.equal(got, expected)
+    assert_greedy_generation_matches(hf, ours, random_ids(batch=2, seq=9))
 
 
 # ---- each family's switches are read from its config and really change the result (no vacuous parity) ----------
