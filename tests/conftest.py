@@ -2,6 +2,7 @@
 
 Without a GPU, Triton kernels run through Triton's interpreter. The interpreter mode is fixed when triton is
 first imported, so it is set here, before any test module imports fasttune (which imports triton)."""
+import contextlib
 import os
 
 import pytest
@@ -102,3 +103,13 @@ def assert_greedy_generation_matches(hf, ours, ids: torch.Tensor) -> None:
                            eos_token_id=None)
     got = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
     assert torch.equal(got, expected)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """CUDA's sync debug mode set to raise inside the block: a host sync there fails the test."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 transformers = pytest.importorskip("transformers")
 
 import fasttune  # noqa: E402
+from conftest import no_host_sync
 from fasttune.generation import Generator, SamplingParams  # noqa: E402
 from fasttune.kernels.attention import FALLBACKS, decode_attention, decode_mask, eager_attention  # noqa: E402
 
@@ -170,11 +171,8 @@ def test_a_decode_step_makes_no_host_sync(tmp_path, monkeypatch, temperature):
     real, steps = Generator._decode_step, []
 
     def strict_step(self, *a, **kw):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync():
             real(self, *a, **kw)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         steps.append(1)
     monkeypatch.setattr(Generator, "_decode_step", strict_step)
     gen.generate(_prompts(16, seed=1), params)
@@ -261,11 +259,8 @@ def test_qlora_decode_runs_the_fused_nf4_matmul(tmp_path, monkeypatch):
     assert rows.count(8) >= 7 * len(model.layers) and 8 <= MAX_ROWS  # warm-up and capture ran the fused kernel
     eager = Generator(model, max_batch_size=8, max_seq_len=64, cuda_graphs=False)
     assert eager.generate(prompts, params) == got
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         eager._decode_step(8, True, params.filters(model.spec.vocab_size), 63)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     monkeypatch.setenv("FASTTUNE_KERNELS", "reference")
     for prompt, c in zip(prompts, got):
         assert c[0] == _full_recompute_greedy(model, prompt, 16)

@@ -25,6 +25,7 @@ triton = pytest.importorskip("triton")
 
 import fasttune.kernels as kernels  # noqa: E402
 import fasttune.kernels.grouped_gemm as gg  # noqa: E402
+from conftest import no_host_sync  # noqa: E402
 from seeding import SESSION_SEED, generator  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -541,11 +542,8 @@ def test_gpu_no_host_sync(base_gemm):
 
     step()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def _gpu_small_case():

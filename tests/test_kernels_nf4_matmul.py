@@ -23,6 +23,7 @@ triton = pytest.importorskip("triton")
 import fasttune.kernels.nf4 as nf4  # noqa: E402
 import fasttune.kernels.nf4_matmul as nm  # noqa: E402
 from fasttune.kernels.lora import dense_weight, lora_linear, lora_linear_reference  # noqa: E402
+from conftest import no_host_sync  # noqa: E402
 from seeding import SESSION_SEED, generator  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -269,11 +270,8 @@ def test_gpu_graph_capture_and_no_host_sync():
     bias = weight((1024,), torch.bfloat16, seed=6)
     nm.nf4_matmul_triton(x, q, bias)  # compile outside the capture
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         nm.nf4_matmul_triton(x, q, bias)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     assert nm.default_config(8, 1024, 4096, x.device).split > 1  # the workspace and the second kernel are captured
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
