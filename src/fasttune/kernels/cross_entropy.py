@@ -331,6 +331,7 @@ def _forward_and_grads(hidden, weight, bias, labels, ignore_index, label_smoothi
         # `logits` now holds dloss/dlogits for this chunk
         _contract_chunk_grads(logits, hidden, h, weight, extra, start, end, grad_hidden, grad_weight, grad_extra,
                               grad_bias)
+        del h, logits  # else the next chunk's logits are allocated while these are still held: two chunks at peak
     loss = row_loss.sum() / divisor
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)

@@ -130,9 +130,11 @@ if triton is not None:
         FMA path, and the interpreter's MMA (it would multiply 16-bit tiles as raw bits, see grouped_gemm._dot)."""
         if W_DT != 0 and W_DT != X_DT:
             v = _round_to(v, W_DT, UPCAST)
-        if AS_F32:
-            return _round_to(v, X_DT, UPCAST)
-        return v.to(x_ty)
+        if AS_F32:  # one return: Triton rejects returns of different dtypes even under a constexpr branch
+            w = _round_to(v, X_DT, UPCAST)
+        else:
+            w = v.to(x_ty)
+        return w
 
     @triton.jit
     def _store_y(acc, bias_ptr, out_ptr, rn, rm, n_ok, m_ok, stride_om, HAS_BIAS: tl.constexpr, X_DT: tl.constexpr,
