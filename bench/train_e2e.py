@@ -16,6 +16,10 @@ layers (default 12 and 8: the checkpoint is written to disk; say so when quoting
 projections and the experts ("all-linear" in fasttune's config; PEFT: attention target_modules plus
 target_parameters on the expert stacks), transformers' default experts implementation (gpt-oss: eager attention).
 TRL's SFTTrainer itself is not run: its wheels are not on the GPU machine.
+Optimisation is the same on both sides so that the loss columns compare: AdamW (torch defaults but lr 2e-4),
+constant learning rate, no warm-up, no gradient clipping (fasttune's defaults, cosine decay and clipping at 1.0,
+are switched off in the generated config; until 2026-12-03 night they were on, which is why earlier tables show
+fasttune's last loss above HF's).
 tokens/s = real tokens (padding excluded) / wall-clock seconds of the timed steps (data included; the first
 --warmup steps excluded); peak = torch.cuda.max_memory_allocated() during the run; first/last loss of the run.
 
@@ -157,7 +161,8 @@ lora: {{r: 16, alpha: 16, dropout: 0.0, target_modules: all-linear}}
 data: {{path: {data}, packing: {str(packing).lower()}, eval_fraction: 0.0, train_on: responses}}
 objective: {{type: sft}}
 train: {{output_dir: {out}, batch_size: {batch}, grad_accum: 1, max_steps: {steps}, lr: 2.0e-4,
-        warmup_steps: 0, save_every: null, plot: false, progress: false, log_every: 1, memory: {memory}}}
+        warmup_steps: 0, schedule: constant, max_grad_norm: null, save_every: null, plot: false, progress: false,
+        log_every: 1, memory: {memory}}}
 """
     p = out.parent / f"{out.name}.yaml"
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -286,6 +291,7 @@ def main():
         results.append(r)
         print(json.dumps(r), flush=True)
         if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
             Path(args.out, "train_e2e.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
 
     for case in cases:
