@@ -36,17 +36,22 @@ has lse = -inf, hence w = 0: zero output and zero gradients, with no NaN; the ea
 alone takes the row, so `build_mask` leaves it empty). Paths: training/prefill on CUDA in fp16/bf16 without a
 padding mask or soft-cap: aten's flash forward (it returns lse) and backward, as `_FlashSinks`; otherwise on CUDA
 (fp32, a padding mask, soft-capping) with whole rows: compiled flex_attention returning lse, then `_SinkCombine`;
-decoding on CUDA in fp16/bf16: the flash decode kernel below returns lse too. Everything else (CPU, queries at an
-offset, fp32 decoding) runs eager math with a dense mask, logged once on CUDA.
+decoding on CUDA: the Triton decode kernel adds the sink to its softmax denominator (kernels/decode_attention.py),
+or, when it is off, in fp16/bf16 the flash decode kernel below returns lse too. Everything else (CPU, queries at an
+offset) runs eager math with a dense mask, logged once on CUDA.
 
 Decoding over a static per-slot KV cache (`decode_attention`, fasttune.generation): one query per slot, keys
-(S, M, Hk, D) of which slot s holds `lengths[s]` valid ones. On CUDA in fp16/bf16 without soft-capping: the same
+(S, M, Hk, D) of which slot s holds `lengths[s]` valid ones. On CUDA (fp16/bf16/fp32, head_dim <= 256, with or
+without a window and sinks, no soft-capping): the one-launch Triton kernel of kernels/decode_attention.py (split
+over the valid keys, its partials combined inside the same launch; aten's flash decode below costs two kernels, a
+split-kv one and a combine). If it is switched off (`FASTTUNE_DECODE_TRITON=0`) or failed, in fp16/bf16: the same
 aten flash kernel as varlen, the cache seen as S blocks of M keys (cu_seqlens_k = 0, M, 2M, ...) of which it reads
 only `seqused_k = lengths`, so a step costs the valid keys, not M, and every shape is static (CUDA graphs); with
 sinks, its lse weighs the output as above. Otherwise the reference: a (S, 1, 1, M) boolean length/window mask
 through SDPA, or eager math when soft-capping or with sinks (one query per slot: cheap, though it reads all M).
 A fused path that raises is logged once with the reason and not tried again (`FALLBACKS`); a dense mask taken on
-CUDA is logged once too. `FASTTUNE_FLASH_ATTN=0` / `FASTTUNE_FLEX=0` switch the flash_attn package / flex off.
+CUDA is logged once too. `FASTTUNE_FLASH_ATTN=0` / `FASTTUNE_FLEX=0` / `FASTTUNE_DECODE_TRITON=0` switch the
+flash_attn package / flex / the Triton decode kernel off.
 """
 from __future__ import annotations
 
@@ -508,6 +513,10 @@ def decode_attention(
     No host sync and static shapes on every path. `memo`: shared by the layers of one step (masks, cu_seqlens)."""
     S, Hq, _, D = q.shape
     M = k_cache.shape[1]
+    if softcap is None and _triton_decode_ok(q, k_cache, v_cache):
+        out = _triton_decode(q, k_cache, v_cache, lengths, scale, sliding_window, sinks)
+        if out is not None:
+            return out
     if softcap is None and _torch_flash_ok(q, k_cache, v_cache) and FALLBACKS.usable("torch-flash-decode"):
         out = _torch_flash_decode(q, k_cache, v_cache, lengths, scale, sliding_window, memo, sinks)
         if out is not None:
@@ -527,6 +536,33 @@ def decode_attention(
     if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != k.shape[1])
     return eager_attention(q, k, v, mask, scale, softcap, sinks)
+
+
+def _triton_decode_ok(q, k_cache, v_cache) -> bool:
+    """Whether the one-launch Triton decode kernel takes these tensors: where Triton runs (`kernels.use_triton`:
+    CUDA, or FASTTUNE_KERNELS=triton), one dtype among fp16/bf16/fp32, head_dim <= 256, caches with unit stride
+    along head_dim, not switched off (FASTTUNE_DECODE_TRITON=0) and not failed before."""
+    from . import use_triton  # late: fasttune.kernels imports its kernel modules first
+
+    return (use_triton(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k_cache.dtype == q.dtype
+            and v_cache.dtype == q.dtype and q.shape[-1] <= 256 and k_cache.stride(-1) == 1
+            and v_cache.stride(-1) == 1 and os.environ.get("FASTTUNE_DECODE_TRITON", "1") != "0"
+            and FALLBACKS.usable("triton-decode"))
+
+
+def _triton_decode(q, k_cache, v_cache, lengths, scale, sliding_window, sinks):
+    """kernels.decode_attention: one launch per layer (split-K with its combine in the same kernel). None when it
+    raised (logged once; the next path is used from then on)."""
+    from .decode_attention import decode_attention_triton
+
+    try:
+        return decode_attention_triton(q, k_cache, v_cache, lengths, scale=scale, sliding_window=sliding_window,
+                                       sinks=sinks)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # a Triton that cannot compile it for this GPU / dtype / head size
+        FALLBACKS.fail("triton-decode", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return None
 
 
 def _torch_flash_decode(q, k_cache, v_cache, lengths, scale, sliding_window, memo, sinks=None):
