@@ -37,7 +37,8 @@ the other, so the last program of each group combines there.
 Precision: scores and softmax in float32. bf16/fp16 inputs: q k^T on tensor cores (exact products, float32 sums);
 the probabilities 2^{y - m'} are rounded to the input dtype for the P V product (as flash attention does).
 float32 inputs: both products in IEEE float32 (no TF32). Partials and the combine in float32; one rounding to the
-output dtype at the end.
+output dtype at the end. In the interpreter (CPU) the products are taken in float32 from the same rounded operands
+(its tl.dot mishandles bf16), so it computes what the GPU does up to float32 summation order.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ if triton is not None:
         Hk, window, qk_scale,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
         s = tl.program_id(0)
         hk = tl.program_id(1)
@@ -123,7 +124,9 @@ if triton is not None:
             key_ok = j < hi
             kv_mask = key_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + j[:, None] * stride_km + d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
+            if UPCAST:  # the interpreter's tl.dot multiplies bf16 storage bits: exact float32 products instead
+                y = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            elif IEEE:
                 y = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 y = tl.dot(q, tl.trans(k))
@@ -133,7 +136,9 @@ if triton is not None:
             p = tl.exp2(y - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_base + j[:, None] * stride_vm + d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
+            if UPCAST:  # p rounded as on the GPU, then exact float32 products
+                pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            elif IEEE:
                 pv = tl.dot(p, v, input_precision="ieee")
             else:
                 pv = tl.dot(p.to(v.dtype), v)
@@ -241,5 +246,6 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_N=cfg.block_n, SPLITS=cfg.splits, SPLITS_P=triton.next_power_of_2(cfg.splits),
         HAS_WINDOW=sliding_window is not None, HAS_SINKS=sinks is not None, IEEE=q.dtype == torch.float32,
+        UPCAST=not q.is_cuda,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
