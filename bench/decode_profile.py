@@ -10,7 +10,15 @@ Three measurements on one GPU, Llama-3.1-8B shape, random bf16 weights (bench/ge
             step, from a generate() of N+1 tokens minus one of 1 token, divided by N; and the step's wall time, so
             that "gaps" = wall - sum of kernel times (launch latency between the graph's kernels).
 
+  attention (--attention: only this) the decode step's attention alone at the 8B shape (32 q / 8 kv heads, head_dim
+            128, bf16) for batch 1, 8, 64 and contexts 128, 1024, 4096 (cache capacity = context = every slot's
+            length): the one-launch Triton kernel (kernels/decode_attention.py, its default launch shape) against
+            aten's flash decode (`_torch_flash_decode`: split-kv kernel + combine), each as 32 calls over 32 layers'
+            caches (cold in L2 as in a real step, up to ~8 GiB of caches) captured in one CUDA graph, timed with CUDA
+            events: us per call. At batch 1 it also sweeps the Triton launch shape (splits x keys per step).
+
     python bench/decode_profile.py --out $OUT/decode_profile.json
+    python bench/decode_profile.py --attention --out $OUT/decode_attention.json
     python bench/decode_profile.py --tiny --device cpu            # smoke test (no profile: CUDA only)
 """
 from __future__ import annotations
@@ -100,6 +108,63 @@ def step_profile(model, batch: int, prompt_len: int, n: int, device: torch.devic
                 kernels=[dict(name=k, ms_per_step=round(t, 4), per_step=round(c, 2)) for k, t, c in rows[:40]])
 
 
+def _graph_us_per_call(calls, device: torch.device) -> float:
+    """calls: a list of no-argument launches (one per layer). Captured once in a CUDA graph after an eager warm-up;
+    median replay time / len(calls), in microseconds."""
+    for fn in calls:  # compile, workspaces, memo tables: nothing may be allocated for the first time while capturing
+        fn()
+    sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    ms = median_cuda_ms(graph.replay, warmup=3, iters=20)
+    del graph
+    return ms * 1e3 / len(calls)
+
+
+def attention_rows(device: torch.device, layers: int = 32, cache_budget: int = 8 * 2**30) -> list[dict]:
+    from fasttune.kernels.attention import _torch_flash_decode
+    from fasttune.kernels.decode_attention import DecodeConfig, decode_attention_triton, default_config
+
+    Hq, Hk, D, dtype = 32, 8, 128, torch.bfloat16
+    scale = D ** -0.5
+    rows = []
+    for S in (1, 8, 64):
+        for ctx in (128, 1024, 4096):
+            per_layer = 2 * S * ctx * Hk * D * 2
+            n_caches = max(1, min(layers, cache_budget // per_layer))
+            caches = [(torch.randn(S, ctx, Hk, D, device=device, dtype=dtype),
+                       torch.randn(S, ctx, Hk, D, device=device, dtype=dtype)) for _ in range(n_caches)]
+            q = torch.randn(S, 1, Hq, D, device=device, dtype=dtype).transpose(1, 2)
+            lengths = torch.full((S,), ctx, dtype=torch.int32, device=device)
+            memo: dict = {}
+            kv = [caches[i % n_caches] for i in range(layers)]
+
+            def triton_calls(cfg=None):
+                return [lambda k=k, v=v: decode_attention_triton(q, k, v, lengths, scale=scale, config=cfg)
+                        for k, v in kv]
+            flash_calls = [lambda k=k, v=v: _torch_flash_decode(q, k, v, lengths, scale, None, memo) for k, v in kv]
+            ref = _torch_flash_decode(q, kv[0][0], kv[0][1], lengths, scale, None, memo)
+            got = decode_attention_triton(q, kv[0][0], kv[0][1], lengths, scale=scale)
+            cfg = default_config(S, Hk, ctx, device)
+            row = dict(batch=S, context=ctx, splits=cfg.splits, block_n=cfg.block_n,
+                       triton_us=round(_graph_us_per_call(triton_calls(), device), 2),
+                       torch_flash_us=round(_graph_us_per_call(flash_calls, device), 2),
+                       max_abs_diff_vs_flash=float((got.float() - ref.float()).abs().max()),
+                       kv_bytes=per_layer)
+            row["speedup"] = round(row["torch_flash_us"] / row["triton_us"], 2)
+            row["triton_tb_s"] = round(per_layer / (row["triton_us"] * 1e-6) / 1e12, 3)
+            if S == 1:  # the launch shape around the default
+                row["sweep_us"] = {
+                    f"splits{sp}_block{bn}": round(_graph_us_per_call(triton_calls(DecodeConfig(sp, bn)), device), 2)
+                    for sp in (4, 8, 16, 32) for bn in (16, 32, 64) if sp * bn <= 2 * ctx}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            caches = kv = None  # freed before the next shape allocates its caches
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1)
@@ -109,8 +174,17 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--attention", action="store_true", help="only the decode attention comparison (CUDA)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.attention:
+        if device.type != "cuda":
+            ap.error("--attention needs CUDA (it captures CUDA graphs)")
+        result = dict(info=dict(versions(), args=vars(args)), attention=attention_rows(device))
+        out = args.out or (os.path.join(os.environ["OUT"], "decode_attention.json") if os.environ.get("OUT") else None)
+        if out:
+            Path(out).write_text(json.dumps(result, indent=2))
+        return 0
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = llama_config("tiny" if args.tiny else "8b", args.vocab)
     result = dict(info=dict(versions(), shape="tiny" if args.tiny else "8b", args=vars(args)))

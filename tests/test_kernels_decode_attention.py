@@ -28,7 +28,6 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 
 import fasttune.kernels.decode_attention as dk  # noqa: E402
-from fasttune.kernels import attention as attn_mod  # noqa: E402
 from fasttune.kernels.attention import FALLBACKS, decode_attention, decode_mask, eager_attention  # noqa: E402
 from conftest import no_host_sync  # noqa: E402
 from seeding import SESSION_SEED, generator  # noqa: E402
