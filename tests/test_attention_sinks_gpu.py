@@ -10,7 +10,8 @@ on the same rounded inputs: forward and the gradients of q, k, v and the sinks.
   of each head, |error| / |ref| (norms) <= 2e-2.
 - bf16 with a padding mask: compiled flex_attention with its differentiable lse, then `_SinkCombine`; same bounds.
 - fp32 (flex, TF32 off): 1e-4 for everything.
-- decoding (one query per slot over a static cache, bf16): the flash decode kernel's lse: 2e-2.
+- decoding (one query per slot over a static cache, bf16): the Triton decode kernel (sink in its combine), and
+  aten's flash decode kernel's lse with it switched off: 2e-2.
 Every test prints its measured errors."""
 from __future__ import annotations
 
@@ -138,10 +139,13 @@ def test_fp32_training_with_sinks_runs_flex_and_matches_eager_fp32(case, spies):
     assert spies["flash"] == 0 and spies["flex"] == 1, spies
 
 
+@pytest.mark.parametrize("triton_decode", ["1", "0"])
 @pytest.mark.parametrize("window", [None, WINDOW])
-def test_bf16_decode_with_sinks_runs_flash_and_matches_eager_fp32(window, spies):
+def test_bf16_decode_with_sinks_runs_its_kernel_and_matches_eager_fp32(window, triton_decode, spies, monkeypatch):
     """One step for 4 slots over a 2048-position cache holding 1, 127, 1000 and 2048 keys (full layers: the kernel's
-    grouped single-query layout; window layers: the windowed one)."""
+    grouped single-query layout; window layers: the windowed one). The Triton decode kernel (sink in its combine);
+    with FASTTUNE_DECODE_TRITON=0 aten's flash decode (its lse weighs the output)."""
+    monkeypatch.setenv("FASTTUNE_DECODE_TRITON", triton_decode)
     S, M = 4, T
     g = torch.Generator("cuda").manual_seed(1)
     q = torch.randn(S, HQ, 1, D, device="cuda", generator=g).bfloat16()
@@ -151,7 +155,8 @@ def test_bf16_decode_with_sinks_runs_flash_and_matches_eager_fp32(window, spies)
     lengths = torch.tensor([1, 127, 1000, 2048], dtype=torch.int32, device="cuda")
     with torch.no_grad():
         got = decode_attention(q, kc, vc, lengths, scale=D ** -0.5, sliding_window=window, memo={}, sinks=sinks)
-        assert spies["flash"] == 1 and not FALLBACKS.failed, FALLBACKS.failed
+        assert spies["flash"] == (triton_decode == "0") and not FALLBACKS.failed, FALLBACKS.failed
+        assert not FALLBACKS._said, FALLBACKS._said  # no dense-mask path
         want = eager_attention(q.float(), kc.float().transpose(1, 2), vc.float().transpose(1, 2),
                                decode_mask(lengths, M, window), D ** -0.5, None, sinks.float())
     err = ((got.float() - want).abs().max() / want.abs().max()).item()

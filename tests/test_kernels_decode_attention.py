@@ -187,6 +187,28 @@ def test_a_failing_kernel_is_logged_once_and_the_next_path_answers(monkeypatch, 
     check(a, (clean[0], clean[1], clean[2], clean[3], None), 0.125, None, torch.float32, "after the failure")
 
 
+def test_generation_through_the_kernel_equals_full_recompute(tmp_path, monkeypatch):
+    """End to end: a tiny Mistral (sliding window 7, GQA 2, head_dim 12) decoding with FASTTUNE_KERNELS=triton (the
+    CUDA path; in the interpreter here) gives full recompute's greedy tokens, and every layer of every decode step
+    ran the kernel."""
+    pytest.importorskip("transformers")
+    import test_models_parity as old_families
+    from fasttune.generation import Generator, SamplingParams
+    from test_generation import _build, ragged_prompts, recompute
+
+    model = _build(tmp_path, old_families, "mistral")
+    calls = []
+    real = dk.decode_attention_triton
+    monkeypatch.setattr(dk, "decode_attention_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    prompts = ragged_prompts((3, 9, 1))
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=[])
+    got = [c[0] for c in Generator(model, max_batch_size=4, max_seq_len=24).generate(prompts, params)]
+    assert len(calls) == model.spec.num_layers * (params.max_new_tokens - 1) and not FALLBACKS.failed
+    monkeypatch.setenv("FASTTUNE_KERNELS", "reference")
+    assert got == [recompute(model, p, params, stop_ids=[]) for p in prompts]
+
+
 # ---- GPU, real sizes ---------------------------------------------------------------------------------------------
 
 def _gpu_inputs(S, M, Hq, Hk, D, dtype, window=None, sinks=False, seed=0):
