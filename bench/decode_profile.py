@@ -18,6 +18,8 @@ Three measurements on one GPU, Llama-3.1-8B shape, random bf16 weights (bench/ge
             events: us per call. At batch 1 it also sweeps the Triton launch shape (splits x keys per step).
 
     python bench/decode_profile.py --out $OUT/decode_profile.json
+    FASTTUNE_DECODE_TRITON=0 python bench/decode_profile.py --out $OUT/decode_profile_flash.json  # the step with
+                                                                  # aten's flash decode instead of the Triton kernel
     python bench/decode_profile.py --attention --out $OUT/decode_attention.json
     python bench/decode_profile.py --tiny --device cpu            # smoke test (no profile: CUDA only)
 """
@@ -202,6 +204,11 @@ def main() -> int:
         s["hbm_tb_s"] = round(result["weight_bytes_per_step"] / (s["step_ms"] / 1e3) / 1e12, 3)
         s["share_of_4.8TBs"] = round(s["hbm_tb_s"] / 4.8, 3)
         s["share_of_copy"] = round(s["hbm_tb_s"] * 1e12 / bw, 3)
+        from fasttune.kernels.attention import FALLBACKS as ATTENTION_FALLBACKS
+        # which decode attention the step ran: the Triton kernel unless it failed (named here) or
+        # FASTTUNE_DECODE_TRITON=0 (then aten's flash decode: its split-kv kernel and combine show in the kernels)
+        s["attention_failed_paths"] = dict(ATTENTION_FALLBACKS.failed)
+        s["FASTTUNE_DECODE_TRITON"] = os.environ.get("FASTTUNE_DECODE_TRITON", "1")
         print(json.dumps({k: v for k, v in s.items() if k != "kernels"}), flush=True)
         for r in s["kernels"][:25]:
             print(f"{r['ms_per_step']:8.4f} ms  x{r['per_step']:5.1f}  {r['name']}")

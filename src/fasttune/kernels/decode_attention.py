@@ -72,8 +72,8 @@ def _multiprocessors(device: torch.device) -> int:
 def default_config(S: int, Hk: int, M: int, device: torch.device) -> DecodeConfig:
     """Static launch shape for S slots, Hk kv heads, cache capacity M (a heuristic, not tuned on hardware yet:
     bench/decode_profile.py --attention sweeps alternatives). Splits until the grid covers every SM twice (batch 1
-    at the 8B shape: 8 kv heads -> 32 splits), at most MAX_SPLITS and at most one per block_n keys of capacity; a
-    chunk of many keys (large M over few splits) takes 64 keys a step, else 32."""
+    at the 8B shape on 132 SMs: 8 kv heads x 32 splits), at most MAX_SPLITS and at most one per 32 keys of capacity
+    (M = 192: 6 splits); a chunk of many keys (large M over few splits) takes 64 keys a step, else 32."""
     target = 2 * _multiprocessors(device)
     splits = max(1, min(MAX_SPLITS, triton.cdiv(target, S * Hk), triton.cdiv(M, 32)))
     block_n = 64 if M // splits >= 512 else 32
