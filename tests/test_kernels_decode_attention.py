@@ -211,6 +211,9 @@ def test_generation_through_the_kernel_equals_full_recompute(tmp_path, monkeypat
 
 # ---- GPU, real sizes ---------------------------------------------------------------------------------------------
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
 def _gpu_inputs(S, M, Hq, Hk, D, dtype, window=None, sinks=False, seed=0):
     g = torch.Generator("cuda").manual_seed(seed)
     q = torch.randn(S, 1, Hq, D, device="cuda", generator=g).to(dtype).transpose(1, 2)
@@ -240,6 +243,7 @@ def _gpu_check(out, q, k, v, n, z, scale, window, u, what):
 
 
 @pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("S,M", [(1, 128), (1, 4096), (8, 1024), (64, 4096)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_8b_shape_through_decode_attention(S, M, dtype):
@@ -255,6 +259,7 @@ def test_gpu_8b_shape_through_decode_attention(S, M, dtype):
 
 
 @pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("S,M", [(1, 4096), (16, 2048)])
 @pytest.mark.parametrize("window", [None, 128])
 def test_gpu_gpt_oss_shape_with_sinks(S, M, window):
@@ -267,6 +272,7 @@ def test_gpu_gpt_oss_shape_with_sinks(S, M, window):
 
 
 @pytest.mark.gpu
+@needs_cuda
 def test_gpu_cuda_graph_replays_follow_new_lengths_and_make_no_host_sync():
     """Batch 1 at the 8B shape (32 splits): captured once, replayed with new lengths and a new query; each replay
     equals an eager launch, twice in a row (the counters were reset), with no host sync inside."""
