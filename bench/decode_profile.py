@@ -15,7 +15,8 @@ Three measurements on one GPU, Llama-3.1-8B shape, random bf16 weights (bench/ge
             length): the one-launch Triton kernel (kernels/decode_attention.py, its default launch shape) against
             aten's flash decode (`_torch_flash_decode`: split-kv kernel + combine), each as 32 calls over 32 layers'
             caches (cold in L2 as in a real step, up to ~8 GiB of caches) captured in one CUDA graph, timed with CUDA
-            events: us per call. At batch 1 it also sweeps the Triton launch shape (splits x keys per step).
+            events: us per call. At batch 1 it also sweeps the Triton launch shape (splits x keys per step), as long as
+            the run has taken under 40 s (each new shape compiles).
 
     python bench/decode_profile.py --out $OUT/decode_profile.json
     FASTTUNE_DECODE_TRITON=0 python bench/decode_profile.py --out $OUT/decode_profile_flash.json  # the step with
@@ -125,13 +126,15 @@ def _graph_us_per_call(calls, device: torch.device) -> float:
     return ms * 1e3 / len(calls)
 
 
-def attention_rows(device: torch.device, layers: int = 32, cache_budget: int = 8 * 2**30) -> list[dict]:
+def attention_rows(device: torch.device, layers: int = 32, cache_budget: int = 8 * 2**30,
+                   sweep_seconds: float = 40.0) -> list[dict]:
     from fasttune.kernels.attention import _torch_flash_decode
     from fasttune.kernels.decode_attention import DecodeConfig, decode_attention_triton, default_config
 
     Hq, Hk, D, dtype = 32, 8, 128, torch.bfloat16
     scale = D ** -0.5
     rows = []
+    t0 = time.perf_counter()
     for S in (1, 8, 64):
         for ctx in (128, 1024, 4096):
             per_layer = 2 * S * ctx * Hk * D * 2
@@ -157,10 +160,13 @@ def attention_rows(device: torch.device, layers: int = 32, cache_budget: int = 8
                        kv_bytes=per_layer)
             row["speedup"] = round(row["torch_flash_us"] / row["triton_us"], 2)
             row["triton_tb_s"] = round(per_layer / (row["triton_us"] * 1e-6) / 1e12, 3)
-            if S == 1:  # the launch shape around the default
-                row["sweep_us"] = {
-                    f"splits{sp}_block{bn}": round(_graph_us_per_call(triton_calls(DecodeConfig(sp, bn)), device), 2)
-                    for sp in (4, 8, 16, 32) for bn in (16, 32, 64) if sp * bn <= 2 * ctx}
+            if S == 1:  # the launch shape around the default, while the whole run stays under ~60 s
+                row["sweep_us"] = {}
+                for sp in (1, 4, 8, 16, 32):
+                    for bn in (16, 32, 64):
+                        if sp * bn <= 2 * ctx and time.perf_counter() - t0 < sweep_seconds:
+                            us = _graph_us_per_call(triton_calls(DecodeConfig(sp, bn)), device)
+                            row["sweep_us"][f"splits{sp}_block{bn}"] = round(us, 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
             caches = kv = None  # freed before the next shape allocates its caches
