@@ -231,7 +231,7 @@ if triton is not None:
         row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
         return expert, row_start, row_end
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["ROWS_HINT"])
     def _grouped_mm_kernel(
         x_ptr, stride_xm, stride_xk,                  # (M, K) rows sorted by expert
         w_ptr, stride_we, stride_wn, stride_wk,       # element (e, n, k) of the expert weight
@@ -239,7 +239,7 @@ if triton is not None:
         bias_ptr, stride_be, stride_bn,               # (E, N)
         u_ptr, stride_um, stride_ur,                  # (M, R): the rank-R product (x A^T forward, g backward)
         l_ptr, stride_le, stride_lr, stride_ln,       # element (e, r, n) of the second LoRA factor
-        offsets_ptr, M, N, K, E, R,
+        offsets_ptr, M, N, K, E, R, ROWS_HINT,        # ROWS_HINT: autotuning key only (rows_hint), unused here
         alpha, lora_scale,
         HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, CAST_W: tl.constexpr, CAST_L: tl.constexpr, BLOCK_E: tl.constexpr, BR: tl.constexpr,
@@ -250,24 +250,28 @@ if triton is not None:
         expert, row_start, row_end = _expert_of_tile(offsets_ptr, pid_m, E, BM, BLOCK_E)
         if expert >= E:
             return
-        rm = row_start + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
+        # 64-bit scalar bases (a stack or the rows may pass 2^31 elements), 32-bit offsets inside the tile (at most
+        # BM or BN times a row stride): the pointer tensors' arithmetic stays 32-bit, fewer registers per tile
+        ri = tl.arange(0, BM)
+        ci = tl.arange(0, BN)
         rk = tl.arange(0, BK)
-        row_ok = rm < row_end
-        col_ok = rn < N
-        rm64 = rm.to(tl.int64)
+        row_ok = row_start + ri < row_end
+        col_ok = pid_n * BN + ci < N
+        row0 = row_start.to(tl.int64)
+        col0 = (pid_n * BN).to(tl.int64)
         e64 = expert.to(tl.int64)
-        x_ptrs = x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk
-        w_ptrs = w_ptr + e64 * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
+        x_ptrs = x_ptr + row0 * stride_xm + (ri[:, None] * stride_xm + rk[None, :] * stride_xk)
+        w_ptrs = w_ptr + (e64 * stride_we + col0 * stride_wn) + (ci[None, :] * stride_wn + rk[:, None] * stride_wk)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if HAS_LORA:
             # the rank-R term first, into the accumulator itself (a second BM x BN fp32 tile would double the
             # registers of the widest tiles and spill)
             rr = tl.arange(0, BR)
             r_ok = rr < R
-            u = tl.load(u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
+            u = tl.load(u_ptr + row0 * stride_um + (ri[:, None] * stride_um + rr[None, :] * stride_ur),
                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            lw = tl.load(l_ptr + e64 * stride_le + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
+            lw = tl.load(l_ptr + (e64 * stride_le + col0 * stride_ln)
+                         + (rr[:, None] * stride_lr + ci[None, :] * stride_ln),
                          mask=r_ok[:, None] & col_ok[None, :], other=0.0)
             if CAST_L:  # a float32 master adapter, rounded to u's dtype here (as .to(dtype) rounds it)
                 lw = _cast_out(lw.to(tl.float32), u_ptr.dtype.element_ty, UPCAST)
@@ -287,9 +291,9 @@ if triton is not None:
             w_ptrs += BK * stride_wk
         acc = acc * alpha
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + e64 * stride_be + rn * stride_bn, mask=col_ok, other=0.0)
+            bias = tl.load(bias_ptr + e64 * stride_be + (col0 + ci) * stride_bn, mask=col_ok, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-        y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn
+        y_ptrs = y_ptr + (row0 * stride_ym + col0 * stride_yn) + (ri[:, None] * stride_ym + ci[None, :] * stride_yn)
         if ACCUMULATE:  # y += the above: the epilogue after torch's grouped mm wrote x W_e^T into y (K = 0 here)
             acc += tl.load(y_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         tl.store(y_ptrs, _cast_out(acc, y_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & col_ok[None, :])
@@ -349,10 +353,16 @@ if triton is not None:
                  mask=n_ok)
 
     # Hopper (H100/H200) candidates for the main grouped kernel: 128- or 64-row tiles (64 wastes less of each
-    # expert's partial last tile: at ~256 rows per expert, 128-row tiles compute ~1.25x the rows), as wide as the
-    # registers allow, K steps of 64 with 3-4 pipeline stages (~64-200 KB of the 227 KB shared memory). The
-    # narrow configs serve the rank-r passes (u = x A^T, g = s dy B: N = r). Keys are static per layer shape; the
-    # reduction stride tells the weight layouts apart (K-contiguous (E, N, K) forward vs N-contiguous dx / gpt-oss).
+    # expert's partial last tile: at ~256 rows per expert, 128-row tiles compute ~1.25x the rows; at ~128 rows,
+    # Qwen3-30B-A3B's 2048-token step, ~1.5x), as wide as the registers allow (a 128 x 256 or 64 x 256 tile reads
+    # each weight tile into shared memory for twice the rows of a 128-wide one: at ~128 rows per expert every
+    # expert's weights are streamed from HBM about once per row tile, near the H200's ridge point), K steps of 64
+    # (or 128) with 3-4 pipeline stages (~100-200 KB of the 227 KB shared memory; a config that does not fit is
+    # skipped by the autotuner). The narrow configs serve the rank-r passes (u = x A^T, g = s dy B: N = r); the
+    # 16- and 32-row ones few rows per expert (decode, tiny batches). Keys are static per layer shape: N, K, R,
+    # the reduction stride (K-contiguous (E, N, K) forward vs N-contiguous dx / gpt-oss), LoRA and bias, and
+    # ROWS_HINT (`rows_hint`: the mean rows per expert rounded up to a power of two, constant for a fixed token
+    # count; a changing ragged load never changes it).
     _MM_CONFIGS = [
         triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
         triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
@@ -360,17 +370,29 @@ if triton is not None:
         triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
         triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
         triton.Config({"BM": 64, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BM": 64, "BN": 256, "BK": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 128, "BN": 128, "BK": 128}, num_warps=8, num_stages=3),
+        # few rows per expert (ROWS_HINT <= 32)
+        triton.Config({"BM": 32, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 16, "BN": 128, "BK": 128}, num_warps=4, num_stages=4),
+        # the rank-r passes (N <= 32)
         triton.Config({"BM": 128, "BN": 16, "BK": 128}, num_warps=4, num_stages=4),
         triton.Config({"BM": 64, "BN": 16, "BK": 128}, num_warps=4, num_stages=4),
         triton.Config({"BM": 128, "BN": 32, "BK": 128}, num_warps=4, num_stages=4),
         triton.Config({"BM": 64, "BN": 32, "BK": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 32, "BN": 16, "BK": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 16, "BN": 32, "BK": 128}, num_warps=4, num_stages=4),
     ]
 
     def _prune_by_width(configs, named_args, **kwargs):
-        """Narrow tiles (BN < 64) for narrow outputs (N <= 32, the rank-r passes) and only there."""
+        """Narrow tiles (BN < 64) for narrow outputs (N <= 32, the rank-r passes) and only there; row tiles under
+        64 for few rows per expert (ROWS_HINT <= 32) and only there: the autotuner compiles and times fewer
+        candidates (what makes a first call, and bench/kernels_moe.py, slow), none of them mostly padding."""
         narrow = named_args["N"] <= 32
-        kept = [c for c in configs if (c.kwargs["BN"] < 64) == narrow]
-        return kept or configs
+        few_rows = named_args["ROWS_HINT"] <= 32
+        by_width = [c for c in configs if (c.kwargs["BN"] < 64) == narrow] or configs
+        return [c for c in by_width if (c.kwargs["BM"] < 64) == few_rows] or by_width
 
     def _prune_tn(configs, named_args, **kwargs):
         """Tiles no wider than needed along a rank-r side (dA: P = r, dB: Q = r)."""
@@ -378,11 +400,19 @@ if triton is not None:
         kept = [c for c in configs if (c.kwargs["BP"] < 64) == (P <= 32) and (c.kwargs["BQ"] < 64) == (Q <= 32)]
         return kept or configs
 
+    def _tune_bench(kernel_call, quantiles):
+        """The autotuner's timing of one candidate: 5 ms of warm-up and 25 ms of runs (Triton's default is 25 and
+        100 ms: with ~10 candidates per key and ~10 keys per model that alone was seconds per first step). A
+        kernel of these shapes takes 0.05-1 ms, so still 25-500 runs per candidate."""
+        from triton.testing import do_bench
+
+        return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
     _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})
     _grouped_mm_even = _even_k(_grouped_mm_kernel)
     _grouped_mm_tuned = triton.autotune(
-        configs=_MM_CONFIGS, key=["N", "K", "R", "stride_wk", "HAS_LORA", "HAS_BIAS"],
-        prune_configs_by={"early_config_prune": _prune_by_width})(_grouped_mm_even)
+        configs=_MM_CONFIGS, key=["N", "K", "R", "ROWS_HINT", "stride_wk", "HAS_LORA", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": _prune_by_width}, do_bench=_tune_bench)(_grouped_mm_even)
 
     _TN_CONFIGS = [
         triton.Config({"BP": 128, "BQ": 128, "BM": 64}, num_warps=8, num_stages=3),
@@ -398,7 +428,7 @@ if triton is not None:
         triton.Config({"BP": 128, "BQ": 32, "BM": 64}, num_warps=4, num_stages=4),
         triton.Config({"BP": 256, "BQ": 16, "BM": 64}, num_warps=4, num_stages=4),
     ]
-    _grouped_tn_tuned = triton.autotune(configs=_TN_CONFIGS, key=["P", "Q"],
+    _grouped_tn_tuned = triton.autotune(configs=_TN_CONFIGS, key=["P", "Q"], do_bench=_tune_bench,
                                         prune_configs_by={"early_config_prune": _prune_tn})(_grouped_tn_kernel)
 
 
@@ -415,6 +445,13 @@ def _rank_block(r: int) -> int:
 # The epilogue launch (add_to): memory-bound (one read and one write of y), so one fixed tile shape; autotuning
 # would also run this in-place kernel once per candidate on the same y.
 EPILOGUE_BLOCKS = {"BM": 64, "BN": 128, "BK": 16}
+
+
+def rows_hint(rows: int, experts: int) -> int:
+    """The mean rows per expert, rounded up to a power of two: the grouped kernel's autotuning key for the row
+    count (the tile that fits ~128 rows per expert is not the one for ~4), constant for a fixed number of tokens
+    whatever the routing. The offsets' own counts are never read (that would be a host sync)."""
+    return triton.next_power_of_2(max(1, -(-rows // max(1, experts))))
 
 
 def _grouped_mm(x: torch.Tensor | None, w: torch.Tensor | None, w_strides: tuple[int, int, int], N: int,
@@ -443,7 +480,7 @@ def _grouped_mm(x: torch.Tensor | None, w: torch.Tensor | None, w_strides: tuple
             bias if has_bias else y, *(bias.stride() if has_bias else (0, 0)),
             u if has_lora else y, *(u.stride() if has_lora else (0, 0)),
             lora_second if has_lora else y, *l_strides,
-            offsets, M, N, K, E, R, float(alpha), float(lora_scale)]
+            offsets, M, N, K, E, R, rows_hint(M, E), float(alpha), float(lora_scale)]
     consts = dict(HAS_BIAS=has_bias, HAS_LORA=has_lora, ACCUMULATE=add_to is not None,
                   INPUT_PRECISION=precision, UPCAST=not y.is_cuda,
                   CAST_W=add_to is None and w.dtype != x.dtype,
