@@ -268,14 +268,101 @@ def test_base_gemm_choice_is_explicit(caplog):
     x, w = _bf16_case()
     offsets = offsets_of([10, 0, 14])
     with caplog.at_level(logging.WARNING, logger="fasttune"):
-        assert not gg._use_torch_grouped_mm("auto", x, w)
-        assert not gg._use_torch_grouped_mm("triton", x, w)
-        assert gg._use_torch_grouped_mm("torch", x, w)
+        assert gg._requested_kernel("auto", x, w) == "triton"
+        assert gg._requested_kernel("triton", x, w) == "triton"
+        assert gg._requested_kernel("torch", x, w) == "torch"
     assert caplog.text == ""
     with pytest.raises(ValueError, match="base_gemm='torch' cannot run here: activations torch.float16"):
         gg.grouped_linear(x.half(), w.half(), offsets, base_gemm="torch")
     with pytest.raises(ValueError, match="base_gemm must be one of"):
         gg.grouped_linear(x, w, offsets, base_gemm="cutlass")
+
+
+# ---- base_gemm="auto": the faster kernel per call shape, timed once (the timer faked on CPU) ----------------
+
+@pytest.fixture
+def fresh_choices(monkeypatch):
+    monkeypatch.setattr(gg, "AUTO_CHOICES", {})
+    monkeypatch.setattr(gg, "FALLBACKS", gg.Fallbacks("grouped GEMM", gg.log))
+    return gg.AUTO_CHOICES
+
+
+def _fake_timer(times, timed):
+    """_time_ms stand-in: the candidate's time from `times` (the candidates are partials of the kernel name)."""
+    def time_ms(fn, reps):
+        timed.append(fn.args[0])
+        return times[fn.args[0]]
+    return time_ms
+
+
+@pytest.mark.parametrize("torch_ms,expected", [(0.5, "torch"), (0.98, "triton"), (1.5, "triton")])
+def test_auto_choice_keeps_the_faster_once(fresh_choices, monkeypatch, caplog, torch_ms, expected):
+    """Both candidates run once to warm up, then are timed (two rounds); torch's is kept only when below
+    AUTO_MARGIN x Triton's; the choice is cached per key (no second timing) and logged once with both times."""
+    runs, timed = [], []
+    monkeypatch.setattr(gg, "_time_ms", _fake_timer({"triton": 1.0, "torch": torch_ms}, timed))
+    cands = [functools.partial(lambda name: runs.append(name), name) for name in ("triton", "torch")]
+    with caplog.at_level(logging.INFO, logger="fasttune.kernels"):
+        assert gg._auto_choice(("k",), *cands) == expected
+        assert gg._auto_choice(("k",), *cands) == expected
+    assert sorted(runs) == ["torch", "triton"] and sorted(timed) == ["torch", "torch", "triton", "triton"]
+    assert fresh_choices[("k",)] == {"kernel": expected, "triton_ms": 1.0, "torch_ms": torch_ms}
+    said = [r.getMessage() for r in caplog.records if "chose" in r.getMessage()]
+    assert len(said) == 1 and f"chose {expected}" in said[0] and "1.000 ms" in said[0], said
+
+
+def test_auto_choice_is_not_made_during_capture(fresh_choices, monkeypatch, caplog):
+    """Inside CUDA graph capture nothing is timed or cached: Triton runs, said once; a later eager call decides."""
+    monkeypatch.setattr(gg, "_time_ms", _fake_timer({"triton": 1.0, "torch": 0.1}, []))
+    monkeypatch.setattr(gg, "_untimeable", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="fasttune.kernels"):
+        for _ in range(2):
+            assert gg._auto_choice(("k",), lambda: pytest.fail("ran"), lambda: pytest.fail("ran")) == "triton"
+    assert fresh_choices == {} and caplog.text.count("CUDA graph capture") == 1
+    monkeypatch.setattr(gg, "_untimeable", lambda: False)
+    assert gg._auto_choice(("k",), functools.partial(str, "triton"), functools.partial(str, "torch")) == "torch"
+
+
+def test_auto_choice_when_torch_raises(fresh_choices, caplog):
+    def broken():
+        raise RuntimeError("cutlass cannot implement")
+    with caplog.at_level(logging.WARNING, logger="fasttune.kernels"):
+        assert gg._auto_choice(("k",), lambda: None, broken) == "triton"
+    assert not gg.FALLBACKS.usable("torch-grouped-mm") and fresh_choices[("k",)]["kernel"] == "triton"
+    assert caplog.text.count("torch-grouped-mm failed (RuntimeError: cutlass cannot implement)") == 1
+
+
+@pytest.mark.parametrize("winner", ["torch", "triton"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_auto_runs_the_kept_kernel_forward_and_dx(torch_mm_calls, fresh_choices, monkeypatch, winner, transposed):
+    """The whole "auto" path (on CPU: torch's CPU grouped mm and the interpreter, the timer faked): one choice per
+    direction, keyed by the direction and the call shape; the kept kernel runs (torch's: one warm-up call and the
+    real one per direction), and every output and gradient matches the float64 oracle. A second call of the same
+    shape times nothing."""
+    timed = []
+    loser = {"torch": "triton", "triton": "torch"}[winner]
+    monkeypatch.setattr(gg, "_time_ms", _fake_timer({winner: 1.0, loser: 2.0}, timed))
+    monkeypatch.setattr(gg, "_requested_kernel", lambda base_gemm, x, w: "time")  # "auto" as on an sm90 GPU
+    check([5, 0, 17, 1, 33, 0], K=40, N=24, r=4, dtype=torch.bfloat16, transposed=transposed, weight_grad=False)
+    assert sorted(k[0] for k in fresh_choices) == ["forward", "grad_input"]
+    assert {c["kernel"] for c in fresh_choices.values()} == {winner}
+    assert len(torch_mm_calls) == (4 if winner == "torch" else 2)  # warm-up per direction (+ the kept runs)
+    n_timed = len(timed)
+    check([5, 0, 17, 1, 33, 0], K=40, N=24, r=4, dtype=torch.bfloat16, transposed=transposed, weight_grad=False,
+          salt=1)
+    assert len(timed) == n_timed and len(fresh_choices) == 2
+
+
+def test_auto_key_is_static_per_token_count():
+    """Same token count, different routing: one key; a different row bucket (decode), direction or LoRA: another."""
+    x, w = _bf16_case(M=24)
+    key = gg.auto_key("forward", x, w, 16, None, None)
+    assert gg.auto_key("forward", torch.zeros_like(x), w, 16, None, None) == key
+    assert gg.auto_key("forward", x[:20], w, 16, None, None) == key  # 20 and 24 rows: the same bucket of 32
+    assert gg.auto_key("forward", x[:4], w, 16, None, None) != key
+    assert gg.auto_key("grad_input", x, w, 16, None, None) != key
+    assert gg.auto_key("forward", x, w, 16, None, torch.zeros(3, 16, 4)) != key
+    assert gg.rows_hint(16384, 128) == 128 and gg.rows_hint(16000, 128) == 128 and gg.rows_hint(4, 128) == 1
 
 
 # ---- the reference --------------------------------------------------------------------------------------------
@@ -521,7 +608,7 @@ def test_stack_of_blocks_straddling_experts_is_dequantised_whole_and_says_so(mon
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("base_gemm", ["triton", "torch"])
+@pytest.mark.parametrize("base_gemm", ["triton", "torch", "auto"])
 def test_gpu_no_host_sync(base_gemm):
     """Routing order, forward and backward never wait for the device (after the first call has autotuned); with
     torch's grouped mm too (its per-expert loop, which it runs off sm90/sm100 or for non-bf16, would copy the
@@ -554,16 +641,16 @@ def _gpu_small_case():
 
 
 @pytest.mark.gpu
-def test_gpu_auto_is_triton_unless_torch_grouped_mm_is_asked_for(torch_mm_calls, monkeypatch, caplog):
-    """"auto" (what the MoE layer runs) is the Triton kernel without a word; with FASTTUNE_GROUPED_MM=torch on
-    sm90/sm100 it puts bf16 base GEMMs (forward and dx) through torch's grouped mm, and float16 takes the Triton
-    kernel with the reason logged once."""
+def test_gpu_overrides_and_float16(torch_mm_calls, monkeypatch, caplog):
+    """FASTTUNE_GROUPED_MM=triton keeps "auto" on the Triton kernel without a word; =torch puts bf16 base GEMMs
+    (forward and dx) through torch's grouped mm on sm90/sm100, and float16 takes the Triton kernel with the reason
+    logged once."""
     assert torch.cuda.is_available()
     if torch.cuda.get_device_capability()[0] not in (9, 10):
         pytest.skip("torch's fused grouped mm runs on sm90 / sm100 only")
     x, w, offsets = _gpu_small_case()
     monkeypatch.setattr(gg, "FALLBACKS", gg.Fallbacks("grouped GEMM", gg.log))
-    monkeypatch.delenv("FASTTUNE_GROUPED_MM", raising=False)
+    monkeypatch.setenv("FASTTUNE_GROUPED_MM", "triton")
     with caplog.at_level(logging.WARNING, logger="fasttune"):
         xs = x.clone().requires_grad_()
         torch.autograd.grad(kernels.grouped_linear(xs, w, offsets).float().square().sum(), xs)
@@ -575,6 +662,66 @@ def test_gpu_auto_is_triton_unless_torch_grouped_mm_is_asked_for(torch_mm_calls,
             gg.grouped_linear(x.half(), w.half(), offsets)
         assert len(torch_mm_calls) == 2
         assert caplog.text.count("run in the Triton grouped kernel") == 1 and "torch.float16" in caplog.text
+    monkeypatch.setenv("FASTTUNE_GROUPED_MM", "cutlass")
+    with pytest.raises(ValueError, match="FASTTUNE_GROUPED_MM must be one of"):
+        gg.grouped_linear(x, w, offsets)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(REAL_SHAPES))
+def test_gpu_auto_times_both_once_per_shape_and_direction(shape, monkeypatch, caplog):
+    """"auto" at the real expert shapes (LoRA r=16 on the experts, frozen W): the first step times both kernels for
+    the forward and for dx of each projection (4 choices, each logged once with both times), and keeps the faster
+    (torch's only when below AUTO_MARGIN x Triton's); the next step runs the kept kernels without a host sync, and
+    its result equals the chosen kernel's run alone, bit for bit."""
+    assert torch.cuda.is_available()
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("torch's fused grouped mm runs on sm90 / sm100 only")
+    monkeypatch.delenv("FASTTUNE_GROUPED_MM", raising=False)
+    monkeypatch.setattr(gg, "AUTO_CHOICES", {})
+    T, k, E, H, I = REAL_SHAPES[shape]
+    T //= 2  # 2048 tokens: the training benchmark's step (bench/moe_train.py)
+    gen = torch.Generator(device="cuda").manual_seed(SESSION_SEED)
+    ids = torch.rand(T, E, device="cuda", generator=gen).topk(k, dim=1).indices
+    order, offsets, _ = gg.sort_by_expert(ids, E)
+    transposed = shape == "gpt-oss-20b"
+    cases = []
+    for K, N in ((H, 2 * I), (I, H)):
+        w = (torch.randn(E, N, K, device="cuda", generator=gen) * K ** -0.5).to(torch.bfloat16)
+        w = w.transpose(1, 2).contiguous() if transposed else w
+        bias = torch.randn(E, N, device="cuda", generator=gen, dtype=torch.bfloat16) if transposed else None
+        A = (torch.randn(E, 16, K, device="cuda", generator=gen) * K ** -0.5).requires_grad_()
+        B = (torch.randn(E, N, 16, device="cuda", generator=gen) * 0.1).requires_grad_()
+        x = torch.randn(T * k, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+        dy = torch.randn(T * k, N, device="cuda", generator=gen, dtype=torch.bfloat16)
+        cases.append((x, w, bias, A, B, dy))
+
+    def step(base_gemm="auto"):
+        out = []
+        for x, w, bias, A, B, dy in cases:
+            xs = x.clone().requires_grad_()
+            y = gg.grouped_linear(xs, w, offsets, bias, A, B, 2.0, transposed=transposed, base_gemm=base_gemm)
+            out += [y.detach(), *torch.autograd.grad(y, (xs, A, B), dy)]
+        return out
+
+    with caplog.at_level(logging.INFO, logger="fasttune.kernels"):
+        step()
+        step()
+    torch.cuda.synchronize()
+    said = [r.getMessage() for r in caplog.records if "base_gemm='auto' chose" in r.getMessage()]
+    assert len(said) == 4 and len(gg.AUTO_CHOICES) == 4, said
+    for key, c in gg.AUTO_CHOICES.items():
+        print(shape, key[0], key[2:4], c)
+        assert c["kernel"] == ("torch" if c["torch_ms"] < gg.AUTO_MARGIN * c["triton_ms"] else "triton")
+    with no_host_sync():
+        got = step()
+    kept = {c["kernel"] for c in gg.AUTO_CHOICES.values()}
+    if len(kept) == 1:  # the same kernel everywhere: the explicit run is the same computation
+        expected = step(kept.pop())
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    else:  # mixed: each output within one more bf16 rounding of the Triton kernel's
+        for a, b in zip(got, step("triton")):
+            assert_rel_close(a.float(), b.double(), 2e-2, f"{shape} auto vs triton")
 
 
 @pytest.mark.gpu

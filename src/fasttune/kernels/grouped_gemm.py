@@ -39,18 +39,20 @@ Layout: transformers 5 stores Qwen3-MoE and Mixtral experts as gate_up_proj (E, 
 i.e. (E, N, K) = this kernel's default; gpt-oss stores gate_up_proj (E, H, 2I) and down_proj (E, I, H), i.e.
 (E, K, N): pass transposed=True and the tensor is read in place through its strides (no copy at load).
 
-The frozen-weight GEMMs through torch's grouped mm (`base_gemm="torch"`, or "auto" with FASTTUNE_GROUPED_MM=torch):
-on CUDA, for bfloat16 on sm90 / sm100 with operands torch's kernel takes (`torch_grouped_mm_blocker`), the forward
-x W_e^T (W viewed (E, K, N)) and dx = dy W_e (W viewed (E, N, K)) run in torch's grouped mm (CUTLASS), both as views
-of the stored tensor in either layout (torch takes row- and column-major matrices). Not the default: alone, torch's
-base GEMM beat the Triton kernel on the Qwen3-30B-A3B shapes (bench/RESULTS.md, kernels_moe), but the Qwen3 LoRA
-training step measured slower with it (24.5K vs 28.1K tokens/s, 8 layers, two runs of bench/moe_train.py on one
-H200, not side by side); `bench/moe_train.py --grouped-mm triton,torch` measures both in one process. Its `offs` are our offsets[1:]. It has no bias or LoRA input, so one more launch of the
-Triton kernel adds them over the output in place (ACCUMULATE, no K loop): y += s u B_e^T + b_e, dx += g A_e. The
-output is so rounded to bf16 twice (the base product, then the sum) where the fused Triton path rounds once. u, g,
-dW, dA, dB and db stay on the Triton kernels. Where torch's path is asked for through "auto" and cannot run (float32 /
-float16, another GPU, unaligned operands, torch without the op), the Triton path runs with its reason logged once
-(`FALLBACKS`), never silently; on CPU "auto" is the Triton (interpreter) path and "torch" runs torch's CPU grouped mm, which is how the tests cover
+The frozen-weight GEMMs (forward x W_e^T, grad-input dx = dy W_e) run in one of two kernels, both exact bf16
+products with float32 accumulation: the Triton kernel above, LoRA and bias fused; or torch's grouped mm (CUTLASS;
+bfloat16 on sm90 / sm100 with operands it takes: `torch_grouped_mm_blocker`) on views of the stored tensor in
+either layout (torch takes row- and column-major matrices), its `offs` our offsets[1:]. It has no bias or LoRA
+input, so one more launch of the Triton kernel adds them over its output in place (ACCUMULATE, no K loop):
+y += s u B_e^T + b_e, dx += g A_e; that output is so rounded to bf16 twice (the base product, then the sum) where
+the fused Triton path rounds once. u, g, dW, dA, dB and db always run in the Triton kernels. base_gemm="auto" (what
+the MoE layer runs) measures both on CUDA, once per call shape and direction, and keeps the faster
+(`_auto_choice`: neither wins everywhere: on the Qwen3-30B-A3B expert shapes torch's bare GEMM was the faster in
+bench/kernels_moe.py, yet the Qwen3 LoRA training step measured faster on Triton, bench/moe_train.py);
+FASTTUNE_GROUPED_MM=triton / torch overrides it. Where torch's path cannot run (float32 / float16, another GPU,
+unaligned operands, torch without the op, a quantised stack dequantised a few experts at a time), "auto" is the
+Triton kernel with the reason logged once (a warning when FASTTUNE_GROUPED_MM=torch asked for torch's); on CPU
+"auto" is the Triton (interpreter) path and "torch" runs torch's CPU grouped mm, which is how the tests cover
 this path's offsets, views, epilogue and backward.
 
 Load balance of the TN kernel: one program per (expert, output tile) loops over the expert's rows, so a very
@@ -601,21 +603,118 @@ def torch_grouped_mm_blocker(x: torch.Tensor, w: torch.Tensor) -> str | None:
     return None
 
 
-def _use_torch_grouped_mm(base_gemm: str, x: torch.Tensor, w: torch.Tensor) -> bool:
-    """The explicit choice of the base-GEMM kernel: "triton" always Triton; "torch" torch's grouped mm or a
-    ValueError saying why not (on CPU too: torch's per-expert loop, for the tests); "auto" Triton, unless
-    FASTTUNE_GROUPED_MM=torch asks for torch's on CUDA: then torch's whenever `torch_grouped_mm_blocker` finds
-    nothing, else Triton with the reason logged once. CPU (the interpreter path) is Triton without a log."""
-    if base_gemm == "triton" or (base_gemm == "auto" and (not x.is_cuda
-                                                          or os.environ.get("FASTTUNE_GROUPED_MM") != "torch")):
-        return False
+def _requested_kernel(base_gemm: str, x: torch.Tensor, w: torch.Tensor) -> str:
+    """What runs the frozen-weight GEMMs of this call: "triton", "torch", or "time" (measure both once per call
+    shape: `_auto_choice`). "triton" is always Triton; "torch" torch's grouped mm or a ValueError saying why not
+    (on CPU too: torch's per-expert loop, for the tests). "auto" reads FASTTUNE_GROUPED_MM (an override: "triton",
+    "torch", or "auto"/unset): on CUDA "time" where torch's fused grouped mm can run, else Triton with the reason
+    logged once (a warning when torch's was asked for by name, info otherwise: the Triton kernel is not a slower
+    path, only the one left); on CPU (the interpreter) Triton without a log."""
+    if base_gemm == "triton":
+        return "triton"
+    override = None
+    if base_gemm == "auto":
+        override = os.environ.get("FASTTUNE_GROUPED_MM", "") or "auto"
+        if override not in BASE_GEMMS:
+            raise ValueError(f"FASTTUNE_GROUPED_MM must be one of {BASE_GEMMS} (or unset), got {override!r}")
+        if not x.is_cuda or override == "triton":
+            return "triton"
     reason = torch_grouped_mm_blocker(x, w)
     if reason is None:
-        return True
+        return "torch" if base_gemm == "torch" or override == "torch" else "time"
     if base_gemm == "torch":
         raise ValueError(f"base_gemm='torch' cannot run here: {reason}")
-    FALLBACKS.note(f"triton:{reason}", f"the experts' base GEMMs run in the Triton grouped kernel: {reason}")
-    return False
+    if override == "torch":
+        FALLBACKS.note(f"triton:{reason}", f"the experts' base GEMMs run in the Triton grouped kernel: {reason}")
+    else:
+        _say_once(f"auto-triton:{reason}", f"the experts' base GEMMs run in the Triton grouped kernel (torch's "
+                  f"grouped mm, the other candidate of base_gemm='auto', cannot run: {reason})")
+    return "triton"
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(key: str, message: str) -> None:
+    """An info line once per process: a kernel choice that is not a slower path (those go through FALLBACKS)."""
+    if key not in _SAID:
+        _SAID.add(key)
+        log.info("grouped GEMM: %s", message)
+
+
+# ---- "auto": the faster of the two base-GEMM kernels, measured once per call shape ---------------------------
+#
+# Neither kernel wins everywhere (bench/RESULTS.md, kernels_moe and moe_train): the Triton kernel fuses the LoRA
+# term and the bias into the GEMM (one launch, one rounding), torch's grouped mm (CUTLASS) is the faster bare GEMM
+# on some expert shapes but needs a second launch for LoRA + bias. So "auto" times both, once, on the first call
+# of each (direction, call shape) on CUDA, and keeps the faster: each candidate run once to warm up (Triton's
+# autotuning, torch's first-call setup), then AUTO_REPS runs of each timed with CUDA events, twice in alternation,
+# the best of the two rounds. That first call waits for the device (one host sync per new shape and direction, a
+# few milliseconds); later calls read the cached choice (no sync). Never timed during CUDA graph capture or a
+# torch.compile trace: such a call runs Triton and leaves the shape undecided (logged once), so an eager call
+# decides it later. A choice within AUTO_MARGIN goes to Triton: it rounds once where torch's path rounds the base
+# product and then the sum, and a 3% difference is within the run-to-run noise of a few timed runs.
+
+AUTO_REPS = 3
+AUTO_MARGIN = 0.97  # torch's grouped mm is chosen when its time < AUTO_MARGIN x the Triton kernel's
+# (direction, rows bucket, in features, out features, weight shape, weight strides, dtype, device, bias, LoRA
+# second factor's shape) -> {"kernel": "triton" | "torch", "triton_ms": ..., "torch_ms": ...}
+AUTO_CHOICES: dict[tuple, dict] = {}
+
+
+def auto_key(direction: str, rows: torch.Tensor, w: torch.Tensor, n_out: int, bias: torch.Tensor | None,
+             lora_second: torch.Tensor | None) -> tuple:
+    """The call shape a choice is kept for: direction ("forward" or "grad_input"), the row count rounded up to a
+    power of two (a fixed token count is one bucket whatever the routing; decode and training are different
+    ones), the operands' sizes and the weight's layout, dtype and device, bias, and the LoRA factor fused into
+    this direction's epilogue (its shape; None without LoRA)."""
+    return (direction, triton.next_power_of_2(max(1, rows.shape[0])), rows.shape[1], n_out, tuple(w.shape),
+            tuple(w.stride()), rows.dtype, str(rows.device), bias is not None,
+            None if lora_second is None else tuple(lora_second.shape))
+
+
+def _time_ms(fn, reps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _untimeable() -> bool:
+    """Inside CUDA graph capture or a torch.compile trace: no timing (no sync) possible."""
+    return (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()) or torch.compiler.is_compiling()
+
+
+def _auto_choice(key: tuple, run_triton, run_torch) -> str:
+    """"triton" or "torch" for this call shape: the cached choice, else both timed now (see above). A torch
+    grouped mm that raises here is recorded as failed (FALLBACKS) and Triton chosen."""
+    known = AUTO_CHOICES.get(key)
+    if known is not None:
+        return known["kernel"]
+    if _untimeable():
+        FALLBACKS.note(f"auto-untimed:{key}", f"base_gemm='auto' met the call shape {key} first inside CUDA graph "
+                       "capture or a compile trace, where it cannot time the two kernels: Triton there, and the "
+                       "choice is made at the first eager call of that shape")
+        return "triton"
+    try:
+        run_torch()
+    except RuntimeError as e:  # a torch build without the kernel, a check this file does not know
+        FALLBACKS.fail("torch-grouped-mm", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        AUTO_CHOICES[key] = {"kernel": "triton", "triton_ms": None, "torch_ms": None}
+        return "triton"
+    run_triton()
+    ms = {"triton": float("inf"), "torch": float("inf")}
+    for _ in range(2):
+        for name, fn in (("triton", run_triton), ("torch", run_torch)):
+            ms[name] = min(ms[name], _time_ms(fn, AUTO_REPS))
+    kernel = "torch" if ms["torch"] < AUTO_MARGIN * ms["triton"] else "triton"
+    AUTO_CHOICES[key] = {"kernel": kernel, "triton_ms": ms["triton"], "torch_ms": ms["torch"]}
+    log.info("grouped GEMM: base_gemm='auto' chose %s for %s (Triton kernel %.3f ms, torch grouped mm %.3f ms, "
+             "LoRA and bias included)", kernel, key, ms["triton"], ms["torch"])
+    return kernel
 
 
 def _torch_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -678,10 +777,58 @@ def _chunked_base_mm(x: torch.Tensor, weight, chunks: list[tuple[int, int]], tra
     return y
 
 
+def _base_product(kernel: str, rows: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int],
+                  w_view_kn: torch.Tensor, n_out: int, offsets: torch.Tensor, bias: torch.Tensor | None,
+                  lora: dict) -> torch.Tensor:
+    """rows W_e^T (+ b_e + the fused LoRA term) per expert through one kernel: "triton" (one launch, LoRA and
+    bias in the epilogue) or "torch" (torch's grouped mm on `w_view_kn`, the stored tensor viewed (E, K, N), then
+    one Triton launch adding LoRA and bias in place)."""
+    if kernel == "triton":
+        return _grouped_mm(rows, w, w_strides, n_out, offsets, bias, **lora)
+    if not _tma_operand_ok(rows):  # e.g. an expanded gradient from autograd: the layout torch's kernel takes
+        rows = rows.clone(memory_format=torch.contiguous_format)
+    y = _torch_mm(rows, w_view_kn, offsets)
+    if lora or bias is not None:  # + s u L_e + b_e in place: one pass over y
+        _grouped_mm(None, None, (0, 0, 0), n_out, offsets, bias, add_to=y, **lora)
+    return y
+
+
+def _frozen_gemm(requested: str, direction: str, rows: torch.Tensor, weight, w: torch.Tensor | None,
+                 transposed: bool, as_kn: bool, n_out: int, offsets: torch.Tensor, bias: torch.Tensor | None,
+                 lora: dict, strict: bool) -> torch.Tensor:
+    """The frozen-weight GEMM of one direction: forward y = x W_e^T (+ b_e + s u B_e^T), or (`as_kn`) grad-input
+    dx = dy W_e (+ g A_e). `requested` from `_requested_kernel`; `w` the dense stack in the compute dtype, or
+    None for a quantised stack dequantised a few experts at a time (`_expert_chunks`: always the Triton kernel,
+    which is what the memory plan counts). With "time", the cached or measured choice (`_auto_choice`). A torch
+    grouped mm that raises is re-raised when it was asked for by name (`strict`: base_gemm="torch"), else recorded
+    as failed (FALLBACKS, logged once) and the Triton kernel runs."""
+    if w is None:
+        return _chunked_base_mm(rows, weight, _expert_chunks(weight, rows.dtype), transposed, as_kn, n_out,
+                                offsets, bias, lora)
+    strides = _weight_strides(w, transposed, as_kn)
+    # torch's grouped mm takes W_e^T (forward) or W_e (dx) as (E, K, N) views of the stored tensor, no copy
+    w_kn = w if transposed != as_kn else w.transpose(1, 2)
+    run = functools.partial(_base_product, rows=rows, w=w, w_strides=strides, w_view_kn=w_kn, n_out=n_out,
+                            offsets=offsets, bias=bias, lora=lora)
+    kernel = requested
+    if requested == "time":
+        key = auto_key(direction, rows, w, n_out, bias, lora.get("lora_second"))
+        kernel = _auto_choice(key, functools.partial(run, "triton"), functools.partial(run, "torch"))
+    if kernel == "torch":
+        try:
+            return run("torch")
+        except RuntimeError as e:  # a torch build without the kernel, a check this file does not know
+            if strict:
+                raise
+            FALLBACKS.fail("torch-grouped-mm", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return run("triton")
+
+
 class GroupedLinearFunction(torch.autograd.Function):
     """y = x W_e^T + b_e + s (x A_e^T) B_e^T per expert segment, with a hand-written backward (module docstring);
-    the frozen-weight GEMMs (forward and dx) through torch's grouped mm or the Triton kernel, the rest Triton.
-    A quantised W is dequantised for them, DEQUANT_CHUNK_BYTES at a time on the Triton path (`_expert_chunks`)."""
+    the frozen-weight GEMMs (forward and dx) through torch's grouped mm or the Triton kernel (`_frozen_gemm`),
+    the rest Triton. A quantised W is dequantised for them, DEQUANT_CHUNK_BYTES at a time on the Triton path
+    (`_expert_chunks`)."""
 
     @staticmethod
     def forward(ctx, x, weight, offsets, bias, lora_A, lora_B, scaling: float, transposed: bool, base_gemm: str):
@@ -690,9 +837,14 @@ class GroupedLinearFunction(torch.autograd.Function):
         w = dense_weight(weight, x.dtype) if isinstance(weight, torch.Tensor) else torch.empty(
             weight.shape, dtype=x.dtype, device="meta")
         N = w.shape[2] if transposed else w.shape[1]
-        use_torch = _use_torch_grouped_mm(base_gemm, x, w)
-        chunks = None if use_torch else _expert_chunks(weight, x.dtype)
-        if chunks is None and w.is_meta:
+        requested = _requested_kernel(base_gemm, x, w)
+        if requested != "torch" and _expert_chunks(weight, x.dtype) is not None:
+            if requested == "time":
+                _say_once(f"chunked:{tuple(weight.shape)}", f"the quantised expert stack {tuple(weight.shape)} "
+                          "runs in the Triton grouped kernel, dequantised a few experts at a time (torch's grouped "
+                          "mm, the other candidate of base_gemm='auto', would need it dequantised whole)")
+            requested, w = "triton", None
+        elif w.is_meta:
             w = dense_weight(weight, x.dtype)
         u = None
         lora = {}
@@ -700,22 +852,10 @@ class GroupedLinearFunction(torch.autograd.Function):
             u = _grouped_mm(x, lora_A, _expert_strides(lora_A), lora_A.shape[-2], offsets)  # x A_e^T, (M, r)
             b_se, b_sn, b_sr = _expert_strides(lora_B)
             lora = dict(u=u, lora_second=lora_B, l_strides=(b_se, b_sr, b_sn), lora_scale=scaling)
-        if use_torch:
-            try:
-                y = _torch_mm(x, w if transposed else w.transpose(1, 2), offsets)  # W_e^T as a (K, N) view
-            except RuntimeError as e:  # a torch build without the kernel, a check this file does not know
-                if base_gemm == "torch":
-                    raise
-                FALLBACKS.fail("torch-grouped-mm", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                use_torch = False
-        if use_torch:
-            if u is not None or bias is not None:  # + s u B_e^T + b_e in place: one pass over y
-                _grouped_mm(None, None, (0, 0, 0), N, offsets, bias, add_to=y, **lora)
-        elif chunks is not None:
-            y = _chunked_base_mm(x, weight, chunks, transposed, False, N, offsets, bias, lora)
-        else:
-            y = _grouped_mm(x, w, _weight_strides(w, transposed), N, offsets, bias, **lora)
-        ctx.weight, ctx.scaling, ctx.transposed, ctx.torch_mm = weight, scaling, transposed, use_torch
+        y = _frozen_gemm(requested, "forward", x, weight, w, transposed, False, N, offsets, bias, lora,
+                         strict=base_gemm == "torch")
+        ctx.weight, ctx.scaling, ctx.transposed = weight, scaling, transposed
+        ctx.requested, ctx.strict = requested, base_gemm == "torch"
         ctx.save_for_backward(x, offsets, u, bias, lora_A, lora_B)
         return y
 
@@ -731,21 +871,12 @@ class GroupedLinearFunction(torch.autograd.Function):
             b_se, b_sn, b_sr = _expert_strides(lora_B)
             g = _grouped_mm(dy, lora_B, (b_se, b_sr, b_sn), lora_B.shape[-1], offsets, alpha=s)  # s dy B_e, (M, r)
         if need_x:
-            a_se, a_sr, a_sk = _expert_strides(lora_A) if g is not None else (0, 0, 0)
-            lora = dict(u=g, lora_second=lora_A, l_strides=(a_se, a_sr, a_sk)) if g is not None else {}
-            chunks = None if ctx.torch_mm else _expert_chunks(ctx.weight, dy.dtype)
-            w = dense_weight(ctx.weight, dy.dtype) if chunks is None else None
-            if chunks is not None:
-                dx = _chunked_base_mm(dy, ctx.weight, chunks, ctx.transposed, True, K, offsets, None, lora)
-            elif ctx.torch_mm:
-                # dy_e (m, N) @ W_e (N, K): the stored tensor viewed (E, N, K); dy copied only if autograd handed
-                # over a layout torch's grouped mm does not take (e.g. an expanded gradient)
-                dy_mm = dy if _tma_operand_ok(dy) else dy.clone(memory_format=torch.contiguous_format)
-                dx = _torch_mm(dy_mm, w.transpose(1, 2) if ctx.transposed else w, offsets)
-                if g is not None:  # + g A_e in place
-                    _grouped_mm(None, None, (0, 0, 0), K, offsets, add_to=dx, **lora)
-            else:  # W_e read as (K, N): element (e, k, n)
-                dx = _grouped_mm(dy, w, _weight_strides(w, ctx.transposed, as_kn=True), K, offsets, **lora)
+            lora = dict(u=g, lora_second=lora_A, l_strides=_expert_strides(lora_A)) if g is not None else {}
+            chunked = ctx.requested == "triton" and _expert_chunks(ctx.weight, dy.dtype) is not None
+            w = None if chunked else dense_weight(ctx.weight, dy.dtype)
+            # W_e read as (K, N): element (e, k, n); a quantised stack dequantised again (never saved)
+            dx = _frozen_gemm(ctx.requested, "grad_input", dy, ctx.weight, w, ctx.transposed, True, K, offsets,
+                              None, lora, strict=ctx.strict)
         if need_w:
             weight = ctx.weight
             dw = alloc(weight.shape, weight.dtype, weight.device)
@@ -775,9 +906,10 @@ def grouped_linear(x: torch.Tensor, weight, expert_offsets: torch.Tensor, bias: 
     in place); expert_offsets (E+1,) int32 from 0 to M; bias (E, N); lora_A (E, r, K) or shared (r, K); lora_B
     (E, N, r) or shared (N, r). Returns y (M, N): row m of expert e is x_m W_e^T + b_e + s (x_m A_e^T) B_e^T.
     Differentiable in x, weight (when it requires grad), bias, lora_A and lora_B. base_gemm: the kernel of the
-    weight GEMMs (forward and dx): "auto" (Triton; torch's grouped mm on CUDA where it runs fused when
-    FASTTUNE_GROUPED_MM=torch, else Triton with the reason logged once), "torch" (or a ValueError why not), "triton"; everything else is Triton (CUDA or the
-    interpreter). `fasttune.kernels.grouped_linear` picks between this and the reference."""
+    frozen-weight GEMMs (forward and dx): "auto" (on CUDA the faster of the Triton kernel and torch's grouped mm,
+    measured once per call shape and direction, where torch's runs fused; FASTTUNE_GROUPED_MM=triton / torch
+    overrides; else Triton, the reason logged once), "torch" (or a ValueError why not), "triton"; everything else
+    is Triton (CUDA or the interpreter). `fasttune.kernels.grouped_linear` picks between this and the reference."""
     _check_shapes(x, weight, expert_offsets, bias, lora_A, lora_B, transposed)
     if expert_offsets.dtype != torch.int32:
         raise ValueError(f"expert_offsets must be int32 (as sort_by_expert returns), got {expert_offsets.dtype}")
