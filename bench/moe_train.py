@@ -28,7 +28,7 @@ not scale): say which when quoting.
 
     python bench/moe_train.py --out $OUT/moe_train.json                       # both shapes, full depth
     python bench/moe_train.py --cases gpt-oss-20b --layers 8 --steps 5
-    python bench/moe_train.py --layers 8 --grouped-mm triton,torch --profile   # experts' base GEMM: both kernels
+    python bench/moe_train.py --layers 8 --grouped-mm auto,triton,torch --profile   # experts' base GEMM kernels
     python bench/moe_train.py --cases gpt-oss-20b --tools "" --qlora --budget-gib 16 --optimizer adamw,adamw8bit
                                                                                # the 16 GB QLoRA target
     python bench/moe_train.py --cases gpt-oss-20b --tools "" --qlora --budget-gib 16 --optimizer adamw8bit --plan-only
@@ -334,6 +334,15 @@ def fallbacks_logged() -> list[str]:
     return sorted(FALLBACKS._said) + [f"{path} failed: {why}" for path, why in FALLBACKS.failed.items()]
 
 
+def experts_gemm_choices() -> list[dict]:
+    """kernels.grouped_gemm.AUTO_CHOICES as JSON rows: direction, rows bucket, in/out features, the kept kernel and
+    both timings (ms)."""
+    from fasttune.kernels.grouped_gemm import AUTO_CHOICES
+
+    return [{"direction": k[0], "rows_bucket": k[1], "in": k[2], "out": k[3], "lora": k[9] is not None, **v}
+            for k, v in AUTO_CHOICES.items()]
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| case | layers | tool | setup | tokens/s | peak GiB | step s | loss first→last | speed vs HF+PEFT | "
              "memory vs HF+PEFT |", "|---|---:|---|---|---:|---:|---:|---|---:|---:|"]
@@ -364,8 +373,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-gc", default="on", help="HF+PEFT gradient checkpointing settings to measure: on,off")
     ap.add_argument("--qlora", action="store_true", help="also fasttune QLoRA rows (NF4 experts and linears)")
     ap.add_argument("--grouped-mm", default="",
-                    help="fasttune rows once per experts' base-GEMM kernel in this comma list (triton, torch: "
-                         "FASTTUNE_GROUPED_MM), side by side; default: the library's default only")
+                    help="fasttune rows once per experts' base-GEMM kernel in this comma list (auto, triton, torch: "
+                         "FASTTUNE_GROUPED_MM; auto times both once per shape and direction), side by side; "
+                         "default: the library's default (auto) only")
     ap.add_argument("--profile", action="store_true",
                     help="one more step of each row under torch.profiler: its top kernels in the row (profile_top)")
     ap.add_argument("--budget-gib", type=float, default=None,
@@ -438,6 +448,8 @@ def main(argv=None) -> int:
             try:
                 row.update(measure(tool, config, device, dtype, setting, seq, args.batch, args.warmup,
                                    args.steps, qlora, args.budget_gib, args.profile, optimizer))
+                if tool == "fasttune":  # what base_gemm="auto" kept for each expert GEMM shape so far, with timings
+                    row["experts_gemm_auto_choices"] = experts_gemm_choices()
                 print("   ", json.dumps(row), flush=True)
             except Exception as e:  # noqa: BLE001 - one failure must not stop the other measurements
                 row["error"] = f"{type(e).__name__}: {e}"
