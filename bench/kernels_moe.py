@@ -61,7 +61,7 @@ def _fmt(row: dict) -> str:
 
 
 def projection_rows(shape: str, proj: str, tokens: int, warmup: int, iters: int, t0: float, rows: list[dict],
-                    emit) -> None:
+                    emit, impls: tuple[str, ...] = IMPLS) -> None:
     """Measure every implementation of both directions of one projection, appending to `rows` (`emit` after each)."""
     E, k, H, I, gpt_oss = SHAPES[shape]
     K, N = (H, 2 * I) if proj == "gate_up" else (I, H)
@@ -101,7 +101,7 @@ def projection_rows(shape: str, proj: str, tokens: int, warmup: int, iters: int,
         dense_mat = (w0.t() if fwd else w0).contiguous()  # (K_in, N_out) row-major
         flops = 2.0 * M * N * K
         dense_tflops = None
-        for impl in IMPLS:
+        for impl in ("dense", *[i for i in impls if i != "dense"]):  # dense first: the vs_dense baseline
             row = {**meta, "dir": direction, "impl": impl}
             try:
                 if impl == "dense":
@@ -144,7 +144,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--tokens", type=int, default=4096, help="tokens routed (rows = tokens x top-k)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--impls", default=",".join(IMPLS),
+                   help=f"comma list from {','.join(IMPLS)} (dense always runs: the baseline)")
     args = p.parse_args(argv)
+    impls = tuple(i.strip() for i in args.impls.split(",") if i.strip())
+    if set(impls) - set(IMPLS):
+        p.error(f"--impls: unknown {sorted(set(impls) - set(IMPLS))}")
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     import triton
 
@@ -170,7 +175,7 @@ def main(argv=None) -> list[dict]:
 
     for shape in args.shapes:
         for proj in ("gate_up", "down"):
-            projection_rows(shape, proj, args.tokens, args.warmup, args.iters, t0, rows, emit)
+            projection_rows(shape, proj, args.tokens, args.warmup, args.iters, t0, rows, emit, impls)
             torch.cuda.empty_cache()
     write()
     print(f"(total {time.perf_counter() - t0:.0f} s)" + (f"; wrote {args.out}" if args.out else ""), flush=True)
