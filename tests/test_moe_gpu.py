@@ -162,11 +162,12 @@ def test_gpt_oss_sinks_on_cuda_match_transformers_bf16(tmp_path, caplog):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_parameters(ours))
 
 
-@pytest.mark.parametrize("base_gemm", ["triton", "torch"])
+@pytest.mark.parametrize("base_gemm", ["auto", "triton", "torch"])
 def test_qwen3_30b_a3b_moe_layer_lora_step_never_syncs(tmp_path, monkeypatch, base_gemm):
     """One MoE layer at the Qwen3-30B-A3B shape (2048 tokens, 128 experts, top-8), LoRA on the experts and the
     router, forward + load-balancing loss + backward: no host sync (torch.cuda.set_sync_debug_mode("error") turns
-    any into an error) once the first call has autotuned the kernels; with either base-GEMM kernel."""
+    any into an error) once the first call has autotuned the kernels and (auto) timed the two base-GEMM kernels;
+    with either base-GEMM kernel forced (FASTTUNE_GROUPED_MM) or chosen."""
     from fasttune.kernels import grouped_gemm as gg
     from fasttune.models.moe import load_balancing_loss
 
@@ -174,7 +175,7 @@ def test_qwen3_30b_a3b_moe_layer_lora_step_never_syncs(tmp_path, monkeypatch, ba
         if gg.torch_grouped_mm_blocker(torch.empty(8, 8, device="cuda", dtype=torch.bfloat16),
                                        torch.empty(2, 8, 8, device="cuda", dtype=torch.bfloat16)) is not None:
             pytest.skip("torch's fused grouped mm does not run here")
-        monkeypatch.setenv("FASTTUNE_GROUPED_MM", "torch")
+    monkeypatch.setenv("FASTTUNE_GROUPED_MM", base_gemm)
     _qwen3_30b_layers(tmp_path)
     ours = load_model(tmp_path, dtype=torch.bfloat16, device="cuda")
     add_lora(ours, r=16, alpha=16, target_modules=["all-linear", "router"])
