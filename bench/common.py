@@ -80,15 +80,27 @@ def timed_training(step: Callable[[], torch.Tensor], device: torch.device, warmu
                 finite=all(math.isfinite(x) for x in losses))
 
 
-def profile_step(step: Callable[[], object], device: torch.device, top: int = 15) -> list[dict]:
+def profile_step(step: Callable[[], object], device: torch.device, top: int = 15,
+                 totals: dict | None = None) -> list[dict]:
     """One more call of `step` under torch.profiler: the `top` device kernels by total time (name, calls, ms), so a
-    result row says where its step time goes."""
+    result row says where its step time goes. `totals` (CUDA), when given, gets the step's wall ms under the
+    profiler, the summed duration of every GPU activity (kernels, copies, memsets) and their count: a device sum
+    well below the wall time means the step waits on the host (launches, Python), not on its kernels."""
+    import time
+
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         step()
         sync(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    if totals is not None and device.type == "cuda":
+        gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        totals.update(wall_ms=wall_ms, device_ms=sum(e.time_range.elapsed_us() for e in gpu) / 1e3,
+                      device_activities=len(gpu))
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
     events.sort(key=lambda e: getattr(e, key), reverse=True)

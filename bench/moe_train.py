@@ -315,7 +315,9 @@ def measure(tool, config, device, dtype, setting, seq, batch, warmup, steps, qlo
         row = dict(setup=setup, tokens_per_s=batch * seq / run["step_s"], **run, trainable_params=trainable,
                    build_s=build_s, allocated_after_build_gib=built)
         if profile:
-            row["profile_top"] = profile_step(lambda: train_step(model, tool, ids, opt), device)
+            totals: dict = {}
+            row["profile_top"] = profile_step(lambda: train_step(model, tool, ids, opt), device, totals=totals)
+            row.update({f"profile_{k}": v for k, v in totals.items()})
         if capped:
             row.update(budget_gib=budget_gib, fits_budget=run["peak_gib"] <= budget_gib)
         return row
