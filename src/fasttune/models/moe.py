@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 
 from .. import kernels
+from ..kernels.clamped_swiglu import SUPPORTED_DTYPES as SWIGLU_KERNEL_DTYPES
+from ..kernels.clamped_swiglu import clamped_swiglu_backward, clamped_swiglu_forward
 from ..kernels.grouped_gemm import sort_by_expert, to_expert_order, to_token_order
 from ..kernels.nf4 import NF4Tensor, quantize_nf4
 from .spec import ArchSpec
@@ -86,12 +88,17 @@ def split_gate_up(gate_up: torch.Tensor, interleaved: bool) -> tuple[torch.Tenso
     return gate_up.split(gate_up.shape[-1] // 2, dim=-1)
 
 
+def _swiglu_kernel_runs(gate_up: torch.Tensor) -> bool:
+    return kernels.use_triton(gate_up) and gate_up.dtype in SWIGLU_KERNEL_DTYPES
+
+
 class ClampedSwiGLU(torch.autograd.Function):
     """y = clamped_swiglu(gate, up) of a fused gate_up (M, 2I), saving gate_up alone for the backward: 2I values
     per routed row, where autograd over the elementwise ops keeps 6I (the clamped gate, the sigmoid, up + 1 and the
     gate product beside gate_up). The forward is clamped_swiglu itself (same values); the backward recomputes in
     float32 (float64 inputs: in float64), CHUNK_ELEMENTS values of the width at a time (temporaries bounded
-    whatever the token count), and rounds each gradient once:
+    whatever the token count), and rounds each gradient once. Where the Triton kernels run (CUDA; fp32/bf16/fp16)
+    each direction is one launch of kernels/clamped_swiglu.py, same values:
         g = min(gate, limit),  u = clamp(up, -limit, limit),  s = sigmoid(alpha g)
         d gate = dy (u + 1) s (1 + alpha g (1 - s)) [gate <= limit]
         d up   = dy g s [-limit <= up <= limit]
@@ -103,12 +110,16 @@ class ClampedSwiGLU(torch.autograd.Function):
     def forward(ctx, gate_up: torch.Tensor, interleaved: bool, alpha: float, limit: float) -> torch.Tensor:
         ctx.save_for_backward(gate_up)
         ctx.interleaved, ctx.alpha, ctx.limit = interleaved, alpha, limit
+        if _swiglu_kernel_runs(gate_up):
+            return clamped_swiglu_forward(gate_up, interleaved, alpha, limit)
         return clamped_swiglu(*split_gate_up(gate_up, interleaved), alpha, limit)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
         alpha, limit = ctx.alpha, ctx.limit
+        if _swiglu_kernel_runs(gate_up):
+            return clamped_swiglu_backward(gate_up, dy, ctx.interleaved, alpha, limit), None, None, None
         width = gate_up.shape[-1] // 2
         rows_in = gate_up.reshape(-1, 2 * width)
         grad = torch.empty_like(rows_in)
