@@ -137,15 +137,19 @@ def test_a_second_launch_gives_the_same_output_and_leaves_the_counters_at_zero()
     check(second, clean, 0.125, None, torch.float32, "second launch")
 
 
-def test_default_config_fills_the_gpu_at_batch_1(monkeypatch):
-    """Batch 1 at the 8B shape on a 132-SM GPU: 8 kv heads x 32 splits = 256 programs; many slots: one split; never
-    more splits than 32-key blocks of the capacity."""
+def test_default_config_follows_the_measured_launch_shapes(monkeypatch):
+    """The H200 sweep's winners (default_config's docstring): batch 1 at the 8B shape on 132 SMs, one split per 128
+    keys of capacity (M = 128: one; M = 4096: 32, 8 kv heads x 32 = 256 programs, the grid's cap), 64 keys a step;
+    many slots: one split; the grid cap at batch 8."""
     monkeypatch.setattr(dk, "_multiprocessors", lambda device: 132)
     cuda = torch.device("cuda")
-    assert dk.default_config(1, 8, 4096, cuda) == dk.DecodeConfig(splits=32, block_n=32)
-    assert dk.default_config(1, 8, 192, cuda).splits == 6
+    assert dk.default_config(1, 8, 4096, cuda) == dk.DecodeConfig(splits=32, block_n=64)
+    assert dk.default_config(1, 8, 128, cuda) == dk.DecodeConfig(splits=1, block_n=64)
+    assert dk.default_config(1, 8, 1024, cuda) == dk.DecodeConfig(splits=8, block_n=64)
+    assert dk.default_config(1, 8, 192, cuda).splits == 2
     assert dk.default_config(64, 8, 4096, cuda) == dk.DecodeConfig(splits=1, block_n=64)
     assert dk.default_config(8, 8, 1024, cuda).splits == 5
+    assert dk.default_config(1, 8, 40, cuda) == dk.DecodeConfig(splits=1, block_n=32)
 
 
 def test_decode_attention_dispatch(monkeypatch):

@@ -70,13 +70,15 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def default_config(S: int, Hk: int, M: int, device: torch.device) -> DecodeConfig:
-    """Static launch shape for S slots, Hk kv heads, cache capacity M (a heuristic, not tuned on hardware yet:
-    bench/decode_profile.py --attention sweeps alternatives). Splits until the grid covers every SM twice (batch 1
-    at the 8B shape on 132 SMs: 8 kv heads x 32 splits), at most MAX_SPLITS and at most one per 32 keys of capacity
-    (M = 192: 6 splits); a chunk of many keys (large M over few splits) takes 64 keys a step, else 32."""
+    """Static launch shape for S slots, Hk kv heads, cache capacity M. Measured on an H200 at the 8B shape, batch 1
+    (bench/decode_profile.py --attention, results/2026-12-03n_h200_decode_attention.json): 64 keys a step beat 32 and
+    16 at every context; one split was best at M = 128 (4.1 us, against 5.9 with 4 splits of 32 keys), 32 splits at
+    M = 4096 (13.7 us, 15.2 with 16) and within 5% of the best at M = 1024 with 8 to 32. So: one split per 128 keys
+    of capacity, capped where the grid covers every SM twice (and at MAX_SPLITS); 64 keys a step unless chunks are
+    shorter."""
     target = 2 * _multiprocessors(device)
-    splits = max(1, min(MAX_SPLITS, triton.cdiv(target, S * Hk), triton.cdiv(M, 32)))
-    block_n = 64 if M // splits >= 512 else 32
+    splits = max(1, min(MAX_SPLITS, triton.cdiv(target, S * Hk), triton.cdiv(M, 128)))
+    block_n = 64 if M // splits >= 64 else 32
     return DecodeConfig(splits=splits, block_n=block_n)
 
 
