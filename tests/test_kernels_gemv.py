@@ -139,7 +139,7 @@ def test_rows_and_operands_are_checked():
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # qkv biases, silu; sandwich norms, gelu_tanh
 def test_generation_with_the_triton_gemv_gives_the_cublas_tokens(tmp_path, monkeypatch, family):
     """fp32 tiny models: gemv="triton" (decode steps of 4 slots: MMAs; one prompt: batch 1, FMAs) gives the greedy
-    tokens of gemv="cublas" and of full recompute, and the GEMV ran for q/k/v, o and down (with its GLU) of every
+    tokens of gemv="cublas" and of full recompute, and the GEMV ran for q/k/v, o, gate/up and down (with its GLU) of every
     layer at every forward of at most 8 rows, and the hooks are gone after the call."""
     import test_generation as tg
     from fasttune.generation import Generator, SamplingParams
@@ -156,7 +156,7 @@ def test_generation_with_the_triton_gemv_gives_the_cublas_tokens(tmp_path, monke
         got = [c[0] for c in Generator(model, max_batch_size=4, max_seq_len=24, gemv="triton").generate(
             prompts, params)]
         forwards = (params.max_new_tokens - 1) + (sum(map(len, prompts)) <= gv.MAX_ROWS)  # decode steps, prefill
-        assert len(calls) == 3 * L * forwards  # qkv, o, down per layer
+        assert len(calls) == 4 * L * forwards  # qkv, o, gate_up, down per layer
         assert calls.count(model.spec.activation) == L * forwards
         plain = [c[0] for c in Generator(model, max_batch_size=4, max_seq_len=24).generate(prompts, params)]
         assert got == plain
@@ -192,7 +192,7 @@ def test_generation_gemv_with_unmerged_and_merged_adapters(tmp_path, monkeypatch
     assert len(calls) == 2 * L * steps  # the two concatenated groups only
     calls.clear()
     merged = [c[0] for c in gen.generate(prompts, params, merge_lora=True)]
-    assert len(calls) == 3 * L * steps
+    assert len(calls) == 4 * L * steps
     monkeypatch.setenv("FASTTUNE_KERNELS", "reference")
     assert unmerged == [tg.recompute(model, p, params, stop_ids=[]) for p in prompts]
     assert merged == [c[0] for c in Generator(model, 2, 24).generate(prompts, params, merge_lora=True)]
