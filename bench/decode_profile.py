@@ -75,10 +75,10 @@ def gemv_rows(cfg: dict, device: torch.device, copy_bw: float) -> list[dict]:
     return rows
 
 
-# The launch shapes the GEMV bench tries besides the default: (block_n, block_k, num_warps, num_stages)
-GEMV_SWEEP = {1: [(4, 1024, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1), (16, 1024, 8, 1),
-                  (8, 1024, 4, 3), (32, 512, 8, 1)],
-              8: [(16, 512, 8, 2), (32, 256, 4, 3)]}
+# The launch shapes the GEMV bench tries besides the default: (block_n, block_k, num_warps, num_stages, prefetch)
+GEMV_SWEEP = {1: [(8, 512, 4, 1, True), (8, 512, 4, 1, False), (8, 1024, 4, 1, False), (4, 1024, 4, 1, True),
+                  (16, 256, 4, 1, True), (16, 512, 4, 1, False), (8, 1024, 8, 1, True), (32, 128, 4, 1, True)],
+              8: [(16, 256, 4, 3, False), (16, 512, 4, 2, False), (32, 256, 4, 3, False)]}
 
 
 def gemv_bench(cfg: dict, device: torch.device, copy_bw: float | None) -> list[dict]:
@@ -111,7 +111,7 @@ def gemv_bench(cfg: dict, device: torch.device, copy_bw: float | None) -> list[d
                 def tri(): return gv.gemv(x, w, glu=glu, config=c)
                 err = ((tri().float() - expected).abs().max() / expected.abs().max()).item()
                 t = graph_us(tri)
-                row["triton"].append(dict(config=[c.block_n, c.block_k, c.num_warps, c.num_stages],
+                row["triton"].append(dict(config=[c.block_n, c.block_k, c.num_warps, c.num_stages, c.prefetch],
                                           default=c == default, us=round(median_cuda_ms(tri, 5, 50) * 1e3, 2),
                                           graph_us=round(t, 2), tb_s=round(w.numel() * 2 / t / 1e6, 3),
                                           max_rel_diff_vs_cublas=float(f"{err:.3g}")))

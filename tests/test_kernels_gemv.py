@@ -34,10 +34,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 TINY = {torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24, torch.float32: 2.0**-149}
-# (N, K, config): a partial last tile and a masked K tail over several K blocks; the default launch shape (one
-# masked K block on the CPU); N and K multiples of the blocks (the unmasked loop)
+# (N, K, config): a partial last tile and a masked K tail over several K blocks, with and without the M = 1
+# prefetch; the default launch shape (one masked K block on the CPU); N and K multiples of the blocks (unmasked
+# loads; the prefetch's look-ahead past K is still masked)
 SMALL = gv.GemvConfig(block_n=16, block_k=32)
-SHAPES = [(37, 100, SMALL), (70, 200, None), (64, 256, gv.GemvConfig(block_n=16, block_k=64))]
+SHAPES = [(37, 100, SMALL), (37, 100, gv.GemvConfig(block_n=16, block_k=32, prefetch=True)), (70, 200, None),
+          (64, 256, gv.GemvConfig(block_n=16, block_k=64, prefetch=True))]
 
 
 def randn(shape, dtype, *salt, scale=1.0):
@@ -82,7 +84,7 @@ def poisoned(monkeypatch):
 
 # ---- the kernel ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}{'' if s[2] is None else '-blocks'}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-{s[2]}")
 @pytest.mark.parametrize("M", range(1, 9))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kernel_against_float64(poisoned, shape, M, dtype):
@@ -97,7 +99,7 @@ def test_kernel_against_float64(poisoned, shape, M, dtype):
 @pytest.mark.parametrize("M", [1, 2, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_glu_prologue_against_float64(poisoned, act, M, dtype):
-    for N, K, cfg in SHAPES[:2]:
+    for N, K, cfg in SHAPES[:3]:
         h, w = randn((M, 2 * K), dtype, "h", M, act), randn((N, K), dtype, "w-glu", scale=0.05)
         bias = randn((N,), dtype, "b-glu")
         x = glu_values(h, act)

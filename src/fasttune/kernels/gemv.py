@@ -25,11 +25,13 @@ vectorised) and masked at the store. K not a multiple of BLOCK_K masks every K b
 In the Triton interpreter (CPU tests) 16-bit values are widened to float32 before tl.dot, and roundings to bf16 are
 done by hand (`_triton.round_bf16`: the interpreter's cast truncates).
 
-Launch shape (`default_config`, an H200 heuristic: 132 SMs; the bench `decode_profile.py --gemv-bench` sweeps
-alternatives): BLOCK_N the largest of 32/16/8 that still gives >= 2 programs per SM (o_proj and down_proj at
-N = 4096 get BLOCK_N = 8: 512 programs, ~4 resident per SM), BLOCK_K = 1024 (8 bf16 = 16 B per lane per row per
-load, 64 float32 partial sums per lane at 4 warps). Everything is launched with static shapes and no host sync:
-CUDA-graph capturable.
+Launch shape (`default_config`, an untuned H200 heuristic: 132 SMs; `bench/decode_profile.py --gemv-bench` sweeps
+alternatives): at M = 1, BLOCK_N = 8 (o_proj, down_proj at N = 4096: 512 programs, ~4 per SM, all resident at
+once) or 16 / 32 for the wide projections (gate_up, lm_head), BLOCK_K = 4096 / BLOCK_N (8 bf16 = 16 B per lane
+per load, 32 float32 partial sums per lane at 4 warps), the next block's loads issued before this block's FMAs
+(`prefetch`: Triton's pipeliner only stages loads that feed tl.dot); at M > 1, BLOCK_N = 16, BLOCK_K = 256, 3
+stages (cp.async).
+Everything is launched with static shapes and no host sync: CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -52,11 +54,13 @@ MAX_ROWS = 8
 @dataclass(frozen=True)
 class GemvConfig:
     """Launch shape: `block_n` output features per program, `block_k` columns of K per loop iteration, Triton's
-    num_warps / num_stages."""
+    num_warps / num_stages (the MMA loop's pipelining), `prefetch`: the FMA loop (one row) loads the next block
+    before this block's FMAs (two blocks in flight per program)."""
     block_n: int = 8
-    block_k: int = 1024
+    block_k: int = 512
     num_warps: int = 4
     num_stages: int = 1
+    prefetch: bool = False
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -69,40 +73,53 @@ def default_config(M: int, N: int, K: int, device: torch.device) -> GemvConfig:
     """The launch shape for an (M, K) x (N, K)^T product (module docstring; a heuristic for the H200, to be replaced
     by the bench's measured best per shape)."""
     sms = _multiprocessors(device)
-    smallest = 8 if M == 1 else 16  # tl.dot needs 16 rows of W
-    block_n = smallest
-    for b in (32, 16):
-        if b >= smallest and triton.cdiv(N, b) >= 2 * sms:
-            block_n = b
-            break
-    block_k = 1024 if M == 1 else 256  # M > 1: the W tile is also the MMA operand (staged through shared memory)
+    if M == 1:
+        # 4096 weights per program per iteration: 32 float32 partial sums and four 16-byte loads per lane at 4 warps
+        # (eight with the prefetch): ~96-116 registers a lane (ptxas, sm_90), so 4-5 programs fit on an SM and all
+        # 512 programs of an N = 4096 projection (BLOCK_N = 8) are resident at once
+        block_n = 8
+        for b in (32, 16):
+            if triton.cdiv(N, b) >= 8 * sms:  # wide projections (gate_up, lm_head): still >= 8 programs per SM
+                block_n = b
+                break
+        block_k, stages, prefetch = 4096 // block_n, 1, True
+    else:  # tl.dot needs 16 rows of W; the W and x tiles are staged through shared memory (3 stages)
+        block_n, block_k, stages, prefetch = 16, 256, 3, False
     block_k = max(16, min(block_k, triton.next_power_of_2(max(K, 1))))
-    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=1 if M == 1 else 2)
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=stages, prefetch=prefetch)
 
 
 if triton is not None:
 
     @triton.jit
-    def _x_values(ptrs, mask, up_offset, MASKED: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
-                  X_DT: tl.constexpr, UPCAST: tl.constexpr):
-        """The float32 values of x at ptrs: x itself, or (GLU) round_x(act(gate) * up) of the packed gate_up row."""
+    def _x_load(ptrs, mask, up_offset, MASKED: tl.constexpr, GLU: tl.constexpr):
+        """The raw input at ptrs: (x, x), or (gate, up) of the packed gate_up row (GLU)."""
         if MASKED:
-            v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(ptrs, mask=mask, other=0.0)
         else:
-            v = tl.load(ptrs).to(tl.float32)
+            v = tl.load(ptrs)
+        u = v
         if GLU:
             if MASKED:
-                u = tl.load(ptrs + up_offset, mask=mask, other=0.0).to(tl.float32)
+                u = tl.load(ptrs + up_offset, mask=mask, other=0.0)
             else:
-                u = tl.load(ptrs + up_offset).to(tl.float32)
+                u = tl.load(ptrs + up_offset)
+        return v, u
+
+    @triton.jit
+    def _x_form(v, u, GLU: tl.constexpr, ACT: tl.constexpr, X_DT: tl.constexpr, UPCAST: tl.constexpr):
+        """The float32 values of x: x itself, or (GLU) round_x(act(gate) * up)."""
+        v = v.to(tl.float32)
+        if GLU:
             a, _ = _act_and_grad(v, ACT)
-            v = _round_to(a * u, X_DT, UPCAST)  # what glu_packed stores: act(0) * 0 = 0 where masked
+            v = _round_to(a * u.to(tl.float32), X_DT, UPCAST)  # what glu_packed stores; act(0) * 0 = 0 if masked
         return v
 
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, up_offset, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+        MASK_K: tl.constexpr, PREFETCH: tl.constexpr,
         USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, X_DT: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
@@ -112,32 +129,52 @@ if triton is not None:
         # the last tile's rows past N read row N - 1 (unmasked, vectorised loads); they are never stored
         w_ptrs = w_ptr + tl.minimum(rn, N - 1)[:, None] * K + rk[None, :]
         x_ty = x_ptr.dtype.element_ty
+        rm = tl.arange(0, BLOCK_M)
+        m_ok = rm < M
         if USE_DOT:
-            rm = tl.arange(0, BLOCK_M)
-            m_ok = rm < M
             x_ptrs = x_ptr + rm[None, :] * stride_xm + rk[:, None]  # (BLOCK_K, BLOCK_M): x^T
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             x_ptrs = x_ptr + rk
-            acc_fma = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=(rk[None, :] + k0) < K, other=0.0)
-            if USE_DOT:
-                x_ok = m_ok[None, :] & ((rk[:, None] + k0) < K)
-                xv = _x_values(x_ptrs, x_ok, up_offset, True, GLU, ACT, X_DT, UPCAST)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # MMAs
+        acc_fma = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # FMAs: per-lane partial sums (one is dead code)
+        if USE_DOT:  # the MMA operands' loads are pipelined by Triton (num_stages)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    w = tl.load(w_ptrs)
+                else:
+                    w = tl.load(w_ptrs, mask=(rk[None, :] + k0) < K, other=0.0)
+                g, u = _x_load(x_ptrs, m_ok[None, :] & ((rk[:, None] + k0) < K), up_offset, True, GLU)
+                xv = _x_form(g, u, GLU, ACT, X_DT, UPCAST)
                 if UPCAST:  # the interpreter's tl.dot would multiply 16-bit tiles as raw bits
                     acc = tl.dot(w.to(tl.float32), xv, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(w, xv.to(x_ty), acc, input_precision="ieee")
-            else:
-                xv = _x_values(x_ptrs, (rk + k0) < K, up_offset, not EVEN_K, GLU, ACT, X_DT, UPCAST)
+                w_ptrs += BLOCK_K
+                x_ptrs += BLOCK_K
+        elif PREFETCH:
+            # Triton does not pipeline loads that feed no tl.dot: the next block of W (and of x) is loaded by hand
+            # before this block's FMAs, so each program keeps two blocks of loads in flight (the one past K masked)
+            w_next = tl.load(w_ptrs, mask=rk[None, :] < K, other=0.0)
+            g_next, u_next = _x_load(x_ptrs, rk < K, up_offset, True, GLU)
+            for k0 in range(0, K, BLOCK_K):
+                w, g, u = w_next, g_next, u_next
+                w_ptrs += BLOCK_K
+                x_ptrs += BLOCK_K
+                ahead = (rk + (k0 + BLOCK_K)) < K
+                w_next = tl.load(w_ptrs, mask=ahead[None, :], other=0.0)
+                g_next, u_next = _x_load(x_ptrs, ahead, up_offset, True, GLU)
                 # exact products of 16-bit values, one rounding per add
-                acc_fma = tl.fma(w.to(tl.float32), xv[None, :], acc_fma)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
+                acc_fma = tl.fma(w.to(tl.float32), _x_form(g, u, GLU, ACT, X_DT, UPCAST)[None, :], acc_fma)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    w = tl.load(w_ptrs)
+                else:
+                    w = tl.load(w_ptrs, mask=(rk[None, :] + k0) < K, other=0.0)
+                g, u = _x_load(x_ptrs, (rk + k0) < K, up_offset, MASK_K, GLU)
+                acc_fma = tl.fma(w.to(tl.float32), _x_form(g, u, GLU, ACT, X_DT, UPCAST)[None, :], acc_fma)
+                w_ptrs += BLOCK_K
+                x_ptrs += BLOCK_K
         if USE_DOT:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -209,6 +246,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(N, cfg.block_n),)](
         x2, w, out if bias is None else bias, out, M, N, K, x2.stride(0), K, out.stride(0),
         BLOCK_M=16 if use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
+        MASK_K=K % cfg.block_k != 0, PREFETCH=cfg.prefetch and not use_dot,
         USE_DOT=use_dot, HAS_BIAS=bias is not None, GLU=glu is not None, ACT=act, X_DT=_DTYPE_CODE[x.dtype],
         UPCAST=not x.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.view(*lead, N)
