@@ -43,7 +43,10 @@ SHAPES = [(37, 100, SMALL), (37, 100, gv.GemvConfig(block_n=16, block_k=32, pref
 
 
 def randn(shape, dtype, *salt, scale=1.0):
-    return (torch.randn(shape, generator=generator("gemv", shape, *salt)) * scale).to(DEVICE, dtype)
+    """N(0, scale^2) drawn on DEVICE (the 8B shapes' 0.5 G weights would take seconds on the host)."""
+    seed = generator("gemv", shape, *salt).initial_seed()
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return (torch.randn(shape, generator=g, device=DEVICE) * scale).to(dtype)
 
 
 def glu_values(h: torch.Tensor, act: str) -> torch.Tensor:
