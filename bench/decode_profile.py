@@ -83,8 +83,6 @@ GEMV_SWEEP = {1: [(8, 512, 4, 1, True), (8, 512, 4, 1, False), (8, 1024, 4, 1, F
 
 
 def gemv_bench(cfg: dict, device: torch.device, copy_bw: float | None) -> list[dict]:
-    import torch.nn.functional as F
-
     from fasttune.kernels import glu_packed
     from fasttune.kernels import gemv as gv
 
@@ -124,7 +122,6 @@ def gemv_bench(cfg: dict, device: torch.device, copy_bw: float | None) -> list[d
             print(json.dumps({k_: v for k_, v in row.items() if k_ != "triton"}), flush=True)
             for r in row["triton"]:
                 print("   ", json.dumps(r), flush=True)
-        del w
     return rows
 
 

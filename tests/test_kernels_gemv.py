@@ -306,7 +306,6 @@ def test_gpu_timing_triton_vs_cublas():
             nbytes = w.numel() * 2
             print(f"GEMV {name:8s} {N}x{K} M={M}: triton {t_tri:7.1f} us ({nbytes / t_tri / 1e6:.2f} TB/s) "
                   f"{gv.default_config(M, N, K, w.device)}, cublas {t_ref:7.1f} us ({nbytes / t_ref / 1e6:.2f} TB/s)")
-        del w
 
 
 @pytest.mark.gpu
