@@ -60,26 +60,6 @@ def median_cuda_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -
     return statistics.median(times)
 
 
-def graph_us(fn: Callable[[], object], calls: int = 20, replays: int = 5) -> float:
-    """Microseconds per call of fn, replayed from one CUDA graph of `calls` back-to-back calls: the cost inside a
-    captured decode step (no launch latency between kernels), after 3 eager warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * calls)
-
-
 def timed_training(step: Callable[[], torch.Tensor], device: torch.device, warmup: int, steps: int) -> dict:
     """Run warmup + steps optimizer steps (`step` returns the loss); the median wall time of the timed ones
     (synchronised), every loss, and the peak memory from the first step (weights included)."""

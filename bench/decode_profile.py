@@ -21,7 +21,8 @@ Three measurements on one GPU, Llama-3.1-8B shape, random bf16 weights (bench/ge
   gemv-bench  (--gemv-bench, alone: < 40 s) each projection shape at M = 1 and 8 rows, the Triton GEMV
             (kernels/gemv.py: its default launch shape, and at M = 1 a sweep of alternatives) vs torch.matmul
             (cuBLAS); down_proj as the GEMV with its GLU prologue vs glu_packed + matmul. Each timed twice with CUDA
-            events: alone (median of 50, launch included) and in a CUDA graph of 20 calls (as inside a decode step).
+            events: alone (median of 50, launch included) and in a CUDA graph of 20 calls (as inside a decode step;
+            `_graph_us_per_call`).
 
     python bench/decode_profile.py --out $OUT/decode_profile.json
     FASTTUNE_DECODE_TRITON=0 python bench/decode_profile.py --out $OUT/decode_profile_flash.json  # the step with
@@ -45,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import graph_us, median_cuda_ms, sync, versions  # noqa: E402
+from common import median_cuda_ms, sync, versions  # noqa: E402
 from generate_speed import build_hf, fasttune_from_hf, llama_config, weight_bytes  # noqa: E402
 
 
@@ -105,11 +106,11 @@ def gemv_bench(cfg: dict, device: torch.device, copy_bw: float | None) -> list[d
             default = gv.default_config(M, n, k, device)
             configs = [default] + [c for c in (gv.GemvConfig(*t) for t in GEMV_SWEEP[M]) if c != default]
             row = dict(proj=name, K=k, N=n, M=M, cublas_us=round(median_cuda_ms(ref, 5, 50) * 1e3, 2),
-                       cublas_graph_us=round(graph_us(ref), 2), triton=[])
+                       cublas_graph_us=round(_graph_us_per_call([ref] * 20, device), 2), triton=[])
             for c in configs:
                 def tri(): return gv.gemv(x, w, glu=glu, config=c)
                 err = ((tri().float() - expected).abs().max() / expected.abs().max()).item()
-                t = graph_us(tri)
+                t = _graph_us_per_call([tri] * 20, device)
                 row["triton"].append(dict(config=[c.block_n, c.block_k, c.num_warps, c.num_stages, c.prefetch],
                                           default=c == default, us=round(median_cuda_ms(tri, 5, 50) * 1e3, 2),
                                           graph_us=round(t, 2), tb_s=round(w.numel() * 2 / t / 1e6, 3),
