@@ -24,8 +24,8 @@ cast to it).
 
 GEMV (`gemv="triton"`): at most kernels.gemv.MAX_ROWS rows (a decode step of few sequences) run the Triton GEMV
 (kernels/gemv.py) instead of cuBLAS for the concatenated q/k/v and gate/up (their adapters' low-rank term added
-after, as above), for down_proj with the GLU as the GEMV's prologue (one launch reads the packed gate/up output:
-no GLU kernel, no (rows, I) intermediate) and for o_proj (through `Attention.use_fused_o`); down_proj and o_proj
+after, as above), for down_proj with the GLU as the GEMV's prologue when gate/up are concatenated (one launch
+reads the packed gate/up output: no GLU kernel, no (rows, I) intermediate) and for o_proj (through `Attention.use_fused_o`); down_proj and o_proj
 only while their weight is dense and carries no active unmerged adapter (otherwise their module runs, the GLU
 as its own kernel: noted once). More rows (prefill, large batches) run cuBLAS. "cublas" (the default): F.linear
 everywhere.
