@@ -18,10 +18,18 @@ Three measurements on one GPU, Llama-3.1-8B shape, random bf16 weights (bench/ge
             events: us per call. At batch 1 it also sweeps the Triton launch shape (splits x keys per step), as long as
             the run has taken under 40 s (each new shape compiles).
 
+  gemv-bench  (--gemv-bench, alone: < 40 s) each projection shape at M = 1 and 8 rows, the Triton GEMV
+            (kernels/gemv.py: its default launch shape, and at M = 1 a sweep of alternatives) vs torch.matmul
+            (cuBLAS); down_proj as the GEMV with its GLU prologue vs glu_packed + matmul. Each timed twice with CUDA
+            events: alone (median of 50, launch included) and in a CUDA graph of 20 calls (as inside a decode step;
+            `_graph_us_per_call`).
+
     python bench/decode_profile.py --out $OUT/decode_profile.json
     FASTTUNE_DECODE_TRITON=0 python bench/decode_profile.py --out $OUT/decode_profile_flash.json  # the step with
                                                                   # aten's flash decode instead of the Triton kernel
     python bench/decode_profile.py --attention --out $OUT/decode_attention.json
+    python bench/decode_profile.py --gemv triton --out $OUT/decode_profile_gemv.json   # the step with the GEMV
+    python bench/decode_profile.py --gemv-bench --out $OUT/gemv_bench.json
     python bench/decode_profile.py --tiny --device cpu            # smoke test (no profile: CUDA only)
 """
 from __future__ import annotations
@@ -68,13 +76,63 @@ def gemv_rows(cfg: dict, device: torch.device, copy_bw: float) -> list[dict]:
     return rows
 
 
-def step_profile(model, batch: int, prompt_len: int, n: int, device: torch.device) -> dict:
+# The launch shapes the GEMV bench tries besides the default: (block_n, block_k, num_warps, num_stages, prefetch)
+# (each a Triton compile: 16 in all, the bulk of the bench's time)
+GEMV_SWEEP = {1: [(8, 512, 4, 1, True), (8, 512, 4, 1, False), (8, 1024, 4, 1, False), (4, 1024, 4, 1, True),
+                  (16, 256, 4, 1, True), (32, 128, 4, 1, True)],
+              8: [(16, 256, 4, 3, False), (32, 256, 4, 3, False)]}
+
+
+def gemv_bench(cfg: dict, device: torch.device, copy_bw: float | None) -> list[dict]:
+    from fasttune.kernels import glu_packed
+    from fasttune.kernels import gemv as gv
+
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    shapes = {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * i), "down+glu": (i, h),
+              "lm_head": (h, cfg["vocab_size"])}
+    rows = []
+    for name, (k, n) in shapes.items():
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        glu = "silu" if name == "down+glu" else None
+        for M in (1, 8):
+            x = torch.randn(M, 2 * k if glu else k, device=device, dtype=torch.bfloat16)
+            if glu:
+                def ref(): return torch.matmul(glu_packed(x, glu), w.t())
+            else:
+                def ref(): return torch.matmul(x, w.t())
+            expected = ref().float()
+            default = gv.default_config(M, n, k, device)
+            configs = [default] + [c for c in (gv.GemvConfig(*t) for t in GEMV_SWEEP[M]) if c != default]
+            row = dict(proj=name, K=k, N=n, M=M, cublas_us=round(median_cuda_ms(ref, 5, 50) * 1e3, 2),
+                       cublas_graph_us=round(_graph_us_per_call([ref] * 20, device), 2), triton=[])
+            for c in configs:
+                def tri(): return gv.gemv(x, w, glu=glu, config=c)
+                err = ((tri().float() - expected).abs().max() / expected.abs().max()).item()
+                t = _graph_us_per_call([tri] * 20, device)
+                row["triton"].append(dict(config=[c.block_n, c.block_k, c.num_warps, c.num_stages, c.prefetch],
+                                          default=c == default, us=round(median_cuda_ms(tri, 5, 50) * 1e3, 2),
+                                          graph_us=round(t, 2), tb_s=round(w.numel() * 2 / t / 1e6, 3),
+                                          max_rel_diff_vs_cublas=float(f"{err:.3g}")))
+            best = min(row["triton"], key=lambda r: r["graph_us"])
+            row["best_triton_graph_us"], row["best_config"] = best["graph_us"], best["config"]
+            if copy_bw:
+                row["best_share_of_copy"] = round(w.numel() * 2 / (best["graph_us"] / 1e6) / copy_bw, 3)
+            rows.append(row)
+            print(json.dumps({k_: v for k_, v in row.items() if k_ != "triton"}), flush=True)
+            for r in row["triton"]:
+                print("   ", json.dumps(r), flush=True)
+    return rows
+
+
+def step_profile(model, batch: int, prompt_len: int, n: int, device: torch.device, gemv: str = "cublas") -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from fasttune.generation import Generator, SamplingParams
 
-    gen = Generator(model, max_batch_size=batch, max_seq_len=prompt_len + n + 2, cuda_graphs=True)
+    gen = Generator(model, max_batch_size=batch, max_seq_len=prompt_len + n + 2, cuda_graphs=True, gemv=gemv)
     ids = torch.randint(3, 1000, (batch, prompt_len)).tolist()
 
     def run(k):
@@ -183,6 +241,10 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None)
     ap.add_argument("--attention", action="store_true", help="only the decode attention comparison (CUDA)")
+    ap.add_argument("--gemv", choices=["cublas", "triton"], default="cublas",
+                    help="the Generator's GEMV for the step profile (kernels/gemv.py)")
+    ap.add_argument("--gemv-bench", action="store_true",
+                    help="only the copy bandwidth and the Triton GEMV vs cuBLAS per projection shape (CUDA)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.attention:
@@ -196,16 +258,24 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = llama_config("tiny" if args.tiny else "8b", args.vocab)
     result = dict(info=dict(versions(), shape="tiny" if args.tiny else "8b", args=vars(args)))
+    out = args.out or (os.path.join(os.environ["OUT"], "decode_profile.json") if os.environ.get("OUT") else None)
     if device.type == "cuda":
         bw = copy_bandwidth(device)
         result["copy_gb_s"] = round(bw / 1e9, 1)
         print("copy GB/s", result["copy_gb_s"], flush=True)
+        if args.gemv_bench:
+            result["gemv_bench"] = gemv_bench(cfg, device, bw)
+            if out:
+                Path(out).write_text(json.dumps(result, indent=2))
+            return 0
         result["gemv"] = gemv_rows(cfg, device, bw)
+    elif args.gemv_bench:
+        ap.error("--gemv-bench needs a CUDA device")
     hf = build_hf(cfg, device, dtype)
     model = fasttune_from_hf(hf, cfg)
     result["weight_bytes_per_step"] = weight_bytes(model)
     if device.type == "cuda":
-        result["step"] = step_profile(model, args.batch, args.prompt_len, args.new_tokens, device)
+        result["step"] = step_profile(model, args.batch, args.prompt_len, args.new_tokens, device, args.gemv)
         s = result["step"]
         s["hbm_tb_s"] = round(result["weight_bytes_per_step"] / (s["step_ms"] / 1e3) / 1e12, 3)
         s["share_of_4.8TBs"] = round(s["hbm_tb_s"] / 4.8, 3)
@@ -218,7 +288,6 @@ def main() -> int:
         print(json.dumps({k: v for k, v in s.items() if k != "kernels"}), flush=True)
         for r in s["kernels"][:25]:
             print(f"{r['ms_per_step']:8.4f} ms  x{r['per_step']:5.1f}  {r['name']}")
-    out = args.out or (os.path.join(os.environ["OUT"], "decode_profile.json") if os.environ.get("OUT") else None)
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
     return 0

@@ -18,7 +18,9 @@ Per (tool, batch):
     kernels_per_step  (fasttune tools on CUDA) GPU activities (kernels, copies, memsets) of one decode step, counted
                  by the profiler as those of an eager 3-token call minus those of a 2-token call
 Tools: fasttune (Generator, CUDA graphs, its defaults: concatenated q/k/v and gate/up weights, residual add fused
-into RMSNorm, RoPE fused with the KV-cache write), fasttune-unfused (the same Generator with fused=False,
+into RMSNorm, RoPE fused with the KV-cache write), fasttune-gemv (the same with gemv="triton": decode steps of at
+most 8 sequences run their projections in the Triton GEMV, kernels/gemv.py, down_proj with the GLU fused in),
+fasttune-unfused (the same Generator with fused=False,
 fuse_projections=False: one launch per projection, add, norm, RoPE and cache write, as before issue 18's fusions),
 fasttune+lora (r=16 adapters on all seven projections, unmerged, and
 merged for the call), hf-default (generate, DynamicCache), hf-static (cache_implementation="static": transformers
@@ -29,6 +31,7 @@ A failing tool is recorded with its error and the rest continue; the JSON is rew
     python bench/generate_speed.py --quick                                     # 64 new tokens, batch 1 and 16
     python bench/generate_speed.py --tools fasttune,hf-static --batches 64
     python bench/generate_speed.py --tools fasttune,fasttune-unfused,hf-static --batches 1,64   # the fusions' gain
+    python bench/generate_speed.py --tools fasttune,fasttune-gemv --batches 1,8 --quick        # Triton GEMV vs cuBLAS
     python bench/generate_speed.py --tiny --device cpu --tools fasttune,hf-default --quick   # smoke test
 """
 from __future__ import annotations
@@ -55,7 +58,7 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
 }
-TOOLS = ("fasttune", "fasttune-unfused", "fasttune+lora", "hf-default", "hf-static")
+TOOLS = ("fasttune", "fasttune-gemv", "fasttune-unfused", "fasttune+lora", "hf-default", "hf-static")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -167,7 +170,7 @@ def runner(tool: str, model, hf, batch: int, prompt_len: int, max_seq_len: int, 
 
 def fasttune_kwargs(tool: str) -> dict:
     unfused = tool == "fasttune-unfused"
-    return dict(fused=not unfused, fuse_projections=not unfused)
+    return dict(fused=not unfused, fuse_projections=not unfused, gemv="triton" if tool == "fasttune-gemv" else "cublas")
 
 
 def kernels_per_step(tool: str, model, ids: torch.Tensor, max_seq_len: int) -> tuple[int, dict[str, int]]:
@@ -213,7 +216,7 @@ def measure(tool, model, hf, batch, args, device, wbytes) -> dict:
                generated_shape=list(out.shape))
     row["hbm_gb_s"] = round(wbytes / step / 1e9, 1)
     row["hbm_fraction_of_4.8TBs"] = round(wbytes / step / H200_HBM_BYTES_S, 3)
-    if tool in ("fasttune", "fasttune-unfused") and device.type == "cuda" and args.count_kernels:
+    if tool in ("fasttune", "fasttune-gemv", "fasttune-unfused") and device.type == "cuda" and args.count_kernels:
         try:
             row["kernels_per_step"], row["step_kernels_top"] = kernels_per_step(tool, model, ids, args.prompt_len + 3)
         except Exception as e:  # the profiler is a diagnostic: the timings stand without it
@@ -277,7 +280,7 @@ def main() -> int:
     lora_added = False
     # order: what the targets compare first (fasttune at every batch, then the baselines from the largest batch
     # down), so a run cut short by --budget-s still has them; LoRA last (it wraps the shared model's projections)
-    plan = [("fasttune", b) for b in batches if "fasttune" in tools]
+    plan = [(t, b) for b in batches for t in ("fasttune", "fasttune-gemv") if t in tools]
     for b in sorted(batches, reverse=True):
         plan += [(t, b) for t in ("hf-static", "hf-default") if t in tools]
     plan += [("fasttune-unfused", b) for b in batches if "fasttune-unfused" in tools]
@@ -316,7 +319,8 @@ def main() -> int:
             same = (ref == out).long().cumprod(-1).sum(-1).float()  # equal tokens before the first difference
             row["greedy_prefix_agreeing_with_hf_default"] = round(float(same.mean()), 1)
         fused = outputs.get(("fasttune", row.get("batch")))
-        if row["tool"] == "fasttune-unfused" and fused is not None and out is not None and fused.shape == out.shape:
+        if row["tool"] in ("fasttune-unfused", "fasttune-gemv") and fused is not None and out is not None \
+                and fused.shape == out.shape:
             same = (fused == out).long().cumprod(-1).sum(-1).float()
             row["greedy_prefix_agreeing_with_fasttune"] = round(float(same.mean()), 1)
     summary = {}
@@ -330,8 +334,13 @@ def main() -> int:
                 summary[f"batch{b}_fasttune_over_{base}"] = round(ft["tokens_s"] / rows[base]["tokens_s"], 2)
                 summary[f"batch{b}_decode_fasttune_over_{base}"] = round(
                     ft["decode_tokens_s"] / rows[base]["decode_tokens_s"], 2)
+        if "fasttune-gemv" in rows:
+            summary[f"batch{b}_decode_fasttune_gemv_over_fasttune"] = round(
+                rows["fasttune-gemv"]["decode_tokens_s"] / ft["decode_tokens_s"], 3)
         if b == 1:
             summary["batch1_fasttune_hbm_fraction"] = ft["hbm_fraction_of_4.8TBs"]
+            if "fasttune-gemv" in rows:
+                summary["batch1_fasttune_gemv_hbm_fraction"] = rows["fasttune-gemv"]["hbm_fraction_of_4.8TBs"]
     result["summary"] = summary
     print(json.dumps(summary), flush=True)
     if out_path:

@@ -22,6 +22,14 @@ into the copies and leaves those base weights alone (`merged_lora(..., elsewhere
 round trip for them. The projections are computed in the weights' dtype, as the per-projection path does (A and B
 cast to it).
 
+GEMV (`gemv="triton"`): at most kernels.gemv.MAX_ROWS rows (a decode step of few sequences) run the Triton GEMV
+(kernels/gemv.py) instead of cuBLAS for the concatenated q/k/v and gate/up (their adapters' low-rank term added
+after, as above), for down_proj with the GLU as the GEMV's prologue when gate/up are concatenated (one launch
+reads the packed gate/up output: no GLU kernel, no (rows, I) intermediate) and for o_proj (through `Attention.use_fused_o`); down_proj and o_proj
+only while their weight is dense and carries no active unmerged adapter (otherwise their module runs, the GLU
+as its own kernel: noted once). More rows (prefill, large batches) run cuBLAS. "cublas" (the default): F.linear
+everywhere.
+
 Layers whose projections are not all dense (an NF4 / GGUF quantised base, a sharded weight) keep their own path
 (noted once). The groups run through the decoder's hooks, `Attention.use_fused_qkv` and
 `GatedMLP.use_fused_forward`, installed for the call (`installed()`); the hooks the model had (the LoRA kernels'
@@ -38,10 +46,12 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..adapters import LoraLinear
+from ..kernels import gemv as _gemv
 from ..kernels.attention import FALLBACKS
 from ..models.decoder import Attention, CausalLM, GatedMLP
 
 GROUPS = ("qkv", "gate_up")
+GEMVS = ("cublas", "triton")
 _MEMBERS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 
@@ -52,6 +62,34 @@ def _dense(module: nn.Module) -> nn.Linear | None:
     if not isinstance(base, nn.Linear) or type(base.weight.data) is not torch.Tensor:
         return None
     return base
+
+
+def _unadapted(module: nn.Module) -> nn.Linear | None:
+    """The dense nn.Linear that computes `module` alone: None when it is quantised or sharded, or when it carries an
+    active (unmerged) LoRA adapter."""
+    if isinstance(module, LoraLinear) and not module.disabled:
+        return None
+    return _dense(module)
+
+
+def check_gemv(gemv: str) -> str:
+    if gemv not in GEMVS:
+        raise ValueError(f"gemv: {gemv!r} is not one of {list(GEMVS)}")
+    return gemv
+
+
+def _gemv_rows(x: torch.Tensor, on: bool) -> bool:
+    """Whether x (..., K) goes through the Triton GEMV: asked for, at most MAX_ROWS rows (static shapes: no sync),
+    and Triton runs for x's device (on CUDA; on CPU with FASTTUNE_KERNELS=triton, the interpreter)."""
+    if not on or x.numel() > _gemv.MAX_ROWS * x.shape[-1]:
+        return False
+    if kernels.use_triton(x):
+        return True
+    FALLBACKS.note("generation-gemv-unavailable",
+                   f"generation: gemv='triton' asked for, but Triton kernels do not run for {x.device.type} tensors "
+                   "here (CPU without FASTTUNE_KERNELS=triton, FASTTUNE_KERNELS=reference, or no Triton): decode "
+                   "projections run F.linear")
+    return False
 
 
 def _candidates(model: CausalLM, groups: Sequence[str]) -> Iterator[tuple[str, nn.Module, list[nn.Module]]]:
@@ -85,8 +123,8 @@ def fused_projection_bytes(model: CausalLM, groups: Sequence[str] = GROUPS) -> i
 class _Group:
     """One layer's concatenated projections: the weight (and bias), the active adapters' A_cat / B_blk."""
 
-    def __init__(self, kind: str, owner: nn.Module, members: list[nn.Module]):
-        self.kind, self.owner, self.members = kind, owner, members
+    def __init__(self, kind: str, owner: nn.Module, members: list[nn.Module], gemv: bool = False):
+        self.kind, self.owner, self.members, self.gemv = kind, owner, members, gemv
         self.bases = [_dense(m) for m in members]
         w = self.bases[0].weight
         if any(b.weight.dtype != w.dtype or b.weight.device != w.device or b.in_features != w.shape[1]
@@ -146,7 +184,10 @@ class _Group:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., hidden) -> the members' outputs side by side (..., sum of output features)."""
-        y = F.linear(x, self.weight, self.bias)
+        if _gemv_rows(x, self.gemv):
+            y = _gemv.gemv(x, self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.lora is not None:
             A, B, c = self.lora
             x2 = x.reshape(-1, x.shape[-1])
@@ -171,23 +212,54 @@ class _FusedGateUp:
         self.group, self.mlp = group, mlp
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.group.project(x).split(self.group.sizes, dim=-1)
-        return self.mlp.down_proj(kernels.glu(gate, up, self.mlp.activation))
+        h = self.group.project(x)
+        down = self.mlp.down_proj
+        if _gemv_rows(h, self.group.gemv):
+            base = _unadapted(down)
+            if base is not None:  # the GLU as the GEMV's prologue: h is [gate | up], the layout glu_packed reads
+                return _gemv.gemv(h, base.weight, base.bias, glu=self.mlp.activation)
+            FALLBACKS.note("generation-gemv-down-adapted",
+                           "generation: gemv='triton' with a down_proj that is quantised or carries an active "
+                           "unmerged LoRA adapter: its GLU runs as its own kernel and down_proj as its module "
+                           "(merge_lora=True merges the adapters for the call)")
+        gate, up = h.split(self.group.sizes, dim=-1)
+        return down(kernels.glu(gate, up, self.mlp.activation))
+
+
+class _OutProj:
+    """`Attention.fused_o` hook (gemv="triton"): o_proj through the Triton GEMV for decode rows."""
+
+    def __init__(self, attn: Attention):
+        self.o = attn.o_proj
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if _gemv_rows(x, True):
+            base = _unadapted(self.o)
+            if base is not None:
+                return _gemv.gemv(x, base.weight, base.bias)
+            FALLBACKS.note("generation-gemv-o-adapted",
+                           "generation: gemv='triton' with an o_proj that is quantised or carries an active "
+                           "unmerged LoRA adapter: o_proj runs as its module (cuBLAS)")
+        return self.o(x)
 
 
 class FusedProjections:
     """The concatenated q/k/v and gate/up weights of `model`'s layers (the `groups` named), see the module
     docstring. `refresh()` copies the model's current weights (and adapters) in; `installed()` routes the layers'
-    projections through them for the duration of a block."""
+    projections through them for the duration of a block. `gemv`: "cublas" or "triton" (the module docstring; with
+    "triton" the o_proj hooks are installed too, even without groups)."""
 
-    def __init__(self, model: CausalLM, groups: Sequence[str] = GROUPS):
+    def __init__(self, model: CausalLM, groups: Sequence[str] = GROUPS, gemv: str = "cublas"):
         self.groups: list[_Group] = []
+        self.gemv = check_gemv(gemv)
+        on = gemv == "triton"
+        self.attentions = [layer.self_attn for layer in model.model.layers] if on else []
         skipped = 0
         for kind, owner, members in _candidates(model, check_groups(groups)):
             if any(_dense(m) is None for m in members):
                 skipped += 1
                 continue
-            self.groups.append(_Group(kind, owner, members))
+            self.groups.append(_Group(kind, owner, members, on))
         if skipped:
             FALLBACKS.note("generation-unfused-projections",
                            f"generation: {skipped} projection group(s) (q/k/v or gate/up of a layer) have a "
@@ -215,7 +287,11 @@ class FusedProjections:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         saved: list[tuple[nn.Module, object]] = []
+        saved_o: list[tuple[Attention, object]] = []
         try:
+            for attn in self.attentions:
+                saved_o.append((attn, attn.fused_o))
+                attn.use_fused_o(_OutProj(attn))
             for g in self.groups:
                 if isinstance(g.owner, Attention):
                     saved.append((g.owner, g.owner.fused_qkv))
@@ -230,3 +306,5 @@ class FusedProjections:
                     owner.use_fused_qkv(hook)
                 else:
                     owner.use_fused_forward(hook)
+            for attn, hook in saved_o:
+                attn.use_fused_o(hook)

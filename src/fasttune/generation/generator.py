@@ -31,6 +31,9 @@ Fewer, larger launches per decode step (what batch 1 is bound by), all on by def
   refreshed every call, freed by `release()`); unmerged adapters ride along in the same matmul;
 - `fused`: each residual add fused into the RMSNorm after it, and in a decode step RoPE fused with the KV-cache
   write (one kernel rotates q, rotates k into its cache row, copies v) - no memory cost.
+Off by default (issue 18, to be decided by measurement): `gemv="triton"` runs the projections of decode steps of at
+most kernels.gemv.MAX_ROWS sequences in the Triton GEMV (concatenated q/k/v and gate/up, o_proj, and down_proj with
+the GLU as its prologue: see generation.fused) instead of cuBLAS.
 The sampling path makes no host sync (it is captured in the step's graph, where a sync could not be captured).
 A QLoRA (NF4) base computes each projection of a decode step of at most kernels.nf4_matmul.MAX_ROWS slots in the
 fused NF4 matmul (the packed weight read once, never dequantised into a dense copy); larger steps dequantise and
@@ -52,7 +55,7 @@ from ..kernels.nf4_matmul import MAX_ROWS as NF4_MATMUL_MAX_ROWS
 from ..models.decoder import CausalLM
 from ..models.nf4_linear import NF4Linear
 from .cache import StaticKVCache
-from .fused import GROUPS, FusedProjections, check_groups, fused_projection_bytes
+from .fused import GROUPS, FusedProjections, check_gemv, check_groups, fused_projection_bytes
 from .merge import merged_lora
 from .sampling import SamplingParams, next_tokens
 
@@ -85,15 +88,17 @@ class Generator:
     model's dtype, and with `fuse_projections` the concatenated q/k/v and gate/up weights hold a copy of those
     projections (generation.fused_projection_bytes); both are allocated at the first `generate` and freed by
     `release()`. `fuse_projections`: True (both groups), False, or a subset of ("qkv", "gate_up"). `fused`: the
-    forward-only fused kernels (residual add + RMSNorm, RoPE + cache write). See the module docstring."""
+    forward-only fused kernels (residual add + RMSNorm, RoPE + cache write). `gemv`: "cublas" or "triton", the
+    matmuls of decode steps of few sequences (generation.fused). See the module docstring."""
 
     def __init__(self, model: CausalLM, max_batch_size: int, max_seq_len: int, tokenizer=None,
                  cuda_graphs: bool = True, prefill_tokens: int = 16384, check_every: int = 8,
-                 fused: bool = True, fuse_projections: bool | Sequence[str] = True):
+                 fused: bool = True, fuse_projections: bool | Sequence[str] = True, gemv: str = "cublas"):
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
         self.model, self.tokenizer = model, tokenizer
         self.fused = fused
+        self.gemv = check_gemv(gemv)
         if isinstance(fuse_projections, bool):
             self.projection_groups = GROUPS if fuse_projections else ()
         else:
@@ -149,7 +154,7 @@ class Generator:
         self._allocate_projections()
 
     def _allocate_projections(self) -> None:
-        if not self.projection_groups:
+        if not self.projection_groups and self.gemv == "cublas":
             return
         from ..train.memory import GiB, free_device_bytes  # late: the train package is heavy
 
@@ -161,7 +166,7 @@ class Generator:
             self._no_room_for_projections(f"{need / GiB:.1f} GiB needed, {free / GiB:.1f} GiB free")
             return
         try:
-            self.projections = FusedProjections(self.model, self.projection_groups)
+            self.projections = FusedProjections(self.model, self.projection_groups, self.gemv)
         except torch.OutOfMemoryError:
             self.projections = None
             self._no_room_for_projections("out of memory allocating them")

@@ -7,7 +7,8 @@ Module and parameter names follow the Hugging Face checkpoints (`model.layers.N.
 
 Two optional hooks let other parts of fasttune take over a block without monkeypatching:
 - `Attention.fused_qkv(x) -> (q, k, v)` and `GatedMLP.fused_forward(x) -> y` (installed by `fasttune.adapters`
-  through `use_fused_qkv` / `use_fused_forward`, to run the fused LoRA kernels);
+  through `use_fused_qkv` / `use_fused_forward`, to run the fused LoRA kernels), and `Attention.fused_o(x) -> y`
+  (`use_fused_o`: the output projection; generation's Triton GEMV for decode rows, generation.fused);
 - `DecoderModel.layer_runner(layer, hidden, attn_inputs) -> hidden` (installed by `CausalLM.apply_memory_plan`, to
   checkpoint and offload activations).
 An LM head with a `fused_loss_inputs(h) -> (hidden, weight, extra_weight)` method (fasttune.adapters' `LoraLMHead`)
@@ -126,10 +127,15 @@ class Attention(nn.Module):
         self.use_rope = spec.uses_rope(layer_idx)
         self.local_rope = spec.uses_local_rope(layer_idx)
         self.fused_qkv: Callable | None = None
+        self.fused_o: Callable | None = None
 
     def use_fused_qkv(self, hook: Callable | None) -> None:
         """Compute q, k, v with `hook(x)` (None: the three projections one by one)."""
         self.fused_qkv = hook
+
+    def use_fused_o(self, hook: Callable | None) -> None:
+        """Compute the output projection with `hook(x)` (None: o_proj)."""
+        self.fused_o = hook
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
@@ -157,7 +163,8 @@ class Attention(nn.Module):
             out = attention(q, k, v, scale=self.scale, sliding_window=self.sliding_window,
                             key_padding_mask=a.key_padding_mask, documents=a.documents,
                             softcap=self.spec.attn_softcap, memo=a.memo, sinks=self.sinks)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.fused_o(out) if self.fused_o is not None else self.o_proj(out)
 
 
 class GatedMLP(nn.Module):
