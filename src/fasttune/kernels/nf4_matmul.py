@@ -59,21 +59,22 @@ FALLBACKS = Fallbacks("NF4 matmul", log)
 # kernel removes. A guess at the crossover, not a measurement: the bench's M=64 rows say whether to move it.
 MAX_ROWS = 64
 
-SUB = 64  # columns per sub-block: the kernel's unit along K (two 32-wide MMAs)
+SUB = 64  # columns per sub-block: one scale per row; the aligned kernels' unit along K
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @dataclass(frozen=True)
 class NF4MatmulConfig:
-    """Launch shape: `block_n` rows of W per program, `split` programs along K per row tile, `subs_per_iter`
-    64-column sub-blocks per loop iteration (loads in flight), Triton's num_warps / num_stages, and `use_dot`:
-    tensor-core MMAs (x padded to 16 rows) or, for one row of x only, FMAs on the CUDA cores (no padding, no
-    shuffle of the weight tile into an MMA layout); None: FMAs for M = 1, MMAs otherwise."""
-    block_n: int = 64
+    """Launch shape: `block_n` rows of W per program, `block_k` columns per loop iteration (a power of two >= 64),
+    `split` programs along K per row tile (the MMA kernel only; partial sums + a reduction kernel), Triton's
+    num_warps / num_stages, and `use_dot`: the MMA kernel (x padded to 16 rows) or, for one row of x only, the
+    GEMV kernel (FMAs on the CUDA cores); None: GEMV for M = 1, MMA otherwise. num_stages stays 1 by default: a
+    software-pipelined loop turns every table lookup into its own 4-byte cp.async (the old kernel's M = 8 time)."""
+    block_n: int = 16
+    block_k: int = 256
     split: int = 1
-    subs_per_iter: int = 4
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1
     use_dot: bool | None = None
 
 
@@ -83,19 +84,43 @@ def _multiprocessors(device: torch.device) -> int:
     return 4
 
 
+def _fit_k(target: int, K: int) -> int:
+    """A power-of-two chunk of columns near `target` (>= 64): one that divides K when one within 4x of target does
+    (no masked tail chunk), never much longer than K itself."""
+    target = max(SUB, min(target, triton.next_power_of_2(K)))
+    bk = target
+    while bk >= max(SUB, target // 4):
+        if K % bk == 0:
+            return bk
+        bk //= 2
+    return target
+
+
 def default_config(M: int, N: int, K: int, device: torch.device) -> NF4MatmulConfig:
-    """The launch shape chosen for an (M, K) x (N, K)^T product (a heuristic, not yet tuned on hardware: the bench
-    sweeps alternatives). Enough programs to cover every SM twice, from row tiles first, then split-K; larger row
-    tiles for more rows of x (each program reads its whole K range of x from L2: x bytes per weight byte read are
-    4 M / block_n in bf16)."""
-    block_n = 64 if M <= 16 else 128
+    """The launch shape for an (M, K) x (N, K)^T product: a table by (M bucket, N), reasoned for an H200 (132 SMs,
+    ~4.2 TB/s) and not yet tuned on it (`python bench/kernels_ce_nf4.py --only nf4-matmul --sweep` times the
+    alternatives).
+    GEMV (M = 1): 4096 weights per program and iteration (32 per thread at 4 warps: 4 words, 4 registers of
+    prefetch, 32 of partial sums), as many row tiles as keep >= 3 programs per SM in flight (reading W is the whole
+    cost, and each program has only its one prefetched chunk outstanding): block_n 16 for N >= 6336, 8 for
+    N >= 3168 (q/o: 512 programs), smaller for k/v.
+    MMA (M >= 2): 8192 weights per iteration (64 per thread), block_n 32 for M <= 16 (x's tile is re-read from L1
+    by every row tile: 16 rows of x per 32 of W), 64 above; split-K until the grid covers the SMs twice, each split
+    at least 4 chunks long."""
+    sms = _multiprocessors(device)
+    if M == 1:
+        block_n = 1
+        for bn in (16, 8, 4, 2):
+            if triton.cdiv(N, bn) >= 3 * sms:
+                block_n = bn
+                break
+        return NF4MatmulConfig(block_n=block_n, block_k=_fit_k(4096 // block_n, K))
+    block_n = 32 if M <= 16 else 64
+    block_k = _fit_k(8192 // block_n, K)
     tiles = triton.cdiv(N, block_n)
-    target = 2 * _multiprocessors(device)
-    subs = triton.cdiv(K, SUB)
-    nb = min(4, subs)  # a sub-block past K is masked, yet computed (and the interpreter computes it too)
-    # each split at least two loop iterations; each split adds 8 M bytes of partial sums per weight row (L2 traffic)
-    split = max(1, min(triton.cdiv(target, tiles), subs // (2 * nb)))
-    return NF4MatmulConfig(block_n=block_n, split=split, subs_per_iter=nb)
+    chunks = triton.cdiv(K, block_k)
+    split = max(1, min(triton.cdiv(2 * sms, tiles), chunks // 4))
+    return NF4MatmulConfig(block_n=block_n, block_k=block_k, split=split)
 
 
 if triton is not None:
@@ -111,6 +136,70 @@ if triton is not None:
         elif DT == 2:
             v = v.to(tl.float16).to(tl.float32)
         return v
+
+    @triton.jit
+    def _round_bf16_pairs(v):
+        """float32 v rounded to bf16 (nearest even), kept as float32, on the GPU: one cvt.rn.bf16x2 per two values
+        and a shift / mask to widen each back (Triton's cast takes one F2F plus one widening per value)."""
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $3, $2; shl.b32 $0, t, 16; and.b32 $1, t, 0xffff0000; }",
+            "=r,=r,r,r", [v], dtype=tl.float32, is_pure=True, pack=2)
+
+    @triton.jit
+    def _nibble(words, SHIFT: tl.constexpr, nf4_ptr, lo, hi, UPCAST: tl.constexpr):
+        """NF4[code] for the 4-bit code at bits SHIFT..SHIFT+3 of each int32 word, in the words' own layout.
+        On the GPU one inline-asm load per value: rotate the code to bits 2..5 (byte offset 4 code), OR it into the
+        low word of the 64-byte aligned table's address, load through the read-only path. A plain tl.load of
+        `nf4_ptr + code` here is re-laid-out by Triton's coalescing pass (a gather has no contiguity: one value per
+        thread, the pointers converted through shared memory every iteration) and costs a 64-bit address add."""
+        if UPCAST:
+            return tl.load(nf4_ptr + ((words >> SHIFT) & 15))
+        else:
+            rot = tl.zeros_like(words) + ((SHIFT + 30) % 32)  # rotate right by SHIFT - 2 (mod 32)
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; .reg .b64 a; shf.r.wrap.b32 t, $1, $1, $4; lop3.b32 t, t, 60, $2, 0xea; "
+                "mov.b64 a, {t, $3}; ld.global.nc.f32 $0, [a]; }",
+                "=r,r,r,r,r", [words, lo + tl.zeros_like(words), hi + tl.zeros_like(words), rot],
+                dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _nf4_values(words, nf4_ptr, UPCAST: tl.constexpr):
+        """(R, C) int32 words of packed codes -> (R, 8 C) float32 NF4 values in column order: word c holds columns
+        8c..8c+7, byte b (little-endian) columns 8c+2b (high nibble) and 8c+2b+1 (low). Interleaving puts its
+        second operand's selector in the lowest bit of the column, so the three levels of interleaves pair bytes
+        b and b+2, then b0 = b mod 2, then the two nibbles: column 8c + 4 (b // 2) + 2 (b mod 2) + h."""
+        base = nf4_ptr.to(tl.int64, bitcast=True)
+        lo = base.to(tl.int32)  # the table is 64-byte aligned (checked at launch): bits 0..5 of lo are 0
+        hi = (base >> 32).to(tl.int32)
+        a = tl.interleave(_nibble(words, 4, nf4_ptr, lo, hi, UPCAST), _nibble(words, 20, nf4_ptr, lo, hi, UPCAST))
+        b = tl.interleave(_nibble(words, 12, nf4_ptr, lo, hi, UPCAST), _nibble(words, 28, nf4_ptr, lo, hi, UPCAST))
+        c = tl.interleave(_nibble(words, 0, nf4_ptr, lo, hi, UPCAST), _nibble(words, 16, nf4_ptr, lo, hi, UPCAST))
+        d = tl.interleave(_nibble(words, 8, nf4_ptr, lo, hi, UPCAST), _nibble(words, 24, nf4_ptr, lo, hi, UPCAST))
+        return tl.interleave(tl.interleave(a, b), tl.interleave(c, d))
+
+    @triton.jit
+    def _block_scales(absmax_q_ptr, absmax2_ptr, dyn8_ptr, offset, first, k0, k_end, NSUB: tl.constexpr,
+                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr):
+        """a_kb of the module docstring for the NSUB 64-column sub-blocks of a chunk, one per row and sub-block
+        (R, NSUB): `first` (R,) int64 is each row's flat index of column 0, k0 the chunk's first column."""
+        s = tl.arange(0, NSUB)
+        ok = (k0 + s * 64 < k_end)[None, :]
+        blk = (first[:, None] + k0 + s[None, :] * 64) // BLOCKSIZE
+        aq = tl.load(absmax_q_ptr + blk, mask=ok, other=0).to(tl.int32)
+        a2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=ok, other=0.0)
+        return tl.load(dyn8_ptr + aq) * a2 + offset
+
+    @triton.jit
+    def _aligned_chunk(words, absmax_q_ptr, absmax2_ptr, dyn8_ptr, nf4_ptr, offset, first, k0, k_end,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                       BLOCKSIZE2: tl.constexpr, UPCAST: tl.constexpr):
+        """v (BLOCK_N, BLOCK_K) float32 for one chunk of whole 64-column sub-blocks: a table value per weight, one
+        scale per row and sub-block."""
+        NSUB: tl.constexpr = BLOCK_K // 64
+        scale = _block_scales(absmax_q_ptr, absmax2_ptr, dyn8_ptr, offset, first, k0, k_end, NSUB, BLOCKSIZE,
+                              BLOCKSIZE2)
+        v = tl.reshape(_nf4_values(words, nf4_ptr, UPCAST), (BLOCK_N, NSUB, 64))
+        return tl.reshape(v * scale[:, :, None], (BLOCK_N, BLOCK_K))
 
     @triton.jit
     def _nf4_element(flat, ok, packed_ptr, absmax_q_ptr, absmax2_ptr, nf4_ptr, dyn8_ptr, offset,
@@ -131,10 +220,61 @@ if triton is not None:
         if W_DT != 0 and W_DT != X_DT:
             v = _round_to(v, W_DT, UPCAST)
         if AS_F32:  # one return: Triton rejects returns of different dtypes even under a constexpr branch
-            w = _round_to(v, X_DT, UPCAST)
+            if X_DT == 1 and not UPCAST:
+                w = _round_bf16_pairs(v)
+            else:
+                w = _round_to(v, X_DT, UPCAST)
         else:
             w = v.to(x_ty)
         return w
+
+    @triton.jit
+    def _nf4_gemv_kernel(
+        x_ptr, words_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, nf4_ptr, dyn8_ptr, bias_ptr, out_ptr,
+        N, K, K_WORDS, stride_xk,
+        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, W_DT: tl.constexpr, X_DT: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """y (1, N) = x (1, K) W^T + b, aligned layout: FMAs into per-lane float32 partial sums (BLOCK_N, BLOCK_K),
+        reduced across the tile once at the end; the next chunk's words are loaded before this chunk is used."""
+        W8: tl.constexpr = BLOCK_K // 8  # int32 words per row per chunk
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(rn, N - 1).to(tl.int64)  # rows past N re-read row N - 1 (no masks); never stored
+        jw = tl.arange(0, W8)
+        kk = tl.arange(0, BLOCK_K)
+        w_ptrs = words_ptr + rows[:, None] * K_WORDS + jw[None, :]
+        first = rows * K
+        offset = tl.load(offset_ptr)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if EVEN_K:
+            words = tl.load(w_ptrs)
+        else:
+            words = tl.load(w_ptrs, mask=(jw < K_WORDS)[None, :], other=0)
+        xk = tl.load(x_ptr + kk * stride_xk, mask=kk < K, other=0.0)
+        for k0 in range(0, K, BLOCK_K):
+            # the next chunk's words and x, loaded before this chunk is used (registers, not shared memory); the
+            # last chunk prefetches nothing (a bound, not a scalar mask: the interpreter does not broadcast those)
+            if EVEN_K:
+                nxt = tl.load(w_ptrs + W8, mask=(jw < tl.where(k0 + BLOCK_K < K, W8, 0))[None, :], other=0)
+            else:
+                nxt = tl.load(w_ptrs + W8, mask=((k0 + BLOCK_K) // 8 + jw < K_WORDS)[None, :], other=0)
+            x_nxt = tl.load(x_ptr + (k0 + BLOCK_K + kk) * stride_xk, mask=k0 + BLOCK_K + kk < K, other=0.0)
+            v = _aligned_chunk(words, absmax_q_ptr, absmax2_ptr, dyn8_ptr, nf4_ptr, offset, first, k0, K,
+                               BLOCK_N, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, UPCAST)
+            # masked columns: code 0 times a scale of `offset` (finite) meets x = 0, an exact zero
+            w = _operand(v, W_DT, X_DT, x_ptr.dtype.element_ty, True, UPCAST)
+            acc = tl.fma(w, xk.to(tl.float32)[None, :], acc)  # an explicit FMA: one rounding per add
+            words = nxt
+            xk = x_nxt
+            w_ptrs += W8
+        y = tl.sum(acc, axis=1)
+        n_ok = rn < N
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if UPCAST:
+            y = _round_to(y, X_DT, UPCAST)
+        tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _store_y(acc, bias_ptr, out_ptr, rn, rm, n_ok, m_ok, stride_om, HAS_BIAS: tl.constexpr, X_DT: tl.constexpr,
@@ -148,79 +288,66 @@ if triton is not None:
                  mask=n_ok[:, None] & m_ok[None, :])
 
     @triton.jit
-    def _nf4_matmul_kernel(
-        x_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, nf4_ptr, dyn8_ptr, bias_ptr, out_ptr,
-        M, N, K, stride_xm, stride_xk,
+    def _nf4_mm_kernel(
+        x_ptr, words_ptr, packed_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, nf4_ptr, dyn8_ptr, bias_ptr, out_ptr,
+        M, N, K, K_WORDS, stride_xm, stride_xk,
         stride_os,  # partial sums (PARTIAL): stride between the SPLIT slices of the (SPLIT, M, N) workspace
         stride_om,  # row stride of y or of a workspace slice (unit stride along N)
-        subs_per_split,
+        k_per_split,  # columns per split: a multiple of BLOCK_K
         BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        NB: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-        W_DT: tl.constexpr, X_DT: tl.constexpr, UPCAST: tl.constexpr, USE_DOT: tl.constexpr,
+        BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+        PARTIAL: tl.constexpr, W_DT: tl.constexpr, X_DT: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        HALF: tl.constexpr = 32  # bytes of one row of a 64-column sub-block
+        """acc (BLOCK_N, BLOCK_M) = W_tile x^T over one K range, on the tensor cores: W's rows are the MMA's large
+        side, x's few rows (padded to 16; padding rows masked, never read) the small one."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(rn, N - 1).to(tl.int64)
         rm = tl.arange(0, BLOCK_M)
-        j = tl.arange(0, HALF)
-        n_ok = rn < N
+        kk = tl.arange(0, BLOCK_K)
         m_ok = rm < M
-        row = rn * K  # flat index of each row's first weight
+        k_begin = pid_k * k_per_split
+        k_end = tl.minimum(k_begin + k_per_split, K)
+        first = rows * K
         offset = tl.load(offset_ptr)
-        s_begin = pid_k * subs_per_split
-        s_end = tl.minimum(s_begin + subs_per_split, tl.cdiv(K, 64))
         x_ty = x_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        acc_fma = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)  # not USE_DOT (M = 1): per-lane partial sums
-        for s0 in range(s_begin, s_end, NB):
-            for b in tl.static_range(NB):
-                s = s0 + b
-                # past the split's end (the last iteration's tail): every mask empty (bounds, not a scalar `&`,
-                # which the interpreter does not broadcast)
-                k_lim = tl.where(s < s_end, K, 0)
-                n_lim = tl.where(s < s_end, N, 0)
-                k_even = s.to(tl.int64) * 64 + 2 * j  # (HALF,) the sub-block's even columns
-                if USE_DOT:
-                    xe_ok = m_ok[None, :] & (k_even[:, None] < k_lim)
-                    xo_ok = m_ok[None, :] & (k_even[:, None] + 1 < k_lim)
-                    x_ptrs = x_ptr + rm[None, :] * stride_xm + k_even[:, None] * stride_xk  # (HALF, BLOCK_M)
-                else:  # the one row of x
-                    xe_ok = k_even < k_lim
-                    xo_ok = k_even + 1 < k_lim
-                    x_ptrs = x_ptr + k_even * stride_xk  # (HALF,)
-                xe = tl.load(x_ptrs, mask=xe_ok, other=0.0)
-                xo = tl.load(x_ptrs + stride_xk, mask=xo_ok, other=0.0)
-                if ALIGNED:
-                    first = row + s * 64  # (BLOCK_N,) flat index of the sub-block in each row: a multiple of 64
-                    ok = rn < n_lim
-                    blk = first // BLOCKSIZE
-                    aq = tl.load(absmax_q_ptr + blk, mask=ok, other=0).to(tl.int32)
-                    a2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=ok, other=0.0)
-                    scale = tl.load(dyn8_ptr + aq) * a2 + offset
-                    byte = tl.load(packed_ptr + first[:, None] // 2 + j[None, :], mask=ok[:, None], other=0)
-                    ve = tl.load(nf4_ptr + (byte >> 4).to(tl.int32)) * scale[:, None]
-                    vo = tl.load(nf4_ptr + (byte & 0xF).to(tl.int32)) * scale[:, None]
+        W8: tl.constexpr = BLOCK_K // 8
+        jw = tl.arange(0, W8)
+        w_ptrs = words_ptr + rows[:, None] * K_WORDS + (k_begin // 8 + jw)[None, :]
+        if ALIGNED:
+            if EVEN_K:
+                words = tl.load(w_ptrs)
+            else:
+                words = tl.load(w_ptrs, mask=(k_begin // 8 + jw < K_WORDS)[None, :], other=0)
+        x_ptrs = x_ptr + rm[None, :] * stride_xm + (k_begin + kk)[:, None] * stride_xk  # (BLOCK_K, BLOCK_M)
+        xt = tl.load(x_ptrs, mask=m_ok[None, :] & (k_begin + kk < k_end)[:, None], other=0.0)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k = k0 + kk
+            # the next chunk's x (and words, below) loaded before this chunk is used
+            x_ptrs += BLOCK_K * stride_xk
+            x_nxt = tl.load(x_ptrs, mask=m_ok[None, :] & (k + BLOCK_K < k_end)[:, None], other=0.0)
+            if ALIGNED:
+                if EVEN_K:
+                    nxt = tl.load(w_ptrs + W8, mask=(jw < tl.where(k0 + BLOCK_K < k_end, W8, 0))[None, :], other=0)
                 else:
-                    flat = row[:, None] + k_even[None, :]  # (BLOCK_N, HALF)
-                    ve = _nf4_element(flat, n_ok[:, None] & (k_even[None, :] < k_lim), packed_ptr, absmax_q_ptr,
-                                      absmax2_ptr, nf4_ptr, dyn8_ptr, offset, BLOCKSIZE, BLOCKSIZE2)
-                    vo = _nf4_element(flat + 1, n_ok[:, None] & (k_even[None, :] + 1 < k_lim), packed_ptr,
-                                      absmax_q_ptr, absmax2_ptr, nf4_ptr, dyn8_ptr, offset, BLOCKSIZE, BLOCKSIZE2)
-                # masked weights are finite (code 0 times a scale of `offset`) and meet x = 0: they add exact zeros
-                we = _operand(ve, W_DT, X_DT, x_ty, UPCAST or not USE_DOT, UPCAST)
-                wo = _operand(vo, W_DT, X_DT, x_ty, UPCAST or not USE_DOT, UPCAST)
-                if USE_DOT:
-                    if UPCAST:
-                        xe = xe.to(tl.float32)
-                        xo = xo.to(tl.float32)
-                    acc = tl.dot(we, xe, acc, input_precision="ieee")
-                    acc = tl.dot(wo, xo, acc, input_precision="ieee")
-                else:  # an explicit FMA: exact products of 16-bit values, one rounding per add
-                    acc_fma = tl.fma(we, xe.to(tl.float32)[None, :], acc_fma)
-                    acc_fma = tl.fma(wo, xo.to(tl.float32)[None, :], acc_fma)
-        if not USE_DOT:
-            acc = tl.sum(acc_fma, axis=1)[:, None]  # (BLOCK_N, 1): BLOCK_M is 1 on this path
+                    nxt = tl.load(w_ptrs + W8, mask=((k0 + BLOCK_K) // 8 + jw < k_end // 8)[None, :], other=0)
+                v = _aligned_chunk(words, absmax_q_ptr, absmax2_ptr, dyn8_ptr, nf4_ptr, offset, first, k0, k_end,
+                                   BLOCK_N, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, UPCAST)
+                words = nxt
+                w_ptrs += W8
+            else:
+                v = _nf4_element(first[:, None] + k[None, :], (k < k_end)[None, :], packed_ptr, absmax_q_ptr,
+                                 absmax2_ptr, nf4_ptr, dyn8_ptr, offset, BLOCKSIZE, BLOCKSIZE2)
+            # masked weights are finite (code 0 times a scale of `offset`) and meet x = 0: they add exact zeros
+            w = _operand(v, W_DT, X_DT, x_ty, UPCAST, UPCAST)
+            if UPCAST:
+                acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, xt, acc, input_precision="ieee")
+            xt = x_nxt
+        n_ok = rn < N
         if PARTIAL:
             part = out_ptr + pid_k.to(tl.int64) * stride_os
             tl.store(part + rm[None, :] * stride_om + rn[:, None], acc, mask=n_ok[:, None] & m_ok[None, :])
@@ -267,9 +394,16 @@ def nf4_matmul_reference(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | Non
     return torch.addmm(bias.to(x.dtype), x, w.t())
 
 
+def _aligned(q: NF4Tensor, K: int) -> bool:
+    """Whether W takes the aligned layout: rows of whole 64-column sub-blocks inside quantisation blocks (K and
+    the block size multiples of 64: every real model) and packed bytes readable as int32 words."""
+    return (K % SUB == 0 and q.blocksize % SUB == 0 and q.packed.is_contiguous()
+            and q.packed.storage_offset() % 4 == 0)
+
+
 def nf4_matmul_triton(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None,
                       config: NF4MatmulConfig | None = None) -> torch.Tensor:
-    """x (M, K) W^T + b through the fused kernel (module docstring); `config` overrides the launch shape (bench,
+    """x (M, K) W^T + b through the fused kernels (module docstring); `config` overrides the launch shape (bench,
     tests). No host sync, no shape-dependent allocation beyond y and the split-K workspace: graph-capturable."""
     if triton is None:
         raise RuntimeError("nf4_matmul_triton needs Triton; use nf4_matmul_reference")
@@ -282,33 +416,49 @@ def nf4_matmul_triton(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None =
     if M == 0:
         return out
     cfg = config or default_config(M, N, K, x.device)
-    subs = triton.cdiv(K, SUB)
-    per = triton.cdiv(subs, max(1, cfg.split))
-    split = triton.cdiv(subs, per)  # no empty K ranges
+    if cfg.block_k < SUB or cfg.block_k & (cfg.block_k - 1) or cfg.block_n & (cfg.block_n - 1):
+        raise ValueError(f"nf4_matmul: block_k must be a power of two >= {SUB} and block_n a power of two: {cfg}")
     use_dot = M > 1 if cfg.use_dot is None else cfg.use_dot
     if not use_dot and M != 1:
-        raise ValueError(f"nf4_matmul: the FMA path (use_dot=False) takes one row of x, got {M}")
-    block_m = max(16, triton.next_power_of_2(M)) if use_dot else 1
+        raise ValueError(f"nf4_matmul: the GEMV kernel (use_dot=False) takes one row of x, got {M}")
+    aligned = _aligned(q, K)
     nf4, dyn8 = _tables(q.device)
+    upcast = not x.is_cuda
+    if not upcast and nf4.data_ptr() % 64:
+        raise RuntimeError("nf4_matmul: the NF4 table must be 64-byte aligned (its lookup ORs the code into the "
+                           "address)")
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)  # addmm's rounding of b (the reference's bias.to(x.dtype))
-    upcast = not x.is_cuda
-    consts = dict(HAS_BIAS=bias is not None, X_DT=_DTYPE_CODE[x.dtype], UPCAST=upcast)
+    # the packed bytes as int32 words: 8 codes per load lane, 16 B vectors along a row
+    words = q.packed.view(-1).view(torch.int32) if aligned else q.packed
+    common = dict(BLOCKSIZE=q.blocksize, BLOCKSIZE2=q.blocksize2, HAS_BIAS=bias is not None,
+                  W_DT=_DTYPE_CODE.get(q.dtype, 0), X_DT=_DTYPE_CODE[x.dtype], UPCAST=upcast,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  enable_fp_fusion=False)  # (code * absmax2) + offset and the bias add: separate roundings
+    if not use_dot and aligned:
+        _nf4_gemv_kernel[(triton.cdiv(N, cfg.block_n),)](
+            x, words, q.absmax_q, q.absmax2, q.offset, nf4, dyn8, out if bias is None else bias, out,
+            N, K, K // 8, x.stride(1),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0, **common)
+        return out
+    # the MMA kernel (also one row of x in the unaligned layout: the GEMV kernel reads whole sub-blocks)
+    block_m = max(16, triton.next_power_of_2(M))
+    chunks = triton.cdiv(K, cfg.block_k)
+    per = triton.cdiv(chunks, max(1, cfg.split))
+    split = triton.cdiv(chunks, per)  # no empty K ranges
     target = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-    _nf4_matmul_kernel[(triton.cdiv(N, cfg.block_n), split)](
-        x, q.packed, q.absmax_q, q.absmax2, q.offset, nf4, dyn8, out if bias is None else bias, target,
-        M, N, K, x.stride(0), x.stride(1), target.stride(0) if split > 1 else 0, target.stride(-2), per,
-        BLOCKSIZE=q.blocksize, BLOCKSIZE2=q.blocksize2, BLOCK_M=block_m, BLOCK_N=cfg.block_n, NB=cfg.subs_per_iter,
-        ALIGNED=K % SUB == 0 and q.blocksize % SUB == 0, PARTIAL=split > 1, W_DT=_DTYPE_CODE.get(q.dtype, 0),
-        USE_DOT=use_dot,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=False,  # (code * absmax2) + offset and the bias add: separate roundings, as the reference
-        **consts)
+    _nf4_mm_kernel[(triton.cdiv(N, cfg.block_n), split)](
+        x, words, q.packed, q.absmax_q, q.absmax2, q.offset, nf4, dyn8, out if bias is None else bias, target,
+        M, N, K, K // 8, x.stride(0), x.stride(1), target.stride(0) if split > 1 else 0, target.stride(-2),
+        per * cfg.block_k,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGNED=aligned, EVEN_K=K % cfg.block_k == 0,
+        PARTIAL=split > 1, **common)
     if split > 1:
         block_n = max(16, min(128, 4096 // block_m))
         _splitk_reduce_kernel[(triton.cdiv(N, block_n),)](
             target, out if bias is None else bias, out, M, N, split, target.stride(0), target.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **consts)
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, HAS_BIAS=bias is not None, X_DT=_DTYPE_CODE[x.dtype],
+            UPCAST=upcast)
     return out
 
 
