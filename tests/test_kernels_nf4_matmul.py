@@ -1,7 +1,8 @@
 """The fused NF4 matmul (kernels/nf4_matmul.py) for few rows: its weights are the dequantised ones bit for bit
 (one-hot rows of x read W's columns back), y against a float64 dequantise-then-matmul within a stated bound, both
-launch layouts (aligned / per-element, split-K or not), the dispatch in the LoRA kernels and NF4Linear (forward and
-backward), and at 8B sizes on the GPU (bound, bit-exact weights, CUDA-graph capture, no host sync, speed).
+kernels (GEMV for one row, MMA) in both layouts (aligned / per-element), split-K or not, masked tail chunks, the
+dispatch in the LoRA kernels and NF4Linear (forward and backward), and at 8B sizes on the GPU (bound, bit-exact
+weights, CUDA-graph capture, no host sync, speed).
 
 Tolerance (every test against float64): with W64 = dense_weight(W, x.dtype) in float64 (the exact weights the
 kernel must use), b64 = b rounded to x's dtype, y64 = x W64^T + b64 in float64,
@@ -31,7 +32,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 TINY = {torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24, torch.float32: 2.0**-149}
 # (N, K): odd everything and blocks straddling rows (per-element layout); K not a multiple of 64 (per-element);
-# aligned with K/64 = 5 sub-blocks (a loop tail); aligned with N odd
+# aligned with K/64 = 5 sub-blocks (a masked tail chunk); aligned with N odd (row tiles past N)
 SHAPES = [(33, 37), (70, 200), (96, 320), (129, 192)]
 
 
@@ -74,7 +75,7 @@ def poisoned(monkeypatch):
 # ---- the kernel ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("M", [1, 3, 8, 17])
+@pytest.mark.parametrize("M", [1, 3, 8, 17, 64])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_against_float64(poisoned, shape, M, dtype):
     N, K = shape
@@ -85,16 +86,18 @@ def test_kernel_against_float64(poisoned, shape, M, dtype):
 
 
 @pytest.mark.parametrize("shape", [(70, 200), (96, 320), (129, 192)])
-@pytest.mark.parametrize("config", [nm.NF4MatmulConfig(block_n=16, split=3, subs_per_iter=2),
-                                    nm.NF4MatmulConfig(block_n=32, split=1, subs_per_iter=1),
-                                    nm.NF4MatmulConfig(block_n=64, split=64, subs_per_iter=4),
-                                    nm.NF4MatmulConfig(block_n=32, split=2, subs_per_iter=2, use_dot=False),
-                                    nm.NF4MatmulConfig(block_n=16, split=1, subs_per_iter=4, use_dot=True)],
-                         ids=["split3", "nosplit", "split-all", "fma-split2", "dot-one-row"])
+@pytest.mark.parametrize("config", [nm.NF4MatmulConfig(block_n=16, block_k=64, split=3),
+                                    nm.NF4MatmulConfig(block_n=32, block_k=128),
+                                    nm.NF4MatmulConfig(block_n=64, block_k=64, split=64),
+                                    nm.NF4MatmulConfig(block_n=4, block_k=256, num_warps=4, use_dot=False),
+                                    nm.NF4MatmulConfig(block_n=2, block_k=128, num_warps=1, use_dot=False),
+                                    nm.NF4MatmulConfig(block_n=16, block_k=64, use_dot=True)],
+                         ids=["split3", "nosplit", "split-all", "gemv-tail", "gemv-narrow", "dot-one-row"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_launch_shapes(poisoned, shape, config, bias):
-    """Split-K (the workspace and its reduction, empty K ranges dropped), row tiles wider than N or narrower, and
-    one row of x through the FMA path and through the MMA path."""
+    """Split-K (the workspace and its reduction, empty K ranges dropped), row tiles wider than N or narrower, chunks
+    that end past K (320 = 256 + 64: a masked tail; 192 in 128s), and one row of x through the GEMV kernel (the
+    unaligned K = 200 takes the MMA kernel) and through the MMA one."""
     N, K = shape
     q = nf4.quantize_nf4(weight(shape, seed=2))
     x = rows(1 if config.use_dot is not None else 5, K, torch.bfloat16, seed=3)
@@ -115,9 +118,9 @@ def test_weights_are_the_dequantised_ones_bit_for_bit(shape, x_dtype, w_dtype):
     x = torch.zeros(len(cols), K, dtype=x_dtype, device=DEVICE)
     x[torch.arange(len(cols)), cols.to(DEVICE)] = 1
     expected = dense_weight(q, x_dtype)[:, cols.to(DEVICE)].t()
-    for config in (None, nm.NF4MatmulConfig(block_n=16, split=2, subs_per_iter=1)):
+    for config in (None, nm.NF4MatmulConfig(block_n=16, block_k=64, split=2)):
         assert torch.equal(nm.nf4_matmul_triton(x, q, config=config), expected)
-    for i in (0, len(cols) - 1):  # one row: the FMA path
+    for i in (0, len(cols) - 1):  # one row: the GEMV kernel (aligned) or the MMA one
         assert torch.equal(nm.nf4_matmul_triton(x[i:i + 1], q), expected[i:i + 1])
 
 
@@ -139,18 +142,34 @@ def test_bad_arguments():
         nm.nf4_matmul_triton(rows(2, 64, torch.bfloat16), q, torch.zeros(7, device=DEVICE))
     with pytest.raises(ValueError, match="one row"):
         nm.nf4_matmul_triton(rows(2, 64, torch.bfloat16), q, config=nm.NF4MatmulConfig(use_dot=False))
+    with pytest.raises(ValueError, match="power of two"):
+        nm.nf4_matmul_triton(rows(2, 64, torch.bfloat16), q, config=nm.NF4MatmulConfig(block_k=96))
+    with pytest.raises(ValueError, match="8-value word"):
+        nm.nf4_matmul_triton(rows(1, 64, torch.bfloat16), q, config=nm.NF4MatmulConfig(block_n=1, block_k=64))
+    with pytest.raises(ValueError, match="block_n >= 16"):
+        nm.nf4_matmul_triton(rows(2, 64, torch.bfloat16), q, config=nm.NF4MatmulConfig(block_n=8))
 
 
 def test_default_config_covers_the_device():
-    """Enough programs for every SM (row tiles, then split-K), splits of at least two loop iterations."""
+    """GEMV (one row): >= 3 programs per SM where the rows allow, every lane at least one 8-value word, chunks that
+    divide K at the 8B shapes; MMA: enough programs for every SM twice (row tiles, then split-K), splits of at least
+    4 chunks, one chunk for a K shorter than it."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sms = nm._multiprocessors(dev)
-    for M, N, K in [(1, 4096, 4096), (8, 1024, 4096), (64, 4096, 14336), (1, 14336, 4096), (3, 33, 37)]:
+    for N, K in [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096), (3, 64)]:
+        cfg = nm.default_config(1, N, K, dev)
+        assert cfg.use_dot is None and cfg.split == 1, cfg
+        assert cfg.block_n * cfg.block_k >= nm._WORDS_PER_WARP * cfg.num_warps, cfg
+        assert K % cfg.block_k == 0, (K, cfg)
+        if N >= 1024:
+            assert triton.cdiv(N, cfg.block_n) >= min(3 * sms, N), (N, K, cfg)
+    for M, N, K in [(8, 1024, 4096), (8, 4096, 4096), (64, 4096, 14336), (2, 14336, 4096), (3, 33, 37)]:
         cfg = nm.default_config(M, N, K, dev)
-        subs = triton.cdiv(K, nm.SUB)
-        assert cfg.split == 1 or subs // cfg.split >= 2 * cfg.subs_per_iter, (M, N, K, cfg)
+        chunks = triton.cdiv(K, cfg.block_k)
+        assert cfg.block_n >= 16 and (cfg.split == 1 or chunks // cfg.split >= 4), (M, N, K, cfg)
         programs = triton.cdiv(N, cfg.block_n) * cfg.split
-        assert programs >= min(2 * sms, triton.cdiv(N, cfg.block_n) * max(1, subs // (2 * cfg.subs_per_iter))), cfg
+        assert programs >= min(2 * sms, triton.cdiv(N, cfg.block_n) * max(1, chunks // 4)), (M, N, K, cfg)
+    assert nm.default_config(1, 33, 37, dev, gemv=False).block_n >= 16
 
 
 # ---- dispatch -----------------------------------------------------------------------------------------------------
@@ -260,7 +279,10 @@ def test_gpu_weights_bit_for_bit(shape):
     cols = torch.randperm(shape[1], generator=generator("nf4mm-gpu-cols", shape))[:64].cuda()
     x = torch.zeros(64, shape[1], dtype=torch.bfloat16, device="cuda")
     x[torch.arange(64, device="cuda"), cols] = 1
-    assert torch.equal(nm.nf4_matmul_triton(x, q), dense_weight(q, torch.bfloat16)[:, cols].t())
+    expected = dense_weight(q, torch.bfloat16)[:, cols].t()
+    assert torch.equal(nm.nf4_matmul_triton(x, q), expected)  # the MMA kernel
+    for i in range(0, 64, 9):  # the GEMV kernel: its inline-asm table lookup and paired bf16 rounding
+        assert torch.equal(nm.nf4_matmul_triton(x[i:i + 1], q), expected[i:i + 1])
 
 
 @pytest.mark.gpu

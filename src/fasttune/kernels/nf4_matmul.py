@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -61,6 +61,9 @@ MAX_ROWS = 64
 
 SUB = 64  # columns per sub-block: one scale per row; the aligned kernels' unit along K
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The GEMV tile must give every thread at least one whole int32 word (8 values): the unpacking keeps a word's
+# values in its thread and the paired bf16 rounding takes them two at a time. Weights per warp at one word a lane:
+_WORDS_PER_WARP = 8 * 32
 
 
 @dataclass(frozen=True)
@@ -96,27 +99,31 @@ def _fit_k(target: int, K: int) -> int:
     return target
 
 
-def default_config(M: int, N: int, K: int, device: torch.device) -> NF4MatmulConfig:
+def default_config(M: int, N: int, K: int, device: torch.device, gemv: bool = True) -> NF4MatmulConfig:
     """The launch shape for an (M, K) x (N, K)^T product: a table by (M bucket, N), reasoned for an H200 (132 SMs,
     ~4.2 TB/s) and not yet tuned on it (`python bench/kernels_ce_nf4.py --only nf4-matmul --sweep` times the
     alternatives).
     GEMV (M = 1): 4096 weights per program and iteration (32 per thread at 4 warps: 4 words, 4 registers of
-    prefetch, 32 of partial sums), as many row tiles as keep >= 3 programs per SM in flight (reading W is the whole
-    cost, and each program has only its one prefetched chunk outstanding): block_n 16 for N >= 6336, 8 for
-    N >= 3168 (q/o: 512 programs), smaller for k/v.
-    MMA (M >= 2): 8192 weights per iteration (64 per thread), block_n 32 for M <= 16 (x's tile is re-read from L1
-    by every row tile: 16 rows of x per 32 of W), 64 above; split-K until the grid covers the SMs twice, each split
-    at least 4 chunks long."""
+    prefetch, 32 of partial sums), as many row tiles as keep >= 3 programs per SM (reading W is the whole cost, and
+    each program has only its one prefetched chunk outstanding): block_n 16 for N >= 6336, 8 for N >= 3168 (q/o:
+    512 programs), smaller for k/v; fewer warps when the whole product is smaller than one such tile.
+    MMA, M = 2..16: block_n 32 x block_k 128 at 4 warps (mma.sync: the wgmma a 64-row tile would get fences
+    every iteration that wait for the prefetched loads); M = 17..64: block_n 64 (x's tile, re-read from L1/L2 by
+    every row tile, is M / block_n bytes per weight byte). Split-K until the grid covers the SMs twice, each split
+    at least 4 chunks long. `gemv=False`: the MMA shape for one row too (the unaligned layout)."""
     sms = _multiprocessors(device)
-    if M == 1:
+    if M == 1 and gemv:
         block_n = 1
         for bn in (16, 8, 4, 2):
             if triton.cdiv(N, bn) >= 3 * sms:
                 block_n = bn
                 break
-        return NF4MatmulConfig(block_n=block_n, block_k=_fit_k(4096 // block_n, K))
+        block_k = _fit_k(4096 // block_n, K)
+        block_n = max(block_n, _WORDS_PER_WARP // block_k)  # a tiny K: rows enough for one word a lane
+        return NF4MatmulConfig(block_n=block_n, block_k=block_k,
+                               num_warps=max(1, min(4, block_n * block_k // _WORDS_PER_WARP)))
     block_n = 32 if M <= 16 else 64
-    block_k = _fit_k(8192 // block_n, K)
+    block_k = _fit_k(128, K)
     tiles = triton.cdiv(N, block_n)
     chunks = triton.cdiv(K, block_k)
     split = max(1, min(triton.cdiv(2 * sms, tiles), chunks // 4))
@@ -415,13 +422,21 @@ def nf4_matmul_triton(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None =
     out = alloc((M, N), x.dtype, x.device)
     if M == 0:
         return out
-    cfg = config or default_config(M, N, K, x.device)
+    aligned = _aligned(q, K)
+    cfg = config or default_config(M, N, K, x.device, gemv=aligned)
     if cfg.block_k < SUB or cfg.block_k & (cfg.block_k - 1) or cfg.block_n & (cfg.block_n - 1):
         raise ValueError(f"nf4_matmul: block_k must be a power of two >= {SUB} and block_n a power of two: {cfg}")
     use_dot = M > 1 if cfg.use_dot is None else cfg.use_dot
     if not use_dot and M != 1:
         raise ValueError(f"nf4_matmul: the GEMV kernel (use_dot=False) takes one row of x, got {M}")
-    aligned = _aligned(q, K)
+    if not use_dot and not aligned:  # the GEMV kernel reads whole 64-column sub-blocks: the MMA kernel instead
+        use_dot = True
+        cfg = replace(cfg, block_n=max(16, cfg.block_n))
+    if not use_dot and cfg.block_n * cfg.block_k < _WORDS_PER_WARP * cfg.num_warps:
+        raise ValueError(f"nf4_matmul: a GEMV tile of {cfg.block_n} x {cfg.block_k} gives some of {cfg.num_warps} "
+                         f"warps' lanes less than one 8-value word: {cfg}")
+    if use_dot and cfg.block_n < 16:
+        raise ValueError(f"nf4_matmul: the MMA kernel needs block_n >= 16 (tl.dot's smallest tile): {cfg}")
     nf4, dyn8 = _tables(q.device)
     upcast = not x.is_cuda
     if not upcast and nf4.data_ptr() % 64:
@@ -435,13 +450,13 @@ def nf4_matmul_triton(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None =
                   W_DT=_DTYPE_CODE.get(q.dtype, 0), X_DT=_DTYPE_CODE[x.dtype], UPCAST=upcast,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   enable_fp_fusion=False)  # (code * absmax2) + offset and the bias add: separate roundings
-    if not use_dot and aligned:
+    if not use_dot:
         _nf4_gemv_kernel[(triton.cdiv(N, cfg.block_n),)](
             x, words, q.absmax_q, q.absmax2, q.offset, nf4, dyn8, out if bias is None else bias, out,
             N, K, K // 8, x.stride(1),
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0, **common)
         return out
-    # the MMA kernel (also one row of x in the unaligned layout: the GEMV kernel reads whole sub-blocks)
+    # the MMA kernel (also one row of x in the unaligned layout)
     block_m = max(16, triton.next_power_of_2(M))
     chunks = triton.cdiv(K, cfg.block_k)
     per = triton.cdiv(chunks, max(1, cfg.split))
