@@ -11,8 +11,9 @@ NF4 matmul rows (y = x W^T at the Llama-3.1-8B projection shapes, M = 1, 8, 64 r
 against dequantise + cuBLAS, each timed as 20 calls replayed from one CUDA graph (as a decode step runs them: no
 launch gaps), ms per call; gbps counts the NF4 weight's bytes only (packed codes + absmax codes + absmax2: what any
 implementation must read), so both impls are on one scale, and ``frac_of_4.8TBps`` compares it with the H200's
-HBM bound. ``--sweep`` adds a row per launch shape tried (kernels/nf4_matmul.NF4MatmulConfig) for tuning
-`default_config`.
+HBM bound. ``--sweep`` adds, at M = 1 and 8, a row per launch shape tried (kernels/nf4_matmul.NF4MatmulConfig:
+a handful per shape, meant to keep the run with its compiles under 40 s on an H200, not yet timed) and ends with one ``SWEEP`` line per
+(shape, M): the best config against the default and dequant + mm, for tuning `default_config`.
 """
 from __future__ import annotations
 
@@ -168,17 +169,17 @@ def _graph_ms(fn, reps: int = 20) -> float:
 
 
 def _sweep_configs(M: int, N: int, K: int) -> list:
-    configs = []
-    subs = (K + nm.SUB - 1) // nm.SUB
-    for block_n in (32, 64, 128):
-        for split in (1, 2, 4, 8):
-            for nb in (2, 4):
-                if split > 1 and subs // split < nb:
-                    continue
-                for warps in (4, 8):
-                    for use_dot in ((False, True) if M == 1 else (True,)):  # M = 1: the FMA path and the MMA one
-                        configs.append(nm.NF4MatmulConfig(block_n, split, nb, warps, 2, use_dot))
-    return configs
+    """A handful of launch shapes per (M, N, K) around the default (kernels/nf4_matmul.default_config's table): the
+    sweep must finish in well under a minute, compiles included (the GEMV / MMA kernels specialise on each)."""
+    C = nm.NF4MatmulConfig
+    if M == 1:  # GEMV: rows per program x columns per iteration (4096 or 8192 weights); the MMA kernel padded
+        configs = [C(block_n=4, block_k=1024), C(block_n=8, block_k=512), C(block_n=16, block_k=256),
+                   C(block_n=8, block_k=1024), C(block_n=32, block_k=128, use_dot=True)]
+    else:  # mma.sync tiles of 32 and 16 rows, a 64-row (wgmma) tile; the default's split
+        split = nm.default_config(M, N, K, torch.device("cuda")).split
+        configs = [C(block_n=32, block_k=128, split=split), C(block_n=16, block_k=256, split=split),
+                   C(block_n=64, block_k=128, split=split)]
+    return [c for c in configs if K % c.block_k == 0]
 
 
 def nf4_matmul_rows(sweep: bool = False) -> list[dict]:
@@ -206,7 +207,7 @@ def nf4_matmul_rows(sweep: bool = False) -> list[dict]:
 
             _case(rows, op, "dequant + mm", lambda: row("dequant + mm", lambda: nm.nf4_matmul_reference(x, q)))
             _case(rows, op, "fused (default config)", fused)
-            if sweep:
+            if sweep and M in (1, 8):  # M = 64: the default only (the sweep's time budget)
                 tried = []
                 for cfg in _sweep_configs(M, N, K):
                     _case(tried, op, "fused sweep", lambda cfg=cfg: fused(cfg, "fused sweep"))
@@ -216,6 +217,21 @@ def nf4_matmul_rows(sweep: bool = False) -> list[dict]:
                 rows += tried
         torch.cuda.empty_cache()
     return rows
+
+
+def _print_sweep_best(rows: list[dict]) -> None:
+    """One line per (shape, M): the default's time, the sweep's best and its config, dequant + mm's time."""
+    by_op: dict[str, dict] = {}
+    for r in rows:
+        if r["op"].startswith("NF4 matmul") and isinstance(r.get("ms"), float):
+            by_op.setdefault(r["op"], {}).setdefault(r["impl"], r)
+    for op, impls in by_op.items():
+        best, default, ref = impls.get("fused (best of sweep)"), impls.get("fused (default config)"), impls.get(
+            "dequant + mm")
+        if best:
+            print(f"SWEEP {op}: best {best['ms'] * 1e3:.1f} us {best['config']} | default "
+                  f"{default['ms'] * 1e3 if default else float('nan'):.1f} us | dequant+mm "
+                  f"{ref['ms'] * 1e3 if ref else float('nan'):.1f} us")
 
 
 def _frac_of_copy(rows: list[dict]) -> None:
@@ -276,8 +292,10 @@ def main() -> None:
         pass
     print(json.dumps(meta))
     for r in rows:
-        fmt = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()}
+        fmt = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()}
         print(" | ".join(f"{k}={v}" for k, v in fmt.items()))
+    if args.sweep:
+        _print_sweep_best(rows)
     out_dir = os.environ.get("OUT")
     if out_dir:
         with open(os.path.join(out_dir, "kernels_ce_nf4.json"), "w") as f:

@@ -12,28 +12,43 @@ So the weights are those of the dequantise-then-matmul path (`nf4_matmul_referen
 path computes), bit for bit; only the order of the float32 sum differs from a cuBLAS GEMM's.
 
 Why: at decode the dequantise-then-matmul path reads the 0.5 B of each packed weight, writes a 2 B bf16 copy and
-reads it again in the GEMM (~4.5 B moved per weight, for 0.5 B of information); this kernel reads the 0.5 B (+ 1/64 B
-of absmax code per weight) once. For few rows a GEMM against W is bound by reading W, so bytes are time.
+reads it again in the GEMM (~4.5 B moved per weight, for 0.5 B of information); these kernels read the 0.5 B
+(+ 1/64 B of absmax code per weight) once. For few rows a GEMM against W is bound by reading W, so bytes are time -
+once the instructions per weight are few enough: an H200 SM issues 128 lane-instructions a cycle, and its share
+of the 4.22 TB/s copy bandwidth (132 SMs at ~1.98 GHz) is ~16 B, ~32 packed weights, a cycle: past ~4
+instructions per weight a kernel is issue-bound, not bandwidth-bound.
 
-Tiling. The MMA is taken transposed, acc (BLOCK_N, BLOCK_M) = W_tile x^T: W's rows are the large side, x's few rows
-the small one (padded to 16, the smallest tl.dot size; the padding rows are masked, never read). A program owns
-BLOCK_N rows of W and one range of K (split-K, see below) and walks it 64 columns (a "sub-block") at a time, NB
-sub-blocks per loop iteration. When K and B are multiples of 64 (every real model: the "aligned" layout) a
-sub-block starts at a flat index that is a multiple of 64 and lies inside one quantisation block, so its scale is
-one value per row: one absmax code, one absmax2 and one DYN8 lookup per row per sub-block. Byte j of the sub-block
-holds columns 2j (high nibble) and 2j+1 (low): rather than interleave the two nibble planes into one tile, x is
-read at the even and at the odd columns and
-    acc += W_even (BLOCK_N, 32) x_even^T (32, BLOCK_M) + W_odd (BLOCK_N, 32) x_odd^T (32, BLOCK_M).
-One row of x (M = 1, batch-1 decode) skips the MMA by default: each lane keeps float32 partial sums of its weights
-times x (FMAs on the CUDA cores, no padding to 16 rows, no reshuffle of the weight tile into an MMA operand
-layout), reduced across the tile once at the end.
+What the first version cost (measured by the lead on an H200, bench/results/2026-12-03n_h200_gpu_tests_2.log,
+tests/test_kernels_nf4_matmul.py::test_gpu_faster_than_dequantise_then_matmul, per call, 20 calls in one graph):
+at M = 8 0.715 ms (W 14336 x 4096) and 0.994 ms (4096 x 14336) against 0.096 / 0.095 ms for dequantise + cuBLAS;
+at M = 1 67.4 / 83.4 us. Why, read from its sm_90 SASS (compiled here, no GPU): the MMA loop was software-pipelined
+(num_stages=2), which turned every per-element NF4 table lookup into its own 4-byte cp.async into shared memory
+(272 LDGSTS per iteration, 77 KB of shared memory, a fence per MMA); the one-row loop spent ~16 instructions per
+weight (64-bit address arithmetic for each lookup, bytes unpacked one by one, x re-read per weight at stride 2).
+
+Layout of the work (the "aligned" layout: K and B multiples of 64, packed bytes 4-byte aligned - every real model):
+a program owns BLOCK_N rows of W and walks K in chunks of BLOCK_K columns (whole 64-column sub-blocks, each inside
+one quantisation block, so one scale per row and sub-block: one absmax code, absmax2 and DYN8 lookup per 64
+weights). The packed bytes are read as int32 words (16 B vectors along a row); word c of a row holds columns
+8c..8c+7, byte b of it (little-endian) columns 8c+2b (high nibble) and 8c+2b+1 (low). Each code's value is looked
+up by one inline-asm load (rotate the nibble to a byte offset, OR it into the 64-byte aligned table address, one
+read-only load: the table is 64 B, one L1 line), the eight values of a word are interleaved back into column order
+in registers, multiplied by their sub-block's scale and rounded (bf16: one cvt.rn.bf16x2 per pair). The next
+chunk's words and x are loaded before the current chunk is used (a register prefetch: no software pipelining, see
+above). num_stages stays 1.
+  GEMV kernel (M = 1): FMAs into per-lane float32 partial sums (BLOCK_N, BLOCK_K), reduced across the tile at the
+  end; 4096 weights per program and iteration. ~8.5-9 SASS instructions per weight in its loop (sm_90, counted
+  from the compiled kernel: lookup 3, scale 1, rounding 1.5, FMA 1, the rest x and scales).
+  MMA kernel (M >= 2, and one row in the unaligned layout): acc (BLOCK_N, BLOCK_M) = W_tile x^T with tl.dot (x's
+  rows padded to 16, padding masked), W's tile rounded to x's dtype; ~11 instructions per weight at block_n 32
+  (mma.sync), ~7 at block_n 64 (wgmma, but with a fence each iteration that may wait on the prefetch: the sweep
+  says which wins). Split-K: a weight with few row tiles is also split along K, each split writing float32
+  partial sums to a (SPLIT, M, N) workspace that a second kernel adds in order, adds b and rounds: no atomics,
+  deterministic.
 Any other layout (K or B not a multiple of 64: odd shapes, tests) takes each element's byte, nibble and scale from
-its own flat index (gathers: slower, the same values).
-Split-K: a weight with few row tiles (k/v projections, large M) is also split along K, SPLIT programs per row tile;
-each writes its float32 partial sum to a (SPLIT, M, N) workspace, and a second kernel adds the SPLIT partials in
-order, adds b and rounds: no atomics, deterministic. SPLIT = 1 writes y directly.
+its own flat index in the MMA kernel (gathers: slower, the same values).
 
-Dispatch (`nf4_matmul_wanted`): the fused kernel for at most `MAX_ROWS` rows where Triton runs (CUDA, or
+Dispatch (`nf4_matmul_wanted`): the fused kernels for at most `MAX_ROWS` rows where Triton runs (CUDA, or
 FASTTUNE_KERNELS=triton); above, one dequantisation amortised over many rows and a cuBLAS GEMM is the better
 plan. Both the forward with and without autograd use it (the backward never depends on how y was computed: it
 dequantises W again for dx). Everything is launched with static shapes and no host sync: CUDA-graph capturable.
