@@ -175,10 +175,10 @@ def _sweep_configs(M: int, N: int, K: int) -> list:
     if M == 1:  # GEMV: rows per program x columns per iteration (4096 or 8192 weights); the MMA kernel padded
         configs = [C(block_n=4, block_k=1024), C(block_n=8, block_k=512), C(block_n=16, block_k=256),
                    C(block_n=8, block_k=1024), C(block_n=32, block_k=128, use_dot=True)]
-    else:  # mma.sync tiles of 32 and 16 rows, a 64-row (wgmma) tile; the default's split
+    else:  # mma.sync tiles of 32 and 16 rows, 64-row (wgmma) tiles; the default's split
         split = nm.default_config(M, N, K, torch.device("cuda")).split
         configs = [C(block_n=32, block_k=128, split=split), C(block_n=16, block_k=256, split=split),
-                   C(block_n=64, block_k=128, split=split)]
+                   C(block_n=64, block_k=64, split=split), C(block_n=64, block_k=128, split=split)]
     return [c for c in configs if K % c.block_k == 0]
 
 

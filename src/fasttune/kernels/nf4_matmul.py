@@ -33,9 +33,9 @@ weights). The packed bytes are read as int32 words (16 B vectors along a row); w
 8c..8c+7, byte b of it (little-endian) columns 8c+2b (high nibble) and 8c+2b+1 (low). Each code's value is looked
 up by one inline-asm load (rotate the nibble to a byte offset, OR it into the 64-byte aligned table address, one
 read-only load: the table is 64 B, one L1 line), the eight values of a word are interleaved back into column order
-in registers, multiplied by their sub-block's scale and rounded (bf16: one cvt.rn.bf16x2 per pair). The next
-chunk's words and x are loaded before the current chunk is used (a register prefetch: no software pipelining, see
-above). num_stages stays 1.
+in registers, multiplied by their sub-block's scale and rounded (bf16: one cvt.rn.bf16x2 per pair). The words of
+the next two chunks and x of the next are loaded before the current chunk is used (a register prefetch: no
+software pipelining, see above; num_stages stays 1).
   GEMV kernel (M = 1): FMAs into per-lane float32 partial sums (BLOCK_N, BLOCK_K), reduced across the tile at the
   end; 4096 weights per program and iteration. ~8.5-9 SASS instructions per weight in its loop (sm_90, counted
   from the compiled kernel: lookup 3, scale 1, rounding 1.5, FMA 1, the rest x and scales).
@@ -123,8 +123,8 @@ def default_config(M: int, N: int, K: int, device: torch.device, gemv: bool = Tr
     each program has only its one prefetched chunk outstanding): block_n 16 for N >= 6336, 8 for N >= 3168 (q/o:
     512 programs), smaller for k/v; fewer warps when the whole product is smaller than one such tile.
     MMA, M = 2..16: block_n 32 x block_k 128 at 4 warps (mma.sync: the wgmma a 64-row tile would get fences
-    every iteration that wait for the prefetched loads); M = 17..64: block_n 64 (x's tile, re-read from L1/L2 by
-    every row tile, is M / block_n bytes per weight byte). Split-K until the grid covers the SMs twice, each split
+    every iteration that may wait for the prefetched loads); M = 17..64: block_n 64 x block_k 64 (x's tile,
+    re-read from L1/L2 by every row tile, is 4 M / block_n bytes per weight byte; a 64 x 128 tile spills at M = 64). Split-K until the grid covers the SMs twice, each split
     at least 4 chunks long. `gemv=False`: the MMA shape for one row too (the unaligned layout)."""
     sms = _multiprocessors(device)
     if M == 1 and gemv:
@@ -137,8 +137,7 @@ def default_config(M: int, N: int, K: int, device: torch.device, gemv: bool = Tr
         block_n = max(block_n, _WORDS_PER_WARP // block_k)  # a tiny K: rows enough for one word a lane
         return NF4MatmulConfig(block_n=block_n, block_k=block_k,
                                num_warps=max(1, min(4, block_n * block_k // _WORDS_PER_WARP)))
-    block_n = 32 if M <= 16 else 64
-    block_k = _fit_k(128, K)
+    block_n, block_k = (32, _fit_k(128, K)) if M <= 16 else (64, _fit_k(64, K))
     tiles = triton.cdiv(N, block_n)
     chunks = triton.cdiv(K, block_k)
     split = max(1, min(triton.cdiv(2 * sms, tiles), chunks // 4))
@@ -251,6 +250,14 @@ if triton is not None:
         return w
 
     @triton.jit
+    def _chunk_words(w_ptrs, c0, c_end, jw, W8: tl.constexpr, EVEN_K: tl.constexpr):
+        """The int32 words of the chunk at `w_ptrs` (word c0 of each row; nothing at or past word c_end: zeros)."""
+        if EVEN_K:  # whole chunks: all of the chunk or none, a mask constant along the row (16 B loads stay)
+            return tl.load(w_ptrs, mask=(jw < tl.where(c0 < c_end, W8, 0))[None, :], other=0)
+        else:
+            return tl.load(w_ptrs, mask=(c0 + jw < c_end)[None, :], other=0)
+
+    @triton.jit
     def _nf4_gemv_kernel(
         x_ptr, words_ptr, absmax_q_ptr, absmax2_ptr, offset_ptr, nf4_ptr, dyn8_ptr, bias_ptr, out_ptr,
         N, K, K_WORDS, stride_xk,
@@ -259,7 +266,7 @@ if triton is not None:
         UPCAST: tl.constexpr,
     ):
         """y (1, N) = x (1, K) W^T + b, aligned layout: FMAs into per-lane float32 partial sums (BLOCK_N, BLOCK_K),
-        reduced across the tile once at the end; the next chunk's words are loaded before this chunk is used."""
+        reduced across the tile once at the end."""
         W8: tl.constexpr = BLOCK_K // 8  # int32 words per row per chunk
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(rn, N - 1).to(tl.int64)  # rows past N re-read row N - 1 (no masks); never stored
@@ -269,25 +276,21 @@ if triton is not None:
         first = rows * K
         offset = tl.load(offset_ptr)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        if EVEN_K:
-            words = tl.load(w_ptrs)
-        else:
-            words = tl.load(w_ptrs, mask=(jw < K_WORDS)[None, :], other=0)
+        # two chunks of words in flight ahead of the one being used (registers, not shared memory: no software
+        # pipelining), x one ahead (it is re-read by every program: L1 / L2)
+        words = _chunk_words(w_ptrs, 0, K_WORDS, jw, W8, EVEN_K)
+        words1 = _chunk_words(w_ptrs + W8, W8, K_WORDS, jw, W8, EVEN_K)
         xk = tl.load(x_ptr + kk * stride_xk, mask=kk < K, other=0.0)
         for k0 in range(0, K, BLOCK_K):
-            # the next chunk's words and x, loaded before this chunk is used (registers, not shared memory); the
-            # last chunk prefetches nothing (a bound, not a scalar mask: the interpreter does not broadcast those)
-            if EVEN_K:
-                nxt = tl.load(w_ptrs + W8, mask=(jw < tl.where(k0 + BLOCK_K < K, W8, 0))[None, :], other=0)
-            else:
-                nxt = tl.load(w_ptrs + W8, mask=((k0 + BLOCK_K) // 8 + jw < K_WORDS)[None, :], other=0)
+            nxt = _chunk_words(w_ptrs + 2 * W8, k0 // 8 + 2 * W8, K_WORDS, jw, W8, EVEN_K)
             x_nxt = tl.load(x_ptr + (k0 + BLOCK_K + kk) * stride_xk, mask=k0 + BLOCK_K + kk < K, other=0.0)
             v = _aligned_chunk(words, absmax_q_ptr, absmax2_ptr, dyn8_ptr, nf4_ptr, offset, first, k0, K,
                                BLOCK_N, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, UPCAST)
             # masked columns: code 0 times a scale of `offset` (finite) meets x = 0, an exact zero
             w = _operand(v, W_DT, X_DT, x_ptr.dtype.element_ty, True, UPCAST)
             acc = tl.fma(w, xk.to(tl.float32)[None, :], acc)  # an explicit FMA: one rounding per add
-            words = nxt
+            words = words1
+            words1 = nxt
             xk = x_nxt
             w_ptrs += W8
         y = tl.sum(acc, axis=1)
@@ -338,26 +341,22 @@ if triton is not None:
         W8: tl.constexpr = BLOCK_K // 8
         jw = tl.arange(0, W8)
         w_ptrs = words_ptr + rows[:, None] * K_WORDS + (k_begin // 8 + jw)[None, :]
-        if ALIGNED:
-            if EVEN_K:
-                words = tl.load(w_ptrs)
-            else:
-                words = tl.load(w_ptrs, mask=(k_begin // 8 + jw < K_WORDS)[None, :], other=0)
+        if ALIGNED:  # as in the GEMV kernel: two chunks of words in flight ahead, x one
+            words = _chunk_words(w_ptrs, k_begin // 8, k_end // 8, jw, W8, EVEN_K)
+            words1 = _chunk_words(w_ptrs + W8, k_begin // 8 + W8, k_end // 8, jw, W8, EVEN_K)
         x_ptrs = x_ptr + rm[None, :] * stride_xm + (k_begin + kk)[:, None] * stride_xk  # (BLOCK_K, BLOCK_M)
         xt = tl.load(x_ptrs, mask=m_ok[None, :] & (k_begin + kk < k_end)[:, None], other=0.0)
         for k0 in range(k_begin, k_end, BLOCK_K):
             k = k0 + kk
-            # the next chunk's x (and words, below) loaded before this chunk is used
+            # the next chunk's x loaded before this chunk is used
             x_ptrs += BLOCK_K * stride_xk
             x_nxt = tl.load(x_ptrs, mask=m_ok[None, :] & (k + BLOCK_K < k_end)[:, None], other=0.0)
             if ALIGNED:
-                if EVEN_K:
-                    nxt = tl.load(w_ptrs + W8, mask=(jw < tl.where(k0 + BLOCK_K < k_end, W8, 0))[None, :], other=0)
-                else:
-                    nxt = tl.load(w_ptrs + W8, mask=((k0 + BLOCK_K) // 8 + jw < k_end // 8)[None, :], other=0)
+                nxt = _chunk_words(w_ptrs + 2 * W8, k0 // 8 + 2 * W8, k_end // 8, jw, W8, EVEN_K)
                 v = _aligned_chunk(words, absmax_q_ptr, absmax2_ptr, dyn8_ptr, nf4_ptr, offset, first, k0, k_end,
                                    BLOCK_N, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, UPCAST)
-                words = nxt
+                words = words1
+                words1 = nxt
                 w_ptrs += W8
             else:
                 v = _nf4_element(first[:, None] + k[None, :], (k < k_end)[None, :], packed_ptr, absmax_q_ptr,
