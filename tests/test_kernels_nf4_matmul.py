@@ -132,6 +132,24 @@ def test_strided_rows_and_no_rows():
     assert nm.nf4_matmul_triton(rows(0, 128, torch.bfloat16), q).shape == (0, 40)
 
 
+def test_misaligned_packed_codes_take_the_per_element_kernel_and_say_so(monkeypatch, caplog):
+    """Packed codes at an odd byte offset cannot be read as int32 words: the per-element kernel answers (the same
+    values) and the slower path is logged once."""
+    import logging
+
+    monkeypatch.setattr(nm, "FALLBACKS", nm.Fallbacks("NF4 matmul", nm.log))
+    q = nf4.quantize_nf4(weight((40, 128), seed=13))
+    shifted = torch.cat([q.packed.new_zeros((1, 1)), q.packed])[1:]  # same bytes, storage offset 1
+    assert shifted.storage_offset() == 1 and torch.equal(shifted, q.packed)
+    q_odd = nf4.NF4Tensor(shifted, q.absmax_q, q.absmax2, q.offset, q.shape, q.dtype, q.blocksize, q.blocksize2)
+    x = rows(1, 128, torch.bfloat16, seed=14)
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        ys = [nm.nf4_matmul_triton(x, q_odd) for _ in range(2)]
+    assert_within(ys[0], x, q, None, "misaligned codes")
+    assert torch.equal(ys[0], ys[1])
+    assert caplog.text.count("byte offset 1") == 1
+
+
 def test_bad_arguments():
     q = nf4.quantize_nf4(weight((8, 64)))
     with pytest.raises(ValueError, match=r"\(M, 64\)"):

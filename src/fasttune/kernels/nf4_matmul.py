@@ -437,6 +437,12 @@ def nf4_matmul_triton(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None =
     if M == 0:
         return out
     aligned = _aligned(q, K)
+    if not aligned:
+        FALLBACKS.note(f"per-element:{K % SUB},{q.blocksize % SUB}",
+                       f"an NF4 weight with K={K}, block size {q.blocksize}, packed codes "
+                       f"{'contiguous' if q.packed.is_contiguous() else 'strided'} at byte offset "
+                       f"{q.packed.storage_offset()}: the fused matmul reads each weight's byte and scale by its own "
+                       f"index (slower); whole 64-column sub-blocks and 4-byte aligned codes take the fast kernels")
     cfg = config or default_config(M, N, K, x.device, gemv=aligned)
     if cfg.block_k < SUB or cfg.block_k & (cfg.block_k - 1) or cfg.block_n & (cfg.block_n - 1):
         raise ValueError(f"nf4_matmul: block_k must be a power of two >= {SUB} and block_n a power of two: {cfg}")
