@@ -12,8 +12,9 @@ against dequantise + cuBLAS, each timed as 20 calls replayed from one CUDA graph
 launch gaps), ms per call; gbps counts the NF4 weight's bytes only (packed codes + absmax codes + absmax2: what any
 implementation must read), so both impls are on one scale, and ``frac_of_4.8TBps`` compares it with the H200's
 HBM bound. ``--sweep`` adds, at M = 1 and 8, a row per launch shape tried (kernels/nf4_matmul.NF4MatmulConfig:
-a handful per shape, meant to keep the run with its compiles under 40 s on an H200, not yet timed) and ends with one ``SWEEP`` line per
-(shape, M): the best config against the default and dequant + mm, for tuning `default_config`.
+a handful per shape, meant to keep the run with its compiles under 40 s on an H200, not yet timed) and ends with
+one ``SWEEP`` line per (shape, M): the best config against the default and dequant + mm, for tuning
+`default_config`.
 """
 from __future__ import annotations
 

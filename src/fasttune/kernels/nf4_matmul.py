@@ -37,14 +37,16 @@ in registers, multiplied by their sub-block's scale and rounded (bf16: one cvt.r
 the next two chunks and x of the next are loaded before the current chunk is used (a register prefetch: no
 software pipelining, see above; num_stages stays 1).
   GEMV kernel (M = 1): FMAs into per-lane float32 partial sums (BLOCK_N, BLOCK_K), reduced across the tile at the
-  end; 4096 weights per program and iteration. ~8.5-9 SASS instructions per weight in its loop (sm_90, counted
-  from the compiled kernel: lookup 3, scale 1, rounding 1.5, FMA 1, the rest x and scales).
+  end; 4096 weights per program and iteration. Its loop is ~9.7 SASS instructions per weight (311 per 32-weight
+  lane iteration at block 8 x 512, sm_90, counted in the kernel compiled here with Triton 3.9: lookup 3, scale 1,
+  rounding 1.5, FMA 1; the rest register moves of the prefetch, x through shared memory, the scales).
   MMA kernel (M >= 2, and one row in the unaligned layout): acc (BLOCK_N, BLOCK_M) = W_tile x^T with tl.dot (x's
-  rows padded to 16, padding masked), W's tile rounded to x's dtype; ~11 instructions per weight at block_n 32
-  (mma.sync), ~7 at block_n 64 (wgmma, but with a fence each iteration that may wait on the prefetch: the sweep
-  says which wins). Split-K: a weight with few row tiles is also split along K, each split writing float32
-  partial sums to a (SPLIT, M, N) workspace that a second kernel adds in order, adds b and rounds: no atomics,
-  deterministic.
+  rows padded to 16, padding masked), W's tile rounded to x's dtype. Counted the same way at M = 8: ~12.5
+  instructions per weight at 32 x 128 (mma.sync; x's operand re-read from shared memory per 32 rows), ~9.1 at
+  64 x 64 and ~7.9 at 64 x 128 (wgmma, with a fence every iteration that may wait on the prefetched loads; 204
+  registers at 64 x 128): the default takes mma.sync, whose prefetch nothing waits on; the sweep says which wins.
+  Split-K: a weight with few row tiles is also split along K, each split writing float32 partial sums to a
+  (SPLIT, M, N) workspace that a second kernel adds in order, adds b and rounds: no atomics, deterministic.
 Any other layout (K or B not a multiple of 64: odd shapes, tests) takes each element's byte, nibble and scale from
 its own flat index in the MMA kernel (gathers: slower, the same values).
 
@@ -124,8 +126,9 @@ def default_config(M: int, N: int, K: int, device: torch.device, gemv: bool = Tr
     512 programs), smaller for k/v; fewer warps when the whole product is smaller than one such tile.
     MMA, M = 2..16: block_n 32 x block_k 128 at 4 warps (mma.sync: the wgmma a 64-row tile would get fences
     every iteration that may wait for the prefetched loads); M = 17..64: block_n 64 x block_k 64 (x's tile,
-    re-read from L1/L2 by every row tile, is 4 M / block_n bytes per weight byte; a 64 x 128 tile spills at M = 64). Split-K until the grid covers the SMs twice, each split
-    at least 4 chunks long. `gemv=False`: the MMA shape for one row too (the unaligned layout)."""
+    re-read from L1/L2 by every row tile, is 4 M / block_n bytes per weight byte; a 64 x 128 tile spills at
+    M = 64). Split-K until the grid covers the SMs twice, each split at least 4 chunks long. `gemv=False`: the MMA
+    shape for one row too (the unaligned layout)."""
     sms = _multiprocessors(device)
     if M == 1 and gemv:
         block_n = 1
