@@ -241,7 +241,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None)
     ap.add_argument("--attention", action="store_true", help="only the decode attention comparison (CUDA)")
-    ap.add_argument("--gemv", choices=["cublas", "triton"], default="cublas",
+    ap.add_argument("--gemv", choices=["cublas", "triton", "triton-o-down"], default="cublas",
                     help="the Generator's GEMV for the step profile (kernels/gemv.py)")
     ap.add_argument("--gemv-bench", action="store_true",
                     help="only the copy bandwidth and the Triton GEMV vs cuBLAS per projection shape (CUDA)")

@@ -172,6 +172,29 @@ def test_generation_with_the_triton_gemv_gives_the_cublas_tokens(tmp_path, monke
         assert layer.self_attn.fused_o is None and layer.self_attn.fused_qkv is None
 
 
+def test_generation_triton_o_down_runs_the_gemv_for_o_and_down_at_one_row_only(tmp_path, monkeypatch):
+    """gemv="triton-o-down": a one-prompt decode runs the GEMV for o_proj and down_proj (GLU fused) of every layer at
+    every decode step and nothing else through it; 3 slots run none; the tokens are gemv="cublas"'s."""
+    import test_generation as tg
+    from fasttune.generation import Generator, SamplingParams
+
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    model = tg._build(tmp_path, tg.old_families, "qwen2")
+    calls = []
+    real = gv.gemv
+    monkeypatch.setattr(gv, "gemv", lambda x, w, b=None, glu=None, **k: calls.append(glu) or real(x, w, b, glu, **k))
+    L = model.spec.num_layers
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=[])
+    for prompts, expected in ((tg.ragged_prompts((5,), seed=1), 2 * L * (params.max_new_tokens - 1)),
+                              (tg.ragged_prompts((3, 13, 8)), 0)):
+        calls.clear()
+        got = [c[0] for c in Generator(model, max_batch_size=4, max_seq_len=24, gemv="triton-o-down").generate(
+            prompts, params)]
+        assert len(calls) == expected
+        assert calls.count(model.spec.activation) == expected // 2  # down_proj, with its GLU
+        assert got == [c[0] for c in Generator(model, max_batch_size=4, max_seq_len=24).generate(prompts, params)]
+
+
 def test_generation_gemv_with_unmerged_and_merged_adapters(tmp_path, monkeypatch):
     """Unmerged adapters: q/k/v and gate/up take the GEMV and add their low-rank term after; o_proj and down_proj
     (adapted) run their modules (noted). Merged: every projection takes the GEMV. Tokens as full recompute."""

@@ -27,7 +27,8 @@ GEMV (`gemv="triton"`): at most kernels.gemv.MAX_ROWS rows (a decode step of few
 after, as above), for down_proj with the GLU as the GEMV's prologue when gate/up are concatenated (one launch
 reads the packed gate/up output: no GLU kernel, no (rows, I) intermediate) and for o_proj (through `Attention.use_fused_o`); down_proj and o_proj
 only while their weight is dense and carries no active unmerged adapter (otherwise their module runs, the GLU
-as its own kernel: noted once). More rows (prefill, large batches) run cuBLAS. "cublas" (the default): F.linear
+as its own kernel: noted once). More rows (prefill, large batches) run cuBLAS. "triton-o-down": the GEMV for o_proj
+and down_proj (GLU fused) at one row only, where it measured faster (`_GEMV_ROWS`). "cublas" (the default): F.linear
 everywhere.
 
 Layers whose projections are not all dense (an NF4 / GGUF quantised base, a sharded weight) keep their own path
@@ -51,7 +52,12 @@ from ..kernels.attention import FALLBACKS
 from ..models.decoder import Attention, CausalLM, GatedMLP
 
 GROUPS = ("qkv", "gate_up")
-GEMVS = ("cublas", "triton")
+GEMVS = ("cublas", "triton", "triton-o-down")
+# rows a decode step may have for the Triton GEMV, per setting: (q/k/v and gate/up, o_proj and down_proj). The H200
+# measurements (bench/RESULTS.md, 2026-12-03 night): at one row the GEMV beat cuBLAS for o_proj (6.1 vs 10.0 us) and
+# down_proj (30.4 vs 32.6 us, plus the split-K reduce and the GLU kernel it replaces) but not for q/k/v, gate/up or
+# the LM head; at 8 rows it lost everywhere (down_proj 192 vs 34 us). "triton-o-down" takes the winners only.
+_GEMV_ROWS = {"cublas": (0, 0), "triton": (_gemv.MAX_ROWS, _gemv.MAX_ROWS), "triton-o-down": (0, 1)}
 _MEMBERS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 
@@ -78,10 +84,10 @@ def check_gemv(gemv: str) -> str:
     return gemv
 
 
-def _gemv_rows(x: torch.Tensor, on: bool) -> bool:
-    """Whether x (..., K) goes through the Triton GEMV: asked for, at most MAX_ROWS rows (static shapes: no sync),
-    and Triton runs for x's device (on CUDA; on CPU with FASTTUNE_KERNELS=triton, the interpreter)."""
-    if not on or x.numel() > _gemv.MAX_ROWS * x.shape[-1]:
+def _gemv_rows(x: torch.Tensor, max_rows: int) -> bool:
+    """Whether x (..., K) goes through the Triton GEMV: at most `max_rows` rows (0: not asked for; static shapes: no
+    sync), and Triton runs for x's device (on CUDA; on CPU with FASTTUNE_KERNELS=triton, the interpreter)."""
+    if not max_rows or x.numel() > max_rows * x.shape[-1]:
         return False
     if kernels.use_triton(x):
         return True
@@ -123,8 +129,9 @@ def fused_projection_bytes(model: CausalLM, groups: Sequence[str] = GROUPS) -> i
 class _Group:
     """One layer's concatenated projections: the weight (and bias), the active adapters' A_cat / B_blk."""
 
-    def __init__(self, kind: str, owner: nn.Module, members: list[nn.Module], gemv: bool = False):
-        self.kind, self.owner, self.members, self.gemv = kind, owner, members, gemv
+    def __init__(self, kind: str, owner: nn.Module, members: list[nn.Module], gemv: str = "cublas"):
+        self.kind, self.owner, self.members = kind, owner, members
+        self.gemv_rows, self.gemv_rows_down = _GEMV_ROWS[gemv]
         self.bases = [_dense(m) for m in members]
         w = self.bases[0].weight
         if any(b.weight.dtype != w.dtype or b.weight.device != w.device or b.in_features != w.shape[1]
@@ -184,7 +191,7 @@ class _Group:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., hidden) -> the members' outputs side by side (..., sum of output features)."""
-        if _gemv_rows(x, self.gemv):
+        if _gemv_rows(x, self.gemv_rows):
             y = _gemv.gemv(x, self.weight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
@@ -214,7 +221,7 @@ class _FusedGateUp:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h = self.group.project(x)
         down = self.mlp.down_proj
-        if _gemv_rows(h, self.group.gemv):
+        if _gemv_rows(h, self.group.gemv_rows_down):
             base = _unadapted(down)
             if base is not None:  # the GLU as the GEMV's prologue: h is [gate | up], the layout glu_packed reads
                 return _gemv.gemv(h, base.weight, base.bias, glu=self.mlp.activation)
@@ -229,11 +236,11 @@ class _FusedGateUp:
 class _OutProj:
     """`Attention.fused_o` hook (gemv="triton"): o_proj through the Triton GEMV for decode rows."""
 
-    def __init__(self, attn: Attention):
-        self.o = attn.o_proj
+    def __init__(self, attn: Attention, max_rows: int):
+        self.o, self.max_rows = attn.o_proj, max_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if _gemv_rows(x, True):
+        if _gemv_rows(x, self.max_rows):
             base = _unadapted(self.o)
             if base is not None:
                 return _gemv.gemv(x, base.weight, base.bias)
@@ -252,14 +259,14 @@ class FusedProjections:
     def __init__(self, model: CausalLM, groups: Sequence[str] = GROUPS, gemv: str = "cublas"):
         self.groups: list[_Group] = []
         self.gemv = check_gemv(gemv)
-        on = gemv == "triton"
-        self.attentions = [layer.self_attn for layer in model.model.layers] if on else []
+        self.o_rows = _GEMV_ROWS[gemv][1]
+        self.attentions = [layer.self_attn for layer in model.model.layers] if self.o_rows else []
         skipped = 0
         for kind, owner, members in _candidates(model, check_groups(groups)):
             if any(_dense(m) is None for m in members):
                 skipped += 1
                 continue
-            self.groups.append(_Group(kind, owner, members, on))
+            self.groups.append(_Group(kind, owner, members, gemv))
         if skipped:
             FALLBACKS.note("generation-unfused-projections",
                            f"generation: {skipped} projection group(s) (q/k/v or gate/up of a layer) have a "
@@ -291,7 +298,7 @@ class FusedProjections:
         try:
             for attn in self.attentions:
                 saved_o.append((attn, attn.fused_o))
-                attn.use_fused_o(_OutProj(attn))
+                attn.use_fused_o(_OutProj(attn, self.o_rows))
             for g in self.groups:
                 if isinstance(g.owner, Attention):
                     saved.append((g.owner, g.owner.fused_qkv))
