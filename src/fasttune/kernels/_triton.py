@@ -33,14 +33,17 @@ def block_and_warps(n_cols: int) -> tuple[int, int, bool]:
     return block, num_warps, block >= n_cols
 
 
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (cached by torch: no sync); 4 elsewhere (the CPU interpreter), for launch shapes."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
 def num_programs(device: torch.device, n_rows: int, per_sm: int = 1) -> int:
     """Persistent-grid size for row reductions: `per_sm` programs per SM on CUDA (a few in the CPU interpreter),
     at most one per row (or per tile of rows, for a kernel that walks tiles)."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4
-    return max(1, min(sms * per_sm, n_rows))
+    return max(1, min(multiprocessors(device) * per_sm, n_rows))
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,10 @@ vectorised) and masked at the store. K not a multiple of BLOCK_K masks every K b
 In the Triton interpreter (CPU tests) 16-bit values are widened to float32 before tl.dot, and roundings to bf16 are
 done by hand (`_triton.round_bf16`: the interpreter's cast truncates).
 
-Launch shape (`default_config`, an untuned H200 heuristic: 132 SMs; `bench/decode_profile.py --gemv-bench` sweeps
-alternatives): at M = 1, BLOCK_N = 8 (o_proj, down_proj at N = 4096: 512 programs, ~4 per SM, all resident at
-once) or 16 / 32 for the wide projections (gate_up, lm_head), BLOCK_K = 4096 / BLOCK_N (8 bf16 = 16 B per lane
-per load, 32 float32 partial sums per lane at 4 warps), the next block's loads issued before this block's FMAs
-(`prefetch`: Triton's pipeliner only stages loads that feed tl.dot); at M > 1, BLOCK_N = 16, BLOCK_K = 256, 3
+Launch shape (`default_config`): the best of the H200 sweep per 8B projection shape (`bench/decode_profile.py
+--gemv-bench`): at M = 1, BLOCK_N = 8 (N = 4096: 512 programs, all resident at once) with 512 or 1,024 columns a
+step, or 4 x 1,024 for the LM head, where the hand prefetch (the next block's loads issued before this block's
+FMAs: Triton's pipeliner only stages loads that feed tl.dot) helped; at M > 1, BLOCK_N = 32, BLOCK_K = 256, 3
 stages (cp.async).
 Everything is launched with static shapes and no host sync: CUDA-graph capturable.
 """
@@ -63,28 +62,24 @@ class GemvConfig:
     prefetch: bool = False
 
 
-def _multiprocessors(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count  # cached by torch: no sync
-    return 4
 
 
 def default_config(M: int, N: int, K: int, device: torch.device) -> GemvConfig:
-    """The launch shape for an (M, K) x (N, K)^T product (module docstring; a heuristic for the H200, to be replaced
-    by the bench's measured best per shape)."""
-    sms = _multiprocessors(device)
+    """The launch shape for an (M, K) x (N, K)^T product. One row: the winners of the H200 sweep at the 8B shapes
+    (bench/decode_profile.py --gemv-bench, results/2026-12-03n_h200_gemv_bench.json, 20 calls in a CUDA graph):
+    BLOCK_N 8 with 512 columns a step (1,024 at K = 14,336), the hand prefetch off, for q/k/v (12.2 us against
+    cuBLAS's 14.1), o (6.3 / 9.9), gate_up (56.4 / 56.2) and down with its GLU (30.1 / 32.9); the LM head's best
+    was 4 x 1,024 with the prefetch (238 / 247 us). Several rows: 32 x 256 tiles through tl.dot, 3 stages (16 x 256 lost
+    to cuBLAS at 8 rows but for gate_up; 32 x 256 was the sweep's best there, still behind cuBLAS for q/k/v, o and
+    down: "triton-o-down" in generation/fused.py uses the GEMV at one row only)."""
     if M == 1:
-        # 4096 weights per program per iteration: 32 float32 partial sums and four 16-byte loads per lane at 4 warps
-        # (eight with the prefetch): ~96-116 registers a lane (ptxas, sm_90), so 4-5 programs fit on an SM and all
-        # 512 programs of an N = 4096 projection (BLOCK_N = 8) are resident at once
-        block_n = 8
-        for b in (32, 16):
-            if triton.cdiv(N, b) >= 8 * sms:  # wide projections (gate_up, lm_head): still >= 8 programs per SM
-                block_n = b
-                break
-        block_k, stages, prefetch = 4096 // block_n, 1, True
-    else:  # tl.dot needs 16 rows of W; the W and x tiles are staged through shared memory (3 stages)
-        block_n, block_k, stages, prefetch = 16, 256, 3, False
+        if N >= 65536:  # the LM head
+            block_n, block_k, prefetch = 4, 1024, True
+        else:
+            block_n, block_k, prefetch = 8, 1024 if K >= 8192 else 512, False
+        stages = 1
+    else:  # tl.dot; the W and x tiles are staged through shared memory (3 stages)
+        block_n, block_k, stages, prefetch = 32, 256, 3, False
     block_k = max(16, min(block_k, triton.next_power_of_2(max(K, 1))))
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=stages, prefetch=prefetch)
 
