@@ -105,6 +105,11 @@ def assert_greedy_generation_matches(hf, ours, ids: torch.Tensor) -> None:
     assert torch.equal(got, expected)
 
 
+# Per dtype: the unit roundoff (half an ulp at 1) and the smallest subnormal step, for kernel tests' error bounds.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+SMALLEST_SUBNORMAL = {torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24, torch.float32: 2.0**-149}
+
+
 @contextlib.contextmanager
 def no_host_sync():
     """CUDA's sync debug mode set to raise inside the block: a host sync there fails the test."""

@@ -27,13 +27,12 @@ triton = pytest.importorskip("triton")
 
 import fasttune.kernels.gemv as gv  # noqa: E402
 from fasttune.kernels.glu import ACTIVATIONS  # noqa: E402
-from conftest import no_host_sync  # noqa: E402
+from conftest import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, no_host_sync  # noqa: E402
 from seeding import SESSION_SEED, generator  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
-TINY = {torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24, torch.float32: 2.0**-149}
+ROUNDOFF, TINY = UNIT_ROUNDOFF, SMALLEST_SUBNORMAL
 # (N, K, config): a partial last tile and a masked K tail over several K blocks, with and without the M = 1
 # prefetch; the default launch shape (one masked K block on the CPU); N and K multiples of the blocks (unmasked
 # loads; the prefetch's look-ahead past K is still masked)

@@ -24,13 +24,12 @@ triton = pytest.importorskip("triton")
 import fasttune.kernels.nf4 as nf4  # noqa: E402
 import fasttune.kernels.nf4_matmul as nm  # noqa: E402
 from fasttune.kernels.lora import dense_weight, lora_linear, lora_linear_reference  # noqa: E402
-from conftest import no_host_sync  # noqa: E402
+from conftest import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, no_host_sync  # noqa: E402
 from seeding import SESSION_SEED, generator  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
-TINY = {torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24, torch.float32: 2.0**-149}
+ROUNDOFF, TINY = UNIT_ROUNDOFF, SMALLEST_SUBNORMAL
 # (N, K): odd everything and blocks straddling rows (per-element layout); K not a multiple of 64 (per-element);
 # aligned with K/64 = 5 sub-blocks (a masked tail chunk); aligned with N odd (row tiles past N)
 SHAPES = [(33, 37), (70, 200), (96, 320), (129, 192)]

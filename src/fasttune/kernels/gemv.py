@@ -44,7 +44,7 @@ from .nf4_matmul import _DTYPE_CODE
 
 if triton is not None:
     from .glu import _act_and_grad
-    from .nf4_matmul import _round_to
+    from .nf4_matmul import _round_to, _store_y
 
 # The decode rows this kernel is for: above, cuBLAS's GEMMs (tensor cores, K split as they choose) are the plan.
 MAX_ROWS = 8
@@ -171,12 +171,7 @@ if triton is not None:
                 w_ptrs += BLOCK_K
                 x_ptrs += BLOCK_K
         if USE_DOT:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            if UPCAST:
-                acc = _round_to(acc, X_DT, UPCAST)
-            tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], acc.to(out_ptr.dtype.element_ty),
-                     mask=n_ok[:, None] & m_ok[None, :])
+            _store_y(acc, bias_ptr, out_ptr, rn, rm, n_ok, m_ok, stride_om, HAS_BIAS, X_DT, UPCAST)
         else:
             y = tl.sum(acc_fma, axis=1)
             if HAS_BIAS:
