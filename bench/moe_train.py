@@ -32,6 +32,7 @@ not scale): say which when quoting.
     python bench/moe_train.py --cases gpt-oss-20b --tools "" --qlora --budget-gib 16 --optimizer adamw,adamw8bit
                                                                                # the 16 GB QLoRA target
     python bench/moe_train.py --cases gpt-oss-20b --tools "" --qlora --budget-gib 16 --optimizer adamw8bit --plan-only
+    python bench/moe_train.py --cases qwen3-30b-a3b --budget-gib hf --grouped-mm auto   # fasttune capped at HF+PEFT's peak
     python bench/moe_train.py --tiny --device cpu --steps 2 --warmup 1        # smoke test without a GPU
 """
 from __future__ import annotations
@@ -380,9 +381,10 @@ def main(argv=None) -> int:
                          "default: the library's default (auto) only")
     ap.add_argument("--profile", action="store_true",
                     help="one more step of each row under torch.profiler: its top kernels in the row (profile_top)")
-    ap.add_argument("--budget-gib", type=float, default=None,
+    ap.add_argument("--budget-gib", default=None,
                     help="cap fasttune rows at this many GiB (torch.cuda.set_per_process_memory_fraction) and plan "
-                         "their memory policy for it (the issue's 16 GB gpt-oss QLoRA target: --qlora --budget-gib 16)")
+                         "their memory policy for it (the issue's 16 GB gpt-oss QLoRA target: --qlora --budget-gib 16); "
+                         "'hf': each case's HF+PEFT peak, its rows measured first (the issue's 'at <= its memory')")
     ap.add_argument("--optimizer", default="adamw",
                     help="fasttune rows once per optimizer in this comma list, made as the trainer makes "
                          "train.optimizer: adamw (torch's, fused on CUDA), adamw8bit (8-bit moments); HF+PEFT rows "
@@ -414,7 +416,16 @@ def main(argv=None) -> int:
     bad = sorted(set(optimizers) - {"adamw", "adamw8bit"})
     if bad or not optimizers:
         ap.error(f"--optimizer: choose from adamw, adamw8bit (got {args.optimizer!r})")
+    match_hf = args.budget_gib == "hf"
+    try:
+        args.budget_gib = None if match_hf or args.budget_gib is None else float(args.budget_gib)
+    except ValueError:
+        ap.error(f"--budget-gib: a number of GiB or 'hf' (got {args.budget_gib!r})")
+    if match_hf and "hf+peft" not in tools:
+        ap.error("--budget-gib hf needs the hf+peft rows (--tools fasttune,hf+peft)")
     if args.plan_only:
+        if match_hf:
+            ap.error("--plan-only needs a number for --budget-gib")
         return plan_only(args, cases, seq, optimizers)
     info = versions()
     print(json.dumps(info), flush=True)
@@ -433,7 +444,11 @@ def main(argv=None) -> int:
         if args.qlora:
             jobs += [("fasttune", p.strip(), True, gm, opt) for p in args.ft_policies.split(",") for gm in grouped_mms
                      for opt in optimizers]
+        if match_hf:  # HF first: its peak is the fasttune rows' budget
+            jobs.sort(key=lambda job: job[0] != "hf+peft")
+        hf_peak = None
         for tool, setting, qlora, grouped_mm, optimizer in jobs:
+            budget = (hf_peak if match_hf else args.budget_gib) if tool == "fasttune" else None
             label = tool + (" qlora" if qlora else "") + (
                 f" ({setting})" if tool == "fasttune" else f" (gc {'on' if setting else 'off'})") + (
                 f" experts {grouped_mm}" if grouped_mm else "") + (f" {optimizer}" if optimizer else "")
@@ -443,13 +458,15 @@ def main(argv=None) -> int:
                        full_layers=full, optimizer=optimizer or "adamw (torch defaults)")
             print(f"[run] {case} {label} seq {seq} x batch {args.batch}, {config.num_hidden_layers} layers",
                   flush=True)
-            if args.budget_gib and tool == "fasttune" and device.type == "cuda":  # --plan-only's prediction
-                b = memory_breakdown(config, dtype, seq, args.batch, qlora, optimizer, args.budget_gib, setting)
+            if budget and device.type == "cuda":  # --plan-only's prediction
+                b = memory_breakdown(config, dtype, seq, args.batch, qlora, optimizer, budget, setting)
                 row.update(planned_weights_gib=b["weights_bytes"] / GiB, planned_static_gib=b["static_bytes"] / GiB,
                            planned_peak_gib=b["expected_peak_bytes"] / GiB, planned_plan=b["plan"])
             try:
                 row.update(measure(tool, config, device, dtype, setting, seq, args.batch, args.warmup,
-                                   args.steps, qlora, args.budget_gib, args.profile, optimizer))
+                                   args.steps, qlora, budget, args.profile, optimizer))
+                if tool == "hf+peft" and "peak_gib" in row:
+                    hf_peak = max(hf_peak or 0.0, row["peak_gib"])
                 if tool == "fasttune":  # what base_gemm="auto" kept for each expert GEMM shape so far, with timings
                     row["experts_gemm_auto_choices"] = experts_gemm_choices()
                 print("   ", json.dumps(row), flush=True)
