@@ -31,9 +31,11 @@ Fewer, larger launches per decode step (what batch 1 is bound by), all on by def
   refreshed every call, freed by `release()`); unmerged adapters ride along in the same matmul;
 - `fused`: each residual add fused into the RMSNorm after it, and in a decode step RoPE fused with the KV-cache
   write (one kernel rotates q, rotates k into its cache row, copies v) - no memory cost.
-Off by default (issue 18, to be decided by measurement): `gemv="triton"` runs the projections of decode steps of at
-most kernels.gemv.MAX_ROWS sequences in the Triton GEMV (concatenated q/k/v and gate/up, o_proj, and down_proj with
-the GLU as its prologue: see generation.fused) instead of cuBLAS.
+Off by default: `gemv="triton"` runs the projections of decode steps of at most kernels.gemv.MAX_ROWS sequences in
+the Triton GEMV (concatenated q/k/v and gate/up, o_proj, and down_proj with the GLU as its prologue: see
+generation.fused) instead of cuBLAS - on an H200 the 8B batch-1 step measured slower with it (4.91 vs 4.65 ms);
+`gemv="triton-o-down"` keeps it to o_proj and down_proj at one row, where it measured faster (the step with it is not
+yet measured).
 The sampling path makes no host sync (it is captured in the step's graph, where a sync could not be captured).
 A QLoRA (NF4) base computes each projection of a decode step of at most kernels.nf4_matmul.MAX_ROWS slots in the
 fused NF4 matmul (the packed weight read once, never dequantised into a dense copy); larger steps dequantise and
@@ -88,8 +90,8 @@ class Generator:
     model's dtype, and with `fuse_projections` the concatenated q/k/v and gate/up weights hold a copy of those
     projections (generation.fused_projection_bytes); both are allocated at the first `generate` and freed by
     `release()`. `fuse_projections`: True (both groups), False, or a subset of ("qkv", "gate_up"). `fused`: the
-    forward-only fused kernels (residual add + RMSNorm, RoPE + cache write). `gemv`: "cublas" or "triton", the
-    matmuls of decode steps of few sequences (generation.fused). See the module docstring."""
+    forward-only fused kernels (residual add + RMSNorm, RoPE + cache write). `gemv`: "cublas", "triton" or
+    "triton-o-down", the matmuls of decode steps of few sequences (generation.fused). See the module docstring."""
 
     def __init__(self, model: CausalLM, max_batch_size: int, max_seq_len: int, tokenizer=None,
                  cuda_graphs: bool = True, prefill_tokens: int = 16384, check_every: int = 8,
