@@ -418,8 +418,11 @@ def test_ctrl_c_on_a_real_process_saves_and_resume_continues_the_same_losses(sma
     cfg.train.max_steps = 100_000  # would run for a long time; it is stopped by SIGINT
     (tmp_path / "cut.yaml").write_text(cfg.to_yaml())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a terminal's SIGINT disposition for the child: a test run started as a background job ignores SIGINT, an
+    # ignored SIGINT is inherited, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-m", "fasttune", "train", str(tmp_path / "cut.yaml")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -595,3 +598,31 @@ def test_lora_target_modules_accept_peft_spellings():
         "q_proj", "o_proj"]
     with pytest.raises(ConfigError, match=r"lora.target_modules: unknown LoRA target 'qq'.*lm_head"):
         TrainConfig.from_dict({"lora": {"target_modules": ["qq"]}})
+
+
+def test_sigint_guard_keeps_an_ignored_sigint_ignored():
+    """A process that ignores SIGINT (started as a background job) keeps ignoring it inside the update window too;
+    with Python's handler the held signal is raised at the boundary."""
+    import os
+    import signal
+
+    from fasttune.train.trainer import _SigintGuard
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        for disposition, raises in ((signal.SIG_IGN, False), (signal.default_int_handler, True)):
+            signal.signal(signal.SIGINT, disposition)
+            guard = _SigintGuard()
+            guard.defer()
+            os.kill(os.getpid(), signal.SIGINT)
+            if raises:
+                with pytest.raises(KeyboardInterrupt):
+                    guard.release()
+            else:
+                try:
+                    guard.release()
+                except KeyboardInterrupt:
+                    pytest.fail("an ignored SIGINT was raised at the step boundary")
+            assert signal.getsignal(signal.SIGINT) is disposition
+    finally:
+        signal.signal(signal.SIGINT, before)

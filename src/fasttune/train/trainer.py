@@ -56,7 +56,10 @@ class _SigintGuard:
         self.previous = None
 
     def _hold(self, signum, frame):
-        self.pending = True
+        import signal
+
+        if self.previous is not signal.SIG_IGN:  # a process that ignores SIGINT (a background job) keeps ignoring it
+            self.pending = True
 
     def defer(self) -> None:
         import signal
